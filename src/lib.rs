@@ -1,0 +1,10 @@
+//! mcdm: multi-modal composition of guided-diffusion models.
+//!
+//! Several diffusion experts, each conditioned on its own modality, are combined at every
+//! sampling step into one product of experts (Nair et al., eq. 12):
+//! `eps = eps_u + sum_i w_i (eps_i - eps_u)`.
+
+pub mod config;
+pub mod error;
+
+pub use error::{Error, Result};
