@@ -8,3 +8,5 @@ pub mod config;
 pub mod error;
 
 pub use error::{Error, Result};
+pub mod diffusion;
+pub mod rng;

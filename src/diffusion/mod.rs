@@ -1,0 +1,1 @@
+//! Diffusion schedules, timestep respacing and the DDPM / DDIM updates.
