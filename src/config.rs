@@ -133,3 +133,635 @@ impl UNetConfig {
         }
     }
 }
+
+/// Where a resolved config field came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A JSON file (explicit `--config` or `<stem>.json` beside the weights).
+    File(String),
+    /// The `config` entry of the safetensors metadata.
+    Metadata,
+    /// Read off the weights' key names and shapes.
+    Inferred,
+    /// The reference default (`model_and_diffusion_defaults()`), or mcdm's documented default.
+    Default,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::File(p) => write!(f, "file {p}"),
+            Source::Metadata => f.write_str("metadata"),
+            Source::Inferred => f.write_str("inferred"),
+            Source::Default => f.write_str("default"),
+        }
+    }
+}
+
+/// A fully resolved config: the architecture, the diffusion, and the source of every field.
+#[derive(Clone, Debug)]
+pub struct ResolvedConfig {
+    pub unet: UNetConfig,
+    pub diffusion: DiffusionConfig,
+    pub sources: BTreeMap<&'static str, Source>,
+}
+
+/// Every key a config may hold. `use_checkpoint` is accepted and has no effect at inference.
+pub const CONFIG_KEYS: &[&str] = &[
+    "image_size",
+    "in_channels",
+    "num_channels",
+    "num_res_blocks",
+    "channel_mult",
+    "attention_resolutions",
+    "num_heads",
+    "num_head_channels",
+    "num_heads_upsample",
+    "use_scale_shift_norm",
+    "resblock_updown",
+    "use_new_attention_order",
+    "learn_sigma",
+    "class_cond",
+    "num_classes",
+    "embed_dim",
+    "dropout",
+    "use_fp16",
+    "use_checkpoint",
+    "diffusion_steps",
+    "noise_schedule",
+    "timestep_respacing",
+    "rescale_timesteps",
+    "predict_xstart",
+    "sigma_small",
+    "use_kl",
+    "rescale_learned_sigmas",
+];
+
+/// A config as given by one source: JSON values by key, checked against [`CONFIG_KEYS`].
+#[derive(Clone, Debug, Default)]
+pub struct PartialConfig {
+    values: BTreeMap<String, Value>,
+}
+
+impl PartialConfig {
+    /// Parses a JSON object; unknown keys are an error that names them all.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| Error::Config(format!("not valid JSON: {e}")))?;
+        let Value::Object(map) = value else {
+            return Err(Error::Config("expected a JSON object".into()));
+        };
+        let unknown: Vec<&str> = map
+            .keys()
+            .filter(|k| !CONFIG_KEYS.contains(&k.as_str()))
+            .map(String::as_str)
+            .collect();
+        if !unknown.is_empty() {
+            return Err(Error::Config(format!(
+                "unknown key(s): {} (known: {})",
+                unknown.join(", "),
+                CONFIG_KEYS.join(", ")
+            )));
+        }
+        Ok(PartialConfig {
+            values: map.into_iter().collect(),
+        })
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.values.contains_key(key)
+    }
+
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.values.get(key)
+    }
+}
+
+fn parse_bool(key: &str, v: &Value) -> Result<bool> {
+    match v {
+        Value::Bool(b) => Ok(*b),
+        Value::String(s) if s == "True" || s == "true" => Ok(true),
+        Value::String(s) if s == "False" || s == "false" => Ok(false),
+        _ => Err(Error::Config(format!(
+            "`{key}` must be true/false or \"True\"/\"False\", got {v}"
+        ))),
+    }
+}
+
+fn parse_int(key: &str, v: &Value) -> Result<i64> {
+    match v {
+        Value::Number(n) if n.is_i64() => Ok(n.as_i64().unwrap_or_default()),
+        Value::String(s) => s
+            .trim()
+            .parse()
+            .map_err(|_| Error::Config(format!("`{key}` must be an integer, got {v}"))),
+        _ => Err(Error::Config(format!(
+            "`{key}` must be an integer, got {v}"
+        ))),
+    }
+}
+
+fn parse_usize(key: &str, v: &Value) -> Result<usize> {
+    let i = parse_int(key, v)?;
+    usize::try_from(i).map_err(|_| Error::Config(format!("`{key}` must be >= 0, got {i}")))
+}
+
+fn parse_float(key: &str, v: &Value) -> Result<f64> {
+    match v {
+        Value::Number(n) => Ok(n.as_f64().unwrap_or_default()),
+        Value::String(s) => s
+            .trim()
+            .parse()
+            .map_err(|_| Error::Config(format!("`{key}` must be a number, got {v}"))),
+        _ => Err(Error::Config(format!("`{key}` must be a number, got {v}"))),
+    }
+}
+
+fn parse_string(key: &str, v: &Value) -> Result<String> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Number(n) => Ok(n.to_string()),
+        _ => Err(Error::Config(format!("`{key}` must be a string, got {v}"))),
+    }
+}
+
+/// A comma list ("1,2,2") or a JSON array of numbers.
+fn parse_list(key: &str, v: &Value) -> Result<Vec<f64>> {
+    let bad = || Error::Config(format!("`{key}` must be a list like \"1,2,2\", got {v}"));
+    match v {
+        Value::String(s) if s.trim().is_empty() => Ok(Vec::new()),
+        Value::String(s) => s
+            .split(',')
+            .map(|p| p.trim().parse::<f64>().map_err(|_| bad()))
+            .collect(),
+        Value::Array(items) => items.iter().map(|i| i.as_f64().ok_or_else(bad)).collect(),
+        Value::Number(n) => Ok(vec![n.as_f64().ok_or_else(bad)?]),
+        _ => Err(bad()),
+    }
+}
+
+/// The reference's `channel_mult` for `channel_mult=""` (`create_model`).
+pub fn default_channel_mult(image_size: usize) -> Option<Vec<f64>> {
+    match image_size {
+        512 => Some(vec![0.5, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]),
+        256 => Some(vec![1.0, 1.0, 2.0, 2.0, 4.0, 4.0]),
+        128 => Some(vec![1.0, 1.0, 2.0, 3.0, 4.0]),
+        64 => Some(vec![1.0, 2.0, 3.0, 4.0]),
+        _ => None,
+    }
+}
+
+/// What the weights' key names and shapes tell about the architecture.
+#[derive(Clone, Debug, Default)]
+pub struct InferredArch {
+    pub in_channels: Option<usize>,
+    pub num_channels: Option<usize>,
+    pub num_res_blocks: Option<usize>,
+    pub channel_mult: Option<Vec<f64>>,
+    /// Downsample rates with attention.
+    pub attention_ds: Option<Vec<usize>>,
+    pub use_scale_shift_norm: Option<bool>,
+    pub resblock_updown: Option<bool>,
+    pub learn_sigma: Option<bool>,
+    pub num_classes: Option<Option<usize>>,
+    pub embed_dim: Option<Option<usize>>,
+}
+
+impl InferredArch {
+    /// Reads the architecture off `shapes` (key -> shape) of a guided-diffusion state_dict.
+    pub fn from_shapes(shapes: &BTreeMap<String, Vec<usize>>) -> Self {
+        let dim = |key: &str, i: usize| shapes.get(key).and_then(|s| s.get(i).copied());
+        let has = |key: &str| shapes.contains_key(key);
+        let mut arch = InferredArch {
+            in_channels: dim("input_blocks.0.0.weight", 1),
+            num_channels: dim("time_embed.0.weight", 1),
+            learn_sigma: dim("out.2.weight", 0).map(|c| c == 6),
+            num_classes: Some(dim("label_emb.weight", 0)),
+            embed_dim: Some(dim("vector_emb.weight", 1)),
+            ..Default::default()
+        };
+        let count_blocks = |prefix: &str| {
+            (0..)
+                .take_while(|i| {
+                    let p = format!("{prefix}.{i}.");
+                    shapes.keys().any(|k| k.starts_with(&p))
+                })
+                .count()
+        };
+        let n_out = count_blocks("output_blocks");
+        if n_out == 0 {
+            return arch;
+        }
+        // An output block ends with an up layer (Upsample conv or up ResBlock) every
+        // num_res_blocks + 1 blocks; a ResBlock or conv past index 0 marks one.
+        let is_up = |j: usize| {
+            (1..=2).any(|k| {
+                has(&format!("output_blocks.{j}.{k}.conv.weight"))
+                    || has(&format!("output_blocks.{j}.{k}.in_layers.0.weight"))
+            })
+        };
+        let nrb_plus_1 = match (0..n_out).find(|&j| is_up(j)) {
+            Some(j) => j + 1,
+            None => n_out,
+        };
+        if nrb_plus_1 < 2 || n_out % nrb_plus_1 != 0 {
+            return arch;
+        }
+        let nrb = nrb_plus_1 - 1;
+        let levels = n_out / nrb_plus_1;
+        arch.num_res_blocks = Some(nrb);
+        let mc = arch.num_channels;
+        let mut mult = Vec::new();
+        let mut attention_ds = Vec::new();
+        for level in 0..levels {
+            let first = 1 + level * nrb_plus_1;
+            let ch = dim(&format!("input_blocks.{first}.0.out_layers.3.weight"), 0);
+            if let (Some(ch), Some(mc)) = (ch, mc) {
+                mult.push(ch as f64 / mc as f64);
+            }
+            if has(&format!("input_blocks.{first}.1.qkv.weight")) {
+                attention_ds.push(1 << level);
+            }
+        }
+        if mult.len() == levels {
+            arch.channel_mult = Some(mult);
+        }
+        arch.attention_ds = Some(attention_ds);
+        if levels > 1 {
+            let down = nrb_plus_1;
+            if has(&format!("input_blocks.{down}.0.op.weight")) {
+                arch.resblock_updown = Some(false);
+            } else if has(&format!("input_blocks.{down}.0.in_layers.0.weight")) {
+                arch.resblock_updown = Some(true);
+            }
+        } else {
+            arch.resblock_updown = Some(false);
+        }
+        let emb_rows = dim("input_blocks.1.0.emb_layers.1.weight", 0);
+        let out_ch = dim("input_blocks.1.0.out_layers.3.weight", 0);
+        if let (Some(rows), Some(oc)) = (emb_rows, out_ch) {
+            arch.use_scale_shift_norm = Some(rows == 2 * oc);
+        }
+        arch
+    }
+}
+
+/// Image size assumed when no source gives one: the size whose reference default channel_mult
+/// matches, else 64 (the reference default), raised to the smallest size the levels divide.
+fn default_image_size(channel_mult: &[f64]) -> usize {
+    for size in [512, 256, 128, 64] {
+        if default_channel_mult(size).as_deref() == Some(channel_mult) {
+            return size;
+        }
+    }
+    64usize.max(1 << channel_mult.len().saturating_sub(1))
+}
+
+/// Resolves a config from the given sources (first wins per field) and the weights' shapes.
+pub fn resolve(
+    sources: &[(Source, PartialConfig)],
+    shapes: &BTreeMap<String, Vec<usize>>,
+) -> Result<ResolvedConfig> {
+    let arch = InferredArch::from_shapes(shapes);
+    let mut origin: BTreeMap<&'static str, Source> = BTreeMap::new();
+    let given = |key: &'static str| -> Option<(&Value, &Source)> {
+        sources
+            .iter()
+            .find_map(|(src, pc)| pc.get(key).map(|v| (v, src)))
+    };
+    macro_rules! field {
+        ($key:literal, $parse:expr, $inferred:expr, $default:expr) => {{
+            if let Some((v, src)) = given($key) {
+                origin.insert($key, src.clone());
+                $parse($key, v)?
+            } else if let Some(v) = $inferred {
+                origin.insert($key, Source::Inferred);
+                v
+            } else {
+                origin.insert($key, Source::Default);
+                $default
+            }
+        }};
+    }
+    let missing = |key: &str, hint: &str| {
+        Error::Config(format!(
+            "`{key}` is not in the config and cannot be inferred from the weights ({hint})"
+        ))
+    };
+
+    let num_channels: usize = field!(
+        "num_channels",
+        parse_usize,
+        arch.num_channels,
+        return Err(missing("num_channels", "no `time_embed.0.weight`"))
+    );
+    let num_res_blocks: usize = field!(
+        "num_res_blocks",
+        parse_usize,
+        arch.num_res_blocks,
+        return Err(missing(
+            "num_res_blocks",
+            "the output_blocks do not show the level structure"
+        ))
+    );
+    let in_channels: usize = field!(
+        "in_channels",
+        parse_usize,
+        arch.in_channels,
+        return Err(missing("in_channels", "no `input_blocks.0.0.weight`"))
+    );
+    // channel_mult "" means the reference default for the image size, so it is resolved
+    // together with image_size.
+    let given_mult = match given("channel_mult") {
+        Some((v, src)) => Some((parse_list("channel_mult", v)?, src.clone())),
+        None => None,
+    };
+    let given_size = match given("image_size") {
+        Some((v, src)) => Some((parse_usize("image_size", v)?, src.clone())),
+        None => None,
+    };
+    let channel_mult = match (&given_mult, &given_size) {
+        (Some((m, src)), _) if !m.is_empty() => {
+            origin.insert("channel_mult", src.clone());
+            m.clone()
+        }
+        (Some((_, src)), Some((size, _))) => {
+            origin.insert("channel_mult", src.clone());
+            default_channel_mult(*size).ok_or_else(|| {
+                Error::Config(format!(
+                    "channel_mult \"\" has no reference default for image_size {size} \
+                     (defaults exist for 64, 128, 256, 512): give channel_mult"
+                ))
+            })?
+        }
+        _ => match &arch.channel_mult {
+            Some(m) => {
+                origin.insert("channel_mult", Source::Inferred);
+                m.clone()
+            }
+            None => return Err(missing("channel_mult", "no level structure in the keys")),
+        },
+    };
+    if channel_mult.is_empty() || channel_mult.iter().any(|m| *m <= 0.0) {
+        return Err(Error::Config(format!(
+            "channel_mult must be positive numbers, got {channel_mult:?}"
+        )));
+    }
+    let image_size = match given_size {
+        Some((size, src)) => {
+            origin.insert("image_size", src);
+            size
+        }
+        None => {
+            origin.insert("image_size", Source::Default);
+            default_image_size(&channel_mult)
+        }
+    };
+    if image_size == 0 {
+        return Err(Error::Config("image_size must be positive".into()));
+    }
+    let attention_resolutions: Vec<usize> = match given("attention_resolutions") {
+        Some((v, src)) => {
+            origin.insert("attention_resolutions", src.clone());
+            let list = parse_list("attention_resolutions", v)?;
+            list.iter()
+                .map(|&r| {
+                    if r >= 1.0 && r.fract() == 0.0 {
+                        Ok(r as usize)
+                    } else {
+                        Err(Error::Config(format!(
+                            "attention_resolutions must be positive integers, got {r}"
+                        )))
+                    }
+                })
+                .collect::<Result<_>>()?
+        }
+        None => match &arch.attention_ds {
+            Some(ds) => {
+                origin.insert("attention_resolutions", Source::Inferred);
+                ds.iter().map(|d| image_size / d).collect()
+            }
+            None => {
+                origin.insert("attention_resolutions", Source::Default);
+                vec![16, 8]
+            }
+        },
+    };
+    let num_heads: usize = field!("num_heads", parse_usize, None::<usize>, 4);
+    let num_head_channels: i64 = field!("num_head_channels", parse_int, None::<i64>, -1);
+    let num_heads_upsample: i64 = field!("num_heads_upsample", parse_int, None::<i64>, -1);
+    let use_scale_shift_norm: bool = field!(
+        "use_scale_shift_norm",
+        parse_bool,
+        arch.use_scale_shift_norm,
+        true
+    );
+    let resblock_updown: bool = field!("resblock_updown", parse_bool, arch.resblock_updown, false);
+    let use_new_attention_order: bool =
+        field!("use_new_attention_order", parse_bool, None::<bool>, false);
+    let learn_sigma: bool = field!("learn_sigma", parse_bool, arch.learn_sigma, false);
+    let class_cond: bool = field!(
+        "class_cond",
+        parse_bool,
+        arch.num_classes.map(|n| n.is_some()),
+        false
+    );
+    let num_classes: Option<usize> = if class_cond {
+        Some(field!(
+            "num_classes",
+            parse_usize,
+            arch.num_classes.flatten(),
+            1000
+        ))
+    } else {
+        if given("num_classes").is_some() {
+            return Err(Error::Config(
+                "`num_classes` is given but `class_cond` is false".into(),
+            ));
+        }
+        None
+    };
+    let embed_dim: Option<usize> = match given("embed_dim") {
+        Some((v, src)) => {
+            origin.insert("embed_dim", src.clone());
+            match parse_usize("embed_dim", v)? {
+                0 => None,
+                d => Some(d),
+            }
+        }
+        None => {
+            origin.insert("embed_dim", Source::Inferred);
+            arch.embed_dim.flatten()
+        }
+    };
+    let dropout: f64 = field!("dropout", parse_float, None::<f64>, 0.0);
+    let use_fp16: bool = field!("use_fp16", parse_bool, None::<bool>, false);
+    if let Some((v, _)) = given("use_checkpoint") {
+        parse_bool("use_checkpoint", v)?;
+    }
+
+    let diffusion = DiffusionConfig {
+        diffusion_steps: field!("diffusion_steps", parse_usize, None::<usize>, 1000),
+        noise_schedule: field!(
+            "noise_schedule",
+            |k, v| NoiseSchedule::parse(&parse_string(k, v)?),
+            None::<NoiseSchedule>,
+            NoiseSchedule::Linear
+        ),
+        timestep_respacing: field!(
+            "timestep_respacing",
+            parse_string,
+            None::<String>,
+            String::new()
+        ),
+        rescale_timesteps: field!("rescale_timesteps", parse_bool, None::<bool>, false),
+        predict_xstart: field!("predict_xstart", parse_bool, None::<bool>, false),
+        learn_sigma,
+        sigma_small: field!("sigma_small", parse_bool, None::<bool>, false),
+        use_kl: field!("use_kl", parse_bool, None::<bool>, false),
+        rescale_learned_sigmas: field!("rescale_learned_sigmas", parse_bool, None::<bool>, false),
+    };
+    if diffusion.diffusion_steps == 0 {
+        return Err(Error::Config("diffusion_steps must be positive".into()));
+    }
+
+    let unet = UNetConfig {
+        image_size,
+        in_channels,
+        num_channels,
+        num_res_blocks,
+        channel_mult,
+        attention_resolutions,
+        num_heads,
+        num_head_channels,
+        num_heads_upsample,
+        use_scale_shift_norm,
+        resblock_updown,
+        use_new_attention_order,
+        learn_sigma,
+        num_classes,
+        embed_dim,
+        dropout,
+        use_fp16,
+    };
+    unet.validate()?;
+    Ok(ResolvedConfig {
+        unet,
+        diffusion,
+        sources: origin,
+    })
+}
+
+impl UNetConfig {
+    /// Checks the config describes a buildable network (GroupNorm(32), heads dividing channels).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.num_channels == 0 || self.in_channels == 0 || self.num_res_blocks == 0 {
+            return bad("num_channels, in_channels and num_res_blocks must be positive".into());
+        }
+        let levels = self.level_channels();
+        for &ch in &levels {
+            if ch == 0 || ch % 32 != 0 {
+                return bad(format!(
+                    "level width {ch} (channel_mult {:?} x num_channels {}) is not a positive \
+                     multiple of 32, as GroupNorm(32) requires",
+                    self.channel_mult, self.num_channels
+                ));
+            }
+        }
+        for &r in &self.attention_resolutions {
+            if r == 0 || self.image_size % r != 0 {
+                return bad(format!(
+                    "attention resolution {r} does not divide image_size {}",
+                    self.image_size
+                ));
+            }
+        }
+        if self.num_head_channels == 0 || self.num_head_channels < -1 {
+            return bad(format!(
+                "num_head_channels must be -1 or positive, got {}",
+                self.num_head_channels
+            ));
+        }
+        let ds = self.attention_ds();
+        for (level, &ch) in levels.iter().enumerate() {
+            // Attention blocks at this level use both head counts; the middle block uses
+            // num_heads only.
+            let uses: &[bool] = if ds.contains(&(1 << level)) {
+                &[false, true]
+            } else if level + 1 == levels.len() {
+                &[false]
+            } else {
+                &[]
+            };
+            for &upsample in uses {
+                let heads = self.heads(ch, upsample);
+                if heads == 0 || ch % heads != 0 {
+                    return bad(format!(
+                        "attention over {ch} channels cannot be split into {heads} heads \
+                         (num_heads {}, num_head_channels {}, num_heads_upsample {})",
+                        self.num_heads, self.num_head_channels, self.num_heads_upsample
+                    ));
+                }
+            }
+        }
+        if self.num_classes == Some(0) {
+            return bad("num_classes must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// The config as JSON, in the same flag names it is read with.
+    pub fn to_json(&self, diffusion: &DiffusionConfig) -> Value {
+        let list = |v: &[f64]| {
+            v.iter()
+                .map(|m| {
+                    if m.fract() == 0.0 {
+                        format!("{}", *m as i64)
+                    } else {
+                        format!("{m}")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let res: Vec<f64> = self
+            .attention_resolutions
+            .iter()
+            .map(|&r| r as f64)
+            .collect();
+        let mut map = serde_json::json!({
+            "image_size": self.image_size,
+            "in_channels": self.in_channels,
+            "num_channels": self.num_channels,
+            "num_res_blocks": self.num_res_blocks,
+            "channel_mult": list(&self.channel_mult),
+            "attention_resolutions": list(&res),
+            "num_heads": self.num_heads,
+            "num_head_channels": self.num_head_channels,
+            "num_heads_upsample": self.num_heads_upsample,
+            "use_scale_shift_norm": self.use_scale_shift_norm,
+            "resblock_updown": self.resblock_updown,
+            "use_new_attention_order": self.use_new_attention_order,
+            "learn_sigma": self.learn_sigma,
+            "class_cond": self.num_classes.is_some(),
+            "dropout": self.dropout,
+            "use_fp16": self.use_fp16,
+            "diffusion_steps": diffusion.diffusion_steps,
+            "noise_schedule": diffusion.noise_schedule.name(),
+            "timestep_respacing": diffusion.timestep_respacing,
+            "rescale_timesteps": diffusion.rescale_timesteps,
+            "predict_xstart": diffusion.predict_xstart,
+            "sigma_small": diffusion.sigma_small,
+            "use_kl": diffusion.use_kl,
+            "rescale_learned_sigmas": diffusion.rescale_learned_sigmas,
+        });
+        if let Some(n) = self.num_classes {
+            map["num_classes"] = n.into();
+        }
+        if let Some(d) = self.embed_dim {
+            map["embed_dim"] = d.into();
+        }
+        map
+    }
+}

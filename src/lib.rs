@@ -6,6 +6,9 @@
 
 pub mod config;
 pub mod error;
+pub mod model;
+pub mod ops;
+pub mod weights;
 
 pub use error::{Error, Result};
 pub mod diffusion;

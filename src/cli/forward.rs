@@ -1,0 +1,100 @@
+//! `mcdm forward`: one UNet forward pass on tensors from a safetensors file.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+
+use mcdm::model::{load_model, Conditioning, Workspace};
+use mcdm::weights::{write_safetensors, SafetensorsFile, StorageDtype, TensorData};
+
+use super::{config_arg, resolve_device, Device};
+
+/// Run one forward pass, e.g. to check a converted checkpoint against PyTorch.
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  \
+    mcdm forward --model weights/face.safetensors --input in.safetensors --output out.safetensors\n\n\
+    IN holds `x` [B, C, H, W] f32 (NCHW), `t` [B] (f32 or i64; fed to the network as it is),\n\
+    optional `y` [B] i64 class labels and optional `emb` [B, D] f32.\n\
+    OUT holds `out` [B, out_channels, H, W] f32.")]
+pub struct Args {
+    /// Model weights (safetensors with guided-diffusion key names).
+    #[arg(long)]
+    model: PathBuf,
+    /// Model config (JSON); default: <model stem>.json, then the file's metadata, then inference.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Input tensors.
+    #[arg(long)]
+    input: PathBuf,
+    /// Where to write `out`.
+    #[arg(long)]
+    output: PathBuf,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    resolve_device(args.device)?;
+    let model = load_model(&args.model, config_arg(&args.config)?)
+        .with_context(|| format!("loading model {}", args.model.display()))?;
+    let input = SafetensorsFile::open(&args.input)
+        .with_context(|| format!("reading input {}", args.input.display()))?;
+    let ctx = || format!("input {}", args.input.display());
+
+    let shape = input.shape("x").with_context(ctx)?.to_vec();
+    let [n, c, h, w] = shape[..] else {
+        bail!("{}: `x` must be [B, C, H, W], got {shape:?}", ctx());
+    };
+    let x = input.f32("x").with_context(ctx)?;
+    let timesteps: Vec<f32> = match input.dtype("t").with_context(ctx)? {
+        StorageDtype::I64 => input.i64("t")?.into_iter().map(|t| t as f32).collect(),
+        _ => input.f32("t").with_context(ctx)?,
+    };
+    if input.shape("t")? != [n] {
+        bail!("{}: `t` must be [{n}], got {:?}", ctx(), input.shape("t")?);
+    }
+    let labels = if input.contains("y") {
+        if input.shape("y")? != [n] {
+            bail!("{}: `y` must be [{n}], got {:?}", ctx(), input.shape("y")?);
+        }
+        Some(input.i64("y").with_context(ctx)?)
+    } else {
+        None
+    };
+    let embedding = if input.contains("emb") {
+        let s = input.shape("emb")?;
+        if s.len() != 2 || s[0] != n {
+            bail!("{}: `emb` must be [{n}, D], got {s:?}", ctx());
+        }
+        Some(input.f32("emb").with_context(ctx)?)
+    } else {
+        None
+    };
+    let cond = Conditioning {
+        timesteps: &timesteps,
+        labels: labels.as_deref(),
+        embedding: embedding.as_deref(),
+    };
+    let mut ws = Workspace::new();
+    let out = model
+        .unet
+        .forward_nchw(&x, [n, c, h, w], &cond, &mut ws)
+        .context("forward pass")?;
+    let oc = model.unet.config().out_channels();
+    let meta = BTreeMap::from([(
+        "producer".to_string(),
+        format!("mcdm {}", env!("CARGO_PKG_VERSION")),
+    )]);
+    write_safetensors(
+        &args.output,
+        &[("out", TensorData::F32(vec![n, oc, h, w], &out))],
+        Some(meta),
+    )
+    .with_context(|| format!("writing {}", args.output.display()))?;
+    eprintln!(
+        "wrote `out` [{n}, {oc}, {h}, {w}] to {}",
+        args.output.display()
+    );
+    Ok(())
+}

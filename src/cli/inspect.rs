@@ -1,0 +1,53 @@
+//! `mcdm inspect`: the resolved config of a model file and what it costs.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+
+use mcdm::model::load_model;
+
+use super::config_arg;
+
+/// Show a model's resolved config (and where each field came from), parameters and cost.
+#[derive(clap::Args)]
+#[command(after_help = "Example:\n  mcdm inspect weights/uncond.safetensors")]
+pub struct Args {
+    /// Model weights (safetensors).
+    model: PathBuf,
+    /// Model config (JSON); default: <model stem>.json, then the file's metadata, then inference.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let model = load_model(&args.model, config_arg(&args.config)?)
+        .with_context(|| format!("loading model {}", args.model.display()))?;
+    let cfg = &model.config;
+    println!("model: {}", args.model.display());
+    println!("config:");
+    let json = cfg.unet.to_json(&cfg.diffusion);
+    if let Some(map) = json.as_object() {
+        for (key, value) in map {
+            let source = cfg
+                .sources
+                .get(key.as_str())
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "derived".into());
+            println!("  {key:<24} {:<16} ({source})", value.to_string());
+        }
+    }
+    let params = model.unet.parameters();
+    println!("parameters: {params} ({:.2} M)", params as f64 / 1e6);
+    println!("storage:");
+    for (dtype, bytes) in model.file.bytes_by_dtype() {
+        println!(
+            "  {:<5} {bytes} bytes ({:.2} MiB)",
+            dtype.name(),
+            bytes as f64 / (1 << 20) as f64
+        );
+    }
+    let size = cfg.unet.image_size;
+    let gflop = model.unet.flops_per_image(size, size) / 1e9;
+    println!("compute: {gflop:.3} GFLOP per image per forward at {size}x{size}");
+    Ok(())
+}

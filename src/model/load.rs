@@ -1,0 +1,50 @@
+//! Opening a model file: the weights, the config from the first source that has one, the UNet.
+
+use std::path::Path;
+
+use crate::config::{resolve, PartialConfig, ResolvedConfig, Source};
+use crate::error::{Error, Result};
+use crate::weights::SafetensorsFile;
+
+use super::unet::UNet;
+
+/// A model file, its resolved config and the network built from it.
+pub struct LoadedModel {
+    pub file: SafetensorsFile,
+    pub config: ResolvedConfig,
+    pub unet: UNet,
+}
+
+/// Resolves the config of `file`: the explicit `config` path, else `<stem>.json` beside the
+/// weights, else the `config` metadata entry; fields none of them gives are inferred from the
+/// weights or take their documented defaults.
+pub fn resolve_config(file: &SafetensorsFile, config: Option<&Path>) -> Result<ResolvedConfig> {
+    let read = |path: &Path| -> Result<(Source, PartialConfig)> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let partial = PartialConfig::from_json(&text)
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        Ok((Source::File(path.display().to_string()), partial))
+    };
+    let beside = file.path().with_extension("json");
+    let source = if let Some(path) = config {
+        Some(read(path)?)
+    } else if beside.is_file() {
+        Some(read(&beside)?)
+    } else if let Some(text) = file.metadata().get("config") {
+        let partial = PartialConfig::from_json(text).map_err(|e| {
+            Error::Config(format!("{} metadata `config`: {e}", file.path().display()))
+        })?;
+        Some((Source::Metadata, partial))
+    } else {
+        None
+    };
+    resolve(source.as_slice(), &file.shapes())
+}
+
+/// Opens `weights`, resolves its config and builds the UNet.
+pub fn load_model(weights: &Path, config: Option<&Path>) -> Result<LoadedModel> {
+    let file = SafetensorsFile::open(weights)?;
+    let config = resolve_config(&file, config)?;
+    let unet = UNet::load(&file, &config.unet)?;
+    Ok(LoadedModel { file, config, unet })
+}

@@ -1,0 +1,9 @@
+//! Models: the UNet graph, its activation workspace, and loading from model files.
+
+mod load;
+pub mod unet;
+pub mod workspace;
+
+pub use load::{load_model, LoadedModel};
+pub use unet::{Conditioning, UNet};
+pub use workspace::Workspace;

@@ -1,0 +1,755 @@
+//! guided-diffusion's `UNetModel` on the CPU: built from a weights file and a resolved config,
+//! run NHWC in f32.
+
+use std::collections::BTreeSet;
+
+use crate::config::UNetConfig;
+use crate::error::{Error, Result};
+use crate::ops::attention::{legacy_qkv_to_new_order, Attention};
+use crate::ops::conv::Conv2d;
+use crate::ops::embedding::timestep_embedding;
+use crate::ops::group_norm::GroupNorm;
+use crate::ops::linear::Linear;
+use crate::ops::resample::{avg_pool2x, upsample_nearest2x};
+use crate::ops::silu;
+use crate::weights::SafetensorsFile;
+
+use super::workspace::Workspace;
+
+/// Reads parameters by key, recording every key asked for and every problem, so that a config
+/// that does not fit the weights is reported in full at once.
+struct Loader<'a> {
+    file: &'a SafetensorsFile,
+    seen: BTreeSet<String>,
+    problems: Vec<String>,
+    fatal: Option<Error>,
+}
+
+impl<'a> Loader<'a> {
+    fn tensor(&mut self, key: &str, shape: &[usize]) -> Vec<f32> {
+        self.seen.insert(key.to_string());
+        let zeros = || vec![0.0; shape.iter().product()];
+        let Ok(actual) = self.file.shape(key) else {
+            self.problems
+                .push(format!("missing key `{key}` (expected shape {shape:?})"));
+            return zeros();
+        };
+        if actual != shape {
+            self.problems.push(format!(
+                "shape mismatch for `{key}`: weights have {actual:?}, config needs {shape:?}"
+            ));
+            return zeros();
+        }
+        match self.file.f32(key) {
+            Ok(v) => v,
+            Err(e) => {
+                self.fatal.get_or_insert(e);
+                zeros()
+            }
+        }
+    }
+
+    fn linear(&mut self, prefix: &str, i: usize, o: usize) -> Linear {
+        Linear {
+            in_features: i,
+            out_features: o,
+            weight: self.tensor(&format!("{prefix}.weight"), &[o, i]),
+            bias: self.tensor(&format!("{prefix}.bias"), &[o]),
+        }
+    }
+
+    fn conv(&mut self, prefix: &str, cin: usize, cout: usize, k: usize, stride: usize) -> Conv2d {
+        let w = self.tensor(&format!("{prefix}.weight"), &[cout, cin, k, k]);
+        let b = self.tensor(&format!("{prefix}.bias"), &[cout]);
+        Conv2d::from_torch(&w, b, k, stride)
+    }
+
+    /// A Conv1d with kernel 1 (`[cout, cin, 1]`), as attention's qkv and proj_out.
+    fn conv1d(&mut self, prefix: &str, cin: usize, cout: usize) -> (Vec<f32>, Vec<f32>) {
+        (
+            self.tensor(&format!("{prefix}.weight"), &[cout, cin, 1]),
+            self.tensor(&format!("{prefix}.bias"), &[cout]),
+        )
+    }
+
+    fn norm(&mut self, prefix: &str, c: usize) -> GroupNorm {
+        GroupNorm {
+            channels: c,
+            weight: self.tensor(&format!("{prefix}.weight"), &[c]),
+            bias: self.tensor(&format!("{prefix}.bias"), &[c]),
+        }
+    }
+
+    fn res_block(
+        &mut self,
+        prefix: &str,
+        cfg: &UNetConfig,
+        ch: usize,
+        oc: usize,
+        updown: UpDown,
+    ) -> ResBlock {
+        let emb = cfg.time_embed_dim();
+        let emb_out = if cfg.use_scale_shift_norm { 2 * oc } else { oc };
+        ResBlock {
+            in_norm: self.norm(&format!("{prefix}.in_layers.0"), ch),
+            in_conv: self.conv(&format!("{prefix}.in_layers.2"), ch, oc, 3, 1),
+            updown,
+            emb_proj: self.linear(&format!("{prefix}.emb_layers.1"), emb, emb_out),
+            out_norm: self.norm(&format!("{prefix}.out_layers.0"), oc),
+            out_conv: self.conv(&format!("{prefix}.out_layers.3"), oc, oc, 3, 1),
+            skip: (oc != ch).then(|| self.conv(&format!("{prefix}.skip_connection"), ch, oc, 1, 1)),
+            scale_shift: cfg.use_scale_shift_norm,
+        }
+    }
+
+    fn attention(&mut self, prefix: &str, cfg: &UNetConfig, c: usize, upsample: bool) -> Attention {
+        let heads = cfg.heads(c, upsample);
+        let norm = self.norm(&format!("{prefix}.norm"), c);
+        let (mut qkv_w, mut qkv_b) = self.conv1d(&format!("{prefix}.qkv"), c, 3 * c);
+        if !cfg.use_new_attention_order {
+            qkv_w = legacy_qkv_to_new_order(&qkv_w, c, c, heads);
+            qkv_b = legacy_qkv_to_new_order(&qkv_b, 1, c, heads);
+        }
+        let (proj_w, proj_b) = self.conv1d(&format!("{prefix}.proj_out"), c, c);
+        Attention {
+            channels: c,
+            heads,
+            norm,
+            qkv: Conv2d::from_torch(&qkv_w, qkv_b, 1, 1),
+            proj_out: Conv2d::from_torch(&proj_w, proj_b, 1, 1),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum UpDown {
+    None,
+    Up,
+    Down,
+}
+
+struct ResBlock {
+    in_norm: GroupNorm,
+    in_conv: Conv2d,
+    updown: UpDown,
+    emb_proj: Linear,
+    out_norm: GroupNorm,
+    out_conv: Conv2d,
+    skip: Option<Conv2d>,
+    scale_shift: bool,
+}
+
+enum Layer {
+    Conv(Conv2d),
+    Res(ResBlock),
+    Attn(Attention),
+    /// Nearest x2, then a 3x3 conv (`Upsample` with conv_resample).
+    UpConv(Conv2d),
+}
+
+/// An activation: NHWC data from the workspace plus its spatial size and channels.
+struct Act {
+    data: Vec<f32>,
+    h: usize,
+    w: usize,
+    c: usize,
+}
+
+/// Conditioning of one forward pass over a batch of `n` images.
+#[derive(Clone, Copy, Debug)]
+pub struct Conditioning<'a> {
+    /// `[n]` timestep values, fed to the network as they are.
+    pub timesteps: &'a [f32],
+    /// `[n]` class labels (class-conditional models).
+    pub labels: Option<&'a [i64]>,
+    /// `[n, embed_dim]` vector conditions (models with `embed_dim`).
+    pub embedding: Option<&'a [f32]>,
+}
+
+/// A guided-diffusion UNet with weights in f32.
+pub struct UNet {
+    config: UNetConfig,
+    time_embed: [Linear; 2],
+    label_emb: Option<Vec<f32>>,
+    vector_emb: Option<Linear>,
+    input_blocks: Vec<Vec<Layer>>,
+    middle_block: Vec<Layer>,
+    output_blocks: Vec<Vec<Layer>>,
+    out_norm: GroupNorm,
+    out_conv: Conv2d,
+    parameters: usize,
+}
+
+impl UNet {
+    /// Builds the network described by `config` from `file`. Every missing key, unexpected key
+    /// and shape mismatch is reported in one [`Error::WeightsMismatch`].
+    pub fn load(file: &SafetensorsFile, config: &UNetConfig) -> Result<Self> {
+        config.validate()?;
+        let mut ld = Loader {
+            file,
+            seen: BTreeSet::new(),
+            problems: Vec::new(),
+            fatal: None,
+        };
+        let cfg = config;
+        let mc = cfg.num_channels;
+        let emb = cfg.time_embed_dim();
+        let time_embed = [
+            ld.linear("time_embed.0", mc, emb),
+            ld.linear("time_embed.2", emb, emb),
+        ];
+        let label_emb = cfg
+            .num_classes
+            .map(|k| ld.tensor("label_emb.weight", &[k, emb]));
+        let vector_emb = cfg.embed_dim.map(|d| ld.linear("vector_emb", d, emb));
+
+        let level_ch = cfg.level_channels();
+        let attention_ds = cfg.attention_ds();
+        let nrb = cfg.num_res_blocks;
+        let mut ch = level_ch[0];
+        let mut input_blocks = vec![vec![Layer::Conv(ld.conv(
+            "input_blocks.0.0",
+            cfg.in_channels,
+            ch,
+            3,
+            1,
+        ))]];
+        let mut skip_ch = vec![ch];
+        let mut ds = 1;
+        for (level, &lch) in level_ch.iter().enumerate() {
+            for _ in 0..nrb {
+                let p = format!("input_blocks.{}", input_blocks.len());
+                let mut layers = vec![Layer::Res(ld.res_block(
+                    &format!("{p}.0"),
+                    cfg,
+                    ch,
+                    lch,
+                    UpDown::None,
+                ))];
+                ch = lch;
+                if attention_ds.contains(&ds) {
+                    layers.push(Layer::Attn(ld.attention(&format!("{p}.1"), cfg, ch, false)));
+                }
+                input_blocks.push(layers);
+                skip_ch.push(ch);
+            }
+            if level + 1 != level_ch.len() {
+                let p = format!("input_blocks.{}.0", input_blocks.len());
+                let layer = if cfg.resblock_updown {
+                    Layer::Res(ld.res_block(&p, cfg, ch, ch, UpDown::Down))
+                } else {
+                    Layer::Conv(ld.conv(&format!("{p}.op"), ch, ch, 3, 2))
+                };
+                input_blocks.push(vec![layer]);
+                skip_ch.push(ch);
+                ds *= 2;
+            }
+        }
+        let middle_block = vec![
+            Layer::Res(ld.res_block("middle_block.0", cfg, ch, ch, UpDown::None)),
+            Layer::Attn(ld.attention("middle_block.1", cfg, ch, false)),
+            Layer::Res(ld.res_block("middle_block.2", cfg, ch, ch, UpDown::None)),
+        ];
+        let mut output_blocks = Vec::new();
+        for (level, &lch) in level_ch.iter().enumerate().rev() {
+            for i in 0..=nrb {
+                let p = format!("output_blocks.{}", output_blocks.len());
+                let ich = skip_ch.pop().unwrap_or_default();
+                let mut layers = vec![Layer::Res(ld.res_block(
+                    &format!("{p}.0"),
+                    cfg,
+                    ch + ich,
+                    lch,
+                    UpDown::None,
+                ))];
+                ch = lch;
+                if attention_ds.contains(&ds) {
+                    layers.push(Layer::Attn(ld.attention(&format!("{p}.1"), cfg, ch, true)));
+                }
+                if level > 0 && i == nrb {
+                    let q = format!("{p}.{}", layers.len());
+                    layers.push(if cfg.resblock_updown {
+                        Layer::Res(ld.res_block(&q, cfg, ch, ch, UpDown::Up))
+                    } else {
+                        Layer::UpConv(ld.conv(&format!("{q}.conv"), ch, ch, 3, 1))
+                    });
+                    ds /= 2;
+                }
+                output_blocks.push(layers);
+            }
+        }
+        let out_norm = ld.norm("out.0", ch);
+        let out_conv = ld.conv("out.2", level_ch[0], cfg.out_channels(), 3, 1);
+
+        if let Some(e) = ld.fatal {
+            return Err(e);
+        }
+        let mut problems = ld.problems;
+        for key in file.names().filter(|k| !ld.seen.contains(*k)) {
+            problems.push(format!(
+                "unexpected key `{key}` {:?}",
+                file.shape(key).unwrap_or_default()
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(Error::WeightsMismatch(format!(
+                "{}: {} problem(s)\n  {}",
+                file.path().display(),
+                problems.len(),
+                problems.join("\n  ")
+            )));
+        }
+        let parameters = ld
+            .seen
+            .iter()
+            .map(|k| {
+                file.shape(k)
+                    .map(|s| s.iter().product::<usize>())
+                    .unwrap_or(0)
+            })
+            .sum();
+        Ok(UNet {
+            config: config.clone(),
+            time_embed,
+            label_emb,
+            vector_emb,
+            input_blocks,
+            middle_block,
+            output_blocks,
+            out_norm,
+            out_conv,
+            parameters,
+        })
+    }
+
+    pub fn config(&self) -> &UNetConfig {
+        &self.config
+    }
+
+    /// Number of parameters.
+    pub fn parameters(&self) -> usize {
+        self.parameters
+    }
+
+    /// Checks an input batch: channels, a size the levels divide, and the conditioning.
+    pub fn check_input(
+        &self,
+        n: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        cond: &Conditioning<'_>,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let bad = |m: String| Err(Error::Input(m));
+        if n == 0 || h == 0 || w == 0 {
+            return bad(format!("empty input batch [{n}, {c}, {h}, {w}]"));
+        }
+        if c != cfg.in_channels {
+            return bad(format!(
+                "x has {c} channels but the model takes {} (x_t plus image conditions)",
+                cfg.in_channels
+            ));
+        }
+        let div = 1usize << (cfg.channel_mult.len() - 1);
+        if h % div != 0 || w % div != 0 {
+            return bad(format!(
+                "image size {h}x{w} is not divisible by {div}, as the model's {} levels need",
+                cfg.channel_mult.len()
+            ));
+        }
+        if cond.timesteps.len() != n {
+            return bad(format!(
+                "{} timesteps for a batch of {n}",
+                cond.timesteps.len()
+            ));
+        }
+        if let Some(t) = cond.timesteps.iter().find(|t| !t.is_finite()) {
+            return bad(format!("timestep {t} is not finite"));
+        }
+        match (cfg.num_classes, cond.labels) {
+            (Some(k), Some(y)) => {
+                if y.len() != n {
+                    return bad(format!("{} class labels for a batch of {n}", y.len()));
+                }
+                if let Some(l) = y.iter().find(|&&l| l < 0 || l as usize >= k) {
+                    return bad(format!("class label {l} is out of range 0..{k}"));
+                }
+            }
+            (Some(k), None) => {
+                return bad(format!(
+                    "the model is class-conditional ({k} classes): give labels `y`"
+                ))
+            }
+            (None, Some(_)) => {
+                return bad("class labels given, but the model is not class-conditional".into())
+            }
+            (None, None) => {}
+        }
+        match (cfg.embed_dim, cond.embedding) {
+            (Some(d), Some(e)) => {
+                if e.len() != n * d {
+                    return bad(format!(
+                        "embedding has {} values, expected [{n}, {d}]",
+                        e.len()
+                    ));
+                }
+                if e.iter().any(|v| !v.is_finite()) {
+                    return bad("embedding holds non-finite values".into());
+                }
+            }
+            (Some(d), None) => {
+                return bad(format!(
+                    "the model takes a vector condition: give `emb` [{n}, {d}]"
+                ))
+            }
+            (None, Some(_)) => {
+                return bad("an embedding was given, but the model has no embed_dim".into())
+            }
+            (None, None) => {}
+        }
+        if cfg.num_classes.is_none() && cfg.embed_dim.is_none() && cond.labels.is_some() {
+            return bad("unexpected labels".into());
+        }
+        Ok(())
+    }
+
+    /// Forward pass on NCHW input `x` `[n, c, h, w]`; returns NCHW `[n, out_channels, h, w]`.
+    pub fn forward_nchw(
+        &self,
+        x: &[f32],
+        shape: [usize; 4],
+        cond: &Conditioning<'_>,
+        ws: &mut Workspace,
+    ) -> Result<Vec<f32>> {
+        let [n, c, h, w] = shape;
+        if x.len() != n * c * h * w {
+            return Err(Error::Input(format!(
+                "x has {} values, not {n}x{c}x{h}x{w}",
+                x.len()
+            )));
+        }
+        let mut nhwc = ws.take(x.len());
+        nchw_to_nhwc(x, n, c, h * w, &mut nhwc);
+        let out = self.forward_nhwc(&nhwc, [n, h, w, c], cond, ws);
+        ws.give(nhwc);
+        let out = out?;
+        let oc = self.config.out_channels();
+        let mut res = vec![0.0; out.len()];
+        nhwc_to_nchw(&out, n, oc, h * w, &mut res);
+        ws.give(out);
+        Ok(res)
+    }
+
+    /// Forward pass on NHWC input `[n, h, w, c]`; returns NHWC `[n, h, w, out_channels]` (a
+    /// workspace buffer: give it back when done).
+    pub fn forward_nhwc(
+        &self,
+        x: &[f32],
+        shape: [usize; 4],
+        cond: &Conditioning<'_>,
+        ws: &mut Workspace,
+    ) -> Result<Vec<f32>> {
+        let [n, h, w, c] = shape;
+        self.check_input(n, c, h, w, cond)?;
+        let emb = self.embedding(n, cond, ws);
+        let mut input = ws.take(x.len());
+        input.copy_from_slice(x);
+        let mut act = Act {
+            data: input,
+            h,
+            w,
+            c,
+        };
+        let mut skips: Vec<Act> = Vec::with_capacity(self.input_blocks.len());
+        for block in &self.input_blocks {
+            act = self.run_block(block, act, n, &emb, ws);
+            let mut copy = ws.take(act.data.len());
+            copy.copy_from_slice(&act.data);
+            skips.push(Act { data: copy, ..act });
+        }
+        act = self.run_block(&self.middle_block, act, n, &emb, ws);
+        for block in &self.output_blocks {
+            let skip = skips.pop().expect("one skip per output block");
+            let cat = concat_channels(&act, &skip, n, ws);
+            ws.give(act.data);
+            ws.give(skip.data);
+            act = self.run_block(block, cat, n, &emb, ws);
+        }
+        let hw = act.h * act.w;
+        let mut normed = ws.take(act.data.len());
+        self.out_norm
+            .forward(&act.data, n, hw, &mut normed, None, true);
+        ws.give(act.data);
+        let mut out = ws.take(n * hw * self.config.out_channels());
+        let mut scratch = std::mem::take(&mut ws.scratch);
+        self.out_conv
+            .forward(&normed, n, h, w, &mut out, false, &mut scratch);
+        ws.scratch = scratch;
+        ws.give(normed);
+        ws.give(emb);
+        Ok(out)
+    }
+
+    /// SiLU(time_embed(t) + label_emb(y) + vector_emb(e)): `[n, 4mc]`, the input every
+    /// ResBlock's `emb_layers` starts from.
+    fn embedding(&self, n: usize, cond: &Conditioning<'_>, ws: &mut Workspace) -> Vec<f32> {
+        let mc = self.config.num_channels;
+        let dim = self.config.time_embed_dim();
+        let mut t_emb = ws.take(n * mc);
+        timestep_embedding(cond.timesteps, mc, &mut t_emb);
+        let mut hidden = ws.take(n * dim);
+        self.time_embed[0].forward(&t_emb, n, &mut hidden);
+        hidden.iter_mut().for_each(|v| *v = silu(*v));
+        let mut emb = ws.take(n * dim);
+        self.time_embed[1].forward(&hidden, n, &mut emb);
+        if let (Some(table), Some(labels)) = (&self.label_emb, cond.labels) {
+            for (row, &y) in emb.chunks_exact_mut(dim).zip(labels) {
+                let src = &table[y as usize * dim..][..dim];
+                row.iter_mut().zip(src).for_each(|(a, b)| *a += b);
+            }
+        }
+        if let (Some(proj), Some(e)) = (&self.vector_emb, cond.embedding) {
+            proj.forward(e, n, &mut hidden);
+            emb.iter_mut().zip(&hidden).for_each(|(a, b)| *a += b);
+        }
+        emb.iter_mut().for_each(|v| *v = silu(*v));
+        ws.give(t_emb);
+        ws.give(hidden);
+        emb
+    }
+
+    fn run_block(
+        &self,
+        layers: &[Layer],
+        mut act: Act,
+        n: usize,
+        emb: &[f32],
+        ws: &mut Workspace,
+    ) -> Act {
+        for layer in layers {
+            let next = match layer {
+                Layer::Conv(conv) => {
+                    let (ho, wo) = conv.out_size(act.h, act.w);
+                    let mut out = ws.take(n * ho * wo * conv.cout);
+                    let mut scratch = std::mem::take(&mut ws.scratch);
+                    conv.forward(&act.data, n, act.h, act.w, &mut out, false, &mut scratch);
+                    ws.scratch = scratch;
+                    Act {
+                        data: out,
+                        h: ho,
+                        w: wo,
+                        c: conv.cout,
+                    }
+                }
+                Layer::UpConv(conv) => {
+                    let (h2, w2) = (2 * act.h, 2 * act.w);
+                    let mut up = ws.take(n * h2 * w2 * act.c);
+                    upsample_nearest2x(&act.data, n, act.h, act.w, act.c, &mut up);
+                    let mut out = ws.take(n * h2 * w2 * conv.cout);
+                    let mut scratch = std::mem::take(&mut ws.scratch);
+                    conv.forward(&up, n, h2, w2, &mut out, false, &mut scratch);
+                    ws.scratch = scratch;
+                    ws.give(up);
+                    Act {
+                        data: out,
+                        h: h2,
+                        w: w2,
+                        c: conv.cout,
+                    }
+                }
+                Layer::Res(block) => block.forward(&act, n, emb, ws),
+                Layer::Attn(attn) => {
+                    let t = act.h * act.w;
+                    let len = act.data.len();
+                    let mut out = ws.take(len);
+                    let mut normed = ws.take(len);
+                    let mut qkv = ws.take(3 * len);
+                    let mut heads = ws.take(len);
+                    let mut scratch = std::mem::take(&mut ws.scratch);
+                    attn.forward(
+                        &act.data,
+                        n,
+                        t,
+                        &mut out,
+                        &mut normed,
+                        &mut qkv,
+                        &mut heads,
+                        &mut scratch,
+                    );
+                    ws.scratch = scratch;
+                    ws.give(normed);
+                    ws.give(qkv);
+                    ws.give(heads);
+                    Act { data: out, ..act }
+                }
+            };
+            ws.give(std::mem::replace(&mut act, next).data);
+        }
+        act
+    }
+
+    /// Multiply-accumulates times two of one forward pass per image at `h x w`.
+    pub fn flops_per_image(&self, h: usize, w: usize) -> f64 {
+        let conv = |c: &Conv2d, h: usize, w: usize| {
+            let (ho, wo) = c.out_size(h, w);
+            2.0 * (ho * wo * c.cout * c.cin * c.kernel * c.kernel) as f64
+        };
+        let mut total = 0.0;
+        let mut size = (h, w);
+        let walk = |layers: &[Layer], size: &mut (usize, usize), total: &mut f64| {
+            for layer in layers {
+                match layer {
+                    Layer::Conv(c) => {
+                        *total += conv(c, size.0, size.1);
+                        *size = c.out_size(size.0, size.1);
+                    }
+                    Layer::UpConv(c) => {
+                        *size = (2 * size.0, 2 * size.1);
+                        *total += conv(c, size.0, size.1);
+                    }
+                    Layer::Res(r) => {
+                        *total += conv(&r.in_conv, size.0, size.1);
+                        *size = match r.updown {
+                            UpDown::Up => (2 * size.0, 2 * size.1),
+                            UpDown::Down => (size.0 / 2, size.1 / 2),
+                            UpDown::None => *size,
+                        };
+                        *total += conv(&r.out_conv, size.0, size.1);
+                        if let Some(s) = &r.skip {
+                            *total += conv(s, size.0, size.1);
+                        }
+                    }
+                    Layer::Attn(a) => {
+                        let t = (size.0 * size.1) as f64;
+                        *total += conv(&a.qkv, size.0, size.1) + conv(&a.proj_out, size.0, size.1);
+                        *total += 4.0 * t * t * a.channels as f64;
+                    }
+                }
+            }
+        };
+        for b in &self.input_blocks {
+            walk(b, &mut size, &mut total);
+        }
+        walk(&self.middle_block, &mut size, &mut total);
+        for b in &self.output_blocks {
+            walk(b, &mut size, &mut total);
+        }
+        total + conv(&self.out_conv, h, w)
+    }
+}
+
+impl ResBlock {
+    fn forward(&self, x: &Act, n: usize, emb: &[f32], ws: &mut Workspace) -> Act {
+        let oc = self.out_conv.cout;
+        let mut scratch = std::mem::take(&mut ws.scratch);
+        let mut a = ws.take(x.data.len());
+        self.in_norm
+            .forward(&x.data, n, x.h * x.w, &mut a, None, true);
+        // Up/down applies to both the normalised branch and the skip input.
+        let (h, w, resampled) = match self.updown {
+            UpDown::None => (x.h, x.w, None),
+            UpDown::Up => {
+                let (h, w) = (2 * x.h, 2 * x.w);
+                let mut a2 = ws.take(n * h * w * x.c);
+                upsample_nearest2x(&a, n, x.h, x.w, x.c, &mut a2);
+                let mut x2 = ws.take(n * h * w * x.c);
+                upsample_nearest2x(&x.data, n, x.h, x.w, x.c, &mut x2);
+                ws.give(std::mem::replace(&mut a, a2));
+                (h, w, Some(x2))
+            }
+            UpDown::Down => {
+                let (h, w) = (x.h / 2, x.w / 2);
+                let mut a2 = ws.take(n * h * w * x.c);
+                avg_pool2x(&a, n, x.h, x.w, x.c, &mut a2);
+                let mut x2 = ws.take(n * h * w * x.c);
+                avg_pool2x(&x.data, n, x.h, x.w, x.c, &mut x2);
+                ws.give(std::mem::replace(&mut a, a2));
+                (h, w, Some(x2))
+            }
+        };
+        let skip_in: &[f32] = resampled.as_deref().unwrap_or(&x.data);
+        let hw = h * w;
+        let mut hidden = ws.take(n * hw * oc);
+        self.in_conv
+            .forward(&a, n, h, w, &mut hidden, false, &mut scratch);
+        ws.give(a);
+        let mut e = ws.take(n * self.emb_proj.out_features);
+        self.emb_proj.forward(emb, n, &mut e);
+        let mut normed = ws.take(n * hw * oc);
+        if self.scale_shift {
+            self.out_norm
+                .forward(&hidden, n, hw, &mut normed, Some(&e), true);
+        } else {
+            for (img, e_row) in hidden.chunks_exact_mut(hw * oc).zip(e.chunks_exact(oc)) {
+                for px in img.chunks_exact_mut(oc) {
+                    px.iter_mut().zip(e_row).for_each(|(v, b)| *v += b);
+                }
+            }
+            self.out_norm
+                .forward(&hidden, n, hw, &mut normed, None, true);
+        }
+        ws.give(e);
+        // out = skip(x) + out_conv(normed): the skip written first, the conv accumulated.
+        let mut out = hidden;
+        match &self.skip {
+            Some(conv) => conv.forward(skip_in, n, h, w, &mut out, false, &mut scratch),
+            None => out.copy_from_slice(skip_in),
+        }
+        self.out_conv
+            .forward(&normed, n, h, w, &mut out, true, &mut scratch);
+        ws.give(normed);
+        if let Some(r) = resampled {
+            ws.give(r);
+        }
+        ws.scratch = scratch;
+        Act {
+            data: out,
+            h,
+            w,
+            c: oc,
+        }
+    }
+}
+
+/// `cat([a, b], dim=channels)` in NHWC.
+fn concat_channels(a: &Act, b: &Act, n: usize, ws: &mut Workspace) -> Act {
+    let c = a.c + b.c;
+    let mut out = ws.take(n * a.h * a.w * c);
+    for ((dst, pa), pb) in out
+        .chunks_exact_mut(c)
+        .zip(a.data.chunks_exact(a.c))
+        .zip(b.data.chunks_exact(b.c))
+    {
+        dst[..a.c].copy_from_slice(pa);
+        dst[a.c..].copy_from_slice(pb);
+    }
+    Act {
+        data: out,
+        h: a.h,
+        w: a.w,
+        c,
+    }
+}
+
+/// `[n, c, hw]` -> `[n, hw, c]`.
+pub fn nchw_to_nhwc(x: &[f32], n: usize, c: usize, hw: usize, out: &mut [f32]) {
+    for b in 0..n {
+        for ch in 0..c {
+            for p in 0..hw {
+                out[(b * hw + p) * c + ch] = x[(b * c + ch) * hw + p];
+            }
+        }
+    }
+}
+
+/// `[n, hw, c]` -> `[n, c, hw]`.
+pub fn nhwc_to_nchw(x: &[f32], n: usize, c: usize, hw: usize, out: &mut [f32]) {
+    for b in 0..n {
+        for ch in 0..c {
+            for p in 0..hw {
+                out[(b * c + ch) * hw + p] = x[(b * hw + p) * c + ch];
+            }
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! Spatial self-attention of guided-diffusion's `AttentionBlock`, NHWC.
+//!
+//! The qkv projection is stored in the "new" order (all q, then all k, then all v, each
+//! head-major); legacy checkpoints are permuted at load ([`legacy_qkv_to_new_order`]), so one
+//! attention routine serves both orders. The T x T score matrix is formed in row chunks.
+
+use rayon::prelude::*;
+
+use super::conv::Conv2d;
+use super::group_norm::GroupNorm;
+use super::matmul::{matmul, Mat};
+
+/// Query rows per task.
+const QUERY_CHUNK: usize = 64;
+
+/// Row permutation for the legacy order: new row `s*C + h*d + j` is legacy row
+/// `h*3d + s*d + j` (`s` in q, k, v), as `QKVAttentionLegacy` reshapes to `(B*H, 3d, T)`.
+pub fn legacy_qkv_to_new_order(
+    rows: &[f32],
+    row_len: usize,
+    channels: usize,
+    heads: usize,
+) -> Vec<f32> {
+    let d = channels / heads;
+    let mut out = vec![0.0; rows.len()];
+    for s in 0..3 {
+        for h in 0..heads {
+            for j in 0..d {
+                let new = s * channels + h * d + j;
+                let old = h * 3 * d + s * d + j;
+                out[new * row_len..][..row_len].copy_from_slice(&rows[old * row_len..][..row_len]);
+            }
+        }
+    }
+    out
+}
+
+pub struct Attention {
+    pub channels: usize,
+    pub heads: usize,
+    pub norm: GroupNorm,
+    /// 1x1, `channels -> 3 * channels`, in the new order.
+    pub qkv: Conv2d,
+    /// 1x1, `channels -> channels`.
+    pub proj_out: Conv2d,
+}
+
+impl Attention {
+    /// x, out: `[n, t, c]`, out = x + proj_out(attention(qkv(norm(x)))).
+    /// `normed` (n*t*c), `qkv` (n*t*3c) and `heads_out` (n*t*c) are scratch buffers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        x: &[f32],
+        n: usize,
+        t: usize,
+        out: &mut [f32],
+        normed: &mut [f32],
+        qkv: &mut [f32],
+        heads_out: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        let c = self.channels;
+        self.norm.forward(x, n, t, normed, None, false);
+        self.qkv.forward(normed, n, t, 1, qkv, false, scratch);
+        attend(qkv, n, t, c, self.heads, heads_out);
+        out[..n * t * c].copy_from_slice(&x[..n * t * c]);
+        self.proj_out
+            .forward(heads_out, n, t, 1, out, true, scratch);
+    }
+}
+
+/// Softmax attention per head: qkv `[n, t, 3c]` (new order) -> out `[n, t, c]`
+/// (channel `h*d + j`), scores scaled by 1/sqrt(d), softmax in f32.
+pub fn attend(qkv: &[f32], n: usize, t: usize, c: usize, heads: usize, out: &mut [f32]) {
+    let d = c / heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    out[..n * t * c]
+        .par_chunks_mut(t * c)
+        .enumerate()
+        .for_each(|(b, out_b)| {
+            let qkv_b = &qkv[b * t * 3 * c..][..t * 3 * c];
+            out_b
+                .par_chunks_mut(QUERY_CHUNK * c)
+                .enumerate()
+                .for_each_init(Vec::new, |scores: &mut Vec<f32>, (chunk, out_rows)| {
+                    let q0 = chunk * QUERY_CHUNK;
+                    let rows = out_rows.len() / c;
+                    scores.resize(rows * t, 0.0);
+                    for h in 0..heads {
+                        let q = &qkv_b[q0 * 3 * c + h * d..];
+                        let k = &qkv_b[c + h * d..];
+                        let v = &qkv_b[2 * c + h * d..];
+                        matmul(
+                            scores,
+                            t,
+                            rows,
+                            t,
+                            d,
+                            Mat {
+                                data: q,
+                                rs: 3 * c,
+                                cs: 1,
+                            },
+                            Mat {
+                                data: k,
+                                rs: 1,
+                                cs: 3 * c,
+                            },
+                            false,
+                            scale,
+                            false,
+                        );
+                        for row in scores.chunks_exact_mut(t) {
+                            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                            let mut sum = 0.0;
+                            for s in row.iter_mut() {
+                                *s = (*s - max).exp();
+                                sum += *s;
+                            }
+                            let inv = 1.0 / sum;
+                            row.iter_mut().for_each(|s| *s *= inv);
+                        }
+                        matmul(
+                            &mut out_rows[h * d..],
+                            c,
+                            rows,
+                            d,
+                            t,
+                            Mat::rows(scores, t),
+                            Mat {
+                                data: v,
+                                rs: 3 * c,
+                                cs: 1,
+                            },
+                            false,
+                            1.0,
+                            false,
+                        );
+                    }
+                });
+        });
+}

@@ -1,0 +1,91 @@
+//! GroupNorm(32, eps 1e-5) fused with the optional scale-shift of `use_scale_shift_norm` and
+//! SiLU, NHWC. Statistics in f64 on the CPU (the reference computes them in f32).
+
+use rayon::prelude::*;
+
+use super::silu;
+
+pub const GROUPS: usize = 32;
+pub const EPS: f64 = 1e-5;
+
+pub struct GroupNorm {
+    pub channels: usize,
+    pub weight: Vec<f32>,
+    pub bias: Vec<f32>,
+}
+
+impl GroupNorm {
+    /// x, out: `[n, hw, c]`. `scale_shift`: `[n, 2c]` (scale first, as `chunk(emb_out, 2)`),
+    /// applied as `GN(x) * (1 + scale) + shift`; then SiLU when `silu_after`.
+    pub fn forward(
+        &self,
+        x: &[f32],
+        n: usize,
+        hw: usize,
+        out: &mut [f32],
+        scale_shift: Option<&[f32]>,
+        silu_after: bool,
+    ) {
+        let c = self.channels;
+        let cg = c / GROUPS;
+        for b in 0..n {
+            let img = &x[b * hw * c..][..hw * c];
+            // Per-channel sums over pixel chunks, merged; then per group.
+            let (sum, sq) = img
+                .par_chunks(c * 64)
+                .map(|rows| {
+                    let mut s = vec![0f64; c];
+                    let mut q = vec![0f64; c];
+                    for px in rows.chunks_exact(c) {
+                        for ch in 0..c {
+                            let v = px[ch] as f64;
+                            s[ch] += v;
+                            q[ch] += v * v;
+                        }
+                    }
+                    (s, q)
+                })
+                .reduce(
+                    || (vec![0f64; c], vec![0f64; c]),
+                    |(mut s, mut q), (s2, q2)| {
+                        s.iter_mut().zip(&s2).for_each(|(a, b)| *a += b);
+                        q.iter_mut().zip(&q2).for_each(|(a, b)| *a += b);
+                        (s, q)
+                    },
+                );
+            let count = (hw * cg) as f64;
+            let mut mul = vec![0f32; c];
+            let mut add = vec![0f32; c];
+            for g in 0..GROUPS {
+                let s: f64 = sum[g * cg..][..cg].iter().sum();
+                let q: f64 = sq[g * cg..][..cg].iter().sum();
+                let mean = s / count;
+                let var = (q / count - mean * mean).max(0.0);
+                let rstd = 1.0 / (var + EPS).sqrt();
+                for ch in g * cg..(g + 1) * cg {
+                    // y = (x - mean) * rstd * gamma + beta, folded with (1 + scale) and shift.
+                    let (scale, shift) = match scale_shift {
+                        Some(ss) => (ss[b * 2 * c + ch] as f64, ss[b * 2 * c + c + ch] as f64),
+                        None => (0.0, 0.0),
+                    };
+                    let gamma = self.weight[ch] as f64 * rstd;
+                    let m = gamma * (1.0 + scale);
+                    mul[ch] = m as f32;
+                    add[ch] =
+                        ((self.bias[ch] as f64 - mean * gamma) * (1.0 + scale) + shift) as f32;
+                }
+            }
+            out[b * hw * c..][..hw * c]
+                .par_chunks_mut(c * 64)
+                .zip(img.par_chunks(c * 64))
+                .for_each(|(o, i)| {
+                    for (po, pi) in o.chunks_exact_mut(c).zip(i.chunks_exact(c)) {
+                        for ch in 0..c {
+                            let y = pi[ch] * mul[ch] + add[ch];
+                            po[ch] = if silu_after { silu(y) } else { y };
+                        }
+                    }
+                });
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! Memory-mapped safetensors files: tensor lookup, dtype upcast to f32, and checks.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::tensor::Dtype;
+use safetensors::SafeTensors;
+
+use crate::error::{Error, Result};
+
+/// Storage type of a tensor in a weights file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum StorageDtype {
+    F32,
+    F16,
+    BF16,
+    I64,
+}
+
+impl StorageDtype {
+    pub fn size(self) -> usize {
+        match self {
+            StorageDtype::F32 => 4,
+            StorageDtype::F16 | StorageDtype::BF16 => 2,
+            StorageDtype::I64 => 8,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            StorageDtype::F32 => "f32",
+            StorageDtype::F16 => "f16",
+            StorageDtype::BF16 => "bf16",
+            StorageDtype::I64 => "i64",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    dtype: StorageDtype,
+    shape: Vec<usize>,
+    /// Byte range within the file.
+    start: usize,
+    end: usize,
+}
+
+/// A safetensors file, memory-mapped; tensors are read on demand.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    map: Mmap,
+    entries: BTreeMap<String, Entry>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl SafetensorsFile {
+    /// Maps `path` and validates its header (offsets, sizes, dtypes).
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the file is only read; a concurrent truncation by another process is the
+        // usual mmap caveat and is outside what we can guard against.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let bad = |reason: String| Error::Safetensors {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let (header_len, meta) =
+            SafeTensors::read_metadata(&map).map_err(|e| bad(format!("{e:?}")))?;
+        let data_start = 8 + header_len;
+        let mut entries = BTreeMap::new();
+        for (name, info) in meta.tensors() {
+            let dtype = match info.dtype {
+                Dtype::F32 => StorageDtype::F32,
+                Dtype::F16 => StorageDtype::F16,
+                Dtype::BF16 => StorageDtype::BF16,
+                Dtype::I64 => StorageDtype::I64,
+                other => {
+                    return Err(Error::UnsupportedDtype {
+                        path: path.to_path_buf(),
+                        name,
+                        dtype: format!("{other:?}"),
+                    })
+                }
+            };
+            let (a, b) = info.data_offsets;
+            let count: usize = info.shape.iter().product();
+            if b < a || b - a != count * dtype.size() || data_start + b > map.len() {
+                return Err(bad(format!("tensor `{name}` has inconsistent offsets")));
+            }
+            entries.insert(
+                name,
+                Entry {
+                    dtype,
+                    shape: info.shape.clone(),
+                    start: data_start + a,
+                    end: data_start + b,
+                },
+            );
+        }
+        let metadata = meta
+            .metadata()
+            .as_ref()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            map,
+            entries,
+            metadata,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The `__metadata__` string map.
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// Shapes of all tensors by name.
+    pub fn shapes(&self) -> BTreeMap<String, Vec<usize>> {
+        self.entries
+            .iter()
+            .map(|(k, e)| (k.clone(), e.shape.clone()))
+            .collect()
+    }
+
+    pub fn shape(&self, name: &str) -> Result<&[usize]> {
+        Ok(&self.entry(name)?.shape)
+    }
+
+    pub fn dtype(&self, name: &str) -> Result<StorageDtype> {
+        Ok(self.entry(name)?.dtype)
+    }
+
+    /// Total bytes of tensor data per storage dtype.
+    pub fn bytes_by_dtype(&self) -> BTreeMap<StorageDtype, usize> {
+        let mut out = BTreeMap::new();
+        for e in self.entries.values() {
+            *out.entry(e.dtype).or_default() += e.end - e.start;
+        }
+        out
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.entries
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor(format!("{name}` in `{}", self.path.display())))
+    }
+
+    /// A float tensor upcast to f32. Non-finite values are an error naming the tensor.
+    pub fn f32(&self, name: &str) -> Result<Vec<f32>> {
+        let e = self.entry(name)?;
+        let bytes = &self.map[e.start..e.end];
+        let values: Vec<f32> = match e.dtype {
+            StorageDtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            StorageDtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            StorageDtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            StorageDtype::I64 => {
+                return Err(Error::UnsupportedDtype {
+                    path: self.path.clone(),
+                    name: name.to_string(),
+                    dtype: "I64 where a float tensor is needed".into(),
+                })
+            }
+        };
+        let bad = values.iter().filter(|v| !v.is_finite()).count();
+        if bad > 0 {
+            return Err(Error::NonFinite {
+                path: self.path.clone(),
+                name: name.to_string(),
+                count: bad,
+            });
+        }
+        Ok(values)
+    }
+
+    /// An integer tensor (i64 storage), e.g. class labels or integer timesteps.
+    pub fn i64(&self, name: &str) -> Result<Vec<i64>> {
+        let e = self.entry(name)?;
+        if e.dtype != StorageDtype::I64 {
+            return Err(Error::UnsupportedDtype {
+                path: self.path.clone(),
+                name: name.to_string(),
+                dtype: format!("{} where I64 is needed", e.dtype.name()),
+            });
+        }
+        Ok(self.map[e.start..e.end]
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap_or_default()))
+            .collect())
+    }
+}
+
+/// Writes f32 / i64 tensors to `path` atomically (a temporary file beside it, then rename).
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(&str, TensorData<'_>)],
+    metadata: Option<BTreeMap<String, String>>,
+) -> Result<()> {
+    use safetensors::tensor::TensorView;
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let (dtype, bytes, shape) = match t {
+                TensorData::F32(shape, v) => (Dtype::F32, bytemuck::cast_slice(v), shape),
+                TensorData::I64(shape, v) => (Dtype::I64, bytemuck::cast_slice(v), shape),
+            };
+            TensorView::new(dtype, shape.clone(), bytes)
+                .map(|view| (name.to_string(), view))
+                .map_err(|e| Error::Input(format!("tensor `{name}`: {e:?}")))
+        })
+        .collect::<Result<_>>()?;
+    let meta = metadata.map(|m| m.into_iter().collect());
+    let bytes = safetensors::serialize(views, &meta).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        reason: format!("{e:?}"),
+    })?;
+    write_atomic(path, &bytes)
+}
+
+/// Tensor contents for [`write_safetensors`].
+pub enum TensorData<'a> {
+    F32(Vec<usize>, &'a [f32]),
+    I64(Vec<usize>, &'a [i64]),
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it into place, so a reader
+/// never sees a half-written file and a failure leaves nothing behind.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Input(format!("`{}` is not a file path", path.display())))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
