@@ -150,7 +150,7 @@ pub enum Source {
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Source::File(p) => write!(f, "file {p}"),
+            Source::File(_) => f.write_str("file"),
             Source::Metadata => f.write_str("metadata"),
             Source::Inferred => f.write_str("inferred"),
             Source::Default => f.write_str("default"),
@@ -448,27 +448,37 @@ pub fn resolve(
             "`{key}` is not in the config and cannot be inferred from the weights ({hint})"
         ))
     };
+    // Architecture the weights should show: an error when they do not, the reference default
+    // when there are no weights at all (a config for random-weight benchmarks).
+    let arch_default = |value: usize, key: &str, hint: &str| {
+        if shapes.is_empty() {
+            Ok(value)
+        } else {
+            Err(missing(key, hint))
+        }
+    };
 
     let num_channels: usize = field!(
         "num_channels",
         parse_usize,
         arch.num_channels,
-        return Err(missing("num_channels", "no `time_embed.0.weight`"))
+        arch_default(128, "num_channels", "no `time_embed.0.weight`")?
     );
     let num_res_blocks: usize = field!(
         "num_res_blocks",
         parse_usize,
         arch.num_res_blocks,
-        return Err(missing(
+        arch_default(
+            2,
             "num_res_blocks",
             "the output_blocks do not show the level structure"
-        ))
+        )?
     );
     let in_channels: usize = field!(
         "in_channels",
         parse_usize,
         arch.in_channels,
-        return Err(missing("in_channels", "no `input_blocks.0.0.weight`"))
+        arch_default(3, "in_channels", "no `input_blocks.0.0.weight`")?
     );
     // channel_mult "" means the reference default for the image size, so it is resolved
     // together with image_size.
@@ -498,6 +508,11 @@ pub fn resolve(
             Some(m) => {
                 origin.insert("channel_mult", Source::Inferred);
                 m.clone()
+            }
+            None if shapes.is_empty() => {
+                origin.insert("channel_mult", Source::Default);
+                let size = given_size.as_ref().map_or(64, |(s, _)| *s);
+                default_channel_mult(size).ok_or_else(|| missing("channel_mult", "no weights"))?
             }
             None => return Err(missing("channel_mult", "no level structure in the keys")),
         },

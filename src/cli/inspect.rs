@@ -24,7 +24,20 @@ pub fn run(args: Args) -> Result<()> {
         .with_context(|| format!("loading model {}", args.model.display()))?;
     let cfg = &model.config;
     println!("model: {}", args.model.display());
-    println!("config:");
+    let files: std::collections::BTreeSet<&str> = cfg
+        .sources
+        .values()
+        .filter_map(|s| match s {
+            mcdm::config::Source::File(p) => Some(p.as_str()),
+            _ => None,
+        })
+        .collect();
+    for file in files {
+        println!("config file: {file}");
+    }
+    println!(
+        "config (source of each field: file, metadata, inferred from the weights, or default):"
+    );
     let json = cfg.unet.to_json(&cfg.diffusion);
     if let Some(map) = json.as_object() {
         for (key, value) in map {

@@ -1,5 +1,6 @@
 //! Subcommands. The library never prints; this module reports.
 
+mod bench;
 mod forward;
 mod inspect;
 
@@ -25,6 +26,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Forward(forward::Args),
+    Bench(bench::Args),
     Inspect(inspect::Args),
 }
 
@@ -60,5 +62,6 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Forward(args) => forward::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

@@ -17,36 +17,77 @@ use crate::weights::SafetensorsFile;
 use super::workspace::Workspace;
 
 /// Reads parameters by key, recording every key asked for and every problem, so that a config
-/// that does not fit the weights is reported in full at once.
+/// that does not fit the weights is reported in full at once. Without a file it makes random
+/// parameters (for benchmarks and tests of speed, never of correctness).
 struct Loader<'a> {
-    file: &'a SafetensorsFile,
+    file: Option<&'a SafetensorsFile>,
+    rng_state: u64,
     seen: BTreeSet<String>,
     problems: Vec<String>,
     fatal: Option<Error>,
+    parameters: usize,
 }
 
 impl<'a> Loader<'a> {
+    fn new(file: Option<&'a SafetensorsFile>, seed: u64) -> Self {
+        Loader {
+            file,
+            rng_state: seed,
+            seen: BTreeSet::new(),
+            problems: Vec::new(),
+            fatal: None,
+            parameters: 0,
+        }
+    }
+
     fn tensor(&mut self, key: &str, shape: &[usize]) -> Vec<f32> {
         self.seen.insert(key.to_string());
-        let zeros = || vec![0.0; shape.iter().product()];
-        let Ok(actual) = self.file.shape(key) else {
+        let count: usize = shape.iter().product();
+        self.parameters += count;
+        let Some(file) = self.file else {
+            return self.random(key, shape);
+        };
+        let Ok(actual) = file.shape(key) else {
             self.problems
                 .push(format!("missing key `{key}` (expected shape {shape:?})"));
-            return zeros();
+            return vec![0.0; count];
         };
         if actual != shape {
             self.problems.push(format!(
                 "shape mismatch for `{key}`: weights have {actual:?}, config needs {shape:?}"
             ));
-            return zeros();
+            return vec![0.0; count];
         }
-        match self.file.f32(key) {
+        match file.f32(key) {
             Ok(v) => v,
             Err(e) => {
                 self.fatal.get_or_insert(e);
-                zeros()
+                vec![0.0; count]
             }
         }
+    }
+
+    /// Uniform values keeping activations O(1): weights scaled by 1/sqrt(fan_in), norm scales
+    /// near 1, biases small.
+    fn random(&mut self, key: &str, shape: &[usize]) -> Vec<f32> {
+        let count: usize = shape.iter().product();
+        let (center, half_width) = match shape {
+            [_] if key.ends_with(".weight") => (1.0, 0.1),
+            [_] => (0.0, 0.1),
+            [_, rest @ ..] => (0.0, (3.0 / rest.iter().product::<usize>() as f32).sqrt()),
+            [] => (0.0, 0.1),
+        };
+        (0..count)
+            .map(|_| {
+                // splitmix64
+                self.rng_state = self.rng_state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = self.rng_state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                let u = ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32;
+                center + half_width * (2.0 * u - 1.0)
+            })
+            .collect()
     }
 
     fn linear(&mut self, prefix: &str, i: usize, o: usize) -> Linear {
@@ -184,13 +225,36 @@ impl UNet {
     /// Builds the network described by `config` from `file`. Every missing key, unexpected key
     /// and shape mismatch is reported in one [`Error::WeightsMismatch`].
     pub fn load(file: &SafetensorsFile, config: &UNetConfig) -> Result<Self> {
+        let mut ld = Loader::new(Some(file), 0);
+        let unet = Self::build(config, &mut ld)?;
+        if let Some(e) = ld.fatal {
+            return Err(e);
+        }
+        let mut problems = ld.problems;
+        for key in file.names().filter(|k| !ld.seen.contains(*k)) {
+            problems.push(format!(
+                "unexpected key `{key}` {:?}",
+                file.shape(key).unwrap_or_default()
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(Error::WeightsMismatch(format!(
+                "{}: {} problem(s)\n  {}",
+                file.path().display(),
+                problems.len(),
+                problems.join("\n  ")
+            )));
+        }
+        Ok(unet)
+    }
+
+    /// A network with random parameters, for benchmarks.
+    pub fn random(config: &UNetConfig, seed: u64) -> Result<Self> {
+        Self::build(config, &mut Loader::new(None, seed))
+    }
+
+    fn build(config: &UNetConfig, ld: &mut Loader<'_>) -> Result<Self> {
         config.validate()?;
-        let mut ld = Loader {
-            file,
-            seen: BTreeSet::new(),
-            problems: Vec::new(),
-            fatal: None,
-        };
         let cfg = config;
         let mc = cfg.num_channels;
         let emb = cfg.time_embed_dim();
@@ -281,33 +345,6 @@ impl UNet {
         let out_norm = ld.norm("out.0", ch);
         let out_conv = ld.conv("out.2", level_ch[0], cfg.out_channels(), 3, 1);
 
-        if let Some(e) = ld.fatal {
-            return Err(e);
-        }
-        let mut problems = ld.problems;
-        for key in file.names().filter(|k| !ld.seen.contains(*k)) {
-            problems.push(format!(
-                "unexpected key `{key}` {:?}",
-                file.shape(key).unwrap_or_default()
-            ));
-        }
-        if !problems.is_empty() {
-            return Err(Error::WeightsMismatch(format!(
-                "{}: {} problem(s)\n  {}",
-                file.path().display(),
-                problems.len(),
-                problems.join("\n  ")
-            )));
-        }
-        let parameters = ld
-            .seen
-            .iter()
-            .map(|k| {
-                file.shape(k)
-                    .map(|s| s.iter().product::<usize>())
-                    .unwrap_or(0)
-            })
-            .sum();
         Ok(UNet {
             config: config.clone(),
             time_embed,
@@ -318,7 +355,7 @@ impl UNet {
             output_blocks,
             out_norm,
             out_conv,
-            parameters,
+            parameters: ld.parameters,
         })
     }
 

@@ -1,0 +1,108 @@
+//! `mcdm bench`: forward-pass throughput of a config with random weights.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+use mcdm::config::{resolve, PartialConfig, Source};
+use mcdm::model::{Conditioning, UNet, Workspace};
+
+use super::{resolve_device, Device};
+
+/// Time UNet forward passes (random weights) for a config at several batch sizes.
+#[derive(clap::Args)]
+#[command(after_help = "Example:\n  \
+    mcdm bench --config tools/configs/bench-cpu.json --batch 1,16 --output benches/results/cpu.json\n\n\
+    Compare with the same config in PyTorch: python tools/bench_torch.py --config tools/configs/bench-cpu.json")]
+pub struct Args {
+    /// Model config (JSON, guided-diffusion flag names).
+    #[arg(long)]
+    config: PathBuf,
+    /// Batch sizes.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 16])]
+    batch: Vec<usize>,
+    /// Timed forward passes per batch size (after one warm-up pass).
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    resolve_device(args.device)?;
+    if args.iters == 0 || args.batch.contains(&0) {
+        bail!("--iters and every --batch must be positive");
+    }
+    let text = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("reading {}", args.config.display()))?;
+    let partial = PartialConfig::from_json(&text)
+        .with_context(|| format!("config {}", args.config.display()))?;
+    let source = Source::File(args.config.display().to_string());
+    let cfg = resolve(&[(source, partial)], &Default::default())?;
+    let unet = UNet::random(&cfg.unet, 0)?;
+    let size = cfg.unet.image_size;
+    let gflop = unet.flops_per_image(size, size) / 1e9;
+    let threads = rayon::current_num_threads();
+    eprintln!(
+        "config {} ({:.1} M parameters, {gflop:.2} GFLOP per image at {size}x{size}), cpu, {threads} threads",
+        args.config.display(),
+        unet.parameters() as f64 / 1e6
+    );
+    println!("| batch | s / forward | ms / image | images / s | GFLOP/s |");
+    println!("|---:|---:|---:|---:|---:|");
+    let mut rows = Vec::new();
+    let mut ws = Workspace::new();
+    for &n in &args.batch {
+        let c = cfg.unet.in_channels;
+        let x: Vec<f32> = (0..n * c * size * size)
+            .map(|i| ((i * 7919) % 2003) as f32 / 1001.0 - 1.0)
+            .collect();
+        let t: Vec<f32> = (0..n).map(|i| (i * 37 % 1000) as f32).collect();
+        let labels = cfg
+            .unet
+            .num_classes
+            .map(|k| (0..n).map(|i| (i % k) as i64).collect::<Vec<_>>());
+        let emb = cfg.unet.embed_dim.map(|d| vec![0.1f32; n * d]);
+        let cond = Conditioning {
+            timesteps: &t,
+            labels: labels.as_deref(),
+            embedding: emb.as_deref(),
+        };
+        unet.forward_nchw(&x, [n, c, size, size], &cond, &mut ws)?;
+        let mut times = Vec::new();
+        for _ in 0..args.iters {
+            let start = Instant::now();
+            unet.forward_nchw(&x, [n, c, size, size], &cond, &mut ws)?;
+            times.push(start.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        println!(
+            "| {n} | {median:.4} | {:.2} | {:.2} | {:.1} |",
+            median * 1e3 / n as f64,
+            n as f64 / median,
+            gflop * n as f64 / median
+        );
+        rows.push(serde_json::json!({
+            "batch": n, "seconds_per_forward": median, "images_per_second": n as f64 / median,
+            "times": times,
+        }));
+    }
+    if let Some(path) = &args.output {
+        let record = serde_json::json!({
+            "tool": format!("mcdm {}", env!("CARGO_PKG_VERSION")),
+            "device": "cpu",
+            "threads": threads,
+            "config": cfg.unet.to_json(&cfg.diffusion),
+            "gflop_per_image": gflop,
+            "results": rows,
+        });
+        mcdm::weights::write_atomic(path, serde_json::to_string_pretty(&record)?.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}

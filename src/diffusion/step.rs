@@ -1,0 +1,225 @@
+//! The per-element updates: `p_mean_variance`'s x_0 prediction, `p_sample` and `ddim_sample`.
+//!
+//! All tensors are flat f32 slices of one shape (a batch in NCHW order): the whole batch is at
+//! the same step, so every coefficient is a per-step scalar. Like the reference
+//! (`_extract_into_tensor(...).float()`), coefficients are read from the f64 tables and rounded
+//! to f32 before use, and each expression is evaluated in f32 in the reference's order, without
+//! fused multiply-adds.
+
+use super::{Diffusion, ModelMeanType, ModelVarType};
+use crate::error::{Error, Result};
+
+/// The f32 coefficients of the x_0 prediction at one step.
+#[derive(Clone, Copy)]
+struct XstartCoefs {
+    mean_type: ModelMeanType,
+    clip: bool,
+    sqrt_recip: f32,
+    sqrt_recipm1: f32,
+}
+
+impl XstartCoefs {
+    #[inline]
+    fn pred_xstart(&self, x: f32, m: f32) -> f32 {
+        let p = match self.mean_type {
+            ModelMeanType::Epsilon => self.sqrt_recip * x - self.sqrt_recipm1 * m,
+            ModelMeanType::StartX => m,
+        };
+        if self.clip {
+            p.clamp(-1.0, 1.0)
+        } else {
+            p
+        }
+    }
+}
+
+fn check_len(what: &str, len: usize, expected: usize) -> Result<()> {
+    if len == expected {
+        Ok(())
+    } else {
+        Err(Error::Diffusion(format!(
+            "{what} has {len} elements, x has {expected}"
+        )))
+    }
+}
+
+/// The noise slice for a step that adds noise, or an error when the caller gave none.
+fn required_noise(noise: Option<&[f32]>, i: usize, n: usize) -> Result<&[f32]> {
+    let noise = noise
+        .ok_or_else(|| Error::Diffusion(format!("step {i} adds noise but no noise was given")))?;
+    check_len("noise", noise.len(), n)?;
+    Ok(noise)
+}
+
+impl Diffusion {
+    fn check_step(&self, i: usize) -> Result<()> {
+        if i < self.num_steps() {
+            Ok(())
+        } else {
+            Err(Error::Diffusion(format!(
+                "step {i} is out of range (the diffusion has {} steps)",
+                self.num_steps()
+            )))
+        }
+    }
+
+    fn xstart_coefs(&self, i: usize, clip: bool) -> XstartCoefs {
+        XstartCoefs {
+            mean_type: self.mean_type,
+            clip,
+            sqrt_recip: self.tables.sqrt_recip_alphas_cumprod[i] as f32,
+            sqrt_recipm1: self.tables.sqrt_recipm1_alphas_cumprod[i] as f32,
+        }
+    }
+
+    /// The model's prediction of x_0 at spaced step `i` (`p_mean_variance`'s `pred_xstart`),
+    /// clipped to [-1, 1] when `clip`. `model_out` is the (composed) eps, or x_0 when the
+    /// model predicts x_0; all slices have the length of `x`.
+    pub fn predict_xstart(
+        &self,
+        i: usize,
+        x: &[f32],
+        model_out: &[f32],
+        clip: bool,
+        out: &mut [f32],
+    ) -> Result<()> {
+        self.check_step(i)?;
+        check_len("model output", model_out.len(), x.len())?;
+        check_len("out", out.len(), x.len())?;
+        let c = self.xstart_coefs(i, clip);
+        for ((o, &x), &m) in out.iter_mut().zip(x).zip(model_out) {
+            *o = c.pred_xstart(x, m);
+        }
+        Ok(())
+    }
+
+    /// One DDIM update from spaced step `i` to `i - 1` (`ddim_sample`): x_0 predicted (and
+    /// clipped when `clip_denoised`), eps re-derived from that x_0, then
+    /// `x_0 sqrt(abar_prev) + sqrt(1 - abar_prev - sigma²) eps + sigma noise` with
+    /// `sigma = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev)`.
+    ///
+    /// `noise` (standard normals, the length of `x`) is needed only when `i > 0` and
+    /// `eta != 0`; it is ignored otherwise, so the last update (`i == 0`) is deterministic.
+    /// A learned variance plays no part here, as in the reference.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ddim_step(
+        &self,
+        i: usize,
+        x: &[f32],
+        model_out: &[f32],
+        eta: f32,
+        clip_denoised: bool,
+        noise: Option<&[f32]>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        self.check_step(i)?;
+        let n = x.len();
+        check_len("model output", model_out.len(), n)?;
+        check_len("out", out.len(), n)?;
+        let c = self.xstart_coefs(i, clip_denoised);
+        let alpha_bar = self.tables.alphas_cumprod[i] as f32;
+        let alpha_bar_prev = self.tables.alphas_cumprod_prev[i] as f32;
+        let sigma = eta
+            * ((1.0 - alpha_bar_prev) / (1.0 - alpha_bar)).sqrt()
+            * (1.0 - alpha_bar / alpha_bar_prev).sqrt();
+        let sqrt_alpha_bar_prev = alpha_bar_prev.sqrt();
+        let eps_coef = (1.0 - alpha_bar_prev - sigma * sigma).sqrt();
+        let noise = if i > 0 && sigma != 0.0 {
+            Some(required_noise(noise, i, n)?)
+        } else {
+            None
+        };
+        for (k, ((o, &x), &m)) in out.iter_mut().zip(x).zip(model_out).enumerate() {
+            let x0 = c.pred_xstart(x, m);
+            let eps = (c.sqrt_recip * x - x0) / c.sqrt_recipm1;
+            let mean = x0 * sqrt_alpha_bar_prev + eps_coef * eps;
+            *o = match noise {
+                Some(z) => mean + sigma * z[k],
+                None => mean,
+            };
+        }
+        Ok(())
+    }
+
+    /// One ancestral DDPM update from spaced step `i` to `i - 1` (`p_sample`): the posterior
+    /// mean from the predicted (and, when `clip_denoised`, clipped) x_0, plus
+    /// `exp(log_var / 2) noise` when `i > 0`.
+    ///
+    /// The log variance follows [`Diffusion::var_type`]: fixed small (clipped posterior log
+    /// variance), fixed large (`log beta`, with the second posterior variance at `i == 0`), or
+    /// learned range, where `v` (the model's channels 3..6, laid out like `x`) is required and
+    /// `log_var = f log beta + (1 - f) log beta~` with `f = (v + 1) / 2`. `v` must be `None`
+    /// for the fixed variances. `noise` is required when `i > 0` and ignored at `i == 0`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ddpm_step(
+        &self,
+        i: usize,
+        x: &[f32],
+        model_out: &[f32],
+        v: Option<&[f32]>,
+        clip_denoised: bool,
+        noise: Option<&[f32]>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        self.check_step(i)?;
+        let n = x.len();
+        check_len("model output", model_out.len(), n)?;
+        check_len("out", out.len(), n)?;
+        let t = &self.tables;
+        let c = self.xstart_coefs(i, clip_denoised);
+        let coef1 = t.posterior_mean_coef1[i] as f32;
+        let coef2 = t.posterior_mean_coef2[i] as f32;
+        let noise = if i > 0 {
+            Some(required_noise(noise, i, n)?)
+        } else {
+            None
+        };
+        let mean = |x: f32, m: f32| coef1 * c.pred_xstart(x, m) + coef2 * x;
+        match (self.var_type, v) {
+            (ModelVarType::LearnedRange, Some(v)) => {
+                check_len("variance output", v.len(), n)?;
+                let min_log = t.posterior_log_variance_clipped[i] as f32;
+                let max_log = t.betas[i].ln() as f32;
+                for (k, ((o, &x), &m)) in out.iter_mut().zip(x).zip(model_out).enumerate() {
+                    *o = match noise {
+                        Some(z) => {
+                            let frac = (v[k] + 1.0) / 2.0;
+                            let log_var = frac * max_log + (1.0 - frac) * min_log;
+                            mean(x, m) + (0.5 * log_var).exp() * z[k]
+                        }
+                        None => mean(x, m),
+                    };
+                }
+            }
+            (ModelVarType::LearnedRange, None) => {
+                return Err(Error::Diffusion(
+                    "the model learns its variance (learn_sigma) but no variance output was given"
+                        .into(),
+                ))
+            }
+            (ModelVarType::FixedSmall | ModelVarType::FixedLarge, Some(_)) => {
+                return Err(Error::Diffusion(
+                    "a variance output was given but the diffusion's variance is fixed".into(),
+                ))
+            }
+            (fixed, None) => {
+                let log_var = if fixed == ModelVarType::FixedSmall {
+                    t.posterior_log_variance_clipped[i]
+                } else if i == 0 {
+                    // The reference's fixed-large chain starts from beta~_1, not beta_0.
+                    t.posterior_variance[1].ln()
+                } else {
+                    t.betas[i].ln()
+                };
+                let std = (0.5 * log_var as f32).exp();
+                for (k, ((o, &x), &m)) in out.iter_mut().zip(x).zip(model_out).enumerate() {
+                    *o = match noise {
+                        Some(z) => mean(x, m) + std * z[k],
+                        None => mean(x, m),
+                    };
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,302 @@
+//! Bad input to `mcdm forward` / `inspect`: a clear message naming the problem, a non-zero exit,
+//! no panic, and no output file left behind.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::fixtures;
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+
+const CASE: &str = "classcond_sigma_headsup_bf16";
+
+/// Raw tensors of a safetensors file: name -> (dtype, shape, bytes).
+type Raw = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
+
+fn read_raw(path: &Path) -> (Raw, Option<HashMap<String, String>>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
+    let mut raw: Raw = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    raw.sort_by(|a, b| a.0.cmp(&b.0));
+    (raw, meta.metadata().clone())
+}
+
+fn write_raw(path: &Path, raw: &Raw, meta: Option<HashMap<String, String>>) {
+    let views: Vec<(String, TensorView<'_>)> = raw
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, &meta).unwrap()).unwrap();
+}
+
+struct Run {
+    code: Option<i32>,
+    stderr: String,
+}
+
+fn mcdm(args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_mcdm"))
+        .args(args)
+        .output()
+        .unwrap();
+    Run {
+        code: out.status.code(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A temp dir holding the case's weights (as `model.safetensors`, no JSON beside it unless
+/// asked), its config and its reference input.
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for (src, dst) in [
+            (format!("unet/{CASE}.safetensors"), "model.safetensors"),
+            (format!("unet/{CASE}.json"), "config.json"),
+            (format!("unet/{CASE}.io.safetensors"), "input.safetensors"),
+        ] {
+            std::fs::copy(fixtures(&src), dir.path().join(dst)).unwrap();
+        }
+        Setup { dir }
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    fn s(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+    /// Runs `forward` and checks it failed cleanly with a message containing `needle`.
+    fn forward_fails(&self, needle: &str) {
+        let r = mcdm(&[
+            "forward",
+            "--model",
+            &self.s("model.safetensors"),
+            "--config",
+            &self.s("config.json"),
+            "--input",
+            &self.s("input.safetensors"),
+            "--output",
+            &self.s("out.safetensors"),
+            "--device",
+            "cpu",
+        ]);
+        assert_eq!(
+            r.code,
+            Some(1),
+            "expected exit 1, got {:?}: {}",
+            r.code,
+            r.stderr
+        );
+        assert!(!r.stderr.contains("panicked"), "panic: {}", r.stderr);
+        assert!(
+            r.stderr.contains(needle),
+            "message lacks `{needle}`:\n{}",
+            r.stderr
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("out") || n.contains(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "output left behind: {leftovers:?}");
+    }
+    fn edit_weights(&self, f: impl FnOnce(&mut Raw)) {
+        let (mut raw, meta) = read_raw(&self.path("model.safetensors"));
+        f(&mut raw);
+        write_raw(&self.path("model.safetensors"), &raw, meta);
+    }
+    fn edit_input(&self, f: impl FnOnce(&mut Raw)) {
+        let (mut raw, meta) = read_raw(&self.path("input.safetensors"));
+        f(&mut raw);
+        write_raw(&self.path("input.safetensors"), &raw, meta);
+    }
+    fn edit_config(&self, f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
+        let text = std::fs::read_to_string(self.path("config.json")).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        f(v.as_object_mut().unwrap());
+        std::fs::write(self.path("config.json"), v.to_string()).unwrap();
+    }
+}
+
+#[test]
+fn good_input_writes_output() {
+    let s = Setup::new();
+    let r = mcdm(&[
+        "forward",
+        "--model",
+        &s.s("model.safetensors"),
+        "--config",
+        &s.s("config.json"),
+        "--input",
+        &s.s("input.safetensors"),
+        "--output",
+        &s.s("out.safetensors"),
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    let out = mcdm::weights::SafetensorsFile::open(&s.path("out.safetensors")).unwrap();
+    let io = mcdm::weights::SafetensorsFile::open(&s.path("input.safetensors")).unwrap();
+    let err = common::rel_l2(&out.f32("out").unwrap(), &io.f32("out").unwrap());
+    assert!(err <= 1e-4, "rel L2 {err}");
+}
+
+#[test]
+fn truncated_weights() {
+    let s = Setup::new();
+    let bytes = std::fs::read(s.path("model.safetensors")).unwrap();
+    std::fs::write(s.path("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    s.forward_fails("not a valid safetensors file");
+}
+
+#[test]
+fn corrupt_header() {
+    let s = Setup::new();
+    let mut bytes = std::fs::read(s.path("model.safetensors")).unwrap();
+    bytes[8..24].copy_from_slice(b"#corrupt-header#");
+    std::fs::write(s.path("model.safetensors"), &bytes).unwrap();
+    s.forward_fails("not a valid safetensors file");
+}
+
+#[test]
+fn missing_and_unexpected_keys_reported_together() {
+    let s = Setup::new();
+    s.edit_weights(|raw| {
+        raw.retain(|t| t.0 != "middle_block.1.qkv.bias");
+        raw.push(("extra.weight".into(), Dtype::F32, vec![2], vec![0u8; 8]));
+    });
+    s.forward_fails("missing key `middle_block.1.qkv.bias`");
+    s.forward_fails("unexpected key `extra.weight`");
+}
+
+#[test]
+fn wrong_shape() {
+    let s = Setup::new();
+    s.edit_config(|c| {
+        c.insert("num_channels".into(), 64.into());
+    });
+    s.forward_fails("shape mismatch for `time_embed.0.weight`");
+}
+
+#[test]
+fn unsupported_dtype() {
+    let s = Setup::new();
+    s.edit_weights(|raw| {
+        let t = raw.iter_mut().find(|t| t.0 == "out.2.bias").unwrap();
+        t.1 = Dtype::I16;
+    });
+    s.forward_fails("unsupported dtype");
+}
+
+#[test]
+fn nan_in_weights() {
+    let s = Setup::new();
+    s.edit_weights(|raw| {
+        let t = raw
+            .iter_mut()
+            .find(|t| t.0 == "input_blocks.0.0.weight")
+            .unwrap();
+        assert_eq!(t.1, Dtype::BF16);
+        t.3[2..4].copy_from_slice(&half::bf16::NAN.to_le_bytes());
+    });
+    s.forward_fails("`input_blocks.0.0.weight` holds 1 non-finite value");
+}
+
+#[test]
+fn wrong_channel_count() {
+    let s = Setup::new();
+    s.edit_input(|raw| {
+        let x = raw.iter_mut().find(|t| t.0 == "x").unwrap();
+        let [b, c, h, w] = x.2[..] else { panic!() };
+        x.2 = vec![b, c + 1, h, w];
+        x.3 = (0..b * (c + 1) * h * w)
+            .flat_map(|i| (i as f32 * 0.01).to_le_bytes())
+            .collect();
+    });
+    s.forward_fails("x has 4 channels but the model takes 3");
+}
+
+#[test]
+fn size_the_levels_cannot_divide() {
+    let s = Setup::new();
+    s.edit_input(|raw| {
+        let x = raw.iter_mut().find(|t| t.0 == "x").unwrap();
+        let [b, c, _, _] = x.2[..] else { panic!() };
+        x.2 = vec![b, c, 15, 16];
+        x.3 = (0..b * c * 15 * 16)
+            .flat_map(|i| (i as f32 * 0.01).sin().to_le_bytes())
+            .collect();
+    });
+    s.forward_fails("not divisible by 2");
+}
+
+#[test]
+fn label_out_of_range() {
+    let s = Setup::new();
+    s.edit_input(|raw| {
+        let y = raw.iter_mut().find(|t| t.0 == "y").unwrap();
+        y.3[..8].copy_from_slice(&10i64.to_le_bytes());
+    });
+    s.forward_fails("class label 10 is out of range 0..10");
+}
+
+#[test]
+fn missing_labels_for_class_model() {
+    let s = Setup::new();
+    s.edit_input(|raw| raw.retain(|t| t.0 != "y"));
+    s.forward_fails("class-conditional");
+}
+
+#[test]
+fn config_field_that_cannot_be_inferred() {
+    let s = Setup::new();
+    s.edit_config(|c| {
+        c.remove("num_channels");
+    });
+    s.edit_weights(|raw| raw.retain(|t| !t.0.starts_with("time_embed.0.")));
+    s.forward_fails("`num_channels` is not in the config and cannot be inferred");
+}
+
+#[test]
+fn unknown_config_key() {
+    let s = Setup::new();
+    s.edit_config(|c| {
+        c.insert("num_chanels".into(), 32.into());
+    });
+    s.forward_fails("unknown key(s): num_chanels");
+}
+
+#[test]
+fn missing_input_file() {
+    let s = Setup::new();
+    std::fs::remove_file(s.path("input.safetensors")).unwrap();
+    s.forward_fails("input.safetensors");
+}
+
+#[test]
+fn inspect_reports_sources() {
+    let s = Setup::new();
+    let out = Command::new(env!("CARGO_BIN_EXE_mcdm"))
+        .args(["inspect", &s.s("model.safetensors")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // No JSON beside `model.safetensors`: the config comes from the metadata.
+    assert!(text.contains("(metadata)"), "{text}");
+    assert!(text.contains("GFLOP per image"), "{text}");
+}
