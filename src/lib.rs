@@ -13,3 +13,4 @@ pub mod weights;
 pub use error::{Error, Result};
 pub mod diffusion;
 pub mod rng;
+pub mod sample;

@@ -1,0 +1,403 @@
+//! Composed sampling: at every step each expert and the unconditional term are evaluated, their
+//! eps predictions combined as `eps = eps_u + sum_i w_i (eps_i - eps_u)` (Nair et al., eq. 12
+//! with weights), and the DDIM or DDPM update applied.
+//!
+//! Terms that share a model run as one batched forward pass. Noise comes from Philox keyed by
+//! (seed, image index, step), so image k is the same whatever the batch size: `x_T` of image k
+//! uses step key [`INIT_NOISE_STEP`], the update at spaced step i uses key i.
+
+use crate::config::DiffusionConfig;
+use crate::diffusion::{compose, Diffusion, ModelVarType};
+use crate::error::{Error, Result};
+use crate::model::{Conditioning, LoadedModel, Workspace};
+use crate::rng::fill_normals;
+
+/// Philox step key of the initial noise `x_T`.
+pub const INIT_NOISE_STEP: u32 = u32::MAX;
+
+/// Per-image conditions of one kind: `count` is 1 (shared by all images) or the number of images.
+#[derive(Clone, Debug)]
+pub struct Batched {
+    pub data: Vec<f32>,
+    pub count: usize,
+}
+
+impl Batched {
+    fn item(&self, k: usize) -> &[f32] {
+        let len = self.data.len() / self.count;
+        let k = if self.count == 1 { 0 } else { k };
+        &self.data[k * len..][..len]
+    }
+}
+
+/// What one term is conditioned on. Absent parts are the null condition where the model takes
+/// them (zero image, zero embedding); class labels have no implicit null.
+#[derive(Clone, Debug, Default)]
+pub struct Condition {
+    pub class: Option<i64>,
+    /// `[count, C, H, W]`, concatenated after x_t on the channel axis.
+    pub image: Option<Batched>,
+    /// `[count, D]`.
+    pub embedding: Option<Batched>,
+}
+
+/// One expert of the product: a model (index into the models), its condition and weight.
+#[derive(Clone, Debug)]
+pub struct Expert {
+    pub model: usize,
+    pub condition: Condition,
+    pub weight: f32,
+}
+
+/// The unconditional term: a model given its null condition.
+#[derive(Clone, Debug)]
+pub struct Unconditional {
+    pub model: usize,
+    pub condition: Condition,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SamplerKind {
+    /// `ddim_sample` with the given eta.
+    Ddim { eta: f32 },
+    /// `p_sample` (ancestral).
+    Ddpm,
+}
+
+/// How to sample.
+#[derive(Clone, Debug)]
+pub struct SampleSpec {
+    pub sampler: SamplerKind,
+    /// Overrides the unconditional model's `timestep_respacing` ("50", "10,10,5", "ddim25").
+    pub timestep_respacing: Option<String>,
+    pub clip_denoised: bool,
+    pub seed: u64,
+    pub height: usize,
+    pub width: usize,
+}
+
+/// A prepared composition: checked conditions, the shared diffusion, terms grouped per model.
+pub struct ComposedSampler<'a> {
+    models: &'a [LoadedModel],
+    /// Experts, then the unconditional term last.
+    terms: Vec<(usize, &'a Condition)>,
+    weights: Vec<f32>,
+    /// Per model used: (model, indices into `terms`).
+    groups: Vec<(usize, Vec<usize>)>,
+    diffusion: Diffusion,
+    diffusion_config: DiffusionConfig,
+    spec: SampleSpec,
+    learned_variance: bool,
+}
+
+impl<'a> ComposedSampler<'a> {
+    /// Checks the composition: model indices, conditions against each model's inputs and the
+    /// sample size, and that all models share one diffusion schedule.
+    pub fn new(
+        models: &'a [LoadedModel],
+        experts: &'a [Expert],
+        uncond: &'a Unconditional,
+        spec: SampleSpec,
+    ) -> Result<Self> {
+        let bad = |m: String| Error::Input(m);
+        let mut terms: Vec<(usize, &Condition)> =
+            experts.iter().map(|e| (e.model, &e.condition)).collect();
+        terms.push((uncond.model, &uncond.condition));
+        for (i, &(m, cond)) in terms.iter().enumerate() {
+            let who = if i + 1 == terms.len() { "the unconditional term".to_string() } else { format!("expert {i}") };
+            let model = models
+                .get(m)
+                .ok_or_else(|| bad(format!("{who}: no model with index {m}")))?;
+            check_condition(&who, model, cond, i + 1 == terms.len(), &spec)?;
+        }
+        let base = &models[uncond.model].config.diffusion;
+        for &(m, _) in &terms {
+            let d = &models[m].config.diffusion;
+            let fields = [
+                ("diffusion_steps", d.diffusion_steps.to_string(), base.diffusion_steps.to_string()),
+                ("noise_schedule", d.noise_schedule.name().into(), base.noise_schedule.name().into()),
+                ("rescale_timesteps", d.rescale_timesteps.to_string(), base.rescale_timesteps.to_string()),
+                ("predict_xstart", d.predict_xstart.to_string(), base.predict_xstart.to_string()),
+            ];
+            for (field, a, b) in fields {
+                if a != b {
+                    return Err(bad(format!(
+                        "models disagree on the diffusion schedule: {} has {field} = {a}, the \
+                         unconditional model {} has {b}",
+                        models[m].file.path().display(),
+                        models[uncond.model].file.path().display()
+                    )));
+                }
+            }
+        }
+        let mut diffusion_config = base.clone();
+        if let Some(r) = &spec.timestep_respacing {
+            diffusion_config.timestep_respacing = r.clone();
+        }
+        let diffusion = Diffusion::from_config(&diffusion_config)?;
+        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (i, &(m, _)) in terms.iter().enumerate() {
+            match groups.iter_mut().find(|(gm, _)| *gm == m) {
+                Some((_, rows)) => rows.push(i),
+                None => groups.push((m, vec![i])),
+            }
+        }
+        Ok(ComposedSampler {
+            models,
+            terms,
+            weights: experts.iter().map(|e| e.weight).collect(),
+            groups,
+            learned_variance: diffusion.var_type() == ModelVarType::LearnedRange,
+            diffusion,
+            diffusion_config,
+            spec,
+        })
+    }
+
+    /// Number of sampling steps.
+    pub fn num_steps(&self) -> usize {
+        self.diffusion.num_steps()
+    }
+
+    /// The diffusion settings sampled with (the unconditional model's, respacing applied).
+    pub fn diffusion_config(&self) -> &DiffusionConfig {
+        &self.diffusion_config
+    }
+
+    /// Elements of one image.
+    pub fn image_len(&self) -> usize {
+        3 * self.spec.height * self.spec.width
+    }
+
+    /// `x_T` of image `k` from the seed.
+    pub fn initial_noise(&self, k: usize, out: &mut [f32]) {
+        fill_normals(self.spec.seed, k as u32, INIT_NOISE_STEP, out);
+    }
+
+    /// Samples images `first..first + B` from `x_t` (`[B, 3, H, W]`, consumed as x_T); returns
+    /// x_0. `on_step` is called after every step.
+    pub fn sample_batch(
+        &self,
+        first: usize,
+        mut x: Vec<f32>,
+        ws: &mut Workspace,
+        on_step: &mut dyn FnMut(),
+    ) -> Result<Vec<f32>> {
+        let len = self.image_len();
+        if x.is_empty() || x.len() % len != 0 {
+            return Err(Error::Input(format!("x_T has {} values, not a multiple of 3x{}x{}", x.len(), self.spec.height, self.spec.width)));
+        }
+        let b = x.len() / len;
+        self.check_counts(first + b)?;
+        let mut eps: Vec<Vec<f32>> = vec![vec![0.0; b * len]; self.terms.len()];
+        let mut var = vec![0.0; if self.learned_variance { b * len } else { 0 }];
+        let mut composed = vec![0.0; b * len];
+        let mut noise = vec![0.0; b * len];
+        let mut next = vec![0.0; b * len];
+        for i in (0..self.num_steps()).rev() {
+            let t = self.diffusion.model_timestep(i);
+            for (m, rows) in &self.groups {
+                self.run_group(*m, rows, first, &x, b, t, &mut eps, &mut var, ws)?;
+            }
+            let (uncond, experts) = eps.split_last().expect("the unconditional term");
+            let experts: Vec<&[f32]> = experts.iter().map(Vec::as_slice).collect();
+            compose(&experts, &self.weights, uncond, &mut composed);
+            let needs_noise = i > 0
+                && match self.spec.sampler {
+                    SamplerKind::Ddpm => true,
+                    SamplerKind::Ddim { eta } => eta != 0.0,
+                };
+            if needs_noise {
+                for (k, img) in noise.chunks_exact_mut(len).enumerate() {
+                    fill_normals(self.spec.seed, (first + k) as u32, i as u32, img);
+                }
+            }
+            let noise = needs_noise.then_some(noise.as_slice());
+            match self.spec.sampler {
+                SamplerKind::Ddim { eta } => self.diffusion.ddim_step(i, &x, &composed, eta, self.spec.clip_denoised, noise, &mut next)?,
+                SamplerKind::Ddpm => {
+                    let v = self.learned_variance.then_some(var.as_slice());
+                    self.diffusion.ddpm_step(i, &x, &composed, v, self.spec.clip_denoised, noise, &mut next)?
+                }
+            }
+            std::mem::swap(&mut x, &mut next);
+            on_step();
+        }
+        Ok(x)
+    }
+
+    /// Per-image conditions must cover images `0..images` (or be shared, count 1).
+    fn check_counts(&self, images: usize) -> Result<()> {
+        for (i, (_, cond)) in self.terms.iter().enumerate() {
+            for (kind, part) in [("image", &cond.image), ("embedding", &cond.embedding)] {
+                if let Some(p) = part {
+                    if p.count != 1 && p.count < images {
+                        return Err(Error::Input(format!(
+                            "term {i}: the {kind} condition holds {} items, but {images} images \
+                             are sampled (give 1, shared, or one per image)",
+                            p.count
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One batched forward of model `m` over its terms; scatters eps (and the unconditional
+    /// term's variance channels) into the per-term buffers.
+    #[allow(clippy::too_many_arguments)]
+    fn run_group(
+        &self,
+        m: usize,
+        rows: &[usize],
+        first: usize,
+        x: &[f32],
+        b: usize,
+        t: f32,
+        eps: &mut [Vec<f32>],
+        var: &mut [f32],
+        ws: &mut Workspace,
+    ) -> Result<()> {
+        let model = &self.models[m];
+        let cfg = model.unet.config();
+        let (h, w) = (self.spec.height, self.spec.width);
+        let hw = h * w;
+        let cin = cfg.in_channels;
+        let n = rows.len() * b;
+        let mut input = ws.take(n * cin * hw);
+        let mut labels = Vec::with_capacity(n);
+        let mut embedding = cfg.embed_dim.map(|d| vec![0.0f32; n * d]);
+        for (r, &term) in rows.iter().enumerate() {
+            let cond = self.terms[term].1;
+            for k in 0..b {
+                let row = r * b + k;
+                let dst = &mut input[row * cin * hw..][..cin * hw];
+                dst[..3 * hw].copy_from_slice(&x[k * 3 * hw..][..3 * hw]);
+                match &cond.image {
+                    Some(img) => dst[3 * hw..].copy_from_slice(img.item(first + k)),
+                    None => dst[3 * hw..].fill(0.0),
+                }
+                if let Some(class) = cond.class {
+                    labels.push(class);
+                }
+                if let (Some(e), Some(src)) = (embedding.as_mut(), &cond.embedding) {
+                    let d = src.data.len() / src.count;
+                    e[row * d..][..d].copy_from_slice(src.item(first + k));
+                }
+            }
+        }
+        let timesteps = vec![t; n];
+        let cond = Conditioning {
+            timesteps: &timesteps,
+            labels: cfg.num_classes.map(|_| labels.as_slice()),
+            embedding: embedding.as_deref(),
+        };
+        let out = model.unet.forward_nchw(&input, [n, cin, h, w], &cond, ws);
+        ws.give(input);
+        let out = out?;
+        let oc = cfg.out_channels();
+        let uncond_term = self.terms.len() - 1;
+        for (r, &term) in rows.iter().enumerate() {
+            for k in 0..b {
+                let src = &out[(r * b + k) * oc * hw..][..oc * hw];
+                eps[term][k * 3 * hw..][..3 * hw].copy_from_slice(&src[..3 * hw]);
+                if term == uncond_term && self.learned_variance {
+                    var[k * 3 * hw..][..3 * hw].copy_from_slice(&src[3 * hw..6 * hw]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Samples `num_samples` images in batches of `batch_size`. `init_noise` (`[N, 3, H, W]`)
+    /// replaces the seeded x_T. `on_step(images_done_in_batch)` is called after every step.
+    pub fn sample(
+        &self,
+        num_samples: usize,
+        batch_size: usize,
+        init_noise: Option<&[f32]>,
+        on_step: &mut dyn FnMut(usize),
+    ) -> Result<Vec<f32>> {
+        let len = self.image_len();
+        if num_samples == 0 || batch_size == 0 {
+            return Err(Error::Input("num_samples and batch_size must be positive".into()));
+        }
+        if let Some(x) = init_noise {
+            if x.len() != num_samples * len {
+                return Err(Error::Input(format!(
+                    "initial noise has {} values, expected [{num_samples}, 3, {}, {}]",
+                    x.len(),
+                    self.spec.height,
+                    self.spec.width
+                )));
+            }
+        }
+        let mut ws = Workspace::new();
+        let mut samples = Vec::with_capacity(num_samples * len);
+        for first in (0..num_samples).step_by(batch_size) {
+            let b = batch_size.min(num_samples - first);
+            let x = match init_noise {
+                Some(x) => x[first * len..(first + b) * len].to_vec(),
+                None => {
+                    let mut x = vec![0.0; b * len];
+                    for (k, img) in x.chunks_exact_mut(len).enumerate() {
+                        self.initial_noise(first + k, img);
+                    }
+                    x
+                }
+            };
+            let out = self.sample_batch(first, x, &mut ws, &mut || on_step(b))?;
+            samples.extend_from_slice(&out);
+        }
+        Ok(samples)
+    }
+}
+
+/// A term's condition must match what its model takes and the sample size.
+fn check_condition(who: &str, model: &LoadedModel, cond: &Condition, is_uncond: bool, spec: &SampleSpec) -> Result<()> {
+    let cfg = model.unet.config();
+    let name = model.file.path().display();
+    let bad = |m: String| Err(Error::Input(format!("{who} ({name}): {m}")));
+    match (cfg.num_classes, cond.class) {
+        (Some(k), Some(c)) if c < 0 || c as usize >= k => return bad(format!("class {c} is out of range 0..{k}")),
+        (Some(k), None) => {
+            return bad(format!(
+                "the model is class-conditional ({k} classes): give class=K{}",
+                if is_uncond { " (the class that stands for no condition)" } else { "" }
+            ))
+        }
+        (None, Some(_)) => return bad("class= given, but the model is not class-conditional".into()),
+        _ => {}
+    }
+    let image_ch = cfg.in_channels - 3;
+    match &cond.image {
+        Some(img) => {
+            if image_ch == 0 {
+                return bad("image= given, but the model takes no image condition (in_channels 3)".into());
+            }
+            let want = image_ch * spec.height * spec.width;
+            if img.count == 0 || img.data.len() != img.count * want {
+                return bad(format!(
+                    "the image condition must be [{image_ch}, {}, {}] per image ({} values), got {}",
+                    spec.height,
+                    spec.width,
+                    want,
+                    img.data.len() / img.count.max(1)
+                ));
+            }
+        }
+        None if image_ch > 0 && !is_uncond => {
+            return bad(format!("the model takes a {image_ch}-channel image condition: give image=PATH"))
+        }
+        None => {}
+    }
+    match (cfg.embed_dim, &cond.embedding) {
+        (Some(d), Some(e)) if e.count == 0 || e.data.len() != e.count * d => {
+            bad(format!("the embedding must have {d} values per image, got {}", e.data.len() / e.count.max(1)))
+        }
+        (None, Some(_)) => bad("embedding= given, but the model takes no vector condition".into()),
+        (Some(d), None) if !is_uncond => bad(format!("the model takes a {d}-wide embedding: give embedding=PATH")),
+        _ => Ok(()),
+    }
+}
