@@ -104,7 +104,11 @@ impl<'a> ComposedSampler<'a> {
             experts.iter().map(|e| (e.model, &e.condition)).collect();
         terms.push((uncond.model, &uncond.condition));
         for (i, &(m, cond)) in terms.iter().enumerate() {
-            let who = if i + 1 == terms.len() { "the unconditional term".to_string() } else { format!("expert {i}") };
+            let who = if i + 1 == terms.len() {
+                "the unconditional term".to_string()
+            } else {
+                format!("expert {i}")
+            };
             let model = models
                 .get(m)
                 .ok_or_else(|| bad(format!("{who}: no model with index {m}")))?;
@@ -114,10 +118,26 @@ impl<'a> ComposedSampler<'a> {
         for &(m, _) in &terms {
             let d = &models[m].config.diffusion;
             let fields = [
-                ("diffusion_steps", d.diffusion_steps.to_string(), base.diffusion_steps.to_string()),
-                ("noise_schedule", d.noise_schedule.name().into(), base.noise_schedule.name().into()),
-                ("rescale_timesteps", d.rescale_timesteps.to_string(), base.rescale_timesteps.to_string()),
-                ("predict_xstart", d.predict_xstart.to_string(), base.predict_xstart.to_string()),
+                (
+                    "diffusion_steps",
+                    d.diffusion_steps.to_string(),
+                    base.diffusion_steps.to_string(),
+                ),
+                (
+                    "noise_schedule",
+                    d.noise_schedule.name().into(),
+                    base.noise_schedule.name().into(),
+                ),
+                (
+                    "rescale_timesteps",
+                    d.rescale_timesteps.to_string(),
+                    base.rescale_timesteps.to_string(),
+                ),
+                (
+                    "predict_xstart",
+                    d.predict_xstart.to_string(),
+                    base.predict_xstart.to_string(),
+                ),
             ];
             for (field, a, b) in fields {
                 if a != b {
@@ -185,7 +205,12 @@ impl<'a> ComposedSampler<'a> {
     ) -> Result<Vec<f32>> {
         let len = self.image_len();
         if x.is_empty() || x.len() % len != 0 {
-            return Err(Error::Input(format!("x_T has {} values, not a multiple of 3x{}x{}", x.len(), self.spec.height, self.spec.width)));
+            return Err(Error::Input(format!(
+                "x_T has {} values, not a multiple of 3x{}x{}",
+                x.len(),
+                self.spec.height,
+                self.spec.width
+            )));
         }
         let b = x.len() / len;
         self.check_counts(first + b)?;
@@ -214,10 +239,26 @@ impl<'a> ComposedSampler<'a> {
             }
             let noise = needs_noise.then_some(noise.as_slice());
             match self.spec.sampler {
-                SamplerKind::Ddim { eta } => self.diffusion.ddim_step(i, &x, &composed, eta, self.spec.clip_denoised, noise, &mut next)?,
+                SamplerKind::Ddim { eta } => self.diffusion.ddim_step(
+                    i,
+                    &x,
+                    &composed,
+                    eta,
+                    self.spec.clip_denoised,
+                    noise,
+                    &mut next,
+                )?,
                 SamplerKind::Ddpm => {
                     let v = self.learned_variance.then_some(var.as_slice());
-                    self.diffusion.ddpm_step(i, &x, &composed, v, self.spec.clip_denoised, noise, &mut next)?
+                    self.diffusion.ddpm_step(
+                        i,
+                        &x,
+                        &composed,
+                        v,
+                        self.spec.clip_denoised,
+                        noise,
+                        &mut next,
+                    )?
                 }
             }
             std::mem::swap(&mut x, &mut next);
@@ -321,7 +362,9 @@ impl<'a> ComposedSampler<'a> {
     ) -> Result<Vec<f32>> {
         let len = self.image_len();
         if num_samples == 0 || batch_size == 0 {
-            return Err(Error::Input("num_samples and batch_size must be positive".into()));
+            return Err(Error::Input(
+                "num_samples and batch_size must be positive".into(),
+            ));
         }
         if let Some(x) = init_noise {
             if x.len() != num_samples * len {
@@ -355,26 +398,42 @@ impl<'a> ComposedSampler<'a> {
 }
 
 /// A term's condition must match what its model takes and the sample size.
-fn check_condition(who: &str, model: &LoadedModel, cond: &Condition, is_uncond: bool, spec: &SampleSpec) -> Result<()> {
+fn check_condition(
+    who: &str,
+    model: &LoadedModel,
+    cond: &Condition,
+    is_uncond: bool,
+    spec: &SampleSpec,
+) -> Result<()> {
     let cfg = model.unet.config();
     let name = model.file.path().display();
     let bad = |m: String| Err(Error::Input(format!("{who} ({name}): {m}")));
     match (cfg.num_classes, cond.class) {
-        (Some(k), Some(c)) if c < 0 || c as usize >= k => return bad(format!("class {c} is out of range 0..{k}")),
+        (Some(k), Some(c)) if c < 0 || c as usize >= k => {
+            return bad(format!("class {c} is out of range 0..{k}"))
+        }
         (Some(k), None) => {
             return bad(format!(
                 "the model is class-conditional ({k} classes): give class=K{}",
-                if is_uncond { " (the class that stands for no condition)" } else { "" }
+                if is_uncond {
+                    " (the class that stands for no condition)"
+                } else {
+                    ""
+                }
             ))
         }
-        (None, Some(_)) => return bad("class= given, but the model is not class-conditional".into()),
+        (None, Some(_)) => {
+            return bad("class= given, but the model is not class-conditional".into())
+        }
         _ => {}
     }
     let image_ch = cfg.in_channels - 3;
     match &cond.image {
         Some(img) => {
             if image_ch == 0 {
-                return bad("image= given, but the model takes no image condition (in_channels 3)".into());
+                return bad(
+                    "image= given, but the model takes no image condition (in_channels 3)".into(),
+                );
             }
             let want = image_ch * spec.height * spec.width;
             if img.count == 0 || img.data.len() != img.count * want {
@@ -388,16 +447,21 @@ fn check_condition(who: &str, model: &LoadedModel, cond: &Condition, is_uncond: 
             }
         }
         None if image_ch > 0 && !is_uncond => {
-            return bad(format!("the model takes a {image_ch}-channel image condition: give image=PATH"))
+            return bad(format!(
+                "the model takes a {image_ch}-channel image condition: give image=PATH"
+            ))
         }
         None => {}
     }
     match (cfg.embed_dim, &cond.embedding) {
-        (Some(d), Some(e)) if e.count == 0 || e.data.len() != e.count * d => {
-            bad(format!("the embedding must have {d} values per image, got {}", e.data.len() / e.count.max(1)))
-        }
+        (Some(d), Some(e)) if e.count == 0 || e.data.len() != e.count * d => bad(format!(
+            "the embedding must have {d} values per image, got {}",
+            e.data.len() / e.count.max(1)
+        )),
         (None, Some(_)) => bad("embedding= given, but the model takes no vector condition".into()),
-        (Some(d), None) if !is_uncond => bad(format!("the model takes a {d}-wide embedding: give embedding=PATH")),
+        (Some(d), None) if !is_uncond => bad(format!(
+            "the model takes a {d}-wide embedding: give embedding=PATH"
+        )),
         _ => Ok(()),
     }
 }

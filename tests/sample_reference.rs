@@ -5,7 +5,9 @@ mod common;
 
 use common::{fixtures, rel_l2};
 use mcdm::model::{load_model, LoadedModel};
-use mcdm::sample::{Batched, ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, Unconditional};
+use mcdm::sample::{
+    Batched, ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, Unconditional,
+};
 use mcdm::weights::SafetensorsFile;
 use serde_json::Value;
 
@@ -21,7 +23,9 @@ struct Case {
 
 fn load_case(name: &str) -> Case {
     let dir = fixtures("sample");
-    let job: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap()).unwrap();
+    let job: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap())
+            .unwrap();
     let tensors = SafetensorsFile::open(&dir.join(format!("{name}.safetensors"))).unwrap();
     let names: Vec<String> = job["models"].as_object().unwrap().keys().cloned().collect();
     let models: Vec<LoadedModel> = names
@@ -44,13 +48,22 @@ fn load_case(name: &str) -> Case {
         .as_array()
         .unwrap()
         .iter()
-        .map(|e| Expert { model: index(&e["model"]), condition: condition(e), weight: e["weight"].as_f64().unwrap() as f32 })
+        .map(|e| Expert {
+            model: index(&e["model"]),
+            condition: condition(e),
+            weight: e["weight"].as_f64().unwrap() as f32,
+        })
         .collect();
-    let uncond = Unconditional { model: index(&job["uncond"]["model"]), condition: condition(&job["uncond"]) };
+    let uncond = Unconditional {
+        model: index(&job["uncond"]["model"]),
+        condition: condition(&job["uncond"]),
+    };
     let shape = tensors.shape("x_T").unwrap().to_vec();
     let spec = SampleSpec {
         sampler: match job["sampler"].as_str().unwrap() {
-            "ddim" => SamplerKind::Ddim { eta: job["eta"].as_f64().unwrap() as f32 },
+            "ddim" => SamplerKind::Ddim {
+                eta: job["eta"].as_f64().unwrap() as f32,
+            },
             _ => SamplerKind::Ddpm,
         },
         timestep_respacing: Some(job["timestep_respacing"].as_str().unwrap().to_string()),
@@ -73,10 +86,20 @@ fn load_case(name: &str) -> Case {
 fn cases() -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(fixtures("sample"))
         .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok()?.strip_suffix(".json").map(str::to_string))
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .into_string()
+                .ok()?
+                .strip_suffix(".json")
+                .map(str::to_string)
+        })
         .collect();
     names.sort();
-    assert!(names.len() >= 4, "expected the sampling fixtures, found {names:?}");
+    assert!(
+        names.len() >= 4,
+        "expected the sampling fixtures, found {names:?}"
+    );
     names
 }
 
@@ -84,12 +107,19 @@ fn cases() -> Vec<String> {
 fn composed_ddim_matches_reference() {
     for name in cases() {
         let case = load_case(&name);
-        let sampler = ComposedSampler::new(&case.models, &case.experts, &case.uncond, case.spec.clone()).unwrap();
+        let sampler =
+            ComposedSampler::new(&case.models, &case.experts, &case.uncond, case.spec.clone())
+                .unwrap();
         let mut steps = 0;
-        let out = sampler.sample(case.n, case.n, Some(&case.x_t), &mut |_| steps += 1).unwrap();
+        let out = sampler
+            .sample(case.n, case.n, Some(&case.x_t), &mut |_| steps += 1)
+            .unwrap();
         assert_eq!(steps, sampler.num_steps(), "{name}");
         let err = rel_l2(&out, &case.samples);
-        eprintln!("{name}: rel L2 {err:.2e} over {} steps", sampler.num_steps());
+        eprintln!(
+            "{name}: rel L2 {err:.2e} over {} steps",
+            sampler.num_steps()
+        );
         assert!(err <= 1e-3, "{name}: rel L2 {err:.3e} > 1e-3");
     }
 }
@@ -113,7 +143,10 @@ fn batch_size_does_not_change_images() {
     spec.sampler = SamplerKind::Ddpm;
     spec.seed = 1235;
     let other = ComposedSampler::new(&case.models, &case.experts, &case.uncond, spec).unwrap();
-    let diff = rel_l2(&other.sample(case.n, case.n, None, &mut |_| {}).unwrap(), &all);
+    let diff = rel_l2(
+        &other.sample(case.n, case.n, None, &mut |_| {}).unwrap(),
+        &all,
+    );
     assert!(diff > 0.05, "seed had no effect ({diff:.3e})");
 }
 
@@ -126,11 +159,16 @@ fn zero_weight_expert_is_inert() {
         .unwrap()
         .sample(case.n, case.n, Some(&case.x_t), &mut |_| {})
         .unwrap();
-    case.experts.push(Expert { model: case.uncond.model, condition: Condition::default(), weight: 0.0 });
-    let with_zero = ComposedSampler::new(&case.models, &case.experts, &case.uncond, case.spec.clone())
-        .unwrap()
-        .sample(case.n, case.n, Some(&case.x_t), &mut |_| {})
-        .unwrap();
+    case.experts.push(Expert {
+        model: case.uncond.model,
+        condition: Condition::default(),
+        weight: 0.0,
+    });
+    let with_zero =
+        ComposedSampler::new(&case.models, &case.experts, &case.uncond, case.spec.clone())
+            .unwrap()
+            .sample(case.n, case.n, Some(&case.x_t), &mut |_| {})
+            .unwrap();
     let err = rel_l2(&with_zero, &base);
     // Batching the two terms of one model changes only float rounding in the GEMMs.
     assert!(err <= 1e-5, "rel L2 {err:.3e}");

@@ -3,6 +3,7 @@
 mod bench;
 mod forward;
 mod inspect;
+mod sample;
 
 use std::path::PathBuf;
 
@@ -25,6 +26,7 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Sample(sample::Args),
     Forward(forward::Args),
     Bench(bench::Args),
     Inspect(inspect::Args),
@@ -60,6 +62,7 @@ fn config_arg(path: &Option<PathBuf>) -> Result<Option<&std::path::Path>> {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Sample(args) => sample::run(args),
         Command::Forward(args) => forward::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(args) => bench::run(args),

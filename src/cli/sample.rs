@@ -1,0 +1,630 @@
+//! `mcdm sample`: composed sampling from experts and an unconditional model.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use mcdm::image::{grid, read_png, to_rgb8, write_png};
+use mcdm::model::{load_model, LoadedModel};
+use mcdm::sample::{
+    Batched, ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, Unconditional,
+};
+use mcdm::weights::{write_atomic, write_safetensors, SafetensorsFile, TensorData};
+
+use super::{resolve_device, Device};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Sampler {
+    Ddim,
+    Ddpm,
+}
+
+/// Sample images whose every step combines experts with an unconditional model:
+/// eps = eps_u + sum_i w_i (eps_i - eps_u).
+#[derive(clap::Args)]
+#[command(after_help = "Examples:\n  \
+    # two experts (a sketch and a class) composed with an unconditional model (paper eq. 12)\n  \
+    mcdm sample --model u=weights/uncond.safetensors --model s=weights/sketch.safetensors \\\n    \
+    --model c=weights/classes.safetensors --uncond u \\\n    \
+    --expert s,image=examples/sketch.png --expert c,class=3,weight=1.5 --num-samples 16 --out out/\n\n  \
+    # classifier-free-guidance style: the null condition is class 0 of the same model\n  \
+    mcdm sample --model c=m.safetensors --uncond c,class=0 --expert c,class=7,weight=3\n\n  \
+    # a job file (JSON) with the same fields: models, experts, uncond, sampler, ...\n  \
+    mcdm sample --job job.json\n\n\
+Conditions: image=PATH takes a PNG (scaled to [-1, 1]; gray gives 1 channel, RGB 3) or a\n\
+safetensors file with `cond` [C, H, W] or [1 or N, C, H, W]; embedding=PATH a safetensors file\n\
+with `embedding` [D] or [1 or N, D]. An unconditional term on a conditional model uses class=K\n\
+(required), and zeros for an image or embedding it is not given.\n\n\
+Output: OUT/000000.png ..., OUT/grid.png, OUT/record.json (everything to reproduce the run).")]
+pub struct Args {
+    /// A model: NAME=PATH to safetensors weights (config: <stem>.json, metadata, or inferred).
+    #[arg(long = "model", value_name = "NAME=PATH")]
+    models: Vec<String>,
+    /// An expert: NAME[,class=K][,image=PATH][,embedding=PATH][,weight=W] (weight default 1).
+    #[arg(long = "expert", value_name = "SPEC")]
+    experts: Vec<String>,
+    /// The unconditional term: NAME[,class=K][,image=PATH][,embedding=PATH].
+    #[arg(long, value_name = "SPEC")]
+    uncond: Option<String>,
+    /// A JSON job file holding models, experts, uncond and any of the options below (paths
+    /// relative to the file); command-line flags override it.
+    #[arg(long)]
+    job: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    sampler: Option<Sampler>,
+    /// DDIM eta (0: deterministic).
+    #[arg(long)]
+    eta: Option<f32>,
+    /// Respacing: "N", sections "10,10,5" or "ddimN" (default: the unconditional model's, else 50).
+    #[arg(long, conflicts_with = "steps")]
+    timestep_respacing: Option<String>,
+    /// Number of evenly spaced steps (same as --timestep-respacing N).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Clip each predicted x_0 to [-1, 1].
+    #[arg(long, value_name = "true|false")]
+    clip_denoised: Option<bool>,
+    #[arg(long)]
+    num_samples: Option<usize>,
+    /// Images per batch (default: all, at most 16).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Initial noise: safetensors with `x_T` [N, 3, H, W], N = --num-samples.
+    #[arg(long)]
+    init_noise: Option<PathBuf>,
+    /// Also save the final samples (before quantisation) as `samples` [N, 3, H, W] f32.
+    #[arg(long)]
+    save_tensor: Option<PathBuf>,
+    /// Output directory.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+}
+
+/// A term as written by the user, before loading.
+#[derive(Clone, Debug)]
+struct TermSpec {
+    model: String,
+    class: Option<i64>,
+    image: Option<PathBuf>,
+    embedding: Option<PathBuf>,
+    weight: f32,
+}
+
+fn parse_term(spec: &str, allow_weight: bool) -> Result<TermSpec> {
+    let mut parts = spec.split(',');
+    let model = parts.next().unwrap_or_default().trim().to_string();
+    if model.is_empty() || model.contains('=') {
+        bail!("`{spec}`: expected NAME[,key=value...], starting with a model name");
+    }
+    let mut term = TermSpec {
+        model,
+        class: None,
+        image: None,
+        embedding: None,
+        weight: 1.0,
+    };
+    for part in parts {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| anyhow!("`{spec}`: `{part}` is not key=value"))?;
+        match key.trim() {
+            "class" => {
+                term.class = Some(
+                    value
+                        .trim()
+                        .parse()
+                        .with_context(|| format!("`{spec}`: class must be an integer"))?,
+                )
+            }
+            "image" => term.image = Some(PathBuf::from(value)),
+            "embedding" => term.embedding = Some(PathBuf::from(value)),
+            "weight" if allow_weight => {
+                term.weight = value
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("`{spec}`: weight must be a number"))?;
+                if !term.weight.is_finite() {
+                    bail!("`{spec}`: weight must be finite");
+                }
+            }
+            other => bail!(
+                "`{spec}`: unknown key `{other}` (expected class, image, embedding{})",
+                if allow_weight { ", weight" } else { "" }
+            ),
+        }
+    }
+    Ok(term)
+}
+
+/// A term from a job file's JSON object, paths relative to `base`.
+fn term_from_json(v: &Value, base: &Path, allow_weight: bool) -> Result<TermSpec> {
+    let obj = v
+        .as_object()
+        .ok_or_else(|| anyhow!("expected an object, got {v}"))?;
+    for key in obj.keys() {
+        if !["model", "class", "image", "embedding", "weight"].contains(&key.as_str())
+            || (key == "weight" && !allow_weight)
+        {
+            bail!("unknown key `{key}` in {v}");
+        }
+    }
+    let path = |k: &str| obj.get(k).and_then(Value::as_str).map(|p| base.join(p));
+    Ok(TermSpec {
+        model: obj
+            .get("model")
+            .and_then(Value::as_str)
+            .ok_or_else(|| anyhow!("`model` missing in {v}"))?
+            .to_string(),
+        class: obj
+            .get("class")
+            .map(|c| {
+                c.as_i64()
+                    .ok_or_else(|| anyhow!("class must be an integer in {v}"))
+            })
+            .transpose()?,
+        image: path("image"),
+        embedding: path("embedding"),
+        weight: obj.get("weight").map_or(Ok(1.0), |w| {
+            w.as_f64()
+                .map(|w| w as f32)
+                .ok_or_else(|| anyhow!("weight must be a number in {v}"))
+        })?,
+    })
+}
+
+/// Everything a run needs, from the job file and the flags.
+struct Plan {
+    models: Vec<(String, PathBuf)>,
+    experts: Vec<TermSpec>,
+    uncond: TermSpec,
+    sampler: Sampler,
+    eta: f32,
+    respacing: Option<String>,
+    clip_denoised: bool,
+    num_samples: usize,
+    batch_size: usize,
+    seed: u64,
+    out: PathBuf,
+}
+
+fn plan(args: &Args) -> Result<Plan> {
+    let mut job = serde_json::Map::new();
+    let mut base = PathBuf::from(".");
+    if let Some(path) = &args.job {
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|mut f| f.read_to_string(&mut text))
+            .with_context(|| format!("reading job file {}", path.display()))?;
+        let v: Value = serde_json::from_str(&text)
+            .with_context(|| format!("job file {}: not valid JSON", path.display()))?;
+        job = v
+            .as_object()
+            .cloned()
+            .ok_or_else(|| anyhow!("job file {}: expected a JSON object", path.display()))?;
+        const KEYS: &[&str] = &[
+            "models",
+            "experts",
+            "uncond",
+            "sampler",
+            "eta",
+            "timestep_respacing",
+            "steps",
+            "clip_denoised",
+            "num_samples",
+            "batch_size",
+            "seed",
+            "out",
+        ];
+        if let Some(k) = job.keys().find(|k| !KEYS.contains(&k.as_str())) {
+            bail!(
+                "job file {}: unknown key `{k}` (known: {})",
+                path.display(),
+                KEYS.join(", ")
+            );
+        }
+        base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    }
+    let ctx = |what: &str| format!("job file: {what}");
+    let mut models: Vec<(String, PathBuf)> = match job.get("models") {
+        Some(Value::Object(m)) => m
+            .iter()
+            .map(|(k, v)| {
+                Ok((
+                    k.clone(),
+                    base.join(
+                        v.as_str()
+                            .ok_or_else(|| anyhow!("{}", ctx("model paths must be strings")))?,
+                    ),
+                ))
+            })
+            .collect::<Result<_>>()?,
+        Some(_) => bail!("{}", ctx("`models` must map names to paths")),
+        None => Vec::new(),
+    };
+    for m in &args.models {
+        let (name, path) = m
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--model `{m}`: expected NAME=PATH"))?;
+        models.retain(|(n, _)| n != name);
+        models.push((name.to_string(), PathBuf::from(path)));
+    }
+    let mut experts = match job.get("experts") {
+        Some(Value::Array(a)) if args.experts.is_empty() => a
+            .iter()
+            .map(|e| term_from_json(e, &base, true))
+            .collect::<Result<_>>()
+            .with_context(|| ctx("experts"))?,
+        Some(Value::Array(_)) | None => Vec::new(),
+        Some(_) => bail!("{}", ctx("`experts` must be a list")),
+    };
+    for e in &args.experts {
+        experts.push(parse_term(e, true).context("--expert")?);
+    }
+    let uncond = match (&args.uncond, job.get("uncond")) {
+        (Some(u), _) => parse_term(u, false).context("--uncond")?,
+        (None, Some(v)) => term_from_json(v, &base, false).with_context(|| ctx("uncond"))?,
+        (None, None) if experts.is_empty() => bail!("nothing to sample: give --uncond NAME (and any --expert)"),
+        (None, None) => bail!("give --uncond NAME: the composition eps_u + sum_i w_i (eps_i - eps_u) needs an unconditional term (a model, or a conditional model with its null condition)"),
+    };
+    let get_str = |k: &str| job.get(k).and_then(Value::as_str).map(str::to_string);
+    let get_u = |k: &str| job.get(k).and_then(Value::as_u64);
+    let sampler = match (args.sampler, get_str("sampler").as_deref()) {
+        (Some(s), _) => s,
+        (None, Some("ddpm")) => Sampler::Ddpm,
+        (None, Some("ddim") | None) => Sampler::Ddim,
+        (None, Some(other)) => bail!(
+            "{}",
+            ctx(&format!("sampler `{other}` is unknown (ddim or ddpm)"))
+        ),
+    };
+    let steps = args.steps.or(get_u("steps").map(|s| s as usize));
+    if steps == Some(0) {
+        bail!("--steps must be positive");
+    }
+    let respacing = args
+        .timestep_respacing
+        .clone()
+        .or(steps.map(|s| s.to_string()))
+        .or(get_str("timestep_respacing"));
+    let num_samples = args
+        .num_samples
+        .or(get_u("num_samples").map(|n| n as usize))
+        .unwrap_or(4);
+    let batch_size = args
+        .batch_size
+        .or(get_u("batch_size").map(|n| n as usize))
+        .unwrap_or(num_samples.min(16));
+    if num_samples == 0 || batch_size == 0 {
+        bail!("--num-samples and --batch-size must be positive");
+    }
+    Ok(Plan {
+        models,
+        experts,
+        uncond,
+        sampler,
+        eta: args
+            .eta
+            .or(job.get("eta").and_then(Value::as_f64).map(|e| e as f32))
+            .unwrap_or(0.0),
+        respacing,
+        clip_denoised: args
+            .clip_denoised
+            .or(job.get("clip_denoised").and_then(Value::as_bool))
+            .unwrap_or(true),
+        num_samples,
+        batch_size,
+        seed: args.seed.or(get_u("seed")).unwrap_or(0),
+        out: args
+            .out
+            .clone()
+            .or(get_str("out").map(|o| base.join(o)))
+            .unwrap_or_else(|| PathBuf::from("samples")),
+    })
+}
+
+/// Reads an image condition: a PNG or safetensors `cond`, as [count, C, H, W].
+fn read_image_condition(path: &Path, n: usize) -> Result<(Batched, [usize; 3])> {
+    let is_png = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if is_png {
+        let (data, c, h, w) = read_png(path)?;
+        return Ok((Batched { data, count: 1 }, [c, h, w]));
+    }
+    let file = SafetensorsFile::open(path)?;
+    let shape = file.shape("cond")?.to_vec();
+    let (count, chw) = match shape[..] {
+        [c, h, w] => (1, [c, h, w]),
+        [k, c, h, w] if k == 1 || k == n => (k, [c, h, w]),
+        _ => bail!(
+            "{}: `cond` must be [C, H, W] or [1 or {n}, C, H, W], got {shape:?}",
+            path.display()
+        ),
+    };
+    Ok((
+        Batched {
+            data: file.f32("cond")?,
+            count,
+        },
+        chw,
+    ))
+}
+
+fn read_embedding(path: &Path, n: usize) -> Result<Batched> {
+    let file = SafetensorsFile::open(path)?;
+    let shape = file.shape("embedding")?.to_vec();
+    let count = match shape[..] {
+        [_] => 1,
+        [k, _] if k == 1 || k == n => k,
+        _ => bail!(
+            "{}: `embedding` must be [D] or [1 or {n}, D], got {shape:?}",
+            path.display()
+        ),
+    };
+    Ok(Batched {
+        data: file.f32("embedding")?,
+        count,
+    })
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("hashing {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    resolve_device(args.device)?;
+    let plan = plan(&args)?;
+    // Fail on an unwritable output directory before any sampling work.
+    std::fs::create_dir_all(&plan.out)
+        .with_context(|| format!("creating output directory {}", plan.out.display()))?;
+    let probe = plan.out.join(".mcdm-write-test");
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("output directory {} is not writable", plan.out.display()))?;
+    let _ = std::fs::remove_file(&probe);
+
+    let names: Vec<&str> = plan.models.iter().map(|(n, _)| n.as_str()).collect();
+    let index = |name: &str| {
+        names.iter().position(|n| *n == name).ok_or_else(|| {
+            anyhow!(
+                "unknown model `{name}`: the models are {} (give --model {name}=PATH)",
+                if names.is_empty() {
+                    "none".to_string()
+                } else {
+                    names.join(", ")
+                }
+            )
+        })
+    };
+    // Only models that a term uses are loaded.
+    let mut used: Vec<usize> = plan
+        .experts
+        .iter()
+        .chain([&plan.uncond])
+        .map(|t| index(&t.model))
+        .collect::<Result<_>>()?;
+    used.sort();
+    used.dedup();
+    let mut loaded: Vec<LoadedModel> = Vec::new();
+    for &m in &used {
+        let (name, path) = &plan.models[m];
+        loaded.push(
+            load_model(path, None)
+                .with_context(|| format!("loading model `{name}` from {}", path.display()))?,
+        );
+    }
+    let slot = |name: &str| -> Result<usize> {
+        Ok(used
+            .iter()
+            .position(|&u| u == index(name).expect("checked"))
+            .expect("loaded"))
+    };
+    let uncond_cfg = loaded[slot(&plan.uncond.model)?].unet.config().clone();
+    let (h, w) = (uncond_cfg.image_size, uncond_cfg.image_size);
+
+    let n = plan.num_samples;
+    let condition = |t: &TermSpec| -> Result<Condition> {
+        let image = match &t.image {
+            Some(p) => {
+                let (img, [_, ih, iw]) = read_image_condition(p, n)
+                    .with_context(|| format!("image condition of `{}`", t.model))?;
+                if (ih, iw) != (h, w) {
+                    bail!(
+                        "image condition {} of `{}` is {ih}x{iw}, but the samples are {h}x{w}",
+                        p.display(),
+                        t.model
+                    );
+                }
+                Some(img)
+            }
+            None => None,
+        };
+        let embedding = t
+            .embedding
+            .as_ref()
+            .map(|p| {
+                read_embedding(p, n)
+                    .with_context(|| format!("embedding of `{}` from {}", t.model, p.display()))
+            })
+            .transpose()?;
+        Ok(Condition {
+            class: t.class,
+            image,
+            embedding,
+        })
+    };
+    let experts: Vec<Expert> = plan
+        .experts
+        .iter()
+        .map(|t| {
+            Ok(Expert {
+                model: slot(&t.model)?,
+                condition: condition(t)?,
+                weight: t.weight,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let uncond = Unconditional {
+        model: slot(&plan.uncond.model)?,
+        condition: condition(&plan.uncond)?,
+    };
+
+    let model_respacing = &loaded[uncond.model].config.diffusion.timestep_respacing;
+    let respacing = plan.respacing.clone().unwrap_or_else(|| {
+        if model_respacing.is_empty() {
+            "50".into()
+        } else {
+            model_respacing.clone()
+        }
+    });
+    let spec = SampleSpec {
+        sampler: match plan.sampler {
+            Sampler::Ddim => SamplerKind::Ddim { eta: plan.eta },
+            Sampler::Ddpm => SamplerKind::Ddpm,
+        },
+        timestep_respacing: Some(respacing.clone()),
+        clip_denoised: plan.clip_denoised,
+        seed: plan.seed,
+        height: h,
+        width: w,
+    };
+    let sampler = ComposedSampler::new(&loaded, &experts, &uncond, spec).context("composition")?;
+
+    let init_noise = match &args.init_noise {
+        Some(path) => {
+            let file = SafetensorsFile::open(path)
+                .with_context(|| format!("--init-noise {}", path.display()))?;
+            let shape = file
+                .shape("x_T")
+                .with_context(|| format!("--init-noise {}", path.display()))?;
+            if shape != [n, 3, h, w] {
+                bail!("--init-noise {}: `x_T` is {shape:?}, expected [{n}, 3, {h}, {w}] (--num-samples {n})", path.display());
+            }
+            Some(file.f32("x_T")?)
+        }
+        None => None,
+    };
+
+    let steps = sampler.num_steps();
+    let batches = n.div_ceil(plan.batch_size);
+    let bar = ProgressBar::with_draw_target(
+        Some((batches * steps) as u64),
+        if std::io::stderr().is_terminal() {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
+    );
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {msg} ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let start = Instant::now();
+    let (mut done_steps, mut image_steps) = (0usize, 0usize);
+    let samples = sampler.sample(n, plan.batch_size, init_noise.as_deref(), &mut |b| {
+        done_steps += 1;
+        image_steps += b;
+        let images_per_s =
+            image_steps as f64 / steps as f64 / start.elapsed().as_secs_f64().max(1e-9);
+        let (batch, step) = ((done_steps - 1) / steps + 1, (done_steps - 1) % steps + 1);
+        bar.set_message(format!(
+            "batch {batch}/{batches} step {step}/{steps}, {images_per_s:.2} images/s"
+        ));
+        bar.inc(1);
+    })?;
+    bar.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+
+    let len = 3 * h * w;
+    let mut rgb = Vec::with_capacity(n);
+    for (k, img) in samples.chunks_exact(len).enumerate() {
+        let pixels = to_rgb8(img, h, w);
+        write_png(&plan.out.join(format!("{k:06}.png")), &pixels, h, w)?;
+        rgb.push(pixels);
+    }
+    let (g, gh, gw) = grid(&rgb, h, w, (n as f64).sqrt().ceil() as usize);
+    write_png(&plan.out.join("grid.png"), &g, gh, gw)?;
+    if let Some(path) = &args.save_tensor {
+        write_safetensors(
+            path,
+            &[("samples", TensorData::F32(vec![n, 3, h, w], &samples))],
+            None,
+        )
+        .with_context(|| format!("--save-tensor {}", path.display()))?;
+    }
+
+    let term_json = |t: &TermSpec, weight: bool| {
+        let mut v = json!({ "model": t.model });
+        if let Some(c) = t.class {
+            v["class"] = c.into();
+        }
+        if let Some(p) = &t.image {
+            v["image"] = json!({ "path": p.display().to_string(), "sha256": sha256_file(p).ok() });
+        }
+        if let Some(p) = &t.embedding {
+            v["embedding"] =
+                json!({ "path": p.display().to_string(), "sha256": sha256_file(p).ok() });
+        }
+        if weight {
+            v["weight"] = t.weight.into();
+        }
+        v
+    };
+    let mut models = BTreeMap::new();
+    for (&m, model) in used.iter().zip(&loaded) {
+        let (name, path) = &plan.models[m];
+        models.insert(
+            name.clone(),
+            json!({
+                "path": path.display().to_string(),
+                "sha256": sha256_file(path)?,
+                "config": model.config.unet.to_json(&model.config.diffusion),
+            }),
+        );
+    }
+    let record = json!({
+        "mcdm_version": env!("CARGO_PKG_VERSION"),
+        "formula": "eps = eps_u + sum_i w_i (eps_i - eps_u)",
+        "models": models,
+        "experts": plan.experts.iter().map(|t| term_json(t, true)).collect::<Vec<_>>(),
+        "uncond": term_json(&plan.uncond, false),
+        "sampler": match plan.sampler { Sampler::Ddim => "ddim", Sampler::Ddpm => "ddpm" },
+        "eta": plan.eta,
+        "timestep_respacing": respacing,
+        "steps": steps,
+        "clip_denoised": plan.clip_denoised,
+        "seed": plan.seed,
+        "num_samples": n,
+        "batch_size": plan.batch_size,
+        "image_size": [h, w],
+        "init_noise": args.init_noise.as_ref().map(|p| json!({ "path": p.display().to_string(), "sha256": sha256_file(p).ok() })),
+        "device": "cpu",
+        "seconds": seconds,
+    });
+    write_atomic(
+        &plan.out.join("record.json"),
+        serde_json::to_string_pretty(&record)?.as_bytes(),
+    )?;
+    eprintln!(
+        "{n} images ({h}x{w}, {steps} {} steps, {} expert(s)) in {seconds:.1} s ({:.2} images/s): {}/grid.png",
+        match plan.sampler { Sampler::Ddim => "DDIM", Sampler::Ddpm => "DDPM" },
+        plan.experts.len(),
+        n as f64 / seconds,
+        plan.out.display()
+    );
+    Ok(())
+}

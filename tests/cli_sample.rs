@@ -1,0 +1,298 @@
+//! `mcdm sample` end to end: a composed run through the command line reproduces the reference
+//! sampler, writes its files whole, and bad input fails cleanly.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{fixtures, rel_l2};
+use mcdm::weights::{write_safetensors, SafetensorsFile, TensorData};
+
+fn mcdm(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mcdm"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn model(name: &str) -> String {
+    format!(
+        "{name}={}",
+        fixtures(&format!("sample/models/{name}.safetensors")).display()
+    )
+}
+
+/// Writes the tensors of reference case b as the CLI's condition files into `dir`.
+fn case_b_inputs(dir: &Path) -> SafetensorsFile {
+    let case =
+        SafetensorsFile::open(&fixtures("sample/b_class_notsketch_text.safetensors")).unwrap();
+    let write = |file: &str, name: &str, src: &str| {
+        let shape = case.shape(src).unwrap().to_vec();
+        write_safetensors(
+            &dir.join(file),
+            &[(name, TensorData::F32(shape, &case.f32(src).unwrap()))],
+            None,
+        )
+        .unwrap();
+    };
+    write("sketch.safetensors", "cond", "cond.1");
+    write("text.safetensors", "embedding", "emb.2");
+    write("noise.safetensors", "x_T", "x_T");
+    case
+}
+
+#[test]
+fn cli_reproduces_reference_composition() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = case_b_inputs(dir.path());
+    let p = |f: &str| dir.path().join(f).display().to_string();
+    let (code, err) = mcdm(&[
+        "sample",
+        "--model",
+        &model("uncond"),
+        "--model",
+        &model("classes"),
+        "--model",
+        &model("sketch"),
+        "--model",
+        &model("text"),
+        "--uncond",
+        "uncond",
+        "--expert",
+        "classes,class=3,weight=1.5",
+        "--expert",
+        &format!("sketch,image={},weight=-0.5", p("sketch.safetensors")),
+        "--expert",
+        &format!("text,embedding={},weight=0.7", p("text.safetensors")),
+        "--sampler",
+        "ddim",
+        "--timestep-respacing",
+        "10",
+        "--clip-denoised",
+        "false",
+        "--num-samples",
+        "3",
+        "--batch-size",
+        "2",
+        "--init-noise",
+        &p("noise.safetensors"),
+        "--save-tensor",
+        &p("samples.safetensors"),
+        "--out",
+        &p("out"),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let ours = SafetensorsFile::open(&dir.path().join("samples.safetensors")).unwrap();
+    let err = rel_l2(&ours.f32("samples").unwrap(), &case.f32("samples").unwrap());
+    assert!(err <= 1e-3, "rel L2 {err:.3e}");
+    for f in [
+        "000000.png",
+        "000001.png",
+        "000002.png",
+        "grid.png",
+        "record.json",
+    ] {
+        assert!(dir.path().join("out").join(f).is_file(), "{f} missing");
+    }
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/record.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["experts"][1]["weight"], -0.5);
+    assert_eq!(
+        record["models"]["sketch"]["sha256"].as_str().unwrap().len(),
+        64
+    );
+    assert_eq!(record["steps"], 10);
+}
+
+/// Runs `sample` with `args`, expecting exit 1 with `needle` in the message and no images.
+fn fails(args: &[&str], needle: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut all: Vec<&str> = vec!["sample"];
+    all.extend_from_slice(args);
+    let out_s = out.display().to_string();
+    if !args.contains(&"--out") {
+        all.extend_from_slice(&["--out", &out_s, "--steps", "2", "--num-samples", "1"]);
+    }
+    let (code, err) = mcdm(&all);
+    assert_eq!(code, Some(1), "expected exit 1: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains(needle), "message lacks `{needle}`:\n{err}");
+    assert!(
+        !out.join("grid.png").exists() && !out.join("000000.png").exists(),
+        "output written"
+    );
+}
+
+#[test]
+fn unknown_model_in_expert() {
+    fails(
+        &[
+            "--model",
+            &model("uncond"),
+            "--uncond",
+            "uncond",
+            "--expert",
+            "sketchy,weight=1",
+        ],
+        "unknown model `sketchy`",
+    );
+}
+
+#[test]
+fn image_condition_of_wrong_size_or_channels() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small.safetensors");
+    let data: Vec<f32> = (0..64).map(|i| (i as f32 * 0.3).sin()).collect();
+    write_safetensors(
+        &small,
+        &[("cond", TensorData::F32(vec![1, 8, 8], &data))],
+        None,
+    )
+    .unwrap();
+    fails(
+        &[
+            "--model",
+            &model("uncond"),
+            "--model",
+            &model("sketch"),
+            "--uncond",
+            "uncond",
+            "--expert",
+            &format!("sketch,image={}", small.display()),
+        ],
+        "is 8x8, but the samples are 16x16",
+    );
+    let rgb = dir.path().join("rgb.safetensors");
+    let data: Vec<f32> = (0..3 * 256).map(|i| (i as f32 * 0.1).cos()).collect();
+    write_safetensors(
+        &rgb,
+        &[("cond", TensorData::F32(vec![3, 16, 16], &data))],
+        None,
+    )
+    .unwrap();
+    fails(
+        &[
+            "--model",
+            &model("uncond"),
+            "--model",
+            &model("sketch"),
+            "--uncond",
+            "uncond",
+            "--expert",
+            &format!("sketch,image={}", rgb.display()),
+        ],
+        "the image condition must be [1, 16, 16]",
+    );
+}
+
+#[test]
+fn init_noise_of_wrong_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let noise = dir.path().join("noise.safetensors");
+    let data: Vec<f32> = (0..2 * 3 * 256).map(|i| (i as f32 * 0.7).sin()).collect();
+    write_safetensors(
+        &noise,
+        &[("x_T", TensorData::F32(vec![2, 3, 16, 16], &data))],
+        None,
+    )
+    .unwrap();
+    fails(
+        &[
+            "--model",
+            &model("uncond"),
+            "--uncond",
+            "uncond",
+            "--init-noise",
+            &noise.display().to_string(),
+        ],
+        "expected [1, 3, 16, 16]",
+    );
+}
+
+#[test]
+fn conflicting_schedules() {
+    let other = format!(
+        "big={}",
+        fixtures("unet/legacy_heads2_scaleshift.safetensors").display()
+    );
+    fails(
+        &[
+            "--model",
+            &model("uncond"),
+            "--model",
+            &other,
+            "--uncond",
+            "uncond",
+            "--expert",
+            "big",
+        ],
+        "disagree on the diffusion schedule",
+    );
+}
+
+#[test]
+fn no_experts_and_no_uncond() {
+    fails(&["--model", &model("uncond")], "nothing to sample");
+    fails(
+        &["--model", &model("uncond"), "--expert", "uncond"],
+        "give --uncond",
+    );
+}
+
+#[test]
+fn unwritable_output_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let out = file.join("out").display().to_string();
+    fails(
+        &[
+            "--model",
+            &model("uncond"),
+            "--uncond",
+            "uncond",
+            "--out",
+            &out,
+            "--steps",
+            "2",
+        ],
+        "creating output directory",
+    );
+}
+
+#[test]
+fn null_class_required_for_class_model_as_uncond() {
+    fails(
+        &[
+            "--model",
+            &model("classes"),
+            "--uncond",
+            "classes",
+            "--expert",
+            "classes,class=1",
+        ],
+        "give class=K (the class that stands for no condition)",
+    );
+}
+
+#[test]
+fn bad_term_syntax() {
+    fails(
+        &[
+            "--model",
+            &model("uncond"),
+            "--uncond",
+            "uncond",
+            "--expert",
+            "uncond,wieght=2",
+        ],
+        "unknown key `wieght`",
+    );
+}
