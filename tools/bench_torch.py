@@ -1,0 +1,178 @@
+"""Times the reference guided-diffusion UNet forward in PyTorch (the baseline mcdm is compared to).
+
+Usage:
+    /opt/gdenv/bin/python tools/bench_torch.py [CONFIG] [--batch 1 16] [--warmup 2] [--runs 5]
+        [--device cpu|cuda] [--fp16] [--compile] [--threads N] [--json results.json]
+    /opt/gdenv/bin/python tools/bench_torch.py --list            # presets
+    /opt/gdenv/bin/python tools/bench_torch.py --write-configs   # (re)writes tools/configs/*.json
+
+CONFIG is a preset name (default bench-cpu) or a JSON config file (flat, guided-diffusion flag
+names). The model gets random weights (gd_model.randomize, fixed seed), is put in eval mode and
+run under torch.no_grad() on random inputs (x ~ N(0,1), t random integer timesteps, y / emb
+when the config needs them). Each batch size: `--warmup` untimed forwards, then `--runs` timed
+ones (torch.cuda.synchronize() around each on CUDA); the median is reported.
+
+  --fp16     the reference fp16 path: model.convert_to_fp16() (torso convs in float16; Linear,
+             GroupNorm, time embedding and `out` stay float32), as the reference scripts do
+             with --use_fp16 True. Meant for --device cuda.
+  --compile  torch.compile(model) (the compile time is part of the warm-up, not of the timing).
+
+Printed and (with --json) written as a JSON list, one record per batch size:
+  {preset, config, batch, seconds_per_forward (median), seconds_min, images_per_second, times, torch, threads, cpu,
+   device, gpu, fp16, compile, params}
+
+Presets (also written to tools/configs/<name>.json):
+  bench-cpu       64x64, 64 ch, 2 res blocks, mult 1,2,3,4, attention 16,8, 32 head channels,
+                  scale-shift, learn_sigma (23M params): a workload that fits a CPU.
+  imagenet64-adm  OpenAI ADM ImageNet 64x64 (class_cond, 192 ch, 3 res blocks, head ch 64, new
+                  attention order, cosine, updown, learn_sigma; 296M params).
+  face256         256x256 face expert (192 ch, 2 res blocks, 1,1,2,2,4,4, attention 32,16,8,
+                  head ch 64 legacy, scale-shift, updown, learn_sigma, linear; 311M params).
+  face256-sketch  face256 with in_channels 6 (x_t ++ sketch).
+  face256-ch128   face256 with 128 channels (138M params; REFERENCE.md section 3).
+  adm256          256x256 ADM with 256 channels (553M params; REFERENCE.md section 3).
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch as th
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gd_model  # noqa: E402
+
+FACE256 = dict(image_size=256, num_channels=192, num_res_blocks=2, channel_mult="",
+               attention_resolutions="32,16,8", num_head_channels=64, num_heads=4,
+               use_new_attention_order=False, use_scale_shift_norm=True, resblock_updown=True,
+               learn_sigma=True, diffusion_steps=1000, noise_schedule="linear")
+
+PRESETS = {
+    "bench-cpu": dict(image_size=64, num_channels=64, num_res_blocks=2, channel_mult="1,2,3,4",
+                      attention_resolutions="16,8", num_head_channels=32,
+                      use_scale_shift_norm=True, resblock_updown=False, learn_sigma=True,
+                      diffusion_steps=1000, noise_schedule="linear"),
+    "imagenet64-adm": dict(image_size=64, num_channels=192, num_res_blocks=3, channel_mult="",
+                           attention_resolutions="32,16,8", num_head_channels=64,
+                           use_new_attention_order=True, class_cond=True, learn_sigma=True,
+                           use_scale_shift_norm=True, resblock_updown=True, dropout=0.1,
+                           use_fp16=True, diffusion_steps=1000, noise_schedule="cosine"),
+    "face256": FACE256,
+    "face256-sketch": dict(FACE256, in_channels=6),
+    "face256-ch128": dict(FACE256, num_channels=128),
+    "adm256": dict(FACE256, num_channels=256, use_fp16=True),
+}
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def write_configs():
+    os.makedirs(CONFIG_DIR, exist_ok=True)
+    for name, cfg in PRESETS.items():
+        path = os.path.join(CONFIG_DIR, f"{name}.json")
+        gd_model.atomic_write_bytes(path, gd_model.config_json(cfg).encode())
+        print(f"wrote {path}")
+
+
+def load_config(spec):
+    if spec in PRESETS:
+        return spec, gd_model.full_config(PRESETS[spec])
+    if os.path.exists(spec):
+        with open(spec) as f:
+            return os.path.basename(spec), gd_model.full_config(json.load(f))
+    raise SystemExit(f"error: `{spec}` is neither a preset ({', '.join(PRESETS)}) nor a file")
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", nargs="?", default="bench-cpu", help="preset name or JSON config file")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--fp16", action="store_true", help="reference convert_to_fp16() (GPU)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="write the results (a JSON list) here")
+    ap.add_argument("--list", action="store_true", help="list the presets and exit")
+    ap.add_argument("--write-configs", action="store_true", help="write tools/configs/*.json and exit")
+    args = ap.parse_args()
+
+    if args.list:
+        for name, cfg in PRESETS.items():
+            print(f"{name:16} {json.dumps(cfg)}")
+        return
+    if args.write_configs:
+        write_configs()
+        return
+
+    th.set_num_threads(args.threads)
+    dev = th.device(args.device)
+    name, cfg = load_config(args.config)
+    model = gd_model.randomize(gd_model.build_model(cfg), args.seed)
+    params = gd_model.count_params(model)
+    if args.fp16:
+        half = gd_model.build_model(cfg, fp16=True)
+        half.load_state_dict(model.state_dict())
+        model = half
+    model = model.to(dev).eval()
+    run = th.compile(model) if args.compile else model
+    cuda = dev.type == "cuda"
+    gpu = th.cuda.get_device_name(dev) if cuda else None
+
+    def sync():
+        if cuda:
+            th.cuda.synchronize(dev)
+
+    results = []
+    g = th.Generator().manual_seed(args.seed + 1)
+    for batch in args.batch:
+        x = th.randn(batch, cfg["in_channels"], cfg["image_size"], cfg["image_size"], generator=g).to(dev)
+        t = th.randint(0, cfg["diffusion_steps"], (batch,), generator=g).to(dev)
+        y = th.randint(0, cfg["num_classes"], (batch,), generator=g).to(dev) if cfg.get("num_classes") else None
+        emb = th.randn(batch, cfg["embed_dim"], generator=g).to(dev) if cfg.get("embed_dim") else None
+        times = []
+        with th.no_grad():
+            for i in range(args.warmup + args.runs):
+                sync()
+                t0 = time.perf_counter()
+                out = run(x, t, y=y, emb=emb)
+                sync()
+                dt = time.perf_counter() - t0
+                if i >= args.warmup:
+                    times.append(dt)
+        assert th.isfinite(out.float()).all()
+        med = statistics.median(times)
+        rec = dict(preset=name, config=cfg, batch=batch, seconds_per_forward=med,
+                   seconds_min=min(times),
+                   images_per_second=batch / med, times=times, torch=th.__version__,
+                   threads=th.get_num_threads(), cpu=cpu_name(), device=str(dev), gpu=gpu,
+                   fp16=args.fp16, compile=args.compile, params=params)
+        results.append(rec)
+        print(f"{name} batch {batch:3d}: {med * 1e3:10.2f} ms/forward  {batch / med:9.2f} images/s  "
+              f"(median of {args.runs}, {args.device}{' fp16' if args.fp16 else ''}"
+              f"{' compile' if args.compile else ''}, {th.get_num_threads()} threads, torch {th.__version__})",
+              flush=True)
+    if args.json:
+        gd_model.atomic_write_bytes(args.json, (json.dumps(results, indent=2) + "\n").encode())
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Writes the composed-sampling fixtures under tests/fixtures/sample/ (deterministic, fixed seeds).
+
+Usage:
+    /opt/gdenv/bin/python tools/make_sampling_fixtures.py [--out tests/fixtures/sample]
+
+Models (random weights, f16 storage, image_size 16, num_channels 32, channel_mult 1,1, one res
+block, attention at 8x8, diffusion_steps 100, linear schedule for all), in models/<name>.safetensors
+(+ models/<name>.json):
+  uncond   unconditional, learn_sigma (6 output channels)
+  classes  class-conditional, num_classes 5, 3 output channels
+  sketch   image-conditioned: in_channels 4 = x_t ++ a 1-channel condition, learn_sigma
+  text     vector-conditioned: embed_dim 16, 3 output channels
+
+Each case runs guided_diffusion's sampler:
+    diffusion = create_gaussian_diffusion(steps, learn_sigma=<uncond model's>, noise_schedule, ...,
+                                          timestep_respacing=<case>)
+    samples = diffusion.ddim_sample_loop(model_fn, shape, noise=x_T, clip_denoised=..., eta=0)
+with the composition
+    out_i = model_i(cat[x, image_i] or x, t, y=class_i, emb=embedding_i)
+    eps   = eps_u + sum_i w_i * (eps_i - eps_u)          (first 3 channels of each output)
+    model_fn output = eps, ++ out_u[:, 3:] when the unconditional model has learned sigma.
+SpacedDiffusion's wrapper gives the model the original timestep (int64, not rescaled).
+
+Case files:
+  <case>.safetensors: x_T [N,3,16,16] f32, samples [N,3,16,16] f32 (final ddim_sample_loop output),
+      cond.<i> [N or 1, C, 16, 16] f32 image condition of expert i (uniform in [-1, 1]),
+      emb.<i> [N or 1, D] f32 vector condition of expert i,
+      trajectory [S, N, 3, 16, 16] f32 (x after each of the S sampling steps; the last is samples),
+      timesteps [S] i64 (the original timestep given to the models at each step, in order)
+  <case>.json: {"models": {name: "models/name.safetensors"}, "experts": [{"model", "class"?,
+      "image"?, "embedding"?, "weight"}], "uncond": {"model", "class"?}, "sampler": "ddim",
+      "eta": 0.0, "timestep_respacing": "...", "clip_denoised": bool}
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch as th
+from safetensors.torch import load_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gd_model  # noqa: E402
+
+from guided_diffusion.script_util import create_gaussian_diffusion  # noqa: E402
+
+N = 3
+SIZE = 16
+BASE = dict(image_size=SIZE, num_channels=32, num_res_blocks=1, channel_mult="1,1",
+            attention_resolutions="8", diffusion_steps=100, noise_schedule="linear",
+            dropout=0.0)
+
+MODELS = {
+    "uncond": (dict(BASE, learn_sigma=True, use_scale_shift_norm=True, num_heads=2), 11),
+    "classes": (dict(BASE, class_cond=True, num_classes=5, learn_sigma=False,
+                     use_scale_shift_norm=True, num_head_channels=32,
+                     use_new_attention_order=True), 12),
+    "sketch": (dict(BASE, in_channels=4, learn_sigma=True, use_scale_shift_norm=False,
+                    resblock_updown=True, num_heads=1), 13),
+    "text": (dict(BASE, embed_dim=16, learn_sigma=False, use_scale_shift_norm=True,
+                  num_heads=2), 14),
+}
+
+# Conditions are described as (kind, batch): batch N = one per sample, 1 = shared (broadcast).
+CASES = {
+    # (a) the paper's eq. 12: sketch + text experts, weights 1, separate unconditional model
+    "a_sketch_text_eq12": dict(
+        experts=[dict(model="sketch", image=N, weight=1.0),
+                 dict(model="text", embedding=1, weight=1.0)],
+        uncond=dict(model="uncond"), respacing="ddim10", clip=True, seed=21),
+    # (b) class 3 (1.5) + NOT sketch (-0.5) + text (0.7), respacing "10", not clipped
+    "b_class_notsketch_text": dict(
+        experts=[dict(model="classes", cls=3, weight=1.5),
+                 dict(model="sketch", image=1, weight=-0.5),
+                 dict(model="text", embedding=N, weight=0.7)],
+        uncond=dict(model="uncond"), respacing="10", clip=False, seed=22),
+    # (c) plain sampling: the unconditional model alone
+    "c_uncond_only": dict(experts=[], uncond=dict(model="uncond"), respacing="ddim8",
+                          clip=True, seed=23),
+    # (d) classifier-free-guidance style: unconditional term = `classes` with null class 4
+    "d_cfg_null_class": dict(
+        experts=[dict(model="classes", cls=1, weight=2.0)],
+        uncond=dict(model="classes", cls=4), respacing="ddim5", clip=False, seed=24),
+}
+
+
+def write_models(out_dir):
+    mdir = os.path.join(out_dir, "models")
+    os.makedirs(mdir, exist_ok=True)
+    rows = []
+    for name, (cfg, seed) in MODELS.items():
+        cfg = gd_model.full_config(cfg)
+        model = gd_model.randomize(gd_model.build_model(cfg), seed)
+        size = gd_model.save_weights(model, cfg, os.path.join(mdir, f"{name}.safetensors"), "f16")
+        rows.append((name, gd_model.count_params(model), size))
+    return rows
+
+
+def load_models(out_dir):
+    return {name: gd_model.load_weights(os.path.join(out_dir, "models", f"{name}.safetensors"))
+            for name in MODELS}
+
+
+def run_case(name, case, models, out_dir):
+    g = th.Generator().manual_seed(case["seed"])
+    x_T = th.randn(N, 3, SIZE, SIZE, generator=g)
+    tensors = {"x_T": x_T}
+
+    def term(spec, idx):
+        """Returns (model, description dict, kwargs builder) for one row of the composition."""
+        model, cfg = models[spec["model"]]
+        desc = {"model": spec["model"]}
+        image = emb = y = None
+        if "cls" in spec:
+            desc["class"] = spec["cls"]
+            y = th.full((N,), spec["cls"], dtype=th.int64)
+        if "image" in spec:
+            c = cfg["in_channels"] - 3
+            image = th.rand(spec["image"], c, SIZE, SIZE, generator=g) * 2 - 1
+            tensors[f"cond.{idx}"] = image
+            desc["image"] = f"cond.{idx}"
+        if "embedding" in spec:
+            emb = th.randn(spec["embedding"], cfg["embed_dim"], generator=g)
+            tensors[f"emb.{idx}"] = emb
+            desc["embedding"] = f"emb.{idx}"
+        if "weight" in spec:
+            desc["weight"] = spec["weight"]
+
+        def call(x, t):
+            inp = x if image is None else th.cat([x, image.expand(x.shape[0], -1, -1, -1)], dim=1)
+            e = None if emb is None else emb.expand(x.shape[0], -1)
+            return model(inp, t, y=y, emb=e)
+
+        return desc, call, spec.get("weight")
+
+    experts = [term(s, i) for i, s in enumerate(case["experts"])]
+    u_desc, u_call, _ = term(case["uncond"], "u")
+    assert "image" not in case["uncond"] and "embedding" not in case["uncond"]
+    u_cfg = models[case["uncond"]["model"]][1]
+    seen_t = []
+
+    def model_fn(x, t):
+        seen_t.append(int(t[0]))
+        assert (t == t[0]).all()
+        out_u = u_call(x, t)
+        eps_u = out_u[:, :3]
+        eps = eps_u
+        for _, call, w in experts:
+            eps = eps + w * (call(x, t)[:, :3] - eps_u)
+        if out_u.shape[1] > 3:
+            return th.cat([eps, out_u[:, 3:]], dim=1)
+        return eps
+
+    diffusion = create_gaussian_diffusion(
+        steps=u_cfg["diffusion_steps"],
+        learn_sigma=u_cfg["learn_sigma"],
+        sigma_small=u_cfg["sigma_small"],
+        noise_schedule=u_cfg["noise_schedule"],
+        use_kl=u_cfg["use_kl"],
+        predict_xstart=u_cfg["predict_xstart"],
+        rescale_timesteps=u_cfg["rescale_timesteps"],
+        rescale_learned_sigmas=u_cfg["rescale_learned_sigmas"],
+        timestep_respacing=case["respacing"],
+    )
+    for _, (c, _s) in MODELS.items():  # one schedule for all models
+        assert c["diffusion_steps"] == u_cfg["diffusion_steps"]
+    th.manual_seed(case["seed"])  # ddim_sample draws (unused, eta = 0) noise from the global RNG
+    traj = []
+    with th.no_grad():
+        for step in diffusion.ddim_sample_loop_progressive(
+            model_fn, (N, 3, SIZE, SIZE), noise=x_T.clone(), clip_denoised=case["clip"],
+            device=th.device("cpu"), progress=False, eta=0.0,
+        ):
+            traj.append(step["sample"])
+        samples = diffusion.ddim_sample_loop(
+            model_fn, (N, 3, SIZE, SIZE), noise=x_T.clone(), clip_denoised=case["clip"],
+            device=th.device("cpu"), progress=False, eta=0.0,
+        )
+    steps = len(traj)
+    assert len(seen_t) == 2 * steps
+    assert th.equal(samples, traj[-1]), "ddim_sample_loop and its progressive form disagree"
+    assert th.isfinite(samples).all()
+    tensors["samples"] = samples
+    tensors["trajectory"] = th.stack(traj)
+    tensors["timesteps"] = th.tensor(seen_t[:steps], dtype=th.int64)
+
+    used = [case["uncond"]["model"]] + [s["model"] for s in case["experts"]]
+    desc = {
+        "models": {m: f"models/{m}.safetensors" for m in dict.fromkeys(used)},
+        "experts": [d for d, _, _ in experts],
+        "uncond": u_desc,
+        "sampler": "ddim",
+        "eta": 0.0,
+        "timestep_respacing": case["respacing"],
+        "clip_denoised": case["clip"],
+    }
+    path = os.path.join(out_dir, f"{name}.safetensors")
+    gd_model.save_safetensors(tensors, path, metadata={"case": name})
+    gd_model.atomic_write_bytes(os.path.join(out_dir, f"{name}.json"),
+                                (json.dumps(desc, indent=2) + "\n").encode())
+    back = load_file(path)
+    assert all(th.equal(back[k], v) for k, v in tensors.items())
+    return dict(case=name, steps=steps, timesteps=seen_t[:steps], bytes=os.path.getsize(path),
+                absmax=float(samples.abs().max()), std=float(samples.std()),
+                keys={k: tuple(v.shape) for k, v in tensors.items()})
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ap.add_argument("--out", default=os.path.join(root, "tests", "fixtures", "sample"))
+    args = ap.parse_args()
+    th.set_num_threads(max(1, os.cpu_count() or 1))
+    os.makedirs(args.out, exist_ok=True)
+    for name, params, size in write_models(args.out):
+        print(f"model {name:8} params {params:7d} bytes {size}")
+    models = load_models(args.out)  # the float32 models with the stored (f16-rounded) weights
+    for name, case in CASES.items():
+        r = run_case(name, case, models, args.out)
+        print(f"case {r['case']:24} steps {r['steps']:2d} t {r['timesteps']} bytes {r['bytes']} "
+              f"|samples|max {r['absmax']:.3f} std {r['std']:.3f}")
+        print(f"    tensors {r['keys']}")
+
+
+if __name__ == "__main__":
+    main()
