@@ -34,6 +34,8 @@ pub enum Error {
     Input(String),
     #[error("invalid diffusion settings: {0}")]
     Diffusion(String),
+    #[error("CUDA: {0}")]
+    Cuda(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

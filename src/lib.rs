@@ -5,6 +5,7 @@
 //! `eps = eps_u + sum_i w_i (eps_i - eps_u)`.
 
 pub mod config;
+pub mod cuda;
 pub mod error;
 pub mod image;
 pub mod model;

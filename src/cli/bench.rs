@@ -8,7 +8,10 @@ use anyhow::{bail, Context, Result};
 use mcdm::config::{resolve, PartialConfig, Source};
 use mcdm::model::{Conditioning, UNet, Workspace};
 
-use super::{resolve_device, Device};
+use mcdm::cuda::{Gpu, GpuFloat};
+use mcdm::model::{GpuUNet, GpuWorkspace};
+
+use super::{backend, Backend, Device, Dtype};
 
 /// Time UNet forward passes (random weights) for a config at several batch sizes.
 #[derive(clap::Args)]
@@ -30,10 +33,35 @@ pub struct Args {
     output: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
+    /// GPU storage type.
+    #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
+    dtype: Dtype,
+}
+
+/// Times one forward pass of `n` images; `None` runs on the CPU.
+enum Runner {
+    Cpu(Workspace),
+    Bf16(GpuUNet<half::bf16>, GpuWorkspace<half::bf16>),
+    F16(GpuUNet<half::f16>, GpuWorkspace<half::f16>),
+    F32(GpuUNet<f32>, GpuWorkspace<f32>),
+}
+
+fn run_gpu<T: GpuFloat>(
+    dev: &GpuUNet<T>,
+    ws: &mut GpuWorkspace<T>,
+    unet: &UNet,
+    x: &[f32],
+    shape: [usize; 4],
+    cond: &Conditioning<'_>,
+    gpu: &Gpu,
+) -> Result<()> {
+    dev.forward_nchw(unet, x, shape, cond, ws)?;
+    gpu.synchronize()?;
+    Ok(())
 }
 
 pub fn run(args: Args) -> Result<()> {
-    resolve_device(args.device)?;
+    let backend = backend(args.device)?;
     if args.iters == 0 || args.batch.contains(&0) {
         bail!("--iters and every --batch must be positive");
     }
@@ -44,18 +72,51 @@ pub fn run(args: Args) -> Result<()> {
     let source = Source::File(args.config.display().to_string());
     let cfg = resolve(&[(source, partial)], &Default::default())?;
     let unet = UNet::random(&cfg.unet, 0)?;
+    let (device_name, mut runner) = match &backend {
+        Backend::Cpu => (
+            format!("cpu, {} threads", rayon::current_num_threads()),
+            Runner::Cpu(Workspace::new()),
+        ),
+        Backend::Cuda(gpu) => (
+            format!("{}, {:?}", gpu.info().name, args.dtype),
+            match args.dtype {
+                Dtype::Bf16 => Runner::Bf16(
+                    GpuUNet::upload(&unet, gpu.clone())?,
+                    GpuWorkspace::default(),
+                ),
+                Dtype::F16 => Runner::F16(
+                    GpuUNet::upload(&unet, gpu.clone())?,
+                    GpuWorkspace::default(),
+                ),
+                Dtype::F32 => Runner::F32(
+                    GpuUNet::upload(&unet, gpu.clone())?,
+                    GpuWorkspace::default(),
+                ),
+            },
+        ),
+    };
+    let mut forward = |x: &[f32], shape: [usize; 4], cond: &Conditioning<'_>| -> Result<()> {
+        match (&mut runner, &backend) {
+            (Runner::Cpu(ws), _) => unet
+                .forward_nchw(x, shape, cond, ws)
+                .map(|_| ())
+                .map_err(Into::into),
+            (Runner::Bf16(d, ws), Backend::Cuda(g)) => run_gpu(d, ws, &unet, x, shape, cond, g),
+            (Runner::F16(d, ws), Backend::Cuda(g)) => run_gpu(d, ws, &unet, x, shape, cond, g),
+            (Runner::F32(d, ws), Backend::Cuda(g)) => run_gpu(d, ws, &unet, x, shape, cond, g),
+            _ => unreachable!("runner and backend are made together"),
+        }
+    };
     let size = cfg.unet.image_size;
     let gflop = unet.flops_per_image(size, size) / 1e9;
-    let threads = rayon::current_num_threads();
     eprintln!(
-        "config {} ({:.1} M parameters, {gflop:.2} GFLOP per image at {size}x{size}), cpu, {threads} threads",
+        "config {} ({:.1} M parameters, {gflop:.2} GFLOP per image at {size}x{size}), {device_name}",
         args.config.display(),
         unet.parameters() as f64 / 1e6
     );
     println!("| batch | s / forward | ms / image | images / s | GFLOP/s |");
     println!("|---:|---:|---:|---:|---:|");
     let mut rows = Vec::new();
-    let mut ws = Workspace::new();
     for &n in &args.batch {
         let c = cfg.unet.in_channels;
         let x: Vec<f32> = (0..n * c * size * size)
@@ -72,11 +133,11 @@ pub fn run(args: Args) -> Result<()> {
             labels: labels.as_deref(),
             embedding: emb.as_deref(),
         };
-        unet.forward_nchw(&x, [n, c, size, size], &cond, &mut ws)?;
+        forward(&x, [n, c, size, size], &cond)?;
         let mut times = Vec::new();
         for _ in 0..args.iters {
             let start = Instant::now();
-            unet.forward_nchw(&x, [n, c, size, size], &cond, &mut ws)?;
+            forward(&x, [n, c, size, size], &cond)?;
             times.push(start.elapsed().as_secs_f64());
         }
         times.sort_by(f64::total_cmp);
@@ -95,8 +156,7 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(path) = &args.output {
         let record = serde_json::json!({
             "tool": format!("mcdm {}", env!("CARGO_PKG_VERSION")),
-            "device": "cpu",
-            "threads": threads,
+            "device": device_name,
             "config": cfg.unet.to_json(&cfg.diffusion),
             "gflop_per_image": gflop,
             "results": rows,

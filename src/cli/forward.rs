@@ -8,7 +8,10 @@ use anyhow::{bail, Context, Result};
 use mcdm::model::{load_model, Conditioning, Workspace};
 use mcdm::weights::{write_safetensors, SafetensorsFile, StorageDtype, TensorData};
 
-use super::{config_arg, resolve_device, Device};
+use mcdm::cuda::GpuFloat;
+use mcdm::model::{GpuUNet, GpuWorkspace, LoadedModel};
+
+use super::{backend, config_arg, Backend, Device, Dtype};
 
 /// Run one forward pass, e.g. to check a converted checkpoint against PyTorch.
 #[derive(clap::Args)]
@@ -32,10 +35,24 @@ pub struct Args {
     output: PathBuf,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
+    /// GPU storage type (the CPU computes in f32).
+    #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
+    dtype: Dtype,
+}
+
+fn forward_gpu<T: GpuFloat>(
+    gpu: std::sync::Arc<mcdm::cuda::Gpu>,
+    model: &LoadedModel,
+    x: &[f32],
+    shape: [usize; 4],
+    cond: &Conditioning<'_>,
+) -> Result<Vec<f32>> {
+    let dev = GpuUNet::<T>::upload(&model.unet, gpu).context("uploading the model")?;
+    Ok(dev.forward_nchw(&model.unet, x, shape, cond, &mut GpuWorkspace::default())?)
 }
 
 pub fn run(args: Args) -> Result<()> {
-    resolve_device(args.device)?;
+    let backend = backend(args.device)?;
     let model = load_model(&args.model, config_arg(&args.config)?)
         .with_context(|| format!("loading model {}", args.model.display()))?;
     let input = SafetensorsFile::open(&args.input)
@@ -76,11 +93,19 @@ pub fn run(args: Args) -> Result<()> {
         labels: labels.as_deref(),
         embedding: embedding.as_deref(),
     };
-    let mut ws = Workspace::new();
-    let out = model
-        .unet
-        .forward_nchw(&x, [n, c, h, w], &cond, &mut ws)
-        .context("forward pass")?;
+    let shape = [n, c, h, w];
+    let out = match backend {
+        Backend::Cpu => model
+            .unet
+            .forward_nchw(&x, shape, &cond, &mut Workspace::new())
+            .map_err(anyhow::Error::from),
+        Backend::Cuda(gpu) => match args.dtype {
+            Dtype::Bf16 => forward_gpu::<half::bf16>(gpu, &model, &x, shape, &cond),
+            Dtype::F16 => forward_gpu::<half::f16>(gpu, &model, &x, shape, &cond),
+            Dtype::F32 => forward_gpu::<f32>(gpu, &model, &x, shape, &cond),
+        },
+    }
+    .context("forward pass")?;
     let oc = model.unet.config().out_channels();
     let meta = BTreeMap::from([(
         "producer".to_string(),

@@ -2,13 +2,17 @@
 
 mod bench;
 mod forward;
+mod info;
 mod inspect;
 mod sample;
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use mcdm::cuda::{unavailable_reason, Gpu};
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +33,7 @@ enum Command {
     Sample(sample::Args),
     Forward(forward::Args),
     Bench(bench::Args),
+    Info(info::Args),
     Inspect(inspect::Args),
 }
 
@@ -41,13 +46,30 @@ pub enum Device {
     Auto,
 }
 
-/// The backend to use for `device`; CUDA is not part of this build yet.
-fn resolve_device(device: Device) -> Result<Device> {
+/// Storage and tensor-core precision on the GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Dtype {
+    Bf16,
+    F16,
+    /// For checking against the CPU.
+    F32,
+}
+
+/// Where work runs, once resolved.
+pub enum Backend {
+    Cpu,
+    Cuda(Arc<Gpu>),
+}
+
+/// `auto` takes the GPU when one is usable; `cuda` insists on it with a clear error.
+fn backend(device: Device) -> Result<Backend> {
     match device {
-        Device::Cpu | Device::Auto => Ok(Device::Cpu),
-        Device::Cuda => bail!(
-            "--device cuda: this build of mcdm has no CUDA backend yet; use --device cpu (or auto)"
-        ),
+        Device::Cpu => Ok(Backend::Cpu),
+        Device::Auto if unavailable_reason().is_some() => Ok(Backend::Cpu),
+        Device::Auto | Device::Cuda => {
+            let gpu = Gpu::new(0).context("--device cuda")?;
+            Ok(Backend::Cuda(gpu))
+        }
     }
 }
 
@@ -66,5 +88,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Forward(args) => forward::run(args),
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Info(args) => info::run(args),
     }
 }

@@ -17,7 +17,10 @@ use mcdm::sample::{
 };
 use mcdm::weights::{write_atomic, write_safetensors, SafetensorsFile, TensorData};
 
-use super::{resolve_device, Device};
+use mcdm::cuda::{Gpu, GpuFloat};
+use mcdm::model::GpuUNet;
+
+use super::{backend, Backend, Device, Dtype};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Sampler {
@@ -53,7 +56,8 @@ pub struct Args {
     #[arg(long, value_name = "SPEC")]
     uncond: Option<String>,
     /// A JSON job file holding models, experts, uncond and any of the options below (paths
-    /// relative to the file); command-line flags override it.
+    /// relative to the file); command-line flags override it. With no model, term or job given,
+    /// the default job examples/default.json runs.
     #[arg(long)]
     job: Option<PathBuf>,
     #[arg(long, value_enum)]
@@ -88,6 +92,32 @@ pub struct Args {
     out: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
+    /// GPU storage type.
+    #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
+    dtype: Dtype,
+}
+
+/// Uploads the models and samples on the GPU.
+fn sample_on_gpu<T: GpuFloat>(
+    gpu: &std::sync::Arc<Gpu>,
+    loaded: &[LoadedModel],
+    sampler: &ComposedSampler<'_>,
+    plan: &Plan,
+    init_noise: Option<&[f32]>,
+    on_step: &mut dyn FnMut(usize),
+) -> Result<Vec<f32>> {
+    let models = loaded
+        .iter()
+        .map(|m| GpuUNet::<T>::upload(&m.unet, gpu.clone()))
+        .collect::<mcdm::Result<Vec<_>>>()
+        .context("uploading the models")?;
+    Ok(sampler.sample_gpu(
+        &models,
+        plan.num_samples,
+        plan.batch_size,
+        init_noise,
+        on_step,
+    )?)
 }
 
 /// A term as written by the user, before loading.
@@ -197,10 +227,29 @@ struct Plan {
     out: PathBuf,
 }
 
+/// The built-in default job: the SynthFaces experts composed on held-back conditions.
+fn default_job() -> Result<PathBuf> {
+    let rel = Path::new("examples/default.json");
+    [Path::new("."), Path::new(env!("CARGO_MANIFEST_DIR"))]
+        .iter()
+        .map(|d| d.join(rel))
+        .find(|p| p.is_file())
+        .ok_or_else(|| anyhow!("no model given and the default job examples/default.json was not found: give --model and --uncond, or --job FILE"))
+}
+
 fn plan(args: &Args) -> Result<Plan> {
     let mut job = serde_json::Map::new();
     let mut base = PathBuf::from(".");
-    if let Some(path) = &args.job {
+    let nothing_given = args.job.is_none()
+        && args.models.is_empty()
+        && args.uncond.is_none()
+        && args.experts.is_empty();
+    let job_path = if nothing_given {
+        Some(default_job()?)
+    } else {
+        args.job.clone()
+    };
+    if let Some(path) = &job_path {
         let mut text = String::new();
         std::fs::File::open(path)
             .and_then(|mut f| f.read_to_string(&mut text))
@@ -386,7 +435,7 @@ fn sha256_file(path: &Path) -> Result<String> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    resolve_device(args.device)?;
+    let backend = backend(args.device)?;
     let plan = plan(&args)?;
     // Fail on an unwritable output directory before any sampling work.
     std::fs::create_dir_all(&plan.out)
@@ -535,7 +584,7 @@ pub fn run(args: Args) -> Result<()> {
     );
     let start = Instant::now();
     let (mut done_steps, mut image_steps) = (0usize, 0usize);
-    let samples = sampler.sample(n, plan.batch_size, init_noise.as_deref(), &mut |b| {
+    let mut on_step = |b: usize| {
         done_steps += 1;
         image_steps += b;
         let images_per_s =
@@ -545,7 +594,36 @@ pub fn run(args: Args) -> Result<()> {
             "batch {batch}/{batches} step {step}/{steps}, {images_per_s:.2} images/s"
         ));
         bar.inc(1);
-    })?;
+    };
+    let samples = match (&backend, args.dtype) {
+        (Backend::Cpu, _) => {
+            sampler.sample(n, plan.batch_size, init_noise.as_deref(), &mut on_step)?
+        }
+        (Backend::Cuda(gpu), Dtype::Bf16) => sample_on_gpu::<half::bf16>(
+            gpu,
+            &loaded,
+            &sampler,
+            &plan,
+            init_noise.as_deref(),
+            &mut on_step,
+        )?,
+        (Backend::Cuda(gpu), Dtype::F16) => sample_on_gpu::<half::f16>(
+            gpu,
+            &loaded,
+            &sampler,
+            &plan,
+            init_noise.as_deref(),
+            &mut on_step,
+        )?,
+        (Backend::Cuda(gpu), Dtype::F32) => sample_on_gpu::<f32>(
+            gpu,
+            &loaded,
+            &sampler,
+            &plan,
+            init_noise.as_deref(),
+            &mut on_step,
+        )?,
+    };
     bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
 
@@ -612,7 +690,7 @@ pub fn run(args: Args) -> Result<()> {
         "batch_size": plan.batch_size,
         "image_size": [h, w],
         "init_noise": args.init_noise.as_ref().map(|p| json!({ "path": p.display().to_string(), "sha256": sha256_file(p).ok() })),
-        "device": "cpu",
+        "device": match &backend { Backend::Cpu => "cpu".to_string(), Backend::Cuda(g) => format!("{} ({:?})", g.info().name, args.dtype) },
         "seconds": seconds,
     });
     write_atomic(

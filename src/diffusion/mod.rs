@@ -13,6 +13,7 @@ mod step;
 pub use compose::compose;
 pub use respace::space_timesteps;
 pub use schedule::beta_schedule;
+pub use step::StepParams;
 
 use crate::config::DiffusionConfig;
 use crate::error::{Error, Result};

@@ -9,6 +9,59 @@
 use super::{Diffusion, ModelMeanType, ModelVarType};
 use crate::error::{Error, Result};
 
+/// The f32 scalars of one update, used by the CPU loops below and passed by value to the fused
+/// CUDA kernel (`kernels/step.cu`, whose `StepParams` has this exact field order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepParams {
+    /// 0 DDIM, 1 DDPM.
+    pub mode: i32,
+    pub predict_xstart: i32,
+    pub clip: i32,
+    /// Whether this step adds noise (DDIM: `i > 0 && sigma != 0`; DDPM: `i > 0`).
+    pub add_noise: i32,
+    pub sqrt_recip: f32,
+    pub sqrt_recipm1: f32,
+    pub sqrt_alpha_bar_prev: f32,
+    pub eps_coef: f32,
+    pub sigma: f32,
+    pub coef1: f32,
+    pub coef2: f32,
+    /// exp(log_var / 2) of the fixed variances.
+    pub noise_std: f32,
+    /// The learned range's bounds: log beta~ and log beta.
+    pub min_log: f32,
+    pub max_log: f32,
+    /// Philox key (seed) and step word of the noise, set with [`StepParams::with_noise_key`].
+    pub seed_lo: u32,
+    pub seed_hi: u32,
+    pub step: u32,
+    pub reserved: u32,
+}
+
+impl StepParams {
+    /// The noise of this step is Philox normals keyed by `seed` and `step`.
+    pub fn with_noise_key(mut self, seed: u64, step: u32) -> Self {
+        self.seed_lo = seed as u32;
+        self.seed_hi = (seed >> 32) as u32;
+        self.step = step;
+        self
+    }
+
+    fn xstart(&self) -> XstartCoefs {
+        XstartCoefs {
+            mean_type: if self.predict_xstart != 0 {
+                ModelMeanType::StartX
+            } else {
+                ModelMeanType::Epsilon
+            },
+            clip: self.clip != 0,
+            sqrt_recip: self.sqrt_recip,
+            sqrt_recipm1: self.sqrt_recipm1,
+        }
+    }
+}
+
 /// The f32 coefficients of the x_0 prediction at one step.
 #[derive(Clone, Copy)]
 struct XstartCoefs {
@@ -72,6 +125,59 @@ impl Diffusion {
         }
     }
 
+    fn base_params(&self, i: usize, clip: bool) -> StepParams {
+        let c = self.xstart_coefs(i, clip);
+        StepParams {
+            predict_xstart: (self.mean_type == ModelMeanType::StartX) as i32,
+            clip: clip as i32,
+            sqrt_recip: c.sqrt_recip,
+            sqrt_recipm1: c.sqrt_recipm1,
+            ..Default::default()
+        }
+    }
+
+    /// The scalars of the DDIM update at spaced step `i` (see [`Diffusion::ddim_step`]).
+    pub fn ddim_params(&self, i: usize, eta: f32, clip_denoised: bool) -> Result<StepParams> {
+        self.check_step(i)?;
+        let alpha_bar = self.tables.alphas_cumprod[i] as f32;
+        let alpha_bar_prev = self.tables.alphas_cumprod_prev[i] as f32;
+        let sigma = eta
+            * ((1.0 - alpha_bar_prev) / (1.0 - alpha_bar)).sqrt()
+            * (1.0 - alpha_bar / alpha_bar_prev).sqrt();
+        Ok(StepParams {
+            mode: 0,
+            add_noise: (i > 0 && sigma != 0.0) as i32,
+            sqrt_alpha_bar_prev: alpha_bar_prev.sqrt(),
+            eps_coef: (1.0 - alpha_bar_prev - sigma * sigma).sqrt(),
+            sigma,
+            ..self.base_params(i, clip_denoised)
+        })
+    }
+
+    /// The scalars of the DDPM update at spaced step `i` (see [`Diffusion::ddpm_step`]).
+    pub fn ddpm_params(&self, i: usize, clip_denoised: bool) -> Result<StepParams> {
+        self.check_step(i)?;
+        let t = &self.tables;
+        let fixed_log_var = match self.var_type {
+            ModelVarType::FixedSmall | ModelVarType::LearnedRange => {
+                t.posterior_log_variance_clipped[i]
+            }
+            // The reference's fixed-large chain starts from beta~_1, not beta_0.
+            ModelVarType::FixedLarge if i == 0 => t.posterior_variance[1].ln(),
+            ModelVarType::FixedLarge => t.betas[i].ln(),
+        };
+        Ok(StepParams {
+            mode: 1,
+            add_noise: (i > 0) as i32,
+            coef1: t.posterior_mean_coef1[i] as f32,
+            coef2: t.posterior_mean_coef2[i] as f32,
+            noise_std: (0.5 * fixed_log_var as f32).exp(),
+            min_log: t.posterior_log_variance_clipped[i] as f32,
+            max_log: t.betas[i].ln() as f32,
+            ..self.base_params(i, clip_denoised)
+        })
+    }
+
     /// The model's prediction of x_0 at spaced step `i` (`p_mean_variance`'s `pred_xstart`),
     /// clipped to [-1, 1] when `clip`. `model_out` is the (composed) eps, or x_0 when the
     /// model predicts x_0; all slices have the length of `x`.
@@ -116,15 +222,10 @@ impl Diffusion {
         let n = x.len();
         check_len("model output", model_out.len(), n)?;
         check_len("out", out.len(), n)?;
-        let c = self.xstart_coefs(i, clip_denoised);
-        let alpha_bar = self.tables.alphas_cumprod[i] as f32;
-        let alpha_bar_prev = self.tables.alphas_cumprod_prev[i] as f32;
-        let sigma = eta
-            * ((1.0 - alpha_bar_prev) / (1.0 - alpha_bar)).sqrt()
-            * (1.0 - alpha_bar / alpha_bar_prev).sqrt();
-        let sqrt_alpha_bar_prev = alpha_bar_prev.sqrt();
-        let eps_coef = (1.0 - alpha_bar_prev - sigma * sigma).sqrt();
-        let noise = if i > 0 && sigma != 0.0 {
+        let p = self.ddim_params(i, eta, clip_denoised)?;
+        let c = p.xstart();
+        let (sqrt_alpha_bar_prev, eps_coef, sigma) = (p.sqrt_alpha_bar_prev, p.eps_coef, p.sigma);
+        let noise = if p.add_noise != 0 {
             Some(required_noise(noise, i, n)?)
         } else {
             None
@@ -165,11 +266,10 @@ impl Diffusion {
         let n = x.len();
         check_len("model output", model_out.len(), n)?;
         check_len("out", out.len(), n)?;
-        let t = &self.tables;
-        let c = self.xstart_coefs(i, clip_denoised);
-        let coef1 = t.posterior_mean_coef1[i] as f32;
-        let coef2 = t.posterior_mean_coef2[i] as f32;
-        let noise = if i > 0 {
+        let p = self.ddpm_params(i, clip_denoised)?;
+        let c = p.xstart();
+        let (coef1, coef2) = (p.coef1, p.coef2);
+        let noise = if p.add_noise != 0 {
             Some(required_noise(noise, i, n)?)
         } else {
             None
@@ -178,8 +278,7 @@ impl Diffusion {
         match (self.var_type, v) {
             (ModelVarType::LearnedRange, Some(v)) => {
                 check_len("variance output", v.len(), n)?;
-                let min_log = t.posterior_log_variance_clipped[i] as f32;
-                let max_log = t.betas[i].ln() as f32;
+                let (min_log, max_log) = (p.min_log, p.max_log);
                 for (k, ((o, &x), &m)) in out.iter_mut().zip(x).zip(model_out).enumerate() {
                     *o = match noise {
                         Some(z) => {
@@ -202,16 +301,8 @@ impl Diffusion {
                     "a variance output was given but the diffusion's variance is fixed".into(),
                 ))
             }
-            (fixed, None) => {
-                let log_var = if fixed == ModelVarType::FixedSmall {
-                    t.posterior_log_variance_clipped[i]
-                } else if i == 0 {
-                    // The reference's fixed-large chain starts from beta~_1, not beta_0.
-                    t.posterior_variance[1].ln()
-                } else {
-                    t.betas[i].ln()
-                };
-                let std = (0.5 * log_var as f32).exp();
+            (_, None) => {
+                let std = p.noise_std;
                 for (k, ((o, &x), &m)) in out.iter_mut().zip(x).zip(model_out).enumerate() {
                     *o = match noise {
                         Some(z) => mean(x, m) + std * z[k],

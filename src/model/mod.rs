@@ -2,8 +2,10 @@
 
 mod load;
 pub mod unet;
+pub mod unet_gpu;
 pub mod workspace;
 
 pub use load::{load_model, LoadedModel};
 pub use unet::{Conditioning, UNet};
+pub use unet_gpu::{GpuConditioning, GpuUNet, GpuWorkspace};
 pub use workspace::Workspace;

@@ -9,6 +9,7 @@ use crate::ops::attention::{legacy_qkv_to_new_order, Attention};
 use crate::ops::conv::Conv2d;
 use crate::ops::embedding::timestep_embedding;
 use crate::ops::group_norm::GroupNorm;
+use crate::ops::layout::{nchw_to_nhwc, nhwc_to_nchw};
 use crate::ops::linear::Linear;
 use crate::ops::resample::{avg_pool2x, upsample_nearest2x};
 use crate::ops::silu;
@@ -163,24 +164,24 @@ impl<'a> Loader<'a> {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum UpDown {
+pub(crate) enum UpDown {
     None,
     Up,
     Down,
 }
 
-struct ResBlock {
-    in_norm: GroupNorm,
-    in_conv: Conv2d,
-    updown: UpDown,
-    emb_proj: Linear,
-    out_norm: GroupNorm,
-    out_conv: Conv2d,
-    skip: Option<Conv2d>,
-    scale_shift: bool,
+pub(crate) struct ResBlock {
+    pub(crate) in_norm: GroupNorm,
+    pub(crate) in_conv: Conv2d,
+    pub(crate) updown: UpDown,
+    pub(crate) emb_proj: Linear,
+    pub(crate) out_norm: GroupNorm,
+    pub(crate) out_conv: Conv2d,
+    pub(crate) skip: Option<Conv2d>,
+    pub(crate) scale_shift: bool,
 }
 
-enum Layer {
+pub(crate) enum Layer {
     Conv(Conv2d),
     Res(ResBlock),
     Attn(Attention),
@@ -210,14 +211,14 @@ pub struct Conditioning<'a> {
 /// A guided-diffusion UNet with weights in f32.
 pub struct UNet {
     config: UNetConfig,
-    time_embed: [Linear; 2],
-    label_emb: Option<Vec<f32>>,
-    vector_emb: Option<Linear>,
-    input_blocks: Vec<Vec<Layer>>,
-    middle_block: Vec<Layer>,
-    output_blocks: Vec<Vec<Layer>>,
-    out_norm: GroupNorm,
-    out_conv: Conv2d,
+    pub(crate) time_embed: [Linear; 2],
+    pub(crate) label_emb: Option<Vec<f32>>,
+    pub(crate) vector_emb: Option<Linear>,
+    pub(crate) input_blocks: Vec<Vec<Layer>>,
+    pub(crate) middle_block: Vec<Layer>,
+    pub(crate) output_blocks: Vec<Vec<Layer>>,
+    pub(crate) out_norm: GroupNorm,
+    pub(crate) out_conv: Conv2d,
     parameters: usize,
 }
 
@@ -804,27 +805,5 @@ fn concat_channels(a: &Act, b: &Act, n: usize, ws: &mut Workspace) -> Act {
         h: a.h,
         w: a.w,
         c,
-    }
-}
-
-/// `[n, c, hw]` -> `[n, hw, c]`.
-pub fn nchw_to_nhwc(x: &[f32], n: usize, c: usize, hw: usize, out: &mut [f32]) {
-    for b in 0..n {
-        for ch in 0..c {
-            for p in 0..hw {
-                out[(b * hw + p) * c + ch] = x[(b * c + ch) * hw + p];
-            }
-        }
-    }
-}
-
-/// `[n, hw, c]` -> `[n, c, hw]`.
-pub fn nhwc_to_nchw(x: &[f32], n: usize, c: usize, hw: usize, out: &mut [f32]) {
-    for b in 0..n {
-        for ch in 0..c {
-            for p in 0..hw {
-                out[(b * c + ch) * hw + p] = x[(b * hw + p) * c + ch];
-            }
-        }
     }
 }

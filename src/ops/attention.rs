@@ -4,11 +4,15 @@
 //! head-major); legacy checkpoints are permuted at load ([`legacy_qkv_to_new_order`]), so one
 //! attention routine serves both orders. The T x T score matrix is formed in row chunks.
 
+use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
-use super::conv::Conv2d;
-use super::group_norm::GroupNorm;
+use super::conv::{check_len, Conv2d, GpuConv2d, Residual};
+use super::group_norm::{GpuGroupNorm, GroupNorm};
 use super::matmul::{matmul, Mat};
+use crate::cuda::buffer::GpuPool;
+use crate::cuda::{Arg, Gpu, GpuBuffer, GpuFloat};
+use crate::error::Result;
 
 /// Query rows per task.
 const QUERY_CHUNK: usize = 64;
@@ -140,4 +144,92 @@ pub fn attend(qkv: &[f32], n: usize, t: usize, c: usize, heads: usize, out: &mut
                     }
                 });
         });
+}
+
+/// An attention block on the device.
+pub struct GpuAttention<T> {
+    pub channels: usize,
+    pub heads: usize,
+    pub norm: GpuGroupNorm,
+    pub qkv: GpuConv2d<T>,
+    pub proj_out: GpuConv2d<T>,
+}
+
+impl Attention {
+    pub fn upload<T: GpuFloat>(&self, gpu: &Gpu) -> Result<GpuAttention<T>> {
+        Ok(GpuAttention {
+            channels: self.channels,
+            heads: self.heads,
+            norm: self.norm.upload(gpu)?,
+            qkv: self.qkv.upload(gpu)?,
+            proj_out: self.proj_out.upload(gpu)?,
+        })
+    }
+}
+
+impl<T: GpuFloat> GpuAttention<T> {
+    /// out = x + proj_out(attention(qkv(norm(x)))), x and out `[n, t, c]`.
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        x: &GpuBuffer<T>,
+        n: usize,
+        t: usize,
+        out: &mut GpuBuffer<T>,
+        pool: &mut GpuPool<T>,
+        stats: &mut GpuBuffer<f32>,
+    ) -> Result<()> {
+        let c = self.channels;
+        let mut normed = pool.take(gpu, n * t * c)?;
+        self.norm
+            .forward(gpu, x, n, t, &mut normed, stats, None, false)?;
+        let mut qkv = pool.take(gpu, n * t * 3 * c)?;
+        self.qkv
+            .forward(gpu, &normed, n, t, 1, &mut qkv, Residual::None)?;
+        attend_gpu(gpu, &qkv, n, t, c, self.heads, &mut normed)?;
+        self.proj_out
+            .forward(gpu, &normed, n, t, 1, out, Residual::Buffer(x))?;
+        pool.give(normed);
+        pool.give(qkv);
+        Ok(())
+    }
+}
+
+/// `kernels/attention.cu`: the device counterpart of [`attend`].
+pub fn attend_gpu<T: GpuFloat>(
+    gpu: &Gpu,
+    qkv: &GpuBuffer<T>,
+    n: usize,
+    t: usize,
+    c: usize,
+    heads: usize,
+    out: &mut GpuBuffer<T>,
+) -> Result<()> {
+    check_len("attention qkv", qkv.len(), n * t * 3 * c)?;
+    check_len("attention output", out.len(), n * t * c)?;
+    let d = c / heads;
+    if d > 128 || d % 8 != 0 || c % heads != 0 {
+        return Err(crate::Error::Cuda(format!(
+            "attention head width {c}/{heads} is unsupported on the GPU (needs a multiple of 8, at most 128)"
+        )));
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (t.div_ceil(64) as u32, heads as u32, n as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let i = |v: usize| Arg::I32(v as i32);
+    gpu.launch(
+        "attention",
+        &format!("attention{}", T::SUFFIX),
+        cfg,
+        &[
+            Arg::Ptr(qkv.ptr(gpu)),
+            Arg::Ptr(out.ptr(gpu)),
+            i(n),
+            i(t),
+            i(c),
+            i(heads),
+        ],
+    )
 }

@@ -3,9 +3,12 @@
 //! The CPU reference lowers to GEMM: im2col rows `[pixels, k*k*cin]` times the weight
 //! `[k*k*cin, cout]`, in chunks of rows so the scratch stays small.
 
+use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
 use super::matmul::{matmul, Mat};
+use crate::cuda::{Arg, Gpu, GpuBuffer, GpuFloat};
+use crate::error::Result;
 
 /// Scratch floats per im2col chunk (16 MiB).
 const IM2COL_CHUNK: usize = 1 << 22;
@@ -163,4 +166,120 @@ impl Conv2d {
                 }
             });
     }
+}
+
+/// The residual added in a convolution's epilogue.
+pub enum Residual<'a, T> {
+    None,
+    /// `y += conv(x) + bias`.
+    Output,
+    /// `y = conv(x) + bias + r`.
+    Buffer(&'a GpuBuffer<T>),
+}
+
+/// A convolution's parameters on the device: weight OHWI `[cout, k, k, cin]` in `T`, bias f32.
+pub struct GpuConv2d<T> {
+    pub cin: usize,
+    pub cout: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    weight: GpuBuffer<T>,
+    bias: GpuBuffer<f32>,
+}
+
+impl Conv2d {
+    /// Uploads the parameters, repacked from `[k, k, cin, cout]` to OHWI.
+    pub fn upload<T: GpuFloat>(&self, gpu: &Gpu) -> Result<GpuConv2d<T>> {
+        let (k, cin, cout) = (self.kernel, self.cin, self.cout);
+        let mut ohwi = vec![0.0; self.weight.len()];
+        for co in 0..cout {
+            for tap in 0..k * k {
+                for ci in 0..cin {
+                    ohwi[(co * k * k + tap) * cin + ci] = self.weight[(tap * cin + ci) * cout + co];
+                }
+            }
+        }
+        Ok(GpuConv2d {
+            cin,
+            cout,
+            kernel: k,
+            stride: self.stride,
+            weight: gpu.upload(&ohwi)?,
+            bias: gpu.upload(&self.bias)?,
+        })
+    }
+}
+
+impl<T: GpuFloat> GpuConv2d<T> {
+    pub fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
+        let p = self.kernel / 2;
+        (
+            (h + 2 * p - self.kernel) / self.stride + 1,
+            (w + 2 * p - self.kernel) / self.stride + 1,
+        )
+    }
+
+    /// `kernels/conv.cu`: x `[n, h, w, cin]` -> y `[n, ho, wo, cout]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        x: &GpuBuffer<T>,
+        n: usize,
+        h: usize,
+        w: usize,
+        y: &mut GpuBuffer<T>,
+        residual: Residual<'_, T>,
+    ) -> Result<()> {
+        let (ho, wo) = self.out_size(h, w);
+        let out_len = n * ho * wo * self.cout;
+        check_len("conv input", x.len(), n * h * w * self.cin)?;
+        check_len("conv output", y.len(), out_len)?;
+        let res = match residual {
+            Residual::None => 0,
+            Residual::Output => y.ptr(gpu),
+            Residual::Buffer(r) => {
+                check_len("conv residual", r.len(), out_len)?;
+                r.ptr(gpu)
+            }
+        };
+        let m = n * ho * wo;
+        let cfg = LaunchConfig {
+            grid_dim: (m.div_ceil(64) as u32, self.cout.div_ceil(64) as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let i = |v: usize| Arg::I32(v as i32);
+        gpu.launch(
+            "conv",
+            &format!("conv2d{}", T::SUFFIX),
+            cfg,
+            &[
+                Arg::Ptr(x.ptr(gpu)),
+                Arg::Ptr(self.weight.ptr(gpu)),
+                Arg::Ptr(self.bias.ptr(gpu)),
+                Arg::Ptr(res),
+                Arg::Ptr(y.ptr(gpu)),
+                i(n),
+                i(h),
+                i(w),
+                i(self.cin),
+                i(self.cout),
+                i(self.kernel),
+                i(self.stride),
+                i(ho),
+                i(wo),
+            ],
+        )
+    }
+}
+
+/// A launch's buffer must hold exactly what the kernel will touch.
+pub(crate) fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
+    if have < need {
+        return Err(crate::Error::Cuda(format!(
+            "{what}: buffer of {have} elements, kernel needs {need}"
+        )));
+    }
+    Ok(())
 }

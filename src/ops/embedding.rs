@@ -1,5 +1,11 @@
 //! Sinusoidal timestep embedding, guided-diffusion's `timestep_embedding`: **[cos | sin]**.
 
+use cudarc::driver::LaunchConfig;
+
+use super::conv::check_len;
+use crate::cuda::{Arg, Gpu, GpuBuffer};
+use crate::error::Result;
+
 /// Writes `[t.len(), dim]`; the f32 operation order follows the reference so that fractional and
 /// large timesteps give the same values.
 pub fn timestep_embedding(t: &[f32], dim: usize, out: &mut [f32]) {
@@ -16,4 +22,32 @@ pub fn timestep_embedding(t: &[f32], dim: usize, out: &mut [f32]) {
             row[dim - 1] = 0.0;
         }
     }
+}
+
+/// `kernels/linear.cu`: the device counterpart of [`timestep_embedding`] (f32).
+pub fn timestep_embedding_gpu(
+    gpu: &Gpu,
+    t: &GpuBuffer<f32>,
+    n: usize,
+    dim: usize,
+    out: &mut GpuBuffer<f32>,
+) -> Result<()> {
+    check_len("timesteps", t.len(), n)?;
+    check_len("timestep embedding", out.len(), n * dim)?;
+    let cfg = LaunchConfig {
+        grid_dim: (n as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    gpu.launch(
+        "linear",
+        "timestep_embedding_f32",
+        cfg,
+        &[
+            Arg::Ptr(t.ptr(gpu)),
+            Arg::Ptr(out.ptr(gpu)),
+            Arg::I32(n as i32),
+            Arg::I32(dim as i32),
+        ],
+    )
 }

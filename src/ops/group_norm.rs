@@ -1,9 +1,13 @@
 //! GroupNorm(32, eps 1e-5) fused with the optional scale-shift of `use_scale_shift_norm` and
 //! SiLU, NHWC. Statistics in f64 on the CPU (the reference computes them in f32).
 
+use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
+use super::conv::check_len;
 use super::silu;
+use crate::cuda::{grid_1d, Arg, Gpu, GpuBuffer, GpuFloat};
+use crate::error::Result;
 
 pub const GROUPS: usize = 32;
 pub const EPS: f64 = 1e-5;
@@ -87,5 +91,86 @@ impl GroupNorm {
                     }
                 });
         }
+    }
+}
+
+/// GroupNorm parameters on the device (f32, as the reference keeps norms in f32).
+pub struct GpuGroupNorm {
+    pub channels: usize,
+    weight: GpuBuffer<f32>,
+    bias: GpuBuffer<f32>,
+}
+
+impl GroupNorm {
+    pub fn upload(&self, gpu: &Gpu) -> Result<GpuGroupNorm> {
+        Ok(GpuGroupNorm {
+            channels: self.channels,
+            weight: gpu.upload(&self.weight)?,
+            bias: gpu.upload(&self.bias)?,
+        })
+    }
+}
+
+impl GpuGroupNorm {
+    /// `kernels/group_norm.cu`: statistics then the fused affine (+ scale-shift, + SiLU).
+    /// `stats` holds `n * 64` floats; `scale_shift` is `[n, 2c]` f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward<T: GpuFloat>(
+        &self,
+        gpu: &Gpu,
+        x: &GpuBuffer<T>,
+        n: usize,
+        hw: usize,
+        y: &mut GpuBuffer<T>,
+        stats: &mut GpuBuffer<f32>,
+        scale_shift: Option<&GpuBuffer<f32>>,
+        silu_after: bool,
+    ) -> Result<()> {
+        let c = self.channels;
+        check_len("group norm input", x.len(), n * hw * c)?;
+        check_len("group norm output", y.len(), n * hw * c)?;
+        check_len("group norm stats", stats.len(), n * GROUPS * 2)?;
+        let ss = match scale_shift {
+            Some(b) => {
+                check_len("scale-shift", b.len(), n * 2 * c)?;
+                b.ptr(gpu)
+            }
+            None => 0,
+        };
+        let i = |v: usize| Arg::I32(v as i32);
+        let stats_cfg = LaunchConfig {
+            grid_dim: (GROUPS as u32, n as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        gpu.launch(
+            "group_norm",
+            &format!("group_norm_stats{}", T::SUFFIX),
+            stats_cfg,
+            &[
+                Arg::Ptr(x.ptr(gpu)),
+                Arg::Ptr(stats.ptr(gpu)),
+                i(n),
+                i(hw),
+                i(c),
+            ],
+        )?;
+        gpu.launch(
+            "group_norm",
+            &format!("group_norm_apply{}", T::SUFFIX),
+            grid_1d(n * hw * c),
+            &[
+                Arg::Ptr(x.ptr(gpu)),
+                Arg::Ptr(stats.ptr(gpu)),
+                Arg::Ptr(self.weight.ptr(gpu)),
+                Arg::Ptr(self.bias.ptr(gpu)),
+                Arg::Ptr(ss),
+                Arg::Ptr(y.ptr(gpu)),
+                i(n),
+                i(hw),
+                i(c),
+                i(silu_after as usize),
+            ],
+        )
     }
 }

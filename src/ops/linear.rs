@@ -1,6 +1,11 @@
 //! Linear layers (time-embedding MLP, condition projections).
 
+use cudarc::driver::LaunchConfig;
+
+use super::conv::check_len;
 use super::matmul::{matmul, Mat};
+use crate::cuda::{Arg, Gpu, GpuBuffer};
+use crate::error::Result;
 
 /// `y = x W^T + b` with PyTorch's weight layout `[out, in]`.
 pub struct Linear {
@@ -29,5 +34,60 @@ impl Linear {
             1.0,
             true,
         );
+    }
+}
+
+/// A linear layer on the device, in f32 (the reference keeps the embedding path in f32).
+pub struct GpuLinear {
+    pub in_features: usize,
+    pub out_features: usize,
+    weight: GpuBuffer<f32>,
+    bias: GpuBuffer<f32>,
+}
+
+impl Linear {
+    pub fn upload(&self, gpu: &Gpu) -> Result<GpuLinear> {
+        Ok(GpuLinear {
+            in_features: self.in_features,
+            out_features: self.out_features,
+            weight: gpu.upload(&self.weight)?,
+            bias: gpu.upload(&self.bias)?,
+        })
+    }
+}
+
+impl GpuLinear {
+    /// `kernels/linear.cu`: y `[n, out]` = act(x) W^T + b, act = SiLU when `silu_in`.
+    pub fn forward(
+        &self,
+        gpu: &Gpu,
+        x: &GpuBuffer<f32>,
+        n: usize,
+        y: &mut GpuBuffer<f32>,
+        silu_in: bool,
+    ) -> Result<()> {
+        check_len("linear input", x.len(), n * self.in_features)?;
+        check_len("linear output", y.len(), n * self.out_features)?;
+        let cfg = LaunchConfig {
+            grid_dim: (self.out_features.div_ceil(128) as u32, n as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let i = |v: usize| Arg::I32(v as i32);
+        gpu.launch(
+            "linear",
+            "linear_f32",
+            cfg,
+            &[
+                Arg::Ptr(x.ptr(gpu)),
+                Arg::Ptr(self.weight.ptr(gpu)),
+                Arg::Ptr(self.bias.ptr(gpu)),
+                Arg::Ptr(y.ptr(gpu)),
+                i(n),
+                i(self.in_features),
+                i(self.out_features),
+                i(silu_in as usize),
+            ],
+        )
     }
 }

@@ -5,9 +5,11 @@ pub mod attention;
 pub mod conv;
 pub mod embedding;
 pub mod group_norm;
+pub mod layout;
 pub mod linear;
 pub mod matmul;
 pub mod resample;
+pub mod step;
 
 /// SiLU (swish): x * sigmoid(x).
 #[inline]

@@ -2,6 +2,10 @@
 
 use rayon::prelude::*;
 
+use super::conv::check_len;
+use crate::cuda::{grid_1d, Arg, Gpu, GpuBuffer, GpuFloat};
+use crate::error::Result;
+
 /// x: `[n, h, w, c]` -> out: `[n, 2h, 2w, c]`.
 pub fn upsample_nearest2x(x: &[f32], n: usize, h: usize, w: usize, c: usize, out: &mut [f32]) {
     let wo = 2 * w;
@@ -34,4 +38,132 @@ pub fn avg_pool2x(x: &[f32], n: usize, h: usize, w: usize, c: usize, out: &mut [
                 }
             }
         });
+}
+
+fn launch_elementwise<T: GpuFloat>(
+    gpu: &Gpu,
+    kernel: &str,
+    outputs: usize,
+    args: &[Arg],
+) -> Result<()> {
+    gpu.launch(
+        "resample",
+        &format!("{kernel}{}", T::SUFFIX),
+        grid_1d(outputs),
+        args,
+    )
+}
+
+/// `kernels/resample.cu`: the device counterpart of [`upsample_nearest2x`].
+pub fn upsample_nearest2x_gpu<T: GpuFloat>(
+    gpu: &Gpu,
+    x: &GpuBuffer<T>,
+    n: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    y: &mut GpuBuffer<T>,
+) -> Result<()> {
+    check_len("upsample input", x.len(), n * h * w * c)?;
+    check_len("upsample output", y.len(), 4 * n * h * w * c)?;
+    let i = |v: usize| Arg::I32(v as i32);
+    launch_elementwise::<T>(
+        gpu,
+        "upsample2x",
+        4 * n * h * w * c,
+        &[
+            Arg::Ptr(x.ptr(gpu)),
+            Arg::Ptr(y.ptr(gpu)),
+            i(n),
+            i(h),
+            i(w),
+            i(c),
+        ],
+    )
+}
+
+/// `kernels/resample.cu`: the device counterpart of [`avg_pool2x`].
+pub fn avg_pool2x_gpu<T: GpuFloat>(
+    gpu: &Gpu,
+    x: &GpuBuffer<T>,
+    n: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    y: &mut GpuBuffer<T>,
+) -> Result<()> {
+    check_len("avgpool input", x.len(), n * h * w * c)?;
+    check_len("avgpool output", y.len(), n * (h / 2) * (w / 2) * c)?;
+    let i = |v: usize| Arg::I32(v as i32);
+    launch_elementwise::<T>(
+        gpu,
+        "avgpool2x",
+        n * (h / 2) * (w / 2) * c,
+        &[
+            Arg::Ptr(x.ptr(gpu)),
+            Arg::Ptr(y.ptr(gpu)),
+            i(n),
+            i(h),
+            i(w),
+            i(c),
+        ],
+    )
+}
+
+/// `kernels/resample.cu`: `cat([a, b], channels)` in NHWC.
+#[allow(clippy::too_many_arguments)]
+pub fn concat_channels_gpu<T: GpuFloat>(
+    gpu: &Gpu,
+    a: &GpuBuffer<T>,
+    b: &GpuBuffer<T>,
+    n: usize,
+    hw: usize,
+    ca: usize,
+    cb: usize,
+    y: &mut GpuBuffer<T>,
+) -> Result<()> {
+    check_len("concat a", a.len(), n * hw * ca)?;
+    check_len("concat b", b.len(), n * hw * cb)?;
+    check_len("concat output", y.len(), n * hw * (ca + cb))?;
+    let i = |v: usize| Arg::I32(v as i32);
+    launch_elementwise::<T>(
+        gpu,
+        "concat_channels",
+        n * hw * (ca + cb),
+        &[
+            Arg::Ptr(a.ptr(gpu)),
+            Arg::Ptr(b.ptr(gpu)),
+            Arg::Ptr(y.ptr(gpu)),
+            i(n),
+            i(hw),
+            i(ca),
+            i(cb),
+        ],
+    )
+}
+
+/// `kernels/resample.cu`: x `[n, hw, c]` += bias `[n, c]` (the embedding without scale-shift).
+pub fn add_channel_bias_gpu<T: GpuFloat>(
+    gpu: &Gpu,
+    x: &mut GpuBuffer<T>,
+    bias: &GpuBuffer<f32>,
+    n: usize,
+    hw: usize,
+    c: usize,
+) -> Result<()> {
+    check_len("bias target", x.len(), n * hw * c)?;
+    check_len("bias", bias.len(), n * c)?;
+    let i = |v: usize| Arg::I32(v as i32);
+    launch_elementwise::<T>(
+        gpu,
+        "add_channel_bias",
+        n * hw * c,
+        &[
+            Arg::Ptr(x.ptr(gpu)),
+            Arg::Ptr(bias.ptr(gpu)),
+            i(n),
+            i(hw),
+            i(c),
+        ],
+    )
 }

@@ -6,6 +6,8 @@
 //! (seed, image index, step), so image k is the same whatever the batch size: `x_T` of image k
 //! uses step key [`INIT_NOISE_STEP`], the update at spaced step i uses key i.
 
+mod gpu;
+
 use crate::config::DiffusionConfig;
 use crate::diffusion::{compose, Diffusion, ModelVarType};
 use crate::error::{Error, Result};

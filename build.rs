@@ -1,0 +1,490 @@
+//! Compiles the CUDA kernels (`kernels/*.cu`) with NVRTC at build time, when NVRTC is available.
+//!
+//! NVRTC (libnvrtc.so) is looked up, in this order:
+//! 1. `MCDM_NVRTC_LIB` = path of libnvrtc.so.* and `MCDM_CUDA_INCLUDE` = directory holding
+//!    cuda_fp16.h / cuda_bf16.h (when only the library is given, `<lib>/../include`);
+//! 2. `<repo>/.nvrtc/nvidia/cu13/{lib/libnvrtc.so.13,include}`, what `scripts/install-nvrtc.sh`
+//!    installs (from PyPI: nvidia-cuda-nvrtc 13.0.88, nvidia-cuda-runtime 13.0.96);
+//! 3. nothing: the build still succeeds, with a `cargo:warning` saying how to install it, and
+//!    the crate gets no precompiled images (it can still compile `KERNEL_SOURCES` at run time).
+//!
+//! Every `kernels/*.cu` file is one translation unit (it includes `common.cuh`, given to NVRTC as
+//! a header, and the CUDA headers through `--include-path`), compiled to a CUBIN for each of
+//! `CUBIN_ARCHS` and to PTX for `PTX_ARCH` (newer GPUs JIT it). A compile error fails the build
+//! with NVRTC's log. `MCDM_REQUIRE_NVRTC=1` turns a missing NVRTC into an error too (CI).
+//!
+//! Output: `$OUT_DIR/kernels.rs`, for `include!(concat!(env!("OUT_DIR"), "/kernels.rs"))`:
+//! - `KERNEL_SOURCES: &[(&str, &str)]`: (file stem, source text) of every kernel file;
+//! - `KERNEL_HEADERS: &[(&str, &str)]`: (include name, text) of the headers they include
+//!   (`common.cuh`), to pass to nvrtcCreateProgram for a run-time compilation;
+//! - `KERNEL_OPTIONS: &[(&str, &[&str])]`: (file stem, NVRTC options besides the architecture
+//!   and the CUDA include path) used for that file;
+//! - `KERNEL_IMAGES: &[(&str, &str, &[u8])]`: (file stem, "sm_80".."sm_90" for a CUBIN or
+//!   "compute_90" for PTX, image bytes; PTX is NUL-terminated text); empty without NVRTC;
+//! - `NVRTC_VERSION: Option<(i32, i32)>`: the NVRTC that built the images.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Real GPU architectures that get a CUBIN (A100, A10/RTX 30, L4/RTX 40, H100/H200).
+const CUBIN_ARCHS: &[&str] = &["sm_80", "sm_86", "sm_89", "sm_90"];
+/// Virtual architecture of the PTX fallback (JIT-compiled by the driver on newer GPUs).
+const PTX_ARCH: &str = "compute_90";
+/// Options of every kernel file. No fast math: IEEE division and square root, denormals kept;
+/// fmad stays on (the default) except where a file's extra options turn it off.
+const COMMON_OPTIONS: &[&str] = &[
+    "-std=c++17",
+    "--ftz=false",
+    "--prec-div=true",
+    "--prec-sqrt=true",
+];
+/// Extra options per file stem. step.cu must match the CPU bit for bit: it spells out every
+/// rounding with intrinsics, and contraction is also switched off for the whole file.
+const EXTRA_OPTIONS: &[(&str, &[&str])] = &[("step", &["--fmad=false"])];
+/// Headers the kernel files include (given to NVRTC by name, not through the include path).
+const HEADERS: &[&str] = &["common.cuh"];
+
+const INSTALL_HINT: &str = "to compile them, run `scripts/install-nvrtc.sh` (pip-installs NVRTC \
+    13.0 into <repo>/.nvrtc/, found there automatically) and build again, or set \
+    MCDM_NVRTC_LIB=/path/to/libnvrtc.so.13 and MCDM_CUDA_INCLUDE=/path/to/cuda/include (the \
+    directory with cuda_fp16.h)";
+
+type NvrtcResult = c_int;
+type NvrtcProgram = *mut c_void;
+
+type CreateProgramFn = unsafe extern "C" fn(
+    *mut NvrtcProgram,
+    *const c_char,
+    *const c_char,
+    c_int,
+    *const *const c_char,
+    *const *const c_char,
+) -> NvrtcResult;
+type CompileProgramFn =
+    unsafe extern "C" fn(NvrtcProgram, c_int, *const *const c_char) -> NvrtcResult;
+type GetSizeFn = unsafe extern "C" fn(NvrtcProgram, *mut usize) -> NvrtcResult;
+type GetDataFn = unsafe extern "C" fn(NvrtcProgram, *mut c_char) -> NvrtcResult;
+type DestroyProgramFn = unsafe extern "C" fn(*mut NvrtcProgram) -> NvrtcResult;
+type VersionFn = unsafe extern "C" fn(*mut c_int, *mut c_int) -> NvrtcResult;
+type GetErrorStringFn = unsafe extern "C" fn(NvrtcResult) -> *const c_char;
+
+/// The NVRTC entry points, resolved once from the loaded library.
+struct Nvrtc {
+    _lib: libloading::Library,
+    /// libnvrtc-builtins, loaded first by its full path: NVRTC dlopens it by file name only, which
+    /// then finds the already loaded copy instead of searching LD_LIBRARY_PATH.
+    _builtins: Option<libloading::Library>,
+    create_program: CreateProgramFn,
+    compile_program: CompileProgramFn,
+    get_program_log_size: GetSizeFn,
+    get_program_log: GetDataFn,
+    get_cubin_size: GetSizeFn,
+    get_cubin: GetDataFn,
+    get_ptx_size: GetSizeFn,
+    get_ptx: GetDataFn,
+    destroy_program: DestroyProgramFn,
+    version: VersionFn,
+    get_error_string: GetErrorStringFn,
+}
+
+// The function pointers are plain C entry points; NVRTC is thread safe for distinct programs.
+unsafe impl Send for Nvrtc {}
+unsafe impl Sync for Nvrtc {}
+
+impl Nvrtc {
+    fn load(path: &Path) -> Result<Self, String> {
+        // SAFETY: loading NVRTC runs its (trusted) initialisers; the symbol types below are the
+        // C prototypes of nvrtc.h.
+        unsafe {
+            let builtins = match find_builtins(path) {
+                Some(b) => Some(
+                    libloading::Library::new(&b)
+                        .map_err(|e| format!("cannot load {}: {e}", b.display()))?,
+                ),
+                None => None,
+            };
+            let lib = libloading::Library::new(path)
+                .map_err(|e| format!("cannot load {}: {e}", path.display()))?;
+            macro_rules! sym {
+                ($name:literal) => {
+                    *lib.get(concat!($name, "\0").as_bytes())
+                        .map_err(|e| format!("{} lacks {}: {e}", path.display(), $name))?
+                };
+            }
+            Ok(Nvrtc {
+                create_program: sym!("nvrtcCreateProgram"),
+                compile_program: sym!("nvrtcCompileProgram"),
+                get_program_log_size: sym!("nvrtcGetProgramLogSize"),
+                get_program_log: sym!("nvrtcGetProgramLog"),
+                get_cubin_size: sym!("nvrtcGetCUBINSize"),
+                get_cubin: sym!("nvrtcGetCUBIN"),
+                get_ptx_size: sym!("nvrtcGetPTXSize"),
+                get_ptx: sym!("nvrtcGetPTX"),
+                destroy_program: sym!("nvrtcDestroyProgram"),
+                version: sym!("nvrtcVersion"),
+                get_error_string: sym!("nvrtcGetErrorString"),
+                _lib: lib,
+                _builtins: builtins,
+            })
+        }
+    }
+
+    fn version(&self) -> Result<(i32, i32), String> {
+        let (mut major, mut minor) = (0, 0);
+        self.check(
+            unsafe { (self.version)(&mut major, &mut minor) },
+            "nvrtcVersion",
+        )?;
+        Ok((major, minor))
+    }
+
+    fn check(&self, code: NvrtcResult, what: &str) -> Result<(), String> {
+        if code == 0 {
+            return Ok(());
+        }
+        let msg = unsafe {
+            let p = (self.get_error_string)(code);
+            if p.is_null() {
+                String::from("?")
+            } else {
+                CStr::from_ptr(p).to_string_lossy().into_owned()
+            }
+        };
+        Err(format!("{what} failed: {msg} ({code})"))
+    }
+
+    /// Compiles one translation unit; returns the CUBIN (arch `sm_*`) or the NUL-terminated PTX
+    /// (arch `compute_*`), or NVRTC's log on failure.
+    fn compile(
+        &self,
+        name: &str,
+        source: &str,
+        headers: &[(String, String)],
+        options: &[String],
+    ) -> Result<Vec<u8>, String> {
+        let c_source = CString::new(source).map_err(|_| format!("{name}: NUL in source"))?;
+        let c_name = CString::new(name).unwrap();
+        let header_texts: Vec<CString> = headers
+            .iter()
+            .map(|(_, t)| CString::new(t.as_str()).unwrap())
+            .collect();
+        let header_names: Vec<CString> = headers
+            .iter()
+            .map(|(n, _)| CString::new(n.as_str()).unwrap())
+            .collect();
+        let header_text_ptrs: Vec<*const c_char> =
+            header_texts.iter().map(|s| s.as_ptr()).collect();
+        let header_name_ptrs: Vec<*const c_char> =
+            header_names.iter().map(|s| s.as_ptr()).collect();
+        let c_options: Vec<CString> = options
+            .iter()
+            .map(|o| CString::new(o.as_str()).unwrap())
+            .collect();
+        let option_ptrs: Vec<*const c_char> = c_options.iter().map(|s| s.as_ptr()).collect();
+        let ptx = options
+            .iter()
+            .any(|o| o.starts_with("--gpu-architecture=compute_"));
+
+        let mut prog: NvrtcProgram = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call; the program is destroyed below.
+        unsafe {
+            self.check(
+                (self.create_program)(
+                    &mut prog,
+                    c_source.as_ptr(),
+                    c_name.as_ptr(),
+                    header_text_ptrs.len() as c_int,
+                    header_text_ptrs.as_ptr(),
+                    header_name_ptrs.as_ptr(),
+                ),
+                "nvrtcCreateProgram",
+            )?;
+            let compiled =
+                (self.compile_program)(prog, option_ptrs.len() as c_int, option_ptrs.as_ptr());
+            let log = self.log(prog);
+            let result = if compiled != 0 {
+                let err = self.check(compiled, "nvrtcCompileProgram").unwrap_err();
+                Err(format!("{err}\n{log}"))
+            } else {
+                let (size_fn, data_fn) = if ptx {
+                    (self.get_ptx_size, self.get_ptx)
+                } else {
+                    (self.get_cubin_size, self.get_cubin)
+                };
+                let mut size = 0usize;
+                match self.check(size_fn(prog, &mut size), "nvrtcGet{CUBIN,PTX}Size") {
+                    Err(e) => Err(e),
+                    Ok(()) => {
+                        let mut data = vec![0u8; size];
+                        self.check(
+                            data_fn(prog, data.as_mut_ptr() as *mut c_char),
+                            "nvrtcGet{CUBIN,PTX}",
+                        )
+                        .map(|()| data)
+                    }
+                }
+            };
+            let _ = (self.destroy_program)(&mut prog);
+            // Warnings are shown (once per file, for the first architecture) but do not fail.
+            if result.is_ok()
+                && !log.trim().is_empty()
+                && options.iter().any(|o| o.ends_with(CUBIN_ARCHS[0]))
+            {
+                for line in log.lines().filter(|l| !l.trim().is_empty()).take(20) {
+                    println!("cargo:warning=nvrtc {name}: {line}");
+                }
+            }
+            result
+        }
+    }
+
+    unsafe fn log(&self, prog: NvrtcProgram) -> String {
+        let mut size = 0usize;
+        if (self.get_program_log_size)(prog, &mut size) != 0 || size <= 1 {
+            return String::new();
+        }
+        let mut buf = vec![0u8; size];
+        if (self.get_program_log)(prog, buf.as_mut_ptr() as *mut c_char) != 0 {
+            return String::new();
+        }
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    }
+}
+
+/// libnvrtc-builtins.so.* beside libnvrtc (not the `.alt` variant), if there is one.
+fn find_builtins(nvrtc: &Path) -> Option<PathBuf> {
+    let dir = nvrtc.parent()?;
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libnvrtc-builtins.so"))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().next()
+}
+
+/// Where NVRTC and the CUDA headers are, or why they were not found.
+fn locate(repo: &Path) -> Result<(PathBuf, PathBuf), String> {
+    let env_path = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let (lib, include) = match env_path("MCDM_NVRTC_LIB") {
+        Some(lib) => {
+            let include = env_path("MCDM_CUDA_INCLUDE")
+                .unwrap_or_else(|| lib.parent().unwrap_or(Path::new(".")).join("../include"));
+            (lib, include)
+        }
+        None => {
+            let base = repo.join(".nvrtc/nvidia/cu13");
+            let include = env_path("MCDM_CUDA_INCLUDE").unwrap_or_else(|| base.join("include"));
+            (base.join("lib/libnvrtc.so.13"), include)
+        }
+    };
+    if !lib.is_file() {
+        return Err(format!("NVRTC not found at {}", lib.display()));
+    }
+    if !include.join("cuda_fp16.h").is_file() || !include.join("cuda_bf16.h").is_file() {
+        return Err(format!(
+            "CUDA headers (cuda_fp16.h, cuda_bf16.h) not found in {}",
+            include.display()
+        ));
+    }
+    Ok((lib, include))
+}
+
+/// Rust string literal of a path (for include_str!/include_bytes!).
+fn lit(p: &Path) -> String {
+    format!("{:?}", p.to_str().expect("non-UTF-8 path"))
+}
+
+fn main() {
+    let repo = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    let kernel_dir = repo.join("kernels");
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=kernels");
+    for var in ["MCDM_NVRTC_LIB", "MCDM_CUDA_INCLUDE", "MCDM_REQUIRE_NVRTC"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+
+    let mut files: Vec<(String, PathBuf)> = std::fs::read_dir(&kernel_dir)
+        .expect("kernels/ directory")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .map(|p| (p.file_stem().unwrap().to_str().unwrap().to_string(), p))
+        .collect();
+    files.sort();
+    let headers: Vec<(String, String)> = HEADERS
+        .iter()
+        .map(|h| {
+            let text = std::fs::read_to_string(kernel_dir.join(h)).expect("kernel header");
+            (h.to_string(), text)
+        })
+        .collect();
+    let options_of = |stem: &str| -> Vec<String> {
+        let extra = EXTRA_OPTIONS
+            .iter()
+            .find(|(s, _)| *s == stem)
+            .map_or(&[][..], |(_, o)| *o);
+        COMMON_OPTIONS
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
+    };
+
+    let mut rs = String::from("// Generated by build.rs: the CUDA kernels of kernels/.\n\n");
+    rs += "/// (file stem, CUDA source) of every kernels/*.cu.\npub const KERNEL_SOURCES: &[(&str, &str)] = &[\n";
+    for (stem, path) in &files {
+        writeln!(rs, "    ({stem:?}, include_str!({})),", lit(path)).unwrap();
+    }
+    rs += "];\n\n/// (include name, text) of the headers the kernel files include.\npub const KERNEL_HEADERS: &[(&str, &str)] = &[\n";
+    for h in HEADERS {
+        writeln!(
+            rs,
+            "    ({h:?}, include_str!({})),",
+            lit(&kernel_dir.join(h))
+        )
+        .unwrap();
+    }
+    rs += "];\n\n/// (file stem, NVRTC options besides --gpu-architecture and --include-path).\npub const KERNEL_OPTIONS: &[(&str, &[&str])] = &[\n";
+    for (stem, _) in &files {
+        writeln!(rs, "    ({stem:?}, &{:?}),", options_of(stem)).unwrap();
+    }
+    rs += "];\n\n";
+
+    let located = locate(&repo);
+    if let Ok((lib, _)) = &located {
+        println!("cargo:rerun-if-changed={}", lib.display());
+    }
+    let nvrtc = located.and_then(|(lib, include)| {
+        let nvrtc = Nvrtc::load(&lib)?;
+        let version = nvrtc.version()?;
+        Ok((nvrtc, version, include))
+    });
+    let (nvrtc, version, include) = match nvrtc {
+        Ok(found) => found,
+        Err(why) => {
+            if std::env::var_os("MCDM_REQUIRE_NVRTC").is_some_and(|v| v == "1") {
+                eprintln!("error: MCDM_REQUIRE_NVRTC=1 but {why}: {INSTALL_HINT}");
+                std::process::exit(1);
+            }
+            println!("cargo:warning=CUDA kernels not precompiled ({why}): {INSTALL_HINT}");
+            rs += "/// (file stem, architecture, CUBIN or NUL-terminated PTX): none, NVRTC was not found at build time.\n";
+            rs += "pub const KERNEL_IMAGES: &[(&str, &str, &[u8])] = &[];\n\n";
+            rs += "/// The NVRTC that compiled KERNEL_IMAGES (none).\npub const NVRTC_VERSION: Option<(i32, i32)> = None;\n";
+            std::fs::write(out_dir.join("kernels.rs"), rs).unwrap();
+            return;
+        }
+    };
+
+    // One job per (file, architecture), spread over a few threads (NVRTC is thread safe).
+    let image_dir = out_dir.join("kernel-images");
+    std::fs::create_dir_all(&image_dir).unwrap();
+    let archs: Vec<&str> = CUBIN_ARCHS.iter().copied().chain([PTX_ARCH]).collect();
+    let jobs: Vec<(usize, &str)> = (0..files.len())
+        .flat_map(|f| archs.iter().map(move |&a| (f, a)))
+        .collect();
+    let next = Mutex::new(0usize);
+    let results: Mutex<Vec<Option<Result<PathBuf, String>>>> = Mutex::new(vec![None; jobs.len()]);
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 8);
+    let started = std::time::Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads.min(jobs.len()) {
+            s.spawn(|| loop {
+                let j = {
+                    let mut n = next.lock().unwrap();
+                    let j = *n;
+                    *n += 1;
+                    j
+                };
+                if j >= jobs.len() {
+                    break;
+                }
+                let (f, arch) = jobs[j];
+                let (stem, path) = &files[f];
+                let source = std::fs::read_to_string(path).expect("kernel source");
+                let mut options = vec![
+                    format!("--gpu-architecture={arch}"),
+                    format!("--include-path={}", include.display()),
+                ];
+                options.extend(options_of(stem));
+                let name = format!("{stem}.cu");
+                let result = nvrtc
+                    .compile(&name, &source, &headers, &options)
+                    .and_then(|image| {
+                        let ext = if arch.starts_with("compute_") {
+                            "ptx"
+                        } else {
+                            "cubin"
+                        };
+                        let out = image_dir.join(format!("{stem}.{arch}.{ext}"));
+                        std::fs::write(&out, image)
+                            .map_err(|e| format!("writing {}: {e}", out.display()))?;
+                        Ok(out)
+                    });
+                results.lock().unwrap()[j] = Some(result);
+            });
+        }
+    });
+    let results = results.into_inner().unwrap();
+    // file stem -> (log, architectures that failed with it), in job order.
+    let mut failures: Vec<(String, String, Vec<&str>)> = Vec::new();
+    rs += "/// (file stem, architecture, CUBIN for sm_*, NUL-terminated PTX for compute_*).\npub const KERNEL_IMAGES: &[(&str, &str, &[u8])] = &[\n";
+    for (&(f, arch), result) in jobs.iter().zip(results) {
+        let stem = &files[f].0;
+        match result.expect("job ran") {
+            Ok(path) => writeln!(
+                rs,
+                "    ({stem:?}, {arch:?}, include_bytes!({})),",
+                lit(&path)
+            )
+            .unwrap(),
+            Err(log) => match failures.iter_mut().find(|(s, l, _)| s == stem && *l == log) {
+                Some((_, _, archs)) => archs.push(arch),
+                None => failures.push((stem.clone(), log, vec![arch])),
+            },
+        }
+    }
+    if !failures.is_empty() {
+        // A plain message (no panic backtrace): cargo shows the build script's stderr.
+        eprintln!(
+            "error: CUDA kernel compilation failed (NVRTC {}.{})",
+            version.0, version.1
+        );
+        for (stem, log, archs) in &failures {
+            eprintln!(
+                "\n==== kernels/{stem}.cu ({}) ====\n{}",
+                archs.join(", "),
+                log.trim_end()
+            );
+        }
+        std::process::exit(1);
+    }
+    rs += "];\n\n";
+    writeln!(
+        rs,
+        "/// The NVRTC that compiled KERNEL_IMAGES.\npub const NVRTC_VERSION: Option<(i32, i32)> = Some(({}, {}));",
+        version.0, version.1
+    )
+    .unwrap();
+    std::fs::write(out_dir.join("kernels.rs"), rs).unwrap();
+    eprintln!(
+        "compiled {} kernel images with NVRTC {}.{} in {:.1?}",
+        jobs.len(),
+        version.0,
+        version.1,
+        started.elapsed()
+    );
+}

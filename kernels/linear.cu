@@ -1,0 +1,98 @@
+// The f32 embedding path: linear layers (time embedding MLP, emb_layers), the sinusoidal
+// timestep embedding, class-label rows and SiLU. CPU references: src/ops/linear.rs,
+// src/ops/embedding.rs, src/ops/mod.rs (silu).
+#include "common.cuh"
+
+// Input floats staged in shared memory per pass of linear_f32.
+#define LINEAR_CHUNK 2048
+
+// y [n, out] = b[out] + act(x) [n, in] * w^T, w [out, in] (PyTorch layout), act = SiLU when
+// silu_in != 0 else identity. b may be NULL (no bias).
+// Launch: grid (ceil(out / 128), n), block 128. Block (bx, i) computes outputs
+// o = bx*128 .. bx*128+127 of row i: warp `wp` (0..3) takes o = bx*128 + wp*32 + j, j = 0..31,
+// one after the other; the 32 lanes read w[o, k] at consecutive k (coalesced), each summing
+// k = lane, lane + 32, ... in order, then a fixed shuffle tree (deterministic).
+extern "C" __global__ void __launch_bounds__(128)
+    linear_f32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+               float* __restrict__ y, int n, int in, int out, int silu_in) {
+    __shared__ float xs[LINEAR_CHUNK];
+    const int i = blockIdx.y;
+    const int lane = threadIdx.x & 31, wp = threadIdx.x >> 5;
+    const int o_first = blockIdx.x * 128 + wp * 32;
+    if (i >= n) return;  // uniform per block
+    float acc[32];
+#pragma unroll
+    for (int j = 0; j < 32; ++j) acc[j] = 0.0f;
+    const float* xrow = x + (long long)i * in;
+    for (int k0 = 0; k0 < in; k0 += LINEAR_CHUNK) {
+        const int len = min(LINEAR_CHUNK, in - k0);
+        __syncthreads();  // the previous chunk is no longer read
+        for (int k = threadIdx.x; k < len; k += 128) {
+            const float v = xrow[k0 + k];
+            xs[k] = silu_in ? silu_f(v) : v;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+            const int o = o_first + j;
+            if (o < out) {  // warp-uniform
+                const float* wrow = w + (long long)o * in + k0;
+                float s = acc[j];
+                for (int k = lane; k < len; k += 32) s += xs[k] * wrow[k];
+                acc[j] = s;
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+        const int o = o_first + j;
+        if (o < out) {  // warp-uniform: all lanes take part in the shuffles
+            const float s = warp_sum(acc[j]);
+            if (lane == 0) y[(long long)i * out + o] = (b != nullptr ? b[o] : 0.0f) + s;
+        }
+    }
+}
+
+// Sinusoidal embedding of guided-diffusion: y [n, dim] = [cos(t f_0..f_{half-1}) |
+// sin(t f_0..f_{half-1})] with half = dim / 2 and f_i = exp(log_period * i / half),
+// log_period = -(ln 10000 as f32), in the f32 order of src/ops/embedding.rs; an odd dim gets a
+// trailing 0 column. t: f32 [n] (may be fractional).
+// Launch: grid (n), block 256; row blockIdx.x, frequencies i = threadIdx.x, +256, ...
+extern "C" __global__ void __launch_bounds__(256)
+    timestep_embedding_f32(const float* __restrict__ t, float* __restrict__ y, int n, int dim) {
+    const int row = blockIdx.x;
+    if (row >= n) return;
+    const int half = dim / 2;
+    const float log_period = __uint_as_float(0xC1135D8Eu);  // -(10000f64.ln() as f32) = -9.2103405
+    const float tv = t[row];
+    float* yrow = y + (long long)row * dim;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        // (log_period * i as f32 / half as f32).exp(): multiply, then divide (no contraction).
+        const float freq = expf(__fdiv_rn(__fmul_rn(log_period, (float)i), (float)half));
+        const float arg = __fmul_rn(tv, freq);
+        yrow[i] = cosf(arg);
+        yrow[half + i] = sinf(arg);
+    }
+    if ((dim & 1) && threadIdx.x == 0) yrow[dim - 1] = 0.0f;
+}
+
+// y [n, dim] += table[labels[i], :] (class embedding, label_emb.weight [classes, dim]). A
+// negative label adds nothing (no class); labels must be < the table's row count.
+// Launch: grid (n), block 256.
+extern "C" __global__ void __launch_bounds__(256)
+    add_rows_f32(float* __restrict__ y, const float* __restrict__ table,
+                 const long long* __restrict__ labels, int n, int dim) {
+    const int row = blockIdx.x;
+    if (row >= n) return;
+    const long long label = labels[row];
+    if (label < 0) return;
+    const float* src = table + label * dim;
+    float* dst = y + (long long)row * dim;
+    for (int k = threadIdx.x; k < dim; k += blockDim.x) dst[k] += src[k];
+}
+
+// x [len] = SiLU(x) = x / (1 + exp(-x)), in place. Launch: grid ceil(len / 256), block 256.
+extern "C" __global__ void __launch_bounds__(256) silu_f32(float* __restrict__ x, int len) {
+    const long long i = global_index();
+    if (i < len) x[i] = silu_f(x[i]);
+}

@@ -1,0 +1,382 @@
+//! The CUDA runtime: device discovery, kernel modules and launches through cudarc with dynamic
+//! loading, so the same binary runs (on the CPU) where no CUDA driver exists.
+//!
+//! Kernels (`kernels/*.cu`) are compiled by `build.rs` with NVRTC to CUBIN for sm_80, sm_86,
+//! sm_89 and sm_90 plus PTX for compute_90, and embedded. A device whose architecture has no
+//! image gets the embedded PTX (sm_90 and newer) or, failing that, the embedded sources compiled
+//! at first use with the NVRTC found at run time, cached on disk.
+
+pub mod buffer;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
+};
+use cudarc::nvrtc::Ptx;
+
+use crate::error::{Error, Result};
+
+pub use buffer::GpuBuffer;
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// Kernel sources and images embedded at build time.
+pub use embedded::{KERNEL_HEADERS, KERNEL_IMAGES, KERNEL_OPTIONS, KERNEL_SOURCES, NVRTC_VERSION};
+
+/// Storage types of GPU activations and weights.
+pub trait GpuFloat: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static {
+    /// Kernel name suffix (`_f32`, `_f16`, `_bf16`).
+    const SUFFIX: &'static str;
+    fn from_f32(v: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl GpuFloat for f32 {
+    const SUFFIX: &'static str = "_f32";
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl GpuFloat for half::f16 {
+    const SUFFIX: &'static str = "_f16";
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
+impl GpuFloat for half::bf16 {
+    const SUFFIX: &'static str = "_bf16";
+    fn from_f32(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+}
+
+fn cuda_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::Cuda(format!("{what}: {e:?}"))
+}
+
+/// Why CUDA cannot be used here, or `None` when a driver and a device are present.
+pub fn unavailable_reason() -> Option<String> {
+    // cudarc panics on first use when the library is missing: check first.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Some("no CUDA driver library (libcuda.so) was found".into());
+    }
+    match CudaContext::device_count() {
+        Ok(0) => Some("the CUDA driver reports no device".into()),
+        Ok(_) => None,
+        Err(e) => Some(format!("the CUDA driver failed to initialise: {e:?}")),
+    }
+}
+
+/// One GPU as `mcdm info` shows it.
+#[derive(Clone, Debug)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    pub name: String,
+    pub total_memory: usize,
+    pub compute_capability: (i32, i32),
+}
+
+/// Every device the driver reports.
+pub fn devices() -> Result<Vec<DeviceInfo>> {
+    if let Some(reason) = unavailable_reason() {
+        return Err(Error::Cuda(reason));
+    }
+    let count = CudaContext::device_count().map_err(cuda_err("counting devices"))?;
+    (0..count as usize)
+        .map(|ordinal| {
+            let ctx = CudaContext::new(ordinal).map_err(cuda_err("creating a context"))?;
+            Ok(DeviceInfo {
+                ordinal,
+                name: ctx.name().map_err(cuda_err("device name"))?,
+                total_memory: ctx.total_mem().map_err(cuda_err("device memory"))?,
+                compute_capability: ctx
+                    .compute_capability()
+                    .map_err(cuda_err("compute capability"))?,
+            })
+        })
+        .collect()
+}
+
+/// The driver version as (major, minor).
+pub fn driver_version() -> Option<(i32, i32)> {
+    if unavailable_reason().is_some() {
+        return None;
+    }
+    let mut v = 0;
+    // SAFETY: the library is present (checked above); the call only writes `v`.
+    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+    Some((v / 1000, (v % 1000) / 10))
+}
+
+/// A device with its stream and the kernel modules loaded; launches go through it.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+    info: DeviceInfo,
+}
+
+impl Gpu {
+    /// Opens device `ordinal`: one context, one stream, every kernel module loaded once.
+    pub fn new(ordinal: usize) -> Result<Arc<Self>> {
+        if let Some(reason) = unavailable_reason() {
+            return Err(Error::Cuda(format!("{reason}; use --device cpu")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(cuda_err("creating a context"))?;
+        // Event tracking makes every launch wait on per-buffer events; our single stream
+        // orders everything already.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(cuda_err("creating a stream"))?;
+        let info = DeviceInfo {
+            ordinal,
+            name: ctx.name().map_err(cuda_err("device name"))?,
+            total_memory: ctx.total_mem().map_err(cuda_err("device memory"))?,
+            compute_capability: ctx
+                .compute_capability()
+                .map_err(cuda_err("compute capability"))?,
+        };
+        let mut modules = HashMap::new();
+        for &(file, source) in KERNEL_SOURCES {
+            let ptx = module_image(file, source, info.compute_capability)?;
+            let module = ctx
+                .load_module(ptx)
+                .map_err(cuda_err(&format!("loading kernels/{file}.cu")))?;
+            modules.insert(file, module);
+        }
+        Ok(Arc::new(Gpu {
+            ctx,
+            stream,
+            modules,
+            functions: Mutex::new(HashMap::new()),
+            info,
+        }))
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Free and total device memory in bytes.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(cuda_err("memory info"))
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(cuda_err("synchronising"))
+    }
+
+    /// The kernel `name` of `kernels/<file>.cu`, looked up once and cached.
+    pub fn function(&self, file: &str, name: &str) -> Result<CudaFunction> {
+        let mut cache = self
+            .functions
+            .lock()
+            .map_err(|_| Error::Cuda("function cache poisoned".into()))?;
+        if let Some(f) = cache.get(name) {
+            return Ok(f.clone());
+        }
+        let module = self
+            .modules
+            .get(file)
+            .ok_or_else(|| Error::Cuda(format!("no kernel module `{file}`")))?;
+        let f = module
+            .load_function(name)
+            .map_err(cuda_err(&format!("kernel `{name}`")))?;
+        cache.insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+
+    /// Launches `file::name` with `args`, each pushed by value (device pointers as u64).
+    pub(crate) fn launch(
+        &self,
+        file: &str,
+        name: &str,
+        cfg: LaunchConfig,
+        args: &[Arg],
+    ) -> Result<()> {
+        let f = self.function(file, name)?;
+        let mut builder = self.stream.launch_builder(&f);
+        for a in args {
+            match a {
+                Arg::Ptr(p) => builder.arg(p),
+                Arg::I32(v) => builder.arg(v),
+                Arg::U32(v) => builder.arg(v),
+                Arg::Step(p) => builder.arg(p),
+            };
+        }
+        // SAFETY: every launch wrapper checks buffer lengths against the sizes it passes, and
+        // the argument list matches the kernel's signature in kernels/<file>.cu.
+        unsafe { builder.launch(cfg) }.map_err(cuda_err(&format!("launching `{name}`")))?;
+        Ok(())
+    }
+
+    /// A zeroed buffer of `len` elements.
+    pub fn zeros<T: GpuFloat>(&self, len: usize) -> Result<GpuBuffer<T>> {
+        let slice = self
+            .stream
+            .alloc_zeros::<T>(len.max(1))
+            .map_err(|e| out_of_memory(self, len * std::mem::size_of::<T>(), e))?;
+        Ok(GpuBuffer::new(slice, len))
+    }
+
+    /// Uploads host values converted to `T`.
+    pub fn upload<T: GpuFloat>(&self, values: &[f32]) -> Result<GpuBuffer<T>> {
+        let host: Vec<T> = values.iter().map(|&v| T::from_f32(v)).collect();
+        let slice = self
+            .stream
+            .clone_htod(&host)
+            .map_err(|e| out_of_memory(self, host.len() * std::mem::size_of::<T>(), e))?;
+        Ok(GpuBuffer::new(slice, values.len()))
+    }
+
+    /// Uploads raw values of any device type (labels, tables).
+    pub fn upload_raw<T: DeviceRepr + ValidAsZeroBits + Copy>(
+        &self,
+        values: &[T],
+    ) -> Result<cudarc::driver::CudaSlice<T>> {
+        self.stream.clone_htod(values).map_err(cuda_err("upload"))
+    }
+
+    /// Copies a buffer back as f32 (waits for the stream).
+    pub fn download<T: GpuFloat>(&self, buf: &GpuBuffer<T>) -> Result<Vec<f32>> {
+        let host = self
+            .stream
+            .clone_dtoh(buf.slice())
+            .map_err(cuda_err("download"))?;
+        Ok(host[..buf.len()].iter().map(|v| v.to_f32()).collect())
+    }
+}
+
+/// A kernel argument, passed by value.
+#[derive(Clone, Copy)]
+pub(crate) enum Arg {
+    /// A device pointer (0 is NULL).
+    Ptr(u64),
+    I32(i32),
+    U32(u32),
+    Step(crate::diffusion::StepParams),
+}
+
+fn out_of_memory(gpu: &Gpu, bytes: usize, e: cudarc::driver::DriverError) -> Error {
+    let free = gpu.memory().map(|(f, _)| f).unwrap_or(0);
+    Error::Cuda(format!(
+        "allocating {:.1} MiB on {} failed ({e:?}); {:.1} MiB free: use a smaller --batch-size",
+        bytes as f64 / (1 << 20) as f64,
+        gpu.info.name,
+        free as f64 / (1 << 20) as f64
+    ))
+}
+
+/// 1-D launch over `n` elements, 256 threads a block.
+pub(crate) fn grid_1d(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The module image for a device of compute capability `cc`: the embedded CUBIN for its exact
+/// architecture, else the embedded compute_90 PTX on sm_90+, else the source compiled now by
+/// NVRTC (cached on disk).
+fn module_image(file: &str, source: &str, cc: (i32, i32)) -> Result<Ptx> {
+    let arch = format!("sm_{}{}", cc.0, cc.1);
+    let find = |a: &str| {
+        KERNEL_IMAGES
+            .iter()
+            .find(|(f, ar, _)| *f == file && *ar == a)
+            .map(|(_, _, img)| *img)
+    };
+    if let Some(cubin) = find(&arch) {
+        return Ok(Ptx::from_binary(cubin.to_vec()));
+    }
+    if cc.0 >= 9 {
+        if let Some(ptx) = find("compute_90") {
+            return Ok(Ptx::from_src(
+                String::from_utf8_lossy(ptx)
+                    .trim_end_matches('\0')
+                    .to_string(),
+            ));
+        }
+    }
+    compile_at_runtime(file, source, cc)
+}
+
+fn compile_at_runtime(file: &str, source: &str, cc: (i32, i32)) -> Result<Ptx> {
+    let arch = format!("compute_{}{}", cc.0, cc.1);
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(
+        &(source, &arch, KERNEL_HEADERS, KERNEL_OPTIONS),
+        &mut hasher,
+    );
+    let key = std::hash::Hasher::finish(&hasher);
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|d| d.join("mcdm").join(format!("{file}-{arch}-{key:016x}.ptx")));
+    if let Some(text) = cache.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+        return Ok(Ptx::from_src(text));
+    }
+    let how = "build mcdm with NVRTC present (scripts/install-nvrtc.sh, then cargo build --release), \
+               or install NVRTC 13 (pip install nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96) \
+               and set MCDM_CUDA_INCLUDE to its include directory";
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(Error::Cuda(format!(
+            "this binary has no kernel image for {arch} and no NVRTC library was found to compile one: {how}"
+        )));
+    }
+    let include = std::env::var("MCDM_CUDA_INCLUDE")
+        .ok()
+        .into_iter()
+        .chain(["/usr/local/cuda/include".to_string()])
+        .collect();
+    // The headers are spliced in, so only the CUDA toolkit's own headers need a path.
+    let full_source = KERNEL_HEADERS
+        .iter()
+        .fold(source.to_string(), |src, (name, text)| {
+            src.replace(&format!("#include \"{name}\""), text)
+        });
+    let mut options: Vec<String> = KERNEL_OPTIONS
+        .iter()
+        .find(|(f, _)| *f == file)
+        .map(|(_, o)| o.iter().map(|s| s.to_string()).collect())
+        .unwrap_or_default();
+    options.push(format!("--gpu-architecture={arch}"));
+    let opts = cudarc::nvrtc::CompileOptions {
+        include_paths: include,
+        options,
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(full_source, opts).map_err(|e| {
+        Error::Cuda(format!(
+            "compiling kernels/{file}.cu for {arch}: {e:?} ({how})"
+        ))
+    })?;
+    if let Some(path) = cache {
+        let _ = std::fs::create_dir_all(path.parent().unwrap_or(&path));
+        let _ = std::fs::write(&path, ptx.to_src());
+    }
+    Ok(ptx)
+}

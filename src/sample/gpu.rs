@@ -1,0 +1,231 @@
+//! Composed sampling on the GPU: the state, conditions and eps predictions stay on the device;
+//! each step packs the inputs of every model group, runs its batched forward pass, unpacks the
+//! eps (and the unconditional variance) and applies the fused combine-and-update kernel with
+//! in-kernel Philox noise. The host only enqueues work.
+
+use cudarc::driver::CudaSlice;
+
+use super::{ComposedSampler, INIT_NOISE_STEP};
+use crate::cuda::{Gpu, GpuBuffer, GpuFloat};
+use crate::error::{Error, Result};
+use crate::model::{GpuConditioning, GpuUNet, GpuWorkspace};
+use crate::ops::layout::{pack_input_gpu, unpack_output_gpu};
+use crate::ops::step::{diffusion_step_gpu, fill_normals_gpu};
+use crate::sample::SamplerKind;
+
+/// Per-batch device copies of one model group's conditions.
+struct GroupInputs {
+    labels: Option<CudaSlice<i64>>,
+    embedding: Option<GpuBuffer<f32>>,
+}
+
+impl ComposedSampler<'_> {
+    /// [`ComposedSampler::sample`] on the GPU. `models[m]` is model `m` uploaded
+    /// ([`GpuUNet::upload`]).
+    pub fn sample_gpu<T: GpuFloat>(
+        &self,
+        models: &[GpuUNet<T>],
+        num_samples: usize,
+        batch_size: usize,
+        init_noise: Option<&[f32]>,
+        on_step: &mut dyn FnMut(usize),
+    ) -> Result<Vec<f32>> {
+        if models.len() != self.models.len() {
+            return Err(Error::Input(format!(
+                "{} GPU models for {} models",
+                models.len(),
+                self.models.len()
+            )));
+        }
+        let gpu: &Gpu = models
+            .first()
+            .map(|m| &**m.gpu())
+            .ok_or_else(|| Error::Input("no models".into()))?;
+        let len = self.image_len();
+        if num_samples == 0 || batch_size == 0 {
+            return Err(Error::Input(
+                "num_samples and batch_size must be positive".into(),
+            ));
+        }
+        if let Some(x) = init_noise {
+            if x.len() != num_samples * len {
+                return Err(Error::Input(format!(
+                    "initial noise has {} values, expected {}",
+                    x.len(),
+                    num_samples * len
+                )));
+            }
+        }
+        self.check_counts(num_samples)?;
+        // Image conditions and weights go up once for the whole run.
+        let images: Vec<Option<(GpuBuffer<f32>, usize)>> = self
+            .terms
+            .iter()
+            .map(|(_, c)| {
+                c.image
+                    .as_ref()
+                    .map(|img| Ok((gpu.upload::<f32>(&img.data)?, img.count)))
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        let weights = gpu.upload::<f32>(&if self.weights.is_empty() {
+            vec![0.0]
+        } else {
+            self.weights.clone()
+        })?;
+        let mut ws = GpuWorkspace::<T>::default();
+        let mut samples = Vec::with_capacity(num_samples * len);
+        for first in (0..num_samples).step_by(batch_size) {
+            let b = batch_size.min(num_samples - first);
+            let mut x = match init_noise {
+                Some(x) => gpu.upload::<f32>(&x[first * len..(first + b) * len])?,
+                None => {
+                    let mut x = gpu.zeros::<f32>(b * len)?;
+                    fill_normals_gpu(gpu, &mut x, b, len, first, self.spec.seed, INIT_NOISE_STEP)?;
+                    x
+                }
+            };
+            let out = self.sample_batch_gpu(
+                gpu,
+                models,
+                &images,
+                &weights,
+                first,
+                &mut x,
+                b,
+                &mut ws,
+                &mut || on_step(b),
+            )?;
+            samples.extend_from_slice(&out);
+        }
+        Ok(samples)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn sample_batch_gpu<T: GpuFloat>(
+        &self,
+        gpu: &Gpu,
+        models: &[GpuUNet<T>],
+        images: &[Option<(GpuBuffer<f32>, usize)>],
+        weights: &GpuBuffer<f32>,
+        first: usize,
+        x: &mut GpuBuffer<f32>,
+        b: usize,
+        ws: &mut GpuWorkspace<T>,
+        on_step: &mut dyn FnMut(),
+    ) -> Result<Vec<f32>> {
+        let (h, w) = (self.spec.height, self.spec.width);
+        let (hw, len) = (h * w, self.image_len());
+        let terms = self.terms.len();
+        let uncond = terms - 1;
+        // Labels and embeddings per group row, for this batch: uploaded once, used every step.
+        let groups: Vec<GroupInputs> = self
+            .groups
+            .iter()
+            .map(|(m, rows)| {
+                let cfg = models[*m].config();
+                let labels = cfg
+                    .num_classes
+                    .map(|_| {
+                        let y: Vec<i64> = rows
+                            .iter()
+                            .flat_map(|&r| {
+                                std::iter::repeat_n(self.terms[r].1.class.unwrap_or(0), b)
+                            })
+                            .collect();
+                        gpu.upload_raw(&y)
+                    })
+                    .transpose()?;
+                let embedding = cfg
+                    .embed_dim
+                    .map(|d| {
+                        let mut e = vec![0.0f32; rows.len() * b * d];
+                        for (r, &term) in rows.iter().enumerate() {
+                            if let Some(src) = &self.terms[term].1.embedding {
+                                for k in 0..b {
+                                    e[(r * b + k) * d..][..d].copy_from_slice(src.item(first + k));
+                                }
+                            }
+                        }
+                        gpu.upload::<f32>(&e)
+                    })
+                    .transpose()?;
+                Ok(GroupInputs { labels, embedding })
+            })
+            .collect::<Result<_>>()?;
+        let steps = self.num_steps();
+        let timesteps: Vec<Vec<GpuBuffer<f32>>> = (0..steps)
+            .map(|i| {
+                let t = self.diffusion.model_timestep(i);
+                self.groups
+                    .iter()
+                    .map(|(_, rows)| gpu.upload::<f32>(&vec![t; rows.len() * b]))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<_>>()?;
+        let mut eps = gpu.zeros::<f32>(terms * b * len)?;
+        let mut var = if self.learned_variance {
+            Some(gpu.zeros::<f32>(b * len)?)
+        } else {
+            None
+        };
+        let mut next = gpu.zeros::<f32>(b * len)?;
+        let mut inputs: Vec<GpuBuffer<T>> = self
+            .groups
+            .iter()
+            .map(|(m, rows)| gpu.zeros::<T>(rows.len() * b * hw * models[*m].config().in_channels))
+            .collect::<Result<_>>()?;
+        for i in (0..steps).rev() {
+            for (g, (m, rows)) in self.groups.iter().enumerate() {
+                let model = &models[*m];
+                let cfg = model.config();
+                let (cin, oc) = (cfg.in_channels, cfg.out_channels());
+                let n = rows.len() * b;
+                let input = &mut inputs[g];
+                for (r, &term) in rows.iter().enumerate() {
+                    let cond = images[term].as_ref().map(|(buf, count)| (buf, *count));
+                    pack_input_gpu(gpu, x, cond, first, b, hw, cin - 3, input, r * b * hw * cin)?;
+                }
+                let cond = GpuConditioning {
+                    timesteps: &timesteps[i][g],
+                    labels: groups[g].labels.as_ref(),
+                    embedding: groups[g].embedding.as_ref(),
+                };
+                let out = model.forward(input, [n, h, w, cin], &cond, ws)?;
+                for (r, &term) in rows.iter().enumerate() {
+                    let v = if term == uncond { var.as_mut() } else { None };
+                    unpack_output_gpu(
+                        gpu,
+                        &out,
+                        r * b * hw * oc,
+                        oc,
+                        &mut eps,
+                        term * b * len,
+                        v,
+                        b,
+                        hw,
+                    )?;
+                }
+                ws.give(out);
+            }
+            let params = match self.spec.sampler {
+                SamplerKind::Ddim { eta } => {
+                    self.diffusion
+                        .ddim_params(i, eta, self.spec.clip_denoised)?
+                }
+                SamplerKind::Ddpm => self.diffusion.ddpm_params(i, self.spec.clip_denoised)?,
+            }
+            .with_noise_key(self.spec.seed, i as u32);
+            let v = match self.spec.sampler {
+                SamplerKind::Ddpm => var.as_ref(),
+                SamplerKind::Ddim { .. } => None,
+            };
+            diffusion_step_gpu(
+                gpu, x, &eps, weights, terms, v, &mut next, b, len, first, params,
+            )?;
+            std::mem::swap(x, &mut next);
+            on_step();
+        }
+        gpu.download(x)
+    }
+}

@@ -1,0 +1,372 @@
+//! Every CUDA kernel against its CPU reference over many shapes (odd sizes, batch 1), and the
+//! whole forward pass against the CPU one, for f32, f16 and bf16 storage. Without a GPU each
+//! test says so and passes: CI has none; `scripts/device-check.sh` runs these on one.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{fixtures, read_f32, rel_l2};
+use mcdm::cuda::{unavailable_reason, Gpu, GpuBuffer, GpuFloat};
+use mcdm::model::{load_model, Conditioning, GpuUNet, GpuWorkspace, Workspace};
+use mcdm::ops::attention::{attend, attend_gpu};
+use mcdm::ops::conv::{Conv2d, Residual};
+use mcdm::ops::group_norm::GroupNorm;
+use mcdm::ops::layout::{nchw_to_nhwc, nchw_to_nhwc_gpu};
+use mcdm::ops::linear::Linear;
+use mcdm::ops::resample::{avg_pool2x, avg_pool2x_gpu, upsample_nearest2x, upsample_nearest2x_gpu};
+use mcdm::weights::SafetensorsFile;
+
+fn gpu(test: &str) -> Option<Arc<Gpu>> {
+    if let Some(reason) = unavailable_reason() {
+        eprintln!("{test}: skipped, no GPU ({reason})");
+        return None;
+    }
+    Some(Gpu::new(0).expect("opening the GPU"))
+}
+
+/// Deterministic values in about [-1, 1], never all zero.
+fn values(len: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2654435761).wrapping_add(12345);
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// Values rounded through `T`, so that CPU and GPU see the same inputs.
+fn rounded<T: GpuFloat>(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| T::from_f32(x).to_f32()).collect()
+}
+
+fn tolerance<T: GpuFloat>() -> f64 {
+    match T::SUFFIX {
+        "_f32" => 1e-5,
+        "_f16" => 2e-3,
+        _ => 1e-2,
+    }
+}
+
+fn for_each_dtype(test: &str, f: impl Fn(&Gpu, &str) -> Vec<(String, f64, f64)>) {
+    let Some(g) = gpu(test) else { return };
+    let mut failures = Vec::new();
+    for name in ["f32", "f16", "bf16"] {
+        for (case, err, tol) in f(&g, name) {
+            eprintln!("{test} {name} {case}: rel L2 {err:.2e} (tolerance {tol:.0e})");
+            if !(err <= tol) {
+                failures.push(format!("{name} {case}: {err:.3e} > {tol:.0e}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{test}: {failures:#?}");
+}
+
+fn conv_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
+    let shapes = [
+        (1, 5, 7, 3, 32, 3, 1),
+        (2, 16, 16, 32, 64, 3, 1),
+        (1, 9, 9, 64, 96, 3, 2),
+        (3, 8, 8, 64, 64, 3, 2),
+        (2, 12, 10, 96, 32, 1, 1),
+        (1, 32, 32, 4, 64, 3, 1),
+        (2, 7, 5, 40, 24, 3, 1),
+        (1, 64, 64, 64, 64, 3, 1),
+    ];
+    let mut out = Vec::new();
+    for (i, &(n, h, w, cin, cout, k, stride)) in shapes.iter().enumerate() {
+        let weight = values(cout * cin * k * k, 1 + i as u32)
+            .iter()
+            .map(|v| v / (cin * k * k) as f32)
+            .collect::<Vec<_>>();
+        let conv = Conv2d::from_torch(
+            &rounded::<T>(&weight),
+            values(cout, 50 + i as u32),
+            k,
+            stride,
+        );
+        let x = rounded::<T>(&values(n * h * w * cin, 100 + i as u32));
+        let (ho, wo) = conv.out_size(h, w);
+        let residual = rounded::<T>(&values(n * ho * wo * cout, 200 + i as u32));
+        let mut want = residual.clone();
+        conv.forward(&x, n, h, w, &mut want, true, &mut Vec::new());
+        let dev = conv.upload::<T>(g).unwrap();
+        let xd = g.upload::<T>(&x).unwrap();
+        let rd = g.upload::<T>(&residual).unwrap();
+        let mut yd = g.upload::<T>(&vec![f32::NAN; n * ho * wo * cout]).unwrap();
+        dev.forward(g, &xd, n, h, w, &mut yd, Residual::Buffer(&rd))
+            .unwrap();
+        let got = g.download(&yd).unwrap();
+        out.push((
+            format!("conv n{n} {h}x{w} {cin}->{cout} k{k} s{stride}"),
+            rel_l2(&got, &want),
+            tolerance::<T>(),
+        ));
+    }
+    out
+}
+
+#[test]
+fn conv_matches_cpu() {
+    for_each_dtype("conv", |g, name| match name {
+        "f32" => conv_cases::<f32>(g),
+        "f16" => conv_cases::<half::f16>(g),
+        _ => conv_cases::<half::bf16>(g),
+    });
+}
+
+fn group_norm_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
+    let mut out = Vec::new();
+    for (i, &(n, hw, c, scale_shift, silu)) in [
+        (1, 25, 32, false, false),
+        (2, 64, 64, true, true),
+        (3, 17, 96, false, true),
+        (1, 4096, 128, true, false),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let gn = GroupNorm {
+            channels: c,
+            weight: values(c, 10 + i as u32)
+                .iter()
+                .map(|v| 1.0 + 0.2 * v)
+                .collect(),
+            bias: values(c, 20 + i as u32),
+        };
+        let x = rounded::<T>(
+            &values(n * hw * c, 30 + i as u32)
+                .iter()
+                .map(|v| 3.0 * v + 0.5)
+                .collect::<Vec<_>>(),
+        );
+        let ss = values(n * 2 * c, 40 + i as u32);
+        let mut want = vec![0.0; x.len()];
+        gn.forward(&x, n, hw, &mut want, scale_shift.then_some(&ss[..]), silu);
+        let dev = gn.upload(g).unwrap();
+        let xd = g.upload::<T>(&x).unwrap();
+        let ssd = g.upload::<f32>(&ss).unwrap();
+        let mut yd = g.upload::<T>(&vec![f32::NAN; x.len()]).unwrap();
+        let mut stats = g.zeros::<f32>(n * 64).unwrap();
+        dev.forward(
+            g,
+            &xd,
+            n,
+            hw,
+            &mut yd,
+            &mut stats,
+            scale_shift.then_some(&ssd),
+            silu,
+        )
+        .unwrap();
+        out.push((
+            format!("group norm n{n} hw{hw} c{c} ss{scale_shift} silu{silu}"),
+            rel_l2(&g.download(&yd).unwrap(), &want),
+            tolerance::<T>(),
+        ));
+    }
+    out
+}
+
+#[test]
+fn group_norm_matches_cpu() {
+    for_each_dtype("group_norm", |g, name| match name {
+        "f32" => group_norm_cases::<f32>(g),
+        "f16" => group_norm_cases::<half::f16>(g),
+        _ => group_norm_cases::<half::bf16>(g),
+    });
+}
+
+fn attention_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
+    let mut out = Vec::new();
+    for (i, &(n, t, c, heads)) in [
+        (1, 64, 64, 1),
+        (2, 100, 128, 4),
+        (1, 256, 192, 3),
+        (2, 1024, 64, 2),
+        (1, 4096, 128, 2),
+        (3, 17, 32, 1),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let qkv = rounded::<T>(
+            &values(n * t * 3 * c, 60 + i as u32)
+                .iter()
+                .map(|v| 2.0 * v)
+                .collect::<Vec<_>>(),
+        );
+        let mut want = vec![0.0; n * t * c];
+        attend(&qkv, n, t, c, heads, &mut want);
+        let qd = g.upload::<T>(&qkv).unwrap();
+        let mut od = g.upload::<T>(&vec![f32::NAN; n * t * c]).unwrap();
+        attend_gpu(g, &qd, n, t, c, heads, &mut od).unwrap();
+        out.push((
+            format!("attention n{n} t{t} c{c} heads{heads}"),
+            rel_l2(&g.download(&od).unwrap(), &want),
+            tolerance::<T>(),
+        ));
+    }
+    out
+}
+
+#[test]
+fn attention_matches_cpu() {
+    for_each_dtype("attention", |g, name| match name {
+        "f32" => attention_cases::<f32>(g),
+        "f16" => attention_cases::<half::f16>(g),
+        _ => attention_cases::<half::bf16>(g),
+    });
+}
+
+fn resample_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
+    let mut out = Vec::new();
+    for (i, &(n, h, w, c)) in [(1, 4, 6, 32), (2, 9, 8, 64), (3, 16, 16, 3)]
+        .iter()
+        .enumerate()
+    {
+        let x = rounded::<T>(&values(n * h * w * c, 70 + i as u32));
+        let xd = g.upload::<T>(&x).unwrap();
+        let mut want = vec![0.0; 4 * x.len()];
+        upsample_nearest2x(&x, n, h, w, c, &mut want);
+        let mut yd = g.upload::<T>(&vec![f32::NAN; 4 * x.len()]).unwrap();
+        upsample_nearest2x_gpu(g, &xd, n, h, w, c, &mut yd).unwrap();
+        out.push((
+            format!("upsample n{n} {h}x{w}x{c}"),
+            rel_l2(&g.download(&yd).unwrap(), &want),
+            0.0,
+        ));
+        let (h2, w2) = (h / 2 * 2, w / 2 * 2);
+        let x = rounded::<T>(&values(n * h2 * w2 * c, 80 + i as u32));
+        let xd = g.upload::<T>(&x).unwrap();
+        let mut want = vec![0.0; x.len() / 4];
+        avg_pool2x(&x, n, h2, w2, c, &mut want);
+        let mut yd = g.upload::<T>(&vec![f32::NAN; x.len() / 4]).unwrap();
+        avg_pool2x_gpu(g, &xd, n, h2, w2, c, &mut yd).unwrap();
+        out.push((
+            format!("avgpool n{n} {h2}x{w2}x{c}"),
+            rel_l2(
+                &rounded::<T>(&g.download(&yd).unwrap()),
+                &rounded::<T>(&want),
+            ),
+            tolerance::<T>(),
+        ));
+        let nchw = values(n * c * h * w, 90 + i as u32);
+        let mut want = vec![0.0; nchw.len()];
+        nchw_to_nhwc(&nchw, n, c, h * w, &mut want);
+        let d = g.upload::<f32>(&nchw).unwrap();
+        let mut yd: GpuBuffer<T> = g.zeros(nchw.len()).unwrap();
+        nchw_to_nhwc_gpu(g, &d, n, c, h * w, &mut yd).unwrap();
+        out.push((
+            format!("nchw->nhwc n{n} c{c}"),
+            rel_l2(&g.download(&yd).unwrap(), &rounded::<T>(&want)),
+            0.0,
+        ));
+    }
+    out
+}
+
+#[test]
+fn resample_and_layout_match_cpu() {
+    for_each_dtype("resample", |g, name| match name {
+        "f32" => resample_cases::<f32>(g),
+        "f16" => resample_cases::<half::f16>(g),
+        _ => resample_cases::<half::bf16>(g),
+    });
+}
+
+#[test]
+fn linear_matches_cpu() {
+    let Some(g) = gpu("linear") else { return };
+    for (i, &(n, fin, fout)) in [(1, 32, 128), (5, 128, 128), (64, 384, 512), (3, 7, 300)]
+        .iter()
+        .enumerate()
+    {
+        let lin = Linear {
+            in_features: fin,
+            out_features: fout,
+            weight: values(fout * fin, 5 + i as u32),
+            bias: values(fout, 6 + i as u32),
+        };
+        let x = values(n * fin, 7 + i as u32);
+        for silu_in in [false, true] {
+            let act: Vec<f32> = x
+                .iter()
+                .map(|&v| if silu_in { mcdm::ops::silu(v) } else { v })
+                .collect();
+            let mut want = vec![0.0; n * fout];
+            lin.forward(&act, n, &mut want);
+            let dev = lin.upload(&g).unwrap();
+            let xd = g.upload::<f32>(&x).unwrap();
+            let mut yd = g.upload::<f32>(&vec![f32::NAN; n * fout]).unwrap();
+            dev.forward(&g, &xd, n, &mut yd, silu_in).unwrap();
+            let err = rel_l2(&g.download(&yd).unwrap(), &want);
+            eprintln!("linear n{n} {fin}->{fout} silu{silu_in}: rel L2 {err:.2e}");
+            assert!(err <= 1e-5, "linear n{n} {fin}->{fout}: {err:.3e}");
+        }
+    }
+}
+
+/// The whole forward pass of every reference fixture model, GPU against CPU.
+fn forward_cases<T: GpuFloat>(g: &Arc<Gpu>) -> Vec<(String, f64, f64)> {
+    let mut out = Vec::new();
+    let mut names: Vec<String> = std::fs::read_dir(fixtures("unet"))
+        .unwrap()
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .into_string()
+                .ok()?
+                .strip_suffix(".io.safetensors")
+                .map(str::to_string)
+        })
+        .collect();
+    names.sort();
+    for case in names {
+        let model = load_model(&fixtures(&format!("unet/{case}.safetensors")), None).unwrap();
+        let io = SafetensorsFile::open(&fixtures(&format!("unet/{case}.io.safetensors"))).unwrap();
+        let shape: [usize; 4] = io.shape("x").unwrap().try_into().unwrap();
+        let x = io.f32("x").unwrap();
+        let t = read_f32(&io, "t");
+        let y = io.contains("y").then(|| io.i64("y").unwrap());
+        let emb = io.contains("emb").then(|| io.f32("emb").unwrap());
+        let cond = Conditioning {
+            timesteps: &t,
+            labels: y.as_deref(),
+            embedding: emb.as_deref(),
+        };
+        let want = model
+            .unet
+            .forward_nchw(&x, shape, &cond, &mut Workspace::new())
+            .unwrap();
+        let dev = GpuUNet::<T>::upload(&model.unet, g.clone()).unwrap();
+        let got = dev
+            .forward_nchw(&model.unet, &x, shape, &cond, &mut GpuWorkspace::default())
+            .unwrap();
+        let tol = if T::SUFFIX == "_f32" { 1e-4 } else { 1e-2 };
+        out.push((format!("forward {case}"), rel_l2(&got, &want), tol));
+    }
+    out
+}
+
+#[test]
+fn forward_matches_cpu() {
+    let Some(g) = gpu("forward") else { return };
+    let mut failures = Vec::new();
+    for (name, cases) in [
+        ("f32", forward_cases::<f32>(&g)),
+        ("f16", forward_cases::<half::f16>(&g)),
+        ("bf16", forward_cases::<half::bf16>(&g)),
+    ] {
+        for (case, err, tol) in cases {
+            eprintln!("{name} {case}: rel L2 {err:.2e} (tolerance {tol:.0e})");
+            if !(err <= tol) {
+                failures.push(format!("{name} {case}: {err:.3e}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}

@@ -1,0 +1,227 @@
+//! The fused GPU step and the GPU sampler against the CPU: Philox noise bit-identical, composed
+//! runs the same within the precision's tolerance. Skipped (with a message) without a GPU.
+
+mod common;
+
+use common::{fixtures, rel_l2};
+use mcdm::config::DiffusionConfig;
+use mcdm::cuda::{unavailable_reason, Gpu, GpuFloat};
+use mcdm::diffusion::{compose, Diffusion};
+use mcdm::model::{load_model, GpuUNet, LoadedModel};
+use mcdm::ops::step::{diffusion_step_gpu, fill_normals_gpu};
+use mcdm::rng::fill_normals;
+use mcdm::sample::{
+    Batched, ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, Unconditional,
+};
+
+fn gpu(test: &str) -> Option<std::sync::Arc<Gpu>> {
+    if let Some(reason) = unavailable_reason() {
+        eprintln!("{test}: skipped, no GPU ({reason})");
+        return None;
+    }
+    Some(Gpu::new(0).expect("opening the GPU"))
+}
+
+#[test]
+fn noise_is_bit_identical() {
+    let Some(g) = gpu("noise") else { return };
+    let (b, len, first) = (3, 3 * 17 * 9 + 2, 5);
+    for (seed, step) in [(0u64, 0u32), (0x1234_5678_9abc_def0, 41), (7, u32::MAX)] {
+        let mut dev = g.zeros::<f32>(b * len).unwrap();
+        fill_normals_gpu(&g, &mut dev, b, len, first, seed, step).unwrap();
+        let got = g.download(&dev).unwrap();
+        for k in 0..b {
+            let mut want = vec![0.0; len];
+            fill_normals(seed, (first + k) as u32, step, &mut want);
+            let same = got[k * len..(k + 1) * len]
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "seed {seed} step {step} image {}: GPU normals differ from the CPU's",
+                first + k
+            );
+        }
+    }
+}
+
+/// One fused step (compose + DDIM/DDPM with in-kernel noise) against compose + the CPU step.
+#[test]
+fn fused_step_matches_cpu() {
+    let Some(g) = gpu("fused step") else { return };
+    let values = |len: usize, s: u64| -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i as u64 * 2654435761 + s * 97) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    };
+    let (b, len, first, seed) = (2, 3 * 8 * 8, 3, 99u64);
+    for learn_sigma in [false, true] {
+        let d = Diffusion::from_config(&DiffusionConfig {
+            timestep_respacing: "10".into(),
+            learn_sigma,
+            ..Default::default()
+        })
+        .unwrap();
+        let x = values(b * len, 1);
+        let eps: Vec<Vec<f32>> = (0..3).map(|t| values(b * len, 10 + t)).collect();
+        let weights = [1.5f32, -0.5];
+        let v = values(b * len, 50);
+        let mut composed = vec![0.0; b * len];
+        compose(&[&eps[0], &eps[1]], &weights, &eps[2], &mut composed);
+        for i in [9usize, 4, 0] {
+            for ddpm in [false, true] {
+                let mut noise = vec![0.0; b * len];
+                for k in 0..b {
+                    fill_normals(
+                        seed,
+                        (first + k) as u32,
+                        i as u32,
+                        &mut noise[k * len..(k + 1) * len],
+                    );
+                }
+                let mut want = vec![0.0; b * len];
+                let params = if ddpm {
+                    d.ddpm_step(
+                        i,
+                        &x,
+                        &composed,
+                        learn_sigma.then_some(&v[..]),
+                        true,
+                        Some(&noise),
+                        &mut want,
+                    )
+                    .unwrap();
+                    d.ddpm_params(i, true).unwrap()
+                } else {
+                    d.ddim_step(i, &x, &composed, 0.7, true, Some(&noise), &mut want)
+                        .unwrap();
+                    d.ddim_params(i, 0.7, true).unwrap()
+                };
+                let xd = g.upload::<f32>(&x).unwrap();
+                let ed = g.upload::<f32>(&eps.concat()).unwrap();
+                let wd = g.upload::<f32>(&weights).unwrap();
+                let vd = g.upload::<f32>(&v).unwrap();
+                let mut out = g.zeros::<f32>(b * len).unwrap();
+                let var = (ddpm && learn_sigma).then_some(&vd);
+                diffusion_step_gpu(
+                    &g,
+                    &xd,
+                    &ed,
+                    &wd,
+                    3,
+                    var,
+                    &mut out,
+                    b,
+                    len,
+                    first,
+                    params.with_noise_key(seed, i as u32),
+                )
+                .unwrap();
+                let err = rel_l2(&g.download(&out).unwrap(), &want);
+                eprintln!("step {i} ddpm {ddpm} learned {learn_sigma}: rel L2 {err:.2e}");
+                assert!(
+                    err <= 1e-6,
+                    "step {i} ddpm {ddpm} learned {learn_sigma}: {err:.3e}"
+                );
+            }
+        }
+    }
+}
+
+fn reference_case() -> (Vec<LoadedModel>, Vec<Expert>, Unconditional) {
+    let dir = fixtures("sample/models");
+    let models: Vec<LoadedModel> = ["uncond", "classes", "sketch", "text"]
+        .iter()
+        .map(|m| load_model(&dir.join(format!("{m}.safetensors")), None).unwrap())
+        .collect();
+    let sketch: Vec<f32> = (0..256)
+        .map(|i| ((i * 37 % 17) as f32 / 8.0) - 1.0)
+        .collect();
+    let text: Vec<f32> = (0..16).map(|i| (i as f32 * 0.4).sin()).collect();
+    let experts = vec![
+        Expert {
+            model: 1,
+            condition: Condition {
+                class: Some(3),
+                ..Default::default()
+            },
+            weight: 1.5,
+        },
+        Expert {
+            model: 2,
+            condition: Condition {
+                image: Some(Batched {
+                    data: sketch,
+                    count: 1,
+                }),
+                ..Default::default()
+            },
+            weight: -0.5,
+        },
+        Expert {
+            model: 3,
+            condition: Condition {
+                embedding: Some(Batched {
+                    data: text,
+                    count: 1,
+                }),
+                ..Default::default()
+            },
+            weight: 0.7,
+        },
+    ];
+    (
+        models,
+        experts,
+        Unconditional {
+            model: 0,
+            condition: Condition::default(),
+        },
+    )
+}
+
+fn compare<T: GpuFloat>(g: &std::sync::Arc<Gpu>, sampler: SamplerKind, tol: f64) -> f64 {
+    let (models, experts, uncond) = reference_case();
+    let spec = SampleSpec {
+        sampler,
+        timestep_respacing: Some("10".into()),
+        clip_denoised: true,
+        seed: 5,
+        height: 16,
+        width: 16,
+    };
+    let s = ComposedSampler::new(&models, &experts, &uncond, spec).unwrap();
+    let want = s.sample(5, 5, None, &mut |_| {}).unwrap();
+    let dev: Vec<GpuUNet<T>> = models
+        .iter()
+        .map(|m| GpuUNet::upload(&m.unet, g.clone()).unwrap())
+        .collect();
+    let got = s.sample_gpu(&dev, 5, 2, None, &mut |_| {}).unwrap();
+    let err = rel_l2(&got, &want);
+    eprintln!(
+        "{}{sampler:?}: rel L2 {err:.2e} (tolerance {tol:.0e})",
+        T::SUFFIX
+    );
+    err
+}
+
+#[test]
+fn composed_sampling_matches_cpu() {
+    let Some(g) = gpu("composed sampling") else {
+        return;
+    };
+    let mut failures = Vec::new();
+    for sampler in [SamplerKind::Ddim { eta: 0.0 }, SamplerKind::Ddpm] {
+        for (name, err, tol) in [
+            ("f32", compare::<f32>(&g, sampler, 1e-4), 1e-4),
+            ("f16", compare::<half::f16>(&g, sampler, 2e-2), 2e-2),
+            ("bf16", compare::<half::bf16>(&g, sampler, 5e-2), 5e-2),
+        ] {
+            if !(err <= tol) {
+                failures.push(format!("{name} {sampler:?}: {err:.3e} > {tol:.0e}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
