@@ -4,6 +4,7 @@ use cudarc::driver::{CudaSlice, DevicePtr};
 
 use super::{Gpu, GpuFloat};
 use crate::error::Result;
+use crate::model::workspace::best_fit;
 
 /// A device array of `len` elements (the allocation may be larger when recycled).
 pub struct GpuBuffer<T> {
@@ -59,13 +60,7 @@ impl<T: GpuFloat> Default for GpuPool<T> {
 impl<T: GpuFloat> GpuPool<T> {
     /// A buffer of `len` elements, contents unspecified.
     pub fn take(&mut self, gpu: &Gpu, len: usize) -> Result<GpuBuffer<T>> {
-        let best = self
-            .free
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.capacity() >= len)
-            .min_by_key(|(_, b)| b.capacity())
-            .map(|(i, _)| i);
+        let best = best_fit(self.free.iter().map(GpuBuffer::capacity), len);
         match best {
             Some(i) => {
                 let mut b = self.free.swap_remove(i);

@@ -19,13 +19,7 @@ impl Workspace {
     /// A buffer of `len` floats with unspecified contents: the smallest free one that fits, else
     /// a new one.
     pub fn take(&mut self, len: usize) -> Vec<f32> {
-        let best = self
-            .free
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.capacity() >= len)
-            .min_by_key(|(_, b)| b.capacity())
-            .map(|(i, _)| i);
+        let best = best_fit(self.free.iter().map(Vec::capacity), len);
         let mut buf = match best {
             Some(i) => self.free.swap_remove(i),
             None => Vec::with_capacity(len),
@@ -43,4 +37,13 @@ impl Workspace {
     pub fn bytes(&self) -> usize {
         (self.free.iter().map(Vec::capacity).sum::<usize>() + self.scratch.capacity()) * 4
     }
+}
+
+/// Index of the smallest capacity that holds `len`, if any: the pools' reuse rule.
+pub(crate) fn best_fit(capacities: impl Iterator<Item = usize>, len: usize) -> Option<usize> {
+    capacities
+        .enumerate()
+        .filter(|&(_, cap)| cap >= len)
+        .min_by_key(|&(_, cap)| cap)
+        .map(|(i, _)| i)
 }

@@ -42,21 +42,7 @@ impl ComposedSampler<'_> {
             .map(|m| &**m.gpu())
             .ok_or_else(|| Error::Input("no models".into()))?;
         let len = self.image_len();
-        if num_samples == 0 || batch_size == 0 {
-            return Err(Error::Input(
-                "num_samples and batch_size must be positive".into(),
-            ));
-        }
-        if let Some(x) = init_noise {
-            if x.len() != num_samples * len {
-                return Err(Error::Input(format!(
-                    "initial noise has {} values, expected {}",
-                    x.len(),
-                    num_samples * len
-                )));
-            }
-        }
-        self.check_counts(num_samples)?;
+        self.check_request(num_samples, batch_size, init_noise)?;
         // Image conditions and weights go up once for the whole run.
         let images: Vec<Option<(GpuBuffer<f32>, usize)>> = self
             .terms

@@ -353,6 +353,32 @@ impl<'a> ComposedSampler<'a> {
         Ok(())
     }
 
+    /// A request's sizes: positive counts, initial noise `[N, 3, H, W]`, conditions for every
+    /// image.
+    fn check_request(
+        &self,
+        num_samples: usize,
+        batch_size: usize,
+        init_noise: Option<&[f32]>,
+    ) -> Result<()> {
+        if num_samples == 0 || batch_size == 0 {
+            return Err(Error::Input(
+                "num_samples and batch_size must be positive".into(),
+            ));
+        }
+        if let Some(x) = init_noise {
+            if x.len() != num_samples * self.image_len() {
+                return Err(Error::Input(format!(
+                    "initial noise has {} values, expected [{num_samples}, 3, {}, {}]",
+                    x.len(),
+                    self.spec.height,
+                    self.spec.width
+                )));
+            }
+        }
+        self.check_counts(num_samples)
+    }
+
     /// Samples `num_samples` images in batches of `batch_size`. `init_noise` (`[N, 3, H, W]`)
     /// replaces the seeded x_T. `on_step(images_done_in_batch)` is called after every step.
     pub fn sample(
@@ -363,21 +389,7 @@ impl<'a> ComposedSampler<'a> {
         on_step: &mut dyn FnMut(usize),
     ) -> Result<Vec<f32>> {
         let len = self.image_len();
-        if num_samples == 0 || batch_size == 0 {
-            return Err(Error::Input(
-                "num_samples and batch_size must be positive".into(),
-            ));
-        }
-        if let Some(x) = init_noise {
-            if x.len() != num_samples * len {
-                return Err(Error::Input(format!(
-                    "initial noise has {} values, expected [{num_samples}, 3, {}, {}]",
-                    x.len(),
-                    self.spec.height,
-                    self.spec.width
-                )));
-            }
-        }
+        self.check_request(num_samples, batch_size, init_noise)?;
         let mut ws = Workspace::new();
         let mut samples = Vec::with_capacity(num_samples * len);
         for first in (0..num_samples).step_by(batch_size) {
