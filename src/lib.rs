@@ -16,3 +16,4 @@ pub use error::{Error, Result};
 pub mod diffusion;
 pub mod rng;
 pub mod sample;
+pub mod text;

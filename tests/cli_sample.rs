@@ -296,3 +296,16 @@ fn bad_term_syntax() {
         "unknown key `wieght`",
     );
 }
+
+#[test]
+fn text_prompt_needs_a_384_wide_model() {
+    if std::env::var_os("MCDM_SKIP_TEXT_TESTS").is_some() {
+        eprintln!("skipped: MCDM_SKIP_TEXT_TESTS is set");
+        return;
+    }
+    // The fixture text model takes a 16-wide embedding, not MiniLM's 384.
+    fails(
+        &["--model", &model("uncond"), "--model", &model("text"), "--uncond", "uncond", "--expert", "text,weight=2,text=a smiling woman, red hair"],
+        "text= gives a 384-wide sentence embedding, but the model's embed_dim is 16",
+    );
+}

@@ -1,6 +1,7 @@
 //! Subcommands. The library never prints; this module reports.
 
 mod bench;
+mod encode_text;
 mod forward;
 mod info;
 mod inspect;
@@ -34,6 +35,7 @@ enum Command {
     Forward(forward::Args),
     Bench(bench::Args),
     Info(info::Args),
+    EncodeText(encode_text::Args),
     Inspect(inspect::Args),
 }
 
@@ -89,5 +91,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Info(args) => info::run(args),
+        Command::EncodeText(args) => encode_text::run(args),
     }
 }

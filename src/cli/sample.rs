@@ -19,6 +19,7 @@ use mcdm::weights::{write_atomic, write_safetensors, SafetensorsFile, TensorData
 
 use mcdm::cuda::{Gpu, GpuFloat};
 use mcdm::model::GpuUNet;
+use mcdm::text::TextEncoder;
 
 use super::{backend, Backend, Device, Dtype};
 
@@ -38,21 +39,27 @@ enum Sampler {
     --expert s,image=examples/sketch.png --expert c,class=3,weight=1.5 --num-samples 16 --out out/\n\n  \
     # classifier-free-guidance style: the null condition is class 0 of the same model\n  \
     mcdm sample --model c=m.safetensors --uncond c,class=0 --expert c,class=7,weight=3\n\n  \
+    # a text expert conditioned on a prompt\n  \
+    mcdm sample --model u=weights/uncond.safetensors --model t=weights/text.safetensors --uncond u \\\n    \
+    --expert \"t,weight=2,text=a smiling woman with long red hair\"\n\n  \
     # a job file (JSON) with the same fields: models, experts, uncond, sampler, ...\n  \
     mcdm sample --job job.json\n\n\
 Conditions: image=PATH takes a PNG (scaled to [-1, 1]; gray gives 1 channel, RGB 3) or a\n\
 safetensors file with `cond` [C, H, W] or [1 or N, C, H, W]; embedding=PATH a safetensors file\n\
-with `embedding` [D] or [1 or N, D]. An unconditional term on a conditional model uses class=K\n\
-(required), and zeros for an image or embedding it is not given.\n\n\
+with `embedding` [D] or [1 or N, D]; text=PROMPT (last in the spec) is encoded with\n\
+all-MiniLM-L6-v2 for models with embed_dim 384 (scripts/fetch-text-model.sh gets the encoder).\n\
+An unconditional term on a conditional model uses class=K (required), and zeros for an image or\n\
+embedding it is not given.\n\n\
 Output: OUT/000000.png ..., OUT/grid.png, OUT/record.json (everything to reproduce the run).")]
 pub struct Args {
     /// A model: NAME=PATH to safetensors weights (config: <stem>.json, metadata, or inferred).
     #[arg(long = "model", value_name = "NAME=PATH")]
     models: Vec<String>,
-    /// An expert: NAME[,class=K][,image=PATH][,embedding=PATH][,weight=W] (weight default 1).
+    /// An expert: NAME[,class=K][,image=PATH][,embedding=PATH][,weight=W][,text=PROMPT]
+    /// (weight default 1; text= comes last and takes the rest, commas included).
     #[arg(long = "expert", value_name = "SPEC")]
     experts: Vec<String>,
-    /// The unconditional term: NAME[,class=K][,image=PATH][,embedding=PATH].
+    /// The unconditional term: NAME[,class=K][,image=PATH][,embedding=PATH][,text=PROMPT].
     #[arg(long, value_name = "SPEC")]
     uncond: Option<String>,
     /// A JSON job file holding models, experts, uncond and any of the options below (paths
@@ -95,6 +102,10 @@ pub struct Args {
     /// GPU storage type.
     #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
     dtype: Dtype,
+    /// The sentence encoder for text= terms (default: $MCDM_TEXT_MODEL, then
+    /// models/all-MiniLM-L6-v2).
+    #[arg(long, value_name = "DIR")]
+    text_model: Option<PathBuf>,
 }
 
 /// Uploads the models and samples on the GPU.
@@ -127,11 +138,21 @@ struct TermSpec {
     class: Option<i64>,
     image: Option<PathBuf>,
     embedding: Option<PathBuf>,
+    /// A prompt, encoded with the text encoder into the embedding.
+    text: Option<String>,
     weight: f32,
 }
 
 fn parse_term(spec: &str, allow_weight: bool) -> Result<TermSpec> {
-    let mut parts = spec.split(',');
+    // `text=` comes last and takes the rest, commas included.
+    let (head, text) = match spec.find(",text=") {
+        Some(i) => (
+            &spec[..i],
+            Some(spec[i + 6..].trim().trim_matches('"').to_string()),
+        ),
+        None => (spec, None),
+    };
+    let mut parts = head.split(',');
     let model = parts.next().unwrap_or_default().trim().to_string();
     if model.is_empty() || model.contains('=') {
         bail!("`{spec}`: expected NAME[,key=value...], starting with a model name");
@@ -141,6 +162,7 @@ fn parse_term(spec: &str, allow_weight: bool) -> Result<TermSpec> {
         class: None,
         image: None,
         embedding: None,
+        text,
         weight: 1.0,
     };
     for part in parts {
@@ -168,7 +190,7 @@ fn parse_term(spec: &str, allow_weight: bool) -> Result<TermSpec> {
                 }
             }
             other => bail!(
-                "`{spec}`: unknown key `{other}` (expected class, image, embedding{})",
+                "`{spec}`: unknown key `{other}` (expected class, image, embedding, text{})",
                 if allow_weight { ", weight" } else { "" }
             ),
         }
@@ -182,7 +204,7 @@ fn term_from_json(v: &Value, base: &Path, allow_weight: bool) -> Result<TermSpec
         .as_object()
         .ok_or_else(|| anyhow!("expected an object, got {v}"))?;
     for key in obj.keys() {
-        if !["model", "class", "image", "embedding", "weight"].contains(&key.as_str())
+        if !["model", "class", "image", "embedding", "text", "weight"].contains(&key.as_str())
             || (key == "weight" && !allow_weight)
         {
             bail!("unknown key `{key}` in {v}");
@@ -204,6 +226,7 @@ fn term_from_json(v: &Value, base: &Path, allow_weight: bool) -> Result<TermSpec
             .transpose()?,
         image: path("image"),
         embedding: path("embedding"),
+        text: obj.get("text").and_then(Value::as_str).map(str::to_string),
         weight: obj.get("weight").map_or(Ok(1.0), |w| {
             w.as_f64()
                 .map(|w| w as f32)
@@ -485,6 +508,48 @@ pub fn run(args: Args) -> Result<()> {
     let (h, w) = (uncond_cfg.image_size, uncond_cfg.image_size);
 
     let n = plan.num_samples;
+    // Prompts are encoded once, all together.
+    let prompts: Vec<&str> = plan
+        .experts
+        .iter()
+        .chain([&plan.uncond])
+        .filter_map(|t| t.text.as_deref())
+        .collect();
+    let encoded: Vec<Vec<f32>> = if prompts.is_empty() {
+        Vec::new()
+    } else {
+        let dir = TextEncoder::locate(args.text_model.as_deref())
+            .context("text= needs the text encoder")?;
+        let encoder = TextEncoder::load(&dir)
+            .with_context(|| format!("loading the text model from {}", dir.display()))?;
+        let flat = encoder.encode(&prompts).context("encoding the prompts")?;
+        flat.chunks_exact(encoder.dim())
+            .map(<[f32]>::to_vec)
+            .collect()
+    };
+    let prompt_embedding = |t: &TermSpec| -> Result<Option<Batched>> {
+        let Some(text) = &t.text else { return Ok(None) };
+        if t.embedding.is_some() {
+            bail!("`{}`: give text= or embedding=, not both", t.model);
+        }
+        let row = &encoded[prompts
+            .iter()
+            .position(|p| p == text)
+            .expect("encoded above")];
+        let want = loaded[slot(&t.model)?].unet.config().embed_dim;
+        if want != Some(row.len()) {
+            bail!(
+                "`{}`: text= gives a {}-wide sentence embedding, but the model's embed_dim is {}",
+                t.model,
+                row.len(),
+                want.map_or("none".to_string(), |d| d.to_string())
+            );
+        }
+        Ok(Some(Batched {
+            data: row.clone(),
+            count: 1,
+        }))
+    };
     let condition = |t: &TermSpec| -> Result<Condition> {
         let image = match &t.image {
             Some(p) => {
@@ -501,14 +566,17 @@ pub fn run(args: Args) -> Result<()> {
             }
             None => None,
         };
-        let embedding = t
-            .embedding
-            .as_ref()
-            .map(|p| {
-                read_embedding(p, n)
-                    .with_context(|| format!("embedding of `{}` from {}", t.model, p.display()))
-            })
-            .transpose()?;
+        let embedding = match prompt_embedding(t)? {
+            Some(e) => Some(e),
+            None => t
+                .embedding
+                .as_ref()
+                .map(|p| {
+                    read_embedding(p, n)
+                        .with_context(|| format!("embedding of `{}` from {}", t.model, p.display()))
+                })
+                .transpose()?,
+        };
         Ok(Condition {
             class: t.class,
             image,
@@ -652,6 +720,9 @@ pub fn run(args: Args) -> Result<()> {
         }
         if let Some(p) = &t.image {
             v["image"] = json!({ "path": p.display().to_string(), "sha256": sha256_file(p).ok() });
+        }
+        if let Some(text) = &t.text {
+            v["text"] = text.clone().into();
         }
         if let Some(p) = &t.embedding {
             v["embedding"] =

