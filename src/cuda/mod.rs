@@ -223,6 +223,7 @@ impl Gpu {
                 Arg::Ptr(p) => builder.arg(p),
                 Arg::I32(v) => builder.arg(v),
                 Arg::U32(v) => builder.arg(v),
+                Arg::F32(v) => builder.arg(v),
                 Arg::Step(p) => builder.arg(p),
             };
         }
@@ -276,6 +277,7 @@ pub(crate) enum Arg {
     Ptr(u64),
     I32(i32),
     U32(u32),
+    F32(f32),
     Step(crate::diffusion::StepParams),
 }
 

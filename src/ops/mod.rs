@@ -5,6 +5,7 @@ pub mod attention;
 pub mod conv;
 pub mod embedding;
 pub mod group_norm;
+pub mod layer_norm;
 pub mod layout;
 pub mod linear;
 pub mod matmul;

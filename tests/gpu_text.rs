@@ -1,0 +1,274 @@
+//! The text encoder's kernels (LayerNorm, GELU) against their CPU references over several shapes,
+//! and the whole GPU text encoder against the CPU one on the fixture sentences, for f32, f16 and
+//! bf16 storage. Without a GPU each test says so and passes: CI has none;
+//! `scripts/device-check.sh` runs these on one.
+//!
+//! The encoder test needs all-MiniLM-L6-v2 as tests/text_encoder.rs does (MCDM_TEXT_MODEL, else
+//! models/all-MiniLM-L6-v2; scripts/fetch-text-model.sh): when it is absent it fails with the
+//! instructions, unless MCDM_SKIP_TEXT_TESTS=1.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use common::rel_l2;
+use mcdm::cuda::{unavailable_reason, Gpu, GpuFloat};
+use mcdm::ops::layer_norm::{gelu, gelu_gpu, LayerNorm};
+use mcdm::text::{GpuTextEncoder, TextEncoder};
+
+fn gpu(test: &str) -> Option<Arc<Gpu>> {
+    if let Some(reason) = unavailable_reason() {
+        eprintln!("{test}: skipped, no GPU ({reason})");
+        return None;
+    }
+    Some(Gpu::new(0).expect("opening the GPU"))
+}
+
+/// Deterministic values in about [-1, 1], never all zero (as tests/gpu_ops.rs).
+fn values(len: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2654435761).wrapping_add(12345);
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// Values rounded through `T`, so that CPU and GPU see the same inputs.
+fn rounded<T: GpuFloat>(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| T::from_f32(x).to_f32()).collect()
+}
+
+fn tolerance<T: GpuFloat>() -> f64 {
+    match T::SUFFIX {
+        "_f32" => 1e-5,
+        "_f16" => 2e-3,
+        _ => 1e-2,
+    }
+}
+
+fn for_each_dtype(test: &str, f: impl Fn(&Gpu, &str) -> Vec<(String, f64, f64)>) {
+    let Some(g) = gpu(test) else { return };
+    let mut failures = Vec::new();
+    for name in ["f32", "f16", "bf16"] {
+        for (case, err, tol) in f(&g, name) {
+            eprintln!("{test} {name} {case}: rel L2 {err:.2e} (tolerance {tol:.0e})");
+            if !(err <= tol) {
+                failures.push(format!("{name} {case}: {err:.3e} > {tol:.0e}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{test}: {failures:#?}");
+}
+
+fn layer_norm_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
+    let mut out = Vec::new();
+    // (rows, width, scale, offset, eps): BERT's shapes (384, 1536), odd and tiny widths, a
+    // width over the block, rows far from 0 (cancellation) and a constant row.
+    for (i, &(rows, width, scale, offset, eps)) in [
+        (1, 384, 1.0, 0.0, 1e-12),
+        (7, 384, 3.0, 0.5, 1e-12),
+        (3, 1536, 1.0, -2.0, 1e-5),
+        (5, 100, 0.5, 0.0, 1e-5),
+        (300, 33, 1.0, 0.0, 1e-12),
+        (2, 1, 1.0, 0.0, 1e-12),
+        (64, 4097, 2.0, 1.0, 1e-12),
+        (4, 384, 0.1, 20.0, 1e-12),
+        (2, 384, 0.0, 1.5, 1e-12),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let ln = LayerNorm {
+            weight: values(width, 10 + i as u32)
+                .iter()
+                .map(|v| 1.0 + 0.2 * v)
+                .collect(),
+            bias: values(width, 20 + i as u32),
+            eps,
+        };
+        let x = rounded::<T>(
+            &values(rows * width, 30 + i as u32)
+                .iter()
+                .map(|v| scale * v + offset)
+                .collect::<Vec<_>>(),
+        );
+        let mut want = x.clone();
+        ln.forward(&mut want);
+        let dev = ln.upload(g).unwrap();
+        let xd = g.upload::<T>(&x).unwrap();
+        let mut yd = g.upload::<T>(&vec![f32::NAN; x.len()]).unwrap();
+        dev.forward(g, &xd, rows, &mut yd).unwrap();
+        let case = format!("layer norm {rows}x{width} scale {scale} offset {offset} eps {eps:e}");
+        out.push((
+            case.clone(),
+            rel_l2(&g.download(&yd).unwrap(), &want),
+            tolerance::<T>(),
+        ));
+        // In place (y aliases x): the same values.
+        let mut xd = g.upload::<T>(&x).unwrap();
+        dev.forward_in_place(g, &mut xd, rows).unwrap();
+        out.push((
+            format!("{case} in place"),
+            rel_l2(&g.download(&xd).unwrap(), &want),
+            tolerance::<T>(),
+        ));
+    }
+    out
+}
+
+#[test]
+fn layer_norm_matches_cpu() {
+    for_each_dtype("layer_norm", |g, name| match name {
+        "f32" => layer_norm_cases::<f32>(g),
+        "f16" => layer_norm_cases::<half::f16>(g),
+        _ => layer_norm_cases::<half::bf16>(g),
+    });
+}
+
+fn gelu_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
+    let mut out = Vec::new();
+    for (i, &(len, scale)) in [
+        (1, 1.0),
+        (255, 4.0),
+        (256, 4.0),
+        (1000, 8.0),
+        (1536 * 7, 3.0),
+        ((1 << 20) + 3, 6.0),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut x: Vec<f32> = values(len, 40 + i as u32)
+            .iter()
+            .map(|v| scale * v)
+            .collect();
+        // Fixed points of interest where they fit: 0, the tails, +-1.
+        for (slot, v) in x.iter_mut().zip([0.0, -1.0, 1.0, -9.0, 9.0, 40.0, -40.0]) {
+            *slot = v;
+        }
+        let x = rounded::<T>(&x);
+        let want: Vec<f32> = x.iter().map(|&v| gelu(v)).collect();
+        // One element past `len` must stay untouched.
+        let mut padded = x.clone();
+        padded.push(7.0);
+        let mut xd = g.upload::<T>(&padded).unwrap();
+        gelu_gpu(g, &mut xd, len).unwrap();
+        let got = g.download(&xd).unwrap();
+        let case = format!("gelu len {len} scale {scale}");
+        assert_eq!(got[len], 7.0, "{case}: wrote past len");
+        out.push((case, rel_l2(&got[..len], &want), tolerance::<T>()));
+    }
+    out
+}
+
+#[test]
+fn gelu_matches_cpu() {
+    for_each_dtype("gelu", |g, name| match name {
+        "f32" => gelu_cases::<f32>(g),
+        "f16" => gelu_cases::<half::f16>(g),
+        _ => gelu_cases::<half::bf16>(g),
+    });
+}
+
+fn skip_text_tests() -> bool {
+    std::env::var("MCDM_SKIP_TEXT_TESTS").is_ok_and(|v| v == "1")
+}
+
+/// tests/fixtures (or $MCDM_FIXTURES, for test executables run away from their checkout).
+fn fixtures() -> PathBuf {
+    std::env::var_os("MCDM_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
+}
+
+fn fixture_texts() -> Vec<String> {
+    let path = fixtures().join("text/sentences.json");
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap();
+    json["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["text"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+/// Per text: the cosine of the GPU embedding with the CPU one, and the GPU embedding's norm.
+fn compare<T: GpuFloat>(
+    g: &Arc<Gpu>,
+    cpu: &TextEncoder,
+    texts: &[&str],
+    want: &[f32],
+) -> Vec<(f64, f32)> {
+    let dev = GpuTextEncoder::<T>::upload(cpu, g.clone()).unwrap();
+    assert_eq!(dev.dim(), cpu.dim());
+    assert!(dev.encode(&[]).unwrap().is_empty());
+    let got = dev.encode(texts).unwrap();
+    assert_eq!(got.len(), want.len());
+    let d = cpu.dim();
+    got.chunks_exact(d)
+        .zip(want.chunks_exact(d))
+        .map(|(g, w)| (cosine(g, w), g.iter().map(|v| v * v).sum::<f32>().sqrt()))
+        .collect()
+}
+
+#[test]
+fn encoder_matches_cpu() {
+    let Some(g) = gpu("text encoder") else { return };
+    if skip_text_tests() {
+        eprintln!("MCDM_SKIP_TEXT_TESTS=1: skipping the GPU text encoder test");
+        return;
+    }
+    let cpu = TextEncoder::locate(None)
+        .and_then(|dir| TextEncoder::load(&dir))
+        .unwrap_or_else(|e| {
+            panic!(
+                "the text model is needed for this test: {e}\n\
+                 (set MCDM_SKIP_TEXT_TESTS=1 to skip the tests that need it)"
+            )
+        });
+    let owned = fixture_texts();
+    let texts: Vec<&str> = owned.iter().map(String::as_str).collect();
+    assert!(!texts.is_empty());
+    let want = cpu.encode(&texts).unwrap();
+    let mut failures = Vec::new();
+    for (name, min_cos, results) in [
+        ("f32", 0.9999, compare::<f32>(&g, &cpu, &texts, &want)),
+        ("f16", 0.999, compare::<half::f16>(&g, &cpu, &texts, &want)),
+        (
+            "bf16",
+            0.999,
+            compare::<half::bf16>(&g, &cpu, &texts, &want),
+        ),
+    ] {
+        let mut worst = 1.0f64;
+        for (text, &(cos, norm)) in texts.iter().zip(&results) {
+            worst = worst.min(cos);
+            if !(cos >= min_cos) || !((norm - 1.0).abs() < 1e-4) {
+                failures.push(format!(
+                    "{name} {:?}: cosine {cos:.7} (needs {min_cos}), norm {norm}",
+                    text.chars().take(60).collect::<String>()
+                ));
+            }
+        }
+        eprintln!(
+            "text encoder {name}: {} texts, min cosine {worst:.7} (needs {min_cos})",
+            texts.len()
+        );
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
