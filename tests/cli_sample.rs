@@ -305,7 +305,16 @@ fn text_prompt_needs_a_384_wide_model() {
     }
     // The fixture text model takes a 16-wide embedding, not MiniLM's 384.
     fails(
-        &["--model", &model("uncond"), "--model", &model("text"), "--uncond", "uncond", "--expert", "text,weight=2,text=a smiling woman, red hair"],
+        &[
+            "--model",
+            &model("uncond"),
+            "--model",
+            &model("text"),
+            "--uncond",
+            "uncond",
+            "--expert",
+            "text,weight=2,text=a smiling woman, red hair",
+        ],
         "text= gives a 384-wide sentence embedding, but the model's embed_dim is 16",
     );
 }

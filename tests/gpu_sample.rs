@@ -3,9 +3,11 @@
 
 mod common;
 
+use common::gpu::gpu;
+
 use common::{fixtures, rel_l2};
 use mcdm::config::DiffusionConfig;
-use mcdm::cuda::{unavailable_reason, Gpu, GpuFloat};
+use mcdm::cuda::{Gpu, GpuFloat};
 use mcdm::diffusion::{compose, Diffusion};
 use mcdm::model::{load_model, GpuUNet, LoadedModel};
 use mcdm::ops::step::{diffusion_step_gpu, fill_normals_gpu};
@@ -13,14 +15,6 @@ use mcdm::rng::fill_normals;
 use mcdm::sample::{
     Batched, ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, Unconditional,
 };
-
-fn gpu(test: &str) -> Option<std::sync::Arc<Gpu>> {
-    if let Some(reason) = unavailable_reason() {
-        eprintln!("{test}: skipped, no GPU ({reason})");
-        return None;
-    }
-    Some(Gpu::new(0).expect("opening the GPU"))
-}
 
 #[test]
 fn noise_is_bit_identical() {

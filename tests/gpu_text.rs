@@ -9,61 +9,15 @@
 
 mod common;
 
+use common::gpu::{for_each_dtype, gpu, rounded, tolerance, values};
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use common::rel_l2;
-use mcdm::cuda::{unavailable_reason, Gpu, GpuFloat};
+use mcdm::cuda::{Gpu, GpuFloat};
 use mcdm::ops::layer_norm::{gelu, gelu_gpu, LayerNorm};
 use mcdm::text::{GpuTextEncoder, TextEncoder};
-
-fn gpu(test: &str) -> Option<Arc<Gpu>> {
-    if let Some(reason) = unavailable_reason() {
-        eprintln!("{test}: skipped, no GPU ({reason})");
-        return None;
-    }
-    Some(Gpu::new(0).expect("opening the GPU"))
-}
-
-/// Deterministic values in about [-1, 1], never all zero (as tests/gpu_ops.rs).
-fn values(len: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2654435761).wrapping_add(12345);
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
-        })
-        .collect()
-}
-
-/// Values rounded through `T`, so that CPU and GPU see the same inputs.
-fn rounded<T: GpuFloat>(v: &[f32]) -> Vec<f32> {
-    v.iter().map(|&x| T::from_f32(x).to_f32()).collect()
-}
-
-fn tolerance<T: GpuFloat>() -> f64 {
-    match T::SUFFIX {
-        "_f32" => 1e-5,
-        "_f16" => 2e-3,
-        _ => 1e-2,
-    }
-}
-
-fn for_each_dtype(test: &str, f: impl Fn(&Gpu, &str) -> Vec<(String, f64, f64)>) {
-    let Some(g) = gpu(test) else { return };
-    let mut failures = Vec::new();
-    for name in ["f32", "f16", "bf16"] {
-        for (case, err, tol) in f(&g, name) {
-            eprintln!("{test} {name} {case}: rel L2 {err:.2e} (tolerance {tol:.0e})");
-            if !(err <= tol) {
-                failures.push(format!("{name} {case}: {err:.3e} > {tol:.0e}"));
-            }
-        }
-    }
-    assert!(failures.is_empty(), "{test}: {failures:#?}");
-}
 
 fn layer_norm_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
     let mut out = Vec::new();
