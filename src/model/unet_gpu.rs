@@ -271,9 +271,8 @@ impl<T: GpuFloat> GpuUNet<T> {
         }
         if let (Some(proj), Some(e)) = (&self.vector_emb, cond.embedding) {
             proj.forward(g, e, n, &mut hidden, false)?;
-            // y[i] += hidden[i]: the row gather with identity labels.
-            let identity = g.upload_raw(&(0..n as i64).collect::<Vec<_>>())?;
-            add_rows(g, &mut emb, &hidden, &identity, n, dim)?;
+            // emb += hidden: a per-(image, channel) bias over a single pixel.
+            add_channel_bias_gpu(g, &mut emb, &hidden, n, 1, dim)?;
         }
         g.launch(
             "linear",
