@@ -112,6 +112,20 @@ impl SafetensorsFile {
         })
     }
 
+    /// A file with no tensors, standing for a model made in memory (random weights for
+    /// benchmarks); `label` names it in messages.
+    pub fn empty(label: &str) -> Result<Self> {
+        let map = memmap2::MmapMut::map_anon(1)
+            .and_then(|m| m.make_read_only())
+            .map_err(|e| Error::io(label, e))?;
+        Ok(SafetensorsFile {
+            path: PathBuf::from(label),
+            map,
+            entries: BTreeMap::new(),
+            metadata: BTreeMap::new(),
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -109,6 +109,10 @@ def main():
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compose", type=int, default=0,
+                    help="time composed DDIM sampling instead: this many experts (random models of the config) "
+                         "plus an unconditional model, eps = eps_u + sum_i (eps_i - eps_u), as mcdm bench --compose")
+    ap.add_argument("--steps", type=int, default=10, help="DDIM steps of a composed run")
     ap.add_argument("--json", default=None, help="write the results (a JSON list) here")
     ap.add_argument("--list", action="store_true", help="list the presets and exit")
     ap.add_argument("--write-configs", action="store_true", help="write tools/configs/*.json and exit")
@@ -140,6 +144,9 @@ def main():
         if cuda:
             th.cuda.synchronize(dev)
 
+    if args.compose:
+        return bench_compose(args, name, cfg, model, dev, sync, gpu, params)
+
     results = []
     g = th.Generator().manual_seed(args.seed + 1)
     for batch in args.batch:
@@ -168,6 +175,70 @@ def main():
         print(f"{name} batch {batch:3d}: {med * 1e3:10.2f} ms/forward  {batch / med:9.2f} images/s  "
               f"(median of {args.runs}, {args.device}{' fp16' if args.fp16 else ''}"
               f"{' compile' if args.compile else ''}, {th.get_num_threads()} threads, torch {th.__version__})",
+              flush=True)
+    if args.json:
+        gd_model.atomic_write_bytes(args.json, (json.dumps(results, indent=2) + "\n").encode())
+        print(f"wrote {args.json}")
+
+
+def bench_compose(args, name, cfg, first, dev, sync, gpu, params):
+    """Composed DDIM sampling through guided_diffusion's ddim_sample_loop: `args.compose` experts
+    plus an unconditional model (model 0), each a random model of `cfg`, all weights 1."""
+    from guided_diffusion.script_util import create_gaussian_diffusion
+
+    models = [first]
+    for i in range(1, args.compose + 1):
+        m = gd_model.randomize(gd_model.build_model(cfg), args.seed + i)
+        if args.fp16:
+            half = gd_model.build_model(cfg, fp16=True)
+            half.load_state_dict(m.state_dict())
+            m = half
+        models.append(m.to(dev).eval())
+    runs = [th.compile(m) for m in models] if args.compile else models
+    diffusion = create_gaussian_diffusion(
+        steps=cfg["diffusion_steps"], learn_sigma=cfg["learn_sigma"], noise_schedule=cfg["noise_schedule"],
+        timestep_respacing=str(args.steps))
+    size, cin = cfg["image_size"], cfg["in_channels"]
+
+    def model_fn_for(batch):
+        image = th.full((batch, cin - 3, size, size), 0.5, device=dev) if cin > 3 else None
+        emb = th.full((batch, cfg["embed_dim"]), 0.1, device=dev) if cfg.get("embed_dim") else None
+
+        def model_fn(x, t):
+            inp = th.cat([x, image], 1) if image is not None else x
+            outs = []
+            for i, m in enumerate(runs):
+                y = th.full((batch,), i % cfg["num_classes"], device=dev, dtype=th.long) if cfg.get("num_classes") else None
+                outs.append(m(inp, t, y=y, emb=emb).float())
+            eps_u = outs[0][:, :3]
+            eps = eps_u + sum(o[:, :3] - eps_u for o in outs[1:])
+            return th.cat([eps, outs[0][:, 3:]], 1)
+        return model_fn
+
+    results = []
+    g = th.Generator().manual_seed(args.seed + 1)
+    for batch in args.batch:
+        noise = th.randn(batch, 3, size, size, generator=g).to(dev)
+        fn = model_fn_for(batch)
+        times = []
+        with th.no_grad():
+            for i in range(args.warmup + args.runs):
+                sync()
+                t0 = time.perf_counter()
+                out = diffusion.ddim_sample_loop(fn, noise.shape, noise=noise, clip_denoised=True,
+                                                 device=dev, progress=False)
+                sync()
+                if i >= args.warmup:
+                    times.append(time.perf_counter() - t0)
+        assert th.isfinite(out).all()
+        med = statistics.median(times)
+        results.append(dict(preset=name, config=cfg, batch=batch, compose_experts=args.compose, steps=args.steps,
+                            seconds_per_run=med, seconds_min=min(times), images_per_second=batch / med,
+                            times=times, torch=th.__version__, device=str(dev), gpu=gpu, fp16=args.fp16,
+                            compile=args.compile, params=params))
+        print(f"{name} composed ({args.compose} experts + uncond, {args.steps} steps) batch {batch:3d}: "
+              f"{med:8.3f} s/run  {batch / med:9.2f} images/s  (median of {args.runs}, {args.device}"
+              f"{' fp16' if args.fp16 else ''}{' compile' if args.compile else ''}, torch {th.__version__})",
               flush=True)
     if args.json:
         gd_model.atomic_write_bytes(args.json, (json.dumps(results, indent=2) + "\n").encode())

@@ -5,11 +5,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use mcdm::config::{resolve, PartialConfig, Source};
-use mcdm::model::{Conditioning, UNet, Workspace};
-
+use mcdm::config::{resolve, PartialConfig, ResolvedConfig, Source};
 use mcdm::cuda::{Gpu, GpuFloat};
-use mcdm::model::{GpuUNet, GpuWorkspace};
+use mcdm::model::{Conditioning, GpuUNet, GpuWorkspace, LoadedModel, UNet, Workspace};
+use mcdm::sample::{
+    Batched, ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, Unconditional,
+};
 
 use super::{backend, Backend, Device, Dtype};
 
@@ -36,6 +37,13 @@ pub struct Args {
     /// GPU storage type.
     #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
     dtype: Dtype,
+    /// Time composed sampling instead: this many experts (random models of the config) plus an
+    /// unconditional model, every step evaluating all of them.
+    #[arg(long, default_value_t = 0)]
+    compose: usize,
+    /// DDIM steps of a composed run.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
 }
 
 /// Times one forward pass of `n` images; `None` runs on the CPU.
@@ -71,6 +79,9 @@ pub fn run(args: Args) -> Result<()> {
         .with_context(|| format!("config {}", args.config.display()))?;
     let source = Source::File(args.config.display().to_string());
     let cfg = resolve(&[(source, partial)], &Default::default())?;
+    if args.compose > 0 {
+        return run_compose(&args, cfg, &backend);
+    }
     let unet = UNet::random(&cfg.unet, 0)?;
     let (device_name, mut runner) = match &backend {
         Backend::Cpu => (
@@ -153,16 +164,132 @@ pub fn run(args: Args) -> Result<()> {
             "times": times,
         }));
     }
+    write_record(&args, &device_name, &cfg, gflop, rows)
+}
+
+fn write_record(
+    args: &Args,
+    device: &str,
+    cfg: &ResolvedConfig,
+    gflop: f64,
+    rows: Vec<serde_json::Value>,
+) -> Result<()> {
     if let Some(path) = &args.output {
         let record = serde_json::json!({
             "tool": format!("mcdm {}", env!("CARGO_PKG_VERSION")),
-            "device": device_name,
+            "device": device,
             "config": cfg.unet.to_json(&cfg.diffusion),
             "gflop_per_image": gflop,
+            "compose_experts": args.compose,
+            "steps": args.steps,
             "results": rows,
         });
         mcdm::weights::write_atomic(path, serde_json::to_string_pretty(&record)?.as_bytes())
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Composed DDIM sampling with `--compose` random experts plus an unconditional model.
+fn run_compose(args: &Args, cfg: ResolvedConfig, backend: &Backend) -> Result<()> {
+    let size = cfg.unet.image_size;
+    let models: Vec<LoadedModel> = (0..=args.compose)
+        .map(|i| LoadedModel::random(cfg.clone(), i as u64, &format!("random model {i}")))
+        .collect::<mcdm::Result<_>>()?;
+    let condition = |i: usize| Condition {
+        class: cfg.unet.num_classes.map(|k| (i % k) as i64),
+        image: (cfg.unet.in_channels > 3).then(|| Batched {
+            data: vec![0.5; (cfg.unet.in_channels - 3) * size * size],
+            count: 1,
+        }),
+        embedding: cfg.unet.embed_dim.map(|d| Batched {
+            data: vec![0.1; d],
+            count: 1,
+        }),
+    };
+    let experts: Vec<Expert> = (1..=args.compose)
+        .map(|m| Expert {
+            model: m,
+            condition: condition(m),
+            weight: 1.0,
+        })
+        .collect();
+    let uncond = Unconditional {
+        model: 0,
+        condition: condition(0),
+    };
+    let spec = SampleSpec {
+        sampler: SamplerKind::Ddim { eta: 0.0 },
+        timestep_respacing: Some(args.steps.to_string()),
+        clip_denoised: true,
+        seed: 0,
+        height: size,
+        width: size,
+    };
+    let sampler = ComposedSampler::new(&models, &experts, &uncond, spec)?;
+    let gflop = models[0].unet.flops_per_image(size, size) / 1e9;
+    let device = match backend {
+        Backend::Cpu => format!("cpu, {} threads", rayon::current_num_threads()),
+        Backend::Cuda(gpu) => format!("{}, {:?}", gpu.info().name, args.dtype),
+    };
+    eprintln!(
+        "composed DDIM: {} expert(s) + unconditional, {} steps, {gflop:.2} GFLOP per image per forward, {device}",
+        args.compose, args.steps
+    );
+    // Models go to the GPU once; each timed run then samples with everything resident.
+    let uploaded = match (backend, args.dtype) {
+        (Backend::Cpu, _) => Uploaded::None,
+        (Backend::Cuda(g), Dtype::Bf16) => Uploaded::Bf16(upload_all(g, &models)?),
+        (Backend::Cuda(g), Dtype::F16) => Uploaded::F16(upload_all(g, &models)?),
+        (Backend::Cuda(g), Dtype::F32) => Uploaded::F32(upload_all(g, &models)?),
+    };
+    let run = |n: usize| -> Result<()> {
+        match &uploaded {
+            Uploaded::None => sampler.sample(n, n, None, &mut |_| {}).map(|_| ())?,
+            Uploaded::Bf16(m) => sampler.sample_gpu(m, n, n, None, &mut |_| {}).map(|_| ())?,
+            Uploaded::F16(m) => sampler.sample_gpu(m, n, n, None, &mut |_| {}).map(|_| ())?,
+            Uploaded::F32(m) => sampler.sample_gpu(m, n, n, None, &mut |_| {}).map(|_| ())?,
+        }
+        Ok(())
+    };
+    println!("| batch | s / run | images / s | GFLOP/s |");
+    println!("|---:|---:|---:|---:|");
+    let mut rows = Vec::new();
+    for &n in &args.batch {
+        run(n)?;
+        let mut times = Vec::new();
+        for _ in 0..args.iters {
+            let start = Instant::now();
+            run(n)?;
+            times.push(start.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        let forwards = (args.compose + 1) * args.steps * n;
+        println!(
+            "| {n} | {median:.4} | {:.2} | {:.1} |",
+            n as f64 / median,
+            gflop * forwards as f64 / median
+        );
+        rows.push(serde_json::json!({ "batch": n, "seconds_per_run": median, "images_per_second": n as f64 / median, "times": times }));
+    }
+    write_record(args, &device, &cfg, gflop, rows)
+}
+
+/// The composed benchmark's models on the GPU, in the chosen storage type.
+enum Uploaded {
+    None,
+    Bf16(Vec<GpuUNet<half::bf16>>),
+    F16(Vec<GpuUNet<half::f16>>),
+    F32(Vec<GpuUNet<f32>>),
+}
+
+fn upload_all<T: GpuFloat>(
+    gpu: &std::sync::Arc<Gpu>,
+    models: &[LoadedModel],
+) -> Result<Vec<GpuUNet<T>>> {
+    Ok(models
+        .iter()
+        .map(|m| GpuUNet::upload(&m.unet, gpu.clone()))
+        .collect::<mcdm::Result<_>>()?)
 }

@@ -41,6 +41,17 @@ pub fn resolve_config(file: &SafetensorsFile, config: Option<&Path>) -> Result<R
     resolve(source.as_slice(), &file.shapes())
 }
 
+impl LoadedModel {
+    /// A model with random weights for `config` (benchmarks); `label` names it in messages.
+    pub fn random(config: ResolvedConfig, seed: u64, label: &str) -> Result<Self> {
+        Ok(LoadedModel {
+            file: SafetensorsFile::empty(label)?,
+            unet: UNet::random(&config.unet, seed)?,
+            config,
+        })
+    }
+}
+
 /// Opens `weights`, resolves its config and builds the UNet.
 pub fn load_model(weights: &Path, config: Option<&Path>) -> Result<LoadedModel> {
     let file = SafetensorsFile::open(weights)?;
