@@ -75,10 +75,12 @@ sanitize sample "$BIN" sample --device cuda --model u=$F/sample/models/uncond.sa
     --model c=$F/sample/models/classes.safetensors --uncond u --expert c,class=3 \
     --num-samples 2 --steps 3 --out /tmp/sanitize-sample
 
-# 3. Benchmarks: composed DDIM sampling (3 experts + unconditional, 10 steps, random weights),
+# 3. Single kernels (TFLOP/s, GB/s), then composed DDIM sampling (3 experts + unconditional, 10 steps, random weights),
 #    mcdm against guided-diffusion in PyTorch (fp16 eager, torch.compile) in the same run.
 python3 -m pip install --quiet --no-index --no-deps --target /tmp/site "$PACK"/wheels/guided_diffusion_sdk-*.tar.gz \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+"$BIN" bench --device cuda --dtype bf16 --kernels --iters 20 >"$OUT/bench-kernels.log" 2>&1 \
+    && record "kernels bf16" "see bench-kernels.log" || record "kernels bf16" "FAILED"
 for cfg in imagenet64-adm face256; do
     batch=$([ $cfg = face256 ] && echo 8 || echo 64)
     "$BIN" bench --device cuda --dtype bf16 --config tools/configs/$cfg.json --compose 3 --steps 10 \
@@ -97,4 +99,5 @@ done
 
 echo
 echo "== device check =="
+cat "$OUT/bench-kernels.log" 2>/dev/null || true
 printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"

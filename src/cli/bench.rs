@@ -21,8 +21,12 @@ use super::{backend, Backend, Device, Dtype};
     Compare with the same config in PyTorch: python tools/bench_torch.py --config tools/configs/bench-cpu.json")]
 pub struct Args {
     /// Model config (JSON, guided-diffusion flag names).
+    #[arg(long, required_unless_present = "kernels")]
+    config: Option<PathBuf>,
+    /// Time single GPU kernels at the workload's shapes instead (conv, attention, group norm),
+    /// in TFLOP/s or GB/s.
     #[arg(long)]
-    config: PathBuf,
+    kernels: bool,
     /// Batch sizes.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 16])]
     batch: Vec<usize>,
@@ -73,11 +77,25 @@ pub fn run(args: Args) -> Result<()> {
     if args.iters == 0 || args.batch.contains(&0) {
         bail!("--iters and every --batch must be positive");
     }
-    let text = std::fs::read_to_string(&args.config)
-        .with_context(|| format!("reading {}", args.config.display()))?;
-    let partial = PartialConfig::from_json(&text)
-        .with_context(|| format!("config {}", args.config.display()))?;
-    let source = Source::File(args.config.display().to_string());
+    if args.kernels {
+        let Backend::Cuda(gpu) = &backend else {
+            bail!("--kernels times GPU kernels: use --device cuda on a machine with a GPU");
+        };
+        return match args.dtype {
+            Dtype::Bf16 => bench_kernels::<half::bf16>(gpu, args.iters),
+            Dtype::F16 => bench_kernels::<half::f16>(gpu, args.iters),
+            Dtype::F32 => bench_kernels::<f32>(gpu, args.iters),
+        };
+    }
+    let config = args
+        .config
+        .as_ref()
+        .expect("clap requires --config without --kernels");
+    let text =
+        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    let partial =
+        PartialConfig::from_json(&text).with_context(|| format!("config {}", config.display()))?;
+    let source = Source::File(config.display().to_string());
     let cfg = resolve(&[(source, partial)], &Default::default())?;
     if args.compose > 0 {
         return run_compose(&args, cfg, &backend);
@@ -122,7 +140,7 @@ pub fn run(args: Args) -> Result<()> {
     let gflop = unet.flops_per_image(size, size) / 1e9;
     eprintln!(
         "config {} ({:.1} M parameters, {gflop:.2} GFLOP per image at {size}x{size}), {device_name}",
-        args.config.display(),
+        config.display(),
         unet.parameters() as f64 / 1e6
     );
     println!("| batch | s / forward | ms / image | images / s | GFLOP/s |");
@@ -292,4 +310,87 @@ fn upload_all<T: GpuFloat>(
         .iter()
         .map(|m| GpuUNet::upload(&m.unet, gpu.clone()))
         .collect::<mcdm::Result<_>>()?)
+}
+
+/// Median seconds of `iters` calls of `f` (after one warm-up), the stream drained each time.
+fn time_gpu(gpu: &Gpu, iters: usize, mut f: impl FnMut() -> mcdm::Result<()>) -> Result<f64> {
+    f()?;
+    gpu.synchronize()?;
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let start = Instant::now();
+        f()?;
+        gpu.synchronize()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Single kernels at the shapes of the ImageNet-64 ADM and 256 face workloads.
+fn bench_kernels<T: GpuFloat>(gpu: &std::sync::Arc<Gpu>, iters: usize) -> Result<()> {
+    use mcdm::ops::attention::attend_gpu;
+    use mcdm::ops::conv::{Conv2d, Residual};
+    use mcdm::ops::group_norm::GroupNorm;
+    let g = &**gpu;
+    let fill = |len: usize| {
+        (0..len)
+            .map(|i| ((i * 7919) % 2003) as f32 / 1001.0 - 1.0)
+            .collect::<Vec<f32>>()
+    };
+    println!("| kernel | shape | ms | rate |");
+    println!("|---|---|---:|---:|");
+    for &(n, h, w, cin, cout, k) in &[
+        (64, 32, 32, 384, 384, 3),
+        (8, 128, 128, 192, 192, 3),
+        (8, 32, 32, 384, 768, 3),
+        (8, 64, 64, 384, 384, 1),
+    ] {
+        let conv =
+            Conv2d::from_torch(&fill(cout * cin * k * k), vec![0.0; cout], k, 1).upload::<T>(g)?;
+        let x = g.upload::<T>(&fill(n * h * w * cin))?;
+        let mut y = g.zeros::<T>(n * h * w * cout)?;
+        let secs = time_gpu(g, iters, || {
+            conv.forward(g, &x, n, h, w, &mut y, Residual::None)
+        })?;
+        let flop = 2.0 * (n * h * w * cout * cin * k * k) as f64;
+        println!(
+            "| conv{k}x{k} | n{n} {h}x{w} {cin}->{cout} | {:.3} | {:.1} TFLOP/s |",
+            secs * 1e3,
+            flop / secs / 1e12
+        );
+    }
+    for &(n, t, c, heads) in &[(64, 256, 768, 12), (8, 1024, 384, 6), (8, 4096, 192, 3)] {
+        let qkv = g.upload::<T>(&fill(n * t * 3 * c))?;
+        let mut out = g.zeros::<T>(n * t * c)?;
+        let secs = time_gpu(g, iters, || attend_gpu(g, &qkv, n, t, c, heads, &mut out))?;
+        let flop = 4.0 * (n * t * t * c) as f64;
+        println!(
+            "| attention | n{n} t{t} c{c} heads{heads} | {:.3} | {:.1} TFLOP/s |",
+            secs * 1e3,
+            flop / secs / 1e12
+        );
+    }
+    for &(n, hw, c) in &[(8, 128 * 128, 192), (64, 32 * 32, 384)] {
+        let gn = GroupNorm {
+            channels: c,
+            weight: vec![1.0; c],
+            bias: vec![0.0; c],
+        }
+        .upload(g)?;
+        let x = g.upload::<T>(&fill(n * hw * c))?;
+        let mut y = g.zeros::<T>(n * hw * c)?;
+        let mut stats = g.zeros::<f32>(n * 64)?;
+        let secs = time_gpu(g, iters, || {
+            gn.forward(g, &x, n, hw, &mut y, &mut stats, None, true)
+        })?;
+        // Statistics read x once, the apply pass reads x and writes y.
+        let bytes = 3.0 * (n * hw * c * std::mem::size_of::<T>()) as f64;
+        println!(
+            "| group norm + SiLU | n{n} hw{hw} c{c} | {:.3} | {:.0} GB/s |",
+            secs * 1e3,
+            bytes / secs / 1e9
+        );
+    }
+    Ok(())
 }
