@@ -45,9 +45,9 @@ enum Sampler {
     # a job file (JSON) with the same fields: models, experts, uncond, sampler, ...\n  \
     mcdm sample --job job.json\n\n\
 Conditions: image=PATH takes a PNG (scaled to [-1, 1]; gray gives 1 channel, RGB 3) or a\n\
-safetensors file with `cond` [C, H, W] or [1 or N, C, H, W]; embedding=PATH a safetensors file\n\
-with `embedding` [D] or [1 or N, D]; text=PROMPT (last in the spec) is encoded with\n\
-all-MiniLM-L6-v2 for models with embed_dim 384 (scripts/fetch-text-model.sh gets the encoder).\n\
+safetensors file with `cond` [C, H, W] or [1 or >= N, C, H, W] (image k takes item k);\n\
+embedding=PATH a safetensors file with `embedding` [D] or [1 or >= N, D];\n\
+text=PROMPT (last in the spec) is encoded with all-MiniLM-L6-v2 for models with embed_dim 384 (scripts/fetch-text-model.sh gets the encoder).\n\
 An unconditional term on a conditional model uses class=K (required), and zeros for an image or\n\
 embedding it is not given.\n\n\
 Output: OUT/000000.png ..., OUT/grid.png, OUT/record.json (everything to reproduce the run).")]
@@ -417,9 +417,9 @@ fn read_image_condition(path: &Path, n: usize) -> Result<(Batched, [usize; 3])> 
     let shape = file.shape("cond")?.to_vec();
     let (count, chw) = match shape[..] {
         [c, h, w] => (1, [c, h, w]),
-        [k, c, h, w] if k == 1 || k == n => (k, [c, h, w]),
+        [k, c, h, w] if k == 1 || k >= n => (k, [c, h, w]),
         _ => bail!(
-            "{}: `cond` must be [C, H, W] or [1 or {n}, C, H, W], got {shape:?}",
+            "{}: `cond` must be [C, H, W] or [1 or at least {n}, C, H, W], got {shape:?}",
             path.display()
         ),
     };
@@ -437,9 +437,9 @@ fn read_embedding(path: &Path, n: usize) -> Result<Batched> {
     let shape = file.shape("embedding")?.to_vec();
     let count = match shape[..] {
         [_] => 1,
-        [k, _] if k == 1 || k == n => k,
+        [k, _] if k == 1 || k >= n => k,
         _ => bail!(
-            "{}: `embedding` must be [D] or [1 or {n}, D], got {shape:?}",
+            "{}: `embedding` must be [D] or [1 or at least {n}, D], got {shape:?}",
             path.display()
         ),
     };
