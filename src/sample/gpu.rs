@@ -109,33 +109,9 @@ impl ComposedSampler<'_> {
             .groups
             .iter()
             .map(|(m, rows)| {
-                let cfg = models[*m].config();
-                let labels = cfg
-                    .num_classes
-                    .map(|_| {
-                        let y: Vec<i64> = rows
-                            .iter()
-                            .flat_map(|&r| {
-                                std::iter::repeat_n(self.terms[r].1.class.unwrap_or(0), b)
-                            })
-                            .collect();
-                        gpu.upload_raw(&y)
-                    })
-                    .transpose()?;
-                let embedding = cfg
-                    .embed_dim
-                    .map(|d| {
-                        let mut e = vec![0.0f32; rows.len() * b * d];
-                        for (r, &term) in rows.iter().enumerate() {
-                            if let Some(src) = &self.terms[term].1.embedding {
-                                for k in 0..b {
-                                    e[(r * b + k) * d..][..d].copy_from_slice(src.item(first + k));
-                                }
-                            }
-                        }
-                        gpu.upload::<f32>(&e)
-                    })
-                    .transpose()?;
+                let (labels, embedding) = self.group_conditions(*m, rows, first, b);
+                let labels = labels.map(|y| gpu.upload_raw(&y)).transpose()?;
+                let embedding = embedding.map(|e| gpu.upload::<f32>(&e)).transpose()?;
                 Ok(GroupInputs { labels, embedding })
             })
             .collect::<Result<_>>()?;

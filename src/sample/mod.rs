@@ -78,6 +78,14 @@ pub struct SampleSpec {
     pub width: usize,
 }
 
+/// One model group's inputs for a batch, built once and reused by every step.
+struct GroupBatch {
+    model: usize,
+    labels: Option<Vec<i64>>,
+    embedding: Option<Vec<f32>>,
+    timesteps: Vec<f32>,
+}
+
 /// A prepared composition: checked conditions, the shared diffusion, terms grouped per model.
 pub struct ComposedSampler<'a> {
     models: &'a [LoadedModel],
@@ -221,10 +229,23 @@ impl<'a> ComposedSampler<'a> {
         let mut composed = vec![0.0; b * len];
         let mut noise = vec![0.0; b * len];
         let mut next = vec![0.0; b * len];
+        let mut groups: Vec<GroupBatch> = self
+            .groups
+            .iter()
+            .map(|(m, rows)| {
+                let (labels, embedding) = self.group_conditions(*m, rows, first, b);
+                GroupBatch {
+                    model: *m,
+                    labels,
+                    embedding,
+                    timesteps: vec![0.0; rows.len() * b],
+                }
+            })
+            .collect();
         for i in (0..self.num_steps()).rev() {
             let t = self.diffusion.model_timestep(i);
-            for (m, rows) in &self.groups {
-                self.run_group(*m, rows, first, &x, b, t, &mut eps, &mut var, ws)?;
+            for (group, (_, rows)) in groups.iter_mut().zip(&self.groups) {
+                self.run_group(group, rows, first, &x, b, t, &mut eps, &mut var, ws)?;
             }
             let (uncond, experts) = eps.split_last().expect("the unconditional term");
             let experts: Vec<&[f32]> = experts.iter().map(Vec::as_slice).collect();
@@ -287,12 +308,42 @@ impl<'a> ComposedSampler<'a> {
         Ok(())
     }
 
-    /// One batched forward of model `m` over its terms; scatters eps (and the unconditional
-    /// term's variance channels) into the per-term buffers.
+    /// Class labels and embeddings of the `rows` of model `m` for images `first..first + b`,
+    /// in row-major order (row r, image k at r * b + k): fixed for a whole batch.
+    fn group_conditions(
+        &self,
+        m: usize,
+        rows: &[usize],
+        first: usize,
+        b: usize,
+    ) -> (Option<Vec<i64>>, Option<Vec<f32>>) {
+        let cfg = self.models[m].unet.config();
+        let labels = cfg.num_classes.map(|_| {
+            rows.iter()
+                .flat_map(|&r| std::iter::repeat_n(self.terms[r].1.class.unwrap_or(0), b))
+                .collect()
+        });
+        let embedding = cfg.embed_dim.map(|d| {
+            let mut e = vec![0.0f32; rows.len() * b * d];
+            for (r, &term) in rows.iter().enumerate() {
+                if let Some(src) = &self.terms[term].1.embedding {
+                    for k in 0..b {
+                        e[(r * b + k) * d..][..d].copy_from_slice(src.item(first + k));
+                    }
+                }
+            }
+            e
+        });
+        (labels, embedding)
+    }
+
+    /// One batched forward of model `m` over its terms at timestep `t`: x_t and the image
+    /// conditions packed straight into the NHWC input, eps (and the unconditional term's
+    /// variance channels) scattered from the NHWC output into the per-term NCHW buffers.
     #[allow(clippy::too_many_arguments)]
     fn run_group(
         &self,
-        m: usize,
+        group: &mut GroupBatch,
         rows: &[usize],
         first: usize,
         x: &[f32],
@@ -302,54 +353,60 @@ impl<'a> ComposedSampler<'a> {
         var: &mut [f32],
         ws: &mut Workspace,
     ) -> Result<()> {
-        let model = &self.models[m];
+        let model = &self.models[group.model];
         let cfg = model.unet.config();
         let (h, w) = (self.spec.height, self.spec.width);
         let hw = h * w;
         let cin = cfg.in_channels;
         let n = rows.len() * b;
-        let mut input = ws.take(n * cin * hw);
-        let mut labels = Vec::with_capacity(n);
-        let mut embedding = cfg.embed_dim.map(|d| vec![0.0f32; n * d]);
+        let mut input = ws.take(n * hw * cin);
         for (r, &term) in rows.iter().enumerate() {
-            let cond = self.terms[term].1;
+            let image = self.terms[term].1.image.as_ref();
             for k in 0..b {
-                let row = r * b + k;
-                let dst = &mut input[row * cin * hw..][..cin * hw];
-                dst[..3 * hw].copy_from_slice(&x[k * 3 * hw..][..3 * hw]);
-                match &cond.image {
-                    Some(img) => dst[3 * hw..].copy_from_slice(img.item(first + k)),
-                    None => dst[3 * hw..].fill(0.0),
-                }
-                if let Some(class) = cond.class {
-                    labels.push(class);
-                }
-                if let (Some(e), Some(src)) = (embedding.as_mut(), &cond.embedding) {
-                    let d = src.data.len() / src.count;
-                    e[row * d..][..d].copy_from_slice(src.item(first + k));
+                let xk = &x[k * 3 * hw..][..3 * hw];
+                let cond = image.map(|img| img.item(first + k));
+                let dst = &mut input[(r * b + k) * hw * cin..][..hw * cin];
+                for (p, px) in dst.chunks_exact_mut(cin).enumerate() {
+                    for c in 0..3 {
+                        px[c] = xk[c * hw + p];
+                    }
+                    for c in 3..cin {
+                        px[c] = cond.map_or(0.0, |img| img[(c - 3) * hw + p]);
+                    }
                 }
             }
         }
-        let timesteps = vec![t; n];
+        group.timesteps.fill(t);
         let cond = Conditioning {
-            timesteps: &timesteps,
-            labels: cfg.num_classes.map(|_| labels.as_slice()),
-            embedding: embedding.as_deref(),
+            timesteps: &group.timesteps,
+            labels: group.labels.as_deref(),
+            embedding: group.embedding.as_deref(),
         };
-        let out = model.unet.forward_nchw(&input, [n, cin, h, w], &cond, ws);
+        let out = model.unet.forward_nhwc(&input, [n, h, w, cin], &cond, ws);
         ws.give(input);
         let out = out?;
         let oc = cfg.out_channels();
         let uncond_term = self.terms.len() - 1;
         for (r, &term) in rows.iter().enumerate() {
             for k in 0..b {
-                let src = &out[(r * b + k) * oc * hw..][..oc * hw];
-                eps[term][k * 3 * hw..][..3 * hw].copy_from_slice(&src[..3 * hw]);
+                let src = &out[(r * b + k) * hw * oc..][..hw * oc];
+                let dst = &mut eps[term][k * 3 * hw..][..3 * hw];
+                for (p, px) in src.chunks_exact(oc).enumerate() {
+                    for c in 0..3 {
+                        dst[c * hw + p] = px[c];
+                    }
+                }
                 if term == uncond_term && self.learned_variance {
-                    var[k * 3 * hw..][..3 * hw].copy_from_slice(&src[3 * hw..6 * hw]);
+                    let v = &mut var[k * 3 * hw..][..3 * hw];
+                    for (p, px) in src.chunks_exact(oc).enumerate() {
+                        for c in 0..3 {
+                            v[c * hw + p] = px[3 + c];
+                        }
+                    }
                 }
             }
         }
+        ws.give(out);
         Ok(())
     }
 
