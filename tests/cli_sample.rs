@@ -318,3 +318,83 @@ fn text_prompt_needs_a_384_wide_model() {
         "text= gives a 384-wide sentence embedding, but the model's embed_dim is 16",
     );
 }
+
+/// `mcdm sample` with no model arguments runs examples/default.json: the SynthFaces experts
+/// composed on held-back conditions (fewer images and steps here).
+#[test]
+fn default_job_runs_without_arguments() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (code, err) = mcdm(&[
+        "sample",
+        "--num-samples",
+        "2",
+        "--steps",
+        "3",
+        "--out",
+        &out.display().to_string(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("record.json")).unwrap()).unwrap();
+    assert_eq!(record["experts"].as_array().unwrap().len(), 3, "{record}");
+    assert!(out.join("grid.png").is_file() && out.join("000001.png").is_file());
+}
+
+/// A prompt given as text= samples exactly as its embedding from `mcdm encode-text` does.
+#[test]
+fn text_prompt_equals_its_encoded_embedding() {
+    if std::env::var_os("MCDM_SKIP_TEXT_TESTS").is_some() {
+        eprintln!("skipped: MCDM_SKIP_TEXT_TESTS is set");
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let w = |m: &str| {
+        format!(
+            "{m}={}",
+            root.join(format!("weights/{m}.safetensors")).display()
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let p = |f: &str| dir.path().join(f).display().to_string();
+    let prompt = "a smiling woman with long red hair, no glasses";
+    let (code, err) = mcdm(&[
+        "encode-text",
+        "--text",
+        prompt,
+        "--output",
+        &p("e.safetensors"),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let common = [
+        "--uncond",
+        "uncond",
+        "--num-samples",
+        "2",
+        "--steps",
+        "4",
+        "--seed",
+        "3",
+    ];
+    let run = |expert: String, out: &str| {
+        let (u, t) = (w("uncond"), w("text"));
+        let mut args = vec!["sample", "--model", &u, "--model", &t, "--expert", &expert];
+        args.extend_from_slice(&common);
+        let (s, o) = (p(&format!("{out}.safetensors")), p(out));
+        args.extend_from_slice(&["--save-tensor", &s, "--out", &o]);
+        let (code, err) = mcdm(&args);
+        assert_eq!(code, Some(0), "{err}");
+        SafetensorsFile::open(Path::new(&s))
+            .unwrap()
+            .f32("samples")
+            .unwrap()
+    };
+    let from_text = run(format!("text,weight=2,text={prompt}"), "a");
+    let from_file = run(
+        format!("text,weight=2,embedding={}", p("e.safetensors")),
+        "b",
+    );
+    assert_eq!(from_text, from_file);
+    let record = std::fs::read_to_string(dir.path().join("a/record.json")).unwrap();
+    assert!(record.contains(prompt), "the record lacks the prompt");
+}
