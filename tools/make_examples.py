@@ -84,8 +84,9 @@ def write_conditions(out_dir, indices, embed=True, previews=True):
     return b
 
 
-def job(n, models_rel, experts, uncond="uncond", sampler="ddpm", respacing="50", seed=0):
-    """An mcdm job dict. experts: list of names among sketch, segment, text (weight 1 each)."""
+def job(n, models_rel, experts, uncond="uncond", sampler="ddpm", respacing="50", seed=0, weights=None):
+    """An mcdm job dict. experts: list of names among sketch, segment, text (weight 1 unless
+    `weights` maps a name to another weight)."""
     spec = {
         "sketch": {"model": "sketch", "image": "sketch.safetensors", "weight": 1.0},
         "segment": {"model": "segment", "image": "segment.safetensors", "weight": 1.0},
@@ -95,7 +96,7 @@ def job(n, models_rel, experts, uncond="uncond", sampler="ddpm", respacing="50",
     return {
         "models": {m: f"{models_rel}/{m}.safetensors" for m in names},
         "uncond": {"model": uncond},
-        "experts": [spec[e] for e in experts],
+        "experts": [dict(spec[e], weight=float((weights or {}).get(e, 1.0))) for e in experts],
         "sampler": sampler,
         "timestep_respacing": respacing,
         "num_samples": n,

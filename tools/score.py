@@ -55,6 +55,19 @@ CONFIGS = [
     ("text+sketch", ["text", "sketch"]),
     ("all", ["sketch", "segment", "text"]),
 ]
+# Extra rows (not part of the four experiments): the text expert with weight 3 (classifier-free
+# guidance style), alone and in the three-expert composition.
+EXTRA_CONFIGS = [
+    ("text-w3", ["text"], {"text": 3.0}),
+    ("all-text-w3", ["sketch", "segment", "text"], {"text": 3.0}),
+]
+ALL_CONFIGS = [(n, e, {}) for n, e in CONFIGS] + EXTRA_CONFIGS
+LABELS = {
+    "uncond": "unconditional only",
+    "all": "sketch+segment+text",
+    "text-w3": "text expert alone, weight 3",
+    "all-text-w3": "sketch+segment+text, text weight 3",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,16 +282,20 @@ def cmd_conds(args):
     import make_examples
 
     idx = list(range(COND_START, COND_START + args.n))
-    b = make_examples.write_conditions(args.dir, idx, previews=False)
-    np.savez(os.path.join(args.dir, "faces.npz"), **{k: v for k, v in b.items()})
+    if args.jobs_only:
+        print("--jobs-only: keeping the condition files in", args.dir)
+    else:
+        b = make_examples.write_conditions(args.dir, idx, previews=False)
+        np.savez(os.path.join(args.dir, "faces.npz"), **{k: v for k, v in b.items()})
     rel = os.path.relpath(os.path.abspath("weights"), os.path.abspath(args.dir))
-    for name, experts in CONFIGS:
-        j = make_examples.job(args.n, rel, experts, sampler=args.sampler, respacing=args.respacing)
+    for name, experts, weights in ALL_CONFIGS:
+        j = make_examples.job(args.n, rel, experts, sampler=args.sampler, respacing=args.respacing,
+                              weights=weights)
         j["batch_size"] = args.batch_size
         with open(os.path.join(args.dir, f"job-{name}.json"), "w") as f:
             json.dump(j, f, indent=2)
             f.write("\n")
-    print(f"wrote conditions of faces {idx[0]}..{idx[-1]} and {len(CONFIGS)} jobs to {args.dir}")
+    print(f"wrote conditions of faces {idx[0]}..{idx[-1]} and {len(ALL_CONFIGS)} jobs to {args.dir}")
 
 
 def sample_cmd(args, name):
@@ -292,7 +309,7 @@ def cmd_sample(args):
     tpath = os.path.join(args.dir, "times.json")
     if os.path.exists(tpath):
         times = json.load(open(tpath))
-    for name, _ in CONFIGS:
+    for name, _, _ in ALL_CONFIGS:
         if args.only and name not in args.only.split(","):
             continue
         c = sample_cmd(args, name)
@@ -350,7 +367,7 @@ def cmd_eval(args):
     n = len(faces["index"])
     res = {}
     samples = {}
-    for name, _ in CONFIGS:
+    for name, _, _ in ALL_CONFIGS:
         p = os.path.join(args.dir, "out", name, "samples.safetensors")
         if not os.path.exists(p):
             print(f"missing {p}")
@@ -362,7 +379,7 @@ def cmd_eval(args):
     tpath = os.path.join(args.dir, "times.json")
     if os.path.exists(tpath):
         times = json.load(open(tpath))
-    for name, _ in CONFIGS:
+    for name, _, _ in ALL_CONFIGS:
         p = os.path.join(args.dir, "out", name, "time.json")
         if os.path.exists(p):
             times[name] = json.load(open(p))["wall_s"]
@@ -378,7 +395,7 @@ def cmd_eval(args):
                  f"{os.cpu_count()} CPU cores, no GPU ({platform.platform()}); mcdm `--device cpu`.")
     lines.append(f"- Models: `weights/{{uncond,sketch,segment,text}}.safetensors` (see their `.md` cards). "
                  f"Sampler {job0['sampler']} `{job0['timestep_respacing']}`, clip_denoised, seed {job0['seed']} "
-                 f"(the same noise for every row), all weights 1.")
+                 f"(the same noise for every row), all expert weights 1 except in the two \"weight 3\" rows.")
     lines.append(f"- Condition sets: {n} held-back SynthFaces, indices {int(faces['index'][0])}.."
                  f"{int(faces['index'][-1])}; all conditions of a set come from the same face. Sketch: "
                  "`synthfaces.edges` of the face. Segment: partial, each part hidden with probability 0.5 "
@@ -403,7 +420,7 @@ def cmd_eval(args):
     lines.append("|---|---|---|---|---|")
     lines.append(f"| ground-truth faces (upper bound) | {fmt(gt['sketch'])} | {fmt(gt['sketch0'])} | "
                  f"{fmt(gt['segment'])} | {fmt(gt['text'])} |")
-    for name, experts in CONFIGS:
+    for name, experts, _ in ALL_CONFIGS:
         if name not in res:
             continue
         r = res[name]
@@ -411,8 +428,8 @@ def cmd_eval(args):
         for c in ("sketch", "sketch0", "segment", "text"):
             v = fmt(r[c])
             cells.append(f"**{v}**" if c.rstrip("0") in experts else v)
-        label = {"uncond": "unconditional only", "all": "sketch+segment+text"}.get(name, name)
-        if len(experts) == 1:
+        label = LABELS.get(name, name)
+        if len(experts) == 1 and name not in LABELS:
             label += " expert alone"
         lines.append(f"| {label} | {' | '.join(cells)} |")
     if times:
@@ -420,6 +437,25 @@ def cmd_eval(args):
         lines.append("mcdm wall time per configuration (256 images, `--device cpu`; runs shared the 2 cores with "
                      "each other and with other jobs, so these are indicative only): "
                      + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ".")
+    if args.note:
+        lines.append("")
+        lines.append(args.note)
+    lines.append("")
+    lines.append("## Text conditions per attribute\n")
+    lines.append("Fraction of the captions stating an attribute whose samples show it (judge classifier); "
+                 "chance is about 0.2 for hair colour and 0.5 for the others.\n")
+    lines.append("| configuration | " + " | ".join(f"{k} (n={int((conds['says_' + k] >= 0).sum())})" for k, _ in ATTRS) + " |")
+    lines.append("|---|" + "---|" * len(ATTRS))
+    for name, experts, _ in [("gt", [], {})] + ALL_CONFIGS:
+        r = gt if name == "gt" else res.get(name)
+        if r is None:
+            continue
+        cells = []
+        for k, _ in ATTRS:
+            m = conds["says_" + k] >= 0
+            cells.append(f"{np.mean(r['_preds'][k][m] == conds['says_' + k][m]):.2f}")
+        label = "ground-truth faces" if name == "gt" else LABELS.get(name, name + (" alone" if len(experts) == 1 else ""))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("## The four experiments\n")
     exps = [("sketch+segment", ["sketch", "segment"]), ("text+segment", ["text", "segment"]),
@@ -439,16 +475,17 @@ def cmd_eval(args):
             lines.append(f"| {label} | " + " | ".join(fmt(res[row][c]) for c in experts) + " |")
         lines.append("")
     lines.append("## Commands\n")
+    lines.append("Models and training data: `benches/results/training-synthfaces.md` and the `weights/*.md` cards. "
+                 "Then (python = /opt/gdenv/bin/python; the reading paragraph above is passed to `eval` as `--note`):\n")
     lines.append("```")
     lines.append("cargo build --release")
     lines.append("python tools/score.py judge")
     lines.append(f"python tools/score.py conds --n {n} --dir {args.dir}")
-    for name, _ in CONFIGS:
+    for name, _, _ in ALL_CONFIGS:
         lines.append(" ".join(shlex.quote(a) for a in sample_cmd(args, name)))
     lines.append(f"python tools/score.py eval --dir {args.dir}")
     lines.append("```")
-    lines.append("(`python tools/score.py sample --dir DIR` runs the eight `mcdm sample` commands; "
-                 "python = /opt/gdenv/bin/python.)")
+    lines.append("(`python tools/score.py sample --dir DIR` runs these `mcdm sample` commands.)")
     if args.grid:
         rows = make_grid(faces, samples, args.grid_rows)
         lines.append("")
@@ -495,6 +532,7 @@ def main():
     c.add_argument("--sampler", default="ddpm")
     c.add_argument("--respacing", default="50")
     c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument("--jobs-only", action="store_true", help="only (re)write the job files")
     s = sub.add_parser("sample", help="run mcdm for every configuration")
     s.add_argument("--bin", default="target/release/mcdm")
     s.add_argument("--only", help="comma-separated configuration names")
@@ -503,6 +541,7 @@ def main():
     e.add_argument("--table", default="benches/results/composition-table.md")
     e.add_argument("--grid", default="examples/composition-grid.png")
     e.add_argument("--grid-rows", type=int, default=6)
+    e.add_argument("--note", default="", help="a paragraph added after the main table")
     e.add_argument("--bin", default="target/release/mcdm")
     for p in (j, c, s, e):
         p.add_argument("--dir", default="/tmp/mcdm-score")

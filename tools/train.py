@@ -206,6 +206,7 @@ def write_card(path, args, cfg, info):
         "embedding (the null condition)",
     }[args.kind]
     status = "finished" if info["done"] else "IN PROGRESS (checkpoint export)"
+    note_line = f"- Note: {args.card_note}\n" if args.card_note else ""
     if args.export_weights == "ema":
         weights_note = f"the EMA (rate {args.ema}) of the weights."
     else:
@@ -238,8 +239,9 @@ def write_card(path, args, cfg, info):
 - Exported weights: {weights_note}
 - Steps: {info['step']} (the run stops at --steps or when --time-limit seconds have passed, whichever
   comes first; other jobs shared the 2 cores, so the step count depends on the machine's load); final loss (mean of the last {args.log_every} steps): {info['loss']:.4f};
-  wall time {info['wall'] / 60:.1f} min on a 2-core CPU (torch.set_num_threads(1), {info['sec_per_step']:.3f} s/step).
-- Weights: `{stem}.safetensors` (f16, guided-diffusion key names) + `{stem}.json` (config).
+  wall time {info['wall'] / 60:.1f} min on a shared 2-core CPU, summed over the commands below
+  ({info['sec_per_step']:.3f} s/step on average; --threads 1 unless a command says otherwise).
+{note_line}- Weights: `{stem}.safetensors` (f16, guided-diffusion key names) + `{stem}.json` (config).
 - Command:
 
       {info['command']}
@@ -276,6 +278,7 @@ def main():
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--ckpt-every", type=float, default=300, help="seconds between checkpoints")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--card-note", default="", help="a paragraph added to the model card")
     ap.add_argument("--init-from", help="continue from this checkpoint's raw weights (and step count, "
                     "wall time, command list) with a fresh optimiser, e.g. to change --emb-lr-mult")
     ap.add_argument("--emb-lr-mult", type=float, default=1.0,
