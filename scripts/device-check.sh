@@ -2,22 +2,29 @@
 # Prepares the GPU check here, then (with --run, on the GPU machine) runs it.
 #
 # Here:        scripts/device-check.sh
-#   builds the release binary and the GPU test executables (x86_64, stripped), and packs them
-#   with the guided-diffusion-sdk sdist into .device-pack/ (ignored), then prints the one
-#   command to run on the GPU machine (carry .device-pack).
-# GPU machine: bash scripts/device-check.sh --run
+#   builds the release binary and the GPU test executables (x86_64, stripped), packs them with
+#   the guided-diffusion-sdk sdist and a small f16 copy of the text model into one archive,
+#   .device-pack/pack.tar.xz (ignored; ~25 MB, so tree + pack stay under the 64 MiB carry), and
+#   prints the command to run on the GPU machine.
+# GPU machine: bash scripts/device-check.sh --run      (carry .device-pack)
 #   runs the GPU tests, compute-sanitizer memcheck on a forward pass and a short sampling run,
-#   the benchmarks (mcdm and PyTorch in the same run), writes logs to $OUT and prints a short
-#   table last.
+#   and the benchmarks (mcdm and PyTorch in the same run); writes logs to $OUT and prints a short
+#   table last. Every step has a time limit and the whole run ends within CHECK_SECONDS (540).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACK=.device-pack
+CARRY_LIMIT=$((64 * 1024 * 1024))
 
 if [ "${1:-}" != "--run" ]; then
     [ -d .nvrtc ] || scripts/install-nvrtc.sh
+    export MCDM_NVRTC_LIB="$PWD/.nvrtc/nvidia/cu13/lib/libnvrtc.so.13"
+    export MCDM_CUDA_INCLUDE="$PWD/.nvrtc/nvidia/cu13/include"
+    export MCDM_REQUIRE_NVRTC=1
+    [ -f models/all-MiniLM-L6-v2/model.safetensors ] || scripts/fetch-text-model.sh
     cargo build --release --locked
-    rm -rf "$PACK" && mkdir -p "$PACK/tests" "$PACK/wheels"
-    cp target/release/mcdm "$PACK/"
+    stage=target/device-pack
+    rm -rf "$stage" "$PACK" && mkdir -p "$stage/tests" "$PACK"
+    cp target/release/mcdm "$stage/"
     # GPU test executables, built with the test profile (optimised), stripped to fit the carry.
     cargo test --release --locked --no-run --message-format=json --test gpu_ops --test gpu_sample --test gpu_text \
         | python3 -c 'import json,sys
@@ -25,48 +32,82 @@ for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["target"]["name"], m["executable"])' \
-        | while read -r name exe; do cp "$exe" "$PACK/tests/$name"; done
-    strip "$PACK/mcdm" "$PACK"/tests/*
-    python3 -m pip download --quiet --no-deps --no-binary :all: -d "$PACK/wheels" guided-diffusion-sdk==1.0.0
-    file "$PACK/mcdm" | grep -q x86-64 || { echo "device-check: the binary is not x86-64" >&2; exit 1; }
-    "$PACK/mcdm" --version
-    du -sh "$PACK"
+        | while read -r name exe; do cp "$exe" "$stage/tests/$name"; done
+    strip "$stage/mcdm" "$stage"/tests/*
+    file "$stage/mcdm" | grep -q x86-64 || { echo "device-check: the binary is not x86-64" >&2; exit 1; }
+    # guided_diffusion is pure Python: its package folder from the PyPI sdist goes on PYTHONPATH there.
+    python3 -m pip download --quiet --no-deps --no-binary :all: -d "$stage/sdist" guided-diffusion-sdk==1.0.0
+    mkdir -p "$stage/py" && tar -xzf "$stage"/sdist/guided_diffusion_sdk-1.0.0.tar.gz -C "$stage/py" \
+        --strip-components=1 guided_diffusion_sdk-1.0.0/guided_diffusion && rm -r "$stage/sdist"
+    python3 tools/pack_text_model.py models/all-MiniLM-L6-v2 tests/fixtures/text/sentences.json "$stage/text-model"
+    # The test executables run here (skipping their GPU parts): they are runnable x86-64 programs.
+    for t in "$stage"/tests/*; do "$t" --test-threads 1 >/dev/null 2>&1 || { echo "device-check: $t fails here" >&2; exit 1; }; done
+    tar -C "$stage" -cf - . | xz -T0 -6 >"$PACK/pack.tar.xz"
+    tree=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s}')
+    packed=$(stat -c %s "$PACK/pack.tar.xz")
+    awk -v p="$packed" -v t="$tree" -v l=$CARRY_LIMIT \
+        'BEGIN {printf "pack %.1f MB + tree %.1f MB = %.1f MB (limit %.1f MB)\n", p/1e6, t/1e6, (p+t)/1e6, l/1e6}'
+    [ $((packed + tree)) -lt $CARRY_LIMIT ] || { echo "device-check: over the carry limit" >&2; exit 1; }
     echo
-    echo "On the GPU machine (device tool), with carry [\"$PACK\"]:"
+    echo "On the GPU machine (device tool run, carry [\"$PACK\"], timeout_s 590):"
     echo "  bash scripts/device-check.sh --run"
     exit 0
 fi
 
 OUT=${OUT:-/tmp/device-check}
 mkdir -p "$OUT"
-export MCDM_FIXTURES=$PWD/tests/fixtures
-# The MiniLM weights (88 MB) exceed what a run can carry: the encoder-vs-CPU test is skipped
-# unless a model is carried and MCDM_TEXT_MODEL points at it (an f16 copy fits: ~45 MB).
-[ -n "${MCDM_TEXT_MODEL:-}" ] || export MCDM_SKIP_TEXT_TESTS=1
-BIN=$PWD/$PACK/mcdm
-summary=()
-record() { summary+=("$(printf '%-44s %s' "$1" "$2")"); }
+DEADLINE=$((SECONDS + ${CHECK_SECONDS:-540}))
+ROOT=/tmp/mcdm-pack
+rm -rf "$ROOT" && mkdir -p "$ROOT"
+tar -C "$ROOT" -xJf "$PACK/pack.tar.xz" 2>/dev/null \
+    || python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$PACK/pack.tar.xz" "$ROOT"
+export MCDM_FIXTURES=$PWD/tests/fixtures MCDM_TEXT_MODEL=$ROOT/text-model
+BIN=$ROOT/mcdm
+: >"$OUT/summary.txt"
+record() { printf '%-40s %s\n' "$1" "$2" | tee -a "$OUT/summary.txt"; }
 
-"$BIN" info | tee "$OUT/info.log"
+# step LABEL MAX_SECONDS LOG CMD...: runs CMD with at most MAX_SECONDS (less if the deadline is
+# nearer), output to $OUT/LOG; returns CMD's status, 124 on timeout, 125 when no time is left.
+step() {
+    local label=$1 cap=$2 log=$3; shift 3
+    local left=$((DEADLINE - SECONDS - 5))
+    [ "$left" -gt "$cap" ] && left=$cap
+    if [ "$left" -lt 15 ]; then record "$label" "skipped (out of time)"; return 125; fi
+    local start=$SECONDS rc=0
+    timeout "$left" "$@" >"$OUT/$log" 2>&1 || rc=$?
+    [ $rc -eq 124 ] && echo "(stopped after ${left} s)" >>"$OUT/$log"
+    LAST_SECONDS=$((SECONDS - start))
+    return $rc
+}
 
-# 1. Kernel and forward parity against the CPU.
-for t in "$PACK"/tests/*; do
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv; "$BIN" info; } \
+    2>&1 | tee "$OUT/info.log" || true
+
+# 1. Kernel, forward, sampling and text-encoder parity against the CPU.
+for t in "$ROOT"/tests/*; do
     name=$(basename "$t")
-    if "$t" --nocapture --test-threads 1 >"$OUT/test-$name.log" 2>&1; then
-        record "test $name" "ok"
-    else
-        record "test $name" "FAILED (see test-$name.log)"
+    if step "test $name" 150 "test-$name.log" "$t" --nocapture --test-threads 1; then
+        skipped=$(grep -c 'skipped, no GPU' "$OUT/test-$name.log" || true)
+        record "test $name" "$([ "$skipped" -gt 0 ] && echo "SKIPPED $skipped (no GPU)" || echo ok) (${LAST_SECONDS} s)"
+    elif [ $? -ne 125 ]; then
+        record "test $name" "FAILED: $(grep -E '^test .*FAILED|panicked' "$OUT/test-$name.log" | head -3 | tr '\n' ' ')"
     fi
 done
 
-# 2. compute-sanitizer memcheck on a forward pass and a short sampling run.
+# 2. compute-sanitizer memcheck on a forward pass and a short sampling run (it refuses the device
+#    on gVisor machines: recorded as unavailable, not as a failure).
 F=tests/fixtures
 sanitize() {
     local label=$1; shift
-    if compute-sanitizer --tool memcheck --error-exitcode 9 "$@" >"$OUT/sanitizer-$label.log" 2>&1; then
-        record "memcheck $label" "0 errors"
-    else
-        record "memcheck $label" "ERRORS (see sanitizer-$label.log)"
+    local rc=0
+    step "memcheck $label" 120 "sanitizer-$label.log" \
+        compute-sanitizer --tool memcheck --error-exitcode 9 "$@" || rc=$?
+    if [ $rc -eq 0 ]; then
+        record "memcheck $label" "$(grep -o 'ERROR SUMMARY: [0-9]* errors' "$OUT/sanitizer-$label.log" || echo '0 errors')"
+    elif grep -q 'Device not supported' "$OUT/sanitizer-$label.log"; then
+        record "memcheck $label" "unavailable on this machine (device not supported)"
+    elif [ $rc -ne 125 ]; then
+        record "memcheck $label" "ERRORS (rc $rc, see sanitizer-$label.log)"
     fi
 }
 sanitize forward "$BIN" forward --device cuda --model $F/unet/classcond_sigma_headsup_bf16.safetensors \
@@ -75,29 +116,34 @@ sanitize sample "$BIN" sample --device cuda --model u=$F/sample/models/uncond.sa
     --model c=$F/sample/models/classes.safetensors --uncond u --expert c,class=3 \
     --num-samples 2 --steps 3 --out /tmp/sanitize-sample
 
-# 3. Single kernels (TFLOP/s, GB/s), then composed DDIM sampling (3 experts + unconditional, 10 steps, random weights),
-#    mcdm against guided-diffusion in PyTorch (fp16 eager, torch.compile) in the same run.
-python3 -m pip install --quiet --no-index --no-deps --target /tmp/site "$PACK"/wheels/guided_diffusion_sdk-*.tar.gz \
-    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-"$BIN" bench --device cuda --dtype bf16 --kernels --iters 20 >"$OUT/bench-kernels.log" 2>&1 \
-    && record "kernels bf16" "see bench-kernels.log" || record "kernels bf16" "FAILED"
+# 3. Single kernels (TFLOP/s, GB/s), then composed DDIM sampling (3 experts + unconditional, 10 steps,
+#    random weights): mcdm, then guided-diffusion in PyTorch fp16 eager, then torch.compile, each
+#    on both configs, so that a slow compile cannot crowd out the eager baseline.
+export PYTHONPATH=$ROOT/py:${PYTHONPATH:-}
+if step "kernels bf16" 90 bench-kernels.log "$BIN" bench --device cuda --dtype bf16 --kernels --iters 20; then
+    record "kernels bf16" "ok (${LAST_SECONDS} s, table below)"
+elif [ $? -ne 125 ]; then record "kernels bf16" "FAILED or stopped"; fi
+batch_of() { [ "$1" = face256 ] && echo 8 || echo 64; }
 for cfg in imagenet64-adm face256; do
-    batch=$([ $cfg = face256 ] && echo 8 || echo 64)
-    "$BIN" bench --device cuda --dtype bf16 --config tools/configs/$cfg.json --compose 3 --steps 10 \
-        --batch $batch --iters 3 --output "$OUT/mcdm-$cfg.json" >"$OUT/bench-mcdm-$cfg.log" 2>&1 \
-        && record "mcdm bf16 $cfg b$batch" "$(tail -1 "$OUT/bench-mcdm-$cfg.log")" \
-        || record "mcdm bf16 $cfg b$batch" "FAILED"
-    for mode in "--fp16" "--fp16 --compile"; do
-        tag=$(echo "$mode" | tr -d ' -')
-        timeout 240 python3 tools/bench_torch.py tools/configs/$cfg.json --device cuda $mode --compose 3 \
-            --steps 10 --batch $batch --warmup 1 --runs 3 --json "$OUT/torch-$cfg-$tag.json" \
-            >"$OUT/bench-torch-$cfg-$tag.log" 2>&1 \
-            && record "torch $tag $cfg b$batch" "$(grep 'images/s' "$OUT/bench-torch-$cfg-$tag.log" | tail -1)" \
-            || record "torch $tag $cfg b$batch" "FAILED or over 240 s"
+    b=$(batch_of $cfg)
+    if step "mcdm bf16 $cfg b$b" 90 "bench-mcdm-$cfg.log" "$BIN" bench --device cuda --dtype bf16 \
+        --config tools/configs/$cfg.json --compose 3 --steps 10 --batch "$b" --iters 3 --output "$OUT/mcdm-$cfg.json"; then
+        record "mcdm bf16 $cfg b$b" "$(tail -1 "$OUT/bench-mcdm-$cfg.log")"
+    elif [ $? -ne 125 ]; then record "mcdm bf16 $cfg b$b" "FAILED or stopped"; fi
+done
+for mode in "--fp16" "--fp16 --compile"; do
+    tag=$(echo "$mode" | tr -d ' -')
+    for cfg in imagenet64-adm face256; do
+        b=$(batch_of $cfg)
+        if step "torch $tag $cfg b$b" 150 "bench-torch-$cfg-$tag.log" python3 tools/bench_torch.py \
+            tools/configs/$cfg.json --device cuda $mode --compose 3 --steps 10 --batch "$b" --warmup 1 \
+            --runs 3 --json "$OUT/torch-$cfg-$tag.json"; then
+            record "torch $tag $cfg b$b" "$(grep 'images/s' "$OUT/bench-torch-$cfg-$tag.log" | tail -1)"
+        elif [ $? -ne 125 ]; then record "torch $tag $cfg b$b" "FAILED or stopped"; fi
     done
 done
 
 echo
-echo "== device check =="
+echo "== device check ($SECONDS s) =="
 cat "$OUT/bench-kernels.log" 2>/dev/null || true
-printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
+cat "$OUT/summary.txt"
