@@ -36,7 +36,19 @@ pub enum Error {
     Diffusion(String),
     #[error("CUDA: {0}")]
     Cuda(String),
+    /// An allocation the device could not satisfy; the sampler retries with smaller batches.
+    #[error(
+        "CUDA: allocating {:.1} MiB on {device} failed: out of device memory ({:.1} MiB free)",
+        *.bytes as f64 / MIB, *.free as f64 / MIB
+    )]
+    OutOfMemory {
+        device: String,
+        bytes: usize,
+        free: usize,
+    },
 }
+
+const MIB: f64 = (1 << 20) as f64;
 
 pub type Result<T> = std::result::Result<T, Error>;
 

@@ -13,7 +13,8 @@ use sha2::{Digest, Sha256};
 use mcdm::image::{grid, read_png, to_rgb8, write_png};
 use mcdm::model::{load_model, LoadedModel};
 use mcdm::sample::{
-    Batched, ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, Unconditional,
+    Batched, ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, StepProgress,
+    Unconditional,
 };
 use mcdm::weights::{write_atomic, write_safetensors, SafetensorsFile, TensorData};
 
@@ -83,7 +84,8 @@ pub struct Args {
     clip_denoised: Option<bool>,
     #[arg(long)]
     num_samples: Option<usize>,
-    /// Images per batch (default: all, at most 16).
+    /// Images per batch (default: all, at most 16 on the CPU and 64 on a GPU). On a GPU a batch
+    /// that does not fit in memory is halved until it does.
     #[arg(long)]
     batch_size: Option<usize>,
     #[arg(long)]
@@ -113,22 +115,24 @@ fn sample_on_gpu<T: GpuFloat>(
     gpu: &std::sync::Arc<Gpu>,
     loaded: &[LoadedModel],
     sampler: &ComposedSampler<'_>,
-    plan: &Plan,
+    num_samples: usize,
+    batch_size: usize,
     init_noise: Option<&[f32]>,
-    on_step: &mut dyn FnMut(usize),
+    on_step: &mut dyn FnMut(StepProgress),
 ) -> Result<Vec<f32>> {
     let models = loaded
         .iter()
         .map(|m| GpuUNet::<T>::upload(&m.unet, gpu.clone()))
         .collect::<mcdm::Result<Vec<_>>>()
         .context("uploading the models")?;
-    Ok(sampler.sample_gpu(
-        &models,
-        plan.num_samples,
-        plan.batch_size,
-        init_noise,
-        on_step,
-    )?)
+    sampler
+        .sample_gpu(&models, num_samples, batch_size, init_noise, on_step)
+        .map_err(|e| match e {
+            mcdm::Error::OutOfMemory { .. } => {
+                anyhow::Error::new(e).context("even one image at a time does not fit in GPU memory")
+            }
+            e => e.into(),
+        })
 }
 
 /// A term as written by the user, before loading.
@@ -245,7 +249,8 @@ struct Plan {
     respacing: Option<String>,
     clip_denoised: bool,
     num_samples: usize,
-    batch_size: usize,
+    /// None: the backend's default.
+    batch_size: Option<usize>,
     seed: u64,
     out: PathBuf,
 }
@@ -372,11 +377,8 @@ fn plan(args: &Args) -> Result<Plan> {
         .num_samples
         .or(get_u("num_samples").map(|n| n as usize))
         .unwrap_or(4);
-    let batch_size = args
-        .batch_size
-        .or(get_u("batch_size").map(|n| n as usize))
-        .unwrap_or(num_samples.min(16));
-    if num_samples == 0 || batch_size == 0 {
+    let batch_size = args.batch_size.or(get_u("batch_size").map(|n| n as usize));
+    if num_samples == 0 || batch_size == Some(0) {
         bail!("--num-samples and --batch-size must be positive");
     }
     Ok(Plan {
@@ -636,9 +638,13 @@ pub fn run(args: Args) -> Result<()> {
     };
 
     let steps = sampler.num_steps();
-    let batches = n.div_ceil(plan.batch_size);
+    let batch_size = plan.batch_size.unwrap_or(match backend {
+        Backend::Cpu => n.min(16),
+        Backend::Cuda(_) => n.min(64),
+    });
+    // Counted in image-steps, so that the bar stays right when a GPU batch is split.
     let bar = ProgressBar::with_draw_target(
-        Some((batches * steps) as u64),
+        Some((n * steps) as u64),
         if std::io::stderr().is_terminal() {
             ProgressDrawTarget::stderr()
         } else {
@@ -651,46 +657,45 @@ pub fn run(args: Args) -> Result<()> {
             .progress_chars("=> "),
     );
     let start = Instant::now();
-    let (mut done_steps, mut image_steps) = (0usize, 0usize);
-    let mut on_step = |b: usize| {
-        done_steps += 1;
-        image_steps += b;
+    let mut image_steps = 0usize;
+    // The size the first batch ran at: the requested one unless it did not fit on the GPU.
+    let mut batch_used = batch_size;
+    let mut on_step = |p: StepProgress| {
+        image_steps += p.batch;
+        if p.first == 0 {
+            batch_used = p.batch;
+        }
         let images_per_s =
             image_steps as f64 / steps as f64 / start.elapsed().as_secs_f64().max(1e-9);
-        let (batch, step) = ((done_steps - 1) / steps + 1, (done_steps - 1) % steps + 1);
+        let images = match p.batch {
+            1 => format!("image {}", p.first + 1),
+            b => format!("images {}-{}", p.first + 1, p.first + b),
+        };
         bar.set_message(format!(
-            "batch {batch}/{batches} step {step}/{steps}, {images_per_s:.2} images/s"
+            "{images} of {n}, step {}/{}, {images_per_s:.2} images/s",
+            p.step, p.steps
         ));
-        bar.inc(1);
+        bar.inc(p.batch as u64);
     };
-    let samples = match (&backend, args.dtype) {
-        (Backend::Cpu, _) => {
-            sampler.sample(n, plan.batch_size, init_noise.as_deref(), &mut on_step)?
+    let init_noise = init_noise.as_deref();
+    let samples = match &backend {
+        Backend::Cpu => sampler.sample(n, batch_size, init_noise, &mut on_step)?,
+        Backend::Cuda(gpu) => {
+            let run = match args.dtype {
+                Dtype::Bf16 => sample_on_gpu::<half::bf16>,
+                Dtype::F16 => sample_on_gpu::<half::f16>,
+                Dtype::F32 => sample_on_gpu::<f32>,
+            };
+            run(
+                gpu,
+                &loaded,
+                &sampler,
+                n,
+                batch_size,
+                init_noise,
+                &mut on_step,
+            )?
         }
-        (Backend::Cuda(gpu), Dtype::Bf16) => sample_on_gpu::<half::bf16>(
-            gpu,
-            &loaded,
-            &sampler,
-            &plan,
-            init_noise.as_deref(),
-            &mut on_step,
-        )?,
-        (Backend::Cuda(gpu), Dtype::F16) => sample_on_gpu::<half::f16>(
-            gpu,
-            &loaded,
-            &sampler,
-            &plan,
-            init_noise.as_deref(),
-            &mut on_step,
-        )?,
-        (Backend::Cuda(gpu), Dtype::F32) => sample_on_gpu::<f32>(
-            gpu,
-            &loaded,
-            &sampler,
-            &plan,
-            init_noise.as_deref(),
-            &mut on_step,
-        )?,
     };
     bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
@@ -758,7 +763,7 @@ pub fn run(args: Args) -> Result<()> {
         "clip_denoised": plan.clip_denoised,
         "seed": plan.seed,
         "num_samples": n,
-        "batch_size": plan.batch_size,
+        "batch_size": batch_used,
         "image_size": [h, w],
         "init_noise": args.init_noise.as_ref().map(|p| json!({ "path": p.display().to_string(), "sha256": sha256_file(p).ok() })),
         "device": match &backend { Backend::Cpu => "cpu".to_string(), Backend::Cuda(g) => format!("{} ({:?})", g.info().name, args.dtype) },
@@ -768,6 +773,9 @@ pub fn run(args: Args) -> Result<()> {
         &plan.out.join("record.json"),
         serde_json::to_string_pretty(&record)?.as_bytes(),
     )?;
+    if batch_used < batch_size {
+        eprintln!("batches of {batch_size} did not fit in GPU memory: ran batches of {batch_used}");
+    }
     eprintln!(
         "{n} images ({h}x{w}, {steps} {} steps, {} expert(s)) in {seconds:.1} s ({:.2} images/s): {}/grid.png",
         match plan.sampler { Sampler::Ddim => "DDIM", Sampler::Ddpm => "DDPM" },

@@ -5,7 +5,7 @@
 
 use cudarc::driver::CudaSlice;
 
-use super::{ComposedSampler, INIT_NOISE_STEP};
+use super::{run_in_batches, ComposedSampler, StepProgress, INIT_NOISE_STEP};
 use crate::cuda::{Gpu, GpuBuffer, GpuFloat};
 use crate::error::{Error, Result};
 use crate::model::{GpuConditioning, GpuUNet, GpuWorkspace};
@@ -21,14 +21,15 @@ struct GroupInputs {
 
 impl ComposedSampler<'_> {
     /// [`ComposedSampler::sample`] on the GPU. `models[m]` is model `m` uploaded
-    /// ([`GpuUNet::upload`]).
+    /// ([`GpuUNet::upload`]). A batch that does not fit in GPU memory is run again at half the
+    /// size (the progress reports show the batch size used).
     pub fn sample_gpu<T: GpuFloat>(
         &self,
         models: &[GpuUNet<T>],
         num_samples: usize,
         batch_size: usize,
         init_noise: Option<&[f32]>,
-        on_step: &mut dyn FnMut(usize),
+        on_step: &mut dyn FnMut(StepProgress),
     ) -> Result<Vec<f32>> {
         if models.len() != self.models.len() {
             return Err(Error::Input(format!(
@@ -61,8 +62,7 @@ impl ComposedSampler<'_> {
         })?;
         let mut ws = GpuWorkspace::<T>::default();
         let mut samples = Vec::with_capacity(num_samples * len);
-        for first in (0..num_samples).step_by(batch_size) {
-            let b = batch_size.min(num_samples - first);
+        run_in_batches(num_samples, batch_size, |first, b| {
             let mut x = match init_noise {
                 Some(x) => gpu.upload::<f32>(&x[first * len..(first + b) * len])?,
                 None => {
@@ -71,19 +71,28 @@ impl ComposedSampler<'_> {
                     x
                 }
             };
-            let out = self.sample_batch_gpu(
-                gpu,
-                models,
-                &images,
-                &weights,
-                first,
-                &mut x,
-                b,
-                &mut ws,
-                &mut || on_step(b),
-            )?;
+            let mut progress = StepProgress::new(first, b, self.num_steps());
+            let out = self
+                .sample_batch_gpu(
+                    gpu,
+                    models,
+                    &images,
+                    &weights,
+                    first,
+                    &mut x,
+                    b,
+                    &mut ws,
+                    &mut || on_step(progress.next()),
+                )
+                .inspect_err(|e| {
+                    // Frees the buffers sized for the batch that did not fit before the retry.
+                    if matches!(e, Error::OutOfMemory { .. }) {
+                        ws = GpuWorkspace::default();
+                    }
+                })?;
             samples.extend_from_slice(&out);
-        }
+            Ok(())
+        })?;
         Ok(samples)
     }
 

@@ -437,20 +437,19 @@ impl<'a> ComposedSampler<'a> {
     }
 
     /// Samples `num_samples` images in batches of `batch_size`. `init_noise` (`[N, 3, H, W]`)
-    /// replaces the seeded x_T. `on_step(images_done_in_batch)` is called after every step.
+    /// replaces the seeded x_T. `on_step` is called after every step of every batch.
     pub fn sample(
         &self,
         num_samples: usize,
         batch_size: usize,
         init_noise: Option<&[f32]>,
-        on_step: &mut dyn FnMut(usize),
+        on_step: &mut dyn FnMut(StepProgress),
     ) -> Result<Vec<f32>> {
         let len = self.image_len();
         self.check_request(num_samples, batch_size, init_noise)?;
         let mut ws = Workspace::new();
         let mut samples = Vec::with_capacity(num_samples * len);
-        for first in (0..num_samples).step_by(batch_size) {
-            let b = batch_size.min(num_samples - first);
+        run_in_batches(num_samples, batch_size, |first, b| {
             let x = match init_noise {
                 Some(x) => x[first * len..(first + b) * len].to_vec(),
                 None => {
@@ -461,11 +460,61 @@ impl<'a> ComposedSampler<'a> {
                     x
                 }
             };
-            let out = self.sample_batch(first, x, &mut ws, &mut || on_step(b))?;
+            let mut progress = StepProgress::new(first, b, self.num_steps());
+            let out = self.sample_batch(first, x, &mut ws, &mut || on_step(progress.next()))?;
             samples.extend_from_slice(&out);
-        }
+            Ok(())
+        })?;
         Ok(samples)
     }
+}
+
+/// Reported after each denoising step of a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepProgress {
+    /// The batch: images `first .. first + batch`.
+    pub first: usize,
+    pub batch: usize,
+    /// Steps of this batch done, of `steps`.
+    pub step: usize,
+    pub steps: usize,
+}
+
+impl StepProgress {
+    fn new(first: usize, batch: usize, steps: usize) -> Self {
+        StepProgress {
+            first,
+            batch,
+            step: 0,
+            steps,
+        }
+    }
+
+    /// This batch one step further.
+    fn next(&mut self) -> Self {
+        self.step += 1;
+        *self
+    }
+}
+
+/// Runs `run(first, b)` over images `0..num` in batches of at most `batch`. A batch that does
+/// not fit in device memory ([`Error::OutOfMemory`]) is run again at half the size, and later
+/// batches keep the smaller size; image k never depends on its batch, so the result is the same.
+pub(crate) fn run_in_batches(
+    num: usize,
+    mut batch: usize,
+    mut run: impl FnMut(usize, usize) -> Result<()>,
+) -> Result<()> {
+    let mut first = 0;
+    while first < num {
+        let b = batch.min(num - first);
+        match run(first, b) {
+            Ok(()) => first += b,
+            Err(Error::OutOfMemory { .. }) if b > 1 => batch = b / 2,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// A term's condition must match what its model takes and the sample size.
@@ -534,5 +583,65 @@ fn check_condition(
             "the model takes a {d}-wide embedding: give embedding=PATH"
         )),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn oom() -> Error {
+        Error::OutOfMemory {
+            device: "test".into(),
+            bytes: 1 << 30,
+            free: 0,
+        }
+    }
+
+    /// Batches over 5 images "do not fit": 16 is halved to 8, then 4, and every image runs once.
+    #[test]
+    fn batches_are_halved_until_they_fit() {
+        let (mut ran, mut tried) = (Vec::new(), Vec::new());
+        run_in_batches(37, 16, |first, b| {
+            tried.push(b);
+            if b > 5 {
+                return Err(oom());
+            }
+            ran.push((first, b));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(&tried[..3], &[16, 8, 4]);
+        let mut next = 0;
+        for &(first, b) in &ran {
+            assert_eq!(first, next);
+            assert!(b == 4 || first + b == 37, "batch {b} at {first}");
+            next += b;
+        }
+        assert_eq!(next, 37);
+    }
+
+    #[test]
+    fn one_image_that_does_not_fit_is_an_error() {
+        let mut calls = 0;
+        let err = run_in_batches(3, 2, |_, _| {
+            calls += 1;
+            Err(oom())
+        })
+        .unwrap_err();
+        assert!(matches!(err, Error::OutOfMemory { .. }), "{err}");
+        assert_eq!(calls, 2); // 2, then 1
+    }
+
+    #[test]
+    fn other_errors_are_not_retried() {
+        let mut calls = 0;
+        let err = run_in_batches(8, 8, |_, _| {
+            calls += 1;
+            Err(Error::Cuda("launch failed".into()))
+        })
+        .unwrap_err();
+        assert!(matches!(err, Error::Cuda(_)));
+        assert_eq!(calls, 1);
     }
 }
