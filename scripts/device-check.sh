@@ -74,7 +74,7 @@ step() {
     [ "$left" -gt "$cap" ] && left=$cap
     if [ "$left" -lt 15 ]; then record "$label" "skipped (out of time)"; return 125; fi
     local start=$SECONDS rc=0
-    timeout "$left" "$@" >"$OUT/$log" 2>&1 || rc=$?
+    timeout -k 10 "$left" "$@" >"$OUT/$log" 2>&1 || rc=$?
     [ $rc -eq 124 ] && echo "(stopped after ${left} s)" >>"$OUT/$log"
     LAST_SECONDS=$((SECONDS - start))
     return $rc

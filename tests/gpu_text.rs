@@ -9,12 +9,11 @@
 
 mod common;
 
-use common::gpu::{for_each_dtype, gpu, rounded, tolerance, values};
+use common::gpu::{for_each_dtype, gpu, gpu_err, rounded, tolerance, values};
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use common::rel_l2;
+use common::fixtures;
 use mcdm::cuda::{Gpu, GpuFloat};
 use mcdm::ops::layer_norm::{gelu, gelu_gpu, LayerNorm};
 use mcdm::text::{GpuTextEncoder, TextEncoder};
@@ -60,7 +59,7 @@ fn layer_norm_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
         let case = format!("layer norm {rows}x{width} scale {scale} offset {offset} eps {eps:e}");
         out.push((
             case.clone(),
-            rel_l2(&g.download(&yd).unwrap(), &want),
+            gpu_err(&g.download(&yd).unwrap(), &want),
             tolerance::<T>(),
         ));
         // In place (y aliases x): the same values.
@@ -68,7 +67,7 @@ fn layer_norm_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
         dev.forward_in_place(g, &mut xd, rows).unwrap();
         out.push((
             format!("{case} in place"),
-            rel_l2(&g.download(&xd).unwrap(), &want),
+            gpu_err(&g.download(&xd).unwrap(), &want),
             tolerance::<T>(),
         ));
     }
@@ -115,7 +114,7 @@ fn gelu_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
         let got = g.download(&xd).unwrap();
         let case = format!("gelu len {len} scale {scale}");
         assert_eq!(got[len], 7.0, "{case}: wrote past len");
-        out.push((case, rel_l2(&got[..len], &want), tolerance::<T>()));
+        out.push((case, gpu_err(&got[..len], &want), tolerance::<T>()));
     }
     out
 }
@@ -133,15 +132,8 @@ fn skip_text_tests() -> bool {
     std::env::var("MCDM_SKIP_TEXT_TESTS").is_ok_and(|v| v == "1")
 }
 
-/// tests/fixtures (or $MCDM_FIXTURES, for test executables run away from their checkout).
-fn fixtures() -> PathBuf {
-    std::env::var_os("MCDM_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
-}
-
 fn fixture_texts() -> Vec<String> {
-    let path = fixtures().join("text/sentences.json");
+    let path = fixtures("text/sentences.json");
     let json: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
     )

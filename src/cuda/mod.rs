@@ -144,6 +144,7 @@ impl Gpu {
         // Event tracking makes every launch wait on per-buffer events; our single stream
         // orders everything already.
         unsafe { ctx.disable_event_tracking() };
+        keep_freed_memory(&ctx)?;
         let stream = ctx.new_stream().map_err(cuda_err("creating a stream"))?;
         let info = DeviceInfo {
             ordinal,
@@ -257,7 +258,9 @@ impl Gpu {
         &self,
         values: &[T],
     ) -> Result<cudarc::driver::CudaSlice<T>> {
-        self.stream.clone_htod(values).map_err(cuda_err("upload"))
+        self.stream
+            .clone_htod(values)
+            .map_err(|e| out_of_memory(self, std::mem::size_of_val(values), e))
     }
 
     /// Copies a buffer back as f32 (waits for the stream).
@@ -281,14 +284,35 @@ pub(crate) enum Arg {
     Step(crate::diffusion::StepParams),
 }
 
+/// Raises the release threshold of the device's default memory pool (0 by default), so that
+/// memory freed between steps stays in the pool for the next allocation instead of going back
+/// to the system at every synchronisation.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
+    use cudarc::driver::{result, sys};
+    let mut threshold = u64::MAX;
+    // SAFETY: the device handle is the context's; the attribute takes a u64, read during the call.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(ctx.cu_device())
+            .map_err(cuda_err("default memory pool"))?;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .map_err(cuda_err("memory pool release threshold"))
+    }
+}
+
+/// [`Error::OutOfMemory`] when the device is out of memory, else the driver's error.
 fn out_of_memory(gpu: &Gpu, bytes: usize, e: cudarc::driver::DriverError) -> Error {
-    let free = gpu.memory().map(|(f, _)| f).unwrap_or(0);
-    Error::Cuda(format!(
-        "allocating {:.1} MiB on {} failed ({e:?}); {:.1} MiB free: use a smaller --batch-size",
-        bytes as f64 / (1 << 20) as f64,
-        gpu.info.name,
-        free as f64 / (1 << 20) as f64
-    ))
+    if e.0 != cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        return Error::Cuda(format!("allocating {bytes} bytes: {e:?}"));
+    }
+    Error::OutOfMemory {
+        device: gpu.info.name.clone(),
+        bytes,
+        free: gpu.memory().map(|(f, _)| f).unwrap_or(0),
+    }
 }
 
 /// 1-D launch over `n` elements, 256 threads a block.

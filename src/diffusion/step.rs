@@ -39,6 +39,9 @@ pub struct StepParams {
     pub reserved: u32,
 }
 
+// The kernel reads the struct by value: any change of size here must be made in step.cu too.
+const _: () = assert!(std::mem::size_of::<StepParams>() == 72);
+
 impl StepParams {
     /// The noise of this step is Philox normals keyed by `seed` and `step`.
     pub fn with_noise_key(mut self, seed: u64, step: u32) -> Self {

@@ -7,9 +7,12 @@ use std::path::{Path, PathBuf};
 
 use mcdm::weights::{SafetensorsFile, StorageDtype};
 
+/// `tests/fixtures/<sub>`, or `$MCDM_FIXTURES/<sub>` for test executables run away from the
+/// checkout they were built in (scripts/device-check.sh).
 pub fn fixtures(sub: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
+    std::env::var_os("MCDM_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
         .join(sub)
 }
 
