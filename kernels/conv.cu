@@ -19,6 +19,16 @@
 // Launch (every type): grid (ceil(M / 64), ceil(cout / 64)), block 128 threads; each block
 // computes the 64x64 tile y[m0 .. m0+63][n0 .. n0+63], m0 = 64*blockIdx.x, n0 = 64*blockIdx.y.
 // Static shared memory: 20 KiB (f16/bf16), 8.5 KiB (f32).
+//
+// Large-tile variants (f16/bf16 only), same arguments and results:
+//   conv2d_m128n128_{f16,bf16}: 128x128 tiles, block 256 threads, dynamic shared 65536 bytes
+//   conv2d_m128n64_{f16,bf16}:  128x64 tiles,  block 128 threads, dynamic shared 49152 bytes
+// grid (ceil(M / 128) * ceil(cout / BN), 1, 1), BN = 128 or 64: block b computes the tile
+// m0 = 128 * (b / ceil(cout / BN)), n0 = BN * (b % ceil(cout / BN)) (the column tiles of one row
+// block run back to back, so its input rows are fetched from DRAM once and then hit L2).
+// Preconditions (the launcher checks them, else it uses conv2d_{f16,bf16}): cin % 8 == 0,
+// cout % 8 == 0, x and w 16-byte aligned. The launcher raises the function's
+// MAX_DYNAMIC_SHARED_SIZE_BYTES to the dynamic size (64 KiB is over the 48 KiB default).
 #include "common.cuh"
 
 #define CONV_BM 64        // tile rows (output pixels)
@@ -234,6 +244,207 @@ MCDM_DEV void conv2d_mma(const T* x_, const T* w_, const float* __restrict__ bia
 }
 
 // ---------------------------------------------------------------------------------------------
+// f16 / bf16, large tiles: 128 x BN (BN = 128 or 64), warps 2 (m) x BN/32 (n), each 64x32 of
+// the tile (4 x 4 mma tiles of 16x8: 64 accumulators a thread), BK = 32, a 4-stage cp.async
+// pipeline in dynamic shared memory, fragments loaded with ldmatrix.
+//
+// Shared layout per stage: A tile [128 rows][32 k] then B tile [BN rows][32 k], 16-bit, 64 bytes
+// a row (no padding) = four 16-byte chunks; chunk c of row r is stored at chunk position
+// c ^ ((r >> 1) & 3) (XOR swizzle). An ldmatrix phase reads one chunk column of 8 consecutive
+// rows: rows r, r+1 share a 128-byte bank line and the swizzle gives the 4 row pairs 4 distinct
+// chunk positions, so the 8 16-byte reads cover all 32 banks once. The cp.async stores (a
+// quarter warp writes 2 rows x 4 chunks) are conflict-free for the same reason.
+//
+// Loads (as conv2d_mma's fast path): chunk column kc = tid % 4 (k offset 8 kc), rows
+// tid / 4 + (THREADS / 4) * c; the 8 k of a chunk are 8 channels of one tap (cin % 8 == 0).
+//
+// Pipeline: stages 0..S-2 are issued up front; iteration kt waits until at most S-2 groups are
+// pending (so stage kt has landed, for this thread), syncs (for every thread; and every warp has
+// finished reading the stage of iteration kt-1), then refills that stage with K step kt+S-1 and
+// computes on stage kt % S. One commit per iteration, empty or not, keeps the group count exact.
+#define CONVB_BM 128
+#define CONVB_BK 32
+#define CONVB_STAGES 4
+#define CONVB_ROW_BYTES 64  // CONVB_BK 16-bit values
+
+extern __shared__ __align__(16) unsigned char conv_dyn_smem[];
+
+// ldmatrix (sm_75+): thread t gives the address of row t % 8 of matrix t / 8 (16 bytes, 16-byte
+// aligned, shared); register j of thread l receives the 32-bit word (row l / 4, columns
+// 2 (l % 4), +1) of matrix j, which is the mma16816 A / B fragment layout (common.cuh).
+MCDM_DEV void ldsm_x4(unsigned* r, const void* p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+// Byte offset of 16-byte chunk `c` of tile row `r` within a tile (the swizzle above).
+MCDM_DEV int convb_off(int r, int c) { return r * CONVB_ROW_BYTES + ((c ^ ((r >> 1) & 3)) << 4); }
+
+// Epilogue for the column pair (col, col + 1) of one row (col even, cout % 8 == 0, so both or
+// neither are inside). `pair`: y and residual are 4-byte aligned, so both values move as one word.
+template <typename T>
+MCDM_DEV void conv_store2(const ConvShape& s, const float* __restrict__ bias, const T* residual, T* y,
+                          int row, int col, float a0, float a1, bool pair) {
+    if (row >= s.M || col >= s.cout) return;
+    if (!pair) {
+        conv_store<T>(s, bias, residual, y, row, col, a0);
+        conv_store<T>(s, bias, residual, y, row, col + 1, a1);
+        return;
+    }
+    const long long idx = (long long)row * s.cout + col;
+    float v0 = a0, v1 = a1;
+    if (bias != nullptr) {
+        v0 += bias[col];
+        v1 += bias[col + 1];
+    }
+    if (residual != nullptr) {
+        const unsigned r = *reinterpret_cast<const unsigned*>(residual + idx);
+        v0 += bits_to_float<T>((unsigned short)(r & 0xffffu));
+        v1 += bits_to_float<T>((unsigned short)(r >> 16));
+    }
+    *reinterpret_cast<unsigned*>(y + idx) = pack2<T>(v0, v1);
+}
+
+template <typename T, int BN>
+MCDM_DEV void conv2d_mma_big(const T* x_, const T* w_, const float* __restrict__ bias, const T* residual,
+                             T* y, const ConvShape s) {
+    constexpr int BM = CONVB_BM, BK = CONVB_BK, S = CONVB_STAGES;
+    constexpr int THREADS = 2 * (BN / 32) * 32;
+    constexpr int RPP = THREADS / 4;  // tile rows filled per pass of the block (4 chunks a row)
+    constexpr int A_PASSES = BM / RPP, B_PASSES = BN / RPP;
+    constexpr int A_BYTES = BM * CONVB_ROW_BYTES;
+    constexpr int STAGE_BYTES = (BM + BN) * CONVB_ROW_BYTES;
+    static_assert(BN == 64 || BN == 128, "BN");
+    const unsigned short* __restrict__ x = reinterpret_cast<const unsigned short*>(x_);
+    const unsigned short* __restrict__ w = reinterpret_cast<const unsigned short*>(w_);
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp & 1, wn = warp >> 1;  // warp's 64x32 sub-tile: rows 64 wm, cols 32 wn
+    const int g = lane >> 2, q = lane & 3;
+    const int ntiles = (s.cout + BN - 1) / BN;
+    const int m0 = (int)(blockIdx.x / ntiles) * BM, n0 = (int)(blockIdx.x % ntiles) * BN;
+    const int KT = (s.K + BK - 1) / BK;
+
+    // This thread's chunk column, its swizzled store offset (the same for all its rows: they
+    // differ by multiples of RPP, itself a multiple of 8), and its A rows' input coordinates.
+    const int kc = tid & 3;
+    const int st_off = convb_off(tid >> 2, kc);
+    int a_b[A_PASSES], a_iy0[A_PASSES], a_ix0[A_PASSES];
+    bool a_ok[A_PASSES];
+#pragma unroll
+    for (int c = 0; c < A_PASSES; ++c) {
+        const int m = m0 + (tid >> 2) + RPP * c;
+        a_ok[c] = m < s.M;
+        const int mm = a_ok[c] ? m : 0;
+        const int b = mm / s.hwo;
+        const int r = mm - b * s.hwo;
+        const int oy = r / s.wo, ox = r - oy * s.wo;
+        a_b[c] = b;
+        a_iy0[c] = oy * s.stride - s.pad;
+        a_ix0[c] = ox * s.stride - s.pad;
+    }
+
+    // Issues the copies of K step kt into stage st (zero-filled outside the image / GEMM).
+    auto load_stage = [&](int st, int kt) {
+        unsigned char* As = conv_dyn_smem + st * STAGE_BYTES;
+        unsigned char* Bs = As + A_BYTES;
+        const int k = kt * BK + kc * 8;
+        const bool k_ok = k < s.K;
+        int tap = 0, ci = 0, ky = 0, kx = 0;
+        if (k_ok) {
+            tap = k / s.cin;
+            ci = k - tap * s.cin;
+            ky = tap / s.ks;
+            kx = tap - ky * s.ks;
+        }
+#pragma unroll
+        for (int c = 0; c < A_PASSES; ++c) {
+            const int iy = a_iy0[c] + ky, ix = a_ix0[c] + kx;
+            const bool ok = a_ok[c] && k_ok && iy >= 0 && iy < s.h && ix >= 0 && ix < s.w;
+            const unsigned short* src =
+                ok ? x + (((long long)a_b[c] * s.h + iy) * s.w + ix) * s.cin + ci : x;
+            cp_async16(As + st_off + RPP * CONVB_ROW_BYTES * c, src, ok);
+        }
+#pragma unroll
+        for (int c = 0; c < B_PASSES; ++c) {
+            const int co = n0 + (tid >> 2) + RPP * c;
+            const bool ok = co < s.cout && k_ok;
+            const unsigned short* src = ok ? w + (long long)co * s.K + k : w;
+            cp_async16(Bs + st_off + RPP * CONVB_ROW_BYTES * c, src, ok);
+        }
+    };
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.0f;
+
+#pragma unroll
+    for (int st = 0; st < S - 1; ++st) {
+        if (st < KT) load_stage(st, st);
+        cp_async_commit();
+    }
+
+    // ldmatrix rows of this lane: A matrices (rows +0..7 | +8..15) x (k lo | k hi), B matrices
+    // (k lo | k hi) x (n-tile nt | nt + 1); offsets for the two k16 halves of a stage. Adding
+    // 16 rows (the next m or n-tile pair) keeps the swizzle, so that is a plain 1024-byte step.
+    const int a_row = wm * 64 + (lane & 15), a_chunk = lane >> 4;
+    const int b_row = wn * 32 + (lane & 7) + ((lane >> 4) << 3), b_chunk = (lane >> 3) & 1;
+    const int a_off[2] = {convb_off(a_row, a_chunk), convb_off(a_row, 2 + a_chunk)};
+    const int b_off[2] = {convb_off(b_row, b_chunk), convb_off(b_row, 2 + b_chunk)};
+
+    for (int kt = 0; kt < KT; ++kt) {
+        cp_async_wait<S - 2>();
+        __syncthreads();
+        if (kt + S - 1 < KT) load_stage((kt + S - 1) % S, kt + S - 1);
+        cp_async_commit();
+
+        const unsigned char* As = conv_dyn_smem + (kt % S) * STAGE_BYTES;
+        const unsigned char* Bs = As + A_BYTES;
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+            unsigned a[4][4], b[4][2];
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt) ldsm_x4(a[mt], As + a_off[kk] + 16 * CONVB_ROW_BYTES * mt);
+#pragma unroll
+            for (int np = 0; np < 2; ++np) {
+                unsigned r[4];
+                ldsm_x4(r, Bs + b_off[kk] + 16 * CONVB_ROW_BYTES * np);
+                b[2 * np][0] = r[0];
+                b[2 * np][1] = r[1];
+                b[2 * np + 1][0] = r[2];
+                b[2 * np + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < 4; ++nt) mma16816<T>(acc[mt][nt], a[mt], b[nt]);
+        }
+    }
+    cp_async_wait<0>();  // only empty groups can remain; drain them before the block exits
+
+    const unsigned long long yr =
+        reinterpret_cast<unsigned long long>(y) | reinterpret_cast<unsigned long long>(residual);
+    const bool pair = (yr & 3ull) == 0;
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = m0 + wm * 64 + mt * 16 + g + 8 * h;
+                const int col = n0 + wn * 32 + nt * 8 + 2 * q;
+                conv_store2<T>(s, bias, residual, y, row, col, acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1],
+                               pair);
+            }
+}
+
+// ---------------------------------------------------------------------------------------------
 // f32: SIMT tiles. Shared tiles k-major: As[kk][i] = A[m0 + i][k0 + kk], Bs[kk][j] =
 // B[k0 + kk][n0 + j] (kk < 16). Thread (tr = tid / 16, tc = tid % 16) computes rows
 // 8*tr .. 8*tr+7 and columns 4*tc .. 4*tc+3 of the tile (8 x 4 accumulators).
@@ -307,3 +518,19 @@ extern "C" __global__ void __launch_bounds__(CONV_THREADS)
     conv2d_mma<__nv_bfloat16>(x, w, bias, residual, y,
                               conv_shape(n, h, w_, cin, cout, ksize, stride, ho, wo));
 }
+
+
+// Large-tile variants (header). 2 blocks of 256 / 4 blocks of 128 threads per SM: at most 128
+// registers a thread, which the 64 accumulators + 24 fragment registers fit.
+#define CONV_BIG_ENTRY(NAME, T, BN, THREADS, MINB)                                                 \
+    extern "C" __global__ void __launch_bounds__(THREADS, MINB)                                    \
+        NAME(const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ bias,     \
+             const T* residual, T* y, int n, int h, int w_, int cin, int cout, int ksize,          \
+             int stride, int ho, int wo) {                                                          \
+        conv2d_mma_big<T, BN>(x, w, bias, residual, y,                                             \
+                              conv_shape(n, h, w_, cin, cout, ksize, stride, ho, wo));             \
+    }
+CONV_BIG_ENTRY(conv2d_m128n128_f16, __half, 128, 256, 2)
+CONV_BIG_ENTRY(conv2d_m128n128_bf16, __nv_bfloat16, 128, 256, 2)
+CONV_BIG_ENTRY(conv2d_m128n64_f16, __half, 64, 128, 4)
+CONV_BIG_ENTRY(conv2d_m128n64_bf16, __nv_bfloat16, 64, 128, 4)

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::gpu::{for_each_dtype, gpu, rounded, tolerance, values};
+use common::gpu::{for_each_dtype, gpu, gpu_err, rounded, tolerance, values};
 
 use std::sync::Arc;
 
@@ -12,15 +12,18 @@ use common::{fixtures, read_f32, rel_l2};
 use mcdm::cuda::{Gpu, GpuBuffer, GpuFloat};
 use mcdm::model::{load_model, Conditioning, GpuUNet, GpuWorkspace, Workspace};
 use mcdm::ops::attention::{attend, attend_gpu};
-use mcdm::ops::conv::{Conv2d, Residual};
-use mcdm::ops::group_norm::GroupNorm;
+use mcdm::ops::conv::{Conv2d, ConvKernel, Residual};
+use mcdm::ops::group_norm::{GpuGroupNorm, GroupNorm};
 use mcdm::ops::layout::{nchw_to_nhwc, nchw_to_nhwc_gpu};
 use mcdm::ops::linear::Linear;
 use mcdm::ops::resample::{avg_pool2x, avg_pool2x_gpu, upsample_nearest2x, upsample_nearest2x_gpu};
 use mcdm::weights::SafetensorsFile;
 
+/// Every conv case through every kernel variant that can run it (each forced explicitly), with
+/// the three residual modes in turn; outputs start as NaN (or as the residual they add to).
 fn conv_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
     let shapes = [
+        // (n, h, w, cin, cout, k, stride)
         (1, 5, 7, 3, 32, 3, 1),
         (2, 16, 16, 32, 64, 3, 1),
         (1, 9, 9, 64, 96, 3, 2),
@@ -29,6 +32,17 @@ fn conv_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
         (1, 32, 32, 4, 64, 3, 1),
         (2, 7, 5, 40, 24, 3, 1),
         (1, 64, 64, 64, 64, 3, 1),
+        // The large tiles' edges: M not a multiple of 128, cout 8 / 72 / 200 / 136 / 192
+        // (column tiles partly outside), cin 8 and 264 (K 72 and 2376), stride 2, 1x1, batch 1.
+        (1, 5, 7, 8, 8, 3, 1),
+        (2, 9, 11, 16, 72, 3, 1),
+        (1, 12, 13, 32, 200, 3, 1),
+        (1, 7, 9, 264, 24, 3, 1),
+        (2, 9, 10, 48, 136, 3, 2),
+        (3, 6, 7, 40, 64, 1, 1),
+        (2, 16, 9, 24, 192, 3, 1),
+        (1, 40, 40, 64, 128, 3, 1),
+        (4, 11, 13, 264, 200, 3, 1),
     ];
     let mut out = Vec::new();
     for (i, &(n, h, w, cin, cout, k, stride)) in shapes.iter().enumerate() {
@@ -45,20 +59,45 @@ fn conv_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
         let x = rounded::<T>(&values(n * h * w * cin, 100 + i as u32));
         let (ho, wo) = conv.out_size(h, w);
         let residual = rounded::<T>(&values(n * ho * wo * cout, 200 + i as u32));
-        let mut want = residual.clone();
-        conv.forward(&x, n, h, w, &mut want, true, &mut Vec::new());
+        // 0: a separate residual buffer, 1: the residual is y itself (aliased), 2: none.
+        let mode = i % 3;
+        let mut want = if mode == 2 {
+            vec![0.0; residual.len()]
+        } else {
+            residual.clone()
+        };
+        conv.forward(&x, n, h, w, &mut want, mode != 2, &mut Vec::new());
         let dev = conv.upload::<T>(g).unwrap();
         let xd = g.upload::<T>(&x).unwrap();
         let rd = g.upload::<T>(&residual).unwrap();
-        let mut yd = g.upload::<T>(&vec![f32::NAN; n * ho * wo * cout]).unwrap();
-        dev.forward(g, &xd, n, h, w, &mut yd, Residual::Buffer(&rd))
-            .unwrap();
-        let got = g.download(&yd).unwrap();
-        out.push((
-            format!("conv n{n} {h}x{w} {cin}->{cout} k{k} s{stride}"),
-            rel_l2(&got, &want),
-            tolerance::<T>(),
-        ));
+        let kernels: Vec<ConvKernel> = ConvKernel::ALL
+            .into_iter()
+            .filter(|&kern| dev.supports(g, kern, &xd))
+            .collect();
+        let large = T::SUFFIX != "_f32" && cin.is_multiple_of(8) && cout.is_multiple_of(8);
+        assert_eq!(kernels.len(), if large { 3 } else { 1 }, "conv case {i}");
+        for kern in kernels {
+            let init = if mode == 1 {
+                residual.clone()
+            } else {
+                vec![f32::NAN; residual.len()]
+            };
+            let mut yd = g.upload::<T>(&init).unwrap();
+            let res = match mode {
+                0 => Residual::Buffer(&rd),
+                1 => Residual::Output,
+                _ => Residual::None,
+            };
+            dev.forward_with(g, kern, &xd, n, h, w, &mut yd, res)
+                .unwrap();
+            let got = g.download(&yd).unwrap();
+            let name = format!(
+                "conv {} n{n} {h}x{w} {cin}->{cout} k{k} s{stride} residual {}",
+                kern.name(),
+                ["buffer", "aliased", "none"][mode]
+            );
+            out.push((name, gpu_err(&got, &want), tolerance::<T>()));
+        }
     }
     out
 }
@@ -79,6 +118,11 @@ fn group_norm_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
         (2, 64, 64, true, true),
         (3, 17, 96, false, true),
         (1, 4096, 128, true, false),
+        // Several chunks with a partial last one; channels over the block (two and six per
+        // thread); a batch whose chunks are longer than 32 rows.
+        (2, 1000, 384, true, true),
+        (1, 33, 1536, false, true),
+        (8, 1024, 192, true, true),
     ]
     .iter()
     .enumerate()
@@ -104,7 +148,7 @@ fn group_norm_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
         let xd = g.upload::<T>(&x).unwrap();
         let ssd = g.upload::<f32>(&ss).unwrap();
         let mut yd = g.upload::<T>(&vec![f32::NAN; x.len()]).unwrap();
-        let mut stats = g.zeros::<f32>(n * 64).unwrap();
+        let mut stats = g.zeros::<f32>(GpuGroupNorm::scratch_len(n, hw)).unwrap();
         dev.forward(
             g,
             &xd,
@@ -118,7 +162,7 @@ fn group_norm_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
         .unwrap();
         out.push((
             format!("group norm n{n} hw{hw} c{c} ss{scale_shift} silu{silu}"),
-            rel_l2(&g.download(&yd).unwrap(), &want),
+            gpu_err(&g.download(&yd).unwrap(), &want),
             tolerance::<T>(),
         ));
     }
@@ -160,7 +204,7 @@ fn attention_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
         attend_gpu(g, &qd, n, t, c, heads, &mut od).unwrap();
         out.push((
             format!("attention n{n} t{t} c{c} heads{heads}"),
-            rel_l2(&g.download(&od).unwrap(), &want),
+            gpu_err(&g.download(&od).unwrap(), &want),
             tolerance::<T>(),
         ));
     }
@@ -190,7 +234,7 @@ fn resample_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
         upsample_nearest2x_gpu(g, &xd, n, h, w, c, &mut yd).unwrap();
         out.push((
             format!("upsample n{n} {h}x{w}x{c}"),
-            rel_l2(&g.download(&yd).unwrap(), &want),
+            gpu_err(&g.download(&yd).unwrap(), &want),
             0.0,
         ));
         let (h2, w2) = (h / 2 * 2, w / 2 * 2);
@@ -202,7 +246,7 @@ fn resample_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
         avg_pool2x_gpu(g, &xd, n, h2, w2, c, &mut yd).unwrap();
         out.push((
             format!("avgpool n{n} {h2}x{w2}x{c}"),
-            rel_l2(
+            gpu_err(
                 &rounded::<T>(&g.download(&yd).unwrap()),
                 &rounded::<T>(&want),
             ),
@@ -216,7 +260,7 @@ fn resample_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
         nchw_to_nhwc_gpu(g, &d, n, c, h * w, &mut yd).unwrap();
         out.push((
             format!("nchw->nhwc n{n} c{c}"),
-            rel_l2(&g.download(&yd).unwrap(), &rounded::<T>(&want)),
+            gpu_err(&g.download(&yd).unwrap(), &rounded::<T>(&want)),
             0.0,
         ));
     }
@@ -257,8 +301,8 @@ fn linear_matches_cpu() {
             let xd = g.upload::<f32>(&x).unwrap();
             let mut yd = g.upload::<f32>(&vec![f32::NAN; n * fout]).unwrap();
             dev.forward(&g, &xd, n, &mut yd, silu_in).unwrap();
-            let err = rel_l2(&g.download(&yd).unwrap(), &want);
-            eprintln!("linear n{n} {fin}->{fout} silu{silu_in}: rel L2 {err:.2e}");
+            let err = gpu_err(&g.download(&yd).unwrap(), &want);
+            eprintln!("linear n{n} {fin}->{fout} silu{silu_in}: error {err:.2e}");
             assert!(err <= 1e-5, "linear n{n} {fin}->{fout}: {err:.3e}");
         }
     }
@@ -317,7 +361,7 @@ fn forward_matches_cpu() {
     ] {
         for (case, err, tol) in cases {
             eprintln!("{name} {case}: rel L2 {err:.2e} (tolerance {tol:.0e})");
-            if !(err <= tol) {
+            if err.is_nan() || err > tol {
                 failures.push(format!("{name} {case}: {err:.3e}"));
             }
         }

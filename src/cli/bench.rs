@@ -9,7 +9,8 @@ use mcdm::config::{resolve, PartialConfig, ResolvedConfig, Source};
 use mcdm::cuda::{Gpu, GpuFloat};
 use mcdm::model::{Conditioning, GpuUNet, GpuWorkspace, LoadedModel, UNet, Workspace};
 use mcdm::sample::{
-    Batched, ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, Unconditional,
+    Batched, ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, StepProgress,
+    Unconditional,
 };
 
 use super::{backend, Backend, Device, Dtype};
@@ -261,20 +262,23 @@ fn run_compose(args: &Args, cfg: ResolvedConfig, backend: &Backend) -> Result<()
         (Backend::Cuda(g), Dtype::F16) => Uploaded::F16(upload_all(g, &models)?),
         (Backend::Cuda(g), Dtype::F32) => Uploaded::F32(upload_all(g, &models)?),
     };
-    let run = |n: usize| -> Result<()> {
+    // Returns the batch size that ran: smaller than n when n did not fit in GPU memory.
+    let run = |n: usize| -> Result<usize> {
+        let mut ran = 0;
+        let mut on_step = |p: StepProgress| ran = ran.max(p.batch);
         match &uploaded {
-            Uploaded::None => sampler.sample(n, n, None, &mut |_| {}).map(|_| ())?,
-            Uploaded::Bf16(m) => sampler.sample_gpu(m, n, n, None, &mut |_| {}).map(|_| ())?,
-            Uploaded::F16(m) => sampler.sample_gpu(m, n, n, None, &mut |_| {}).map(|_| ())?,
-            Uploaded::F32(m) => sampler.sample_gpu(m, n, n, None, &mut |_| {}).map(|_| ())?,
-        }
-        Ok(())
+            Uploaded::None => sampler.sample(n, n, None, &mut on_step)?,
+            Uploaded::Bf16(m) => sampler.sample_gpu(m, n, n, None, &mut on_step)?,
+            Uploaded::F16(m) => sampler.sample_gpu(m, n, n, None, &mut on_step)?,
+            Uploaded::F32(m) => sampler.sample_gpu(m, n, n, None, &mut on_step)?,
+        };
+        Ok(ran)
     };
     println!("| batch | s / run | images / s | GFLOP/s |");
     println!("|---:|---:|---:|---:|");
     let mut rows = Vec::new();
     for &n in &args.batch {
-        run(n)?;
+        let ran = run(n)?;
         let mut times = Vec::new();
         for _ in 0..args.iters {
             let start = Instant::now();
@@ -284,12 +288,17 @@ fn run_compose(args: &Args, cfg: ResolvedConfig, backend: &Backend) -> Result<()
         times.sort_by(f64::total_cmp);
         let median = times[times.len() / 2];
         let forwards = (args.compose + 1) * args.steps * n;
+        let batch = if ran < n {
+            format!("{n} (in batches of {ran}: {n} does not fit)")
+        } else {
+            n.to_string()
+        };
         println!(
-            "| {n} | {median:.4} | {:.2} | {:.1} |",
+            "| {batch} | {median:.4} | {:.2} | {:.1} |",
             n as f64 / median,
             gflop * forwards as f64 / median
         );
-        rows.push(serde_json::json!({ "batch": n, "seconds_per_run": median, "images_per_second": n as f64 / median, "times": times }));
+        rows.push(serde_json::json!({ "batch": n, "batch_ran": ran, "seconds_per_run": median, "images_per_second": n as f64 / median, "times": times }));
     }
     write_record(args, &device, &cfg, gflop, rows)
 }
@@ -330,8 +339,8 @@ fn time_gpu(gpu: &Gpu, iters: usize, mut f: impl FnMut() -> mcdm::Result<()>) ->
 /// Single kernels at the shapes of the ImageNet-64 ADM and 256 face workloads.
 fn bench_kernels<T: GpuFloat>(gpu: &std::sync::Arc<Gpu>, iters: usize) -> Result<()> {
     use mcdm::ops::attention::attend_gpu;
-    use mcdm::ops::conv::{Conv2d, Residual};
-    use mcdm::ops::group_norm::GroupNorm;
+    use mcdm::ops::conv::{Conv2d, ConvKernel, Residual};
+    use mcdm::ops::group_norm::{GpuGroupNorm, GroupNorm};
     let g = &**gpu;
     let fill = |len: usize| {
         (0..len)
@@ -340,25 +349,41 @@ fn bench_kernels<T: GpuFloat>(gpu: &std::sync::Arc<Gpu>, iters: usize) -> Result
     };
     println!("| kernel | shape | ms | rate |");
     println!("|---|---|---:|---:|");
+    // Convolutions: every kernel variant that can run the shape (`auto` marks the one
+    // `forward` picks), so a GPU run shows which wins where.
     for &(n, h, w, cin, cout, k) in &[
         (64, 32, 32, 384, 384, 3),
         (8, 128, 128, 192, 192, 3),
         (8, 32, 32, 384, 768, 3),
         (8, 64, 64, 384, 384, 1),
+        // ImageNet-64 ADM, 64 images x 4 experts: 64x64 at 192, 16x16 at 576, 8x8 at 768.
+        (256, 64, 64, 192, 192, 3),
+        (256, 16, 16, 576, 576, 3),
+        (256, 8, 8, 768, 768, 3),
+        // 256 face model, 8 images x 4 experts, at 256x256.
+        (32, 256, 256, 192, 192, 3),
     ] {
         let conv =
             Conv2d::from_torch(&fill(cout * cin * k * k), vec![0.0; cout], k, 1).upload::<T>(g)?;
         let x = g.upload::<T>(&fill(n * h * w * cin))?;
         let mut y = g.zeros::<T>(n * h * w * cout)?;
-        let secs = time_gpu(g, iters, || {
-            conv.forward(g, &x, n, h, w, &mut y, Residual::None)
-        })?;
+        let auto = conv.choose_kernel(g, &x, n, h, w);
         let flop = 2.0 * (n * h * w * cout * cin * k * k) as f64;
-        println!(
-            "| conv{k}x{k} | n{n} {h}x{w} {cin}->{cout} | {:.3} | {:.1} TFLOP/s |",
-            secs * 1e3,
-            flop / secs / 1e12
-        );
+        for kern in ConvKernel::ALL {
+            if !conv.supports(g, kern, &x) {
+                continue;
+            }
+            let secs = time_gpu(g, iters, || {
+                conv.forward_with(g, kern, &x, n, h, w, &mut y, Residual::None)
+            })?;
+            println!(
+                "| conv{k}x{k} {}{} | n{n} {h}x{w} {cin}->{cout} | {:.3} | {:.1} TFLOP/s |",
+                kern.name(),
+                if kern == auto { " (auto)" } else { "" },
+                secs * 1e3,
+                flop / secs / 1e12
+            );
+        }
     }
     for &(n, t, c, heads) in &[(64, 256, 768, 12), (8, 1024, 384, 6), (8, 4096, 192, 3)] {
         let qkv = g.upload::<T>(&fill(n * t * 3 * c))?;
@@ -371,7 +396,13 @@ fn bench_kernels<T: GpuFloat>(gpu: &std::sync::Arc<Gpu>, iters: usize) -> Result
             flop / secs / 1e12
         );
     }
-    for &(n, hw, c) in &[(8, 128 * 128, 192), (64, 32 * 32, 384)] {
+    for &(n, hw, c) in &[
+        (8, 256 * 256, 192),
+        (8, 128 * 128, 192),
+        (256, 64 * 64, 192),
+        (64, 32 * 32, 384),
+        (64, 8 * 8, 1536),
+    ] {
         let gn = GroupNorm {
             channels: c,
             weight: vec![1.0; c],
@@ -380,7 +411,7 @@ fn bench_kernels<T: GpuFloat>(gpu: &std::sync::Arc<Gpu>, iters: usize) -> Result
         .upload(g)?;
         let x = g.upload::<T>(&fill(n * hw * c))?;
         let mut y = g.zeros::<T>(n * hw * c)?;
-        let mut stats = g.zeros::<f32>(n * 64)?;
+        let mut stats = g.zeros::<f32>(GpuGroupNorm::scratch_len(n, hw))?;
         let secs = time_gpu(g, iters, || {
             gn.forward(g, &x, n, hw, &mut y, &mut stats, None, true)
         })?;

@@ -85,6 +85,9 @@ fn config_arg(path: &Option<PathBuf>) -> Result<Option<&std::path::Path>> {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    if let Err(warning) = mcdm::ops::conv::conv_kernel_setting() {
+        eprintln!("warning: {warning}");
+    }
     match cli.command {
         Command::Sample(args) => sample::run(args),
         Command::Forward(args) => forward::run(args),

@@ -78,6 +78,33 @@ struct Act<T> {
     c: usize,
 }
 
+/// A borrowed activation, the input of a block.
+struct ActRef<'a, T> {
+    data: &'a GpuBuffer<T>,
+    h: usize,
+    w: usize,
+    c: usize,
+}
+
+impl<T> Clone for ActRef<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for ActRef<'_, T> {}
+
+impl<T> Act<T> {
+    fn view(&self) -> ActRef<'_, T> {
+        ActRef {
+            data: &self.data,
+            h: self.h,
+            w: self.w,
+            c: self.c,
+        }
+    }
+}
+
 pub struct GpuUNet<T> {
     gpu: Arc<Gpu>,
     config: UNetConfig,
@@ -198,28 +225,19 @@ impl<T: GpuFloat> GpuUNet<T> {
         let [n, h, w, c] = shape;
         let g = &*self.gpu;
         let emb = self.embedding(n, cond, ws)?;
-        let mut stats = ws.f32_pool.take(g, n * 64)?;
-        let mut input = ws.pool.take(g, x.len())?;
-        copy(g, x, &mut input)?;
-        let mut act = Act {
-            data: input,
-            h,
-            w,
-            c,
-        };
+        // Group norm scratch, sized for the largest level (it serves every smaller one).
+        let mut stats = ws.f32_pool.take(g, GpuGroupNorm::scratch_len(n, h * w))?;
+        let input = ActRef { data: x, h, w, c };
+        // Each input block's output is both a skip and the next block's input: blocks borrow
+        // their input, so the skips are kept without copies.
         let mut skips: Vec<Act<T>> = Vec::with_capacity(self.input_blocks.len());
         for block in &self.input_blocks {
-            act = self.run_block(block, act, n, &emb, &mut stats, ws)?;
-            let mut saved = ws.pool.take(g, act.data.len())?;
-            copy(g, &act.data, &mut saved)?;
-            skips.push(Act {
-                data: saved,
-                h: act.h,
-                w: act.w,
-                c: act.c,
-            });
+            let from = skips.last().map_or(input, Act::view);
+            let out = self.run_block(block, from, n, &emb, &mut stats, ws)?;
+            skips.push(out);
         }
-        act = self.run_block(&self.middle_block, act, n, &emb, &mut stats, ws)?;
+        let deepest = skips.last().map_or(input, Act::view);
+        let mut act = self.run_block(&self.middle_block, deepest, n, &emb, &mut stats, ws)?;
         for block in &self.output_blocks {
             let skip = skips
                 .pop()
@@ -235,7 +253,8 @@ impl<T: GpuFloat> GpuUNet<T> {
             };
             ws.pool.give(act.data);
             ws.pool.give(skip.data);
-            act = self.run_block(block, cat, n, &emb, &mut stats, ws)?;
+            act = self.run_block(block, cat.view(), n, &emb, &mut stats, ws)?;
+            ws.pool.give(cat.data);
         }
         let hw = act.h * act.w;
         let mut normed = ws.pool.take(g, act.data.len())?;
@@ -288,19 +307,23 @@ impl<T: GpuFloat> GpuUNet<T> {
     fn run_block(
         &self,
         layers: &[GpuLayer<T>],
-        mut act: Act<T>,
+        input: ActRef<'_, T>,
         n: usize,
         emb: &GpuBuffer<f32>,
         stats: &mut GpuBuffer<f32>,
         ws: &mut GpuWorkspace<T>,
     ) -> Result<Act<T>> {
         let g = &*self.gpu;
+        // The block's input is borrowed (it may be a skip); each layer's output is owned and
+        // goes back to the pool once the next layer has read it.
+        let mut owned: Option<Act<T>> = None;
         for layer in layers {
+            let act = owned.as_ref().map_or(input, Act::view);
             let next = match layer {
                 GpuLayer::Conv(conv) => {
                     let (ho, wo) = conv.out_size(act.h, act.w);
                     let mut out = ws.pool.take(g, n * ho * wo * conv.cout)?;
-                    conv.forward(g, &act.data, n, act.h, act.w, &mut out, Residual::None)?;
+                    conv.forward(g, act.data, n, act.h, act.w, &mut out, Residual::None)?;
                     Act {
                         data: out,
                         h: ho,
@@ -311,7 +334,7 @@ impl<T: GpuFloat> GpuUNet<T> {
                 GpuLayer::UpConv(conv) => {
                     let (h2, w2) = (2 * act.h, 2 * act.w);
                     let mut up = ws.pool.take(g, n * h2 * w2 * act.c)?;
-                    upsample_nearest2x_gpu(g, &act.data, n, act.h, act.w, act.c, &mut up)?;
+                    upsample_nearest2x_gpu(g, act.data, n, act.h, act.w, act.c, &mut up)?;
                     let mut out = ws.pool.take(g, n * h2 * w2 * conv.cout)?;
                     conv.forward(g, &up, n, h2, w2, &mut out, Residual::None)?;
                     ws.pool.give(up);
@@ -322,18 +345,10 @@ impl<T: GpuFloat> GpuUNet<T> {
                         c: conv.cout,
                     }
                 }
-                GpuLayer::Res(block) => self.res_block(block, &act, n, emb, stats, ws)?,
+                GpuLayer::Res(block) => self.res_block(block, act, n, emb, stats, ws)?,
                 GpuLayer::Attn(attn) => {
                     let mut out = ws.pool.take(g, act.data.len())?;
-                    attn.forward(
-                        g,
-                        &act.data,
-                        n,
-                        act.h * act.w,
-                        &mut out,
-                        &mut ws.pool,
-                        stats,
-                    )?;
+                    attn.forward(g, act.data, n, act.h * act.w, &mut out, &mut ws.pool, stats)?;
                     Act {
                         data: out,
                         h: act.h,
@@ -342,15 +357,17 @@ impl<T: GpuFloat> GpuUNet<T> {
                     }
                 }
             };
-            ws.pool.give(std::mem::replace(&mut act, next).data);
+            if let Some(prev) = owned.replace(next) {
+                ws.pool.give(prev.data);
+            }
         }
-        Ok(act)
+        owned.ok_or_else(|| Error::Cuda("a block without layers".into()))
     }
 
     fn res_block(
         &self,
         r: &GpuResBlock<T>,
-        x: &Act<T>,
+        x: ActRef<'_, T>,
         n: usize,
         emb: &GpuBuffer<f32>,
         stats: &mut GpuBuffer<f32>,
@@ -360,7 +377,7 @@ impl<T: GpuFloat> GpuUNet<T> {
         let oc = r.out_conv.cout;
         let mut a = ws.pool.take(g, x.data.len())?;
         r.in_norm
-            .forward(g, &x.data, n, x.h * x.w, &mut a, stats, None, true)?;
+            .forward(g, x.data, n, x.h * x.w, &mut a, stats, None, true)?;
         let (h, w, resampled) = match r.updown {
             UpDown::None => (x.h, x.w, None),
             UpDown::Up | UpDown::Down => {
@@ -374,10 +391,10 @@ impl<T: GpuFloat> GpuUNet<T> {
                 let mut x2 = ws.pool.take(g, n * h * w * x.c)?;
                 if up {
                     upsample_nearest2x_gpu(g, &a, n, x.h, x.w, x.c, &mut a2)?;
-                    upsample_nearest2x_gpu(g, &x.data, n, x.h, x.w, x.c, &mut x2)?;
+                    upsample_nearest2x_gpu(g, x.data, n, x.h, x.w, x.c, &mut x2)?;
                 } else {
                     avg_pool2x_gpu(g, &a, n, x.h, x.w, x.c, &mut a2)?;
-                    avg_pool2x_gpu(g, &x.data, n, x.h, x.w, x.c, &mut x2)?;
+                    avg_pool2x_gpu(g, x.data, n, x.h, x.w, x.c, &mut x2)?;
                 }
                 ws.pool.give(std::mem::replace(&mut a, a2));
                 (h, w, Some(x2))
@@ -400,7 +417,7 @@ impl<T: GpuFloat> GpuUNet<T> {
                 .forward(g, &hidden, n, hw, &mut normed, stats, None, true)?;
         }
         ws.f32_pool.give(e);
-        let skip_in = resampled.as_ref().unwrap_or(&x.data);
+        let skip_in = resampled.as_ref().unwrap_or(x.data);
         let mut out = hidden;
         match &r.skip {
             Some(conv) => {
@@ -452,15 +469,4 @@ fn add_rows(
             Arg::I32(dim as i32),
         ],
     )
-}
-
-/// dst[..src.len()] = src (device to device).
-fn copy<T: GpuFloat>(g: &Gpu, src: &GpuBuffer<T>, dst: &mut GpuBuffer<T>) -> Result<()> {
-    let len = src.len();
-    g.stream()
-        .memcpy_dtod(
-            &src.slice().slice(..len),
-            &mut dst.slice_mut().slice_mut(..len),
-        )
-        .map_err(|e| Error::Cuda(format!("device copy: {e:?}")))
 }

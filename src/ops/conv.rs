@@ -3,6 +3,9 @@
 //! The CPU reference lowers to GEMM: im2col rows `[pixels, k*k*cin]` times the weight
 //! `[k*k*cin, cout]`, in chunks of rows so the scratch stays small.
 
+use std::sync::OnceLock;
+
+use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
 use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
@@ -177,6 +180,82 @@ pub enum Residual<'a, T> {
     Buffer(&'a GpuBuffer<T>),
 }
 
+/// The implicit-GEMM kernel a GPU convolution launches (`kernels/conv.cu`, whose header gives
+/// each one's launch geometry).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvKernel {
+    /// `conv2d_{f32,f16,bf16}`: 64x64 tiles, 4 warps, 2 cp.async stages. Every shape and type.
+    Tile64,
+    /// `conv2d_m128n128_{f16,bf16}`: 128x128 tiles, 8 warps of 64x32, 4 stages, ldmatrix.
+    Tile128,
+    /// `conv2d_m128n64_{f16,bf16}`: 128x64 tiles, 4 warps of 64x32, 4 stages, ldmatrix.
+    Tile128x64,
+}
+
+/// Auto picks a large tile only when it still gives at least this many blocks: 2 per SM of a
+/// 132-SM H200 (what 128x128 tiles keep resident: 126 registers x 256 threads, 64 KiB shared).
+/// Fewer large blocks leave SMs idle or end in a ragged last wave, where 4x as many 64x64 tiles
+/// balance better.
+const LARGE_TILE_MIN_BLOCKS: usize = 264;
+
+impl ConvKernel {
+    pub const ALL: [ConvKernel; 3] = [
+        ConvKernel::Tile64,
+        ConvKernel::Tile128,
+        ConvKernel::Tile128x64,
+    ];
+
+    /// The name `MCDM_CONV_KERNEL` and `mcdm bench --kernels` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            ConvKernel::Tile64 => "tile64",
+            ConvKernel::Tile128 => "tile128",
+            ConvKernel::Tile128x64 => "tile128x64",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// (tile rows, tile columns, threads a block, dynamic shared bytes): `kernels/conv.cu`.
+    fn geometry(self) -> (usize, usize, u32, u32) {
+        match self {
+            ConvKernel::Tile64 => (64, 64, 128, 0),
+            // 4 stages x (128 + BN) rows x 64 bytes (32 16-bit k values, swizzled, no padding).
+            ConvKernel::Tile128 => (128, 128, 256, 4 * 256 * 64),
+            ConvKernel::Tile128x64 => (128, 64, 128, 4 * 192 * 64),
+        }
+    }
+
+    fn function(self, suffix: &str) -> String {
+        match self {
+            ConvKernel::Tile64 => format!("conv2d{suffix}"),
+            ConvKernel::Tile128 => format!("conv2d_m128n128{suffix}"),
+            ConvKernel::Tile128x64 => format!("conv2d_m128n64{suffix}"),
+        }
+    }
+}
+
+/// `MCDM_CONV_KERNEL`: `tile64`, `tile128` or `tile128x64` forces that kernel wherever it
+/// applies (for benchmarking); unset or `auto` leaves the choice to the heuristic. An unknown
+/// name is an error for the caller to report (the CLI warns); it then counts as `auto`.
+pub fn conv_kernel_setting() -> std::result::Result<Option<ConvKernel>, String> {
+    match std::env::var("MCDM_CONV_KERNEL") {
+        Err(_) => Ok(None),
+        Ok(v) if v == "auto" => Ok(None),
+        Ok(v) => ConvKernel::parse(&v).map(Some).ok_or_else(|| {
+            format!("MCDM_CONV_KERNEL={v} is not tile64, tile128, tile128x64 or auto; ignored")
+        }),
+    }
+}
+
+/// [`conv_kernel_setting`], read once.
+fn env_kernel() -> Option<ConvKernel> {
+    static KERNEL: OnceLock<Option<ConvKernel>> = OnceLock::new();
+    *KERNEL.get_or_init(|| conv_kernel_setting().ok().flatten())
+}
+
 /// A convolution's parameters on the device: weight OHWI `[cout, k, k, cin]` in `T`, bias f32.
 pub struct GpuConv2d<T> {
     pub cin: usize,
@@ -219,7 +298,52 @@ impl<T: GpuFloat> GpuConv2d<T> {
         )
     }
 
-    /// `kernels/conv.cu`: x `[n, h, w, cin]` -> y `[n, ho, wo, cout]`.
+    /// Whether `kernel` can run this convolution on `x`. Tile64 always can; the large tiles
+    /// take only their fast path: 16-bit storage, cin and cout multiples of 8, x and the weight
+    /// 16-byte aligned (whole 16-byte cp.async chunks of one filter tap, paired stores).
+    pub fn supports(&self, gpu: &Gpu, kernel: ConvKernel, x: &GpuBuffer<T>) -> bool {
+        kernel == ConvKernel::Tile64
+            || (T::SUFFIX != "_f32"
+                && self.cin.is_multiple_of(8)
+                && self.cout.is_multiple_of(8)
+                && x.ptr(gpu).is_multiple_of(16)
+                && self.weight.ptr(gpu).is_multiple_of(16))
+    }
+
+    /// The kernel `forward` launches for an `n x h x w` input: `MCDM_CONV_KERNEL` where it
+    /// applies, else the large tiles when they apply and still give `LARGE_TILE_MIN_BLOCKS`
+    /// blocks: 128x128, unless 64-wide column tiles pad cout less (cout 192 or 576 fill 64-wide
+    /// tiles exactly but waste 25% / 10% of 128-wide ones).
+    pub fn choose_kernel(
+        &self,
+        gpu: &Gpu,
+        x: &GpuBuffer<T>,
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> ConvKernel {
+        if let Some(k) = env_kernel().filter(|&k| self.supports(gpu, k, x)) {
+            return k;
+        }
+        if !self.supports(gpu, ConvKernel::Tile128, x) {
+            return ConvKernel::Tile64;
+        }
+        let (ho, wo) = self.out_size(h, w);
+        let m = n * ho * wo;
+        let (bn, large) = if self.cout.div_ceil(128) * 128 <= self.cout.div_ceil(64) * 64 {
+            (128, ConvKernel::Tile128)
+        } else {
+            (64, ConvKernel::Tile128x64)
+        };
+        if m.div_ceil(128) * self.cout.div_ceil(bn) >= LARGE_TILE_MIN_BLOCKS {
+            large
+        } else {
+            ConvKernel::Tile64
+        }
+    }
+
+    /// `kernels/conv.cu`: x `[n, h, w, cin]` -> y `[n, ho, wo, cout]`, with the kernel
+    /// `choose_kernel` picks.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -231,10 +355,38 @@ impl<T: GpuFloat> GpuConv2d<T> {
         y: &mut GpuBuffer<T>,
         residual: Residual<'_, T>,
     ) -> Result<()> {
+        let kernel = self.choose_kernel(gpu, x, n, h, w);
+        self.forward_with(gpu, kernel, x, n, h, w, y, residual)
+    }
+
+    /// `forward` with the given kernel (tests, benchmarks): an error where it does not apply.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_with(
+        &self,
+        gpu: &Gpu,
+        kernel: ConvKernel,
+        x: &GpuBuffer<T>,
+        n: usize,
+        h: usize,
+        w: usize,
+        y: &mut GpuBuffer<T>,
+        residual: Residual<'_, T>,
+    ) -> Result<()> {
         let (ho, wo) = self.out_size(h, w);
         let out_len = n * ho * wo * self.cout;
         check_len("conv input", x.len(), n * h * w * self.cin)?;
         check_len("conv output", y.len(), out_len)?;
+        if !self.supports(gpu, kernel, x) {
+            return Err(crate::Error::Cuda(format!(
+                "conv kernel {} cannot run {}x{} cin {} cout {} in {}",
+                kernel.name(),
+                self.kernel,
+                self.kernel,
+                self.cin,
+                self.cout,
+                T::SUFFIX
+            )));
+        }
         let res = match residual {
             Residual::None => 0,
             Residual::Output => y.ptr(gpu),
@@ -244,15 +396,40 @@ impl<T: GpuFloat> GpuConv2d<T> {
             }
         };
         let m = n * ho * wo;
+        let name = kernel.function(T::SUFFIX);
+        let (bm, bn, threads, smem) = kernel.geometry();
+        let grid = match kernel {
+            ConvKernel::Tile64 => (m.div_ceil(bm) as u32, self.cout.div_ceil(bn) as u32, 1),
+            // One dimension: block b is row tile b / column tiles, column tile b % column tiles.
+            _ => {
+                let blocks = m.div_ceil(bm) * self.cout.div_ceil(bn);
+                if blocks > i32::MAX as usize {
+                    return Err(crate::Error::Cuda(format!(
+                        "conv of {m} pixels: {blocks} blocks, over the grid limit"
+                    )));
+                }
+                (blocks as u32, 1, 1)
+            }
+        };
+        if smem > 0 {
+            // Dynamic shared memory over 48 KiB needs the function's limit raised first; the
+            // query binds the context and makes this a single attribute write per module.
+            let f = gpu.function("conv", &name)?;
+            let attr = CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            let err = |e| crate::Error::Cuda(format!("`{name}` shared memory limit: {e:?}"));
+            if f.get_attribute(attr).map_err(err)? < smem as i32 {
+                f.set_attribute(attr, smem as i32).map_err(err)?;
+            }
+        }
         let cfg = LaunchConfig {
-            grid_dim: (m.div_ceil(64) as u32, self.cout.div_ceil(64) as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
+            grid_dim: grid,
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem,
         };
         let i = |v: usize| Arg::I32(v as i32);
         gpu.launch(
             "conv",
-            &format!("conv2d{}", T::SUFFIX),
+            &name,
             cfg,
             &[
                 Arg::Ptr(x.ptr(gpu)),

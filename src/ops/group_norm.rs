@@ -11,6 +11,8 @@ use crate::error::Result;
 
 pub const GROUPS: usize = 32;
 pub const EPS: f64 = 1e-5;
+/// The widest group norm the GPU kernel takes (`GN_MAX_CHANNELS` in kernels/group_norm.cu).
+pub const MAX_CHANNELS: usize = 2048;
 
 pub struct GroupNorm {
     pub channels: usize,
@@ -111,9 +113,24 @@ impl GroupNorm {
     }
 }
 
+/// Pixels per block of the statistics kernel: about 1024 blocks in all, at least 32 rows each.
+fn stats_rows(n: usize, hw: usize) -> usize {
+    (n * hw).div_ceil(1024).max(32)
+}
+
 impl GpuGroupNorm {
-    /// `kernels/group_norm.cu`: statistics then the fused affine (+ scale-shift, + SiLU).
-    /// `stats` holds `n * 64` floats; `scale_shift` is `[n, 2c]` f32.
+    /// The f32 scratch [`GpuGroupNorm::forward`] needs for `n` images of at most `hw` pixels:
+    /// the statistics `[n, 32, 2]`, then the per-chunk moments `[n, chunks, 32, 3]`, with
+    /// chunks <= min(ceil(hw / 32), 1024 / n + 1) (see `stats_rows`), so one scratch sized for
+    /// the largest level serves every level.
+    pub fn scratch_len(n: usize, hw: usize) -> usize {
+        let chunks = hw.div_ceil(32).min(1024 / n.max(1) + 1);
+        n * GROUPS * (2 + 3 * chunks)
+    }
+
+    /// `kernels/group_norm.cu`: statistics (per-chunk moments, merged) then the fused affine
+    /// (+ scale-shift, + SiLU). `scratch` holds [`GpuGroupNorm::scratch_len`] floats;
+    /// `scale_shift` is `[n, 2c]` f32.
     #[allow(clippy::too_many_arguments)]
     pub fn forward<T: GpuFloat>(
         &self,
@@ -122,14 +139,25 @@ impl GpuGroupNorm {
         n: usize,
         hw: usize,
         y: &mut GpuBuffer<T>,
-        stats: &mut GpuBuffer<f32>,
+        scratch: &mut GpuBuffer<f32>,
         scale_shift: Option<&GpuBuffer<f32>>,
         silu_after: bool,
     ) -> Result<()> {
         let c = self.channels;
+        if !c.is_multiple_of(GROUPS) || c > MAX_CHANNELS {
+            return Err(crate::Error::Cuda(format!(
+                "group norm over {c} channels: the kernel takes multiples of {GROUPS} up to {MAX_CHANNELS}"
+            )));
+        }
         check_len("group norm input", x.len(), n * hw * c)?;
         check_len("group norm output", y.len(), n * hw * c)?;
-        check_len("group norm stats", stats.len(), n * GROUPS * 2)?;
+        let rows = stats_rows(n, hw);
+        let chunks = hw.div_ceil(rows);
+        check_len(
+            "group norm scratch",
+            scratch.len(),
+            n * GROUPS * (2 + 3 * chunks),
+        )?;
         let ss = match scale_shift {
             Some(b) => {
                 check_len("scale-shift", b.len(), n * 2 * c)?;
@@ -137,23 +165,28 @@ impl GpuGroupNorm {
             }
             None => 0,
         };
+        let stats = scratch.ptr(gpu);
+        let part = stats + (n * GROUPS * 2 * std::mem::size_of::<f32>()) as u64;
         let i = |v: usize| Arg::I32(v as i32);
-        let stats_cfg = LaunchConfig {
-            grid_dim: (GROUPS as u32, n as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
         gpu.launch(
             "group_norm",
-            &format!("group_norm_stats{}", T::SUFFIX),
-            stats_cfg,
-            &[
-                Arg::Ptr(x.ptr(gpu)),
-                Arg::Ptr(stats.ptr(gpu)),
-                i(n),
-                i(hw),
-                i(c),
-            ],
+            &format!("group_norm_partial{}", T::SUFFIX),
+            LaunchConfig {
+                grid_dim: (chunks as u32, n as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[Arg::Ptr(x.ptr(gpu)), Arg::Ptr(part), i(hw), i(c), i(rows)],
+        )?;
+        gpu.launch(
+            "group_norm",
+            "group_norm_merge",
+            LaunchConfig {
+                grid_dim: (GROUPS as u32, n as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &[Arg::Ptr(part), Arg::Ptr(stats), i(chunks)],
         )?;
         gpu.launch(
             "group_norm",
@@ -161,7 +194,7 @@ impl GpuGroupNorm {
             grid_1d(n * hw * c),
             &[
                 Arg::Ptr(x.ptr(gpu)),
-                Arg::Ptr(stats.ptr(gpu)),
+                Arg::Ptr(stats),
                 Arg::Ptr(self.weight.ptr(gpu)),
                 Arg::Ptr(self.bias.ptr(gpu)),
                 Arg::Ptr(ss),
@@ -172,5 +205,23 @@ impl GpuGroupNorm {
                 i(silu_after as usize),
             ],
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One scratch sized for the largest level must serve every smaller one.
+    #[test]
+    fn scratch_for_the_largest_level_serves_all() {
+        for n in [1, 2, 3, 8, 24, 64, 256, 2000] {
+            let mut worst = 0;
+            for hw in 1usize..=70_000 {
+                let need = n * GROUPS * (2 + 3 * hw.div_ceil(stats_rows(n, hw)));
+                worst = worst.max(need);
+                assert!(worst <= GpuGroupNorm::scratch_len(n, hw), "n {n} hw {hw}");
+            }
+        }
     }
 }
