@@ -685,7 +685,7 @@ impl UNetConfig {
             }
         }
         for &r in &self.attention_resolutions {
-            if r == 0 || self.image_size % r != 0 {
+            if r == 0 || !self.image_size.is_multiple_of(r) {
                 return bad(format!(
                     "attention resolution {r} does not divide image_size {}",
                     self.image_size

@@ -204,7 +204,7 @@ fn encoder_matches_cpu() {
         let mut worst = 1.0f64;
         for (text, &(cos, norm)) in texts.iter().zip(&results) {
             worst = worst.min(cos);
-            if !(cos >= min_cos) || !((norm - 1.0).abs() < 1e-4) {
+            if cos.is_nan() || cos < min_cos || norm.is_nan() || (norm - 1.0).abs() >= 1e-4 {
                 failures.push(format!(
                     "{name} {:?}: cosine {cos:.7} (needs {min_cos}), norm {norm}",
                     text.chars().take(60).collect::<String>()

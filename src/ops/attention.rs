@@ -208,7 +208,7 @@ pub fn attend_gpu<T: GpuFloat>(
     check_len("attention qkv", qkv.len(), n * t * 3 * c)?;
     check_len("attention output", out.len(), n * t * c)?;
     let d = c / heads;
-    if d > 128 || d % 8 != 0 || c % heads != 0 {
+    if d > 128 || !d.is_multiple_of(8) || !c.is_multiple_of(heads) {
         return Err(crate::Error::Cuda(format!(
             "attention head width {c}/{heads} is unsupported on the GPU (needs a multiple of 8, at most 128)"
         )));

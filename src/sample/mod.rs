@@ -214,7 +214,7 @@ impl<'a> ComposedSampler<'a> {
         on_step: &mut dyn FnMut(),
     ) -> Result<Vec<f32>> {
         let len = self.image_len();
-        if x.is_empty() || x.len() % len != 0 {
+        if x.is_empty() || !x.len().is_multiple_of(len) {
             return Err(Error::Input(format!(
                 "x_T has {} values, not a multiple of 3x{}x{}",
                 x.len(),

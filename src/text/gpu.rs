@@ -54,7 +54,7 @@ impl<T: GpuFloat> GpuTextEncoder<T> {
         let bert = encoder.bert();
         let config = bert.config().clone();
         let d = config.hidden_size / config.num_heads;
-        if d > 128 || d % 8 != 0 {
+        if d > 128 || !d.is_multiple_of(8) {
             return Err(Error::Config(format!(
                 "the GPU text encoder needs an attention head width that is a multiple of 8, at \
                  most 128; this model's is {} / {} = {d}",

@@ -47,7 +47,7 @@ pub fn for_each_dtype(test: &str, f: impl Fn(&Gpu, &str) -> Vec<(String, f64, f6
     for name in ["f32", "f16", "bf16"] {
         for (case, err, tol) in f(&g, name) {
             eprintln!("{test} {name} {case}: rel L2 {err:.2e} (tolerance {tol:.0e})");
-            if !(err <= tol) {
+            if err.is_nan() || err > tol {
                 failures.push(format!("{name} {case}: {err:.3e} > {tol:.0e}"));
             }
         }
