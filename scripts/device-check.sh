@@ -8,8 +8,9 @@
 #   prints the command to run on the GPU machine.
 # GPU machine: bash scripts/device-check.sh --run      (carry .device-pack)
 #   runs the GPU tests, compute-sanitizer memcheck on a forward pass and a short sampling run,
-#   and the benchmarks (mcdm and PyTorch in the same run); writes logs to $OUT and prints a short
-#   table last. Every step has a time limit and the whole run ends within CHECK_SECONDS (540).
+#   and the benchmarks (mcdm and PyTorch in the same run); leaves summary.txt, report.md (the
+#   page for benches/results/) and logs.tar.gz in $OUT and prints a short table last. Every
+#   step has a time limit and the whole run ends within CHECK_SECONDS (540).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACK=.device-pack
@@ -54,8 +55,11 @@ for line in sys.stdin:
     exit 0
 fi
 
-OUT=${OUT:-/tmp/device-check}
-mkdir -p "$OUT"
+# Only 8 files come back from $OUT: logs go to $LOG, and $OUT gets summary.txt (written as the
+# check goes), report.md (tools/bench_report.py: the page for benches/results/) and logs.tar.gz.
+OUT=${OUT:-/tmp/device-check-out}
+LOG=/tmp/device-check
+rm -rf "$LOG" && mkdir -p "$OUT" "$LOG"
 DEADLINE=$((SECONDS + ${CHECK_SECONDS:-540}))
 ROOT=/tmp/mcdm-pack
 rm -rf "$ROOT" && mkdir -p "$ROOT"
@@ -63,34 +67,35 @@ tar -C "$ROOT" -xJf "$PACK/pack.tar.xz" 2>/dev/null \
     || python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$PACK/pack.tar.xz" "$ROOT"
 export MCDM_FIXTURES=$PWD/tests/fixtures MCDM_TEXT_MODEL=$ROOT/text-model
 BIN=$ROOT/mcdm
-: >"$OUT/summary.txt"
-record() { printf '%-40s %s\n' "$1" "$2" | tee -a "$OUT/summary.txt"; }
+: >"$LOG/summary.txt"
+record() { printf '%-40s %s\n' "$1" "$2" | tee -a "$LOG/summary.txt"; cp "$LOG/summary.txt" "$OUT/summary.txt"; }
 
 # step LABEL MAX_SECONDS LOG CMD...: runs CMD with at most MAX_SECONDS (less if the deadline is
-# nearer), output to $OUT/LOG; returns CMD's status, 124 on timeout, 125 when no time is left.
+# nearer), output to $LOG/LOG; returns CMD's status, 124 on timeout, 125 when no time is left.
 step() {
     local label=$1 cap=$2 log=$3; shift 3
     local left=$((DEADLINE - SECONDS - 5))
     [ "$left" -gt "$cap" ] && left=$cap
     if [ "$left" -lt 15 ]; then record "$label" "skipped (out of time)"; return 125; fi
     local start=$SECONDS rc=0
-    timeout -k 10 "$left" "$@" >"$OUT/$log" 2>&1 || rc=$?
-    [ $rc -eq 124 ] && echo "(stopped after ${left} s)" >>"$OUT/$log"
+    timeout -k 10 "$left" "$@" >"$LOG/$log" 2>&1 || rc=$?
+    [ $rc -eq 124 ] && echo "(stopped after ${left} s)" >>"$LOG/$log"
     LAST_SECONDS=$((SECONDS - start))
     return $rc
 }
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv; "$BIN" info; } \
-    2>&1 | tee "$OUT/info.log" || true
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$LOG/gpu.txt" 2>/dev/null || : >"$LOG/gpu.txt"
+{ nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv; "$BIN" info; } \
+    2>&1 | tee "$LOG/info.log" || true
 
 # 1. Kernel, forward, sampling and text-encoder parity against the CPU.
 for t in "$ROOT"/tests/*; do
     name=$(basename "$t")
     if step "test $name" 150 "test-$name.log" "$t" --nocapture --test-threads 1; then
-        skipped=$(grep -c 'skipped, no GPU' "$OUT/test-$name.log" || true)
+        skipped=$(grep -c 'skipped, no GPU' "$LOG/test-$name.log" || true)
         record "test $name" "$([ "$skipped" -gt 0 ] && echo "SKIPPED $skipped (no GPU)" || echo ok) (${LAST_SECONDS} s)"
     elif [ $? -ne 125 ]; then
-        record "test $name" "FAILED: $(grep -E '^test .*FAILED|panicked' "$OUT/test-$name.log" | head -3 | tr '\n' ' ')"
+        record "test $name" "FAILED: $(grep -E '^test .*FAILED|panicked' "$LOG/test-$name.log" | head -3 | tr '\n' ' ')"
     fi
 done
 
@@ -103,8 +108,8 @@ sanitize() {
     step "memcheck $label" 120 "sanitizer-$label.log" \
         compute-sanitizer --tool memcheck --error-exitcode 9 "$@" || rc=$?
     if [ $rc -eq 0 ]; then
-        record "memcheck $label" "$(grep -o 'ERROR SUMMARY: [0-9]* errors' "$OUT/sanitizer-$label.log" || echo '0 errors')"
-    elif grep -q 'Device not supported' "$OUT/sanitizer-$label.log"; then
+        record "memcheck $label" "$(grep -o 'ERROR SUMMARY: [0-9]* errors' "$LOG/sanitizer-$label.log" || echo '0 errors')"
+    elif grep -q 'Device not supported' "$LOG/sanitizer-$label.log"; then
         record "memcheck $label" "unavailable on this machine (device not supported)"
     elif [ $rc -ne 125 ]; then
         record "memcheck $label" "ERRORS (rc $rc, see sanitizer-$label.log)"
@@ -127,8 +132,8 @@ batch_of() { [ "$1" = face256 ] && echo 8 || echo 64; }
 for cfg in imagenet64-adm face256; do
     b=$(batch_of $cfg)
     if step "mcdm bf16 $cfg b$b" 90 "bench-mcdm-$cfg.log" "$BIN" bench --device cuda --dtype bf16 \
-        --config tools/configs/$cfg.json --compose 3 --steps 10 --batch "$b" --iters 3 --output "$OUT/mcdm-$cfg.json"; then
-        record "mcdm bf16 $cfg b$b" "$(tail -1 "$OUT/bench-mcdm-$cfg.log")"
+        --config tools/configs/$cfg.json --compose 3 --steps 10 --batch "$b" --iters 3 --output "$LOG/mcdm-$cfg.json"; then
+        record "mcdm bf16 $cfg b$b" "$(tail -1 "$LOG/bench-mcdm-$cfg.log")"
     elif [ $? -ne 125 ]; then record "mcdm bf16 $cfg b$b" "FAILED or stopped"; fi
 done
 for mode in "--fp16" "--fp16 --compile"; do
@@ -137,13 +142,15 @@ for mode in "--fp16" "--fp16 --compile"; do
         b=$(batch_of $cfg)
         if step "torch $tag $cfg b$b" 150 "bench-torch-$cfg-$tag.log" python3 tools/bench_torch.py \
             tools/configs/$cfg.json --device cuda $mode --compose 3 --steps 10 --batch "$b" --warmup 1 \
-            --runs 3 --json "$OUT/torch-$cfg-$tag.json"; then
-            record "torch $tag $cfg b$b" "$(grep 'images/s' "$OUT/bench-torch-$cfg-$tag.log" | tail -1)"
+            --runs 3 --json "$LOG/torch-$cfg-$tag.json"; then
+            record "torch $tag $cfg b$b" "$(grep 'images/s' "$LOG/bench-torch-$cfg-$tag.log" | tail -1)"
         elif [ $? -ne 125 ]; then record "torch $tag $cfg b$b" "FAILED or stopped"; fi
     done
 done
 
+python3 tools/bench_report.py "$LOG" >"$OUT/report.md" || true
+tar -czf "$OUT/logs.tar.gz" -C "$LOG" . || true
 echo
 echo "== device check ($SECONDS s) =="
-cat "$OUT/bench-kernels.log" 2>/dev/null || true
-cat "$OUT/summary.txt"
+cat "$LOG/bench-kernels.log" 2>/dev/null || true
+cat "$LOG/summary.txt"
