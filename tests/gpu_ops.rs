@@ -8,16 +8,15 @@ use common::gpu::{for_each_dtype, gpu, gpu_err, rounded, tolerance, values};
 
 use std::sync::Arc;
 
-use common::{fixtures, read_f32, rel_l2};
+use common::{rel_l2, unet_case_names, UnetCase};
 use mcdm::cuda::{Gpu, GpuBuffer, GpuFloat};
-use mcdm::model::{load_model, Conditioning, GpuUNet, GpuWorkspace, Workspace};
+use mcdm::model::{GpuUNet, GpuWorkspace, Workspace};
 use mcdm::ops::attention::{attend, attend_gpu};
 use mcdm::ops::conv::{Conv2d, ConvKernel, Residual};
 use mcdm::ops::group_norm::{GpuGroupNorm, GroupNorm};
 use mcdm::ops::layout::{nchw_to_nhwc, nchw_to_nhwc_gpu};
 use mcdm::ops::linear::Linear;
 use mcdm::ops::resample::{avg_pool2x, avg_pool2x_gpu, upsample_nearest2x, upsample_nearest2x_gpu};
-use mcdm::weights::SafetensorsFile;
 
 /// Every conv case through every kernel variant that can run it (each forced explicitly), with
 /// the three residual modes in turn; outputs start as NaN (or as the residual they add to).
@@ -311,41 +310,20 @@ fn linear_matches_cpu() {
 /// The whole forward pass of every reference fixture model, GPU against CPU.
 fn forward_cases<T: GpuFloat>(g: &Arc<Gpu>) -> Vec<(String, f64, f64)> {
     let mut out = Vec::new();
-    let mut names: Vec<String> = std::fs::read_dir(fixtures("unet"))
-        .unwrap()
-        .filter_map(|e| {
-            e.ok()?
-                .file_name()
-                .into_string()
-                .ok()?
-                .strip_suffix(".io.safetensors")
-                .map(str::to_string)
-        })
-        .collect();
-    names.sort();
-    for case in names {
-        let model = load_model(&fixtures(&format!("unet/{case}.safetensors")), None).unwrap();
-        let io = SafetensorsFile::open(&fixtures(&format!("unet/{case}.io.safetensors"))).unwrap();
-        let shape: [usize; 4] = io.shape("x").unwrap().try_into().unwrap();
-        let x = io.f32("x").unwrap();
-        let t = read_f32(&io, "t");
-        let y = io.contains("y").then(|| io.i64("y").unwrap());
-        let emb = io.contains("emb").then(|| io.f32("emb").unwrap());
-        let cond = Conditioning {
-            timesteps: &t,
-            labels: y.as_deref(),
-            embedding: emb.as_deref(),
-        };
+    for name in unet_case_names() {
+        let case = UnetCase::load(&name);
+        let (model, cond) = (&case.model, case.conditioning());
+        let (x, shape) = (&case.x, case.shape);
         let want = model
             .unet
-            .forward_nchw(&x, shape, &cond, &mut Workspace::new())
+            .forward_nchw(x, shape, &cond, &mut Workspace::new())
             .unwrap();
         let dev = GpuUNet::<T>::upload(&model.unet, g.clone()).unwrap();
         let got = dev
-            .forward_nchw(&model.unet, &x, shape, &cond, &mut GpuWorkspace::default())
+            .forward_nchw(&model.unet, x, shape, &cond, &mut GpuWorkspace::default())
             .unwrap();
         let tol = if T::SUFFIX == "_f32" { 1e-4 } else { 1e-2 };
-        out.push((format!("forward {case}"), rel_l2(&got, &want), tol));
+        out.push((format!("forward {name}"), rel_l2(&got, &want), tol));
     }
     out
 }

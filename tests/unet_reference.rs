@@ -3,54 +3,30 @@
 
 mod common;
 
-use common::{fixtures, read_f32, rel_l2};
+use common::{fixtures, rel_l2, unet_case_names, UnetCase};
 use mcdm::config::{resolve, InferredArch};
-use mcdm::model::{load_model, Conditioning, Workspace};
+use mcdm::model::{load_model, Workspace};
 use mcdm::weights::SafetensorsFile;
-
-fn cases() -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(fixtures("unet"))
-        .expect("fixtures/unet")
-        .filter_map(|e| {
-            let name = e.ok()?.file_name().into_string().ok()?;
-            name.strip_suffix(".io.safetensors").map(str::to_string)
-        })
-        .collect();
-    names.sort();
-    assert!(
-        names.len() >= 6,
-        "expected the reference fixtures, found {names:?}"
-    );
-    names
-}
 
 #[test]
 fn forward_matches_reference() {
     let mut ws = Workspace::new();
-    for case in cases() {
-        let model = load_model(&fixtures(&format!("unet/{case}.safetensors")), None)
-            .unwrap_or_else(|e| panic!("{case}: {e}"));
-        let io = SafetensorsFile::open(&fixtures(&format!("unet/{case}.io.safetensors"))).unwrap();
-        let shape: [usize; 4] = io.shape("x").unwrap().try_into().unwrap();
-        let x = io.f32("x").unwrap();
-        let t = read_f32(&io, "t");
-        let y = io.contains("y").then(|| io.i64("y").unwrap());
-        let emb = io.contains("emb").then(|| io.f32("emb").unwrap());
-        let cond = Conditioning {
-            timesteps: &t,
-            labels: y.as_deref(),
-            embedding: emb.as_deref(),
-        };
-        let out = model.unet.forward_nchw(&x, shape, &cond, &mut ws).unwrap();
-        let expected = io.f32("out").unwrap();
-        let err = rel_l2(&out, &expected);
-        eprintln!("{case}: rel L2 {err:.2e}");
-        assert!(err <= 1e-4, "{case}: rel L2 {err:.3e} > 1e-4");
+    for name in unet_case_names() {
+        let case = UnetCase::load(&name);
+        let (model, cond) = (&case.model.unet, case.conditioning());
+        let out = model
+            .forward_nchw(&case.x, case.shape, &cond, &mut ws)
+            .unwrap();
+        let err = rel_l2(&out, &case.out);
+        eprintln!("{name}: rel L2 {err:.2e}");
+        assert!(err <= 1e-4, "{name}: rel L2 {err:.3e} > 1e-4");
         // The workspace is reused across cases and calls: a second pass must agree exactly.
-        let again = model.unet.forward_nchw(&x, shape, &cond, &mut ws).unwrap();
+        let again = model
+            .forward_nchw(&case.x, case.shape, &cond, &mut ws)
+            .unwrap();
         assert_eq!(
             out, again,
-            "{case}: second pass through a reused workspace differs"
+            "{name}: second pass through a reused workspace differs"
         );
     }
 }
@@ -58,7 +34,7 @@ fn forward_matches_reference() {
 /// Architecture fields read off the key names and shapes equal those of the config file.
 #[test]
 fn inference_recovers_architecture() {
-    for case in cases() {
+    for case in unet_case_names() {
         let file = SafetensorsFile::open(&fixtures(&format!("unet/{case}.safetensors"))).unwrap();
         let model = load_model(file.path(), None).unwrap();
         let want = &model.config.unet;

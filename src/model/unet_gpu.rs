@@ -32,6 +32,8 @@ struct GpuResBlock<T> {
     scale_shift: bool,
 }
 
+// Built once per model (a few hundred layers): the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum GpuLayer<T> {
     Conv(GpuConv2d<T>),
     UpConv(GpuConv2d<T>),

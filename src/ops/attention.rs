@@ -169,6 +169,7 @@ impl Attention {
 
 impl<T: GpuFloat> GpuAttention<T> {
     /// out = x + proj_out(attention(qkv(norm(x)))), x and out `[n, t, c]`.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         gpu: &Gpu,

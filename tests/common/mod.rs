@@ -5,6 +5,7 @@ pub mod gpu;
 
 use std::path::{Path, PathBuf};
 
+use mcdm::model::{load_model, Conditioning, LoadedModel};
 use mcdm::weights::{SafetensorsFile, StorageDtype};
 
 /// `tests/fixtures/<sub>`, or `$MCDM_FIXTURES/<sub>` for test executables run away from the
@@ -41,5 +42,59 @@ pub fn read_f32(file: &SafetensorsFile, name: &str) -> Vec<f32> {
             .map(|v| v as f32)
             .collect(),
         _ => file.f32(name).unwrap(),
+    }
+}
+
+/// The forward cases of tests/fixtures/unet (`<name>.safetensors` + `<name>.io.safetensors`,
+/// made by tools/make_unet_fixtures.py), sorted.
+pub fn unet_case_names() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(fixtures("unet"))
+        .expect("fixtures/unet")
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            name.strip_suffix(".io.safetensors").map(str::to_string)
+        })
+        .collect();
+    names.sort();
+    assert!(
+        names.len() >= 6,
+        "expected the reference fixtures, found {names:?}"
+    );
+    names
+}
+
+/// One reference forward case: the model, its inputs and guided-diffusion's output.
+pub struct UnetCase {
+    pub model: LoadedModel,
+    pub shape: [usize; 4],
+    pub x: Vec<f32>,
+    pub t: Vec<f32>,
+    pub y: Option<Vec<i64>>,
+    pub emb: Option<Vec<f32>>,
+    pub out: Vec<f32>,
+}
+
+impl UnetCase {
+    pub fn load(name: &str) -> Self {
+        let model = load_model(&fixtures(&format!("unet/{name}.safetensors")), None)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let io = SafetensorsFile::open(&fixtures(&format!("unet/{name}.io.safetensors"))).unwrap();
+        UnetCase {
+            model,
+            shape: io.shape("x").unwrap().try_into().unwrap(),
+            x: io.f32("x").unwrap(),
+            t: read_f32(&io, "t"),
+            y: io.contains("y").then(|| io.i64("y").unwrap()),
+            emb: io.contains("emb").then(|| io.f32("emb").unwrap()),
+            out: io.f32("out").unwrap(),
+        }
+    }
+
+    pub fn conditioning(&self) -> Conditioning<'_> {
+        Conditioning {
+            timesteps: &self.t,
+            labels: self.y.as_deref(),
+            embedding: self.emb.as_deref(),
+        }
     }
 }
