@@ -99,8 +99,8 @@ for t in "$ROOT"/tests/*; do
     fi
 done
 
-# 2. compute-sanitizer memcheck on a forward pass and a short sampling run (it refuses the device
-#    on gVisor machines: recorded as unavailable, not as a failure).
+# 2. compute-sanitizer memcheck on a forward pass, the conv variants and a short sampling run (it
+#    refuses the device on gVisor machines: recorded as unavailable, not as a failure).
 F=tests/fixtures
 sanitize() {
     local label=$1; shift
@@ -117,6 +117,8 @@ sanitize() {
 }
 sanitize forward "$BIN" forward --device cuda --model $F/unet/classcond_sigma_headsup_bf16.safetensors \
     --input $F/unet/classcond_sigma_headsup_bf16.io.safetensors --output /tmp/out.safetensors
+# Every conv variant at its edge shapes (the forward above is small enough for 64x64 tiles).
+sanitize conv-variants "$ROOT/tests/gpu_ops" --test-threads 1 conv_matches_cpu
 sanitize sample "$BIN" sample --device cuda --model u=$F/sample/models/uncond.safetensors \
     --model c=$F/sample/models/classes.safetensors --uncond u --expert c,class=3 \
     --num-samples 2 --steps 3 --out /tmp/sanitize-sample
