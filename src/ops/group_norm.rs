@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::conv::check_len;
 use super::silu;
-use crate::cuda::{grid_1d, Arg, Gpu, GpuBuffer, GpuFloat};
+use crate::cuda::{Arg, Gpu, GpuBuffer, GpuFloat};
 use crate::error::Result;
 
 pub const GROUPS: usize = 32;
@@ -165,6 +165,13 @@ impl GpuGroupNorm {
             }
             None => 0,
         };
+        // The apply kernel moves four values at a time.
+        let align = 4 * std::mem::size_of::<T>() as u64;
+        if !x.ptr(gpu).is_multiple_of(align) || !y.ptr(gpu).is_multiple_of(align) {
+            return Err(crate::Error::Cuda(format!(
+                "group norm: x and y must be {align}-byte aligned"
+            )));
+        }
         let stats = scratch.ptr(gpu);
         let part = stats + (n * GROUPS * 2 * std::mem::size_of::<f32>()) as u64;
         let i = |v: usize| Arg::I32(v as i32);
@@ -191,7 +198,11 @@ impl GpuGroupNorm {
         gpu.launch(
             "group_norm",
             &format!("group_norm_apply{}", T::SUFFIX),
-            grid_1d(n * hw * c),
+            LaunchConfig {
+                grid_dim: ((hw * c).div_ceil(4 * 256) as u32, n as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            },
             &[
                 Arg::Ptr(x.ptr(gpu)),
                 Arg::Ptr(stats),
@@ -199,7 +210,6 @@ impl GpuGroupNorm {
                 Arg::Ptr(self.bias.ptr(gpu)),
                 Arg::Ptr(ss),
                 Arg::Ptr(y.ptr(gpu)),
-                i(n),
                 i(hw),
                 i(c),
                 i(silu_after as usize),
