@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Checks every CUDA kernel's real source on the CPU (tools/kernel-emu/README.md): rewrites
+# kernels/ into target/kernel-emu/gen, builds one test driver per kernel family against the
+# emulator, runs them and prints a table. Exit status non-zero on any failure.
+#   scripts/emulate-kernels.sh [--mutants]   (--mutants: also the conv mutation check, ~3 min)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mutants=0
+case "${1:-}" in
+    "") ;;
+    --mutants) mutants=1 ;;
+    *) echo "usage: $0 [--mutants]" >&2; exit 2 ;;
+esac
+
+out=target/kernel-emu
+cxx="${CXX:-g++} -O2 -std=c++17 -pthread -ffp-contract=off"
+drivers=(conv group_norm attention linear resample layout layer_norm step)
+# driver and arguments, one run per row of the table
+runs=("conv delayed" "conv immediate" group_norm attention linear resample layout layer_norm step)
+
+mkdir -p "$out/bin" "$out/logs"
+python3 tools/kernel-emu/prep.py --out "$out/gen"
+
+start=$SECONDS
+echo "building ${#drivers[@]} drivers ..."
+printf '%s\n' "${drivers[@]}" | xargs -P "$(nproc)" -I{} \
+    sh -c "$cxx -I $out/gen -I tools/kernel-emu -o $out/bin/test_{} tools/kernel-emu/test_{}.cpp || exit 255"
+echo "built in $((SECONDS - start)) s"
+
+failed=0
+printf '\n%-22s %6s %7s %10s %6s\n' driver cases failed "emu errors" time
+for run in "${runs[@]}"; do
+    read -r driver args <<<"$run"
+    log="$out/logs/${run// /_}.log"
+    t0=$SECONDS
+    status=0
+    # shellcheck disable=SC2086  # args: zero or more words
+    "$out/bin/test_$driver" $args >"$log" 2>&1 || status=$?
+    summary=$(grep '^SUMMARY' "$log" || true)
+    field() { sed -n "s/.* $1=\([0-9]*\).*/\1/p" <<<"$summary"; }
+    if [[ -z "$summary" ]]; then
+        printf '%-22s %s (exit %d, see %s)\n' "$run" "CRASHED" "$status" "$log"
+        failed=1
+        continue
+    fi
+    printf '%-22s %6s %7s %10s %5ds\n' "$run" "$(field cases)" "$(field failed)" \
+        "$(($(field emulator_errors) + $(field bank_conflicts)))" "$((SECONDS - t0))"
+    [[ $status -eq 0 ]] || failed=1
+done
+
+if [[ $failed -ne 0 ]]; then
+    echo
+    grep -h -E '^FAIL|EMU' "$out"/logs/*.log | head -40 || true
+fi
+
+if [[ $mutants -eq 1 ]]; then
+    echo
+    python3 tools/kernel-emu/mutants.py --cxx "$cxx" || failed=1
+fi
+
+echo
+echo "total $((SECONDS - start)) s, logs in $out/logs: $([[ $failed -eq 0 ]] && echo PASS || echo FAIL)"
+exit $failed

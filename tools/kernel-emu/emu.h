@@ -1,0 +1,396 @@
+// CPU emulation of the CUDA features kernels/*.cu use, so that their real source can be
+// compiled with g++ and checked without a GPU (see README.md). One std::thread per CUDA thread,
+// the blocks of a launch one after another. Compile with -ffp-contract=off: the kernels' f32
+// arithmetic must not be contracted into FMAs the GPU build does not make either.
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <vector>
+using std::max;
+using std::min;
+
+// ---------------------------------------------------------------------------------------------
+// Language: qualifiers, built-in variables, vector types.
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+// A block's static shared arrays are function-local statics: blocks run one at a time, so one
+// copy serves them all (NOT re-poisoned between blocks, unlike the dynamic shared memory).
+#define __shared__ static
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+
+struct uint4 {
+    unsigned x, y, z, w;
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
+
+// ---------------------------------------------------------------------------------------------
+// Intrinsics. The explicitly rounded ones are plain IEEE operations on the CPU.
+
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+inline float __uint_as_float(unsigned u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
+
+// 16-bit storage types, converted with round to nearest even.
+struct __half {
+    unsigned short b;
+};
+struct __nv_bfloat16 {
+    unsigned short b;
+};
+
+inline float half_bits_to_float(unsigned short h) {
+    const unsigned sign = h >> 15, exp = (h >> 10) & 31, mant = h & 1023;
+    float v;
+    if (exp == 0) v = std::ldexp((float)mant, -24);  // subnormal
+    else if (exp == 31) v = mant ? NAN : INFINITY;
+    else v = std::ldexp((float)(mant | 1024), (int)exp - 25);
+    return sign ? -v : v;
+}
+inline unsigned short float_to_half_bits(float f) {
+    const unsigned short sign = (__float_as_uint(f) >> 16) & 0x8000;
+    if (std::isnan(f)) return 0x7e00;
+    const double a = std::fabs((double)f);
+    if (a >= 65520.0) return sign | 0x7c00;  // rounds to infinity
+    // Round to a multiple of the f16 quantum of a's binade (2^-24 below the normal range);
+    // scaling by a power of two is exact, so nearbyint does the whole rounding (ties to even).
+    int e;
+    std::frexp(a, &e);
+    const double quantum = std::ldexp(1.0, std::max(e - 1, -14) - 10);
+    const double v = std::nearbyint(a / quantum) * quantum;
+    if (v == 0) return sign;
+    std::frexp(v, &e);  // the rounding may have carried into the next binade
+    if (e - 1 < -14) return sign | (unsigned short)(v / std::ldexp(1.0, -24));
+    const unsigned mant = (unsigned)std::ldexp(v, 10 - (e - 1)) - 1024;
+    return sign | (unsigned short)(((e - 1 + 15) << 10) | mant);
+}
+inline float __half2float(__half h) { return half_bits_to_float(h.b); }
+inline __half __float2half_rn(float f) { return __half{float_to_half_bits(f)}; }
+inline unsigned short __half_as_ushort(__half h) { return h.b; }
+inline __half __ushort_as_half(unsigned short b) { return __half{b}; }
+
+inline float __bfloat162float(__nv_bfloat16 h) { return __uint_as_float((unsigned)h.b << 16); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    if (std::isnan(f)) return __nv_bfloat16{0x7fc0};
+    const unsigned u = __float_as_uint(f);
+    return __nv_bfloat16{(unsigned short)((u + 0x7fff + ((u >> 16) & 1)) >> 16)};
+}
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.b; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short b) { return __nv_bfloat16{b}; }
+
+// ---------------------------------------------------------------------------------------------
+// Barriers and warp exchange.
+
+struct Barrier {
+    std::mutex m;
+    std::condition_variable cv;
+    int arrived = 0, size = 0;
+    long generation = 0;
+    void init(int n) {
+        size = n;
+        arrived = 0;
+        generation = 0;
+    }
+    void wait() {
+        std::unique_lock<std::mutex> lock(m);
+        const long g = generation;
+        if (++arrived == size) {
+            arrived = 0;
+            ++generation;
+            cv.notify_all();
+        } else {
+            cv.wait(lock, [&] { return generation != g; });
+        }
+    }
+};
+inline Barrier g_block_barrier;
+inline Barrier g_warp_barrier[32];
+// Set by emu_launch_serial, which runs threads one after another: a barrier there would hang.
+inline bool g_serial_launch = false;
+
+inline void emu_require_parallel(const char* what) {
+    if (g_serial_launch) {
+        fprintf(stderr, "EMU: %s in a kernel launched with emu_launch_serial; use emu_launch\n", what);
+        abort();
+    }
+}
+
+// Barrier phase of this thread: how many __syncthreads it has passed. The race checker of the
+// dynamic shared memory compares phases.
+inline thread_local int t_phase = 0;
+inline void __syncthreads() {
+    emu_require_parallel("__syncthreads");
+    g_block_barrier.wait();
+    ++t_phase;
+}
+inline int emu_warp() { return threadIdx.x / 32; }
+inline int emu_lane() { return threadIdx.x % 32; }
+inline void emu_warp_sync() {
+    emu_require_parallel("a warp collective");
+    g_warp_barrier[emu_warp()].wait();
+}
+
+// Exchange slots [warp][lane]: written before a warp barrier, read after it, and not rewritten
+// before a second barrier.
+inline float g_shfl_slot[32][32];
+inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
+    const int w = emu_warp(), l = emu_lane();
+    g_shfl_slot[w][l] = v;
+    emu_warp_sync();
+    const float r = g_shfl_slot[w][l ^ lane_mask];
+    emu_warp_sync();
+    return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dynamic shared memory (extern __shared__, mapped here by prep.py): one buffer, filled with
+// 0xFF bytes (NaN in f16, bf16 and f32) before every block. Shadow state per 16-byte chunk
+// drives the race checker: cp.async writes and ldmatrix reads of one chunk must be separated by
+// a __syncthreads, and a cp.async must be completed by its thread's wait_group before that.
+
+constexpr size_t EMU_DYN_MAX = 256 * 1024;
+alignas(1024) inline unsigned char g_dyn_smem[EMU_DYN_MAX];
+inline size_t g_dyn_bytes = 0;  // the launch's dynamic size; accesses past it are errors
+// cp.async modes: immediate (the data lands at the cp.async) or delayed (the destination is
+// poisoned at the cp.async and the data lands at the wait_group that completes it).
+inline bool g_cp_async_delayed = false;
+inline std::atomic<long> g_emu_errors{0}, g_ldsm_conflicts{0}, g_ldsm_calls{0}, g_cp_async_calls{0};
+inline std::atomic<int> g_chunk_in_flight[EMU_DYN_MAX / 16], g_chunk_completed_phase[EMU_DYN_MAX / 16],
+    g_chunk_read_phase[EMU_DYN_MAX / 16];
+
+inline void emu_error(const char* what, long chunk) {
+    if (g_emu_errors.fetch_add(1) < 10)
+        fprintf(stderr, "EMU ERROR: %s (chunk %ld, thread %u, block %u, phase %d)\n", what, chunk, threadIdx.x,
+                blockIdx.x, t_phase);
+}
+// The 16-byte chunk index of a dynamic shared address, -1 for other memory.
+inline long dyn_chunk(const void* p) {
+    const unsigned char* c = static_cast<const unsigned char*>(p);
+    if (c < g_dyn_smem || c >= g_dyn_smem + EMU_DYN_MAX) return -1;
+    const size_t off = c - g_dyn_smem;
+    if (off + 16 > g_dyn_bytes) {
+        emu_error("dynamic shared access past the launch's size", (long)(off / 16));
+        return -1;
+    }
+    return (long)(off / 16);
+}
+inline void emu_block_start() {
+    memset(g_dyn_smem, 0xff, EMU_DYN_MAX);
+    for (size_t i = 0; i < EMU_DYN_MAX / 16; ++i) {
+        g_chunk_in_flight[i] = 0;
+        g_chunk_completed_phase[i] = -1;
+        g_chunk_read_phase[i] = -1;
+    }
+}
+
+struct EmuCopy {
+    unsigned char* dst;
+    const unsigned char* src;
+    bool valid;
+    long chunk;
+};
+inline thread_local std::vector<EmuCopy> t_cp_open;                  // since the last commit
+inline thread_local std::deque<std::vector<EmuCopy>> t_cp_committed;  // oldest group first
+
+inline void emu_cp_async16(void* dst, const void* src, bool valid) {
+    ++g_cp_async_calls;
+    if ((reinterpret_cast<uintptr_t>(dst) & 15) != 0 || (valid && (reinterpret_cast<uintptr_t>(src) & 15) != 0)) {
+        emu_error("cp.async address not 16-byte aligned", -1);
+        return;
+    }
+    const EmuCopy e{static_cast<unsigned char*>(dst), static_cast<const unsigned char*>(src), valid, dyn_chunk(dst)};
+    if (e.chunk >= 0) {
+        if (g_chunk_read_phase[e.chunk] == t_phase) emu_error("cp.async into a chunk read in the same barrier phase", e.chunk);
+        if (g_chunk_in_flight[e.chunk] != 0) emu_error("two cp.async in flight to one chunk", e.chunk);
+        g_chunk_in_flight[e.chunk] += 1;
+    }
+    if (g_cp_async_delayed) memset(dst, 0xff, 16);  // the old contents are gone, the new not there yet
+    else if (valid) memcpy(dst, src, 16);
+    else memset(dst, 0, 16);
+    t_cp_open.push_back(e);
+}
+inline void emu_cp_land(const EmuCopy& e) {
+    if (g_cp_async_delayed) {
+        if (e.valid) memcpy(e.dst, e.src, 16);
+        else memset(e.dst, 0, 16);
+    }
+    if (e.chunk >= 0) {
+        g_chunk_completed_phase[e.chunk] = t_phase;
+        g_chunk_in_flight[e.chunk] -= 1;
+    }
+}
+inline void emu_cp_commit() {
+    t_cp_committed.push_back(std::move(t_cp_open));
+    t_cp_open.clear();
+}
+// cp.async.wait_group n: all but the newest n committed groups have landed.
+inline void emu_cp_wait(int n) {
+    while ((int)t_cp_committed.size() > n) {
+        for (const EmuCopy& e : t_cp_committed.front()) emu_cp_land(e);
+        t_cp_committed.pop_front();
+    }
+}
+inline void emu_thread_end() {
+    bool pending = !t_cp_open.empty();
+    for (const auto& g : t_cp_committed) pending |= !g.empty();
+    if (pending) emu_error("cp.async copies still pending when the thread exits", -1);
+}
+
+// An ldmatrix row read (16 bytes of shared memory).
+inline void emu_check_ldmatrix_read(const void* p) {
+    const long c = dyn_chunk(p);
+    if (c < 0) return;
+    g_chunk_read_phase[c] = t_phase;
+    if (g_chunk_in_flight[c] != 0) emu_error("read of a chunk whose cp.async is still in flight", c);
+    else if (g_chunk_completed_phase[c] == t_phase) emu_error("read of a chunk completed in the same barrier phase", c);
+}
+
+// ldmatrix .x1/.x2/.x4 (no .trans): lane t gives the row address of row t % 8 of matrix t / 8
+// (lanes from 8 * count on are ignored); register j of lane l gets the 32-bit word
+// (row l / 4, columns 2 (l % 4), +1) of matrix j. Counts bank-conflicted matrices: the 8 rows
+// of one matrix must cover the 8 distinct 16-byte bank groups of a 128-byte line.
+inline const void* g_ldsm_row[32][32];
+inline void emu_ldmatrix(unsigned* r, const void* p, int count) {
+    ++g_ldsm_calls;
+    const int w = emu_warp(), l = emu_lane();
+    g_ldsm_row[w][l] = p;
+    emu_warp_sync();
+    if (l < 8 * count) {
+        if ((reinterpret_cast<uintptr_t>(p) & 15) != 0) emu_error("ldmatrix row address not 16-byte aligned", -1);
+        emu_check_ldmatrix_read(p);
+    }
+    if (l == 0) {
+        for (int j = 0; j < count; ++j) {
+            unsigned groups = 0;
+            for (int i = 0; i < 8; ++i) groups |= 1u << ((reinterpret_cast<uintptr_t>(g_ldsm_row[w][8 * j + i]) >> 4) & 7);
+            if (groups != 0xffu) ++g_ldsm_conflicts;
+        }
+    }
+    for (int j = 0; j < count; ++j) {
+        const unsigned char* row = static_cast<const unsigned char*>(g_ldsm_row[w][8 * j + l / 4]);
+        memcpy(&r[j], row + 4 * (l % 4), 4);
+    }
+    emu_warp_sync();
+}
+
+// mma.sync m16n8k16 with 16-bit A/B and f32 accumulators: rebuilds A (16x16) and B (16x8) from
+// the PTX ISA fragment layouts (as documented in kernels/common.cuh) and accumulates
+// D = A B + D in double, rounded to f32 once. `to_float` decodes one 16-bit element.
+inline unsigned g_mma_a[32][32][4], g_mma_b[32][32][2];
+inline void emu_mma16816(float* d, const unsigned* a, const unsigned* b, float (*to_float)(unsigned short)) {
+    const int w = emu_warp(), l = emu_lane();
+    for (int i = 0; i < 4; ++i) g_mma_a[w][l][i] = a[i];
+    for (int i = 0; i < 2; ++i) g_mma_b[w][l][i] = b[i];
+    emu_warp_sync();
+    float A[16][16], B[16][8];
+    for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane / 4, q = lane % 4;
+        for (int r = 0; r < 4; ++r) {  // a[r] = A[g + 8 (r & 1)][2q + 8 (r >> 1) + 0..1]
+            const int row = g + 8 * (r & 1), col = 2 * q + 8 * (r >> 1);
+            const unsigned v = g_mma_a[w][lane][r];
+            A[row][col] = to_float(v & 0xffff);
+            A[row][col + 1] = to_float(v >> 16);
+        }
+        for (int r = 0; r < 2; ++r) {  // b[r] = B[2q + 8r + 0..1][g]
+            const int k = 2 * q + 8 * r;
+            const unsigned v = g_mma_b[w][lane][r];
+            B[k][g] = to_float(v & 0xffff);
+            B[k + 1][g] = to_float(v >> 16);
+        }
+    }
+    emu_warp_sync();
+    const int g = l / 4, q = l % 4;
+    for (int e = 0; e < 4; ++e) {  // d[e] = D[g + 8 (e >> 1)][2q + (e & 1)]
+        const int row = g + 8 * (e >> 1), col = 2 * q + (e & 1);
+        double s = d[e];
+        for (int k = 0; k < 16; ++k) s += (double)A[row][k] * B[k][col];
+        d[e] = (float)s;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launches. `kernel` is a callable running the kernel body for the current thread, e.g.
+// [&] { conv2d_f16(x, w, ...); }.
+
+template <typename F>
+void emu_launch(dim3 grid, dim3 block, F kernel, size_t dynamic_shared_bytes = 0) {
+    if (block.y != 1 || block.z != 1) {
+        fprintf(stderr, "EMU: only 1-D blocks are modelled\n");
+        abort();
+    }
+    gridDim = grid;
+    blockDim = block;
+    g_dyn_bytes = dynamic_shared_bytes;
+    g_serial_launch = false;
+    const int threads = (int)block.x;
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+            for (unsigned bx = 0; bx < grid.x; ++bx) {
+                g_block_barrier.init(threads);
+                for (int w = 0; w < (threads + 31) / 32; ++w) g_warp_barrier[w].init(std::min(32, threads - 32 * w));
+                emu_block_start();
+                std::vector<std::thread> pool;
+                pool.reserve(threads);
+                for (int t = 0; t < threads; ++t)
+                    pool.emplace_back([=] {
+                        blockIdx = {bx, by, bz};
+                        threadIdx = {(unsigned)t, 0, 0};
+                        kernel();
+                        emu_thread_end();
+                    });
+                for (auto& t : pool) t.join();
+            }
+}
+
+// For kernels without barriers, warp collectives or shared memory (elementwise ones): runs every
+// thread in turn on the calling thread, much faster. A barrier or collective aborts.
+template <typename F>
+void emu_launch_serial(dim3 grid, dim3 block, F kernel) {
+    gridDim = grid;
+    blockDim = block;
+    g_serial_launch = true;
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+            for (unsigned bx = 0; bx < grid.x; ++bx)
+                for (unsigned t = 0; t < block.x; ++t) {
+                    blockIdx = {bx, by, bz};
+                    threadIdx = {t, 0, 0};
+                    kernel();
+                }
+    g_serial_launch = false;
+}

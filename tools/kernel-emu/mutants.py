@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Mutation check of the conv emulation: each mutant is a plausible pipeline / layout bug in the
+large-tile conv kernels; the quick conv shapes must catch every one (wrong values, or the
+emulator's race / bank-conflict checks) in at least one cp.async mode, and must pass unmutated.
+
+Mutants are written under target/kernel-emu/mutants/; kernels/ is only read.
+usage: mutants.py --cxx "g++ -O2 ..." (scripts/emulate-kernels.sh --mutants passes its flags)
+"""
+import argparse
+import pathlib
+import shlex
+import shutil
+import subprocess
+import sys
+
+# name: (text of kernels/conv.cu, replacement); each text must occur exactly once.
+MUTANTS = {
+    "unmutated": ("", ""),
+    "wait_one_group_short": ("cp_async_wait<S - 2>();", "cp_async_wait<S - 1>();"),
+    "no_barrier_after_wait": (
+        "        cp_async_wait<S - 2>();\n        __syncthreads();\n",
+        "        cp_async_wait<S - 2>();\n",
+    ),
+    "prefetch_before_barrier": (
+        "        __syncthreads();\n        if (kt + S - 1 < KT) load_stage((kt + S - 1) % S, kt + S - 1);\n",
+        "        if (kt + S - 1 < KT) load_stage((kt + S - 1) % S, kt + S - 1);\n        __syncthreads();\n",
+    ),
+    "no_commit_when_idle": (
+        "        if (kt + S - 1 < KT) load_stage((kt + S - 1) % S, kt + S - 1);\n        cp_async_commit();\n",
+        "        if (kt + S - 1 < KT) {\n            load_stage((kt + S - 1) % S, kt + S - 1);\n"
+        "            cp_async_commit();\n        }\n",
+    ),
+    "unswizzled_reads": (
+        "const int a_off[2] = {convb_off(a_row, a_chunk), convb_off(a_row, 2 + a_chunk)};",
+        "const int a_off[2] = {a_row * 64 + (a_chunk << 4), a_row * 64 + ((2 + a_chunk) << 4)};",
+    ),
+    "b_matrix_order": ("b_chunk = (lane >> 3) & 1;", "b_chunk = lane >> 4;"),
+    "epilogue_pair_swapped": ("pack2<T>(v0, v1)", "pack2<T>(v1, v0)"),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cxx", required=True, help="compiler and flags, without -I and -o")
+    args = ap.parse_args()
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    tool = repo / "tools" / "kernel-emu"
+    root = repo / "target" / "kernel-emu" / "mutants"
+    conv = (repo / "kernels" / "conv.cu").read_text()
+    wrong = 0
+    for name, (old, new) in MUTANTS.items():
+        work = root / name
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(repo / "kernels", work / "kernels")
+        if old:
+            if conv.count(old) != 1:
+                print(f"STALE    {name}: its text occurs {conv.count(old)} times in kernels/conv.cu; update mutants.py")
+                wrong += 1
+                continue
+            (work / "kernels" / "conv.cu").write_text(conv.replace(old, new))
+        subprocess.run([sys.executable, tool / "prep.py", "--kernels", work / "kernels", "--out", work / "gen"], check=True)
+        binary = work / "test_conv"
+        cmd = shlex.split(args.cxx) + ["-I", str(work / "gen"), "-I", str(tool), "-o", str(binary), str(tool / "test_conv.cpp")]
+        subprocess.run(cmd, check=True)
+        failed_modes = []
+        for mode in ("delayed", "immediate"):
+            run = subprocess.run([binary, mode, "quick"], capture_output=True, text=True)
+            (work / f"{mode}.log").write_text(run.stdout + run.stderr)
+            if run.returncode != 0:
+                failed_modes.append(mode)
+        expected_to_fail = bool(old)
+        ok = bool(failed_modes) == expected_to_fail
+        wrong += not ok
+        if expected_to_fail:
+            verdict = "killed  " if ok else "SURVIVED"
+            detail = f"fails in {', '.join(failed_modes)}" if failed_modes else "passes in both modes"
+        else:
+            verdict = "ok      " if ok else "FAILED  "
+            detail = "passes in both modes" if ok else f"fails in {', '.join(failed_modes)}"
+        print(f"{verdict} {name}: {detail} (logs: {work.relative_to(repo)}/)", flush=True)
+    print(f"SUMMARY mutants {len(MUTANTS)} checked, {wrong} wrong")
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+// kernels/attention.cu: attention_{f32,f16,bf16} with the launch of src/ops/attention.rs
+// (grid (ceil(t / 64), heads, n), block 128), against a double softmax attention.
+#include "attention.cu"
+#include "check.h"
+
+Checker checker("attention");
+Rng rng(1234);
+
+// 16-bit types round Q, K, V on input and P before P V: a few roundings of T.
+template <typename T> double tolerance() { return std::is_same<T, float>::value ? 1e-5 : 6 * storage_eps<T>(); }
+
+template <typename T, typename Kernel>
+void run(Kernel kernel, int n, int t, int c, int heads) {
+    const int d = c / heads;
+    std::vector<double> qkv;
+    auto qkvs = uniform_values<T>((size_t)n * t * 3 * c, rng, -2, 2, &qkv);
+    auto outs = nan_filled<T>((size_t)n * t * c);
+    std::vector<double> ref(outs.size());
+    auto at = [&](int b, int key, int part, int hh, int k) { return qkv[((size_t)b * t + key) * 3 * c + part * c + hh * d + k]; };
+    for (int b = 0; b < n; ++b)
+        for (int hh = 0; hh < heads; ++hh)
+            for (int i = 0; i < t; ++i) {
+                std::vector<double> p(t);
+                double mx = -INFINITY, sum = 0;
+                for (int j = 0; j < t; ++j) {
+                    double dot = 0;
+                    for (int k = 0; k < d; ++k) dot += at(b, i, 0, hh, k) * at(b, j, 1, hh, k);
+                    p[j] = dot / std::sqrt((double)d);
+                    mx = std::max(mx, p[j]);
+                }
+                for (double& v : p) sum += v = std::exp(v - mx);
+                for (int k = 0; k < d; ++k) {
+                    double o = 0;
+                    for (int j = 0; j < t; ++j) o += p[j] * at(b, j, 2, hh, k);
+                    ref[((size_t)b * t + i) * c + hh * d + k] = o / sum;
+                }
+            }
+    const auto t0 = std::chrono::steady_clock::now();
+    emu_launch({(unsigned)((t + 63) / 64), (unsigned)heads, (unsigned)n}, {128, 1, 1},
+               [&] { kernel(qkvs.data(), outs.data(), n, t, c, heads); });
+    char name[120];
+    snprintf(name, sizeof name, "attention_%s n%d t%d c%d heads%d (d%d)", type_name<T>(), n, t, c, heads, d);
+    checker.close(name, ref, widen(outs), tolerance<T>(), seconds_since(t0));
+}
+
+int main() {
+    // t: key tiles of 64 with tails (5, 17, 65, 70, 130); d: 8 .. 128, not always a multiple of 16.
+    run<float>(attention_f32, 2, 70, 48, 2);
+    run<float>(attention_f32, 1, 5, 128, 1);
+    run<float>(attention_f32, 1, 17, 256, 2);
+    run<__half>(attention_f16, 2, 70, 48, 2);
+    run<__half>(attention_f16, 1, 5, 128, 1);
+    run<__half>(attention_f16, 1, 130, 64, 1);
+    run<__half>(attention_f16, 1, 17, 256, 2);
+    run<__half>(attention_f16, 1, 9, 32, 4);
+    run<__nv_bfloat16>(attention_bf16, 2, 70, 48, 2);
+    run<__nv_bfloat16>(attention_bf16, 1, 65, 64, 1);
+    return checker.finish();
+}

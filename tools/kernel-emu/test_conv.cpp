@@ -1,0 +1,159 @@
+// kernels/conv.cu: every conv kernel with its launch geometry from src/ops/conv.rs, against a
+// double reference on the same (rounded) inputs.
+//   test_conv [delayed|immediate] [quick]
+// delayed (default): cp.async data lands at the wait_group that completes it, the destination
+// poisoned until then; immediate: it lands at once. quick: the two shapes of the mutation check.
+#include "conv.cu"
+#include "check.h"
+
+struct ConvCase {
+    int n, h, w, cin, cout, ks, stride;
+    bool residual;  // y starts as the residual and is passed as both (the UNet's aliasing)
+    bool bias;
+    int x_offset = 0;  // elements: 1 misaligns x (the 64x64 kernel's scalar load path)
+    int y_offset = 0;  // elements: 1 misaligns y (the large tiles' unpaired epilogue)
+    int ho() const { return (h + 2 * (ks / 2) - ks) / stride + 1; }
+    int wo() const { return (w + 2 * (ks / 2) - ks) / stride + 1; }
+    int M() const { return n * ho() * wo(); }
+    int K() const { return ks * ks * cin; }
+    std::string describe() const {
+        char s[120];
+        snprintf(s, sizeof s, "n%d %dx%d cin%d cout%d k%d s%d M%d%s%s%s%s", n, h, w, cin, cout, ks, stride, M(),
+                 residual ? " +res=y" : "", bias ? "" : " nobias", x_offset ? " x+1" : "", y_offset ? " y+1" : "");
+        return s;
+    }
+};
+
+template <typename T>
+using ConvKernelFn = void (*)(const T*, const T*, const float*, const T*, T*, int, int, int, int, int, int, int, int,
+                              int);
+
+// Geometry of src/ops/conv.rs `ConvKernel::geometry` and `forward_with`.
+struct Variant {
+    const char* name;
+    int bm, bn, threads;
+    size_t dynamic_shared;
+    bool large;  // 1-D grid, cin % 8 == 0 and cout % 8 == 0 required
+};
+const Variant TILE64{"conv2d", 64, 64, 128, 0, false};
+const Variant TILE128{"conv2d_m128n128", 128, 128, 256, 4 * 256 * 64, true};
+const Variant TILE128X64{"conv2d_m128n64", 128, 64, 128, 4 * 192 * 64, true};
+
+Checker checker("conv");
+Rng rng(1234);
+
+// The output's rounding to T dominates; f32 accumulates in f32 (SIMT path).
+template <typename T> double tolerance() { return std::is_same<T, float>::value ? 1e-5 : 2.5 * storage_eps<T>(); }
+
+template <typename T>
+void run(const Variant& v, ConvKernelFn<T> kernel, const ConvCase& c) {
+    const int ho = c.ho(), wo = c.wo(), M = c.M(), K = c.K(), pad = c.ks / 2;
+    std::vector<double> x, w, res;
+    auto xs = uniform_values<T>((size_t)c.n * c.h * c.w * c.cin + c.x_offset, rng, -1, 1, &x);
+    const float wscale = 2.0f / std::sqrt((float)K);
+    auto ws = uniform_values<T>((size_t)c.cout * K, rng, -wscale, wscale, &w);
+    std::vector<float> bias(c.cout);
+    for (auto& b : bias) b = rng.uniform();
+    const size_t out = (size_t)M * c.cout;
+    std::vector<T> ys = c.residual ? uniform_values<T>(out + c.y_offset, rng, -1, 1, &res) : nan_filled<T>(out + c.y_offset);
+
+    std::vector<double> ref(out);
+    for (int b = 0; b < c.n; ++b)
+        for (int oy = 0; oy < ho; ++oy)
+            for (int ox = 0; ox < wo; ++ox)
+                for (int co = 0; co < c.cout; ++co) {
+                    double s = c.bias ? bias[co] : 0.0;
+                    for (int ky = 0; ky < c.ks; ++ky)
+                        for (int kx = 0; kx < c.ks; ++kx) {
+                            const int iy = oy * c.stride + ky - pad, ix = ox * c.stride + kx - pad;
+                            if (iy < 0 || ix < 0 || iy >= c.h || ix >= c.w) continue;
+                            const double* xp = &x[c.x_offset + ((size_t)(b * c.h + iy) * c.w + ix) * c.cin];
+                            const double* wp = &w[((size_t)co * c.ks * c.ks + ky * c.ks + kx) * c.cin];  // OHWI
+                            for (int ci = 0; ci < c.cin; ++ci) s += xp[ci] * wp[ci];
+                        }
+                    const size_t o = ((size_t)(b * ho + oy) * wo + ox) * c.cout + co;
+                    ref[o] = s + (c.residual ? res[c.y_offset + o] : 0.0);
+                }
+
+    const T* xp = xs.data() + c.x_offset;
+    T* yp = ys.data() + c.y_offset;
+    const unsigned row_tiles = (M + v.bm - 1) / v.bm, col_tiles = (c.cout + v.bn - 1) / v.bn;
+    const dim3 grid = v.large ? dim3{row_tiles * col_tiles, 1, 1} : dim3{row_tiles, col_tiles, 1};
+    const auto t0 = std::chrono::steady_clock::now();
+    emu_launch(grid, {(unsigned)v.threads, 1, 1}, [&] {
+        kernel(xp, ws.data(), c.bias ? bias.data() : nullptr, c.residual ? yp : nullptr, yp, c.n, c.h, c.w, c.cin,
+               c.cout, c.ks, c.stride, ho, wo);
+    }, v.dynamic_shared);
+    const double secs = seconds_since(t0);
+    std::vector<double> got = widen(ys);
+    got.erase(got.begin(), got.begin() + c.y_offset);
+    checker.close(std::string(v.name) + "_" + type_name<T>() + " " + c.describe(), ref, got, tolerance<T>(), secs);
+}
+
+int main(int argc, char** argv) {
+    bool quick = false;
+    g_cp_async_delayed = true;
+    for (int i = 1; i < argc; ++i) {
+        const std::string a = argv[i];
+        if (a == "delayed") g_cp_async_delayed = true;
+        else if (a == "immediate") g_cp_async_delayed = false;
+        else if (a == "quick") quick = true;
+        else {
+            fprintf(stderr, "usage: test_conv [delayed|immediate] [quick]\n");
+            return 2;
+        }
+    }
+    printf("cp.async %s\n", g_cp_async_delayed ? "delayed (lands at its wait_group)" : "immediate");
+
+    // n, h, w, cin, cout, ks, stride, residual, bias, x_offset, y_offset
+    const ConvCase m198{2, 9, 11, 16, 72, 3, 1, true, true};  // M tail (198), cout 72, 5 K steps
+    const ConvCase stride2{2, 9, 10, 40, 136, 3, 2, true, true};  // K steps straddle taps (cin 40)
+    // Shapes every kernel supports (cin, cout multiples of 8).
+    std::vector<ConvCase> common = {
+        {1, 5, 7, 8, 8, 3, 1, true, true},      // tiny: M 35, cout 8, cin 8 (K 72: 3 K steps)
+        m198,
+        {1, 6, 13, 32, 200, 3, 1, true, false},  // cout 200: ragged last column tile, no bias
+        stride2,
+        {3, 6, 7, 40, 64, 1, 1, true, true},     // 1x1, K 40: the second K step half empty
+        {2, 8, 8, 16, 128, 3, 1, false, true},   // M 128 and cout 128 exactly, y NaN-filled
+        {1, 3, 3, 8, 16, 3, 2, true, true},      // stride 2 on 3x3 -> 2x2, mostly padding
+        {1, 5, 6, 24, 48, 3, 1, true, true, 0, 1},  // y misaligned by one element
+    };
+    const ConvCase cin264{1, 4, 5, 264, 24, 3, 1, false, true};  // K 2376: 75 K steps
+    // 64x64 only: cin not a multiple of 8, cout not a multiple of 8, misaligned x.
+    const std::vector<ConvCase> scalar_loads = {
+        {1, 9, 6, 3, 5, 3, 2, false, true},    // the 3-channel input conv, stride 2
+        {1, 3, 3, 6, 64, 3, 1, false, true},
+        {1, 6, 5, 16, 33, 3, 1, false, true, 1},
+    };
+
+    if (quick) {
+        for (const ConvCase& c : {m198, stride2}) {
+            run<__half>(TILE128, conv2d_m128n128_f16, c);
+            run<__half>(TILE128X64, conv2d_m128n64_f16, c);
+        }
+        return checker.finish();
+    }
+    if (!g_cp_async_delayed) common = {m198, stride2};  // the pipeline's ordering is what differs
+
+    for (const ConvCase& c : common) {
+        run<__half>(TILE128, conv2d_m128n128_f16, c);
+        run<__half>(TILE128X64, conv2d_m128n64_f16, c);
+        run<__nv_bfloat16>(TILE128, conv2d_m128n128_bf16, c);
+        run<__nv_bfloat16>(TILE128X64, conv2d_m128n64_bf16, c);
+        run<__half>(TILE64, conv2d_f16, c);
+        run<__nv_bfloat16>(TILE64, conv2d_bf16, c);
+        run<float>(TILE64, conv2d_f32, c);
+    }
+    if (g_cp_async_delayed) {
+        run<__half>(TILE128X64, conv2d_m128n64_f16, cin264);
+        run<__half>(TILE64, conv2d_f16, cin264);
+        run<float>(TILE64, conv2d_f32, cin264);
+        for (const ConvCase& c : scalar_loads) {
+            run<__half>(TILE64, conv2d_f16, c);
+            run<__nv_bfloat16>(TILE64, conv2d_bf16, c);
+            run<float>(TILE64, conv2d_f32, c);
+        }
+    }
+    return checker.finish();
+}

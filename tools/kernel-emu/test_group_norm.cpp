@@ -1,0 +1,113 @@
+// kernels/group_norm.cu: group_norm_partial_* -> group_norm_merge -> group_norm_apply_* with the
+// launch geometry of src/ops/group_norm.rs (`stats_rows`, `forward`), against a double reference.
+#include "group_norm.cu"
+#include "check.h"
+
+Checker checker("group_norm");
+Rng rng(77);
+
+// Pixels per block of the statistics kernel (src/ops/group_norm.rs `stats_rows`).
+int stats_rows(int n, int hw) { return std::max(32, (n * hw + 1023) / 1024); }
+
+struct GnCase {
+    int n, hw, c;
+    float offset, spread;  // x = offset + spread * N(0, 1) + a per-channel ramp
+    bool scale_shift;
+    int silu;
+    bool in_place = false;  // y aliases x
+};
+
+template <typename T, typename Partial, typename Apply>
+void run(Partial partial, Apply apply, const GnCase& k) {
+    const int n = k.n, hw = k.hw, c = k.c, cg = c / GN_GROUPS;
+    std::vector<double> x;
+    auto xs = stored_values<T>((size_t)n * hw * c, [&](size_t i) { return k.offset + k.spread * rng.normal() + 0.3f * (i % c) / c; }, &x);
+    std::vector<float> gamma(c), beta(c), ss((size_t)n * 2 * c);
+    for (auto& v : gamma) v = 1 + 0.2f * rng.normal();
+    for (auto& v : beta) v = 0.2f * rng.normal();
+    for (auto& v : ss) v = 0.3f * rng.normal();
+
+    const int rows = stats_rows(n, hw), chunks = (hw + rows - 1) / rows;
+    std::vector<float> scratch((size_t)n * GN_GROUPS * (2 + 3 * chunks), NAN);  // stats, then part
+    float* stats = scratch.data();
+    float* part = stats + n * GN_GROUPS * 2;
+    std::vector<T> ys = k.in_place ? xs : nan_filled<T>(xs.size());
+    T* y = ys.data();
+    const T* xin = k.in_place ? y : xs.data();
+
+    const auto t0 = std::chrono::steady_clock::now();
+    emu_launch({(unsigned)chunks, (unsigned)n, 1}, {GN_THREADS, 1, 1}, [&] { partial(xin, part, hw, c, rows); });
+    emu_launch({GN_GROUPS, (unsigned)n, 1}, {GN_MERGE_THREADS, 1, 1}, [&] { group_norm_merge(part, stats, chunks); });
+    emu_launch_serial({(unsigned)((hw * c + 1023) / 1024), (unsigned)n, 1}, {256, 1, 1}, [&] {
+        apply(xin, stats, gamma.data(), beta.data(), k.scale_shift ? ss.data() : nullptr, y, hw, c, k.silu);
+    });
+    const double secs = seconds_since(t0);
+
+    // Reference statistics in double. The kernels store the mean in f32: y inherits that
+    // rounding, |mean| 2^-24 (times rstd, gamma, 1 + scale), which large offsets make visible;
+    // it is allowed as slack (4 half-ulps: the f32 merge adds a few roundings).
+    std::vector<double> ref(x.size()), slack(x.size()), mean_err, rstd_err, zeros;
+    for (int b = 0; b < n; ++b)
+        for (int g = 0; g < GN_GROUPS; ++g) {
+            double s = 0, q = 0;
+            const double count = (double)hw * cg;
+            for (int p = 0; p < hw; ++p)
+                for (int j = 0; j < cg; ++j) s += x[((size_t)b * hw + p) * c + g * cg + j];
+            const double mean = s / count;
+            for (int p = 0; p < hw; ++p)
+                for (int j = 0; j < cg; ++j) q += std::pow(x[((size_t)b * hw + p) * c + g * cg + j] - mean, 2);
+            const double rstd = 1 / std::sqrt(q / count + 1e-5);
+            const double mean_storage = 4 * 0x1p-24 * std::fabs(mean);
+            // Statistics: the mean's error in units of the std, rstd's relative error, both beyond
+            // what the f32 means imply (Chan's merge subtracts them: their rounding, in units of the
+            // std, reaches the variance too).
+            const double storage_in_std = mean_storage * rstd;
+            mean_err.push_back(std::max(0.0, std::fabs(stats[(b * GN_GROUPS + g) * 2] - mean) * rstd - storage_in_std));
+            rstd_err.push_back(std::max(0.0, std::fabs(stats[(b * GN_GROUPS + g) * 2 + 1] / rstd - 1) - storage_in_std));
+            for (int p = 0; p < hw; ++p)
+                for (int j = 0; j < cg; ++j) {
+                    const int ch = g * cg + j;
+                    const size_t i = ((size_t)b * hw + p) * c + ch;
+                    double v = (x[i] - mean) * rstd * gamma[ch] + beta[ch];
+                    double gain = std::fabs(gamma[ch]) * rstd;
+                    if (k.scale_shift) {
+                        v = v * (1 + ss[(size_t)b * 2 * c + ch]) + ss[(size_t)b * 2 * c + c + ch];
+                        gain *= std::fabs(1 + ss[(size_t)b * 2 * c + ch]);
+                    }
+                    if (k.silu) v = v / (1 + std::exp(-v));  // slope <= 1.1
+                    ref[i] = v;
+                    slack[i] = 1.1 * gain * mean_storage;
+                }
+        }
+    char name[160];
+    snprintf(name, sizeof name, "n%d hw%d c%d offset %g spread %g rows %d chunks %d%s%s%s", n, hw, c, k.offset,
+             k.spread, rows, chunks, k.scale_shift ? " ss" : "", k.silu ? " silu" : "", k.in_place ? " in-place" : "");
+    zeros.assign(mean_err.size(), 0.0);
+    checker.close(std::string("group_norm stats (mean) ") + type_name<T>() + " " + name, zeros, mean_err, 1e-5, secs);
+    checker.close(std::string("group_norm stats (rstd) ") + type_name<T>() + " " + name, zeros, rstd_err, 1e-5, 0);
+    // 16-bit: the output's rounding to T, with room for the roundings of f32 math before it.
+    const double tol = std::is_same<T, float>::value ? 1e-5 : 2.5 * storage_eps<T>();
+    checker.close(std::string("group_norm_apply_") + type_name<T>() + " " + name, ref, widen(ys), tol, 0, &slack);
+}
+
+int main() {
+    // n, hw, c, offset, spread, scale_shift, silu, in_place
+    run<float>(group_norm_partial_f32, group_norm_apply_f32, {2, 13, 64, 0, 1, true, 1});
+    run<float>(group_norm_partial_f32, group_norm_apply_f32, {1, 1, 32, 0, 1, false, 0});  // one pixel: var 0
+    run<float>(group_norm_partial_f32, group_norm_apply_f32, {1, 300, 96, 0, 1, false, 0});  // R = 2, 10 chunks
+    run<float>(group_norm_partial_f32, group_norm_apply_f32, {3, 100, 192, 0, 1, true, 1, true});
+    run<float>(group_norm_partial_f32, group_norm_apply_f32, {1, 4096, 32, 0, 1, false, 1});  // 128 chunks, R = 8
+    run<float>(group_norm_partial_f32, group_norm_apply_f32, {1, 70, 256, 0, 1, false, 0});  // c == block
+    run<float>(group_norm_partial_f32, group_norm_apply_f32, {2, 40, 384, 0, 1, true, 0});  // c > 256
+    run<float>(group_norm_partial_f32, group_norm_apply_f32, {1, 33, 1536, 0, 1, false, 1});
+    run<float>(group_norm_partial_f32, group_norm_apply_f32, {1, 9, 2048, 0, 1, false, 1});  // GN_MAX_CHANNELS
+    run<float>(group_norm_partial_f32, group_norm_apply_f32, {1, 2048, 64, 100, 0.1f, false, 0});  // |mean| >> std
+    run<float>(group_norm_partial_f32, group_norm_apply_f32, {2, 777, 160, -50, 0.01f, true, 1});
+    run<float>(group_norm_partial_f32, group_norm_apply_f32, {1, 1200, 320, 1000, 1, false, 0});  // 38 chunks
+    run<__half>(group_norm_partial_f16, group_norm_apply_f16, {2, 130, 96, 0, 1, true, 1});
+    run<__half>(group_norm_partial_f16, group_norm_apply_f16, {1, 64, 768, 3, 1, false, 1, true});
+    run<__half>(group_norm_partial_f16, group_norm_apply_f16, {1, 100, 2048, 0, 1, true, 0});
+    run<__nv_bfloat16>(group_norm_partial_bf16, group_norm_apply_bf16, {1, 200, 192, 0, 2, true, 1});
+    run<__nv_bfloat16>(group_norm_partial_bf16, group_norm_apply_bf16, {2, 50, 640, 20, 1, false, 0});
+    return checker.finish();
+}
