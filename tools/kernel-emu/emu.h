@@ -1,20 +1,19 @@
 // CPU emulation of the CUDA features kernels/*.cu use, so that their real source can be
-// compiled with g++ and checked without a GPU (see README.md). One std::thread per CUDA thread,
-// the blocks of a launch one after another. Compile with -ffp-contract=off: the kernels' f32
-// arithmetic must not be contracted into FMAs the GPU build does not make either.
+// compiled with g++ and checked without a GPU (see README.md). One fiber per CUDA thread, all on
+// the launching host thread and switched at barriers; the blocks of a launch one after another.
+// Compile with -ffp-contract=off: the kernels' f32 arithmetic must not be contracted into FMAs
+// the GPU build does not make either.
 #pragma once
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
-#include <mutex>
-#include <thread>
 #include <vector>
+#include <sys/mman.h>
 using std::max;
 using std::min;
 
@@ -34,7 +33,9 @@ using std::min;
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
 };
-inline thread_local dim3 threadIdx, blockIdx;
+// Plain globals: all CUDA threads run on the launching host thread, and the scheduler of
+// emu_launch sets threadIdx (and swaps the per-thread state below) at every switch.
+inline dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
 
 struct uint4 {
@@ -74,13 +75,16 @@ struct __nv_bfloat16 {
     unsigned short b;
 };
 
+// Exact by construction: the f16 exponent is rebiased and the mantissa moved into place (the
+// hot path of the mma emulation, so no ldexp).
 inline float half_bits_to_float(unsigned short h) {
-    const unsigned sign = h >> 15, exp = (h >> 10) & 31, mant = h & 1023;
-    float v;
-    if (exp == 0) v = std::ldexp((float)mant, -24);  // subnormal
-    else if (exp == 31) v = mant ? NAN : INFINITY;
-    else v = std::ldexp((float)(mant | 1024), (int)exp - 25);
-    return sign ? -v : v;
+    const unsigned sign = (unsigned)(h & 0x8000) << 16, exp = (h >> 10) & 31, mant = h & 1023;
+    if (exp == 31) return __uint_as_float(sign | 0x7f800000u | (mant << 13));  // inf, NaN
+    if (exp == 0) {                                                              // zero, subnormal
+        const float v = (float)mant * 5.9604644775390625e-8f;                     // mant 2^-24, exact
+        return sign ? -v : v;
+    }
+    return __uint_as_float(sign | ((exp + 112) << 23) | (mant << 13));
 }
 inline unsigned short float_to_half_bits(float f) {
     const unsigned short sign = (__float_as_uint(f) >> 16) & 0x8000;
@@ -116,9 +120,11 @@ inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short b) { return __nv_bfloat
 // ---------------------------------------------------------------------------------------------
 // Barriers and warp exchange.
 
+// The CUDA threads of a block are fibers on the launching host thread (see emu_launch): a
+// thread waiting at a barrier yields to the next one until the last arrives.
+inline void emu_yield();
+inline long g_barrier_arrivals = 0;  // progress count for the deadlock check of emu_launch
 struct Barrier {
-    std::mutex m;
-    std::condition_variable cv;
     int arrived = 0, size = 0;
     long generation = 0;
     void init(int n) {
@@ -127,14 +133,13 @@ struct Barrier {
         generation = 0;
     }
     void wait() {
-        std::unique_lock<std::mutex> lock(m);
         const long g = generation;
+        ++g_barrier_arrivals;
         if (++arrived == size) {
             arrived = 0;
             ++generation;
-            cv.notify_all();
         } else {
-            cv.wait(lock, [&] { return generation != g; });
+            while (generation == g) emu_yield();
         }
     }
 };
@@ -152,7 +157,7 @@ inline void emu_require_parallel(const char* what) {
 
 // Barrier phase of this thread: how many __syncthreads it has passed. The race checker of the
 // dynamic shared memory compares phases.
-inline thread_local int t_phase = 0;
+inline int t_phase = 0;
 inline void __syncthreads() {
     emu_require_parallel("__syncthreads");
     g_block_barrier.wait();
@@ -209,9 +214,11 @@ inline long dyn_chunk(const void* p) {
     }
     return (long)(off / 16);
 }
+// Only the launch's dynamic size is reset: dyn_chunk rejects every access past it.
 inline void emu_block_start() {
-    memset(g_dyn_smem, 0xff, EMU_DYN_MAX);
-    for (size_t i = 0; i < EMU_DYN_MAX / 16; ++i) {
+    const size_t chunks = std::min((g_dyn_bytes + 15) / 16, EMU_DYN_MAX / 16);
+    memset(g_dyn_smem, 0xff, 16 * chunks);
+    for (size_t i = 0; i < chunks; ++i) {
         g_chunk_in_flight[i] = 0;
         g_chunk_completed_phase[i] = -1;
         g_chunk_read_phase[i] = -1;
@@ -224,8 +231,8 @@ struct EmuCopy {
     bool valid;
     long chunk;
 };
-inline thread_local std::vector<EmuCopy> t_cp_open;                  // since the last commit
-inline thread_local std::deque<std::vector<EmuCopy>> t_cp_committed;  // oldest group first
+inline std::vector<EmuCopy> t_cp_open;                  // since the last commit
+inline std::deque<std::vector<EmuCopy>> t_cp_committed;  // oldest group first
 
 inline void emu_cp_async16(void* dst, const void* src, bool valid) {
     ++g_cp_async_calls;
@@ -308,37 +315,32 @@ inline void emu_ldmatrix(unsigned* r, const void* p, int count) {
     emu_warp_sync();
 }
 
-// mma.sync m16n8k16 with 16-bit A/B and f32 accumulators: rebuilds A (16x16) and B (16x8) from
-// the PTX ISA fragment layouts (as documented in kernels/common.cuh) and accumulates
-// D = A B + D in double, rounded to f32 once. `to_float` decodes one 16-bit element.
-inline unsigned g_mma_a[32][32][4], g_mma_b[32][32][2];
-inline void emu_mma16816(float* d, const unsigned* a, const unsigned* b, float (*to_float)(unsigned short)) {
+// mma.sync m16n8k16 with 16-bit A/B and f32 accumulators: each lane decodes its own fragments,
+// then gathers the rows of A and columns of B of its outputs from the PTX ISA fragment layouts
+// (as documented in kernels/common.cuh) and accumulates D = A B + D in double, rounded to f32
+// once. `to_float` decodes one 16-bit element; always inlined, so that each caller's constant
+// `to_float` is too (the emulator's hot path).
+inline float g_mma_a[32][32][8], g_mma_b[32][32][4];  // [warp][lane][2 register + half]
+__attribute__((always_inline)) inline void emu_mma16816(float* d, const unsigned* a, const unsigned* b,
+                                                        float (*to_float)(unsigned short)) {
     const int w = emu_warp(), l = emu_lane();
-    for (int i = 0; i < 4; ++i) g_mma_a[w][l][i] = a[i];
-    for (int i = 0; i < 2; ++i) g_mma_b[w][l][i] = b[i];
+    for (int i = 0; i < 8; ++i) g_mma_a[w][l][i] = to_float(i % 2 ? a[i / 2] >> 16 : a[i / 2] & 0xffff);
+    for (int i = 0; i < 4; ++i) g_mma_b[w][l][i] = to_float(i % 2 ? b[i / 2] >> 16 : b[i / 2] & 0xffff);
     emu_warp_sync();
-    float A[16][16], B[16][8];
-    for (int lane = 0; lane < 32; ++lane) {
-        const int g = lane / 4, q = lane % 4;
-        for (int r = 0; r < 4; ++r) {  // a[r] = A[g + 8 (r & 1)][2q + 8 (r >> 1) + 0..1]
-            const int row = g + 8 * (r & 1), col = 2 * q + 8 * (r >> 1);
-            const unsigned v = g_mma_a[w][lane][r];
-            A[row][col] = to_float(v & 0xffff);
-            A[row][col + 1] = to_float(v >> 16);
-        }
-        for (int r = 0; r < 2; ++r) {  // b[r] = B[2q + 8r + 0..1][g]
-            const int k = 2 * q + 8 * r;
-            const unsigned v = g_mma_b[w][lane][r];
-            B[k][g] = to_float(v & 0xffff);
-            B[k + 1][g] = to_float(v >> 16);
+    // A[row][k] is in lane 4 (row % 8) + (k % 8) / 2, register row / 8 + 2 (k / 8); B[k][col] in
+    // lane 4 col + (k % 8) / 2, register k / 8; the low half holds the even k.
+    const int g = l / 4, q = l % 4;
+    float A[2][16], B[16][2];  // rows g, g + 8; columns 2q, 2q + 1
+    for (int k = 0; k < 16; ++k) {
+        for (int i = 0; i < 2; ++i) {
+            A[i][k] = g_mma_a[w][4 * g + (k % 8) / 2][2 * (i + 2 * (k / 8)) + k % 2];
+            B[k][i] = g_mma_b[w][4 * (2 * q + i) + (k % 8) / 2][2 * (k / 8) + k % 2];
         }
     }
     emu_warp_sync();
-    const int g = l / 4, q = l % 4;
     for (int e = 0; e < 4; ++e) {  // d[e] = D[g + 8 (e >> 1)][2q + (e & 1)]
-        const int row = g + 8 * (e >> 1), col = 2 * q + (e & 1);
         double s = d[e];
-        for (int k = 0; k < 16; ++k) s += (double)A[row][k] * B[k][col];
+        for (int k = 0; k < 16; ++k) s += (double)A[e >> 1][k] * B[k][e & 1];
         d[e] = (float)s;
     }
 }
@@ -346,6 +348,126 @@ inline void emu_mma16816(float* d, const unsigned* a, const unsigned* b, float (
 // ---------------------------------------------------------------------------------------------
 // Launches. `kernel` is a callable running the kernel body for the current thread, e.g.
 // [&] { conv2d_f16(x, w, ...); }.
+
+// One fiber per CUDA thread of the running block, holding the per-thread state (t_phase,
+// t_cp_open, t_cp_committed) while the fiber is switched out.
+struct EmuFiber {
+    void* sp = nullptr;  // saved stack pointer while switched out
+    char* stack = nullptr;
+    bool finished = false;
+    int phase = 0;
+    std::vector<EmuCopy> cp_open;
+    std::deque<std::vector<EmuCopy>> cp_committed;
+};
+
+// emu_switch(&from->sp, to->sp): saves the callee-saved registers and the FP control words on the
+// current stack, switches stacks and restores the other side. ucontext's swapcontext would do,
+// but it makes a sigprocmask system call per switch, and a block switches millions of times.
+#if !defined(__x86_64__)
+#error "emu.h: the fiber switch is written for x86-64"
+#endif
+// File-local symbol (no .globl): each translation unit that includes emu.h gets its own copy.
+extern "C" void emu_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+)");
+
+constexpr size_t EMU_FIBER_STACK = 256 * 1024;
+inline std::vector<EmuFiber> g_fibers;  // grown to the largest block; stacks kept
+inline void* g_scheduler_sp = nullptr;
+inline EmuFiber* g_running = nullptr;
+inline void (*g_fiber_body)(void*) = nullptr;
+inline void* g_fiber_kernel = nullptr;
+
+inline void emu_yield() { emu_switch(&g_running->sp, g_scheduler_sp); }
+[[noreturn]] inline void emu_fiber_main() {
+    g_fiber_body(g_fiber_kernel);
+    emu_thread_end();
+    g_running->finished = true;
+    emu_switch(&g_running->sp, g_scheduler_sp);
+    __builtin_unreachable();
+}
+// A fresh fiber's stack as emu_switch leaves a switched-out one: FP control words, six zeroed
+// registers, then emu_fiber_main as the return address (with a slot above it, so that it starts
+// with the stack alignment of a called function).
+inline void emu_fiber_reset(EmuFiber& f) {
+    void** top = reinterpret_cast<void**>(f.stack + EMU_FIBER_STACK);
+    *--top = nullptr;
+    *--top = reinterpret_cast<void*>(&emu_fiber_main);
+    for (int i = 0; i < 6; ++i) *--top = nullptr;
+    const uint32_t control[2] = {0x1f80, 0x037f};  // MXCSR and x87 defaults: exceptions masked
+    memcpy(--top, control, 8);
+    f.sp = top;
+    f.finished = false;
+    f.phase = 0;
+}
+inline void emu_fibers_reserve(size_t n) {
+    while (g_fibers.size() < n) {
+        // A guard page under each stack turns an overflow into a crash, not corruption.
+        void* mem = mmap(nullptr, EMU_FIBER_STACK + 4096, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (mem == MAP_FAILED) {
+            perror("EMU: fiber stack");
+            abort();
+        }
+        mprotect(mem, 4096, PROT_NONE);
+        g_fibers.emplace_back();
+        g_fibers.back().stack = static_cast<char*>(mem) + 4096;
+    }
+}
+// Runs the block's threads round-robin, each until it waits at a barrier or ends.
+inline void emu_run_block(int threads) {
+    for (int t = 0; t < threads; ++t) emu_fiber_reset(g_fibers[t]);
+    int running = threads;
+    while (running > 0) {
+        const long arrivals_before = g_barrier_arrivals;
+        const int running_before = running;
+        for (int t = 0; t < threads; ++t) {
+            EmuFiber& f = g_fibers[t];
+            if (f.finished) continue;
+            threadIdx = {(unsigned)t, 0, 0};
+            std::swap(t_phase, f.phase);
+            t_cp_open.swap(f.cp_open);
+            t_cp_committed.swap(f.cp_committed);
+            g_running = &f;
+            emu_switch(&g_scheduler_sp, f.sp);
+            std::swap(t_phase, f.phase);
+            t_cp_open.swap(f.cp_open);
+            t_cp_committed.swap(f.cp_committed);
+            if (f.finished) --running;
+        }
+        if (running > 0 && running == running_before && g_barrier_arrivals == arrivals_before) {
+            // Threads that returned early never arrive either: undefined behaviour on a GPU.
+            fprintf(stderr, "EMU: deadlock in block (%u, %u, %u): %d threads wait at a barrier others never reach\n",
+                    blockIdx.x, blockIdx.y, blockIdx.z, running);
+            abort();
+        }
+    }
+}
 
 template <typename F>
 void emu_launch(dim3 grid, dim3 block, F kernel, size_t dynamic_shared_bytes = 0) {
@@ -358,23 +480,19 @@ void emu_launch(dim3 grid, dim3 block, F kernel, size_t dynamic_shared_bytes = 0
     g_dyn_bytes = dynamic_shared_bytes;
     g_serial_launch = false;
     const int threads = (int)block.x;
+    emu_fibers_reserve(threads);
+    g_fiber_body = [](void* k) { (*static_cast<F*>(k))(); };
+    g_fiber_kernel = &kernel;
     for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)
             for (unsigned bx = 0; bx < grid.x; ++bx) {
                 g_block_barrier.init(threads);
                 for (int w = 0; w < (threads + 31) / 32; ++w) g_warp_barrier[w].init(std::min(32, threads - 32 * w));
                 emu_block_start();
-                std::vector<std::thread> pool;
-                pool.reserve(threads);
-                for (int t = 0; t < threads; ++t)
-                    pool.emplace_back([=] {
-                        blockIdx = {bx, by, bz};
-                        threadIdx = {(unsigned)t, 0, 0};
-                        kernel();
-                        emu_thread_end();
-                    });
-                for (auto& t : pool) t.join();
+                blockIdx = {bx, by, bz};
+                emu_run_block(threads);
             }
+    g_fiber_kernel = nullptr;  // `kernel` dies here
 }
 
 // For kernels without barriers, warp collectives or shared memory (elementwise ones): runs every

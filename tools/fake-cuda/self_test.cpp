@@ -1,0 +1,80 @@
+// Checks the fake driver's own behaviour where the GPU tests cannot: the errors it must give like
+// a real driver (no context, unknown kernel, launch limits, bad copies, double free, a host
+// pointer as a kernel argument) and one real kernel launch. Linked against the fake libcuda.so
+// by scripts/fake-gpu-test.sh, which runs it before the tests; exit status 1 on any mismatch.
+#include <cuda.h>
+
+#include <cmath>
+#include <cstdio>
+
+namespace {
+
+int failures = 0;
+
+void expect(const char* what, CUresult got, CUresult want) {
+    if (got == want) return;
+    fprintf(stderr, "self_test: %s returned %d, expected %d\n", what, (int)got, (int)want);
+    ++failures;
+}
+#define EXPECT(call, want) expect(#call, call, want)
+
+}  // namespace
+
+int main() {
+    CUdevice dev;
+    CUcontext ctx;
+    CUdeviceptr x;
+    EXPECT(cuInit(0), CUDA_SUCCESS);
+    EXPECT(cuDeviceGet(&dev, 0), CUDA_SUCCESS);
+    EXPECT(cuMemAlloc(&x, 16), CUDA_ERROR_INVALID_CONTEXT);
+    EXPECT(cuDevicePrimaryCtxRetain(&ctx, dev), CUDA_SUCCESS);
+    EXPECT(cuCtxSetCurrent(ctx), CUDA_SUCCESS);
+
+    // A module holds the kernels its image names (here PTX text), and only those.
+    const char image[] = ".entry conv2d_m128n128_f16(\n.entry silu_f32(\n";
+    CUmodule mod;
+    CUfunction conv, silu, missing;
+    EXPECT(cuModuleLoadData(&mod, image), CUDA_SUCCESS);
+    EXPECT(cuModuleGetFunction(&missing, mod, "no_such_kernel"), CUDA_ERROR_NOT_FOUND);
+    EXPECT(cuModuleGetFunction(&missing, mod, "conv2d_f16"), CUDA_ERROR_NOT_FOUND);
+    EXPECT(cuModuleGetFunction(&conv, mod, "conv2d_m128n128_f16"), CUDA_SUCCESS);
+    EXPECT(cuModuleGetFunction(&silu, mod, "silu_f32"), CUDA_SUCCESS);
+
+    // Launch limits: __launch_bounds__(256, 2), 1024 threads, 48 KiB of dynamic shared memory
+    // until cuFuncSetAttribute raises it (at most 227 KiB). None of these launches runs.
+    void* no_args[14] = {};
+    EXPECT(cuLaunchKernel(conv, 1, 1, 1, 512, 1, 1, 0, nullptr, no_args, nullptr),
+           CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES);
+    EXPECT(cuLaunchKernel(conv, 1, 1, 1, 2048, 1, 1, 0, nullptr, no_args, nullptr), CUDA_ERROR_INVALID_VALUE);
+    EXPECT(cuLaunchKernel(conv, 1, 1, 1, 256, 1, 1, 100000, nullptr, no_args, nullptr), CUDA_ERROR_INVALID_VALUE);
+    EXPECT(cuFuncSetAttribute(conv, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, 300000),
+           CUDA_ERROR_INVALID_VALUE);
+
+    // Copies stay inside one allocation; silu runs for real.
+    const int len = 250;
+    float values[len];
+    for (int i = 0; i < len; ++i) values[i] = (float)(i - 100);
+    EXPECT(cuMemAlloc(&x, sizeof values), CUDA_SUCCESS);
+    EXPECT(cuMemcpyHtoD(x + 8, values, sizeof values), CUDA_ERROR_INVALID_VALUE);
+    EXPECT(cuMemcpyHtoD(x, values, sizeof values), CUDA_SUCCESS);
+    int n = len;
+    void* silu_args[] = {&x, &n};
+    EXPECT(cuLaunchKernel(silu, 1, 1, 1, 256, 1, 1, 0, nullptr, silu_args, nullptr), CUDA_SUCCESS);
+    EXPECT(cuMemcpyDtoH(values, x, sizeof values), CUDA_SUCCESS);
+    if (std::fabs(values[101] - 1.0f / (1.0f + std::exp(-1.0f))) > 1e-6f || values[100] != 0.0f) {
+        fprintf(stderr, "self_test: silu_f32 gave %g at 1 and %g at 0\n", values[101], values[100]);
+        ++failures;
+    }
+    CUdeviceptr host_address = reinterpret_cast<CUdeviceptr>(values);
+    void* host_args[] = {&host_address, &n};
+    EXPECT(cuLaunchKernel(silu, 1, 1, 1, 256, 1, 1, 0, nullptr, host_args, nullptr), CUDA_ERROR_LAUNCH_FAILED);
+    EXPECT(cuMemFree(x), CUDA_SUCCESS);
+    EXPECT(cuMemFree(x), CUDA_ERROR_INVALID_VALUE);
+    EXPECT(cuModuleUnload(mod), CUDA_SUCCESS);
+    EXPECT(cuModuleGetFunction(&silu, mod, "silu_f32"), CUDA_ERROR_INVALID_HANDLE);
+    EXPECT(cuDevicePrimaryCtxRelease(dev), CUDA_SUCCESS);
+
+    fprintf(stderr, "self_test: %s (the fake-cuda messages above are the expected errors)\n",
+            failures ? "FAILED" : "ok");
+    return failures ? 1 : 0;
+}
