@@ -322,7 +322,14 @@ fn forward_cases<T: GpuFloat>(g: &Arc<Gpu>) -> Vec<(String, f64, f64)> {
         let got = dev
             .forward_nchw(&model.unet, x, shape, &cond, &mut GpuWorkspace::default())
             .unwrap();
-        let tol = if T::SUFFIX == "_f32" { 1e-4 } else { 1e-2 };
+        // Every activation is stored in T between ~40 layers, so the rounding adds up: measured
+        // (kernels emulated on the CPU) f16 0.9e-3..1.6e-3, bf16 7e-3..1.45e-2, about 8x f16 as
+        // bf16 keeps 3 fewer mantissa bits.
+        let tol = match T::SUFFIX {
+            "_f32" => 1e-4,
+            "_f16" => 1e-2,
+            _ => 3e-2,
+        };
         out.push((format!("forward {name}"), rel_l2(&got, &want), tol));
     }
     out
