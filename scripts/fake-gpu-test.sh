@@ -3,7 +3,8 @@
 # fake CUDA driver of tools/fake-cuda (target/fake-cuda/libcuda.so, the real kernels/*.cu
 # emulated on the CPU) and runs the test binaries against it: about 8 minutes on 2 cores, every
 # launch in the emulator. Extra arguments go to the test binaries (a test name filter,
-# --test-threads=1, ...). FAKE_CUDA_MEMORY_BYTES sets the fake device's memory size.
+# --test-threads=1, ...); --build-only only builds the driver. FAKE_CUDA_MEMORY_BYTES sets the
+# fake device's memory size.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,6 +49,7 @@ build_fake_driver() {
 }
 
 build_fake_driver
+[[ ${1:-} == --build-only ]] && exit 0  # tests/fake_gpu.rs builds the driver this way
 # Build the tests first, so that the fake library is only on the path of the test binaries.
 cargo test --release --no-run --test gpu_ops --test gpu_sample --test gpu_text
 if [[ -d models/all-MiniLM-L6-v2 ]]; then
