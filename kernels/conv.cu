@@ -78,6 +78,19 @@ MCDM_DEV E load_a(const E* __restrict__ x, const ConvShape& s, int m, int k) {
     return x[(((long long)b * s.h + iy) * s.w + ix) * s.cin + ci];
 }
 
+// GEMM row m (an output pixel): its image b and the input coordinates (iy0, ix0) of its top-left
+// filter tap; false, with pixel 0's values, when m is past the last row.
+MCDM_DEV bool conv_row_origin(const ConvShape& s, int m, int& b, int& iy0, int& ix0) {
+    const bool inside = m < s.M;
+    const int mm = inside ? m : 0;
+    b = mm / s.hwo;
+    const int r = mm - b * s.hwo;
+    const int oy = r / s.wo, ox = r - oy * s.wo;
+    iy0 = oy * s.stride - s.pad;
+    ix0 = ox * s.stride - s.pad;
+    return inside;
+}
+
 // B[k][co] = w[co*K + k], or 0 outside the GEMM.
 template <typename E>
 MCDM_DEV E load_b(const E* __restrict__ w, const ConvShape& s, int co, int k) {
@@ -132,17 +145,8 @@ MCDM_DEV void conv2d_mma(const T* x_, const T* w_, const float* __restrict__ bia
     int a_b[2], a_iy0[2], a_ix0[2];
     bool a_ok[2];
 #pragma unroll
-    for (int c = 0; c < 2; ++c) {
-        const int m = m0 + (tid >> 2) + 32 * c;
-        a_ok[c] = m < s.M;
-        const int mm = a_ok[c] ? m : 0;
-        const int b = mm / s.hwo;
-        const int r = mm - b * s.hwo;
-        const int oy = r / s.wo, ox = r - oy * s.wo;
-        a_b[c] = b;
-        a_iy0[c] = oy * s.stride - s.pad;
-        a_ix0[c] = ox * s.stride - s.pad;
-    }
+    for (int c = 0; c < 2; ++c)
+        a_ok[c] = conv_row_origin(s, m0 + (tid >> 2) + 32 * c, a_b[c], a_iy0[c], a_ix0[c]);
 
     // Fills stage `st` with the K step kt (k0 = 32*kt).
     auto load_stage = [&](int st, int kt) {
@@ -334,17 +338,8 @@ MCDM_DEV void conv2d_mma_big(const T* x_, const T* w_, const float* __restrict__
     int a_b[A_PASSES], a_iy0[A_PASSES], a_ix0[A_PASSES];
     bool a_ok[A_PASSES];
 #pragma unroll
-    for (int c = 0; c < A_PASSES; ++c) {
-        const int m = m0 + (tid >> 2) + RPP * c;
-        a_ok[c] = m < s.M;
-        const int mm = a_ok[c] ? m : 0;
-        const int b = mm / s.hwo;
-        const int r = mm - b * s.hwo;
-        const int oy = r / s.wo, ox = r - oy * s.wo;
-        a_b[c] = b;
-        a_iy0[c] = oy * s.stride - s.pad;
-        a_ix0[c] = ox * s.stride - s.pad;
-    }
+    for (int c = 0; c < A_PASSES; ++c)
+        a_ok[c] = conv_row_origin(s, m0 + (tid >> 2) + RPP * c, a_b[c], a_iy0[c], a_ix0[c]);
 
     // Issues the copies of K step kt into stage st (zero-filled outside the image / GEMM).
     auto load_stage = [&](int st, int kt) {
