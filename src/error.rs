@@ -38,8 +38,8 @@ pub enum Error {
     Cuda(String),
     /// An allocation the device could not satisfy; the sampler retries with smaller batches.
     #[error(
-        "CUDA: allocating {:.1} MiB on {device} failed: out of device memory ({:.1} MiB free)",
-        *.bytes as f64 / MIB, *.free as f64 / MIB
+        "CUDA: allocating {} on {device} failed: out of device memory ({} free)",
+        human_bytes(*.bytes), human_bytes(*.free)
     )]
     OutOfMemory {
         device: String,
@@ -47,8 +47,6 @@ pub enum Error {
         free: usize,
     },
 }
-
-const MIB: f64 = (1 << 20) as f64;
 
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -58,5 +56,32 @@ impl Error {
             path: path.into(),
             cause: source,
         }
+    }
+}
+
+/// `bytes` in B, KiB, MiB or GiB, whichever reads best.
+fn human_bytes(bytes: usize) -> String {
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    for unit in ["KiB", "MiB"] {
+        if value < 1024.0 {
+            return format!("{value:.1} {unit}");
+        }
+        value /= 1024.0;
+    }
+    format!("{value:.1} GiB")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn bytes_read_in_the_best_unit() {
+        use super::human_bytes;
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 << 20), "3.0 MiB");
+        assert_eq!(human_bytes(141 << 30), "141.0 GiB");
     }
 }

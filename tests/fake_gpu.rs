@@ -11,6 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 /// The newest test executable `<name>-<hash>` in `dir` (cargo's deps folder).
 fn sibling_test(dir: &Path, name: &str) -> Option<PathBuf> {
@@ -27,35 +28,48 @@ fn sibling_test(dir: &Path, name: &str) -> Option<PathBuf> {
         .map(|e| e.path())
 }
 
+/// The folder of the fake libcuda, built once per test process; None (after saying why) where
+/// it cannot or need not run.
+fn fake_driver() -> Option<PathBuf> {
+    static DRIVER: OnceLock<Option<PathBuf>> = OnceLock::new();
+    DRIVER
+        .get_or_init(|| {
+            if mcdm::cuda::unavailable_reason().is_none() {
+                eprintln!("fake GPU: skipped, a real GPU is present (the GPU tests ran on it)");
+                return None;
+            }
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let include = std::env::var_os("MCDM_CUDA_INCLUDE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join(".nvrtc/nvidia/cu13/include"));
+            let gxx = Command::new("g++").arg("--version").output();
+            if !include.join("cuda.h").is_file() || gxx.is_err() {
+                eprintln!(
+                    "fake GPU: skipped, needs g++ and cuda.h ({}; scripts/install-nvrtc.sh)",
+                    include.display()
+                );
+                return None;
+            }
+            let build = Command::new("bash")
+                .arg(root.join("scripts/fake-gpu-test.sh"))
+                .arg("--build-only")
+                .env("MCDM_CUDA_INCLUDE", &include)
+                .current_dir(root)
+                .output()
+                .expect("running scripts/fake-gpu-test.sh --build-only");
+            assert!(
+                build.status.success(),
+                "building the fake CUDA driver failed:\n{}",
+                String::from_utf8_lossy(&build.stderr)
+            );
+            Some(root.join("target/fake-cuda"))
+        })
+        .clone()
+}
+
 #[test]
 fn gpu_tests_pass_on_the_fake_driver() {
-    if mcdm::cuda::unavailable_reason().is_none() {
-        eprintln!("fake GPU: skipped, a real GPU is present (the GPU tests ran on it)");
-        return;
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let include = std::env::var_os("MCDM_CUDA_INCLUDE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join(".nvrtc/nvidia/cu13/include"));
-    if !include.join("cuda.h").is_file() || Command::new("g++").arg("--version").output().is_err() {
-        eprintln!(
-            "fake GPU: skipped, needs g++ and cuda.h ({}; scripts/install-nvrtc.sh)",
-            include.display()
-        );
-        return;
-    }
-    let build = Command::new("bash")
-        .arg(root.join("scripts/fake-gpu-test.sh"))
-        .arg("--build-only")
-        .env("MCDM_CUDA_INCLUDE", &include)
-        .current_dir(root)
-        .output()
-        .expect("running scripts/fake-gpu-test.sh --build-only");
-    assert!(
-        build.status.success(),
-        "building the fake CUDA driver failed:\n{}",
-        String::from_utf8_lossy(&build.stderr)
-    );
+    let Some(driver) = fake_driver() else { return };
     let deps = std::env::current_exe()
         .expect("this test's path")
         .parent()
@@ -74,7 +88,7 @@ fn gpu_tests_pass_on_the_fake_driver() {
                 "composed_sampling_matches_cpu",
             ])
             .args(["--skip", "encoder_matches_cpu"])
-            .env("LD_LIBRARY_PATH", root.join("target/fake-cuda"))
+            .env("LD_LIBRARY_PATH", &driver)
             .output()
             .expect("running a GPU test executable");
         let log = format!(
@@ -90,4 +104,90 @@ fn gpu_tests_pass_on_the_fake_driver() {
         }
     }
     assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+/// A small composed `mcdm sample` run on `device` (f32), the fake device holding `memory`
+/// bytes if given: its samples, or its error message.
+fn sample(
+    driver: &Path,
+    device: &str,
+    memory: Option<usize>,
+    out: &Path,
+) -> Result<Vec<f32>, String> {
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sample/models");
+    let tensor = out.join("samples.safetensors");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcdm"));
+    cmd.arg("sample")
+        .args(["--device", device, "--dtype", "f32"])
+        .arg(format!(
+            "--model=u={}",
+            models.join("uncond.safetensors").display()
+        ))
+        .arg(format!(
+            "--model=c={}",
+            models.join("classes.safetensors").display()
+        ))
+        .args(["--uncond", "u", "--expert", "c,class=3,weight=1.5"])
+        .args(["--num-samples", "4", "--steps", "3", "--seed", "7"])
+        .arg("--out")
+        .arg(out)
+        .arg("--save-tensor")
+        .arg(&tensor)
+        .env("LD_LIBRARY_PATH", driver);
+    if let Some(bytes) = memory {
+        cmd.env("FAKE_CUDA_MEMORY_BYTES", bytes.to_string());
+    }
+    let run = cmd.output().expect("running mcdm");
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
+    if !run.status.success() {
+        return Err(stderr);
+    }
+    let file = mcdm::weights::SafetensorsFile::open(&tensor).unwrap();
+    Ok(file.f32("samples").unwrap())
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// The CLI's GPU path (`--device cuda`: upload, the GPU sampler, the fused step) gives the CPU's
+/// images, and on a device too small for the batch it halves the batch and still does: the fake
+/// device's memory is swept over sizes from "nothing fits" to "everything fits".
+#[test]
+fn cli_samples_on_the_fake_gpu_as_on_the_cpu() {
+    let Some(driver) = fake_driver() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cpu = sample(&driver, "cpu", None, &dir.path().join("cpu")).unwrap();
+    let gpu = sample(&driver, "cuda", None, &dir.path().join("gpu")).unwrap();
+    let err = rel_l2(&gpu, &cpu);
+    assert!(
+        err <= 1e-4,
+        "GPU samples differ from the CPU's: rel L2 {err:.2e}"
+    );
+    let mut split = 0;
+    for quarter_mib in 8..=24 {
+        let out = dir.path().join(format!("mem{quarter_mib}"));
+        match sample(&driver, "cuda", Some(quarter_mib << 18), &out) {
+            Ok(images) => {
+                let err = rel_l2(&images, &cpu);
+                assert!(err <= 1e-4, "{quarter_mib}/4 MiB: rel L2 {err:.2e}");
+                let record = std::fs::read_to_string(out.join("record.json")).unwrap();
+                if !record.contains("\"batch_size\": 4") {
+                    split += 1;
+                }
+            }
+            // Too small for the models, or for one image: a clear error, no panic.
+            Err(message) => assert!(
+                message.contains("out of device memory") && !message.contains("panicked"),
+                "{quarter_mib}/4 MiB: {message}"
+            ),
+        }
+    }
+    assert!(split > 0, "no memory size made the sampler split its batch");
 }
