@@ -91,10 +91,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"
 # 1. Kernel, forward, sampling and text-encoder parity against the CPU.
 for t in "$ROOT"/tests/*; do
     name=$(basename "$t")
-    if step "test $name" 150 "test-$name.log" "$t" --nocapture --test-threads 1; then
+    rc=0
+    step "test $name" 150 "test-$name.log" "$t" --nocapture --test-threads 1 || rc=$?
+    if [ $rc -eq 0 ]; then
         skipped=$(grep -c 'skipped, no GPU' "$LOG/test-$name.log" || true)
         record "test $name" "$([ "$skipped" -gt 0 ] && echo "SKIPPED $skipped (no GPU)" || echo ok) (${LAST_SECONDS} s)"
-    elif [ $? -ne 125 ]; then
+    elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        record "test $name" "STOPPED at its time limit (${LAST_SECONDS} s; see test-$name.log)"
+    elif [ $rc -ne 125 ]; then
         record "test $name" "FAILED: $(grep -E '^test .*FAILED|panicked' "$LOG/test-$name.log" | head -3 | tr '\n' ' ')"
     fi
 done
