@@ -91,6 +91,16 @@ MCDM_DEV bool conv_row_origin(const ConvShape& s, int m, int& b, int& iy0, int& 
     return inside;
 }
 
+// GEMM column k: its input channel ci and filter tap (ky, kx); false, with zeros, past K.
+MCDM_DEV bool conv_k_tap(const ConvShape& s, int k, int& ci, int& ky, int& kx) {
+    const bool inside = k < s.K;
+    const int tap = inside ? k / s.cin : 0;
+    ci = inside ? k - tap * s.cin : 0;
+    ky = tap / s.ks;
+    kx = tap - ky * s.ks;
+    return inside;
+}
+
 // B[k][co] = w[co*K + k], or 0 outside the GEMM.
 template <typename E>
 MCDM_DEV E load_b(const E* __restrict__ w, const ConvShape& s, int co, int k) {
@@ -153,14 +163,8 @@ MCDM_DEV void conv2d_mma(const T* x_, const T* w_, const float* __restrict__ bia
         const int k0 = kt * CONV_BK;
         if (vec) {
             const int k = k0 + kc;
-            int tap = 0, ci = 0, ky = 0, kx = 0;
-            const bool k_ok = k < s.K;
-            if (k_ok) {
-                tap = k / s.cin;
-                ci = k - tap * s.cin;
-                ky = tap / s.ks;
-                kx = tap - ky * s.ks;
-            }
+            int ci, ky, kx;
+            const bool k_ok = conv_k_tap(s, k, ci, ky, kx);
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
                 const int row = (tid >> 2) + 32 * c;
@@ -346,14 +350,8 @@ MCDM_DEV void conv2d_mma_big(const T* x_, const T* w_, const float* __restrict__
         unsigned char* As = conv_dyn_smem + st * STAGE_BYTES;
         unsigned char* Bs = As + A_BYTES;
         const int k = kt * BK + kc * 8;
-        const bool k_ok = k < s.K;
-        int tap = 0, ci = 0, ky = 0, kx = 0;
-        if (k_ok) {
-            tap = k / s.cin;
-            ci = k - tap * s.cin;
-            ky = tap / s.ks;
-            kx = tap - ky * s.ks;
-        }
+        int ci, ky, kx;
+        const bool k_ok = conv_k_tap(s, k, ci, ky, kx);
 #pragma unroll
         for (int c = 0; c < A_PASSES; ++c) {
             const int iy = a_iy0[c] + ky, ix = a_ix0[c] + kx;

@@ -9,9 +9,13 @@
 //! Skipped, with a message, where a real GPU is present (the GPU tests then run on it) or where
 //! g++ or the CUDA headers are missing.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+
+use common::rel_l2;
 
 /// The newest test executable `<name>-<hash>` in `dir` (cargo's deps folder).
 fn sibling_test(dir: &Path, name: &str) -> Option<PathBuf> {
@@ -144,16 +148,6 @@ fn sample(
     }
     let file = mcdm::weights::SafetensorsFile::open(&tensor).unwrap();
     Ok(file.f32("samples").unwrap())
-}
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-        .sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den).sqrt()
 }
 
 /// The CLI's GPU path (`--device cuda`: upload, the GPU sampler, the fused step) gives the CPU's

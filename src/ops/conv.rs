@@ -228,6 +228,20 @@ impl ConvKernel {
         }
     }
 
+    /// Raises the function's dynamic shared memory limit to what the kernel uses (over the
+    /// 48 KiB default), once at upload rather than on every launch.
+    fn allow_shared_memory(self, gpu: &Gpu, suffix: &str) -> Result<()> {
+        let smem = self.geometry().3 as i32;
+        let name = self.function(suffix);
+        let f = gpu.function("conv", &name)?;
+        let attr = CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+        let err = |e| crate::Error::Cuda(format!("`{name}` shared memory limit: {e:?}"));
+        if f.get_attribute(attr).map_err(err)? < smem {
+            f.set_attribute(attr, smem).map_err(err)?;
+        }
+        Ok(())
+    }
+
     fn function(self, suffix: &str) -> String {
         match self {
             ConvKernel::Tile64 => format!("conv2d{suffix}"),
@@ -278,14 +292,20 @@ impl Conv2d {
                 }
             }
         }
-        Ok(GpuConv2d {
+        let conv = GpuConv2d {
             cin,
             cout,
             kernel: k,
             stride: self.stride,
             weight: gpu.upload(&ohwi)?,
             bias: gpu.upload(&self.bias)?,
-        })
+        };
+        if conv.large_tiles_apply() {
+            for kernel in [ConvKernel::Tile128, ConvKernel::Tile128x64] {
+                kernel.allow_shared_memory(gpu, T::SUFFIX)?;
+            }
+        }
+        Ok(conv)
     }
 }
 
@@ -303,11 +323,14 @@ impl<T: GpuFloat> GpuConv2d<T> {
     /// 16-byte aligned (whole 16-byte cp.async chunks of one filter tap, paired stores).
     pub fn supports(&self, gpu: &Gpu, kernel: ConvKernel, x: &GpuBuffer<T>) -> bool {
         kernel == ConvKernel::Tile64
-            || (T::SUFFIX != "_f32"
-                && self.cin.is_multiple_of(8)
-                && self.cout.is_multiple_of(8)
+            || (self.large_tiles_apply()
                 && x.ptr(gpu).is_multiple_of(16)
                 && self.weight.ptr(gpu).is_multiple_of(16))
+    }
+
+    /// The large tiles' conditions on the layer itself (the pointers are checked per launch).
+    fn large_tiles_apply(&self) -> bool {
+        T::SUFFIX != "_f32" && self.cin.is_multiple_of(8) && self.cout.is_multiple_of(8)
     }
 
     /// The kernel `forward` launches for an `n x h x w` input: `MCDM_CONV_KERNEL` where it
@@ -411,16 +434,6 @@ impl<T: GpuFloat> GpuConv2d<T> {
                 (blocks as u32, 1, 1)
             }
         };
-        if smem > 0 {
-            // Dynamic shared memory over 48 KiB needs the function's limit raised first; the
-            // query binds the context and makes this a single attribute write per module.
-            let f = gpu.function("conv", &name)?;
-            let attr = CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-            let err = |e| crate::Error::Cuda(format!("`{name}` shared memory limit: {e:?}"));
-            if f.get_attribute(attr).map_err(err)? < smem as i32 {
-                f.set_attribute(attr, smem as i32).map_err(err)?;
-            }
-        }
         let cfg = LaunchConfig {
             grid_dim: grid,
             block_dim: (threads, 1, 1),
