@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Checks every CUDA kernel's real source on the CPU (tools/kernel-emu/README.md): rewrites
 # kernels/ into target/kernel-emu/gen, builds one test driver per kernel family against the
-# emulator, runs them and prints a table. Exit status non-zero on any failure.
+# emulator, runs them and prints a table. Exit status non-zero on any failure. The drivers are
+# built with AddressSanitizer and UBSan where the compiler has them: every input and output is an
+# allocation of exactly its size, so a kernel that reads or writes outside one aborts its run,
+# the CPU's counterpart of compute-sanitizer's memcheck.
 #   scripts/emulate-kernels.sh [--mutants]   (--mutants: also the conv mutation check, ~15 s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +18,12 @@ esac
 
 out=target/kernel-emu
 cxx="${CXX:-g++} -O2 -std=c++17 -pthread -ffp-contract=off"
+sanitizers="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer"
+if echo 'int main() { return 0; }' | ${CXX:-g++} $sanitizers -x c++ -o /dev/null - 2>/dev/null; then
+    cxx="$cxx $sanitizers"
+else
+    echo "emulate-kernels: ${CXX:-g++} has no AddressSanitizer: out-of-bounds accesses go unchecked" >&2
+fi
 drivers=(conv group_norm attention linear resample layout layer_norm step)
 # driver and arguments, one run per row of the table
 runs=("conv delayed" "conv immediate" group_norm attention linear resample layout layer_norm step)

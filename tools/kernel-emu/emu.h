@@ -14,6 +14,7 @@
 #include <deque>
 #include <vector>
 #include <sys/mman.h>
+#include <sanitizer/asan_interface.h>  // ASAN_(UN)POISON_MEMORY_REGION: no-ops without ASan
 using std::max;
 using std::min;
 
@@ -213,6 +214,13 @@ inline long dyn_chunk(const void* p) {
         return -1;
     }
     return (long)(off / 16);
+}
+// Under AddressSanitizer, plain loads and stores past the launch's dynamic size abort too.
+inline void emu_dyn_smem_bound(size_t bytes) {
+    g_dyn_bytes = bytes;
+    ASAN_UNPOISON_MEMORY_REGION(g_dyn_smem, EMU_DYN_MAX);
+    const size_t inside = std::min(bytes, EMU_DYN_MAX);
+    ASAN_POISON_MEMORY_REGION(g_dyn_smem + inside, EMU_DYN_MAX - inside);
 }
 // Only the launch's dynamic size is reset: dyn_chunk rejects every access past it.
 inline void emu_block_start() {
@@ -477,7 +485,7 @@ void emu_launch(dim3 grid, dim3 block, F kernel, size_t dynamic_shared_bytes = 0
     }
     gridDim = grid;
     blockDim = block;
-    g_dyn_bytes = dynamic_shared_bytes;
+    emu_dyn_smem_bound(dynamic_shared_bytes);
     g_serial_launch = false;
     const int threads = (int)block.x;
     emu_fibers_reserve(threads);
