@@ -1,10 +1,13 @@
 //! The GPU tests on the fake CUDA driver (tools/fake-cuda: a libcuda that runs the real
 //! kernels in the CPU emulation of tools/kernel-emu), so that CI, which has no GPU, runs mcdm's
-//! GPU host code and kernels end to end. Builds the driver (`scripts/fake-gpu-test.sh
-//! --build-only`: g++ and the CUDA headers of scripts/install-nvrtc.sh), then runs the gpu_ops,
-//! gpu_sample and gpu_text test executables that cargo built beside this one with the fake on
-//! their library path. The two slowest (composed sampling and the text encoder, ~6 minutes
-//! emulated) are left to `scripts/fake-gpu-test.sh`, which runs everything.
+//! GPU host code and kernels end to end. Builds the driver under AddressSanitizer
+//! (`scripts/fake-gpu-test.sh --build-asan`: g++ and the CUDA headers of
+//! scripts/install-nvrtc.sh), then runs the gpu_ops, gpu_sample and gpu_text test executables
+//! that cargo built beside this one, and the mcdm binary, with the fake on their library path
+//! and the sanitizer's runtime preloaded: a kernel or copy that touches memory outside its
+//! allocations aborts the run, as compute-sanitizer's memcheck would fail it on a GPU. The two
+//! slowest tests (composed sampling and the text encoder, ~6 minutes emulated) are left to
+//! `scripts/fake-gpu-test.sh`, which runs everything.
 //!
 //! Skipped, with a message, where a real GPU is present (the GPU tests then run on it) or where
 //! g++ or the CUDA headers are missing.
@@ -32,10 +35,27 @@ fn sibling_test(dir: &Path, name: &str) -> Option<PathBuf> {
         .map(|e| e.path())
 }
 
-/// The folder of the fake libcuda, built once per test process; None (after saying why) where
-/// it cannot or need not run.
-fn fake_driver() -> Option<PathBuf> {
-    static DRIVER: OnceLock<Option<PathBuf>> = OnceLock::new();
+/// The sanitized fake libcuda, built once per test process; None (after saying why) where it
+/// cannot or need not run.
+struct FakeDriver {
+    /// The folder of its libcuda.so.1.
+    dir: PathBuf,
+    /// AddressSanitizer's runtime, which must be loaded before the instrumented library.
+    asan_runtime: PathBuf,
+}
+
+impl FakeDriver {
+    /// `cmd` with the fake on its library path and the sanitizer's runtime preloaded.
+    fn apply<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
+        cmd.env("LD_LIBRARY_PATH", &self.dir)
+            .env("LD_PRELOAD", &self.asan_runtime)
+            // Leaks are the test harness's business; only memory errors count here.
+            .env("ASAN_OPTIONS", "detect_leaks=0")
+    }
+}
+
+fn fake_driver() -> Option<&'static FakeDriver> {
+    static DRIVER: OnceLock<Option<FakeDriver>> = OnceLock::new();
     DRIVER
         .get_or_init(|| {
             if mcdm::cuda::unavailable_reason().is_none() {
@@ -56,7 +76,7 @@ fn fake_driver() -> Option<PathBuf> {
             }
             let build = Command::new("bash")
                 .arg(root.join("scripts/fake-gpu-test.sh"))
-                .arg("--build-only")
+                .arg("--build-asan")
                 .env("MCDM_CUDA_INCLUDE", &include)
                 .current_dir(root)
                 .output()
@@ -66,9 +86,22 @@ fn fake_driver() -> Option<PathBuf> {
                 "building the fake CUDA driver failed:\n{}",
                 String::from_utf8_lossy(&build.stderr)
             );
-            Some(root.join("target/fake-cuda"))
+            let runtime = Command::new("g++")
+                .arg("-print-file-name=libasan.so")
+                .output()
+                .expect("asking g++ for libasan.so");
+            let asan_runtime = PathBuf::from(String::from_utf8_lossy(&runtime.stdout).trim());
+            assert!(
+                asan_runtime.is_absolute() && asan_runtime.exists(),
+                "g++ built the sanitized fake driver but names no libasan.so ({})",
+                asan_runtime.display()
+            );
+            Some(FakeDriver {
+                dir: root.join("target/fake-cuda-asan"),
+                asan_runtime,
+            })
         })
-        .clone()
+        .as_ref()
 }
 
 #[test]
@@ -84,7 +117,8 @@ fn gpu_tests_pass_on_the_fake_driver() {
         let exe = sibling_test(&deps, name)
             .unwrap_or_else(|| panic!("no {name} test executable in {}", deps.display()));
         // One test at a time: the emulator runs a launch on the calling thread's fibers.
-        let out = Command::new(&exe)
+        let out = driver
+            .apply(&mut Command::new(&exe))
             .args([
                 "--test-threads",
                 "1",
@@ -92,7 +126,6 @@ fn gpu_tests_pass_on_the_fake_driver() {
                 "composed_sampling_matches_cpu",
             ])
             .args(["--skip", "encoder_matches_cpu"])
-            .env("LD_LIBRARY_PATH", &driver)
             .output()
             .expect("running a GPU test executable");
         let log = format!(
@@ -113,7 +146,7 @@ fn gpu_tests_pass_on_the_fake_driver() {
 /// A small composed `mcdm sample` run on `device` (f32), the fake device holding `memory`
 /// bytes if given: its samples, or its error message.
 fn sample(
-    driver: &Path,
+    driver: &FakeDriver,
     device: &str,
     memory: Option<usize>,
     out: &Path,
@@ -121,6 +154,7 @@ fn sample(
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sample/models");
     let tensor = out.join("samples.safetensors");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcdm"));
+    driver.apply(&mut cmd);
     cmd.arg("sample")
         .args(["--device", device, "--dtype", "f32"])
         .arg(format!(
@@ -136,8 +170,7 @@ fn sample(
         .arg("--out")
         .arg(out)
         .arg("--save-tensor")
-        .arg(&tensor)
-        .env("LD_LIBRARY_PATH", driver);
+        .arg(&tensor);
     if let Some(bytes) = memory {
         cmd.env("FAKE_CUDA_MEMORY_BYTES", bytes.to_string());
     }
@@ -157,8 +190,8 @@ fn sample(
 fn cli_samples_on_the_fake_gpu_as_on_the_cpu() {
     let Some(driver) = fake_driver() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let cpu = sample(&driver, "cpu", None, &dir.path().join("cpu")).unwrap();
-    let gpu = sample(&driver, "cuda", None, &dir.path().join("gpu")).unwrap();
+    let cpu = sample(driver, "cpu", None, &dir.path().join("cpu")).unwrap();
+    let gpu = sample(driver, "cuda", None, &dir.path().join("gpu")).unwrap();
     let err = rel_l2(&gpu, &cpu);
     assert!(
         err <= 1e-4,
@@ -167,7 +200,7 @@ fn cli_samples_on_the_fake_gpu_as_on_the_cpu() {
     let mut split = 0;
     for quarter_mib in 8..=24 {
         let out = dir.path().join(format!("mem{quarter_mib}"));
-        match sample(&driver, "cuda", Some(quarter_mib << 18), &out) {
+        match sample(driver, "cuda", Some(quarter_mib << 18), &out) {
             Ok(images) => {
                 let err = rel_l2(&images, &cpu);
                 assert!(err <= 1e-4, "{quarter_mib}/4 MiB: rel L2 {err:.2e}");

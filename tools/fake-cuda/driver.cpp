@@ -22,6 +22,8 @@
 #include <string>
 #include <unordered_map>
 
+#include <sanitizer/asan_interface.h>
+
 #include "kernel_registry.h"
 
 #define FAKE_API extern "C" __attribute__((visibility("default")))
@@ -145,6 +147,8 @@ CUresult require_device_range(const Driver& d, CUdeviceptr address, size_t bytes
                 (unsigned long long)address, bytes);
 }
 
+size_t padded(size_t bytes) { return (bytes + kAllocationAlignment - 1) / kAllocationAlignment * kAllocationAlignment; }
+
 CUresult allocate(CUdeviceptr* out, size_t bytes, const char* call) {
     Driver& d = driver();
     std::lock_guard<std::mutex> lock(d.mutex);
@@ -153,11 +157,14 @@ CUresult allocate(CUdeviceptr* out, size_t bytes, const char* call) {
     if (bytes == 0) return fail(CUDA_ERROR_INVALID_VALUE, "%s of 0 bytes", call);
     if (bytes > d.total_memory - d.allocated)
         return CUDA_ERROR_OUT_OF_MEMORY;  // mcdm handles this one itself (smaller batches)
-    const size_t rounded = (bytes + kAllocationAlignment - 1) / kAllocationAlignment * kAllocationAlignment;
+    const size_t rounded = padded(bytes);
     void* memory = aligned_alloc(kAllocationAlignment, rounded);
     if (memory == nullptr) return fail(CUDA_ERROR_OUT_OF_MEMORY, "%s: the host is out of memory", call);
     // Device memory is not zeroed: make reads of never-written memory show up as NaN.
     memset(memory, kUninitializedByte, rounded);
+    // Under AddressSanitizer (scripts/fake-gpu-test.sh builds the fake with it) a kernel that
+    // touches the alignment padding past `bytes` aborts, as compute-sanitizer's memcheck would.
+    ASAN_POISON_MEMORY_REGION(static_cast<char*>(memory) + bytes, rounded - bytes);
     *out = reinterpret_cast<CUdeviceptr>(memory);
     d.allocations[*out] = bytes;
     d.allocated += bytes;
@@ -173,6 +180,7 @@ CUresult release(CUdeviceptr address, const char* call) {
         return fail(CUDA_ERROR_INVALID_VALUE, "%s(0x%llx): not a live allocation (double free?)", call,
                     (unsigned long long)address);
     d.allocated -= it->second;
+    ASAN_UNPOISON_MEMORY_REGION(reinterpret_cast<void*>(address), padded(it->second));
     d.allocations.erase(it);
     free(reinterpret_cast<void*>(address));
     return CUDA_SUCCESS;
