@@ -218,3 +218,41 @@ fn cli_samples_on_the_fake_gpu_as_on_the_cpu() {
     }
     assert!(split > 0, "no memory size made the sampler split its batch");
 }
+
+/// `mcdm encode-text --device cuda` (the GPU text encoder: 1x1 convs, attention, layer norm,
+/// GELU) writes the CPU's embeddings, in f32 and in bf16.
+#[test]
+fn encode_text_on_the_fake_gpu_as_on_the_cpu() {
+    let Some(driver) = fake_driver() else { return };
+    if std::env::var("MCDM_SKIP_TEXT_TESTS").is_ok_and(|v| v == "1") {
+        eprintln!("MCDM_SKIP_TEXT_TESTS=1: skipping the GPU text encoder on the fake driver");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let encode = |device: &str, dtype: &str| {
+        let output = dir.path().join(format!("{device}-{dtype}.safetensors"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcdm"));
+        let run = driver
+            .apply(&mut cmd)
+            .args(["encode-text", "--device", device, "--dtype", dtype])
+            .args(["--text", "This person has black hair.", "--text", ""])
+            .arg("--output")
+            .arg(&output)
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let file = mcdm::weights::SafetensorsFile::open(&output).unwrap();
+        assert_eq!(file.shape("embedding").unwrap(), [2, 384]);
+        file.f32("embedding").unwrap()
+    };
+    let cpu = encode("cpu", "f32");
+    for (dtype, tolerance) in [("f32", 1e-5), ("bf16", 2e-2)] {
+        let err = rel_l2(&encode("cuda", dtype), &cpu);
+        eprintln!("encode-text on the fake GPU, {dtype}: rel L2 {err:.2e} vs the CPU");
+        assert!(err <= tolerance, "{dtype}: rel L2 {err:.2e} vs the CPU");
+    }
+}

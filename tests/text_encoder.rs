@@ -5,6 +5,7 @@
 //! fail with the instructions, unless MCDM_SKIP_TEXT_TESTS=1 (then they are skipped).
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -156,6 +157,93 @@ fn batching_does_not_change_embeddings() {
     let pair = enc.encode(&[texts[2], texts[1], texts[2]]).unwrap();
     assert!(max_abs_diff(&pair[..d], &pair[2 * d..]) == 0.0);
     assert!(max_abs_diff(&pair[d..2 * d], &batched[d..2 * d]) <= 1e-5);
+}
+
+/// `mcdm encode-text`, run from the fixture's texts split between `--text` (those a line cannot
+/// hold, and the first two) and `--text-file`, writes sentence-transformers' embeddings in
+/// order.
+#[test]
+fn encode_text_cli_matches_sentence_transformers() {
+    if encoder().is_none() {
+        return;
+    }
+    let fx = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    type Numbered<'a> = Vec<(usize, &'a String)>;
+    let (inline, lines): (Numbered, Numbered) = fx
+        .texts
+        .iter()
+        .enumerate()
+        .partition(|(i, t)| *i < 2 || t.contains(['\n', '\r']));
+    assert!(lines.len() >= 4, "too few texts for the file");
+    let file = dir.path().join("texts.txt");
+    let body: Vec<&str> = lines.iter().map(|(_, t)| t.as_str()).collect();
+    std::fs::write(&file, body.join("\n") + "\n").unwrap();
+    let output = dir.path().join("e.safetensors");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcdm"));
+    cmd.arg("encode-text");
+    for (_, t) in &inline {
+        cmd.arg(format!("--text={t}"));
+    }
+    let run = cmd
+        .arg("--text-file")
+        .arg(&file)
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let written = SafetensorsFile::open(&output).unwrap();
+    let got = written.f32("embedding").unwrap();
+    let order: Vec<usize> = inline.iter().chain(&lines).map(|(i, _)| *i).collect();
+    assert_eq!(written.shape("embedding").unwrap(), [order.len(), 384]);
+    for (row, &i) in order.iter().enumerate() {
+        let (g, w) = (&got[row * 384..][..384], &fx.embedding[i * 384..][..384]);
+        let (cos, err) = (cosine(g, w), max_abs_diff(g, w));
+        assert!(
+            cos >= MIN_COSINE && err <= MAX_ABS_ERR,
+            "row {row} ({:?}): cosine {cos:.7}, max abs error {err:.2e}",
+            fx.texts[i]
+        );
+    }
+}
+
+/// A text file that cannot be read, is not UTF-8 or holds nothing: a clear error, no output.
+#[test]
+fn encode_text_cli_rejects_bad_text_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    let latin1 = dir.path().join("latin1.txt");
+    std::fs::write(&latin1, b"caf\xe9\n").unwrap();
+    let missing = dir.path().join("missing.txt");
+    let output = dir.path().join("e.safetensors");
+    for (file, expected) in [
+        (&empty, "holds no texts"),
+        (&latin1, "is not UTF-8 text"),
+        (&missing, "reading"),
+    ] {
+        let run = Command::new(env!("CARGO_BIN_EXE_mcdm"))
+            .arg("encode-text")
+            .arg("--text-file")
+            .arg(file)
+            .arg("--output")
+            .arg(&output)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(expected) && stderr.contains(&file.display().to_string()),
+            "{file:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(!output.exists());
+    }
 }
 
 #[test]

@@ -517,6 +517,8 @@ pub fn run(args: Args) -> Result<()> {
         .chain([&plan.uncond])
         .filter_map(|t| t.text.as_deref())
         .collect();
+    // On the CPU in f32 whatever --device: a few prompts take milliseconds, and a prompt gets
+    // the same embedding (so the same images) on every device.
     let encoded: Vec<Vec<f32>> = if prompts.is_empty() {
         Vec::new()
     } else {
