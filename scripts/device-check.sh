@@ -128,8 +128,9 @@ sanitize sample "$BIN" sample --device cuda --model u=$F/sample/models/uncond.sa
     --num-samples 2 --steps 3 --out /tmp/sanitize-sample
 
 # 3. Single kernels (TFLOP/s, GB/s), then composed DDIM sampling (3 experts + unconditional, 10 steps,
-#    random weights): mcdm, then guided-diffusion in PyTorch fp16 eager, then torch.compile, each
-#    on both configs, so that a slow compile cannot crowd out the eager baseline.
+#    random weights): mcdm, a per-kernel profile of one forward pass, then guided-diffusion in
+#    PyTorch fp16 eager, then torch.compile, each on both configs, so that a slow compile cannot
+#    crowd out the eager baseline.
 export PYTHONPATH=$ROOT/py:${PYTHONPATH:-}
 if step "kernels bf16" 90 bench-kernels.log "$BIN" bench --device cuda --dtype bf16 --kernels --iters 20; then
     record "kernels bf16" "ok (${LAST_SECONDS} s, table below)"
@@ -141,6 +142,14 @@ for cfg in imagenet64-adm face256; do
         --config tools/configs/$cfg.json --compose 3 --steps 10 --batch "$b" --iters 3 --output "$LOG/mcdm-$cfg.json"; then
         record "mcdm bf16 $cfg b$b" "$(tail -1 "$LOG/bench-mcdm-$cfg.log")"
     elif [ $? -ne 125 ]; then record "mcdm bf16 $cfg b$b" "FAILED or stopped"; fi
+done
+# Where one forward pass of each config spends its GPU time, kernel by kernel (CUDA events).
+for cfg in imagenet64-adm face256; do
+    b=$(batch_of $cfg)
+    if step "profile $cfg b$b" 60 "profile-$cfg.log" "$BIN" bench --device cuda --dtype bf16 \
+        --config tools/configs/$cfg.json --batch "$b" --iters 2 --profile; then
+        record "profile $cfg b$b" "ok (${LAST_SECONDS} s, table in report.md)"
+    elif [ $? -ne 125 ]; then record "profile $cfg b$b" "FAILED or stopped"; fi
 done
 for mode in "--fp16" "--fp16 --compile"; do
     tag=$(echo "$mode" | tr -d ' -')

@@ -256,3 +256,59 @@ fn encode_text_on_the_fake_gpu_as_on_the_cpu() {
         assert!(err <= tolerance, "{dtype}: rel L2 {err:.2e} vs the CPU");
     }
 }
+
+/// `mcdm bench --profile` times every launch of a forward pass with events: the kernel families
+/// of a UNet all show up, with their launch counts, in the table and in the JSON record.
+#[test]
+fn bench_profile_on_the_fake_gpu() {
+    let Some(driver) = fake_driver() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tiny.json");
+    std::fs::write(
+        &config,
+        r#"{"image_size": 16, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2",
+            "attention_resolutions": "8", "num_head_channels": 32, "use_scale_shift_norm": true,
+            "learn_sigma": true}"#,
+    )
+    .unwrap();
+    let record = dir.path().join("bench.json");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcdm"));
+    let run = driver
+        .apply(&mut cmd)
+        .args([
+            "bench", "--device", "cuda", "--dtype", "bf16", "--batch", "2",
+        ])
+        .args(["--iters", "1", "--profile", "--config"])
+        .arg(&config)
+        .arg("--output")
+        .arg(&record)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    for family in ["conv", "group_norm", "attention", "linear", "layout"] {
+        assert!(
+            stdout.contains(&format!("| {family}.cu |")),
+            "{family}:\n{stdout}"
+        );
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    let kernels = json["results"][0]["profile"].as_array().unwrap();
+    // 1 input conv + 2 per res block (5 of them) + 2 skip convs + 1 down conv + 1 up conv +
+    // 1 output conv, at least: the count is the number of launches, not of distinct kernels.
+    let conv_launches: u64 = kernels
+        .iter()
+        .filter(|k| k["file"] == "conv")
+        .map(|k| k["launches"].as_u64().unwrap())
+        .sum();
+    assert!(
+        conv_launches >= 12,
+        "{conv_launches} conv launches:\n{stdout}"
+    );
+    assert!(kernels.iter().all(|k| k["ms"].as_f64().unwrap() >= 0.0));
+}

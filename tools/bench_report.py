@@ -5,7 +5,8 @@
 
 Reads what the check leaves in OUT_DIR: gpu.txt and info.log (nvidia-smi, `mcdm info`), summary.txt (tests,
 memcheck, each benchmark's status), bench-kernels.log (`mcdm bench --kernels`), mcdm-<config>.json
-(`mcdm bench --compose`) and torch-<config>-<mode>.json (tools/bench_torch.py). The composed table
+(`mcdm bench --compose`), profile-<config>.log (`mcdm bench --profile`) and
+torch-<config>-<mode>.json (tools/bench_torch.py). The composed table
 puts mcdm next to PyTorch measured in the same run, with the ratios. Standard library only: it
 runs on the GPU machine at the end of the check.
 """
@@ -82,6 +83,13 @@ def main():
         print()
         print(kernels)
         print()
+    for cfg in CONFIGS:
+        profile = read(f"profile-{cfg}.log").strip()
+        if profile:
+            print(f"## Where a forward pass spends its time: {cfg} (`mcdm bench --profile`)")
+            print()
+            print(profile)
+            print()
     summary = read("summary.txt").strip()
     if summary:
         print("## Summary of the check")

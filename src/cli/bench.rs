@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use mcdm::config::{resolve, PartialConfig, ResolvedConfig, Source};
-use mcdm::cuda::{Gpu, GpuFloat};
+use mcdm::cuda::{Gpu, GpuFloat, KernelTime};
 use mcdm::model::{Conditioning, GpuUNet, GpuWorkspace, LoadedModel, UNet, Workspace};
 use mcdm::sample::{
     Batched, ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, StepProgress,
@@ -49,6 +49,10 @@ pub struct Args {
     /// DDIM steps of a composed run.
     #[arg(long, default_value_t = 10)]
     steps: usize,
+    /// After timing each batch size, run one more forward pass with every kernel launch timed
+    /// by CUDA events and show where the time goes (GPU only).
+    #[arg(long)]
+    profile: bool,
 }
 
 /// Times one forward pass of `n` images; `None` runs on the CPU.
@@ -77,6 +81,9 @@ pub fn run(args: Args) -> Result<()> {
     let backend = backend(args.device)?;
     if args.iters == 0 || args.batch.contains(&0) {
         bail!("--iters and every --batch must be positive");
+    }
+    if args.profile && (matches!(backend, Backend::Cpu) || args.kernels || args.compose > 0) {
+        bail!("--profile times the kernels of a forward pass: use it with --config on a GPU, without --kernels or --compose");
     }
     if args.kernels {
         let Backend::Cuda(gpu) = &backend else {
@@ -147,6 +154,7 @@ pub fn run(args: Args) -> Result<()> {
     println!("| batch | s / forward | ms / image | images / s | GFLOP/s |");
     println!("|---:|---:|---:|---:|---:|");
     let mut rows = Vec::new();
+    let mut profiles = Vec::new();
     for &n in &args.batch {
         let c = cfg.unet.in_channels;
         let x: Vec<f32> = (0..n * c * size * size)
@@ -178,12 +186,67 @@ pub fn run(args: Args) -> Result<()> {
             n as f64 / median,
             gflop * n as f64 / median
         );
-        rows.push(serde_json::json!({
+        let mut row = serde_json::json!({
             "batch": n, "seconds_per_forward": median, "images_per_second": n as f64 / median,
             "times": times,
-        }));
+        });
+        if let (true, Backend::Cuda(gpu)) = (args.profile, &backend) {
+            gpu.profile_start()?;
+            forward(&x, [n, c, size, size], &cond)?;
+            let kernels = gpu.profile_finish()?;
+            profiles.push((n, median, kernels.clone()));
+            row["profile"] = serde_json::json!(kernels
+                .iter()
+                .map(|k| serde_json::json!({
+                    "file": k.file, "kernel": k.name, "launches": k.launches, "ms": k.ms,
+                }))
+                .collect::<Vec<_>>());
+        }
+        rows.push(row);
+    }
+    for (n, seconds, kernels) in &profiles {
+        print_profile(*n, *seconds, kernels);
     }
     write_record(&args, &device_name, &cfg, gflop, rows)
+}
+
+/// Where one forward pass of `n` images spends its GPU time: per kernel family (the file under
+/// `kernels/`), then the kernels that take the most.
+fn print_profile(n: usize, seconds: f64, kernels: &[KernelTime]) {
+    let total: f64 = kernels.iter().map(|k| k.ms).sum();
+    let share = |ms: f64| 100.0 * ms / total.max(1e-12);
+    println!(
+        "\nbatch {n}: the kernels of one forward pass took {total:.2} ms on the GPU; the timed \
+         forward pass, which adds copies, launch gaps and host work, {:.2} ms\n",
+        seconds * 1e3
+    );
+    let mut families: Vec<(&str, usize, f64)> = Vec::new();
+    for k in kernels {
+        match families.iter_mut().find(|f| f.0 == k.file) {
+            Some(f) => {
+                f.1 += k.launches;
+                f.2 += k.ms;
+            }
+            None => families.push((&k.file, k.launches, k.ms)),
+        }
+    }
+    families.sort_by(|a, b| b.2.total_cmp(&a.2));
+    println!("| kernels/ | launches | ms | share |");
+    println!("|---|---:|---:|---:|");
+    for (file, launches, ms) in &families {
+        println!("| {file}.cu | {launches} | {ms:.3} | {:.1}% |", share(*ms));
+    }
+    println!("\n| kernel | launches | ms | share |");
+    println!("|---|---:|---:|---:|");
+    for k in kernels.iter().take(12) {
+        println!(
+            "| {} | {} | {:.3} | {:.1}% |",
+            k.name,
+            k.launches,
+            k.ms,
+            share(k.ms)
+        );
+    }
 }
 
 fn write_record(

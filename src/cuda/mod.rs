@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
-    ValidAsZeroBits,
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
 };
 use cudarc::nvrtc::Ptx;
 
@@ -132,6 +132,23 @@ pub struct Gpu {
     modules: HashMap<&'static str, Arc<CudaModule>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
     info: DeviceInfo,
+    /// While profiling ([`Gpu::profile_start`]): each launch's kernel and its start and end events.
+    profile: Mutex<Option<Vec<LaunchMarks>>>,
+}
+
+/// A profiled launch: the kernel's file under `kernels/` (without `.cu`) and name, and the
+/// events recorded before and after it.
+type LaunchMarks = ((String, String), CudaEvent, CudaEvent);
+
+/// The GPU time of one kernel over a profiled stretch of work ([`Gpu::profile_finish`]).
+#[derive(Clone, Debug)]
+pub struct KernelTime {
+    /// `kernels/<file>.cu`
+    pub file: String,
+    pub name: String,
+    pub launches: usize,
+    /// Summed over its launches, from events recorded around each.
+    pub ms: f64,
 }
 
 impl Gpu {
@@ -168,7 +185,46 @@ impl Gpu {
             modules,
             functions: Mutex::new(HashMap::new()),
             info,
+            profile: Mutex::new(None),
         }))
+    }
+
+    /// Starts timing every launch with a pair of events (a little host work per launch; off
+    /// by default). [`Gpu::profile_finish`] collects the times.
+    pub fn profile_start(&self) -> Result<()> {
+        *self.profile_marks()? = Some(Vec::new());
+        Ok(())
+    }
+
+    /// Stops profiling, waits for the stream and returns each kernel's time since
+    /// [`Gpu::profile_start`], the longest first.
+    pub fn profile_finish(&self) -> Result<Vec<KernelTime>> {
+        let marks = self.profile_marks()?.take().unwrap_or_default();
+        self.synchronize()?;
+        let mut times: Vec<KernelTime> = Vec::new();
+        for ((file, name), start, end) in marks {
+            let ms = start.elapsed_ms(&end).map_err(cuda_err("kernel timing"))? as f64;
+            match times.iter_mut().find(|t| t.file == file && t.name == name) {
+                Some(t) => {
+                    t.launches += 1;
+                    t.ms += ms;
+                }
+                None => times.push(KernelTime {
+                    file,
+                    name,
+                    launches: 1,
+                    ms,
+                }),
+            }
+        }
+        times.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        Ok(times)
+    }
+
+    fn profile_marks(&self) -> Result<std::sync::MutexGuard<'_, Option<Vec<LaunchMarks>>>> {
+        self.profile
+            .lock()
+            .map_err(|_| Error::Cuda("profile poisoned".into()))
     }
 
     pub fn info(&self) -> &DeviceInfo {
@@ -228,9 +284,20 @@ impl Gpu {
                 Arg::Step(p) => builder.arg(p),
             };
         }
+        let mut profile = self.profile_marks()?;
+        let record = || -> Result<CudaEvent> {
+            let flags = cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+            self.stream
+                .record_event(Some(flags))
+                .map_err(cuda_err("recording a profile event"))
+        };
+        let start = profile.as_ref().map(|_| record()).transpose()?;
         // SAFETY: every launch wrapper checks buffer lengths against the sizes it passes, and
         // the argument list matches the kernel's signature in kernels/<file>.cu.
         unsafe { builder.launch(cfg) }.map_err(cuda_err(&format!("launching `{name}`")))?;
+        if let (Some(marks), Some(start)) = (profile.as_mut(), start) {
+            marks.push(((file.to_string(), name.to_string()), start, record()?));
+        }
         Ok(())
     }
 
