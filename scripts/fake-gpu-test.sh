@@ -6,8 +6,9 @@
 # --test-threads=1, ...); --build-only only builds the driver. FAKE_CUDA_MEMORY_BYTES sets the
 # fake device's memory size.
 #   --build-asan builds target/fake-cuda-asan, the fake and the emulated kernels under
-#   AddressSanitizer (tests/fake_gpu.rs runs memcheck's counterpart with it); a process loading
-#   it needs LD_PRELOAD="$(g++ -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0.
+#   AddressSanitizer and UBSan's alignment check (tests/fake_gpu.rs runs memcheck's counterpart
+#   with it); a process loading it needs
+#   LD_PRELOAD="$(g++ -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,7 +16,7 @@ out=target/fake-cuda
 sanitizers=""
 if [[ ${1:-} == --build-asan ]]; then
     out=target/fake-cuda-asan
-    sanitizers="-fsanitize=address -fno-omit-frame-pointer"
+    sanitizers="-fsanitize=address,alignment -fno-sanitize-recover=all -fno-omit-frame-pointer"
 fi
 lib=$out/libcuda.so
 export MCDM_NVRTC_LIB="${MCDM_NVRTC_LIB:-$PWD/.nvrtc/nvidia/cu13/lib/libnvrtc.so.13}"

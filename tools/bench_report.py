@@ -36,6 +36,16 @@ def images_per_second(record):
     return rows[0].get("images_per_second") if rows else None
 
 
+def spaced_tables(text):
+    """`text` with a blank line before each table that follows a text line, so that it renders."""
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("|") and lines and lines[-1].strip() and not lines[-1].startswith("|"):
+            lines.append("")
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def fmt(v, digits=2):
     return "n/a" if v is None else f"{v:.{digits}f}"
 
@@ -81,14 +91,14 @@ def main():
     if kernels:
         print("## Single kernels (`mcdm bench --device cuda --dtype bf16 --kernels --iters 20`)")
         print()
-        print(kernels)
+        print(spaced_tables(kernels))
         print()
     for cfg in CONFIGS:
         profile = read(f"profile-{cfg}.log").strip()
         if profile:
             print(f"## Where a forward pass spends its time: {cfg} (`mcdm bench --profile`)")
             print()
-            print(profile)
+            print(spaced_tables(profile))
             print()
     summary = read("summary.txt").strip()
     if summary:

@@ -39,7 +39,9 @@ struct dim3 {
 inline dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
 
-struct uint4 {
+// 16-byte aligned as in CUDA's vector_types.h, so that UBSan flags a misaligned vector access,
+// which faults on a GPU ("misaligned address").
+struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
 struct alignas(16) float4 {
