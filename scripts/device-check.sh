@@ -128,9 +128,9 @@ sanitize sample "$BIN" sample --device cuda --model u=$F/sample/models/uncond.sa
     --num-samples 2 --steps 3 --out /tmp/sanitize-sample
 
 # 3. Single kernels (TFLOP/s, GB/s), then composed DDIM sampling (3 experts + unconditional, 10 steps,
-#    random weights): mcdm, a per-kernel profile of one forward pass, then guided-diffusion in
-#    PyTorch fp16 eager, then torch.compile, each on both configs, so that a slow compile cannot
-#    crowd out the eager baseline.
+#    random weights): mcdm, guided-diffusion in PyTorch fp16 eager, a per-kernel profile of one
+#    mcdm forward pass, then torch.compile, each on both configs, so that neither the profile nor
+#    a slow compile can crowd out the eager baseline.
 export PYTHONPATH=$ROOT/py:${PYTHONPATH:-}
 if step "kernels bf16" 90 bench-kernels.log "$BIN" bench --device cuda --dtype bf16 --kernels --iters 20; then
     record "kernels bf16" "ok (${LAST_SECONDS} s, table below)"
@@ -143,15 +143,8 @@ for cfg in imagenet64-adm face256; do
         record "mcdm bf16 $cfg b$b" "$(tail -1 "$LOG/bench-mcdm-$cfg.log")"
     elif [ $? -ne 125 ]; then record "mcdm bf16 $cfg b$b" "FAILED or stopped"; fi
 done
-# Where one forward pass of each config spends its GPU time, kernel by kernel (CUDA events).
-for cfg in imagenet64-adm face256; do
-    b=$(batch_of $cfg)
-    if step "profile $cfg b$b" 60 "profile-$cfg.log" "$BIN" bench --device cuda --dtype bf16 \
-        --config tools/configs/$cfg.json --batch "$b" --iters 2 --profile; then
-        record "profile $cfg b$b" "ok (${LAST_SECONDS} s, table in report.md)"
-    elif [ $? -ne 125 ]; then record "profile $cfg b$b" "FAILED or stopped"; fi
-done
-for mode in "--fp16" "--fp16 --compile"; do
+torch_bench() {
+    local mode=$1 tag cfg b
     tag=$(echo "$mode" | tr -d ' -')
     for cfg in imagenet64-adm face256; do
         b=$(batch_of $cfg)
@@ -161,7 +154,17 @@ for mode in "--fp16" "--fp16 --compile"; do
             record "torch $tag $cfg b$b" "$(grep 'images/s' "$LOG/bench-torch-$cfg-$tag.log" | tail -1)"
         elif [ $? -ne 125 ]; then record "torch $tag $cfg b$b" "FAILED or stopped"; fi
     done
+}
+torch_bench "--fp16"
+# Where one forward pass of each config spends its GPU time, kernel by kernel (CUDA events).
+for cfg in imagenet64-adm face256; do
+    b=$(batch_of $cfg)
+    if step "profile $cfg b$b" 60 "profile-$cfg.log" "$BIN" bench --device cuda --dtype bf16 \
+        --config tools/configs/$cfg.json --batch "$b" --iters 2 --profile; then
+        record "profile $cfg b$b" "ok (${LAST_SECONDS} s, table in report.md)"
+    elif [ $? -ne 125 ]; then record "profile $cfg b$b" "FAILED or stopped"; fi
 done
+torch_bench "--fp16 --compile"
 
 python3 tools/bench_report.py "$LOG" >"$OUT/report.md" || true
 tar -czf "$OUT/logs.tar.gz" -C "$LOG" . || true

@@ -161,7 +161,8 @@ fn batching_does_not_change_embeddings() {
 
 /// `mcdm encode-text`, run from the fixture's texts split between `--text` (those a line cannot
 /// hold, and the first two) and `--text-file`, writes sentence-transformers' embeddings in
-/// order.
+/// order. The file is written as Windows editors do (a byte-order mark, CRLF) and ends with a
+/// blank line, which is one more, empty, text.
 #[test]
 fn encode_text_cli_matches_sentence_transformers() {
     if encoder().is_none() {
@@ -178,7 +179,8 @@ fn encode_text_cli_matches_sentence_transformers() {
     assert!(lines.len() >= 4, "too few texts for the file");
     let file = dir.path().join("texts.txt");
     let body: Vec<&str> = lines.iter().map(|(_, t)| t.as_str()).collect();
-    std::fs::write(&file, body.join("\n") + "\n").unwrap();
+    std::fs::write(&file, format!("\u{feff}{}\r\n\r\n", body.join("\r\n"))).unwrap();
+    let empty = fx.texts.iter().position(String::is_empty).unwrap();
     let output = dir.path().join("e.safetensors");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcdm"));
     cmd.arg("encode-text");
@@ -199,7 +201,12 @@ fn encode_text_cli_matches_sentence_transformers() {
     );
     let written = SafetensorsFile::open(&output).unwrap();
     let got = written.f32("embedding").unwrap();
-    let order: Vec<usize> = inline.iter().chain(&lines).map(|(i, _)| *i).collect();
+    let order: Vec<usize> = inline
+        .iter()
+        .chain(&lines)
+        .map(|(i, _)| *i)
+        .chain([empty])
+        .collect();
     assert_eq!(written.shape("embedding").unwrap(), [order.len(), 384]);
     for (row, &i) in order.iter().enumerate() {
         let (g, w) = (&got[row * 384..][..384], &fx.embedding[i * 384..][..384]);
@@ -218,12 +225,15 @@ fn encode_text_cli_rejects_bad_text_files() {
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty.txt");
     std::fs::write(&empty, "").unwrap();
+    let blank = dir.path().join("blank.txt");
+    std::fs::write(&blank, "\u{feff}\n  \r\n\t\n").unwrap();
     let latin1 = dir.path().join("latin1.txt");
     std::fs::write(&latin1, b"caf\xe9\n").unwrap();
     let missing = dir.path().join("missing.txt");
     let output = dir.path().join("e.safetensors");
     for (file, expected) in [
         (&empty, "holds no texts"),
+        (&blank, "holds no texts"),
         (&latin1, "is not UTF-8 text"),
         (&missing, "reading"),
     ] {

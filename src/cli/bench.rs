@@ -50,7 +50,9 @@ pub struct Args {
     #[arg(long, default_value_t = 10)]
     steps: usize,
     /// After timing each batch size, run one more forward pass with every kernel launch timed
-    /// by CUDA events and show where the time goes (GPU only).
+    /// by CUDA events and show where the time goes (GPU only). A kernel's time runs from just
+    /// before its launch to its end, so where the host cannot keep the GPU busy (small
+    /// batches) it includes the launch latency.
     #[arg(long)]
     profile: bool,
 }
@@ -216,8 +218,8 @@ fn print_profile(n: usize, seconds: f64, kernels: &[KernelTime]) {
     let total: f64 = kernels.iter().map(|k| k.ms).sum();
     let share = |ms: f64| 100.0 * ms / total.max(1e-12);
     println!(
-        "\nbatch {n}: the kernels of one forward pass took {total:.2} ms on the GPU; the timed \
-         forward pass, which adds copies, launch gaps and host work, {:.2} ms\n",
+        "\nbatch {n}: the kernels of one forward pass took {total:.2} ms (each from just before \
+         its launch to its end); the timed forward pass, with uploads and downloads, {:.2} ms\n",
         seconds * 1e3
     );
     let mut families: Vec<(&str, usize, f64)> = Vec::new();

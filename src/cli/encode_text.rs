@@ -47,12 +47,11 @@ pub struct Args {
     /// The model directory (default: $MCDM_TEXT_MODEL, then models/all-MiniLM-L6-v2).
     #[arg(long, value_name = "DIR")]
     text_model: Option<PathBuf>,
-    /// Where the encoder runs. The CPU is exact and quick for a few texts; the GPU pays off
-    /// on thousands.
+    /// Where the encoder runs: the CPU in f32, or the GPU through the UNet's kernels.
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
     device: Device,
-    /// GPU storage type (the CPU computes in f32). bf16 embeddings are within cosine 0.9999
-    /// of f32 ones.
+    /// GPU storage type (the CPU computes in f32). f16 and bf16 round the activations: their
+    /// embeddings are within cosine 0.999 of the f32 ones.
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     dtype: Dtype,
 }
@@ -64,11 +63,12 @@ fn gather_texts(args: &Args) -> Result<Vec<String>> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let content = String::from_utf8(bytes)
             .with_context(|| format!("{} is not UTF-8 text", path.display()))?;
-        let before = texts.len();
-        texts.extend(content.lines().map(str::to_string));
-        if texts.len() == before {
-            bail!("{} holds no texts", path.display());
+        // Editors may start a UTF-8 file with a byte-order mark; it is not part of the text.
+        let content = content.strip_prefix('\u{feff}').unwrap_or(&content);
+        if content.trim().is_empty() {
+            bail!("{} holds no texts (it is empty or blank)", path.display());
         }
+        texts.extend(content.lines().map(str::to_string));
     }
     Ok(texts)
 }
@@ -181,6 +181,10 @@ pub fn run(args: Args) -> Result<()> {
             String::new()
         }
     );
+    let empty = texts.iter().filter(|t| t.trim().is_empty()).count();
+    if empty > 0 {
+        eprintln!("note: {empty} of the texts are empty or blank (each still has its row)");
+    }
     eprintln!("wrote `embedding` [{n}, {d}] to {}", args.output.display());
     Ok(())
 }

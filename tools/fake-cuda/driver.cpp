@@ -22,7 +22,7 @@
 #include <string>
 #include <unordered_map>
 
-#include <sanitizer/asan_interface.h>
+#include "asan.h"
 
 #include "kernel_registry.h"
 

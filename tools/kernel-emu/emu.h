@@ -14,7 +14,7 @@
 #include <deque>
 #include <vector>
 #include <sys/mman.h>
-#include <sanitizer/asan_interface.h>  // ASAN_(UN)POISON_MEMORY_REGION: no-ops without ASan
+#include "asan.h"
 using std::max;
 using std::min;
 
@@ -221,7 +221,8 @@ inline long dyn_chunk(const void* p) {
 inline void emu_dyn_smem_bound(size_t bytes) {
     g_dyn_bytes = bytes;
     ASAN_UNPOISON_MEMORY_REGION(g_dyn_smem, EMU_DYN_MAX);
-    const size_t inside = std::min(bytes, EMU_DYN_MAX);
+    // From the end of the last 16-byte chunk: emu_block_start refills whole chunks.
+    const size_t inside = std::min((bytes + 15) / 16 * 16, EMU_DYN_MAX);
     ASAN_POISON_MEMORY_REGION(g_dyn_smem + inside, EMU_DYN_MAX - inside);
 }
 // Only the launch's dynamic size is reset: dyn_chunk rejects every access past it.

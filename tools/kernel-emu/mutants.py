@@ -54,10 +54,12 @@ def main():
     conv = (repo / "kernels" / "conv.cu").read_text()
     wrong = 0
     sanitized = "-fsanitize=address" in args.cxx
+    checked = 0
     for name, (old, new) in MUTANTS.items():
         if name in SANITIZER_ONLY and not sanitized:
             print(f"skipped  {name}: needs AddressSanitizer, which --cxx does not enable", flush=True)
             continue
+        checked += 1
         work = root / name
         shutil.rmtree(work, ignore_errors=True)
         shutil.copytree(repo / "kernels", work / "kernels")
@@ -87,7 +89,7 @@ def main():
             verdict = "ok      " if ok else "FAILED  "
             detail = "passes in both modes" if ok else f"fails in {', '.join(failed_modes)}"
         print(f"{verdict} {name}: {detail} (logs: {work.relative_to(repo)}/)", flush=True)
-    print(f"SUMMARY mutants {len(MUTANTS)} checked, {wrong} wrong")
+    print(f"SUMMARY mutants {checked} checked, {len(MUTANTS) - checked} skipped, {wrong} wrong")
     return 1 if wrong else 0
 
 
