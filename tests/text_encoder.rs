@@ -7,7 +7,6 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::Instant;
 
 use mcdm::text::TextEncoder;
 use mcdm::weights::SafetensorsFile;
@@ -297,52 +296,4 @@ fn missing_model_files_say_how_to_get_them() {
     let msg = TextEncoder::load(empty.path()).err().unwrap().to_string();
     assert!(msg.contains("missing model.safetensors"), "{msg}");
     assert!(!msg.contains(" config.json"), "{msg}");
-}
-
-/// Timing of a batch of 16 captions (run with `--release -- --ignored --nocapture`).
-#[test]
-#[ignore]
-fn time_16_captions() {
-    let Some(enc) = encoder() else { return };
-    let captions = [
-        "This person has black hair.",
-        "a smiling woman with long red hair and glasses",
-        "A man with a beard and a moustache, wearing a hat.",
-        "a photo of a young man with curly brown hair",
-        "She has wavy blond hair and arched eyebrows.",
-        "An old man with grey hair and a receding hairline.",
-        "The woman has high cheekbones and is wearing lipstick.",
-        "This person has bangs and is wearing earrings.",
-        "A bald man with bushy eyebrows.",
-        "a young woman with straight brown hair and a pointy nose",
-        "He is wearing eyeglasses and a necktie.",
-        "The person has big lips and narrow eyes and is smiling.",
-        "a chubby man with a double chin and sideburns",
-        "She has heavy makeup and rosy cheeks.",
-        "A teenager with a goatee and a mustache.",
-        "The woman with pale skin has oval face and blond hair.",
-    ];
-    let start = Instant::now();
-    TextEncoder::load(enc.dir()).unwrap();
-    let load_ms = start.elapsed().as_secs_f64() * 1e3;
-    enc.encode(&captions).unwrap();
-    let mut times: Vec<f64> = (0..10)
-        .map(|_| {
-            let start = Instant::now();
-            enc.encode(&captions).unwrap();
-            start.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    times.sort_by(|a, b| a.total_cmp(b));
-    let tokens: usize = captions
-        .iter()
-        .map(|c| enc.tokenize(c).unwrap().ids.len())
-        .sum();
-    eprintln!(
-        "load {load_ms:.0} ms; 16 captions ({tokens} tokens): median {:.1} ms, min {:.1} ms, \
-         threads {}",
-        times[times.len() / 2],
-        times[0],
-        rayon::current_num_threads()
-    );
 }
