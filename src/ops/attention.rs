@@ -119,7 +119,7 @@ pub fn attend(qkv: &[f32], n: usize, t: usize, c: usize, heads: usize, out: &mut
                             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                             let mut sum = 0.0;
                             for s in row.iter_mut() {
-                                *s = (*s - max).exp();
+                                *s = super::exp(*s - max);
                                 sum += *s;
                             }
                             let inv = 1.0 / sum;

@@ -86,9 +86,12 @@ impl GroupNorm {
                 .zip(img.par_chunks(c * 64))
                 .for_each(|(o, i)| {
                     for (po, pi) in o.chunks_exact_mut(c).zip(i.chunks_exact(c)) {
-                        for ch in 0..c {
-                            let y = pi[ch] * mul[ch] + add[ch];
-                            po[ch] = if silu_after { silu(y) } else { y };
+                        for (((y, &x), &m), &a) in po.iter_mut().zip(pi).zip(&mul).zip(&add) {
+                            *y = x * m + a;
+                        }
+                        // A separate pass, so that both loops vectorise.
+                        if silu_after {
+                            po.iter_mut().for_each(|y| *y = silu(*y));
                         }
                     }
                 });
