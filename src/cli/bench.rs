@@ -196,13 +196,13 @@ pub fn run(args: Args) -> Result<()> {
             gpu.profile_start()?;
             forward(&x, [n, c, size, size], &cond)?;
             let kernels = gpu.profile_finish()?;
-            profiles.push((n, median, kernels.clone()));
             row["profile"] = serde_json::json!(kernels
                 .iter()
                 .map(|k| serde_json::json!({
                     "file": k.file, "kernel": k.name, "launches": k.launches, "ms": k.ms,
                 }))
                 .collect::<Vec<_>>());
+            profiles.push((n, median, kernels));
         }
         rows.push(row);
     }

@@ -1,18 +1,17 @@
 //! `mcdm encode-text`: sentence embeddings (all-MiniLM-L6-v2) for text-conditioned experts.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::ProgressBar;
 
 use mcdm::cuda::GpuFloat;
 use mcdm::text::{GpuTextEncoder, TextEncoder, MODEL_NAME};
 use mcdm::weights::{write_safetensors, TensorData};
 
-use super::{backend, Backend, Device, Dtype};
+use super::{backend, progress_bar, Backend, Device, Dtype};
 
 /// Texts encoded per call, so that the progress bar moves on long lists.
 const CHUNK: usize = 64;
@@ -111,18 +110,10 @@ pub fn run(args: Args) -> Result<()> {
         .map(|t| encoder.tokenize(t).map(|tok| tok.ids.len()))
         .collect::<mcdm::Result<Vec<_>>>()?;
 
-    let bar = ProgressBar::with_draw_target(
-        Some(texts.len() as u64),
-        if std::io::stderr().is_terminal() && texts.len() > CHUNK {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        },
-    );
-    bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} texts ETA {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+    let bar = progress_bar(
+        texts.len(),
+        texts.len() > CHUNK,
+        "{elapsed_precise} [{bar:30}] {pos}/{len} texts ETA {eta}",
     );
     let start = Instant::now();
     let (embedding, device) = match &backend {

@@ -7,12 +7,14 @@ mod info;
 mod inspect;
 mod sample;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use mcdm::cuda::{unavailable_reason, Gpu};
 
 #[derive(Parser)]
@@ -61,6 +63,25 @@ pub enum Dtype {
 pub enum Backend {
     Cpu,
     Cuda(Arc<Gpu>),
+}
+
+/// A progress bar of `len` units on standard error, drawn only when that is a terminal and
+/// `shown`; `template` is indicatif's (the bar is `[{bar:30}]`).
+fn progress_bar(len: usize, shown: bool, template: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(
+        Some(len as u64),
+        if shown && std::io::stderr().is_terminal() {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
+    );
+    bar.set_style(
+        ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar
 }
 
 /// `auto` takes the GPU when one is usable; `cuda` insists on it with a clear error.

@@ -1,12 +1,11 @@
 //! `mcdm sample`: composed sampling from experts and an unconditional model.
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -22,7 +21,7 @@ use mcdm::cuda::{Gpu, GpuFloat};
 use mcdm::model::GpuUNet;
 use mcdm::text::TextEncoder;
 
-use super::{backend, Backend, Device, Dtype};
+use super::{backend, progress_bar, Backend, Device, Dtype};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Sampler {
@@ -645,18 +644,10 @@ pub fn run(args: Args) -> Result<()> {
         Backend::Cuda(_) => n.min(64),
     });
     // Counted in image-steps, so that the bar stays right when a GPU batch is split.
-    let bar = ProgressBar::with_draw_target(
-        Some((n * steps) as u64),
-        if std::io::stderr().is_terminal() {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        },
-    );
-    bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {msg} ETA {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+    let bar = progress_bar(
+        n * steps,
+        true,
+        "{elapsed_precise} [{bar:30}] {msg} ETA {eta}",
     );
     let start = Instant::now();
     let mut image_steps = 0usize;
