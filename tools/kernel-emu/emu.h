@@ -1,8 +1,9 @@
 // CPU emulation of the CUDA features kernels/*.cu use, so that their real source can be
 // compiled with g++ and checked without a GPU (see README.md). One fiber per CUDA thread, all on
 // the launching host thread and switched at barriers; the blocks of a launch one after another.
-// Compile with -ffp-contract=off: the kernels' f32 arithmetic must not be contracted into FMAs
-// the GPU build does not make either.
+// Compile with -ffp-contract=off: step.cu, the file that must match the CPU bit for bit, is built
+// with --fmad=false for the GPU too; elsewhere the GPU build may contract into FMAs, a last-bit
+// difference that those kernels' tolerances cover.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -26,7 +27,8 @@ using std::min;
 #define __host__
 #define __forceinline__ inline
 // A block's static shared arrays are function-local statics: blocks run one at a time, so one
-// copy serves them all (NOT re-poisoned between blocks, unlike the dynamic shared memory).
+// copy serves them all; prep.py follows each declaration with emu_shared_fresh (below), which
+// refills the array for every block.
 #define __shared__ static
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
@@ -225,8 +227,21 @@ inline void emu_dyn_smem_bound(size_t bytes) {
     const size_t inside = std::min((bytes + 15) / 16 * 16, EMU_DYN_MAX);
     ASAN_POISON_MEMORY_REGION(g_dyn_smem + inside, EMU_DYN_MAX - inside);
 }
+inline long g_block_serial = 0;  // counts the blocks started, for emu_shared_fresh
+
+// Called by every thread after the declaration of a static __shared__ array (prep.py adds the
+// call, with a counter of its own per array): the first thread of a block to pass it fills the
+// array with 0xff bytes, NaN in f32, f16 and bf16, so that reading an element the block has not
+// written gives NaN (garbage on a GPU) rather than an earlier block's value.
+inline void emu_shared_fresh(void* array, size_t bytes, long& filled_for_block) {
+    if (filled_for_block == g_block_serial) return;
+    filled_for_block = g_block_serial;
+    memset(array, 0xff, bytes);
+}
+
 // Only the launch's dynamic size is reset: dyn_chunk rejects every access past it.
 inline void emu_block_start() {
+    ++g_block_serial;
     const size_t chunks = std::min((g_dyn_bytes + 15) / 16, EMU_DYN_MAX / 16);
     memset(g_dyn_smem, 0xff, 16 * chunks);
     for (size_t i = 0; i < chunks; ++i) {

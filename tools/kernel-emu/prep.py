@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Rewrites kernels/common.cuh and kernels/*.cu into sources g++ compiles against emu.h.
 
-Only three things change; the kernel code itself is compiled as written:
+Only four things change; the kernel code itself is compiled as written:
   - the CUDA headers of common.cuh are replaced by emu.h;
   - every function whose body is inline PTX (asm) keeps its signature and gets an emulated
     body from EMULATED below (an asm function missing there is an error: model it first);
-  - `extern __shared__ ... name[];` (dynamic shared memory) becomes the emulator's buffer.
+  - `extern __shared__ ... name[];` (dynamic shared memory) becomes the emulator's buffer;
+  - every static `__shared__ ... name[...];` is followed by a call that refills it with NaN
+    bytes for each block (emu.h, emu_shared_fresh).
 
 usage: prep.py [--kernels DIR] --out DIR
 """
@@ -29,6 +31,7 @@ EMULATED = {
 
 CUDA_INCLUDES = re.compile(r"#include <(cuda_fp16|cuda_bf16)\.h>\n")
 DYNAMIC_SHARED = re.compile(r"extern __shared__[^;\[]*?(\w+)\[\];")
+STATIC_SHARED = re.compile(r"^(\s*__shared__[^;\[]*?(\w+)\s*\[[^;]*\];)", re.M)
 
 
 def matching_brace(src, open_at):
@@ -74,6 +77,9 @@ def convert(text, path):
     if path.name == "common.cuh":
         text = text.replace("#pragma once\n", '#pragma once\n#include "emu.h"\n', 1)
     text = DYNAMIC_SHARED.sub(r"#define \1 g_dyn_smem", text)
+    text = STATIC_SHARED.sub(
+        r"\1 static long emu_fresh_\2 = -1; emu_shared_fresh(\2, sizeof(\2), emu_fresh_\2);", text
+    )
     return emulate_asm_functions(text, path)
 
 
