@@ -127,7 +127,7 @@ sanitize sample "$BIN" sample --device cuda --model u=$F/sample/models/uncond.sa
     --model c=$F/sample/models/classes.safetensors --uncond u --expert c,class=3 \
     --num-samples 2 --steps 3 --out /tmp/sanitize-sample
 
-# 3. Single kernels (TFLOP/s, GB/s), then composed DDIM sampling (3 experts + unconditional, 10 steps,
+# 3. Single kernels (TFLOP/s, GB/s, share of the measured peaks), then composed DDIM sampling (3 experts + unconditional, 10 steps,
 #    random weights): mcdm, guided-diffusion in PyTorch fp16 eager, a per-kernel profile of one
 #    mcdm forward pass, then torch.compile, each on both configs, so that neither the profile nor
 #    a slow compile can crowd out the eager baseline.

@@ -26,9 +26,9 @@ if echo 'int main() { return 0; }' | ${CXX:-g++} $sanitizers -x c++ -o /dev/null
 else
     echo "emulate-kernels: ${CXX:-g++} has no AddressSanitizer: out-of-bounds accesses go unchecked" >&2
 fi
-drivers=(conv group_norm attention linear resample layout layer_norm step)
+drivers=(conv group_norm attention linear resample layout layer_norm step peak)
 # driver and arguments, one run per row of the table
-runs=("conv delayed" "conv immediate" group_norm attention linear resample layout layer_norm step)
+runs=("conv delayed" "conv immediate" group_norm attention linear resample layout layer_norm step peak)
 
 mkdir -p "$out/bin" "$out/logs"
 python3 tools/kernel-emu/prep.py --out "$out/gen"

@@ -353,3 +353,34 @@ fn forward_matches_cpu() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// The peak kernels of `bench --kernels` (their outputs are exact, so they must match
+/// bit for bit), and the streaming copy.
+#[test]
+fn peak_kernels_match_cpu() {
+    use mcdm::ops::peak::{compute_peak_gpu, compute_reference, copy_gpu, BLOCK};
+    fn compute<T: GpuFloat>(g: &Gpu) {
+        let (blocks, iters) = (3, 7);
+        let mut out = g.upload::<f32>(&vec![f32::NAN; blocks * BLOCK]).unwrap();
+        compute_peak_gpu::<T>(g, &mut out, blocks, iters).unwrap();
+        let want = compute_reference::<T>(iters);
+        let got = g.download(&out).unwrap();
+        assert!(
+            got.iter().all(|&v| v == want),
+            "peak {}: {:?} against {want}",
+            T::SUFFIX,
+            &got[..4]
+        );
+    }
+    let Some(g) = gpu("peak") else { return };
+    compute::<f32>(&g);
+    compute::<half::f16>(&g);
+    compute::<half::bf16>(&g);
+    for words in [1, 300, 5001] {
+        let x = values(4 * words, 11);
+        let xd = g.upload::<f32>(&x).unwrap();
+        let mut yd = g.upload::<f32>(&vec![f32::NAN; 4 * words]).unwrap();
+        copy_gpu(&g, &xd, &mut yd, 2).unwrap();
+        assert_eq!(g.download(&yd).unwrap(), x, "copy of {words} words");
+    }
+}

@@ -25,7 +25,8 @@ pub struct Args {
     #[arg(long, required_unless_present = "kernels")]
     config: Option<PathBuf>,
     /// Time single GPU kernels at the workload's shapes instead (conv, attention, group norm),
-    /// in TFLOP/s or GB/s.
+    /// in TFLOP/s or GB/s and as a share of this GPU's measured peaks (tensor-core or FMA
+    /// throughput, copy bandwidth).
     #[arg(long)]
     kernels: bool,
     /// Batch sizes.
@@ -412,8 +413,10 @@ fn bench_kernels<T: GpuFloat>(gpu: &std::sync::Arc<Gpu>, iters: usize) -> Result
             .map(|i| ((i * 7919) % 2003) as f32 / 1001.0 - 1.0)
             .collect::<Vec<f32>>()
     };
-    println!("| kernel | shape | ms | rate |");
-    println!("|---|---|---:|---:|");
+    let peaks = measure_peaks::<T>(g, iters)?;
+    let share = |rate: f64, peak: f64| format!("{:.0}%", 100.0 * rate / peak);
+    println!("\n| kernel | shape | ms | rate | of peak |");
+    println!("|---|---|---:|---:|---:|");
     // Convolutions: every kernel variant that can run the shape (`auto` marks the one
     // `forward` picks), so a GPU run shows which wins where.
     for &(n, h, w, cin, cout, k) in &[
@@ -441,12 +444,13 @@ fn bench_kernels<T: GpuFloat>(gpu: &std::sync::Arc<Gpu>, iters: usize) -> Result
             let secs = time_gpu(g, iters, || {
                 conv.forward_with(g, kern, &x, n, h, w, &mut y, Residual::None)
             })?;
+            let tflops = flop / secs / 1e12;
             println!(
-                "| conv{k}x{k} {}{} | n{n} {h}x{w} {cin}->{cout} | {:.3} | {:.1} TFLOP/s |",
+                "| conv{k}x{k} {}{} | n{n} {h}x{w} {cin}->{cout} | {:.3} | {tflops:.1} TFLOP/s | {} |",
                 kern.name(),
                 if kern == auto { " (auto)" } else { "" },
                 secs * 1e3,
-                flop / secs / 1e12
+                share(tflops, peaks.tflops)
             );
         }
     }
@@ -454,11 +458,11 @@ fn bench_kernels<T: GpuFloat>(gpu: &std::sync::Arc<Gpu>, iters: usize) -> Result
         let qkv = g.upload::<T>(&fill(n * t * 3 * c))?;
         let mut out = g.zeros::<T>(n * t * c)?;
         let secs = time_gpu(g, iters, || attend_gpu(g, &qkv, n, t, c, heads, &mut out))?;
-        let flop = 4.0 * (n * t * t * c) as f64;
+        let tflops = 4.0 * (n * t * t * c) as f64 / secs / 1e12;
         println!(
-            "| attention | n{n} t{t} c{c} heads{heads} | {:.3} | {:.1} TFLOP/s |",
+            "| attention | n{n} t{t} c{c} heads{heads} | {:.3} | {tflops:.1} TFLOP/s | {} |",
             secs * 1e3,
-            flop / secs / 1e12
+            share(tflops, peaks.tflops)
         );
     }
     for &(n, hw, c) in &[
@@ -481,12 +485,74 @@ fn bench_kernels<T: GpuFloat>(gpu: &std::sync::Arc<Gpu>, iters: usize) -> Result
             gn.forward(g, &x, n, hw, &mut y, &mut stats, None, true)
         })?;
         // Statistics read x once, the apply pass reads x and writes y.
-        let bytes = 3.0 * (n * hw * c * std::mem::size_of::<T>()) as f64;
+        let gbs = 3.0 * (n * hw * c * std::mem::size_of::<T>()) as f64 / secs / 1e9;
         println!(
-            "| group norm + SiLU | n{n} hw{hw} c{c} | {:.3} | {:.0} GB/s |",
+            "| group norm + SiLU | n{n} hw{hw} c{c} | {:.3} | {gbs:.0} GB/s | {} |",
             secs * 1e3,
-            bytes / secs / 1e9
+            share(gbs, peaks.gbs)
         );
     }
     Ok(())
+}
+
+/// What this GPU reaches at all (`kernels/peak.cu`), the yardsticks of the kernel table.
+struct Peaks {
+    /// Tensor-core (f16/bf16) or FMA (f32) throughput, TFLOP/s.
+    tflops: f64,
+    /// DRAM bandwidth of a streaming copy, GB/s (bytes read plus bytes written).
+    gbs: f64,
+}
+
+/// Times the compute-peak kernel for `T` (its output checked against the CPU reference, so that
+/// the timed work is known to be done) and a copy between two buffers far larger than the L2
+/// cache, and prints them.
+fn measure_peaks<T: GpuFloat>(g: &Gpu, iters: usize) -> Result<Peaks> {
+    use mcdm::ops::peak::{
+        blocks_to_fill, compute_peak_gpu, compute_peak_kernel, compute_reference, copy_gpu, BLOCK,
+    };
+    let (kernel, instruction) = compute_peak_kernel::<T>();
+    let blocks = blocks_to_fill(g);
+    let mut out = g.zeros::<f32>(blocks * BLOCK)?;
+    // Rounds for about 20 ms a launch, from a short probe; up to 2^18 every sum in the output
+    // stays an integer below 2^24, exact in f32.
+    let probe = 256;
+    let probe_secs = time_gpu(g, 1, || {
+        compute_peak_gpu::<T>(g, &mut out, blocks, probe).map(drop)
+    })?;
+    let rounds = ((probe as f64 * 0.02 / probe_secs) as usize).clamp(probe, 1 << 18);
+    let mut flop = 0.0;
+    let secs = time_gpu(g, iters, || {
+        flop = compute_peak_gpu::<T>(g, &mut out, blocks, rounds)?;
+        Ok(())
+    })?;
+    let want = compute_reference::<T>(rounds);
+    if let Some(bad) = g.download(&out)?.into_iter().find(|&v| v != want) {
+        bail!("{kernel} returned {bad} where {want} was due: not all the timed work was done");
+    }
+    // Two buffers of up to 1 GiB each (at most a quarter of the free memory each).
+    let (free, _) = g.memory()?;
+    let floats = (free / 16).min(1 << 28) / 4 * 4;
+    let x = g.zeros::<f32>(floats)?;
+    let mut y = g.zeros::<f32>(floats)?;
+    let mut bytes = 0.0;
+    let copy_secs = time_gpu(g, iters, || {
+        bytes = copy_gpu(g, &x, &mut y, blocks)?;
+        Ok(())
+    })?;
+    let peaks = Peaks {
+        tflops: flop / secs / 1e12,
+        gbs: bytes / copy_secs / 1e9,
+    };
+    println!("| device peak | measured by | rate |");
+    println!("|---|---|---:|");
+    println!(
+        "| {instruction} | `{kernel}` kernels/peak.cu, {blocks} blocks x {BLOCK} threads, {rounds} rounds | {:.1} TFLOP/s |",
+        peaks.tflops
+    );
+    println!(
+        "| DRAM copy | `copy_u4` kernels/peak.cu, 2 x {:.2} GiB | {:.0} GB/s |",
+        (floats * 4) as f64 / (1u64 << 30) as f64,
+        peaks.gbs
+    );
+    Ok(peaks)
 }

@@ -39,12 +39,13 @@ pub fn run(_args: Args) -> Result<()> {
         None => {
             for d in devices()? {
                 println!(
-                    "gpu {}: {}, {:.1} GiB, compute capability {}.{}",
+                    "gpu {}: {}, {:.1} GiB, compute capability {}.{}, {} SMs",
                     d.ordinal,
                     d.name,
                     d.total_memory as f64 / (1u64 << 30) as f64,
                     d.compute_capability.0,
-                    d.compute_capability.1
+                    d.compute_capability.1,
+                    d.multiprocessors
                 );
             }
         }

@@ -91,6 +91,25 @@ pub struct DeviceInfo {
     pub name: String,
     pub total_memory: usize,
     pub compute_capability: (i32, i32),
+    /// Streaming multiprocessors (SMs).
+    pub multiprocessors: usize,
+}
+
+impl DeviceInfo {
+    fn query(ctx: &CudaContext, ordinal: usize) -> Result<Self> {
+        use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
+        Ok(DeviceInfo {
+            ordinal,
+            name: ctx.name().map_err(cuda_err("device name"))?,
+            total_memory: ctx.total_mem().map_err(cuda_err("device memory"))?,
+            compute_capability: ctx
+                .compute_capability()
+                .map_err(cuda_err("compute capability"))?,
+            multiprocessors: ctx
+                .attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .map_err(cuda_err("multiprocessor count"))? as usize,
+        })
+    }
 }
 
 /// Every device the driver reports.
@@ -102,14 +121,7 @@ pub fn devices() -> Result<Vec<DeviceInfo>> {
     (0..count as usize)
         .map(|ordinal| {
             let ctx = CudaContext::new(ordinal).map_err(cuda_err("creating a context"))?;
-            Ok(DeviceInfo {
-                ordinal,
-                name: ctx.name().map_err(cuda_err("device name"))?,
-                total_memory: ctx.total_mem().map_err(cuda_err("device memory"))?,
-                compute_capability: ctx
-                    .compute_capability()
-                    .map_err(cuda_err("compute capability"))?,
-            })
+            DeviceInfo::query(&ctx, ordinal)
         })
         .collect()
 }
@@ -163,14 +175,7 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         keep_freed_memory(&ctx)?;
         let stream = ctx.new_stream().map_err(cuda_err("creating a stream"))?;
-        let info = DeviceInfo {
-            ordinal,
-            name: ctx.name().map_err(cuda_err("device name"))?,
-            total_memory: ctx.total_mem().map_err(cuda_err("device memory"))?,
-            compute_capability: ctx
-                .compute_capability()
-                .map_err(cuda_err("compute capability"))?,
-        };
+        let info = DeviceInfo::query(&ctx, ordinal)?;
         let mut modules = HashMap::new();
         for &(file, source) in KERNEL_SOURCES {
             let ptx = module_image(file, source, info.compute_capability)?;

@@ -1,0 +1,163 @@
+//! The device's own peaks (`kernels/peak.cu`): tensor-core throughput of `mma.sync` m16n8k16
+//! (what the f16/bf16 conv and attention kernels issue), f32 FMA throughput (the f32 kernels)
+//! and DRAM bandwidth (a streaming copy). `mcdm bench --kernels` states every kernel's rate as a
+//! share of these.
+//!
+//! The CPU references give each thread's exact output: the operands are chosen so that every
+//! sum is exact in f32 whatever order the hardware adds in, so comparing the output proves that
+//! all the timed work was done.
+
+use cudarc::driver::LaunchConfig;
+
+use super::conv::check_len;
+use crate::cuda::{Arg, Gpu, GpuBuffer, GpuFloat};
+use crate::error::{Error, Result};
+
+/// Independent accumulator chains per warp (MMA) or per thread (FMA): `PEAK_CHAINS`.
+pub const CHAINS: usize = 8;
+/// Threads per block: `PEAK_BLOCK`.
+pub const BLOCK: usize = 256;
+/// Blocks per SM for the peak launches: 8 x 256 threads = 2048, a full SM.
+pub const BLOCKS_PER_SM: usize = 8;
+
+/// Every A element is `MMA_A` and every B element `MMA_B` (both exact in f16 and bf16), so an
+/// `mma` adds 16 * a * b = 1 to every accumulator.
+const MMA_A: f32 = 0.25;
+const MMA_B: f32 = 0.25;
+/// `x = fma(x, FMA_B, FMA_C)`: every round adds 1 to every chain.
+const FMA_B: f32 = 1.0;
+const FMA_C: f32 = 1.0;
+
+/// The compute-peak kernel for storage type `T` and the instruction it times.
+pub fn compute_peak_kernel<T: GpuFloat>() -> (&'static str, &'static str) {
+    match T::SUFFIX {
+        "_f32" => ("peak_fma_f32", "f32 FMA"),
+        "_f16" => ("peak_mma_f16", "mma.sync f16"),
+        _ => ("peak_mma_bf16", "mma.sync bf16"),
+    }
+}
+
+/// CPU reference: every thread's output of the compute-peak kernel for `T` after `iters`
+/// rounds (`peak_mma_{f16,bf16}` or `peak_fma_f32`, in the kernel's order).
+pub fn compute_reference<T: GpuFloat>(iters: usize) -> f32 {
+    let mut sum = 0.0f32;
+    if T::SUFFIX == "_f32" {
+        for chain in 0..CHAINS {
+            let mut x = chain as f32;
+            for _ in 0..iters {
+                x = x.mul_add(FMA_B, FMA_C);
+            }
+            sum += x;
+        }
+    } else {
+        let product = T::from_f32(MMA_A).to_f32() * T::from_f32(MMA_B).to_f32();
+        let round: f32 = (0..16).map(|_| product).sum();
+        for chain in 0..CHAINS {
+            let mut acc = chain as f32;
+            for _ in 0..iters {
+                acc += round;
+            }
+            // The thread's 4 accumulator elements of this chain are all equal.
+            for _ in 0..4 {
+                sum += acc;
+            }
+        }
+    }
+    sum
+}
+
+/// The peak launches' grid: [`BLOCKS_PER_SM`] blocks on every SM.
+pub fn blocks_to_fill(gpu: &Gpu) -> usize {
+    gpu.info().multiprocessors.max(1) * BLOCKS_PER_SM
+}
+
+/// Launches the compute-peak kernel for `T` (`peak_mma_{f16,bf16}` on the tensor cores,
+/// `peak_fma_f32` for f32) on `blocks` blocks, `iters` rounds; `out` gets one value per thread
+/// (`blocks * BLOCK`, see [`compute_reference`]). Returns the flops it performs.
+pub fn compute_peak_gpu<T: GpuFloat>(
+    gpu: &Gpu,
+    out: &mut GpuBuffer<f32>,
+    blocks: usize,
+    iters: usize,
+) -> Result<f64> {
+    let threads = blocks * BLOCK;
+    check_len("peak output", out.len(), threads)?;
+    let iters_i32 = i32::try_from(iters)
+        .map_err(|_| Error::Cuda(format!("peak: {iters} rounds is more than an i32")))?;
+    let (kernel, _) = compute_peak_kernel::<T>();
+    let (b, c) = if T::SUFFIX == "_f32" {
+        (FMA_B, FMA_C)
+    } else {
+        (MMA_A, MMA_B)
+    };
+    gpu.launch(
+        "peak",
+        kernel,
+        launch(blocks),
+        &[
+            Arg::Ptr(out.ptr(gpu)),
+            Arg::I32(iters_i32),
+            Arg::F32(b),
+            Arg::F32(c),
+        ],
+    )?;
+    let flop_per_round = if T::SUFFIX == "_f32" {
+        // Per thread: CHAINS FMAs of 2 flop.
+        (2 * CHAINS * threads) as f64
+    } else {
+        // Per warp: CHAINS mma of 16 x 8 x 16 multiply-adds.
+        (CHAINS * 2 * 16 * 8 * 16 * threads / 32) as f64
+    };
+    Ok(flop_per_round * iters as f64)
+}
+
+/// `copy_u4`: y = x over `x.len()` floats (a whole number of 16-byte words), on `blocks`
+/// blocks. Returns the bytes moved (read and written).
+pub fn copy_gpu(
+    gpu: &Gpu,
+    x: &GpuBuffer<f32>,
+    y: &mut GpuBuffer<f32>,
+    blocks: usize,
+) -> Result<f64> {
+    let len = x.len();
+    if !len.is_multiple_of(4) {
+        return Err(Error::Cuda(format!(
+            "peak copy: {len} floats is not a whole number of 16-byte words"
+        )));
+    }
+    check_len("peak copy output", y.len(), len)?;
+    let words = i32::try_from(len / 4)
+        .map_err(|_| Error::Cuda(format!("peak copy: {len} floats is too many")))?;
+    gpu.launch(
+        "peak",
+        "copy_u4",
+        launch(blocks),
+        &[Arg::Ptr(x.ptr(gpu)), Arg::Ptr(y.ptr(gpu)), Arg::I32(words)],
+    )?;
+    Ok((2 * len * std::mem::size_of::<f32>()) as f64)
+}
+
+fn launch(blocks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks.max(1) as u32, 1, 1),
+        block_dim: (BLOCK as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The references in closed form: chains 0..7 plus one per round, summed (MMA: four
+    /// elements per chain), all exact in f32.
+    #[test]
+    fn references_count_every_round() {
+        for iters in [0, 1, 5, 1 << 18] {
+            let chains = (CHAINS * (CHAINS - 1) / 2 + CHAINS * iters) as f32;
+            assert_eq!(compute_reference::<f32>(iters), chains);
+            assert_eq!(compute_reference::<half::f16>(iters), 4.0 * chains);
+            assert_eq!(compute_reference::<half::bf16>(iters), 4.0 * chains);
+        }
+    }
+}
