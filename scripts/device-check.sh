@@ -8,7 +8,7 @@
 #   prints the command to run on the GPU machine.
 # GPU machine: bash scripts/device-check.sh --run      (carry .device-pack)
 #   runs the GPU tests, compute-sanitizer memcheck on a forward pass and a short sampling run,
-#   and the benchmarks (mcdm and PyTorch in the same run); leaves summary.txt, report.md (the
+#   the benchmarks (mcdm and PyTorch in the same run), then racecheck as time allows; leaves summary.txt, report.md (the
 #   page for benches/results/) and logs.tar.gz in $OUT and prints a short table last. Every
 #   step has a time limit and the whole run ends within CHECK_SECONDS (540).
 set -euo pipefail
@@ -106,24 +106,24 @@ done
 # 2. compute-sanitizer memcheck on a forward pass, the conv variants and a short sampling run (it
 #    refuses the device on gVisor machines: recorded as unavailable, not as a failure).
 F=tests/fixtures
+# sanitize TOOL LABEL MAX_SECONDS CMD...
 sanitize() {
-    local label=$1; shift
-    local rc=0
-    step "memcheck $label" 120 "sanitizer-$label.log" \
-        compute-sanitizer --tool memcheck --error-exitcode 9 "$@" || rc=$?
+    local tool=$1 label=$2 cap=$3; shift 3
+    local rc=0 log="sanitizer-$tool-$label.log"
+    step "$tool $label" "$cap" "$log" compute-sanitizer --tool "$tool" --error-exitcode 9 "$@" || rc=$?
     if [ $rc -eq 0 ]; then
-        record "memcheck $label" "$(grep -o 'ERROR SUMMARY: [0-9]* errors' "$LOG/sanitizer-$label.log" || echo '0 errors')"
-    elif grep -q 'Device not supported' "$LOG/sanitizer-$label.log"; then
-        record "memcheck $label" "unavailable on this machine (device not supported)"
+        record "$tool $label" "$(grep -o 'ERROR SUMMARY: [0-9]* errors' "$LOG/$log" || echo '0 errors')"
+    elif grep -q 'Device not supported' "$LOG/$log"; then
+        record "$tool $label" "unavailable on this machine (device not supported)"
     elif [ $rc -ne 125 ]; then
-        record "memcheck $label" "ERRORS (rc $rc, see sanitizer-$label.log)"
+        record "$tool $label" "ERRORS or stopped (rc $rc, see $log)"
     fi
 }
-sanitize forward "$BIN" forward --device cuda --model $F/unet/classcond_sigma_headsup_bf16.safetensors \
+sanitize memcheck forward 120 "$BIN" forward --device cuda --model $F/unet/classcond_sigma_headsup_bf16.safetensors \
     --input $F/unet/classcond_sigma_headsup_bf16.io.safetensors --output /tmp/out.safetensors
 # Every conv variant at its edge shapes (the forward above is small enough for 64x64 tiles).
-sanitize conv-variants "$ROOT/tests/gpu_ops" --test-threads 1 conv_matches_cpu
-sanitize sample "$BIN" sample --device cuda --model u=$F/sample/models/uncond.safetensors \
+sanitize memcheck conv-variants 120 "$ROOT/tests/gpu_ops" --test-threads 1 conv_matches_cpu
+sanitize memcheck sample 120 "$BIN" sample --device cuda --model u=$F/sample/models/uncond.safetensors \
     --model c=$F/sample/models/classes.safetensors --uncond u --expert c,class=3 \
     --num-samples 2 --steps 3 --out /tmp/sanitize-sample
 
@@ -165,6 +165,10 @@ for cfg in imagenet64-adm face256; do
     elif [ $? -ne 125 ]; then record "profile $cfg b$b" "FAILED or stopped"; fi
 done
 torch_bench "--fp16 --compile"
+# 4. With what time is left: racecheck, shared-memory hazards between threads, which the CPU
+#    emulation (one fiber at a time) cannot provoke: the attention kernels, then every conv variant.
+sanitize racecheck attention 60 "$ROOT/tests/gpu_ops" --test-threads 1 attention_matches_cpu
+sanitize racecheck conv-variants 90 "$ROOT/tests/gpu_ops" --test-threads 1 conv_matches_cpu
 
 python3 tools/bench_report.py "$LOG" >"$OUT/report.md" || true
 tar -czf "$OUT/logs.tar.gz" -C "$LOG" . || true

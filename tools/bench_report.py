@@ -4,7 +4,7 @@
     python3 tools/bench_report.py OUT_DIR > report.md
 
 Reads what the check leaves in OUT_DIR: gpu.txt and info.log (nvidia-smi, `mcdm info`), summary.txt (tests,
-memcheck, each benchmark's status), bench-kernels.log (`mcdm bench --kernels`), mcdm-<config>.json
+memcheck, racecheck, each benchmark's status), bench-kernels.log (`mcdm bench --kernels`), mcdm-<config>.json
 (`mcdm bench --compose`), profile-<config>.log (`mcdm bench --profile`) and
 torch-<config>-<mode>.json (tools/bench_torch.py). The composed table
 puts mcdm next to PyTorch measured in the same run, with the ratios. Standard library only: it
