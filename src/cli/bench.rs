@@ -26,7 +26,7 @@ pub struct Args {
     config: Option<PathBuf>,
     /// Time single GPU kernels at the workload's shapes instead (conv, attention, group norm),
     /// in TFLOP/s or GB/s and as a share of this GPU's measured peaks (tensor-core or FMA
-    /// throughput, copy bandwidth).
+    /// throughput, copy bandwidth); each the median of --iters runs timed by CUDA events.
     #[arg(long)]
     kernels: bool,
     /// Batch sizes.
@@ -387,16 +387,18 @@ fn upload_all<T: GpuFloat>(
         .collect::<mcdm::Result<_>>()?)
 }
 
-/// Median seconds of `iters` calls of `f` (after one warm-up), the stream drained each time.
+/// Median GPU seconds of `iters` calls of `f` (after one warm-up): the time of its kernels,
+/// from CUDA events around each launch, so that a kernel of a few microseconds is not
+/// measured as the host's launch and synchronisation latency.
 fn time_gpu(gpu: &Gpu, iters: usize, mut f: impl FnMut() -> mcdm::Result<()>) -> Result<f64> {
     f()?;
     gpu.synchronize()?;
     let mut times = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let start = Instant::now();
+    for _ in 0..iters.max(1) {
+        gpu.profile_start()?;
         f()?;
-        gpu.synchronize()?;
-        times.push(start.elapsed().as_secs_f64());
+        let kernels = gpu.profile_finish()?;
+        times.push(kernels.iter().map(|k| k.ms).sum::<f64>() / 1e3);
     }
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])
