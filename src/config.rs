@@ -68,6 +68,11 @@ impl Default for DiffusionConfig {
     }
 }
 
+/// The largest image side mcdm samples at (guided-diffusion's models go up to 512).
+pub const MAX_IMAGE_SIZE: usize = 4096;
+/// The longest diffusion (guided-diffusion's models use 1000 to 4000 steps).
+pub const MAX_DIFFUSION_STEPS: usize = 1_000_000;
+
 /// UNet architecture (guided-diffusion `UNetModel`) plus mcdm's extensions
 /// (`in_channels`, `num_classes`, `embed_dim`).
 #[derive(Clone, Debug, PartialEq)]
@@ -636,8 +641,11 @@ pub fn resolve(
         use_kl: field!("use_kl", parse_bool, None::<bool>, false),
         rescale_learned_sigmas: field!("rescale_learned_sigmas", parse_bool, None::<bool>, false),
     };
-    if diffusion.diffusion_steps == 0 {
-        return Err(Error::Config("diffusion_steps must be positive".into()));
+    if diffusion.diffusion_steps == 0 || diffusion.diffusion_steps > MAX_DIFFUSION_STEPS {
+        return Err(Error::Config(format!(
+            "diffusion_steps must be between 1 and {MAX_DIFFUSION_STEPS}, got {}",
+            diffusion.diffusion_steps
+        )));
     }
 
     let unet = UNetConfig {
@@ -692,10 +700,22 @@ impl UNetConfig {
                 ));
             }
         }
+        if self.image_size > MAX_IMAGE_SIZE {
+            return bad(format!(
+                "image_size {} is larger than the {MAX_IMAGE_SIZE} mcdm supports",
+                self.image_size
+            ));
+        }
         if self.num_head_channels == 0 || self.num_head_channels < -1 {
             return bad(format!(
                 "num_head_channels must be -1 or positive, got {}",
                 self.num_head_channels
+            ));
+        }
+        if self.num_heads_upsample == 0 || self.num_heads_upsample < -1 {
+            return bad(format!(
+                "num_heads_upsample must be -1 (num_heads) or positive, got {}",
+                self.num_heads_upsample
             ));
         }
         let ds = self.attention_ds();
@@ -709,6 +729,15 @@ impl UNetConfig {
             } else {
                 &[]
             };
+            if self.num_head_channels > 0
+                && !uses.is_empty()
+                && !ch.is_multiple_of(self.num_head_channels as usize)
+            {
+                return bad(format!(
+                    "num_head_channels {} does not divide the {ch} channels of an attention block",
+                    self.num_head_channels
+                ));
+            }
             for &upsample in uses {
                 let heads = self.heads(ch, upsample);
                 if heads == 0 || ch % heads != 0 {

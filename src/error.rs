@@ -12,11 +12,12 @@ pub enum Error {
     },
     #[error("{path}: not a valid safetensors file: {reason}")]
     Safetensors { path: PathBuf, reason: String },
-    #[error("{path}: tensor `{name}` has unsupported dtype {dtype} (expected F32, F16 or BF16)")]
+    #[error("{path}: tensor `{name}` has dtype {dtype}, expected {expected}")]
     UnsupportedDtype {
         path: PathBuf,
         name: String,
         dtype: String,
+        expected: &'static str,
     },
     #[error("{path}: tensor `{name}` holds {count} non-finite value(s) (NaN or inf)")]
     NonFinite {
@@ -36,6 +37,9 @@ pub enum Error {
     Diffusion(String),
     #[error("CUDA: {0}")]
     Cuda(String),
+    /// A result left the f32 range (NaN or inf): a model or an input is out of scale.
+    #[error("{0}")]
+    Numeric(String),
     /// An allocation the device could not satisfy; the sampler retries with smaller batches.
     #[error(
         "CUDA: allocating {} on {device} failed: out of device memory ({} free)",
@@ -60,7 +64,7 @@ impl Error {
 }
 
 /// `bytes` in B, KiB, MiB or GiB, whichever reads best.
-fn human_bytes(bytes: usize) -> String {
+pub(crate) fn human_bytes(bytes: usize) -> String {
     if bytes < 1024 {
         return format!("{bytes} B");
     }

@@ -13,6 +13,15 @@ pub fn read_png(path: &Path) -> Result<(Vec<f32>, usize, usize, usize)> {
     decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
     let bad = |e: String| Error::Input(format!("{}: not a readable PNG: {e}", path.display()));
     let mut reader = decoder.read_info().map_err(|e| bad(e.to_string()))?;
+    // From the header, before decoding: a small file may declare a huge image.
+    let (width, height) = (reader.info().width, reader.info().height);
+    let max = crate::config::MAX_IMAGE_SIZE;
+    if width as usize > max || height as usize > max {
+        return Err(Error::Input(format!(
+            "{}: the PNG is {width}x{height}, larger than the {max}x{max} mcdm samples at",
+            path.display()
+        )));
+    }
     let mut buf = vec![0; reader.output_buffer_size()];
     let info = reader
         .next_frame(&mut buf)

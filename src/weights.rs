@@ -58,6 +58,21 @@ pub struct SafetensorsFile {
 impl SafetensorsFile {
     /// Maps `path` and validates its header (offsets, sizes, dtypes).
     pub fn open(path: &Path) -> Result<Self> {
+        // Opening a FIFO would block; a directory would fail with an obscure mmap error.
+        let kind = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if !kind.is_file() {
+            return Err(Error::Safetensors {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "it is {}",
+                    if kind.is_dir() {
+                        "a directory"
+                    } else {
+                        "not a regular file"
+                    }
+                ),
+            });
+        }
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the file is only read; a concurrent truncation by another process is the
         // usual mmap caveat and is outside what we can guard against.
@@ -81,6 +96,7 @@ impl SafetensorsFile {
                         path: path.to_path_buf(),
                         name,
                         dtype: format!("{other:?}"),
+                        expected: "F32, F16, BF16 (or I64 for labels and timesteps)",
                     })
                 }
             };
@@ -195,7 +211,8 @@ impl SafetensorsFile {
                 return Err(Error::UnsupportedDtype {
                     path: self.path.clone(),
                     name: name.to_string(),
-                    dtype: "I64 where a float tensor is needed".into(),
+                    dtype: "I64".into(),
+                    expected: "F32, F16 or BF16",
                 })
             }
         };
@@ -217,7 +234,8 @@ impl SafetensorsFile {
             return Err(Error::UnsupportedDtype {
                 path: self.path.clone(),
                 name: name.to_string(),
-                dtype: format!("{} where I64 is needed", e.dtype.name()),
+                dtype: e.dtype.name().to_uppercase(),
+                expected: "I64 (integers)",
             });
         }
         Ok(self.map[e.start..e.end]

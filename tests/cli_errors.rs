@@ -195,7 +195,7 @@ fn unsupported_dtype() {
         let t = raw.iter_mut().find(|t| t.0 == "out.2.bias").unwrap();
         t.1 = Dtype::I16;
     });
-    s.forward_fails("unsupported dtype");
+    s.forward_fails("has dtype I16, expected F32, F16, BF16");
 }
 
 #[test]
@@ -299,4 +299,76 @@ fn inspect_reports_sources() {
     // No JSON beside `model.safetensors`: the config comes from the metadata.
     assert!(text.contains("(metadata)"), "{text}");
     assert!(text.contains("GFLOP per image"), "{text}");
+}
+
+/// Finite inputs far out of scale overflow inside the network: an error, nothing written.
+#[test]
+fn non_finite_output() {
+    let s = Setup::new();
+    s.edit_input(|raw| {
+        let x = raw.iter_mut().find(|t| t.0 == "x").unwrap();
+        assert_eq!(x.1, Dtype::F32);
+        x.3 = x.3.chunks(4).flat_map(|_| 3e38f32.to_le_bytes()).collect();
+    });
+    s.forward_fails("non-finite value(s) (NaN or inf)");
+}
+
+/// Configs guided-diffusion rejects, and sizes no machine holds, fail before anything is built.
+#[test]
+fn impossible_configs() {
+    let cases: [(&str, serde_json::Value, &str); 4] = [
+        (
+            "num_head_channels",
+            7.into(),
+            "num_head_channels 7 does not divide",
+        ),
+        (
+            "num_heads_upsample",
+            0.into(),
+            "num_heads_upsample must be -1 (num_heads) or positive",
+        ),
+        (
+            "image_size",
+            1048576.into(),
+            "image_size 1048576 is larger than the 4096",
+        ),
+        (
+            "diffusion_steps",
+            1_000_000_000_000u64.into(),
+            "diffusion_steps must be between 1 and",
+        ),
+    ];
+    for (key, value, needle) in cases {
+        let s = Setup::new();
+        s.edit_config(|c| {
+            c.insert(key.into(), value);
+        });
+        s.forward_fails(needle);
+    }
+    // A width of 2^40 (no such weights): reported as mismatches, with nothing allocated.
+    let s = Setup::new();
+    s.edit_config(|c| {
+        c.insert("num_channels".into(), (1u64 << 40).into());
+    });
+    s.forward_fails("config needs [1099511627776]");
+}
+
+#[test]
+fn a_directory_or_fifo_as_model() {
+    let s = Setup::new();
+    std::fs::create_dir(s.path("dir.safetensors")).unwrap();
+    let r = mcdm(&["inspect", &s.s("dir.safetensors")]);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(r.stderr.contains("it is a directory"), "{}", r.stderr);
+    let fifo = s.path("fifo.safetensors");
+    if Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .is_ok_and(|st| st.success())
+    {
+        // Opening a FIFO for reading would block until a writer comes: it must not be opened.
+        let r = mcdm(&["inspect", &fifo.display().to_string()]);
+        assert_eq!(r.code, Some(1), "{}", r.stderr);
+        assert!(r.stderr.contains("not a regular file"), "{}", r.stderr);
+    }
 }

@@ -106,6 +106,13 @@ pub fn run(args: Args) -> Result<()> {
         },
     }
     .context("forward pass")?;
+    let non_finite = out.iter().filter(|v| !v.is_finite()).count();
+    if non_finite > 0 {
+        bail!(
+            "the forward pass produced {non_finite} non-finite value(s) (NaN or inf): the weights \
+             or the inputs drive the network out of the f32 range; nothing written"
+        );
+    }
     let oc = model.unet.config().out_channels();
     let meta = BTreeMap::from([(
         "producer".to_string(),

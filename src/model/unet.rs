@@ -19,9 +19,14 @@ use super::workspace::Workspace;
 
 /// Reads parameters by key, recording every key asked for and every problem, so that a config
 /// that does not fit the weights is reported in full at once. Without a file it makes random
-/// parameters (for benchmarks and tests of speed, never of correctness).
+/// parameters (for benchmarks and tests of speed, never of correctness); a `dry` loader only
+/// counts them.
+///
+/// Once something is wrong (or when dry), layers get empty placeholders: the network will not
+/// run, and a config asking for absurd shapes allocates nothing.
 struct Loader<'a> {
     file: Option<&'a SafetensorsFile>,
+    dry: bool,
     rng_state: u64,
     seen: BTreeSet<String>,
     problems: Vec<String>,
@@ -33,6 +38,7 @@ impl<'a> Loader<'a> {
     fn new(file: Option<&'a SafetensorsFile>, seed: u64) -> Self {
         Loader {
             file,
+            dry: false,
             rng_state: seed,
             seen: BTreeSet::new(),
             problems: Vec::new(),
@@ -41,29 +47,51 @@ impl<'a> Loader<'a> {
         }
     }
 
+    /// Counts the parameters a config needs, allocating none.
+    fn dry() -> Self {
+        Loader {
+            dry: true,
+            ..Loader::new(None, 0)
+        }
+    }
+
+    /// Whether layers get placeholders instead of their parameters.
+    fn placeholders(&self) -> bool {
+        self.dry || !self.problems.is_empty() || self.fatal.is_some()
+    }
+
     fn tensor(&mut self, key: &str, shape: &[usize]) -> Vec<f32> {
         self.seen.insert(key.to_string());
-        let count: usize = shape.iter().product();
-        self.parameters += count;
+        let Some(count) = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) else {
+            self.problems.push(format!(
+                "`{key}`: the config asks for an impossible shape {shape:?}"
+            ));
+            self.parameters = usize::MAX;
+            return Vec::new();
+        };
+        self.parameters = self.parameters.saturating_add(count);
+        if self.dry {
+            return Vec::new();
+        }
         let Some(file) = self.file else {
             return self.random(key, shape);
         };
         let Ok(actual) = file.shape(key) else {
             self.problems
                 .push(format!("missing key `{key}` (expected shape {shape:?})"));
-            return vec![0.0; count];
+            return Vec::new();
         };
         if actual != shape {
             self.problems.push(format!(
                 "shape mismatch for `{key}`: weights have {actual:?}, config needs {shape:?}"
             ));
-            return vec![0.0; count];
+            return Vec::new();
         }
         match file.f32(key) {
             Ok(v) => v,
             Err(e) => {
                 self.fatal.get_or_insert(e);
-                vec![0.0; count]
+                Vec::new()
             }
         }
     }
@@ -103,7 +131,30 @@ impl<'a> Loader<'a> {
     fn conv(&mut self, prefix: &str, cin: usize, cout: usize, k: usize, stride: usize) -> Conv2d {
         let w = self.tensor(&format!("{prefix}.weight"), &[cout, cin, k, k]);
         let b = self.tensor(&format!("{prefix}.bias"), &[cout]);
-        Conv2d::from_torch(&w, b, k, stride)
+        self.conv_from_torch(cin, cout, &w, b, k, stride)
+    }
+
+    /// [`Conv2d::from_torch`], or an empty placeholder (see [`Loader`]).
+    fn conv_from_torch(
+        &self,
+        cin: usize,
+        cout: usize,
+        torch_weight: &[f32],
+        bias: Vec<f32>,
+        kernel: usize,
+        stride: usize,
+    ) -> Conv2d {
+        if self.placeholders() {
+            return Conv2d {
+                cin,
+                cout,
+                kernel,
+                stride,
+                weight: Vec::new(),
+                bias: Vec::new(),
+            };
+        }
+        Conv2d::from_torch(torch_weight, bias, kernel, stride)
     }
 
     /// A Conv1d with kernel 1 (`[cout, cin, 1]`), as attention's qkv and proj_out.
@@ -148,17 +199,17 @@ impl<'a> Loader<'a> {
         let heads = cfg.heads(c, upsample);
         let norm = self.norm(&format!("{prefix}.norm"), c);
         let (mut qkv_w, mut qkv_b) = self.conv1d(&format!("{prefix}.qkv"), c, 3 * c);
-        if !cfg.use_new_attention_order {
+        let (proj_w, proj_b) = self.conv1d(&format!("{prefix}.proj_out"), c, c);
+        if !cfg.use_new_attention_order && !self.placeholders() {
             qkv_w = legacy_qkv_to_new_order(&qkv_w, c, c, heads);
             qkv_b = legacy_qkv_to_new_order(&qkv_b, 1, c, heads);
         }
-        let (proj_w, proj_b) = self.conv1d(&format!("{prefix}.proj_out"), c, c);
         Attention {
             channels: c,
             heads,
             norm,
-            qkv: Conv2d::from_torch(&qkv_w, qkv_b, 1, 1),
-            proj_out: Conv2d::from_torch(&proj_w, proj_b, 1, 1),
+            qkv: self.conv_from_torch(c, 3 * c, &qkv_w, qkv_b, 1, 1),
+            proj_out: self.conv_from_torch(c, c, &proj_w, proj_b, 1, 1),
         }
     }
 }
@@ -208,6 +259,9 @@ pub struct Conditioning<'a> {
     pub embedding: Option<&'a [f32]>,
 }
 
+/// The largest network [`UNet::random`] builds: 2^31 parameters, 8 GiB of f32.
+pub const MAX_RANDOM_PARAMETERS: usize = 1 << 31;
+
 /// A guided-diffusion UNet with weights in f32.
 pub struct UNet {
     config: UNetConfig,
@@ -249,9 +303,27 @@ impl UNet {
         Ok(unet)
     }
 
-    /// A network with random parameters, for benchmarks.
+    /// A network with random parameters, for benchmarks. Refuses a config of more than
+    /// [`MAX_RANDOM_PARAMETERS`] parameters before allocating any.
     pub fn random(config: &UNetConfig, seed: u64) -> Result<Self> {
+        let parameters = Self::parameter_count(config)?;
+        if parameters > MAX_RANDOM_PARAMETERS {
+            return Err(Error::Config(format!(
+                "the config has {parameters} parameters, more than the {MAX_RANDOM_PARAMETERS} \
+                 (8 GiB of f32) mcdm makes random weights for"
+            )));
+        }
         Self::build(config, &mut Loader::new(None, seed))
+    }
+
+    /// The parameters `config` describes, counted without building the network.
+    pub fn parameter_count(config: &UNetConfig) -> Result<usize> {
+        let mut ld = Loader::dry();
+        Self::build(config, &mut ld)?;
+        match ld.problems.first() {
+            Some(p) => Err(Error::Config(p.clone())),
+            None => Ok(ld.parameters),
+        }
     }
 
     fn build(config: &UNetConfig, ld: &mut Loader<'_>) -> Result<Self> {
