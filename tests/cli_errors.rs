@@ -372,3 +372,66 @@ fn a_directory_or_fifo_as_model() {
         assert!(r.stderr.contains("not a regular file"), "{}", r.stderr);
     }
 }
+
+/// Benchmark sizes no machine holds are refused before any allocation.
+#[test]
+fn impossible_benchmarks() {
+    let s = Setup::new();
+    let r = mcdm(&[
+        "bench",
+        "--device",
+        "cpu",
+        "--config",
+        &s.s("config.json"),
+        "--batch",
+        "1000000000000",
+    ]);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("a benchmark batch is at most 4096"),
+        "{}",
+        r.stderr
+    );
+    s.edit_config(|c| {
+        c.insert("num_channels".into(), 65536.into());
+    });
+    let r = mcdm(&[
+        "bench",
+        "--device",
+        "cpu",
+        "--config",
+        &s.s("config.json"),
+        "--batch",
+        "1",
+    ]);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("parameters, more than the 2147483648"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// Output paths are checked before the work that would be lost.
+#[test]
+fn output_path_in_a_missing_directory() {
+    let s = Setup::new();
+    let missing = s.path("missing/e.safetensors").display().to_string();
+    let r = mcdm(&["encode-text", "--text", "a face", "--output", &missing]);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(r.stderr.contains("does not exist"), "{}", r.stderr);
+    let missing = s.path("missing/b.json").display().to_string();
+    let r = mcdm(&[
+        "bench",
+        "--device",
+        "cpu",
+        "--config",
+        &s.s("config.json"),
+        "--batch",
+        "1",
+        "--output",
+        &missing,
+    ]);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(r.stderr.contains("does not exist"), "{}", r.stderr);
+}

@@ -128,6 +128,33 @@ fn fails(args: &[&str], needle: &str) {
         !out.join("grid.png").exists() && !out.join("000000.png").exists(),
         "output written"
     );
+    // The run made the directory and wrote nothing in it: it is gone again.
+    assert!(!out.exists(), "empty output directory left behind");
+}
+
+/// `fails` for a job file holding `extra` besides the unconditional model.
+fn job_fails(extra: serde_json::Value, needle: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut job = serde_json::json!({
+        "models": { "uncond": fixtures("sample/models/uncond.safetensors").display().to_string() },
+        "uncond": { "model": "uncond" },
+        "steps": 2,
+        "num_samples": 1,
+        "out": out.display().to_string(),
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        job[k] = v.clone();
+    }
+    let path = dir.path().join("job.json");
+    std::fs::write(&path, job.to_string()).unwrap();
+    let (code, err) = mcdm(&["sample", "--job", &path.display().to_string()]);
+    assert_eq!(code, Some(1), "{extra}: expected exit 1: {err}");
+    assert!(
+        err.contains(needle),
+        "{extra}: message lacks `{needle}`:\n{err}"
+    );
+    assert!(!out.exists(), "{extra}: output directory made");
 }
 
 #[test]
@@ -397,4 +424,218 @@ fn text_prompt_equals_its_encoded_embedding() {
     assert_eq!(from_text, from_file);
     let record = std::fs::read_to_string(dir.path().join("a/record.json")).unwrap();
     assert!(record.contains(prompt), "the record lacks the prompt");
+}
+
+/// A job file value of the wrong type or range is an error naming the key, not the default.
+#[test]
+fn job_file_values_of_the_wrong_type() {
+    use serde_json::json;
+    job_fails(
+        json!({"steps": "2"}),
+        "`steps` must be a non-negative integer",
+    );
+    job_fails(
+        json!({"num_samples": -1}),
+        "`num_samples` must be a non-negative integer",
+    );
+    job_fails(
+        json!({"batch_size": 1.5}),
+        "`batch_size` must be a non-negative integer",
+    );
+    job_fails(
+        json!({"seed": "7"}),
+        "`seed` must be a non-negative integer",
+    );
+    job_fails(
+        json!({"clip_denoised": "false"}),
+        "`clip_denoised` must be true or false",
+    );
+    job_fails(json!({"eta": "0.5"}), "`eta` must be a number");
+    job_fails(json!({"sampler": 5}), "`sampler` must be a string");
+    job_fails(
+        json!({"timestep_respacing": 10}),
+        "`timestep_respacing` must be a string",
+    );
+    job_fails(json!({"out": 5}), "`out` must be a string");
+    job_fails(
+        json!({"uncond": {"model": "uncond", "image": 5}}),
+        "`image` must be a string",
+    );
+    job_fails(
+        json!({"experts": [{"model": "uncond", "weight": 1e300}]}),
+        "weight must be a finite number",
+    );
+}
+
+#[test]
+fn eta_outside_0_1_or_with_ddpm() {
+    let base = ["--model", &model("uncond"), "--uncond", "uncond"];
+    for eta in ["--eta=2", "--eta=-0.5", "--eta=NaN", "--eta=inf"] {
+        let mut args = base.to_vec();
+        args.push(eta);
+        fails(&args, "--eta must be between 0 (deterministic) and 1");
+    }
+    let mut args = base.to_vec();
+    args.extend_from_slice(&["--sampler", "ddpm", "--eta", "0.5"]);
+    fails(&args, "is a DDIM setting");
+}
+
+#[test]
+fn a_name_or_key_given_twice() {
+    let u = model("uncond");
+    fails(
+        &["--model", &u, "--model", &u, "--uncond", "uncond"],
+        "--model uncond is given twice",
+    );
+    fails(
+        &[
+            "--model",
+            &u,
+            "--uncond",
+            "uncond",
+            "--expert",
+            "uncond,weight=1,weight=2",
+        ],
+        "`weight` is given twice",
+    );
+}
+
+/// More images than one run can draw noise for, or than memory holds, fail before sampling.
+#[test]
+fn impossible_sample_counts() {
+    let run = |n: &str, needle: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out").display().to_string();
+        let (code, err) = mcdm(&[
+            "sample",
+            "--device",
+            "cpu",
+            "--model",
+            &model("uncond"),
+            "--uncond",
+            "uncond",
+            "--steps",
+            "2",
+            "--out",
+            &out,
+            "--num-samples",
+            n,
+        ]);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains(needle), "message lacks `{needle}`:\n{err}");
+    };
+    run(
+        "18446744073709551615",
+        "more than the 4294967296 images one run draws",
+    );
+    run("4294967296", "of memory, which is not available");
+}
+
+/// Initial noise of 1e38 drives the network past f32: an error, and no image written.
+#[test]
+fn non_finite_samples_are_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let noise = dir.path().join("noise.safetensors");
+    write_safetensors(
+        &noise,
+        &[("x_T", TensorData::F32(vec![1, 3, 16, 16], &vec![1e38; 768]))],
+        None,
+    )
+    .unwrap();
+    fails(
+        &[
+            "--model",
+            &model("uncond"),
+            "--uncond",
+            "uncond",
+            "--init-noise",
+            &noise.display().to_string(),
+        ],
+        "sampling produced 768 non-finite value(s)",
+    );
+}
+
+/// An unwritable --save-tensor or an output name taken by a directory fail before sampling.
+#[test]
+fn output_files_are_checked_before_sampling() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir
+        .path()
+        .join("missing/x.safetensors")
+        .display()
+        .to_string();
+    fails(
+        &[
+            "--model",
+            &model("uncond"),
+            "--uncond",
+            "uncond",
+            "--save-tensor",
+            &missing,
+        ],
+        "does not exist",
+    );
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(out.join("record.json")).unwrap();
+    let (code, err) = mcdm(&[
+        "sample",
+        "--model",
+        &model("uncond"),
+        "--uncond",
+        "uncond",
+        "--steps",
+        "2",
+        "--num-samples",
+        "1",
+        "--out",
+        &out.display().to_string(),
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("record.json: is a directory"), "{err}");
+    assert!(!out.join("000000.png").exists(), "an image was written");
+}
+
+/// A PNG whose header declares 30000x30000 pixels is refused before it is decoded.
+#[test]
+fn oversized_png_condition() {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= b as u32;
+            for _ in 0..8 {
+                crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
+            }
+        }
+        !crc
+    }
+    let chunk = |kind: &[u8], data: &[u8]| {
+        let mut c = (data.len() as u32).to_be_bytes().to_vec();
+        let body: Vec<u8> = kind.iter().chain(data).copied().collect();
+        c.extend_from_slice(&body);
+        c.extend_from_slice(&crc32(&body).to_be_bytes());
+        c
+    };
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&30000u32.to_be_bytes());
+    ihdr.extend_from_slice(&30000u32.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]); // 8-bit gray
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(chunk(b"IHDR", &ihdr));
+    png.extend(chunk(b"IDAT", &[]));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bomb.png");
+    std::fs::write(&path, png).unwrap();
+    fails(
+        &[
+            "--model",
+            &model("uncond"),
+            "--model",
+            &model("sketch"),
+            "--uncond",
+            "uncond",
+            "--expert",
+            &format!("sketch,image={}", path.display()),
+        ],
+        "the PNG is 30000x30000, larger than the 4096x4096",
+    );
 }

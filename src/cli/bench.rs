@@ -13,7 +13,7 @@ use mcdm::sample::{
     Unconditional,
 };
 
-use super::{backend, Backend, Device, Dtype};
+use super::{backend, check_output_file, Backend, Device, Dtype};
 
 /// Time UNet forward passes (random weights) for a config at several batch sizes.
 #[derive(clap::Args)]
@@ -58,6 +58,11 @@ pub struct Args {
     profile: bool,
 }
 
+/// Bounds that keep an impossible request from exhausting memory before it can fail clearly.
+const MAX_BATCH: usize = 4096;
+const MAX_COMPOSE: usize = 64;
+const MAX_STEPS: usize = 10_000;
+
 /// Times one forward pass of `n` images; `None` runs on the CPU.
 enum Runner {
     Cpu(Workspace),
@@ -84,6 +89,15 @@ pub fn run(args: Args) -> Result<()> {
     let backend = backend(args.device)?;
     if args.iters == 0 || args.batch.contains(&0) {
         bail!("--iters and every --batch must be positive");
+    }
+    if let Some(n) = args.batch.iter().find(|&&n| n > MAX_BATCH) {
+        bail!("--batch {n}: a benchmark batch is at most {MAX_BATCH} images");
+    }
+    if args.compose > MAX_COMPOSE || args.steps > MAX_STEPS {
+        bail!("--compose is at most {MAX_COMPOSE} experts and --steps at most {MAX_STEPS}");
+    }
+    if let Some(path) = &args.output {
+        check_output_file(path, "--output")?;
     }
     if args.profile && (matches!(backend, Backend::Cpu) || args.kernels || args.compose > 0) {
         bail!("--profile times the kernels of a forward pass: use it with --config on a GPU, without --kernels or --compose");

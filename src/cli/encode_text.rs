@@ -11,7 +11,7 @@ use mcdm::cuda::GpuFloat;
 use mcdm::text::{GpuTextEncoder, TextEncoder, MODEL_NAME};
 use mcdm::weights::{write_safetensors, TensorData};
 
-use super::{backend, progress_bar, Backend, Device, Dtype};
+use super::{backend, check_output_file, progress_bar, Backend, Device, Dtype};
 
 /// Texts encoded per call, so that the progress bar moves on long lists.
 const CHUNK: usize = 64;
@@ -98,6 +98,7 @@ fn encode_on_gpu<T: GpuFloat>(
 }
 
 pub fn run(args: Args) -> Result<()> {
+    check_output_file(&args.output, "--output")?;
     let owned = gather_texts(&args)?;
     let texts: Vec<&str> = owned.iter().map(String::as_str).collect();
     let dir = TextEncoder::locate(args.text_model.as_deref())

@@ -8,7 +8,7 @@ mod inspect;
 mod sample;
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
 
@@ -82,6 +82,35 @@ fn progress_bar(len: usize, shown: bool, template: &str) -> ProgressBar {
             .progress_chars("=> "),
     );
     bar
+}
+
+/// Fails unless a file can be written at `path`: its directory exists and takes new files, and
+/// `path` is not a directory. Checked before long work, so that it does not fail at the end.
+fn check_output_file(path: &Path, what: &str) -> Result<()> {
+    if path.is_dir() {
+        bail!("{what} {}: is a directory", path.display());
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "{what} {}: directory {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    let probe = dir.join(format!(".mcdm-write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"").with_context(|| {
+        format!(
+            "{what} {}: cannot write in {}",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
 }
 
 /// `auto` takes the GPU when one is usable; `cuda` insists on it with a clear error.

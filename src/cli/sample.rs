@@ -21,7 +21,7 @@ use mcdm::cuda::{Gpu, GpuFloat};
 use mcdm::model::GpuUNet;
 use mcdm::text::TextEncoder;
 
-use super::{backend, progress_bar, Backend, Device, Dtype};
+use super::{backend, check_output_file, progress_bar, Backend, Device, Dtype};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Sampler {
@@ -168,10 +168,15 @@ fn parse_term(spec: &str, allow_weight: bool) -> Result<TermSpec> {
         text,
         weight: 1.0,
     };
+    let mut seen = Vec::new();
     for part in parts {
         let (key, value) = part
             .split_once('=')
             .ok_or_else(|| anyhow!("`{spec}`: `{part}` is not key=value"))?;
+        if seen.contains(&key.trim()) {
+            bail!("`{spec}`: `{}` is given twice", key.trim());
+        }
+        seen.push(key.trim());
         match key.trim() {
             "class" => {
                 term.class = Some(
@@ -213,13 +218,24 @@ fn term_from_json(v: &Value, base: &Path, allow_weight: bool) -> Result<TermSpec
             bail!("unknown key `{key}` in {v}");
         }
     }
-    let path = |k: &str| obj.get(k).and_then(Value::as_str).map(|p| base.join(p));
+    let string = |k: &str| -> Result<Option<String>> {
+        obj.get(k)
+            .map(|s| {
+                s.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| anyhow!("`{k}` must be a string in {v}"))
+            })
+            .transpose()
+    };
+    let weight = match obj.get("weight") {
+        None => 1.0,
+        Some(w) => match w.as_f64().map(|w| w as f32) {
+            Some(w) if w.is_finite() => w,
+            _ => bail!("weight must be a finite number in {v}"),
+        },
+    };
     Ok(TermSpec {
-        model: obj
-            .get("model")
-            .and_then(Value::as_str)
-            .ok_or_else(|| anyhow!("`model` missing in {v}"))?
-            .to_string(),
+        model: string("model")?.ok_or_else(|| anyhow!("`model` missing in {v}"))?,
         class: obj
             .get("class")
             .map(|c| {
@@ -227,15 +243,24 @@ fn term_from_json(v: &Value, base: &Path, allow_weight: bool) -> Result<TermSpec
                     .ok_or_else(|| anyhow!("class must be an integer in {v}"))
             })
             .transpose()?,
-        image: path("image"),
-        embedding: path("embedding"),
-        text: obj.get("text").and_then(Value::as_str).map(str::to_string),
-        weight: obj.get("weight").map_or(Ok(1.0), |w| {
-            w.as_f64()
-                .map(|w| w as f32)
-                .ok_or_else(|| anyhow!("weight must be a number in {v}"))
-        })?,
+        image: string("image")?.map(|p| base.join(p)),
+        embedding: string("embedding")?.map(|p| base.join(p)),
+        text: string("text")?,
+        weight,
     })
+}
+
+/// A job file's value of `key`, when present, read by `read` (None: the wrong type, reported
+/// as "`key` must be `expected`").
+fn job_value<T>(
+    job: &serde_json::Map<String, Value>,
+    key: &str,
+    expected: &str,
+    read: impl Fn(&Value) -> Option<T>,
+) -> Result<Option<T>> {
+    job.get(key)
+        .map(|v| read(v).ok_or_else(|| anyhow!("job file: `{key}` must be {expected}, got {v}")))
+        .transpose()
 }
 
 /// Everything a run needs, from the job file and the flags.
@@ -327,10 +352,16 @@ fn plan(args: &Args) -> Result<Plan> {
         Some(_) => bail!("{}", ctx("`models` must map names to paths")),
         None => Vec::new(),
     };
-    for m in &args.models {
+    for (i, m) in args.models.iter().enumerate() {
         let (name, path) = m
             .split_once('=')
             .ok_or_else(|| anyhow!("--model `{m}`: expected NAME=PATH"))?;
+        if args.models[..i]
+            .iter()
+            .any(|earlier| earlier.split_once('=').is_some_and(|(n, _)| n == name))
+        {
+            bail!("--model {name} is given twice");
+        }
         models.retain(|(n, _)| n != name);
         models.push((name.to_string(), PathBuf::from(path)));
     }
@@ -352,9 +383,9 @@ fn plan(args: &Args) -> Result<Plan> {
         (None, None) if experts.is_empty() => bail!("nothing to sample: give --uncond NAME (and any --expert)"),
         (None, None) => bail!("give --uncond NAME: the composition eps_u + sum_i w_i (eps_i - eps_u) needs an unconditional term (a model, or a conditional model with its null condition)"),
     };
-    let get_str = |k: &str| job.get(k).and_then(Value::as_str).map(str::to_string);
-    let get_u = |k: &str| job.get(k).and_then(Value::as_u64);
-    let sampler = match (args.sampler, get_str("sampler").as_deref()) {
+    let get_str = |k: &str| job_value(&job, k, "a string", |v| v.as_str().map(str::to_string));
+    let get_u = |k: &str| job_value(&job, k, "a non-negative integer", Value::as_u64);
+    let sampler = match (args.sampler, get_str("sampler")?.as_deref()) {
         (Some(s), _) => s,
         (None, Some("ddpm")) => Sampler::Ddpm,
         (None, Some("ddim") | None) => Sampler::Ddim,
@@ -363,7 +394,7 @@ fn plan(args: &Args) -> Result<Plan> {
             ctx(&format!("sampler `{other}` is unknown (ddim or ddpm)"))
         ),
     };
-    let steps = args.steps.or(get_u("steps").map(|s| s as usize));
+    let steps = args.steps.or(get_u("steps")?.map(|s| s as usize));
     if steps == Some(0) {
         bail!("--steps must be positive");
     }
@@ -371,36 +402,49 @@ fn plan(args: &Args) -> Result<Plan> {
         .timestep_respacing
         .clone()
         .or(steps.map(|s| s.to_string()))
-        .or(get_str("timestep_respacing"));
-    let num_samples = args
-        .num_samples
-        .or(get_u("num_samples").map(|n| n as usize))
-        .unwrap_or(4);
-    let batch_size = args.batch_size.or(get_u("batch_size").map(|n| n as usize));
+        .or(get_str("timestep_respacing")?);
+    let num_samples = match args.num_samples {
+        Some(n) => n,
+        None => get_u("num_samples")?.map_or(Ok(4), usize::try_from)?,
+    };
+    let batch_size = match args.batch_size {
+        Some(b) => Some(b),
+        None => get_u("batch_size")?.map(usize::try_from).transpose()?,
+    };
     if num_samples == 0 || batch_size == Some(0) {
         bail!("--num-samples and --batch-size must be positive");
     }
+    let eta = match args.eta {
+        Some(e) => Some(e),
+        None => job_value(&job, "eta", "a number", |v| v.as_f64().map(|e| e as f32))?,
+    };
+    if let Some(e) = eta {
+        if sampler == Sampler::Ddpm && e != 0.0 {
+            bail!("--eta {e} is a DDIM setting: DDPM sampling has no eta");
+        }
+        if !(0.0..=1.0).contains(&e) {
+            bail!("--eta must be between 0 (deterministic) and 1, got {e}");
+        }
+    }
+    let clip_denoised = match args.clip_denoised {
+        Some(c) => c,
+        None => job_value(&job, "clip_denoised", "true or false", Value::as_bool)?.unwrap_or(true),
+    };
     Ok(Plan {
         models,
         experts,
         uncond,
         sampler,
-        eta: args
-            .eta
-            .or(job.get("eta").and_then(Value::as_f64).map(|e| e as f32))
-            .unwrap_or(0.0),
+        eta: eta.unwrap_or(0.0),
         respacing,
-        clip_denoised: args
-            .clip_denoised
-            .or(job.get("clip_denoised").and_then(Value::as_bool))
-            .unwrap_or(true),
+        clip_denoised,
         num_samples,
         batch_size,
-        seed: args.seed.or(get_u("seed")).unwrap_or(0),
+        seed: args.seed.or(get_u("seed")?).unwrap_or(0),
         out: args
             .out
             .clone()
-            .or(get_str("out").map(|o| base.join(o)))
+            .or(get_str("out")?.map(|o| base.join(o)))
             .unwrap_or_else(|| PathBuf::from("samples")),
     })
 }
@@ -461,14 +505,30 @@ fn sha256_file(path: &Path) -> Result<String> {
 pub fn run(args: Args) -> Result<()> {
     let backend = backend(args.device)?;
     let plan = plan(&args)?;
-    // Fail on an unwritable output directory before any sampling work.
+    // Fail on an unwritable output before any sampling work.
+    let created = !plan.out.exists();
     std::fs::create_dir_all(&plan.out)
         .with_context(|| format!("creating output directory {}", plan.out.display()))?;
-    let probe = plan.out.join(".mcdm-write-test");
-    std::fs::write(&probe, b"")
-        .with_context(|| format!("output directory {} is not writable", plan.out.display()))?;
-    let _ = std::fs::remove_file(&probe);
+    let result = check_outputs(&args, &plan).and_then(|()| sample_plan(&args, &plan, backend));
+    if result.is_err() && created {
+        // Only an empty directory goes: nothing was written.
+        let _ = std::fs::remove_dir(&plan.out);
+    }
+    result
+}
 
+/// Every file the run writes can be written.
+fn check_outputs(args: &Args, plan: &Plan) -> Result<()> {
+    for name in ["grid.png", "record.json"] {
+        check_output_file(&plan.out.join(name), "--out")?;
+    }
+    if let Some(path) = &args.save_tensor {
+        check_output_file(path, "--save-tensor")?;
+    }
+    Ok(())
+}
+
+fn sample_plan(args: &Args, plan: &Plan, backend: Backend) -> Result<()> {
     let names: Vec<&str> = plan.models.iter().map(|(n, _)| n.as_str()).collect();
     let index = |name: &str| {
         names.iter().position(|n| *n == name).ok_or_else(|| {
@@ -766,7 +826,7 @@ pub fn run(args: Args) -> Result<()> {
         &plan.out.join("record.json"),
         serde_json::to_string_pretty(&record)?.as_bytes(),
     )?;
-    if batch_used < batch_size {
+    if matches!(backend, Backend::Cuda(_)) && batch_used < batch_size.min(n) {
         eprintln!("batches of {batch_size} did not fit in GPU memory: ran batches of {batch_used}");
     }
     eprintln!(

@@ -5,7 +5,7 @@
 
 use cudarc::driver::CudaSlice;
 
-use super::{run_in_batches, ComposedSampler, StepProgress, INIT_NOISE_STEP};
+use super::{check_finite, run_in_batches, ComposedSampler, StepProgress, INIT_NOISE_STEP};
 use crate::cuda::{Gpu, GpuBuffer, GpuFloat};
 use crate::error::{Error, Result};
 use crate::model::{GpuConditioning, GpuUNet, GpuWorkspace};
@@ -61,7 +61,7 @@ impl ComposedSampler<'_> {
             self.weights.clone()
         })?;
         let mut ws = GpuWorkspace::<T>::default();
-        let mut samples = Vec::with_capacity(num_samples * len);
+        let mut samples = self.samples_buffer(num_samples)?;
         run_in_batches(num_samples, batch_size, |first, b| {
             let mut x = match init_noise {
                 Some(x) => gpu.upload::<f32>(&x[first * len..(first + b) * len])?,
@@ -93,6 +93,7 @@ impl ComposedSampler<'_> {
             samples.extend_from_slice(&out);
             Ok(())
         })?;
+        check_finite(&samples, len)?;
         Ok(samples)
     }
 

@@ -110,6 +110,12 @@ impl<'a> ComposedSampler<'a> {
         spec: SampleSpec,
     ) -> Result<Self> {
         let bad = |m: String| Error::Input(m);
+        if let SamplerKind::Ddim { eta } = spec.sampler {
+            // Past 1 the DDIM update takes the square root of a negative number.
+            if !(0.0..=1.0).contains(&eta) {
+                return Err(bad(format!("DDIM eta must be between 0 and 1, got {eta}")));
+            }
+        }
         let mut terms: Vec<(usize, &Condition)> =
             experts.iter().map(|e| (e.model, &e.condition)).collect();
         terms.push((uncond.model, &uncond.condition));
@@ -423,6 +429,12 @@ impl<'a> ComposedSampler<'a> {
                 "num_samples and batch_size must be positive".into(),
             ));
         }
+        // Image k's noise is drawn for the 32-bit index k.
+        if num_samples > MAX_SAMPLES {
+            return Err(Error::Input(format!(
+                "num_samples {num_samples} is more than the {MAX_SAMPLES} images one run draws"
+            )));
+        }
         if let Some(x) = init_noise {
             if x.len() != num_samples * self.image_len() {
                 return Err(Error::Input(format!(
@@ -448,7 +460,7 @@ impl<'a> ComposedSampler<'a> {
         let len = self.image_len();
         self.check_request(num_samples, batch_size, init_noise)?;
         let mut ws = Workspace::new();
-        let mut samples = Vec::with_capacity(num_samples * len);
+        let mut samples = self.samples_buffer(num_samples)?;
         run_in_batches(num_samples, batch_size, |first, b| {
             let x = match init_noise {
                 Some(x) => x[first * len..(first + b) * len].to_vec(),
@@ -465,7 +477,40 @@ impl<'a> ComposedSampler<'a> {
             samples.extend_from_slice(&out);
             Ok(())
         })?;
+        check_finite(&samples, len)?;
         Ok(samples)
+    }
+
+    /// An empty buffer with room for `num_samples` images, or an error saying what they need.
+    fn samples_buffer(&self, num_samples: usize) -> Result<Vec<f32>> {
+        let values = num_samples.saturating_mul(self.image_len());
+        let mut samples = Vec::new();
+        samples.try_reserve_exact(values).map_err(|_| {
+            Error::Input(format!(
+                "{num_samples} images of 3x{}x{} need {} of memory, which is not available",
+                self.spec.height,
+                self.spec.width,
+                crate::error::human_bytes(values.saturating_mul(4))
+            ))
+        })?;
+        Ok(samples)
+    }
+}
+
+/// The most images one run samples: image k's noise is drawn for the 32-bit index k.
+pub const MAX_SAMPLES: usize = 1 << 32;
+
+/// An error when any sample is NaN or infinite (a model or a condition drove the network out of
+/// the f32 range), naming the first image affected.
+fn check_finite(samples: &[f32], image_len: usize) -> Result<()> {
+    let bad = samples.iter().filter(|v| !v.is_finite()).count();
+    match samples.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::Numeric(format!(
+            "sampling produced {bad} non-finite value(s) (NaN or inf), from image {} on: a model, \
+             a condition or the initial noise drove the network out of the f32 range",
+            i / image_len
+        ))),
     }
 }
 
