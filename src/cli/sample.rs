@@ -69,7 +69,7 @@ pub struct Args {
     job: Option<PathBuf>,
     #[arg(long, value_enum)]
     sampler: Option<Sampler>,
-    /// DDIM eta (0: deterministic).
+    /// DDIM eta, from 0 (deterministic) to 1 (DDPM-like noise); DDIM only.
     #[arg(long)]
     eta: Option<f32>,
     /// Respacing: "N", sections "10,10,5" or "ddimN" (default: the unconditional model's, else 50).
