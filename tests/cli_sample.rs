@@ -639,3 +639,36 @@ fn oversized_png_condition() {
         "the PNG is 30000x30000, larger than the 4096x4096",
     );
 }
+
+/// Images an earlier, larger run left in --out are pointed out, not silently mixed in.
+#[test]
+fn earlier_images_in_the_output_directory_are_noted() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().display().to_string();
+    let run = |n: &str| {
+        mcdm(&[
+            "sample",
+            "--device",
+            "cpu",
+            "--model",
+            &model("uncond"),
+            "--uncond",
+            "uncond",
+            "--steps",
+            "2",
+            "--num-samples",
+            n,
+            "--out",
+            &out,
+        ])
+    };
+    let (code, err) = run("3");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains("earlier run"), "{err}");
+    let (code, err) = run("1");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("holds 2 numbered image(s) past 000000.png"),
+        "{err}"
+    );
+}

@@ -517,6 +517,22 @@ pub fn run(args: Args) -> Result<()> {
     result
 }
 
+/// How many `NNNNNN.png` files in `dir` number `n` or more: images an earlier, larger run left.
+fn earlier_images(dir: &Path, n: usize) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| {
+            name.strip_suffix(".png")
+                .filter(|stem| stem.len() == 6)
+                .and_then(|stem| stem.parse::<usize>().ok())
+                .is_some_and(|k| k >= n)
+        })
+        .count()
+}
+
 /// Every file the run writes can be written.
 fn check_outputs(args: &Args, plan: &Plan) -> Result<()> {
     for name in ["grid.png", "record.json"] {
@@ -826,11 +842,21 @@ fn sample_plan(args: &Args, plan: &Plan, backend: Backend) -> Result<()> {
         &plan.out.join("record.json"),
         serde_json::to_string_pretty(&record)?.as_bytes(),
     )?;
+    let stale = earlier_images(&plan.out, n);
+    if stale > 0 {
+        eprintln!(
+            "note: {} also holds {stale} numbered image(s) past {:06}.png from an earlier run, \
+             not part of this one",
+            plan.out.display(),
+            n - 1
+        );
+    }
     if matches!(backend, Backend::Cuda(_)) && batch_used < batch_size.min(n) {
         eprintln!("batches of {batch_size} did not fit in GPU memory: ran batches of {batch_used}");
     }
     eprintln!(
-        "{n} images ({h}x{w}, {steps} {} steps, {} expert(s)) in {seconds:.1} s ({:.2} images/s): {}/grid.png",
+        "{n} image{} ({h}x{w}, {steps} {} steps, {} expert(s)) in {seconds:.1} s ({:.2} images/s): {}/grid.png",
+        if n == 1 { "" } else { "s" },
         match plan.sampler { Sampler::Ddim => "DDIM", Sampler::Ddpm => "DDPM" },
         plan.experts.len(),
         n as f64 / seconds,
