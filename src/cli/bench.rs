@@ -93,8 +93,11 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(n) = args.batch.iter().find(|&&n| n > MAX_BATCH) {
         bail!("--batch {n}: a benchmark batch is at most {MAX_BATCH} images");
     }
-    if args.compose > MAX_COMPOSE || args.steps > MAX_STEPS {
-        bail!("--compose is at most {MAX_COMPOSE} experts and --steps at most {MAX_STEPS}");
+    if args.compose > MAX_COMPOSE {
+        bail!("--compose {}: at most {MAX_COMPOSE} experts", args.compose);
+    }
+    if args.steps > MAX_STEPS {
+        bail!("--steps {}: at most {MAX_STEPS}", args.steps);
     }
     if let Some(path) = &args.output {
         check_output_file(path, "--output")?;
@@ -408,7 +411,7 @@ fn time_gpu(gpu: &Gpu, iters: usize, mut f: impl FnMut() -> mcdm::Result<()>) ->
     f()?;
     gpu.synchronize()?;
     let mut times = Vec::with_capacity(iters);
-    for _ in 0..iters.max(1) {
+    for _ in 0..iters {
         gpu.profile_start()?;
         f()?;
         let kernels = gpu.profile_finish()?;
@@ -525,17 +528,17 @@ struct Peaks {
 fn measure_peaks<T: GpuFloat>(g: &Gpu, iters: usize) -> Result<Peaks> {
     use mcdm::ops::peak::{
         blocks_to_fill, compute_peak_gpu, compute_peak_kernel, compute_reference, copy_gpu, BLOCK,
+        MAX_EXACT_ROUNDS,
     };
-    let (kernel, instruction) = compute_peak_kernel::<T>();
+    let (kernel, instruction) = compute_peak_kernel::<T>()?;
     let blocks = blocks_to_fill(g);
     let mut out = g.zeros::<f32>(blocks * BLOCK)?;
-    // Rounds for about 20 ms a launch, from a short probe; up to 2^18 every sum in the output
-    // stays an integer below 2^24, exact in f32.
+    // Rounds for about 20 ms a launch, from a short probe.
     let probe = 256;
     let probe_secs = time_gpu(g, 1, || {
         compute_peak_gpu::<T>(g, &mut out, blocks, probe).map(drop)
     })?;
-    let rounds = ((probe as f64 * 0.02 / probe_secs) as usize).clamp(probe, 1 << 18);
+    let rounds = ((probe as f64 * 0.02 / probe_secs) as usize).clamp(probe, MAX_EXACT_ROUNDS);
     let mut flop = 0.0;
     let secs = time_gpu(g, iters, || {
         flop = compute_peak_gpu::<T>(g, &mut out, blocks, rounds)?;
@@ -545,9 +548,19 @@ fn measure_peaks<T: GpuFloat>(g: &Gpu, iters: usize) -> Result<Peaks> {
     if let Some(bad) = g.download(&out)?.into_iter().find(|&v| v != want) {
         bail!("{kernel} returned {bad} where {want} was due: not all the timed work was done");
     }
-    // Two buffers of up to 1 GiB each (at most a quarter of the free memory each).
+    // Two buffers of up to 1 GiB each (at most a quarter of the free memory each), each at least
+    // 4x the L2 cache, so that the copy streams from and to DRAM.
     let (free, _) = g.memory()?;
     let floats = (free / 16).min(1 << 28) / 4 * 4;
+    let l2 = g.info().l2_cache_bytes;
+    if floats * 4 < 4 * l2 {
+        bail!(
+            "measuring DRAM bandwidth needs two buffers of {} MiB (4x the L2 cache), and only \
+             {} MiB are free",
+            (4 * l2) >> 20,
+            free >> 20
+        );
+    }
     let x = g.zeros::<f32>(floats)?;
     let mut y = g.zeros::<f32>(floats)?;
     let mut bytes = 0.0;

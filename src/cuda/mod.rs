@@ -93,11 +93,15 @@ pub struct DeviceInfo {
     pub compute_capability: (i32, i32),
     /// Streaming multiprocessors (SMs).
     pub multiprocessors: usize,
+    /// L2 cache size in bytes.
+    pub l2_cache_bytes: usize,
 }
 
 impl DeviceInfo {
     fn query(ctx: &CudaContext, ordinal: usize) -> Result<Self> {
-        use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
+        use cudarc::driver::sys::CUdevice_attribute::{
+            CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        };
         Ok(DeviceInfo {
             ordinal,
             name: ctx.name().map_err(cuda_err("device name"))?,
@@ -108,6 +112,9 @@ impl DeviceInfo {
             multiprocessors: ctx
                 .attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
                 .map_err(cuda_err("multiprocessor count"))? as usize,
+            l2_cache_bytes: ctx
+                .attribute(CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+                .map_err(cuda_err("L2 cache size"))? as usize,
         })
     }
 }

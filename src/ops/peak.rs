@@ -17,8 +17,14 @@ use crate::error::{Error, Result};
 pub const CHAINS: usize = 8;
 /// Threads per block: `PEAK_BLOCK`.
 pub const BLOCK: usize = 256;
-/// Blocks per SM for the peak launches: 8 x 256 threads = 2048, a full SM.
-pub const BLOCKS_PER_SM: usize = 8;
+/// Blocks per SM for the peak launches: 4 x 256 threads, one wave on every architecture (the
+/// kernels take 43 registers, so 5 blocks are resident at most; sm_86/89 hold 1536 threads), and
+/// 32 warps of independent chains or loads, enough to keep an SM's tensor cores, FMA pipes or
+/// memory requests busy.
+pub const BLOCKS_PER_SM: usize = 4;
+/// The most rounds [`compute_peak_gpu`] runs: up to 2^18 every sum in its output stays an
+/// integer below 2^24 (MMA: 4 (28 + 8 rounds)), exact in f32 whatever the order of the adds.
+pub const MAX_EXACT_ROUNDS: usize = 1 << 18;
 
 /// Every A element is `MMA_A` and every B element `MMA_B` (both exact in f16 and bf16), so an
 /// `mma` adds 16 * a * b = 1 to every accumulator.
@@ -29,16 +35,18 @@ const FMA_B: f32 = 1.0;
 const FMA_C: f32 = 1.0;
 
 /// The compute-peak kernel for storage type `T` and the instruction it times.
-pub fn compute_peak_kernel<T: GpuFloat>() -> (&'static str, &'static str) {
+pub fn compute_peak_kernel<T: GpuFloat>() -> Result<(&'static str, &'static str)> {
     match T::SUFFIX {
-        "_f32" => ("peak_fma_f32", "f32 FMA"),
-        "_f16" => ("peak_mma_f16", "mma.sync f16"),
-        _ => ("peak_mma_bf16", "mma.sync bf16"),
+        "_f32" => Ok(("peak_fma_f32", "f32 FMA")),
+        "_f16" => Ok(("peak_mma_f16", "mma.sync f16")),
+        "_bf16" => Ok(("peak_mma_bf16", "mma.sync bf16")),
+        other => Err(Error::Cuda(format!("no peak kernel for storage {other}"))),
     }
 }
 
 /// CPU reference: every thread's output of the compute-peak kernel for `T` after `iters`
-/// rounds (`peak_mma_{f16,bf16}` or `peak_fma_f32`, in the kernel's order).
+/// rounds (`peak_mma_{f16,bf16}` or `peak_fma_f32`, in the kernel's order); exact up to
+/// [`MAX_EXACT_ROUNDS`].
 pub fn compute_reference<T: GpuFloat>(iters: usize) -> f32 {
     let mut sum = 0.0f32;
     if T::SUFFIX == "_f32" {
@@ -72,19 +80,24 @@ pub fn blocks_to_fill(gpu: &Gpu) -> usize {
 }
 
 /// Launches the compute-peak kernel for `T` (`peak_mma_{f16,bf16}` on the tensor cores,
-/// `peak_fma_f32` for f32) on `blocks` blocks, `iters` rounds; `out` gets one value per thread
-/// (`blocks * BLOCK`, see [`compute_reference`]). Returns the flops it performs.
+/// `peak_fma_f32` for f32) on `blocks` blocks, `iters` rounds (at most [`MAX_EXACT_ROUNDS`]);
+/// `out` gets one value per thread (`blocks * BLOCK`, see [`compute_reference`]). Returns the
+/// flops it performs.
 pub fn compute_peak_gpu<T: GpuFloat>(
     gpu: &Gpu,
     out: &mut GpuBuffer<f32>,
     blocks: usize,
     iters: usize,
 ) -> Result<f64> {
+    if blocks == 0 || iters > MAX_EXACT_ROUNDS {
+        return Err(Error::Cuda(format!(
+            "peak: {blocks} blocks and {iters} rounds (at least 1 block, at most \
+             {MAX_EXACT_ROUNDS} rounds)"
+        )));
+    }
     let threads = blocks * BLOCK;
     check_len("peak output", out.len(), threads)?;
-    let iters_i32 = i32::try_from(iters)
-        .map_err(|_| Error::Cuda(format!("peak: {iters} rounds is more than an i32")))?;
-    let (kernel, _) = compute_peak_kernel::<T>();
+    let (kernel, _) = compute_peak_kernel::<T>()?;
     let (b, c) = if T::SUFFIX == "_f32" {
         (FMA_B, FMA_C)
     } else {
@@ -96,7 +109,7 @@ pub fn compute_peak_gpu<T: GpuFloat>(
         launch(blocks),
         &[
             Arg::Ptr(out.ptr(gpu)),
-            Arg::I32(iters_i32),
+            Arg::I32(iters as i32),
             Arg::F32(b),
             Arg::F32(c),
         ],
@@ -120,6 +133,9 @@ pub fn copy_gpu(
     blocks: usize,
 ) -> Result<f64> {
     let len = x.len();
+    if blocks == 0 {
+        return Err(Error::Cuda("peak copy: no blocks".into()));
+    }
     if !len.is_multiple_of(4) {
         return Err(Error::Cuda(format!(
             "peak copy: {len} floats is not a whole number of 16-byte words"
@@ -139,7 +155,7 @@ pub fn copy_gpu(
 
 fn launch(blocks: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (blocks.max(1) as u32, 1, 1),
+        grid_dim: (blocks as u32, 1, 1),
         block_dim: (BLOCK as u32, 1, 1),
         shared_mem_bytes: 0,
     }
@@ -153,7 +169,7 @@ mod tests {
     /// elements per chain), all exact in f32.
     #[test]
     fn references_count_every_round() {
-        for iters in [0, 1, 5, 1 << 18] {
+        for iters in [0, 1, 5, MAX_EXACT_ROUNDS] {
             let chains = (CHAINS * (CHAINS - 1) / 2 + CHAINS * iters) as f32;
             assert_eq!(compute_reference::<f32>(iters), chains);
             assert_eq!(compute_reference::<half::f16>(iters), 4.0 * chains);

@@ -410,6 +410,7 @@ FAKE_API CUresult cuDeviceGetAttribute(int* value, CUdevice_attribute attribute,
         case CU_DEVICE_ATTRIBUTE_CONCURRENT_KERNELS: *value = 1; break;
         case CU_DEVICE_ATTRIBUTE_CLOCK_RATE: *value = 1980000; break;
         case CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH: *value = 5120; break;
+        case CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE: *value = 50 * 1024 * 1024; break;
         default: *value = 0; break;  // not modelled: "no" / "none"
     }
     return CUDA_SUCCESS;
