@@ -5,7 +5,7 @@
 # built with AddressSanitizer and UBSan where the compiler has them: every input and output is an
 # allocation of exactly its size, so a kernel that reads or writes outside one aborts its run,
 # the CPU's counterpart of compute-sanitizer's memcheck.
-#   scripts/emulate-kernels.sh [--mutants]   (--mutants: also the conv mutation check, ~70 s)
+#   scripts/emulate-kernels.sh [--mutants]   (--mutants: also the mutation check, ~80 s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

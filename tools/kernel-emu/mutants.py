@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Mutation check of the conv emulation: each mutant is a plausible pipeline / layout bug in the
-large-tile conv kernels; the quick conv shapes must catch every one (wrong values, the
-emulator's race / bank-conflict checks, or AddressSanitizer) in at least one cp.async mode, and
-must pass unmutated.
+"""Mutation check of the kernel emulation: each mutant is a plausible bug, most in the large-tile
+conv pipeline; the kernel's driver (for conv, its quick shapes) must catch every one (wrong
+values, the emulator's race / bank-conflict checks, or AddressSanitizer), for conv in at least
+one cp.async mode, and must pass unmutated.
 
 Mutants are written under target/kernel-emu/mutants/; kernels/ is only read.
 usage: mutants.py --cxx "g++ -O2 ..." (scripts/emulate-kernels.sh --mutants passes its flags)
@@ -14,32 +14,48 @@ import shutil
 import subprocess
 import sys
 
-# name: (text of kernels/conv.cu, replacement); each text must occur exactly once.
+# name: (file under kernels/, its text, replacement); each text must occur exactly once.
 MUTANTS = {
-    "unmutated": ("", ""),
-    "wait_one_group_short": ("cp_async_wait<S - 2>();", "cp_async_wait<S - 1>();"),
+    "unmutated": ("conv.cu", "", ""),
+    "wait_one_group_short": ("conv.cu", "cp_async_wait<S - 2>();", "cp_async_wait<S - 1>();"),
     "no_barrier_after_wait": (
+        "conv.cu",
         "        cp_async_wait<S - 2>();\n        __syncthreads();\n",
         "        cp_async_wait<S - 2>();\n",
     ),
     "prefetch_before_barrier": (
+        "conv.cu",
         "        __syncthreads();\n        if (kt + S - 1 < KT) load_stage((kt + S - 1) % S, kt + S - 1);\n",
         "        if (kt + S - 1 < KT) load_stage((kt + S - 1) % S, kt + S - 1);\n        __syncthreads();\n",
     ),
     "no_commit_when_idle": (
+        "conv.cu",
         "        if (kt + S - 1 < KT) load_stage((kt + S - 1) % S, kt + S - 1);\n        cp_async_commit();\n",
         "        if (kt + S - 1 < KT) {\n            load_stage((kt + S - 1) % S, kt + S - 1);\n"
         "            cp_async_commit();\n        }\n",
     ),
     "unswizzled_reads": (
+        "conv.cu",
         "const int a_off[2] = {convb_off(a_row, a_chunk), convb_off(a_row, 2 + a_chunk)};",
         "const int a_off[2] = {a_row * 64 + (a_chunk << 4), a_row * 64 + ((2 + a_chunk) << 4)};",
     ),
-    "b_matrix_order": ("b_chunk = (lane >> 3) & 1;", "b_chunk = lane >> 4;"),
-    "epilogue_pair_swapped": ("pack2<T>(v0, v1)", "pack2<T>(v1, v0)"),
+    "b_matrix_order": ("conv.cu", "b_chunk = (lane >> 3) & 1;", "b_chunk = lane >> 4;"),
+    "epilogue_pair_swapped": ("conv.cu", "pack2<T>(v0, v1)", "pack2<T>(v1, v0)"),
     # Reads weight rows past the last output channel, whose products are never stored: the values
     # cannot show it, only AddressSanitizer.
-    "b_rows_past_cout": ("const bool ok = co < s.cout && k_ok;", "const bool ok = co < s.cout + 8 && k_ok;"),
+    "b_rows_past_cout": (
+        "conv.cu",
+        "const bool ok = co < s.cout && k_ok;",
+        "const bool ok = co < s.cout + 8 && k_ok;",
+    ),
+    # Where a row fits in one staged chunk, only its first column block stages it in shared
+    # memory; the others read what that block left there: the right values in the emulator unless
+    # static shared memory is refilled for every block (on a GPU: garbage).
+    "linear_stale_shared_input": (
+        "linear.cu",
+        "xs[k] = silu_in ? silu_f(v) : v;",
+        "if (blockIdx.x == 0 || in > LINEAR_CHUNK) xs[k] = silu_in ? silu_f(v) : v;",
+    ),
 }
 SANITIZER_ONLY = {"b_rows_past_cout"}
 
@@ -51,11 +67,10 @@ def main():
     repo = pathlib.Path(__file__).resolve().parents[2]
     tool = repo / "tools" / "kernel-emu"
     root = repo / "target" / "kernel-emu" / "mutants"
-    conv = (repo / "kernels" / "conv.cu").read_text()
     wrong = 0
     sanitized = "-fsanitize=address" in args.cxx
     checked = 0
-    for name, (old, new) in MUTANTS.items():
+    for name, (file, old, new) in MUTANTS.items():
         if name in SANITIZER_ONLY and not sanitized:
             print(f"skipped  {name}: needs AddressSanitizer, which --cxx does not enable", flush=True)
             continue
@@ -63,19 +78,22 @@ def main():
         work = root / name
         shutil.rmtree(work, ignore_errors=True)
         shutil.copytree(repo / "kernels", work / "kernels")
+        source = (repo / "kernels" / file).read_text()
         if old:
-            if conv.count(old) != 1:
-                print(f"STALE    {name}: its text occurs {conv.count(old)} times in kernels/conv.cu; update mutants.py")
+            if source.count(old) != 1:
+                print(f"STALE    {name}: its text occurs {source.count(old)} times in kernels/{file}; update mutants.py")
                 wrong += 1
                 continue
-            (work / "kernels" / "conv.cu").write_text(conv.replace(old, new))
+            (work / "kernels" / file).write_text(source.replace(old, new))
         subprocess.run([sys.executable, tool / "prep.py", "--kernels", work / "kernels", "--out", work / "gen"], check=True)
-        binary = work / "test_conv"
-        cmd = shlex.split(args.cxx) + ["-I", str(work / "gen"), "-I", str(tool), "-o", str(binary), str(tool / "test_conv.cpp")]
+        driver = "test_" + file.removesuffix(".cu")
+        binary = work / driver
+        cmd = shlex.split(args.cxx) + ["-I", str(work / "gen"), "-I", str(tool), "-o", str(binary), str(tool / f"{driver}.cpp")]
         subprocess.run(cmd, check=True)
         failed_modes = []
-        for mode in ("delayed", "immediate"):
-            run = subprocess.run([binary, mode, "quick"], capture_output=True, text=True)
+        # The conv driver runs in both cp.async modes (quick shapes); the others take no arguments.
+        for mode in ("delayed", "immediate") if file == "conv.cu" else ("default",):
+            run = subprocess.run([binary, mode, "quick"] if file == "conv.cu" else [binary], capture_output=True, text=True)
             (work / f"{mode}.log").write_text(run.stdout + run.stderr)
             if run.returncode != 0:
                 failed_modes.append(mode)
@@ -84,7 +102,7 @@ def main():
         wrong += not ok
         if expected_to_fail:
             verdict = "killed  " if ok else "SURVIVED"
-            detail = f"fails in {', '.join(failed_modes)}" if failed_modes else "passes in both modes"
+            detail = f"fails in {', '.join(failed_modes)}" if failed_modes else "passes"
         else:
             verdict = "ok      " if ok else "FAILED  "
             detail = "passes in both modes" if ok else f"fails in {', '.join(failed_modes)}"

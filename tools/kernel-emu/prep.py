@@ -31,7 +31,7 @@ EMULATED = {
 
 CUDA_INCLUDES = re.compile(r"#include <(cuda_fp16|cuda_bf16)\.h>\n")
 DYNAMIC_SHARED = re.compile(r"extern __shared__[^;\[]*?(\w+)\[\];")
-STATIC_SHARED = re.compile(r"^(\s*__shared__[^;\[]*?(\w+)\s*\[[^;]*\];)", re.M)
+STATIC_SHARED = re.compile(r"^(\s*__shared__[^;\[]*?(\w+)\s*(?:\[[^\];,]*\])+\s*;)", re.M)
 
 
 def matching_brace(src, open_at):
@@ -80,6 +80,13 @@ def convert(text, path):
     text = STATIC_SHARED.sub(
         r"\1 static long emu_fresh_\2 = -1; emu_shared_fresh(\2, sizeof(\2), emu_fresh_\2);", text
     )
+    for number, line in enumerate(text.splitlines(), 1):
+        code = line.split("//")[0]
+        if "__shared__" in code and "emu_shared_fresh" not in code:
+            sys.exit(
+                f"prep.py: {path}: a __shared__ declaration of a form prep.py does not rewrite "
+                f"(one array per declaration): {line.strip()}"
+            )
     return emulate_asm_functions(text, path)
 
 
