@@ -72,6 +72,12 @@ impl Default for DiffusionConfig {
 pub const MAX_IMAGE_SIZE: usize = 4096;
 /// The longest diffusion (guided-diffusion's models use 1000 to 4000 steps).
 pub const MAX_DIFFUSION_STEPS: usize = 1_000_000;
+/// Bounds on a UNet config, far past any real model (guided-diffusion's widest level is 1024
+/// channels, its deepest 6 levels of 3 blocks).
+pub const MAX_WIDTH: usize = 1 << 16;
+pub const MAX_RES_BLOCKS: usize = 64;
+pub const MAX_LEVELS: usize = 13;
+pub const MAX_CLASSES: usize = 1 << 24;
 
 /// UNet architecture (guided-diffusion `UNetModel`) plus mcdm's extensions
 /// (`in_channels`, `num_classes`, `embed_dim`).
@@ -682,7 +688,30 @@ impl UNetConfig {
         if self.num_channels == 0 || self.in_channels == 0 || self.num_res_blocks == 0 {
             return bad("num_channels, in_channels and num_res_blocks must be positive".into());
         }
+        // Bounds far past any real model, so that sizes derived from them cannot overflow.
+        if self.num_res_blocks > MAX_RES_BLOCKS || self.channel_mult.len() > MAX_LEVELS {
+            return bad(format!(
+                "num_res_blocks {} and {} channel_mult levels: at most {MAX_RES_BLOCKS} and \
+                 {MAX_LEVELS}",
+                self.num_res_blocks,
+                self.channel_mult.len()
+            ));
+        }
         let levels = self.level_channels();
+        let widest = levels
+            .iter()
+            .chain([&self.num_channels, &self.in_channels])
+            .max();
+        if widest.is_some_and(|&w| w > MAX_WIDTH) || self.embed_dim.is_some_and(|d| d > MAX_WIDTH) {
+            return bad(format!(
+                "channel widths ({} x channel_mult {:?}, in_channels {}, embed_dim {:?}) must \
+                 be at most {MAX_WIDTH}",
+                self.num_channels, self.channel_mult, self.in_channels, self.embed_dim
+            ));
+        }
+        if self.num_classes.is_some_and(|k| k > MAX_CLASSES) {
+            return bad(format!("num_classes must be at most {MAX_CLASSES}"));
+        }
         for &ch in &levels {
             if ch == 0 || ch % 32 != 0 {
                 return bad(format!(

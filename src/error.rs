@@ -37,7 +37,8 @@ pub enum Error {
     Diffusion(String),
     #[error("CUDA: {0}")]
     Cuda(String),
-    /// A result left the f32 range (NaN or inf): a model or an input is out of scale.
+    /// A result left the range of its number format (NaN or inf): a model or an input is out
+    /// of scale.
     #[error("{0}")]
     Numeric(String),
     /// An allocation the device could not satisfy; the sampler retries with smaller batches.

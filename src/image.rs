@@ -18,7 +18,7 @@ pub fn read_png(path: &Path) -> Result<(Vec<f32>, usize, usize, usize)> {
     let max = crate::config::MAX_IMAGE_SIZE;
     if width as usize > max || height as usize > max {
         return Err(Error::Input(format!(
-            "{}: the PNG is {width}x{height}, larger than the {max}x{max} mcdm samples at",
+            "{}: the PNG is {width}x{height}, larger than mcdm's largest image size, {max}x{max}",
             path.display()
         )));
     }

@@ -480,6 +480,62 @@ fn eta_outside_0_1_or_with_ddpm() {
     fails(&args, "is a DDIM setting");
 }
 
+/// `--sampler ddpm` over a DDIM job drops the job's eta (the user did not give one).
+#[test]
+fn ddpm_flag_over_a_ddim_job_with_eta() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let job = serde_json::json!({
+        "models": { "uncond": fixtures("sample/models/uncond.safetensors").display().to_string() },
+        "uncond": { "model": "uncond" },
+        "sampler": "ddim",
+        "eta": 0.5,
+        "steps": 2,
+        "num_samples": 1,
+        "out": out.display().to_string(),
+    });
+    let path = dir.path().join("job.json");
+    std::fs::write(&path, job.to_string()).unwrap();
+    let (code, err) = mcdm(&[
+        "sample",
+        "--job",
+        &path.display().to_string(),
+        "--sampler",
+        "ddpm",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("record.json")).unwrap()).unwrap();
+    assert_eq!(
+        (record["sampler"].as_str(), record["eta"].as_f64()),
+        (Some("ddpm"), Some(0.0))
+    );
+}
+
+/// A failed run removes every directory level of --out it made, and nothing else.
+#[test]
+fn failed_run_removes_the_directories_it_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("a/b/c");
+    let missing = dir.path().join("missing/x.safetensors");
+    let (code, err) = mcdm(&[
+        "sample",
+        "--model",
+        &model("uncond"),
+        "--uncond",
+        "uncond",
+        "--out",
+        &out.display().to_string(),
+        "--save-tensor",
+        &missing.display().to_string(),
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        dir.path().is_dir() && !dir.path().join("a").exists(),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_name_or_key_given_twice() {
     let u = model("uncond");
@@ -636,7 +692,7 @@ fn oversized_png_condition() {
             "--expert",
             &format!("sketch,image={}", path.display()),
         ],
-        "the PNG is 30000x30000, larger than the 4096x4096",
+        "the PNG is 30000x30000, larger than mcdm's largest image size, 4096x4096",
     );
 }
 

@@ -173,3 +173,24 @@ fn zero_weight_expert_is_inert() {
     // Batching the two terms of one model changes only float rounding in the GEMMs.
     assert!(err <= 1e-5, "rel L2 {err:.3e}");
 }
+
+/// The library refuses a DDIM eta outside [0, 1] (past 1 the update takes the square root of a
+/// negative number) for any caller, not only the command line.
+#[test]
+fn ddim_eta_outside_0_1_is_refused() {
+    let case = load_case("b_class_notsketch_text");
+    for eta in [1.5, -0.1, f32::NAN] {
+        let mut spec = case.spec.clone();
+        spec.sampler = SamplerKind::Ddim { eta };
+        let err = ComposedSampler::new(&case.models, &case.experts, &case.uncond, spec)
+            .err()
+            .expect("accepted");
+        assert!(
+            err.to_string().contains("DDIM eta must be between 0 and 1"),
+            "{err}"
+        );
+    }
+    let mut spec = case.spec.clone();
+    spec.sampler = SamplerKind::Ddim { eta: 1.0 };
+    assert!(ComposedSampler::new(&case.models, &case.experts, &case.uncond, spec).is_ok());
+}

@@ -110,7 +110,7 @@ pub fn run(args: Args) -> Result<()> {
     if non_finite > 0 {
         bail!(
             "the forward pass produced {non_finite} non-finite value(s) (NaN or inf): the weights \
-             or the inputs drive the network out of the f32 range; nothing written"
+             or the inputs drive the network past the range of its number format; nothing written"
         );
     }
     let oc = model.unet.config().out_channels();

@@ -414,18 +414,26 @@ fn plan(args: &Args) -> Result<Plan> {
     if num_samples == 0 || batch_size == Some(0) {
         bail!("--num-samples and --batch-size must be positive");
     }
-    let eta = match args.eta {
-        Some(e) => Some(e),
-        None => job_value(&job, "eta", "a number", |v| v.as_f64().map(|e| e as f32))?,
+    let (eta, eta_from) = match args.eta {
+        Some(e) => (Some(e), "--eta"),
+        None => (
+            job_value(&job, "eta", "a number", |v| v.as_f64().map(|e| e as f32))?,
+            "job file: `eta`",
+        ),
     };
     if let Some(e) = eta {
-        if sampler == Sampler::Ddpm && e != 0.0 {
-            bail!("--eta {e} is a DDIM setting: DDPM sampling has no eta");
-        }
         if !(0.0..=1.0).contains(&e) {
-            bail!("--eta must be between 0 (deterministic) and 1, got {e}");
+            bail!("{eta_from} must be between 0 (deterministic) and 1, got {e}");
+        }
+        // A job's DDIM eta is dropped when --sampler ddpm overrides its sampler.
+        if sampler == Sampler::Ddpm && e != 0.0 && (args.eta.is_some() || args.sampler.is_none()) {
+            bail!("{eta_from} {e} is a DDIM setting: DDPM sampling has no eta");
         }
     }
+    let eta = match sampler {
+        Sampler::Ddim => eta.unwrap_or(0.0),
+        Sampler::Ddpm => 0.0,
+    };
     let clip_denoised = match args.clip_denoised {
         Some(c) => c,
         None => job_value(&job, "clip_denoised", "true or false", Value::as_bool)?.unwrap_or(true),
@@ -435,7 +443,7 @@ fn plan(args: &Args) -> Result<Plan> {
         experts,
         uncond,
         sampler,
-        eta: eta.unwrap_or(0.0),
+        eta,
         respacing,
         clip_denoised,
         num_samples,
@@ -506,13 +514,22 @@ pub fn run(args: Args) -> Result<()> {
     let backend = backend(args.device)?;
     let plan = plan(&args)?;
     // Fail on an unwritable output before any sampling work.
-    let created = !plan.out.exists();
+    let created: Vec<PathBuf> = plan
+        .out
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .map(Path::to_path_buf)
+        .collect();
     std::fs::create_dir_all(&plan.out)
         .with_context(|| format!("creating output directory {}", plan.out.display()))?;
     let result = check_outputs(&args, &plan).and_then(|()| sample_plan(&args, &plan, backend));
-    if result.is_err() && created {
-        // Only an empty directory goes: nothing was written.
-        let _ = std::fs::remove_dir(&plan.out);
+    if result.is_err() {
+        // The directories this run made go again, deepest first, as long as they are empty.
+        for dir in &created {
+            if std::fs::remove_dir(dir).is_err() {
+                break;
+            }
+        }
     }
     result
 }

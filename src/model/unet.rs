@@ -293,11 +293,18 @@ impl UNet {
             ));
         }
         if !problems.is_empty() {
+            const SHOWN: usize = 40;
+            let more = problems.len().saturating_sub(SHOWN);
             return Err(Error::WeightsMismatch(format!(
-                "{}: {} problem(s)\n  {}",
+                "{}: {} problem(s)\n  {}{}",
                 file.path().display(),
                 problems.len(),
-                problems.join("\n  ")
+                problems[..problems.len().min(SHOWN)].join("\n  "),
+                if more > 0 {
+                    format!("\n  ... and {more} more")
+                } else {
+                    String::new()
+                }
             )));
         }
         Ok(unet)

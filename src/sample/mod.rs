@@ -481,34 +481,56 @@ impl<'a> ComposedSampler<'a> {
         Ok(samples)
     }
 
-    /// An empty buffer with room for `num_samples` images, or an error saying what they need.
+    /// An empty buffer with room for `num_samples` images, or an error saying what they need
+    /// when that is more than the machine's memory (or than it can reserve).
     fn samples_buffer(&self, num_samples: usize) -> Result<Vec<f32>> {
         let values = num_samples.saturating_mul(self.image_len());
-        let mut samples = Vec::new();
-        samples.try_reserve_exact(values).map_err(|_| {
+        let bytes = values.saturating_mul(std::mem::size_of::<f32>());
+        let too_big = || {
             Error::Input(format!(
                 "{num_samples} images of 3x{}x{} need {} of memory, which is not available",
                 self.spec.height,
                 self.spec.width,
-                crate::error::human_bytes(values.saturating_mul(4))
+                crate::error::human_bytes(bytes)
             ))
-        })?;
+        };
+        // Where memory is overcommitted, a reservation beyond it can succeed and fail later.
+        if physical_memory().is_some_and(|total| bytes > total) {
+            return Err(too_big());
+        }
+        let mut samples = Vec::new();
+        samples.try_reserve_exact(values).map_err(|_| too_big())?;
         Ok(samples)
     }
+}
+
+/// The machine's memory in bytes (Linux: `MemTotal` of /proc/meminfo), where known.
+fn physical_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: usize = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
 }
 
 /// The most images one run samples: image k's noise is drawn for the 32-bit index k.
 pub const MAX_SAMPLES: usize = 1 << 32;
 
-/// An error when any sample is NaN or infinite (a model or a condition drove the network out of
-/// the f32 range), naming the first image affected.
+/// An error when any sample is NaN or infinite (a model or a condition drove the network past
+/// the range of its number format), naming the first image affected.
 fn check_finite(samples: &[f32], image_len: usize) -> Result<()> {
     let bad = samples.iter().filter(|v| !v.is_finite()).count();
     match samples.iter().position(|v| !v.is_finite()) {
         None => Ok(()),
         Some(i) => Err(Error::Numeric(format!(
             "sampling produced {bad} non-finite value(s) (NaN or inf), from image {} on: a model, \
-             a condition or the initial noise drove the network out of the f32 range",
+             a condition or the initial noise drove the network past the range of its number \
+             format (f32 on the CPU, the storage type on a GPU)",
             i / image_len
         ))),
     }
