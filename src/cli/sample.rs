@@ -414,6 +414,12 @@ fn plan(args: &Args) -> Result<Plan> {
     if num_samples == 0 || batch_size == Some(0) {
         bail!("--num-samples and --batch-size must be positive");
     }
+    if num_samples > mcdm::sample::MAX_SAMPLES {
+        bail!(
+            "--num-samples {num_samples} is more than the {} images one run draws",
+            mcdm::sample::MAX_SAMPLES
+        );
+    }
     let (eta, eta_from) = match args.eta {
         Some(e) => (Some(e), "--eta"),
         None => (
@@ -738,7 +744,7 @@ fn sample_plan(args: &Args, plan: &Plan, backend: Backend) -> Result<()> {
     });
     // Counted in image-steps, so that the bar stays right when a GPU batch is split.
     let bar = progress_bar(
-        n * steps,
+        n.saturating_mul(steps),
         true,
         "{elapsed_precise} [{bar:30}] {msg} ETA {eta}",
     );
