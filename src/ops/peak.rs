@@ -165,6 +165,38 @@ fn launch(blocks: usize) -> LaunchConfig {
 mod tests {
     use super::*;
 
+    /// The timed work survives compilation: in the embedded compute_90 PTX every round of the
+    /// compute loops issues at least its CHAINS instructions (the loops are unrolled, so more),
+    /// and the copy loads 16-byte vectors.
+    #[test]
+    fn compiled_kernels_keep_the_timed_work() {
+        let Some((_, _, ptx)) = crate::cuda::KERNEL_IMAGES
+            .iter()
+            .find(|(file, arch, _)| *file == "peak" && *arch == "compute_90")
+        else {
+            eprintln!("peak PTX check: skipped, built without NVRTC");
+            return;
+        };
+        let ptx = String::from_utf8_lossy(ptx);
+        let body = |entry: &str| {
+            let start = ptx.find(&format!(".entry {entry}(")).expect(entry);
+            let rest = &ptx[start..];
+            rest[..rest.find("\n}\n").expect("end of entry")].to_string()
+        };
+        for (entry, instruction) in [
+            ("peak_mma_f16", "mma.sync.aligned.m16n8k16"),
+            ("peak_mma_bf16", "mma.sync.aligned.m16n8k16"),
+            ("peak_fma_f32", "fma.rn.f32"),
+        ] {
+            let count = body(entry).matches(instruction).count();
+            assert!(count >= CHAINS, "{entry}: {count} x {instruction}");
+        }
+        assert!(
+            body("copy_u4").contains("ld.global.nc.v4"),
+            "copy_u4 without vector loads"
+        );
+    }
+
     /// The references in closed form: chains 0..7 plus one per round, summed (MMA: four
     /// elements per chain), all exact in f32.
     #[test]
