@@ -555,9 +555,9 @@ fn measure_peaks<T: GpuFloat>(g: &Gpu, iters: usize) -> Result<Peaks> {
     let l2 = g.info().l2_cache_bytes;
     if floats * 4 < 4 * l2 {
         bail!(
-            "measuring DRAM bandwidth needs two buffers of {} MiB (4x the L2 cache), and only \
-             {} MiB are free",
-            (4 * l2) >> 20,
+            "measuring DRAM bandwidth needs {} MiB of free GPU memory (two buffers of 4x the L2 \
+             cache, each at most a quarter of the free memory), and {} MiB are free",
+            (16 * l2) >> 20,
             free >> 20
         );
     }
