@@ -208,6 +208,66 @@ pub const CONFIG_KEYS: &[&str] = &[
     "rescale_learned_sigmas",
 ];
 
+/// Parses JSON like `serde_json::from_str`, but a key given twice in one object is an error
+/// (serde_json keeps the last one silently, so a stray duplicate would change a setting unseen).
+pub fn parse_json(text: &str) -> std::result::Result<Value, serde_json::Error> {
+    use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
+
+    struct Strict(Value);
+    impl<'de> Deserialize<'de> for Strict {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+            d.deserialize_any(StrictVisitor)
+        }
+    }
+    struct StrictVisitor;
+    impl<'de> Visitor<'de> for StrictVisitor {
+        type Value = Strict;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_bool<E>(self, v: bool) -> std::result::Result<Strict, E> {
+            Ok(Strict(v.into()))
+        }
+        fn visit_i64<E>(self, v: i64) -> std::result::Result<Strict, E> {
+            Ok(Strict(v.into()))
+        }
+        fn visit_u64<E>(self, v: u64) -> std::result::Result<Strict, E> {
+            Ok(Strict(v.into()))
+        }
+        fn visit_f64<E>(self, v: f64) -> std::result::Result<Strict, E> {
+            Ok(Strict(v.into()))
+        }
+        fn visit_str<E>(self, v: &str) -> std::result::Result<Strict, E> {
+            Ok(Strict(v.into()))
+        }
+        fn visit_unit<E>(self) -> std::result::Result<Strict, E> {
+            Ok(Strict(Value::Null))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Strict, A::Error> {
+            let mut items = Vec::new();
+            while let Some(Strict(v)) = seq.next_element()? {
+                items.push(v);
+            }
+            Ok(Strict(Value::Array(items)))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Strict, A::Error> {
+            let mut object = serde_json::Map::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if object.contains_key(&key) {
+                    return Err(A::Error::custom(format!("key `{key}` is given twice")));
+                }
+                let Strict(v) = map.next_value()?;
+                object.insert(key, v);
+            }
+            Ok(Strict(Value::Object(object)))
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(text);
+    let Strict(value) = Strict::deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
 /// A config as given by one source: JSON values by key, checked against [`CONFIG_KEYS`].
 #[derive(Clone, Debug, Default)]
 pub struct PartialConfig {
@@ -217,8 +277,7 @@ pub struct PartialConfig {
 impl PartialConfig {
     /// Parses a JSON object; unknown keys are an error that names them all.
     pub fn from_json(text: &str) -> Result<Self> {
-        let value: Value = serde_json::from_str(text)
-            .map_err(|e| Error::Config(format!("not valid JSON: {e}")))?;
+        let value = parse_json(text).map_err(|e| Error::Config(format!("not valid JSON: {e}")))?;
         let Value::Object(map) = value else {
             return Err(Error::Config("expected a JSON object".into()));
         };
@@ -836,5 +895,31 @@ impl UNetConfig {
             map["embed_dim"] = d.into();
         }
         map
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_with_a_key_given_twice_is_refused() {
+        let err = parse_json(r#"{"a": 1, "b": {"c": [2, {"d": null}], "c": 3}}"#).unwrap_err();
+        assert!(err.to_string().contains("key `c` is given twice"), "{err}");
+        assert!(
+            parse_json(r#"{"a": 1} {"b": 2}"#).is_err(),
+            "trailing text accepted"
+        );
+    }
+
+    /// Without duplicates it reads what serde_json reads, numbers and nesting included.
+    #[test]
+    fn json_otherwise_as_serde_json() {
+        let text = r#"{"i": -3, "u": 18446744073709551615, "f": 0.1, "s": "x\u00e9", "n": null,
+                       "t": true, "a": [1, [2], {"k": "v"}], "o": {}}"#;
+        assert_eq!(
+            parse_json(text).unwrap(),
+            serde_json::from_str::<Value>(text).unwrap()
+        );
     }
 }

@@ -465,6 +465,17 @@ fn job_file_values_of_the_wrong_type() {
         json!({"experts": [{"model": "uncond", "weight": 1e300}]}),
         "weight must be a finite number",
     );
+    // serde_json keeps the last of two equal keys; a job file may not hold them.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.json");
+    std::fs::write(
+        &path,
+        r#"{"uncond": {"model": "u"}, "steps": 2, "steps": 3}"#,
+    )
+    .unwrap();
+    let (code, err) = mcdm(&["sample", "--job", &path.display().to_string()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("key `steps` is given twice"), "{err}");
 }
 
 #[test]

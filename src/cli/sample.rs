@@ -306,7 +306,7 @@ fn plan(args: &Args) -> Result<Plan> {
         std::fs::File::open(path)
             .and_then(|mut f| f.read_to_string(&mut text))
             .with_context(|| format!("reading job file {}", path.display()))?;
-        let v: Value = serde_json::from_str(&text)
+        let v = mcdm::config::parse_json(&text)
             .with_context(|| format!("job file {}: not valid JSON", path.display()))?;
         job = v
             .as_object()
