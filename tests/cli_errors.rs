@@ -53,6 +53,17 @@ fn mcdm(args: &[&str]) -> Run {
     }
 }
 
+/// Runs mcdm with `args`, expecting exit 1 with `needle` in the message.
+fn fails(args: &[&str], needle: &str) {
+    let r = mcdm(args);
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(needle),
+        "message lacks `{needle}`:\n{}",
+        r.stderr
+    );
+}
+
 /// A temp dir holding the case's weights (as `model.safetensors`, no JSON beside it unless
 /// asked), its config and its reference input.
 struct Setup {
@@ -370,9 +381,7 @@ fn impossible_configs() {
 fn a_directory_or_fifo_as_model() {
     let s = Setup::new();
     std::fs::create_dir(s.path("dir.safetensors")).unwrap();
-    let r = mcdm(&["inspect", &s.s("dir.safetensors")]);
-    assert_eq!(r.code, Some(1), "{}", r.stderr);
-    assert!(r.stderr.contains("it is a directory"), "{}", r.stderr);
+    fails(&["inspect", &s.s("dir.safetensors")], "it is a directory");
     let fifo = s.path("fifo.safetensors");
     if Command::new("mkfifo")
         .arg(&fifo)
@@ -380,9 +389,10 @@ fn a_directory_or_fifo_as_model() {
         .is_ok_and(|st| st.success())
     {
         // Opening a FIFO for reading would block until a writer comes: it must not be opened.
-        let r = mcdm(&["inspect", &fifo.display().to_string()]);
-        assert_eq!(r.code, Some(1), "{}", r.stderr);
-        assert!(r.stderr.contains("not a regular file"), "{}", r.stderr);
+        fails(
+            &["inspect", &fifo.display().to_string()],
+            "not a regular file",
+        );
     }
 }
 
@@ -390,38 +400,32 @@ fn a_directory_or_fifo_as_model() {
 #[test]
 fn impossible_benchmarks() {
     let s = Setup::new();
-    let r = mcdm(&[
-        "bench",
-        "--device",
-        "cpu",
-        "--config",
-        &s.s("config.json"),
-        "--batch",
-        "1000000000000",
-    ]);
-    assert_eq!(r.code, Some(1), "{}", r.stderr);
-    assert!(
-        r.stderr.contains("a benchmark batch is at most 4096"),
-        "{}",
-        r.stderr
+    fails(
+        &[
+            "bench",
+            "--device",
+            "cpu",
+            "--config",
+            &s.s("config.json"),
+            "--batch",
+            "1000000000000",
+        ],
+        "a benchmark batch is at most 4096",
     );
     s.edit_config(|c| {
         c.insert("num_channels".into(), 32768.into());
     });
-    let r = mcdm(&[
-        "bench",
-        "--device",
-        "cpu",
-        "--config",
-        &s.s("config.json"),
-        "--batch",
-        "1",
-    ]);
-    assert_eq!(r.code, Some(1), "{}", r.stderr);
-    assert!(
-        r.stderr.contains("parameters, more than the 2147483648"),
-        "{}",
-        r.stderr
+    fails(
+        &[
+            "bench",
+            "--device",
+            "cpu",
+            "--config",
+            &s.s("config.json"),
+            "--batch",
+            "1",
+        ],
+        "parameters, more than the 2147483648",
     );
 }
 
@@ -430,21 +434,23 @@ fn impossible_benchmarks() {
 fn output_path_in_a_missing_directory() {
     let s = Setup::new();
     let missing = s.path("missing/e.safetensors").display().to_string();
-    let r = mcdm(&["encode-text", "--text", "a face", "--output", &missing]);
-    assert_eq!(r.code, Some(1), "{}", r.stderr);
-    assert!(r.stderr.contains("does not exist"), "{}", r.stderr);
+    fails(
+        &["encode-text", "--text", "a face", "--output", &missing],
+        "does not exist",
+    );
     let missing = s.path("missing/b.json").display().to_string();
-    let r = mcdm(&[
-        "bench",
-        "--device",
-        "cpu",
-        "--config",
-        &s.s("config.json"),
-        "--batch",
-        "1",
-        "--output",
-        &missing,
-    ]);
-    assert_eq!(r.code, Some(1), "{}", r.stderr);
-    assert!(r.stderr.contains("does not exist"), "{}", r.stderr);
+    fails(
+        &[
+            "bench",
+            "--device",
+            "cpu",
+            "--config",
+            &s.s("config.json"),
+            "--batch",
+            "1",
+            "--output",
+            &missing,
+        ],
+        "does not exist",
+    );
 }

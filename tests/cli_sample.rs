@@ -110,15 +110,22 @@ fn cli_reproduces_reference_composition() {
     assert_eq!(record["steps"], 10);
 }
 
-/// Runs `sample` with `args`, expecting exit 1 with `needle` in the message and no images.
+/// Runs `sample` with `args` (plus `--out`, `--steps 2` and `--num-samples 1` where `args`
+/// lacks them), expecting exit 1 with `needle` in the message and no images.
 fn fails(args: &[&str], needle: &str) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let mut all: Vec<&str> = vec!["sample"];
     all.extend_from_slice(args);
     let out_s = out.display().to_string();
-    if !args.contains(&"--out") {
-        all.extend_from_slice(&["--out", &out_s, "--steps", "2", "--num-samples", "1"]);
+    for (flag, value) in [
+        ("--out", out_s.as_str()),
+        ("--steps", "2"),
+        ("--num-samples", "1"),
+    ] {
+        if !args.contains(&flag) {
+            all.extend_from_slice(&[flag, value]);
+        }
     }
     let (code, err) = mcdm(&all);
     assert_eq!(code, Some(1), "expected exit 1: {err}");
@@ -132,10 +139,10 @@ fn fails(args: &[&str], needle: &str) {
     assert!(!out.exists(), "empty output directory left behind");
 }
 
-/// `fails` for a job file holding `extra` besides the unconditional model.
-fn job_fails(extra: serde_json::Value, needle: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
+/// Writes `dir/job.json`: the unconditional model, 2 steps, 1 sample, out `dir/out`, and
+/// `extra`'s keys over those. Returns the job's path and its output directory.
+fn write_job(dir: &Path, extra: &serde_json::Value) -> (String, std::path::PathBuf) {
+    let out = dir.join("out");
     let mut job = serde_json::json!({
         "models": { "uncond": fixtures("sample/models/uncond.safetensors").display().to_string() },
         "uncond": { "model": "uncond" },
@@ -146,9 +153,16 @@ fn job_fails(extra: serde_json::Value, needle: &str) {
     for (k, v) in extra.as_object().unwrap() {
         job[k] = v.clone();
     }
-    let path = dir.path().join("job.json");
+    let path = dir.join("job.json");
     std::fs::write(&path, job.to_string()).unwrap();
-    let (code, err) = mcdm(&["sample", "--job", &path.display().to_string()]);
+    (path.display().to_string(), out)
+}
+
+/// `fails` for a job file holding `extra` besides the unconditional model.
+fn job_fails(extra: serde_json::Value, needle: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, out) = write_job(dir.path(), &extra);
+    let (code, err) = mcdm(&["sample", "--job", &path]);
     assert_eq!(code, Some(1), "{extra}: expected exit 1: {err}");
     assert!(
         err.contains(needle),
@@ -172,6 +186,23 @@ fn unknown_model_in_expert() {
     );
 }
 
+/// `fails` for the sketch expert given `image` as its condition.
+fn sketch_condition_fails(image: &Path, needle: &str) {
+    fails(
+        &[
+            "--model",
+            &model("uncond"),
+            "--model",
+            &model("sketch"),
+            "--uncond",
+            "uncond",
+            "--expert",
+            &format!("sketch,image={}", image.display()),
+        ],
+        needle,
+    );
+}
+
 #[test]
 fn image_condition_of_wrong_size_or_channels() {
     let dir = tempfile::tempdir().unwrap();
@@ -183,19 +214,7 @@ fn image_condition_of_wrong_size_or_channels() {
         None,
     )
     .unwrap();
-    fails(
-        &[
-            "--model",
-            &model("uncond"),
-            "--model",
-            &model("sketch"),
-            "--uncond",
-            "uncond",
-            "--expert",
-            &format!("sketch,image={}", small.display()),
-        ],
-        "is 8x8, but the samples are 16x16",
-    );
+    sketch_condition_fails(&small, "is 8x8, but the samples are 16x16");
     let rgb = dir.path().join("rgb.safetensors");
     let data: Vec<f32> = (0..3 * 256).map(|i| (i as f32 * 0.1).cos()).collect();
     write_safetensors(
@@ -204,19 +223,7 @@ fn image_condition_of_wrong_size_or_channels() {
         None,
     )
     .unwrap();
-    fails(
-        &[
-            "--model",
-            &model("uncond"),
-            "--model",
-            &model("sketch"),
-            "--uncond",
-            "uncond",
-            "--expert",
-            &format!("sketch,image={}", rgb.display()),
-        ],
-        "the image condition must be [1, 16, 16]",
-    );
+    sketch_condition_fails(&rgb, "the image condition must be [1, 16, 16]");
 }
 
 #[test]
@@ -495,25 +502,11 @@ fn eta_outside_0_1_or_with_ddpm() {
 #[test]
 fn ddpm_flag_over_a_ddim_job_with_eta() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out");
-    let job = serde_json::json!({
-        "models": { "uncond": fixtures("sample/models/uncond.safetensors").display().to_string() },
-        "uncond": { "model": "uncond" },
-        "sampler": "ddim",
-        "eta": 0.5,
-        "steps": 2,
-        "num_samples": 1,
-        "out": out.display().to_string(),
-    });
-    let path = dir.path().join("job.json");
-    std::fs::write(&path, job.to_string()).unwrap();
-    let (code, err) = mcdm(&[
-        "sample",
-        "--job",
-        &path.display().to_string(),
-        "--sampler",
-        "ddpm",
-    ]);
+    let (path, out) = write_job(
+        dir.path(),
+        &serde_json::json!({"sampler": "ddim", "eta": 0.5}),
+    );
+    let (code, err) = mcdm(&["sample", "--job", &path, "--sampler", "ddpm"]);
     assert_eq!(code, Some(0), "{err}");
     let record: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("record.json")).unwrap()).unwrap();
@@ -571,25 +564,20 @@ fn a_name_or_key_given_twice() {
 #[test]
 fn impossible_sample_counts() {
     let run = |n: &str, needle: &str| {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("out").display().to_string();
-        let (code, err) = mcdm(&[
-            "sample",
-            "--device",
-            "cpu",
-            "--model",
-            &model("uncond"),
-            "--uncond",
-            "uncond",
-            "--steps",
-            "2",
-            "--out",
-            &out,
-            "--num-samples",
-            n,
-        ]);
-        assert_eq!(code, Some(1), "{err}");
-        assert!(err.contains(needle), "message lacks `{needle}`:\n{err}");
+        let u = model("uncond");
+        fails(
+            &[
+                "--device",
+                "cpu",
+                "--model",
+                &u,
+                "--uncond",
+                "uncond",
+                "--num-samples",
+                n,
+            ],
+            needle,
+        );
     };
     run(
         "18446744073709551615",
@@ -692,17 +680,8 @@ fn oversized_png_condition() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bomb.png");
     std::fs::write(&path, png).unwrap();
-    fails(
-        &[
-            "--model",
-            &model("uncond"),
-            "--model",
-            &model("sketch"),
-            "--uncond",
-            "uncond",
-            "--expert",
-            &format!("sketch,image={}", path.display()),
-        ],
+    sketch_condition_fails(
+        &path,
         "the PNG is 30000x30000, larger than mcdm's largest image size, 4096x4096",
     );
 }

@@ -527,10 +527,11 @@ struct Peaks {
 /// cache, and prints them.
 fn measure_peaks<T: GpuFloat>(g: &Gpu, iters: usize) -> Result<Peaks> {
     use mcdm::ops::peak::{
-        blocks_to_fill, compute_peak_gpu, compute_peak_kernel, compute_reference, copy_gpu, BLOCK,
+        blocks_to_fill, compute_peak, compute_peak_gpu, compute_reference, copy_gpu, BLOCK,
         MAX_EXACT_ROUNDS,
     };
-    let (kernel, instruction) = compute_peak_kernel::<T>()?;
+    let peak = compute_peak::<T>()?;
+    let (kernel, instruction) = (peak.kernel, peak.instruction);
     let blocks = blocks_to_fill(g);
     let mut out = g.zeros::<f32>(blocks * BLOCK)?;
     // Rounds for about 20 ms a launch, from a short probe.

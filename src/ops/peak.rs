@@ -34,12 +34,36 @@ const MMA_B: f32 = 0.25;
 const FMA_B: f32 = 1.0;
 const FMA_C: f32 = 1.0;
 
-/// The compute-peak kernel for storage type `T` and the instruction it times.
-pub fn compute_peak_kernel<T: GpuFloat>() -> Result<(&'static str, &'static str)> {
+/// The compute-peak kernel of one storage type.
+pub struct ComputePeak {
+    /// The kernel in `kernels/peak.cu`.
+    pub kernel: &'static str,
+    /// The instruction it times.
+    pub instruction: &'static str,
+    /// The kernel's f32 arguments after `iters`: a, b for mma; b, c for the FMA.
+    operands: [f32; 2],
+    /// Flops per thread per round.
+    flop_per_thread_round: usize,
+}
+
+/// The compute-peak kernel for storage type `T`: FMA chains for f32, mma.sync for 16 bits.
+pub fn compute_peak<T: GpuFloat>() -> Result<ComputePeak> {
+    // Per warp and round: CHAINS mma of 16 x 8 x 16 multiply-adds, shared by 32 threads.
+    let mma = |kernel, instruction| ComputePeak {
+        kernel,
+        instruction,
+        operands: [MMA_A, MMA_B],
+        flop_per_thread_round: CHAINS * 2 * 16 * 8 * 16 / 32,
+    };
     match T::SUFFIX {
-        "_f32" => Ok(("peak_fma_f32", "f32 FMA")),
-        "_f16" => Ok(("peak_mma_f16", "mma.sync f16")),
-        "_bf16" => Ok(("peak_mma_bf16", "mma.sync bf16")),
+        "_f32" => Ok(ComputePeak {
+            kernel: "peak_fma_f32",
+            instruction: "f32 FMA",
+            operands: [FMA_B, FMA_C],
+            flop_per_thread_round: 2 * CHAINS,
+        }),
+        "_f16" => Ok(mma("peak_mma_f16", "mma.sync f16")),
+        "_bf16" => Ok(mma("peak_mma_bf16", "mma.sync bf16")),
         other => Err(Error::Cuda(format!("no peak kernel for storage {other}"))),
     }
 }
@@ -97,15 +121,11 @@ pub fn compute_peak_gpu<T: GpuFloat>(
     }
     let threads = blocks * BLOCK;
     check_len("peak output", out.len(), threads)?;
-    let (kernel, _) = compute_peak_kernel::<T>()?;
-    let (b, c) = if T::SUFFIX == "_f32" {
-        (FMA_B, FMA_C)
-    } else {
-        (MMA_A, MMA_B)
-    };
+    let peak = compute_peak::<T>()?;
+    let [b, c] = peak.operands;
     gpu.launch(
         "peak",
-        kernel,
+        peak.kernel,
         launch(blocks),
         &[
             Arg::Ptr(out.ptr(gpu)),
@@ -114,14 +134,7 @@ pub fn compute_peak_gpu<T: GpuFloat>(
             Arg::F32(c),
         ],
     )?;
-    let flop_per_round = if T::SUFFIX == "_f32" {
-        // Per thread: CHAINS FMAs of 2 flop.
-        (2 * CHAINS * threads) as f64
-    } else {
-        // Per warp: CHAINS mma of 16 x 8 x 16 multiply-adds.
-        (CHAINS * 2 * 16 * 8 * 16 * threads / 32) as f64
-    };
-    Ok(flop_per_round * iters as f64)
+    Ok((peak.flop_per_thread_round * threads) as f64 * iters as f64)
 }
 
 /// `copy_u4`: y = x over `x.len()` floats (a whole number of 16-byte words), on `blocks`
