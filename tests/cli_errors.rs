@@ -396,35 +396,29 @@ fn a_directory_or_fifo_as_model() {
     }
 }
 
+/// `fails` for `mcdm bench` on the CPU with the setup's config and `extra` arguments.
+fn bench_fails(s: &Setup, extra: &[&str], needle: &str) {
+    let config = s.s("config.json");
+    let mut args = vec!["bench", "--device", "cpu", "--config", &config];
+    args.extend_from_slice(extra);
+    fails(&args, needle);
+}
+
 /// Benchmark sizes no machine holds are refused before any allocation.
 #[test]
 fn impossible_benchmarks() {
     let s = Setup::new();
-    fails(
-        &[
-            "bench",
-            "--device",
-            "cpu",
-            "--config",
-            &s.s("config.json"),
-            "--batch",
-            "1000000000000",
-        ],
+    bench_fails(
+        &s,
+        &["--batch", "1000000000000"],
         "a benchmark batch is at most 4096",
     );
     s.edit_config(|c| {
         c.insert("num_channels".into(), 32768.into());
     });
-    fails(
-        &[
-            "bench",
-            "--device",
-            "cpu",
-            "--config",
-            &s.s("config.json"),
-            "--batch",
-            "1",
-        ],
+    bench_fails(
+        &s,
+        &["--batch", "1"],
         "parameters, more than the 2147483648",
     );
 }
@@ -439,18 +433,9 @@ fn output_path_in_a_missing_directory() {
         "does not exist",
     );
     let missing = s.path("missing/b.json").display().to_string();
-    fails(
-        &[
-            "bench",
-            "--device",
-            "cpu",
-            "--config",
-            &s.s("config.json"),
-            "--batch",
-            "1",
-            "--output",
-            &missing,
-        ],
+    bench_fails(
+        &s,
+        &["--batch", "1", "--output", &missing],
         "does not exist",
     );
 }
