@@ -115,16 +115,7 @@ pub fn attend(qkv: &[f32], n: usize, t: usize, c: usize, heads: usize, out: &mut
                             scale,
                             false,
                         );
-                        for row in scores.chunks_exact_mut(t) {
-                            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                            let mut sum = 0.0;
-                            for s in row.iter_mut() {
-                                *s = super::exp(*s - max);
-                                sum += *s;
-                            }
-                            let inv = 1.0 / sum;
-                            row.iter_mut().for_each(|s| *s *= inv);
-                        }
+                        scores.chunks_exact_mut(t).for_each(super::softmax_in_place);
                         matmul(
                             &mut out_rows[h * d..],
                             c,

@@ -13,6 +13,8 @@ pub mod peak;
 pub mod resample;
 pub mod step;
 
+use multiversion::multiversion;
+
 /// SiLU (swish): x * sigmoid(x).
 #[inline]
 pub fn silu(x: f32) -> f32 {
@@ -32,18 +34,58 @@ pub fn exp(x: f32) -> f32 {
     // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer in plain SSE2.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.3);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // `shifted`'s low mantissa bits hold n (|n| <= 127): 2^n is n + 127 moved into the exponent
+    // field, with integer ops only (a float-to-int `as` saturates, which keeps loops scalar).
+    p * f32::from_bits(shifted.to_bits().wrapping_add(127) << 23)
+}
+
+/// Independent partial results per reduction, so that the loops below vectorise: a float sum
+/// or max folded in one accumulator is a serial chain the compiler may not reorder.
+const LANES: usize = 16;
+
+/// Softmax of one row in place (the row's max subtracted first, as `torch.softmax`).
+#[multiversion(targets = "simd")]
+pub fn softmax_in_place(row: &mut [f32]) {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(chunk) {
+            *m = m.max(v);
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    row.iter_mut().for_each(|s| *s = exp(*s - max));
+    let inv = 1.0 / sum(row);
+    row.iter_mut().for_each(|s| *s *= inv);
+}
+
+/// The sum of a slice, in `LANES` interleaved partial sums.
+pub fn sum(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (s, &v) in lanes.iter_mut().zip(chunk) {
+            *s += v;
+        }
+    }
+    chunks.remainder().iter().sum::<f32>() + lanes.iter().sum::<f32>()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::exp;
+    use super::{exp, softmax_in_place};
 
     #[test]
     fn exp_matches_libm() {
@@ -59,5 +101,28 @@ mod tests {
         assert_eq!(exp(0.0), 1.0);
         assert_eq!(exp(-200.0), exp(-87.3));
         assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn softmax_matches_f64() {
+        let mut state = 0x2545_f491_u32;
+        for len in [1, 7, 15, 16, 17, 64, 257] {
+            let row: Vec<f32> = (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 17;
+                    state ^= state << 5;
+                    20.0 * (state as f32 / u32::MAX as f32) - 10.0
+                })
+                .collect();
+            let max = row.iter().map(|&v| v as f64).fold(f64::NEG_INFINITY, f64::max);
+            let total: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+            let mut got = row.clone();
+            softmax_in_place(&mut got);
+            for (&g, &v) in got.iter().zip(&row) {
+                let want = (v as f64 - max).exp() / total;
+                assert!((g as f64 - want).abs() <= 1e-6 * want + 1e-12, "len {len}: {g} vs {want}");
+            }
+        }
     }
 }
