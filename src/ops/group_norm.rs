@@ -2,6 +2,7 @@
 //! SiLU, NHWC. Statistics in f64 on the CPU (the reference computes them in f32).
 
 use cudarc::driver::LaunchConfig;
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::conv::check_len;
@@ -34,68 +35,80 @@ impl GroupNorm {
     ) {
         let c = self.channels;
         let cg = c / GROUPS;
-        for b in 0..n {
-            let img = &x[b * hw * c..][..hw * c];
-            // Per-channel sums over pixel chunks, merged; then per group.
-            let (sum, sq) = img
-                .par_chunks(c * 64)
-                .map(|rows| {
-                    let mut s = vec![0f64; c];
-                    let mut q = vec![0f64; c];
-                    for px in rows.chunks_exact(c) {
-                        for ch in 0..c {
-                            let v = px[ch] as f64;
-                            s[ch] += v;
-                            q[ch] += v * v;
-                        }
-                    }
-                    (s, q)
-                })
-                .reduce(
-                    || (vec![0f64; c], vec![0f64; c]),
-                    |(mut s, mut q), (s2, q2)| {
-                        s.iter_mut().zip(&s2).for_each(|(a, b)| *a += b);
-                        q.iter_mut().zip(&q2).for_each(|(a, b)| *a += b);
-                        (s, q)
-                    },
-                );
-            let count = (hw * cg) as f64;
-            let mut mul = vec![0f32; c];
-            let mut add = vec![0f32; c];
-            for g in 0..GROUPS {
-                let s: f64 = sum[g * cg..][..cg].iter().sum();
-                let q: f64 = sq[g * cg..][..cg].iter().sum();
-                let mean = s / count;
-                let var = (q / count - mean * mean).max(0.0);
-                let rstd = 1.0 / (var + EPS).sqrt();
-                for ch in g * cg..(g + 1) * cg {
-                    // y = (x - mean) * rstd * gamma + beta, folded with (1 + scale) and shift.
-                    let (scale, shift) = match scale_shift {
-                        Some(ss) => (ss[b * 2 * c + ch] as f64, ss[b * 2 * c + c + ch] as f64),
-                        None => (0.0, 0.0),
-                    };
-                    let gamma = self.weight[ch] as f64 * rstd;
-                    let m = gamma * (1.0 + scale);
-                    mul[ch] = m as f32;
-                    add[ch] =
-                        ((self.bias[ch] as f64 - mean * gamma) * (1.0 + scale) + shift) as f32;
+        let rows = c * PIXELS_PER_TASK;
+        x[..n * hw * c]
+            .par_chunks(hw * c)
+            .zip(out[..n * hw * c].par_chunks_mut(hw * c))
+            .enumerate()
+            .for_each(|(b, (img, out_img))| {
+                // Per-channel sums over pixel chunks, merged in chunk order (so the result does
+                // not depend on how rayon split the work), then per group.
+                let parts: Vec<(Vec<f64>, Vec<f64>)> =
+                    img.par_chunks(rows).map(|r| channel_sums(r, c)).collect();
+                let (mut sum, mut sq) = (vec![0f64; c], vec![0f64; c]);
+                for (s, q) in &parts {
+                    sum.iter_mut().zip(s).for_each(|(a, b)| *a += b);
+                    sq.iter_mut().zip(q).for_each(|(a, b)| *a += b);
                 }
-            }
-            out[b * hw * c..][..hw * c]
-                .par_chunks_mut(c * 64)
-                .zip(img.par_chunks(c * 64))
-                .for_each(|(o, i)| {
-                    for (po, pi) in o.chunks_exact_mut(c).zip(i.chunks_exact(c)) {
-                        for (((y, &x), &m), &a) in po.iter_mut().zip(pi).zip(&mul).zip(&add) {
-                            *y = x * m + a;
-                        }
-                        // A separate pass, so that both loops vectorise.
-                        if silu_after {
-                            po.iter_mut().for_each(|y| *y = silu(*y));
-                        }
+                let count = (hw * cg) as f64;
+                let mut mul = vec![0f32; c];
+                let mut add = vec![0f32; c];
+                for g in 0..GROUPS {
+                    let s: f64 = sum[g * cg..][..cg].iter().sum();
+                    let q: f64 = sq[g * cg..][..cg].iter().sum();
+                    let mean = s / count;
+                    let var = (q / count - mean * mean).max(0.0);
+                    let rstd = 1.0 / (var + EPS).sqrt();
+                    for ch in g * cg..(g + 1) * cg {
+                        // y = (x - mean) * rstd * gamma + beta, folded with (1 + scale) and shift.
+                        let (scale, shift) = match scale_shift {
+                            Some(ss) => (ss[b * 2 * c + ch] as f64, ss[b * 2 * c + c + ch] as f64),
+                            None => (0.0, 0.0),
+                        };
+                        let gamma = self.weight[ch] as f64 * rstd;
+                        mul[ch] = (gamma * (1.0 + scale)) as f32;
+                        add[ch] =
+                            ((self.bias[ch] as f64 - mean * gamma) * (1.0 + scale) + shift) as f32;
                     }
-                });
+                }
+                out_img
+                    .par_chunks_mut(rows)
+                    .zip(img.par_chunks(rows))
+                    .for_each(|(o, i)| apply(o, i, &mul, &add, silu_after));
+            });
+    }
+}
+
+/// Pixels per parallel task of the CPU group norm.
+const PIXELS_PER_TASK: usize = 64;
+
+/// Per-channel sum and sum of squares of `[pixels, c]` rows, in f64.
+#[multiversion(targets = "simd")]
+fn channel_sums(rows: &[f32], c: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut sum = vec![0f64; c];
+    let mut sq = vec![0f64; c];
+    for px in rows.chunks_exact(c) {
+        for ((s, q), &v) in sum.iter_mut().zip(sq.iter_mut()).zip(px) {
+            let v = v as f64;
+            *s += v;
+            *q += v * v;
         }
+    }
+    (sum, sq)
+}
+
+/// `out = x * mul + add` per channel over `[pixels, c]` rows, then SiLU when `silu_after`.
+#[multiversion(targets = "simd")]
+fn apply(out: &mut [f32], x: &[f32], mul: &[f32], add: &[f32], silu_after: bool) {
+    let c = mul.len();
+    for (po, pi) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+        for (((y, &x), &m), &a) in po.iter_mut().zip(pi).zip(mul).zip(add) {
+            *y = x * m + a;
+        }
+    }
+    // A separate pass, so that both loops vectorise.
+    if silu_after {
+        out.iter_mut().for_each(|y| *y = silu(*y));
     }
 }
 
