@@ -4,6 +4,9 @@
 //!
 //!     cargo bench --bench cpu_ops [-- FILTER]
 //!
+//! Criterion's throughput for conv and attention counts FLOP (its "elem/s" are FLOP/s), for
+//! group norm bytes moved.
+//!
 //! GPU kernels have their own table: `mcdm bench --kernels` (times on the device, against its
 //! measured peaks).
 

@@ -3,7 +3,7 @@ mcdm's criterion benchmark of the same shapes (`cargo bench --bench cpu_ops`), a
 table with both.
 
 Usage:
-    /opt/gdenv/bin/python tools/bench_torch_ops.py [--threads N] [--runs 20] [--no-cargo]
+    /opt/gdenv/bin/python tools/bench_torch_ops.py [--threads N] [--runs 20] [--rounds 1] [--no-cargo]
         [--criterion target/criterion] [--json out.json]
 
 The PyTorch side is the reference's own modules (guided_diffusion.nn.conv_nd, normalization +
@@ -93,32 +93,37 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=1, help="PyTorch then mcdm, this many times")
     p.add_argument("--no-cargo", action="store_true", help="read an earlier criterion run")
     p.add_argument("--criterion", default=os.path.join(ROOT, "target", "criterion"))
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
     th.set_num_threads(args.threads)
 
+    torch_cases = cases()
     rows = []
-    for op, ident, module, x, work, unit in cases():
-        rows.append(dict(op=op, shape=ident, torch_s=time_torch(module, x, args.runs), work=work, unit=unit))
-        print(f"torch {op}/{ident}: {rows[-1]['torch_s'] * 1e3:.3f} ms", file=sys.stderr)
-    if not args.no_cargo:
-        env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
-        subprocess.run(["cargo", "bench", "--bench", "cpu_ops"], cwd=ROOT, env=env, check=True,
-                       stdout=sys.stderr)
+    for rnd in range(1, args.rounds + 1):
+        # PyTorch, then mcdm, in each round: the rounds show how much the machine drifts.
+        for op, ident, module, x, work, unit in torch_cases:
+            t = time_torch(module, x, args.runs)
+            rows.append(dict(round=rnd, op=op, shape=ident, torch_s=t, work=work, unit=unit))
+            print(f"round {rnd} torch {op}/{ident}: {t * 1e3:.3f} ms", file=sys.stderr)
+        if not args.no_cargo:
+            env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+            subprocess.run(["cargo", "bench", "--bench", "cpu_ops"], cwd=ROOT, env=env, check=True,
+                           stdout=sys.stderr)
+        for r in rows[-len(torch_cases):]:
+            r["mcdm_s"] = criterion_seconds(args.criterion, r["op"], r["shape"])
 
     print(f"\n{platform.processor() or platform.machine()}, {args.threads} threads, torch {th.__version__}\n")
-    print("| op | shape | mcdm ms | PyTorch ms | PyTorch / mcdm | mcdm rate | PyTorch rate |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| round | op | shape | mcdm ms | PyTorch ms | PyTorch / mcdm | mcdm rate | PyTorch rate |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        m = criterion_seconds(args.criterion, r["op"], r["shape"])
-        r["mcdm_s"] = m
-        scale = 1e9
-        rate = lambda s: f"{r['work'] / s / scale:.1f} {r['unit']}" if s else "-"  # noqa: E731
+        m = r["mcdm_s"]
+        rate = lambda s: f"{r['work'] / s / 1e9:.1f} {r['unit']}" if s else "-"  # noqa: E731
         ratio = f"{r['torch_s'] / m:.2f}x" if m else "-"
         mcdm_ms = f"{m * 1e3:.3f}" if m else "not run"
-        print(f"| {r['op']} | {r['shape']} | {mcdm_ms} | {r['torch_s'] * 1e3:.3f} | {ratio} | "
+        print(f"| {r['round']} | {r['op']} | {r['shape']} | {mcdm_ms} | {r['torch_s'] * 1e3:.3f} | {ratio} | "
               f"{rate(m)} | {rate(r['torch_s'])} |")
     if args.json:
         with open(args.json, "w") as f:
