@@ -43,13 +43,20 @@ fn conv(c: &mut Criterion) {
     let mut group = c.benchmark_group("conv");
     for s in shapes("conv") {
         let (n, h, w) = (dim(&s, "n"), dim(&s, "h"), dim(&s, "w"));
-        let (cin, cout, k, stride) = (dim(&s, "cin"), dim(&s, "cout"), dim(&s, "k"), dim(&s, "stride"));
+        let (cin, cout, k, stride) = (
+            dim(&s, "cin"),
+            dim(&s, "cout"),
+            dim(&s, "k"),
+            dim(&s, "stride"),
+        );
         let conv = Conv2d::from_torch(&fill(cout * cin * k * k), fill(cout), k, stride);
         let (ho, wo) = conv.out_size(h, w);
         let x = fill(n * h * w * cin);
         let mut out = vec![0.0; n * ho * wo * cout];
         let mut scratch = Vec::new();
-        group.throughput(Throughput::Elements((2 * n * ho * wo * cout * cin * k * k) as u64));
+        group.throughput(Throughput::Elements(
+            (2 * n * ho * wo * cout * cin * k * k) as u64,
+        ));
         let id = format!("{k}x{k}s{stride}_n{n}_{h}x{w}_{cin}-{cout}");
         group.bench_function(BenchmarkId::from_parameter(id), |b| {
             b.iter(|| conv.forward(black_box(&x), n, h, w, &mut out, false, &mut scratch))

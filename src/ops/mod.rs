@@ -115,13 +115,19 @@ mod tests {
                     20.0 * (state as f32 / u32::MAX as f32) - 10.0
                 })
                 .collect();
-            let max = row.iter().map(|&v| v as f64).fold(f64::NEG_INFINITY, f64::max);
+            let max = row
+                .iter()
+                .map(|&v| v as f64)
+                .fold(f64::NEG_INFINITY, f64::max);
             let total: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
             let mut got = row.clone();
             softmax_in_place(&mut got);
             for (&g, &v) in got.iter().zip(&row) {
                 let want = (v as f64 - max).exp() / total;
-                assert!((g as f64 - want).abs() <= 1e-6 * want + 1e-12, "len {len}: {g} vs {want}");
+                assert!(
+                    (g as f64 - want).abs() <= 1e-6 * want + 1e-12,
+                    "len {len}: {g} vs {want}"
+                );
             }
         }
     }
