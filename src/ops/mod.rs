@@ -71,6 +71,26 @@ pub fn softmax_in_place(row: &mut [f32]) {
     row.iter_mut().for_each(|s| *s *= inv);
 }
 
+/// The dot product of two slices of one length, in `LANES` interleaved partial sums.
+/// Always inlined, so that it takes the target features of a multiversioned caller.
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, &x), &y) in lanes.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    tail + lanes.iter().sum::<f32>()
+}
+
 /// The sum of a slice, in `LANES` interleaved partial sums.
 pub fn sum(x: &[f32]) -> f32 {
     let mut lanes = [0f32; LANES];
@@ -85,7 +105,7 @@ pub fn sum(x: &[f32]) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{exp, softmax_in_place};
+    use super::{dot, exp, softmax_in_place};
 
     #[test]
     fn exp_matches_libm() {
@@ -101,6 +121,29 @@ mod tests {
         assert_eq!(exp(0.0), 1.0);
         assert_eq!(exp(-200.0), exp(-87.3));
         assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn dot_matches_f64() {
+        for len in [0, 1, 15, 16, 17, 32, 100] {
+            let a: Vec<f32> = (0..len)
+                .map(|i| ((i * 37 % 19) as f32 - 9.0) / 7.0)
+                .collect();
+            let b: Vec<f32> = (0..len)
+                .map(|i| ((i * 11 % 23) as f32 - 11.0) / 5.0)
+                .collect();
+            let want: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+            let scale: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(&x, &y)| (x as f64 * y as f64).abs())
+                .sum();
+            let got = dot(&a, &b) as f64;
+            assert!(
+                (got - want).abs() <= 1e-6 * scale,
+                "len {len}: {got} vs {want}"
+            );
+        }
     }
 
     #[test]

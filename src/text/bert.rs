@@ -9,11 +9,13 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use multiversion::multiversion;
 use rayon::prelude::*;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::ops::linear::Linear;
+use crate::ops::{dot, softmax_in_place};
 use crate::weights::SafetensorsFile;
 
 pub use crate::ops::layer_norm::{gelu, LayerNorm};
@@ -157,8 +159,6 @@ pub fn masked_attention(
     heads: usize,
     out: &mut [f32],
 ) {
-    let d = hidden / heads;
-    let scale = 1.0 / (d as f32).sqrt();
     out[..n * t * hidden]
         .par_chunks_mut(hidden)
         .enumerate()
@@ -168,31 +168,47 @@ pub fn masked_attention(
                 let b = row / t;
                 keys.clear();
                 keys.extend((0..t).filter(|&j| mask[b * t + j] != 0));
-                for h in 0..heads {
-                    let q = &qkv[row * 3 * hidden + h * d..][..d];
-                    scores.clear();
-                    scores.extend(keys.iter().map(|&j| {
-                        let k = &qkv[(b * t + j) * 3 * hidden + hidden + h * d..][..d];
-                        q.iter().zip(k).map(|(x, y)| x * y).sum::<f32>() * scale
-                    }));
-                    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0.0;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    let o = &mut out_row[h * d..][..d];
-                    o.fill(0.0);
-                    for (&j, &p) in keys.iter().zip(scores.iter()) {
-                        let v = &qkv[(b * t + j) * 3 * hidden + 2 * hidden + h * d..][..d];
-                        let w = p / sum;
-                        for (o, v) in o.iter_mut().zip(v) {
-                            *o += w * v;
-                        }
-                    }
-                }
+                let seq = &qkv[b * t * 3 * hidden..][..t * 3 * hidden];
+                let q = &qkv[row * 3 * hidden..][..hidden];
+                attend_row(seq, q, keys, hidden, heads, scores, out_row);
             },
         );
+}
+
+/// One query row of [`masked_attention`]: `seq` is the sequence's `[t, 3 * hidden]` qkv, `q`
+/// the row's queries, `keys` the positions of its real tokens.
+#[multiversion(targets = "simd")]
+fn attend_row(
+    seq: &[f32],
+    q: &[f32],
+    keys: &[usize],
+    hidden: usize,
+    heads: usize,
+    scores: &mut Vec<f32>,
+    out_row: &mut [f32],
+) {
+    let d = hidden / heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    for h in 0..heads {
+        let q = &q[h * d..][..d];
+        scores.clear();
+        scores.extend(keys.iter().map(|&j| {
+            let k = &seq[j * 3 * hidden + hidden + h * d..][..d];
+            dot(q, k) * scale
+        }));
+        let o = &mut out_row[h * d..][..d];
+        o.fill(0.0);
+        if scores.is_empty() {
+            continue;
+        }
+        softmax_in_place(scores);
+        for (&j, &p) in keys.iter().zip(scores.iter()) {
+            let v = &seq[j * 3 * hidden + 2 * hidden + h * d..][..d];
+            for (o, v) in o.iter_mut().zip(v) {
+                *o += p * v;
+            }
+        }
+    }
 }
 
 /// Mean of the hidden states of the real tokens of each sequence: `[n, t, h]` -> `[n, h]`,
