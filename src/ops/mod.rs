@@ -91,8 +91,9 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     tail + lanes.iter().sum::<f32>()
 }
 
-/// The sum of a slice, in `LANES` interleaved partial sums.
-pub fn sum(x: &[f32]) -> f32 {
+/// The sum of a slice, in `LANES` interleaved partial sums (inlined like [`dot`]).
+#[inline(always)]
+fn sum(x: &[f32]) -> f32 {
     let mut lanes = [0f32; LANES];
     let mut chunks = x.chunks_exact(LANES);
     for chunk in &mut chunks {
