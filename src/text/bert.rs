@@ -18,7 +18,7 @@ use crate::ops::linear::Linear;
 use crate::ops::{dot, softmax_in_place};
 use crate::weights::SafetensorsFile;
 
-pub use crate::ops::layer_norm::{gelu, LayerNorm};
+pub use crate::ops::layer_norm::{gelu, gelu_in_place, LayerNorm};
 
 /// The architecture, read from the model's Hugging Face `config.json`.
 #[derive(Clone, Debug, PartialEq)]
@@ -425,7 +425,7 @@ impl Bert {
             layer.attn_norm.forward(&mut x);
 
             layer.intermediate.forward(&x, rows, &mut inter);
-            inter.par_iter_mut().for_each(|v| *v = gelu(*v));
+            inter.par_chunks_mut(4096).for_each(gelu_in_place);
             layer.output.forward(&inter, rows, &mut y);
             add_into(&mut x, &y);
             layer.output_norm.forward(&mut x);
