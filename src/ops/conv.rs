@@ -1,12 +1,15 @@
 //! 2-D convolution, NHWC: 3x3 (padding 1, stride 1 or 2) and 1x1 (stride 1).
 //!
 //! The CPU reference lowers to GEMM: im2col rows `[pixels, k*k*cin]` times the weight
-//! `[k*k*cin, cout]`, in chunks of rows so the scratch stays small.
+//! `[k*k*cin, cout]`, in chunks of rows so the scratch stays small; 3x3 stride-1 convolutions
+//! with 16+ input channels use Winograd's F(2x2, 3x3) instead (16 GEMMs of 4x fewer rows,
+//! 2.25x fewer multiply-adds), checked against a direct f64 convolution in the tests below.
 
 use std::sync::OnceLock;
 
 use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
 use cudarc::driver::LaunchConfig;
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::matmul::{matmul, Mat};
@@ -94,6 +97,10 @@ impl Conv2d {
                 }
             }
         });
+        if self.kernel == 3 && self.stride == 1 && cin >= WINOGRAD_MIN_CHANNELS {
+            self.forward_winograd(x, n, h, w, out, scratch);
+            return;
+        }
         if self.kernel == 1 && self.stride == 1 {
             matmul(
                 out,
@@ -135,6 +142,100 @@ impl Conv2d {
         }
     }
 
+    /// out += conv(x) for a 3x3 stride-1 convolution by Winograd's F(2x2, 3x3) (Lavin and Gray,
+    /// 2015): each 2x2 output tile comes from a 4x4 input tile through 16 element-wise products
+    /// per (cin, cout) pair where direct convolution needs 36, i.e. 16 GEMMs
+    /// `[tiles, cin] x [cin, cout]` with 2.25x fewer multiply-adds than im2col + GEMM. Per tile:
+    /// V = B^T d B, M = V . U with U = G g G^T, y = A^T M A.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_winograd(
+        &self,
+        x: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        out: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        let (cin, cout) = (self.cin, self.cout);
+        let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+        // Chunks of whole tile rows (a tile row covers output rows 2ty, 2ty + 1 of one image),
+        // so that each chunk's output is one contiguous range of `out`.
+        let tile_rows = n * th;
+        let per_tile_row = 16 * (cin + cout) * tw;
+        let chunk_rows = (WINOGRAD_CHUNK / per_tile_row).clamp(1, tile_rows);
+        let u_len = 16 * cin * cout;
+        let need = u_len + chunk_rows * per_tile_row;
+        if scratch.len() < need {
+            scratch.resize(need, 0.0);
+        }
+        let (u, rest) = scratch.split_at_mut(u_len);
+        winograd_weights(&self.weight, cin, cout, u);
+        let row_start =
+            |tr: usize| ((tr / th) * h + 2 * (tr % th)).min((tr / th) * h + h) * w * cout;
+        let mut first = 0;
+        while first < tile_rows {
+            let rows = chunk_rows.min(tile_rows - first);
+            let tiles = rows * tw;
+            let (v, m) = rest.split_at_mut(16 * tiles * cin);
+            let (v, m) = (&mut v[..], &mut m[..16 * tiles * cout]);
+            // V [tile][16][cin].
+            v.par_chunks_mut(16 * cin * tw).enumerate().for_each_init(
+                || (vec![0f32; 16 * cin], vec![0f32; 16 * cin]),
+                |(patch, t), (r, v_row)| {
+                    let tr = first + r;
+                    let (b, ty) = (tr / th, tr % th);
+                    for (tx, v_tile) in v_row.chunks_exact_mut(16 * cin).enumerate() {
+                        gather_patch(x, b, h, w, cin, 2 * ty, 2 * tx, patch);
+                        winograd_input(patch, cin, t, v_tile);
+                    }
+                },
+            );
+            // M [tile][16][cout]: for each of the 16 positions, rows of V times U.
+            for xi in 0..16 {
+                matmul(
+                    &mut m[xi * cout..],
+                    16 * cout,
+                    tiles,
+                    cout,
+                    cin,
+                    Mat {
+                        data: &v[xi * cin..],
+                        rs: 16 * cin,
+                        cs: 1,
+                    },
+                    Mat::rows(&u[xi * cin * cout..][..cin * cout], cout),
+                    false,
+                    1.0,
+                    true,
+                );
+            }
+            // out += A^T M A, one tile row of output (two image rows, one if h is odd) per task.
+            let region = &mut out[row_start(first)..row_start(first + rows)];
+            let mut parts = Vec::with_capacity(rows);
+            let mut rest_out = region;
+            for tr in first..first + rows {
+                let (part, tail) = rest_out.split_at_mut(row_start(tr + 1) - row_start(tr));
+                parts.push(part);
+                rest_out = tail;
+            }
+            parts
+                .into_par_iter()
+                .zip(m.par_chunks(16 * cout * tw))
+                .for_each_init(
+                    || vec![0f32; 12 * cout],
+                    |y, (out_rows, m_row)| {
+                        let img_rows = out_rows.len() / (w * cout);
+                        for (tx, m_tile) in m_row.chunks_exact(16 * cout).enumerate() {
+                            let cols = (w - 2 * tx).min(2);
+                            winograd_output(m_tile, cout, out_rows, w, 2 * tx, img_rows, cols, y);
+                        }
+                    },
+                );
+            first += rows;
+        }
+    }
+
     /// Fills `cols` with the patches of output pixels `first..first + cols.len() / kdim`.
     #[allow(clippy::too_many_arguments)]
     fn im2col(
@@ -169,6 +270,138 @@ impl Conv2d {
                 }
             });
     }
+}
+
+/// 3x3 stride-1 convolutions with at least this many input channels use Winograd on the CPU
+/// (below, its transforms cost more than the multiply-adds they save).
+const WINOGRAD_MIN_CHANNELS: usize = 16;
+/// Scratch floats per Winograd chunk of tiles (16 MiB), besides the transformed weights.
+const WINOGRAD_CHUNK: usize = 1 << 22;
+
+/// The 4x4 input patch at (y0 - 1, x0 - 1) of image `b`, zero outside: `patch` [16][cin].
+#[allow(clippy::too_many_arguments)]
+fn gather_patch(
+    x: &[f32],
+    b: usize,
+    h: usize,
+    w: usize,
+    cin: usize,
+    y0: usize,
+    x0: usize,
+    patch: &mut [f32],
+) {
+    for (i, row) in patch.chunks_exact_mut(4 * cin).enumerate() {
+        let iy = (y0 + i).wrapping_sub(1);
+        for (j, px) in row.chunks_exact_mut(cin).enumerate() {
+            let ix = (x0 + j).wrapping_sub(1);
+            if iy < h && ix < w {
+                px.copy_from_slice(&x[((b * h + iy) * w + ix) * cin..][..cin]);
+            } else {
+                px.fill(0.0);
+            }
+        }
+    }
+}
+
+/// V = B^T d B per channel, B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]: `d`, `v` [16][cin],
+/// `t` scratch of 16 * cin. Written as whole-row operations, so that each loop vectorises.
+#[multiversion(targets = "simd")]
+fn winograd_input(d: &[f32], cin: usize, t: &mut [f32], v: &mut [f32]) {
+    let row = |k: usize| k * cin..(k + 1) * cin;
+    // t = B^T d: the 4 rows of each column c combined.
+    for c in 0..4 {
+        let [d0, d1, d2, d3] = [c, 4 + c, 8 + c, 12 + c].map(|k| &d[row(k)]);
+        lanes2(&mut t[row(c)], d0, d2, |a, b| a - b);
+        lanes2(&mut t[row(4 + c)], d1, d2, |a, b| a + b);
+        lanes2(&mut t[row(8 + c)], d2, d1, |a, b| a - b);
+        lanes2(&mut t[row(12 + c)], d1, d3, |a, b| a - b);
+    }
+    // v = t B: the same along each row i.
+    for i in 0..4 {
+        let [t0, t1, t2, t3] = [0, 1, 2, 3].map(|c| &t[row(4 * i + c)]);
+        lanes2(&mut v[row(4 * i)], t0, t2, |a, b| a - b);
+        lanes2(&mut v[row(4 * i + 1)], t1, t2, |a, b| a + b);
+        lanes2(&mut v[row(4 * i + 2)], t2, t1, |a, b| a - b);
+        lanes2(&mut v[row(4 * i + 3)], t1, t3, |a, b| a - b);
+    }
+}
+
+/// out[y0 + i, x0 + j] += (A^T M A)[i][j] for i < `rows`, j < `cols`, A^T = [1 1 1 0; 0 1 -1 -1]:
+/// `m` [16][cout], `out` the tile row's image rows, `w` wide; `s` scratch of 12 * cout.
+#[allow(clippy::too_many_arguments)]
+#[multiversion(targets = "simd")]
+fn winograd_output(
+    m: &[f32],
+    cout: usize,
+    out: &mut [f32],
+    w: usize,
+    x0: usize,
+    rows: usize,
+    cols: usize,
+    s: &mut [f32],
+) {
+    let row = |k: usize| k * cout..(k + 1) * cout;
+    // s = A^T m (8 rows: 2 x 4), then y = s A (4 rows: the 2 x 2 outputs).
+    let (s, y) = s.split_at_mut(8 * cout);
+    for c in 0..4 {
+        let [m0, m1, m2, m3] = [c, 4 + c, 8 + c, 12 + c].map(|k| &m[row(k)]);
+        lanes3(&mut s[row(c)], m0, m1, m2, |a, b, c| a + b + c);
+        lanes3(&mut s[row(4 + c)], m1, m2, m3, |a, b, c| a - b - c);
+    }
+    for i in 0..2 {
+        let [s0, s1, s2, s3] = [0, 1, 2, 3].map(|c| &s[row(4 * i + c)]);
+        lanes3(&mut y[row(2 * i)], s0, s1, s2, |a, b, c| a + b + c);
+        lanes3(&mut y[row(2 * i + 1)], s1, s2, s3, |a, b, c| a - b - c);
+    }
+    for i in 0..rows {
+        for j in 0..cols {
+            let dst = &mut out[(i * w + x0 + j) * cout..][..cout];
+            dst.iter_mut()
+                .zip(&y[row(2 * i + j)])
+                .for_each(|(o, &v)| *o += v);
+        }
+    }
+}
+
+/// out[k] = f(a[k], b[k]).
+#[inline(always)]
+fn lanes2(out: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
+    for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
+        *o = f(a, b);
+    }
+}
+
+/// out[k] = f(a[k], b[k], c[k]).
+#[inline(always)]
+fn lanes3(out: &mut [f32], a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) {
+    for (((o, &a), &b), &c) in out.iter_mut().zip(a).zip(b).zip(c) {
+        *o = f(a, b, c);
+    }
+}
+
+/// U = G g G^T for every (ci, co), G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]: `weight`
+/// `[3, 3, cin, cout]` -> `u` [16][cin][cout].
+fn winograd_weights(weight: &[f32], cin: usize, cout: usize, u: &mut [f32]) {
+    const G: [[f32; 3]; 4] = [
+        [1.0, 0.0, 0.0],
+        [0.5, 0.5, 0.5],
+        [0.5, -0.5, 0.5],
+        [0.0, 0.0, 1.0],
+    ];
+    u.par_chunks_mut(cout).enumerate().for_each(|(row, u_row)| {
+        let (xi, ci) = (row / cin, row % cin);
+        let (i, j) = (xi / 4, xi % 4);
+        u_row.fill(0.0);
+        for ky in 0..3 {
+            for kx in 0..3 {
+                let coef = G[i][ky] * G[j][kx];
+                if coef != 0.0 {
+                    let g = &weight[((ky * 3 + kx) * cin + ci) * cout..][..cout];
+                    u_row.iter_mut().zip(g).for_each(|(u, &g)| *u += coef * g);
+                }
+            }
+        }
+    });
 }
 
 /// The residual added in a convolution's epilogue.
@@ -472,4 +705,90 @@ pub(crate) fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Conv2d, WINOGRAD_MIN_CHANNELS};
+
+    /// Direct convolution in f64 from PyTorch's weight layout: the independent reference.
+    #[allow(clippy::too_many_arguments)]
+    fn direct(
+        x: &[f32],
+        tw: &[f32],
+        bias: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        cin: usize,
+    ) -> Vec<f64> {
+        let cout = bias.len();
+        let mut out = vec![0f64; n * h * w * cout];
+        for b in 0..n {
+            for y in 0..h {
+                for xx in 0..w {
+                    for co in 0..cout {
+                        let mut acc = bias[co] as f64;
+                        for ky in 0..3 {
+                            for kx in 0..3 {
+                                let (iy, ix) =
+                                    ((y + ky).wrapping_sub(1), (xx + kx).wrapping_sub(1));
+                                if iy >= h || ix >= w {
+                                    continue;
+                                }
+                                for ci in 0..cin {
+                                    acc += x[((b * h + iy) * w + ix) * cin + ci] as f64
+                                        * tw[((co * cin + ci) * 3 + ky) * 3 + kx] as f64;
+                                }
+                            }
+                        }
+                        out[((b * h + y) * w + xx) * cout + co] = acc;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn winograd_3x3_matches_direct_convolution() {
+        let value =
+            |i: usize, salt: usize| (((i * 7919 + salt * 104_729) % 2003) as f32 / 1001.5) - 1.0;
+        // Odd and even sizes, 1x1 images, channel counts off the SIMD widths.
+        for &(n, h, w, cin, cout) in &[
+            (1, 1, 1, WINOGRAD_MIN_CHANNELS, 8),
+            (2, 5, 7, 16, 24),
+            (3, 8, 8, 32, 32),
+            (1, 9, 4, 17, 5),
+            (2, 3, 2, 48, 33),
+            // 21 tile rows of 128 tiles: two chunks of WINOGRAD_CHUNK, the second partial.
+            (1, 41, 256, 64, 64),
+        ] {
+            let x: Vec<f32> = (0..n * h * w * cin).map(|i| value(i, 1)).collect();
+            let tw: Vec<f32> = (0..cout * cin * 9).map(|i| value(i, 2) / 8.0).collect();
+            let bias: Vec<f32> = (0..cout).map(|i| value(i, 3)).collect();
+            let conv = Conv2d::from_torch(&tw, bias.clone(), 3, 1);
+            let want = direct(&x, &tw, &bias, n, h, w, cin);
+            for accumulate in [false, true] {
+                let start: Vec<f32> = (0..want.len()).map(|i| value(i, 4)).collect();
+                let mut out = if accumulate {
+                    start.clone()
+                } else {
+                    vec![f32::NAN; want.len()]
+                };
+                conv.forward(&x, n, h, w, &mut out, accumulate, &mut Vec::new());
+                let (mut num, mut den) = (0f64, 0f64);
+                for (k, (&got, &want)) in out.iter().zip(&want).enumerate() {
+                    let want = want + if accumulate { start[k] as f64 } else { 0.0 };
+                    num += (got as f64 - want).powi(2);
+                    den += want * want;
+                }
+                let rel = (num / den).sqrt();
+                assert!(
+                    rel <= 1e-6,
+                    "n{n} {h}x{w} {cin}->{cout} accumulate {accumulate}: rel L2 {rel:e}"
+                );
+            }
+        }
+    }
 }
