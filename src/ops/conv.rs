@@ -147,7 +147,6 @@ impl Conv2d {
     /// per (cin, cout) pair where direct convolution needs 36, i.e. 16 GEMMs
     /// `[tiles, cin] x [cin, cout]` with 2.25x fewer multiply-adds than im2col + GEMM. Per tile:
     /// V = B^T d B, M = V . U with U = G g G^T, y = A^T M A.
-    #[allow(clippy::too_many_arguments)]
     fn forward_winograd(
         &self,
         x: &[f32],
@@ -171,14 +170,14 @@ impl Conv2d {
         }
         let (u, rest) = scratch.split_at_mut(u_len);
         winograd_weights(&self.weight, cin, cout, u);
-        let row_start =
-            |tr: usize| ((tr / th) * h + 2 * (tr % th)).min((tr / th) * h + h) * w * cout;
+        // Where tile row tr = b * th + ty starts in `out` (2ty <= h - 1, so within image b).
+        let row_start = |tr: usize| ((tr / th) * h + 2 * (tr % th)) * w * cout;
         let mut first = 0;
         while first < tile_rows {
             let rows = chunk_rows.min(tile_rows - first);
             let tiles = rows * tw;
             let (v, m) = rest.split_at_mut(16 * tiles * cin);
-            let (v, m) = (&mut v[..], &mut m[..16 * tiles * cout]);
+            let m = &mut m[..16 * tiles * cout];
             // V [tile][16][cin].
             v.par_chunks_mut(16 * cin * tw).enumerate().for_each_init(
                 || (vec![0f32; 16 * cin], vec![0f32; 16 * cin]),
@@ -224,11 +223,11 @@ impl Conv2d {
                 .zip(m.par_chunks(16 * cout * tw))
                 .for_each_init(
                     || vec![0f32; 12 * cout],
-                    |y, (out_rows, m_row)| {
+                    |s, (out_rows, m_row)| {
                         let img_rows = out_rows.len() / (w * cout);
                         for (tx, m_tile) in m_row.chunks_exact(16 * cout).enumerate() {
                             let cols = (w - 2 * tx).min(2);
-                            winograd_output(m_tile, cout, out_rows, w, 2 * tx, img_rows, cols, y);
+                            winograd_output(m_tile, cout, out_rows, w, 2 * tx, img_rows, cols, s);
                         }
                     },
                 );
