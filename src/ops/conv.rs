@@ -2,7 +2,7 @@
 //!
 //! The CPU reference lowers to GEMM: im2col rows `[pixels, k*k*cin]` times the weight
 //! `[k*k*cin, cout]`, in chunks of rows so the scratch stays small; 3x3 stride-1 convolutions
-//! with 16+ input channels use Winograd's F(2x2, 3x3) instead (16 GEMMs of 4x fewer rows,
+//! with 64+ input channels use Winograd's F(2x2, 3x3) instead (16 GEMMs of 4x fewer rows,
 //! 2.25x fewer multiply-adds), checked against a direct f64 convolution in the tests below.
 
 use std::sync::OnceLock;
@@ -271,9 +271,10 @@ impl Conv2d {
     }
 }
 
-/// 3x3 stride-1 convolutions with at least this many input channels use Winograd on the CPU
-/// (below, its transforms cost more than the multiply-adds they save).
-const WINOGRAD_MIN_CHANNELS: usize = 16;
+/// 3x3 stride-1 convolutions with at least this many input channels use Winograd on the CPU:
+/// below, its transforms and short GEMMs cost more than the multiply-adds they save (criterion,
+/// n8 32x32 32->32: 1.1-1.6 ms against 0.96-1.0 ms with im2col; at 64 channels Winograd wins).
+const WINOGRAD_MIN_CHANNELS: usize = 64;
 /// Scratch floats per Winograd chunk of tiles (16 MiB), besides the transformed weights.
 const WINOGRAD_CHUNK: usize = 1 << 22;
 
@@ -756,12 +757,12 @@ mod tests {
         // Odd and even sizes, 1x1 images, channel counts off the SIMD widths.
         for &(n, h, w, cin, cout) in &[
             (1, 1, 1, WINOGRAD_MIN_CHANNELS, 8),
-            (2, 5, 7, 16, 24),
-            (3, 8, 8, 32, 32),
-            (1, 9, 4, 17, 5),
-            (2, 3, 2, 48, 33),
+            (2, 5, 7, WINOGRAD_MIN_CHANNELS, 24),
+            (3, 8, 8, WINOGRAD_MIN_CHANNELS + 16, 32),
+            (1, 9, 4, WINOGRAD_MIN_CHANNELS + 1, 5),
+            (2, 3, 2, WINOGRAD_MIN_CHANNELS + 17, 33),
             // 21 tile rows of 128 tiles: two chunks of WINOGRAD_CHUNK, the second partial.
-            (1, 41, 256, 64, 64),
+            (1, 41, 256, WINOGRAD_MIN_CHANNELS, 64),
         ] {
             let x: Vec<f32> = (0..n * h * w * cin).map(|i| value(i, 1)).collect();
             let tw: Vec<f32> = (0..cout * cin * 9).map(|i| value(i, 2) / 8.0).collect();
