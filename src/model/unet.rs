@@ -145,14 +145,7 @@ impl<'a> Loader<'a> {
         stride: usize,
     ) -> Conv2d {
         if self.placeholders() {
-            return Conv2d {
-                cin,
-                cout,
-                kernel,
-                stride,
-                weight: Vec::new(),
-                bias: Vec::new(),
-            };
+            return Conv2d::empty(cin, cout, kernel, stride);
         }
         Conv2d::from_torch(torch_weight, bias, kernel, stride)
     }
@@ -180,10 +173,10 @@ impl<'a> Loader<'a> {
         ch: usize,
         oc: usize,
         updown: UpDown,
-    ) -> ResBlock {
+    ) -> Box<ResBlock> {
         let emb = cfg.time_embed_dim();
         let emb_out = if cfg.use_scale_shift_norm { 2 * oc } else { oc };
-        ResBlock {
+        Box::new(ResBlock {
             in_norm: self.norm(&format!("{prefix}.in_layers.0"), ch),
             in_conv: self.conv(&format!("{prefix}.in_layers.2"), ch, oc, 3, 1),
             updown,
@@ -192,7 +185,7 @@ impl<'a> Loader<'a> {
             out_conv: self.conv(&format!("{prefix}.out_layers.3"), oc, oc, 3, 1),
             skip: (oc != ch).then(|| self.conv(&format!("{prefix}.skip_connection"), ch, oc, 1, 1)),
             scale_shift: cfg.use_scale_shift_norm,
-        }
+        })
     }
 
     fn attention(&mut self, prefix: &str, cfg: &UNetConfig, c: usize, upsample: bool) -> Attention {
@@ -234,7 +227,8 @@ pub(crate) struct ResBlock {
 
 pub(crate) enum Layer {
     Conv(Conv2d),
-    Res(ResBlock),
+    /// Boxed: a residual block is several times the size of the other layers.
+    Res(Box<ResBlock>),
     Attn(Attention),
     /// Nearest x2, then a 3x3 conv (`Upsample` with conv_resample).
     UpConv(Conv2d),

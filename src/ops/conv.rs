@@ -29,6 +29,9 @@ pub struct Conv2d {
     /// `[kernel, kernel, cin, cout]`: row (ky*k + kx)*cin + ci of the GEMM's right operand.
     pub weight: Vec<f32>,
     pub bias: Vec<f32>,
+    /// The Winograd transform of `weight` (`[16][cin][cout]`), made at the first CPU forward
+    /// that uses it, so that GPU-only models never hold it.
+    winograd: OnceLock<Vec<f32>>,
 }
 
 impl Conv2d {
@@ -55,6 +58,20 @@ impl Conv2d {
             stride,
             weight,
             bias,
+            winograd: OnceLock::new(),
+        }
+    }
+
+    /// A convolution of this shape with no parameters, a placeholder never run.
+    pub fn empty(cin: usize, cout: usize, kernel: usize, stride: usize) -> Self {
+        Conv2d {
+            cin,
+            cout,
+            kernel,
+            stride,
+            weight: Vec::new(),
+            bias: Vec::new(),
+            winograd: OnceLock::new(),
         }
     }
 
@@ -163,13 +180,14 @@ impl Conv2d {
         let tile_rows = n * th;
         let per_tile_row = 16 * (cin + cout) * tw;
         let chunk_rows = (WINOGRAD_CHUNK / per_tile_row).clamp(1, tile_rows);
-        let u_len = 16 * cin * cout;
-        let need = u_len + chunk_rows * per_tile_row;
+        let need = chunk_rows * per_tile_row;
         if scratch.len() < need {
             scratch.resize(need, 0.0);
         }
-        let (u, rest) = scratch.split_at_mut(u_len);
-        winograd_weights(&self.weight, cin, cout, u);
+        let rest = &mut scratch[..need];
+        let u = self
+            .winograd
+            .get_or_init(|| winograd_weights(&self.weight, cin, cout));
         // Where tile row tr = b * th + ty starts in `out` (2ty <= h - 1, so within image b).
         let row_start = |tr: usize| ((tr / th) * h + 2 * (tr % th)) * w * cout;
         let mut first = 0;
@@ -275,7 +293,7 @@ impl Conv2d {
 /// below, its transforms and short GEMMs cost more than the multiply-adds they save (criterion,
 /// n8 32x32 32->32: 1.1-1.6 ms against 0.96-1.0 ms with im2col; at 64 channels Winograd wins).
 const WINOGRAD_MIN_CHANNELS: usize = 64;
-/// Scratch floats per Winograd chunk of tiles (16 MiB), besides the transformed weights.
+/// Scratch floats per Winograd chunk of tiles (16 MiB).
 const WINOGRAD_CHUNK: usize = 1 << 22;
 
 /// The 4x4 input patch at (y0 - 1, x0 - 1) of image `b`, zero outside: `patch` [16][cin].
@@ -380,8 +398,9 @@ fn lanes3(out: &mut [f32], a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32,
 }
 
 /// U = G g G^T for every (ci, co), G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]: `weight`
-/// `[3, 3, cin, cout]` -> `u` [16][cin][cout].
-fn winograd_weights(weight: &[f32], cin: usize, cout: usize, u: &mut [f32]) {
+/// `[3, 3, cin, cout]` -> `[16][cin][cout]`.
+fn winograd_weights(weight: &[f32], cin: usize, cout: usize) -> Vec<f32> {
+    let mut u = vec![0f32; 16 * cin * cout];
     const G: [[f32; 3]; 4] = [
         [1.0, 0.0, 0.0],
         [0.5, 0.5, 0.5],
@@ -391,7 +410,6 @@ fn winograd_weights(weight: &[f32], cin: usize, cout: usize, u: &mut [f32]) {
     u.par_chunks_mut(cout).enumerate().for_each(|(row, u_row)| {
         let (xi, ci) = (row / cin, row % cin);
         let (i, j) = (xi / 4, xi % 4);
-        u_row.fill(0.0);
         for ky in 0..3 {
             for kx in 0..3 {
                 let coef = G[i][ky] * G[j][kx];
@@ -402,6 +420,7 @@ fn winograd_weights(weight: &[f32], cin: usize, cout: usize, u: &mut [f32]) {
             }
         }
     });
+    u
 }
 
 /// The residual added in a convolution's epilogue.
