@@ -206,24 +206,26 @@ fn sketch_condition_fails(image: &Path, needle: &str) {
 #[test]
 fn image_condition_of_wrong_size_or_channels() {
     let dir = tempfile::tempdir().unwrap();
-    let small = dir.path().join("small.safetensors");
-    let data: Vec<f32> = (0..64).map(|i| (i as f32 * 0.3).sin()).collect();
-    write_safetensors(
-        &small,
-        &[("cond", TensorData::F32(vec![1, 8, 8], &data))],
-        None,
-    )
-    .unwrap();
-    sketch_condition_fails(&small, "is 8x8, but the samples are 16x16");
-    let rgb = dir.path().join("rgb.safetensors");
-    let data: Vec<f32> = (0..3 * 256).map(|i| (i as f32 * 0.1).cos()).collect();
-    write_safetensors(
-        &rgb,
-        &[("cond", TensorData::F32(vec![3, 16, 16], &data))],
-        None,
-    )
-    .unwrap();
-    sketch_condition_fails(&rgb, "the image condition must be [1, 16, 16]");
+    for (name, shape, message) in [
+        ("small", [1, 8, 8], "is 8x8, but the samples are 16x16"),
+        (
+            "rgb",
+            [3, 16, 16],
+            "the image condition must be [1, 16, 16]",
+        ),
+    ] {
+        let path = dir.path().join(format!("{name}.safetensors"));
+        let data: Vec<f32> = (0..shape.iter().product::<usize>())
+            .map(|i| (i as f32 * 0.3).sin())
+            .collect();
+        write_safetensors(
+            &path,
+            &[("cond", TensorData::F32(shape.to_vec(), &data))],
+            None,
+        )
+        .unwrap();
+        sketch_condition_fails(&path, message);
+    }
 }
 
 #[test]

@@ -14,11 +14,12 @@ use rayon::prelude::*;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::ops::layer_norm::gelu_in_place;
 use crate::ops::linear::Linear;
 use crate::ops::{dot, softmax_in_place};
 use crate::weights::SafetensorsFile;
 
-pub use crate::ops::layer_norm::{gelu, gelu_in_place, LayerNorm};
+pub use crate::ops::layer_norm::{gelu, LayerNorm};
 
 /// The architecture, read from the model's Hugging Face `config.json`.
 #[derive(Clone, Debug, PartialEq)]
