@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks every CUDA kernel's real source on the CPU (tools/kernel-emu/README.md): rewrites
 # kernels/ into target/kernel-emu/gen, builds one test driver per kernel family against the
-# emulator, runs them and prints a table. Exit status non-zero on any failure. The drivers are
+# emulator, runs each under every thread schedule and prints a table. Exit status non-zero on
+# any failure. The drivers are
 # built with AddressSanitizer and UBSan where the compiler has them: every input and output is an
 # allocation of exactly its size, so a kernel that reads or writes outside one aborts its run,
 # the CPU's counterpart of compute-sanitizer's memcheck.
@@ -27,9 +28,13 @@ else
     echo "emulate-kernels: ${CXX:-g++} has no AddressSanitizer: out-of-bounds accesses go unchecked" >&2
 fi
 drivers=(conv group_norm attention linear resample layout layer_norm step peak)
-# driver and arguments, one run per row of the table
+# driver and arguments, one row of the table each
 runs=("conv delayed" "conv immediate" group_norm attention linear resample layout layer_norm step peak)
+# EMU_SCHEDULE values (emu.h): the orders in which threads, warps and blocks run; a missing
+# barrier or a dependence between blocks shows in some of them only.
+schedules=(forward reverse shuffle forward-by-warp reverse-by-warp shuffle-by-warp)
 
+rm -rf "$out/logs"
 mkdir -p "$out/bin" "$out/logs"
 python3 tools/kernel-emu/prep.py --out "$out/gen"
 
@@ -40,24 +45,30 @@ printf '%s\n' "${drivers[@]}" | xargs -P "$(nproc)" -I{} \
 echo "built in $((SECONDS - start)) s"
 
 failed=0
-printf '\n%-22s %6s %7s %10s %6s\n' driver cases failed "emu errors" time
+printf '\n%-22s %6s %9s %7s %10s %6s\n' driver cases schedules failed "emu errors" time
 for run in "${runs[@]}"; do
     read -r driver args <<<"$run"
-    log="$out/logs/${run// /_}.log"
     t0=$SECONDS
-    status=0
-    # shellcheck disable=SC2086  # args: zero or more words
-    "$out/bin/test_$driver" $args >"$log" 2>&1 || status=$?
-    summary=$(grep '^SUMMARY' "$log" || true)
-    field() { sed -n "s/.* $1=\([0-9]*\).*/\1/p" <<<"$summary"; }
-    if [[ -z "$summary" ]]; then
-        printf '%-22s %s (exit %d, see %s)\n' "$run" "CRASHED" "$status" "$log"
-        failed=1
-        continue
-    fi
-    printf '%-22s %6s %7s %10s %5ds\n' "$run" "$(field cases)" "$(field failed)" \
-        "$(($(field emulator_errors) + $(field bank_conflicts)))" "$((SECONDS - t0))"
-    [[ $status -eq 0 ]] || failed=1
+    cases=0 failures=0 errors=0 bad=()
+    for schedule in "${schedules[@]}"; do
+        log="$out/logs/${run// /_}.$schedule.log"
+        status=0
+        # shellcheck disable=SC2086  # args: zero or more words
+        EMU_SCHEDULE=$schedule "$out/bin/test_$driver" $args >"$log" 2>&1 || status=$?
+        summary=$(grep '^SUMMARY' "$log" || true)
+        field() { sed -n "s/.* $1=\([0-9]*\).*/\1/p" <<<"$summary"; }
+        if [[ -z "$summary" ]]; then
+            bad+=("$schedule: CRASHED (exit $status, see $log)")
+            continue
+        fi
+        cases=$(field cases)
+        failures=$((failures + $(field failed)))
+        errors=$((errors + $(field emulator_errors) + $(field bank_conflicts)))
+        [[ $status -eq 0 ]] || bad+=("$schedule")
+    done
+    printf '%-22s %6s %9s %7s %10s %5ds %s\n' "$run" "$cases" "${#schedules[@]}" "$failures" "$errors" \
+        "$((SECONDS - t0))" "${bad:+FAILED in ${bad[*]}}"
+    [[ ${#bad[@]} -eq 0 ]] || failed=1
 done
 
 if [[ $failed -ne 0 ]]; then
@@ -67,7 +78,7 @@ fi
 
 if [[ $mutants -eq 1 ]]; then
     echo
-    python3 tools/kernel-emu/mutants.py --cxx "$cxx" || failed=1
+    python3 tools/kernel-emu/mutants.py --cxx "$cxx" --schedules "${schedules[*]}" || failed=1
 fi
 
 echo

@@ -4,7 +4,7 @@
 # emulated on the CPU) and runs the test binaries against it: about 8 minutes on 2 cores, every
 # launch in the emulator. Extra arguments go to the test binaries (a test name filter,
 # --test-threads=1, ...); --build-only only builds the driver. FAKE_CUDA_MEMORY_BYTES sets the
-# fake device's memory size.
+# fake device's memory size, EMU_SCHEDULE the emulator's thread order (tools/kernel-emu/README.md).
 #   --build-asan builds target/fake-cuda-asan, the fake and the emulated kernels under
 #   AddressSanitizer and UBSan's alignment check (tests/fake_gpu.rs runs memcheck's counterpart
 #   with it); a process loading it needs

@@ -47,10 +47,15 @@ struct FakeDriver {
 impl FakeDriver {
     /// `cmd` with the fake on its library path and the sanitizer's runtime preloaded.
     fn apply<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
+        // The emulator's most skewed thread order (tools/kernel-emu/emu.h): the last warp of a
+        // block runs first, each warp alone to the next __syncthreads. scripts/emulate-kernels.sh
+        // runs every schedule on small shapes; this one meets the model's real shapes.
+        let schedule = std::env::var("EMU_SCHEDULE").unwrap_or_else(|_| "reverse-by-warp".into());
         cmd.env("LD_LIBRARY_PATH", &self.dir)
             .env("LD_PRELOAD", &self.asan_runtime)
             // Leaks are the test harness's business; only memory errors count here.
             .env("ASAN_OPTIONS", "detect_leaks=0")
+            .env("EMU_SCHEDULE", schedule)
     }
 }
 

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <string>
 #include <vector>
 #include <sys/mman.h>
 #include "asan.h"
@@ -128,7 +129,14 @@ inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short b) { return __nv_bfloat
 // The CUDA threads of a block are fibers on the launching host thread (see emu_launch): a
 // thread waiting at a barrier yields to the next one until the last arrives.
 inline void emu_yield();
-inline long g_barrier_arrivals = 0;  // progress count for the deadlock check of emu_launch
+struct Barrier;
+// Per thread of the running block: the barrier it waits at (null: none) and that barrier's
+// generation then; the scheduler does not resume a thread whose barrier has not opened.
+struct EmuWait {
+    const Barrier* barrier = nullptr;
+    long generation = 0;
+};
+inline std::vector<EmuWait> g_wait;
 struct Barrier {
     int arrived = 0, size = 0;
     long generation = 0;
@@ -139,15 +147,20 @@ struct Barrier {
     }
     void wait() {
         const long g = generation;
-        ++g_barrier_arrivals;
         if (++arrived == size) {
             arrived = 0;
             ++generation;
         } else {
+            g_wait[threadIdx.x] = {this, g};
             while (generation == g) emu_yield();
+            g_wait[threadIdx.x].barrier = nullptr;
         }
     }
 };
+inline bool emu_waiting(int thread) {
+    const EmuWait& w = g_wait[thread];
+    return w.barrier != nullptr && w.barrier->generation == w.generation;
+}
 inline Barrier g_block_barrier;
 inline Barrier g_warp_barrier[32];
 // Set by emu_launch_serial, which runs threads one after another: a barrier there would hang.
@@ -465,34 +478,126 @@ inline void emu_fibers_reserve(size_t n) {
         g_fibers.back().stack = static_cast<char*>(mem) + 4096;
     }
 }
-// Runs the block's threads round-robin, each until it waits at a barrier or ends.
+// The order in which the threads of a block, and the blocks of a grid, run (EMU_SCHEDULE):
+// `forward` (ascending), `reverse`, or `shuffle` (a fresh permutation for every round and every
+// launch, from EMU_SEED). By default every thread runs in turn until it waits at a barrier, so
+// the warps of a block advance together from one warp collective (mma, ldmatrix, shuffle) to
+// the next; with the suffix `-by-warp` (e.g. `reverse-by-warp`) one warp at a time runs until
+// all its threads wait at __syncthreads, so a warp finishes its barrier phase before the next
+// starts. A kernel that reads, without a barrier between, shared memory another thread writes,
+// or whose blocks depend on each other, is right in at most some of these schedules: on a GPU
+// its result depends on timing.
+enum class EmuOrder { forward, reverse, shuffle };
+struct EmuSchedule {
+    EmuOrder order = EmuOrder::forward;
+    bool by_warp = false;
+    uint64_t state = 0x9e3779b97f4a7c15ull;  // xorshift64 state for `shuffle`
+};
+inline EmuSchedule& emu_schedule() {
+    static EmuSchedule s = [] {
+        EmuSchedule r;
+        std::string name = getenv("EMU_SCHEDULE") ? getenv("EMU_SCHEDULE") : "forward";
+        const std::string suffix = "-by-warp";
+        if (name.size() > suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0) {
+            r.by_warp = true;
+            name.resize(name.size() - suffix.size());
+        }
+        if (name == "forward") r.order = EmuOrder::forward;
+        else if (name == "reverse") r.order = EmuOrder::reverse;
+        else if (name == "shuffle") r.order = EmuOrder::shuffle;
+        else {
+            fprintf(stderr, "EMU: EMU_SCHEDULE=%s: expected forward, reverse or shuffle, optionally with -by-warp\n",
+                    getenv("EMU_SCHEDULE"));
+            abort();
+        }
+        if (const char* seed = getenv("EMU_SEED")) r.state ^= strtoull(seed, nullptr, 0) * 0xbf58476d1ce4e5b9ull;
+        if (r.state == 0) r.state = 1;
+        return r;
+    }();
+    return s;
+}
+// Fills `order` with 0 .. n-1 in the schedule's order.
+inline void emu_order(std::vector<int>& order, int n) {
+    order.resize(n);
+    EmuSchedule& s = emu_schedule();
+    for (int i = 0; i < n; ++i) order[i] = s.order == EmuOrder::reverse ? n - 1 - i : i;
+    if (s.order != EmuOrder::shuffle) return;
+    for (int i = n - 1; i > 0; --i) {
+        s.state ^= s.state << 13;
+        s.state ^= s.state >> 7;
+        s.state ^= s.state << 17;
+        std::swap(order[i], order[s.state % (uint64_t)(i + 1)]);
+    }
+}
+
+// Resumes thread t until it waits at a barrier or ends; false if it had ended or waits at a
+// barrier that has not opened.
+inline bool emu_resume(int t) {
+    EmuFiber& f = g_fibers[t];
+    if (f.finished || emu_waiting(t)) return false;
+    threadIdx = {(unsigned)t, 0, 0};
+    std::swap(t_phase, f.phase);
+    t_cp_open.swap(f.cp_open);
+    t_cp_committed.swap(f.cp_committed);
+    g_running = &f;
+    emu_switch(&g_scheduler_sp, f.sp);
+    std::swap(t_phase, f.phase);
+    t_cp_open.swap(f.cp_open);
+    t_cp_committed.swap(f.cp_committed);
+    return true;
+}
+
+// Runs the block's threads in rounds, in the schedule's order, until all have ended.
 inline void emu_run_block(int threads) {
     for (int t = 0; t < threads; ++t) emu_fiber_reset(g_fibers[t]);
-    int running = threads;
-    while (running > 0) {
-        const long arrivals_before = g_barrier_arrivals;
-        const int running_before = running;
-        for (int t = 0; t < threads; ++t) {
-            EmuFiber& f = g_fibers[t];
-            if (f.finished) continue;
-            threadIdx = {(unsigned)t, 0, 0};
-            std::swap(t_phase, f.phase);
-            t_cp_open.swap(f.cp_open);
-            t_cp_committed.swap(f.cp_committed);
-            g_running = &f;
-            emu_switch(&g_scheduler_sp, f.sp);
-            std::swap(t_phase, f.phase);
-            t_cp_open.swap(f.cp_open);
-            t_cp_committed.swap(f.cp_committed);
-            if (f.finished) --running;
+    g_wait.assign(threads, EmuWait{});
+    const bool by_warp = emu_schedule().by_warp;
+    const int warps = (threads + 31) / 32;
+    static std::vector<int> order, warp_order;
+    for (;;) {
+        bool ran = false;
+        if (by_warp) {
+            emu_order(warp_order, warps);
+            for (const int w : warp_order) {
+                const int lanes = std::min(32, threads - 32 * w);
+                // This warp until each of its threads has ended or waits at __syncthreads.
+                for (bool warp_ran = true; warp_ran;) {
+                    warp_ran = false;
+                    emu_order(order, lanes);
+                    for (const int l : order) warp_ran |= emu_resume(32 * w + l);
+                    ran |= warp_ran;
+                }
+            }
+        } else {
+            emu_order(order, threads);
+            for (const int t : order) ran |= emu_resume(t);
         }
-        if (running > 0 && running == running_before && g_barrier_arrivals == arrivals_before) {
+        int running = 0;
+        for (int t = 0; t < threads; ++t) running += !g_fibers[t].finished;
+        if (running == 0) return;
+        if (!ran) {
             // Threads that returned early never arrive either: undefined behaviour on a GPU.
             fprintf(stderr, "EMU: deadlock in block (%u, %u, %u): %d threads wait at a barrier others never reach\n",
                     blockIdx.x, blockIdx.y, blockIdx.z, running);
             abort();
         }
     }
+}
+
+// The blocks of a grid in the schedule's order (x fastest in `forward`).
+inline std::vector<dim3> emu_block_order(dim3 grid) {
+    const long count = (long)grid.x * grid.y * grid.z;
+    if (count > (1L << 30)) {
+        fprintf(stderr, "EMU: a grid of %ld blocks\n", count);
+        abort();
+    }
+    std::vector<int> order;
+    emu_order(order, (int)count);
+    std::vector<dim3> blocks;
+    blocks.reserve(order.size());
+    for (const int i : order)
+        blocks.push_back({i % grid.x, i / grid.x % grid.y, i / (grid.x * grid.y)});
+    return blocks;
 }
 
 template <typename F>
@@ -509,15 +614,13 @@ void emu_launch(dim3 grid, dim3 block, F kernel, size_t dynamic_shared_bytes = 0
     emu_fibers_reserve(threads);
     g_fiber_body = [](void* k) { (*static_cast<F*>(k))(); };
     g_fiber_kernel = &kernel;
-    for (unsigned bz = 0; bz < grid.z; ++bz)
-        for (unsigned by = 0; by < grid.y; ++by)
-            for (unsigned bx = 0; bx < grid.x; ++bx) {
-                g_block_barrier.init(threads);
-                for (int w = 0; w < (threads + 31) / 32; ++w) g_warp_barrier[w].init(std::min(32, threads - 32 * w));
-                emu_block_start();
-                blockIdx = {bx, by, bz};
-                emu_run_block(threads);
-            }
+    for (const dim3 b : emu_block_order(grid)) {
+        g_block_barrier.init(threads);
+        for (int w = 0; w < (threads + 31) / 32; ++w) g_warp_barrier[w].init(std::min(32, threads - 32 * w));
+        emu_block_start();
+        blockIdx = b;
+        emu_run_block(threads);
+    }
     g_fiber_kernel = nullptr;  // `kernel` dies here
 }
 
@@ -528,13 +631,14 @@ void emu_launch_serial(dim3 grid, dim3 block, F kernel) {
     gridDim = grid;
     blockDim = block;
     g_serial_launch = true;
-    for (unsigned bz = 0; bz < grid.z; ++bz)
-        for (unsigned by = 0; by < grid.y; ++by)
-            for (unsigned bx = 0; bx < grid.x; ++bx)
-                for (unsigned t = 0; t < block.x; ++t) {
-                    blockIdx = {bx, by, bz};
-                    threadIdx = {t, 0, 0};
-                    kernel();
-                }
+    std::vector<int> threads;
+    for (const dim3 b : emu_block_order(grid)) {
+        emu_order(threads, (int)block.x);
+        for (const int t : threads) {
+            blockIdx = b;
+            threadIdx = {(unsigned)t, 0, 0};
+            kernel();
+        }
+    }
     g_serial_launch = false;
 }

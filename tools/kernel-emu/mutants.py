@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Mutation check of the kernel emulation: each mutant is a plausible bug, most in the large-tile
-conv pipeline; the kernel's driver (for conv, its quick shapes) must catch every one (wrong
-values, the emulator's race / bank-conflict checks, or AddressSanitizer), for conv in at least
-one cp.async mode, and must pass unmutated.
+"""Mutation check of the kernel emulation: each mutant is a plausible bug, most in the conv
+pipelines; the kernel's driver (for conv, its quick shapes) must catch every one (wrong values,
+the emulator's race / bank-conflict checks, or AddressSanitizer) in at least one of its runs
+(thread schedules, and for conv the two cp.async modes), and must pass unmutated in all.
 
 Mutants are written under target/kernel-emu/mutants/; kernels/ is only read.
-usage: mutants.py --cxx "g++ -O2 ..." (scripts/emulate-kernels.sh --mutants passes its flags)
+usage: mutants.py --cxx "g++ -O2 ..." --schedules "forward reverse ..."
+       (scripts/emulate-kernels.sh --mutants passes its flags and schedules)
 """
 import argparse
+import os
 import pathlib
 import shlex
 import shutil
@@ -41,6 +43,13 @@ MUTANTS = {
     ),
     "b_matrix_order": ("conv.cu", "b_chunk = (lane >> 3) & 1;", "b_chunk = lane >> 4;"),
     "epilogue_pair_swapped": ("conv.cu", "pack2<T>(v0, v1)", "pack2<T>(v1, v0)"),
+    # The 64x64 kernel refills a stage while slower warps still read it: the warps of a block
+    # advance together through the mma steps unless one warp runs ahead (the -by-warp schedules).
+    "tile64_no_barrier_before_refill": (
+        "conv.cu",
+        "        __syncthreads();  // stage `cur` is refilled in the next iteration\n",
+        "",
+    ),
     # Reads weight rows past the last output channel, whose products are never stored: the values
     # cannot show it, only AddressSanitizer.
     "b_rows_past_cout": (
@@ -63,7 +72,9 @@ SANITIZER_ONLY = {"b_rows_past_cout"}
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cxx", required=True, help="compiler and flags, without -I and -o")
+    ap.add_argument("--schedules", default="forward", help="EMU_SCHEDULE values to run, space-separated")
     args = ap.parse_args()
+    schedules = args.schedules.split()
     repo = pathlib.Path(__file__).resolve().parents[2]
     tool = repo / "tools" / "kernel-emu"
     root = repo / "target" / "kernel-emu" / "mutants"
@@ -90,22 +101,28 @@ def main():
         binary = work / driver
         cmd = shlex.split(args.cxx) + ["-I", str(work / "gen"), "-I", str(tool), "-o", str(binary), str(tool / f"{driver}.cpp")]
         subprocess.run(cmd, check=True)
-        failed_modes = []
+        failed_runs = []
         # The conv driver runs in both cp.async modes (quick shapes); the others take no arguments.
-        for mode in ("delayed", "immediate") if file == "conv.cu" else ("default",):
-            run = subprocess.run([binary, mode, "quick"] if file == "conv.cu" else [binary], capture_output=True, text=True)
-            (work / f"{mode}.log").write_text(run.stdout + run.stderr)
-            if run.returncode != 0:
-                failed_modes.append(mode)
+        modes = ("delayed", "immediate") if file == "conv.cu" else ("default",)
+        for mode in modes:
+            for schedule in schedules:
+                argv = [binary, mode, "quick"] if file == "conv.cu" else [binary]
+                run = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, EMU_SCHEDULE=schedule))
+                (work / f"{mode}.{schedule}.log").write_text(run.stdout + run.stderr)
+                if run.returncode != 0:
+                    failed_runs.append(schedule if len(modes) == 1 else f"{mode}/{schedule}")
+        runs = len(modes) * len(schedules)
         expected_to_fail = bool(old)
-        ok = bool(failed_modes) == expected_to_fail
+        ok = bool(failed_runs) == expected_to_fail
         wrong += not ok
         if expected_to_fail:
             verdict = "killed  " if ok else "SURVIVED"
-            detail = f"fails in {', '.join(failed_modes)}" if failed_modes else "passes"
+            detail = f"fails in {len(failed_runs)} of {runs} runs" if failed_runs else f"passes all {runs} runs"
+            if failed_runs and len(failed_runs) < runs:
+                detail += f" ({', '.join(failed_runs)})"
         else:
             verdict = "ok      " if ok else "FAILED  "
-            detail = "passes in both modes" if ok else f"fails in {', '.join(failed_modes)}"
+            detail = f"passes all {runs} runs" if ok else f"fails in {', '.join(failed_runs)}"
         print(f"{verdict} {name}: {detail} (logs: {work.relative_to(repo)}/)", flush=True)
     print(f"SUMMARY mutants {checked} checked, {len(MUTANTS) - checked} skipped, {wrong} wrong")
     return 1 if wrong else 0

@@ -131,6 +131,7 @@ int main(int argc, char** argv) {
         for (const ConvCase& c : {m198, stride2}) {
             run<__half>(TILE128, conv2d_m128n128_f16, c);
             run<__half>(TILE128X64, conv2d_m128n64_f16, c);
+            run<__half>(TILE64, conv2d_f16, c);
         }
         return checker.finish();
     }
