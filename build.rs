@@ -21,6 +21,9 @@
 //!   and the CUDA include path) used for that file;
 //! - `KERNEL_IMAGES: &[(&str, &str, &[u8])]`: (file stem, "sm_80".."sm_90" for a CUBIN or
 //!   "compute_90" for PTX, image bytes; PTX is NUL-terminated text); empty without NVRTC;
+//! - `KERNEL_RESOURCES: &[KernelResources]`: registers, static shared memory, stack and spills of
+//!   every kernel of every CUBIN, from ptxas's report (`--ptxas-options=-v`); the including
+//!   module defines `KernelResources`;
 //! - `NVRTC_VERSION: Option<(i32, i32)>`: the NVRTC that built the images.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
@@ -156,14 +159,14 @@ impl Nvrtc {
     }
 
     /// Compiles one translation unit; returns the CUBIN (arch `sm_*`) or the NUL-terminated PTX
-    /// (arch `compute_*`), or NVRTC's log on failure.
+    /// (arch `compute_*`) with NVRTC's log, or the log on failure.
     fn compile(
         &self,
         name: &str,
         source: &str,
         headers: &[(String, String)],
         options: &[String],
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<(Vec<u8>, String), String> {
         let c_source = CString::new(source).map_err(|_| format!("{name}: NUL in source"))?;
         let c_name = CString::new(name).unwrap();
         let header_texts: Vec<CString> = headers
@@ -227,16 +230,18 @@ impl Nvrtc {
                 }
             };
             let _ = (self.destroy_program)(&mut prog);
-            // Warnings are shown (once per file, for the first architecture) but do not fail.
-            if result.is_ok()
-                && !log.trim().is_empty()
-                && options.iter().any(|o| o.ends_with(CUBIN_ARCHS[0]))
-            {
-                for line in log.lines().filter(|l| !l.trim().is_empty()).take(20) {
+            // Warnings are shown (once per file, for the first architecture) but do not fail;
+            // ptxas's resource report (--ptxas-options=-v) is not a warning.
+            if result.is_ok() && options.iter().any(|o| o.ends_with(CUBIN_ARCHS[0])) {
+                for line in log
+                    .lines()
+                    .filter(|l| !l.trim().is_empty() && !l.starts_with("ptxas"))
+                    .take(20)
+                {
                     println!("cargo:warning=nvrtc {name}: {line}");
                 }
             }
-            result
+            result.map(|image| (image, log))
         }
     }
 
@@ -302,6 +307,57 @@ fn locate(repo: &Path) -> Result<(PathBuf, PathBuf), String> {
 }
 
 /// Rust string literal of a path (for include_str!/include_bytes!).
+/// One kernel's resources as ptxas reports them (`--ptxas-options=-v`).
+struct Resources {
+    kernel: String,
+    registers: u32,
+    static_shared_bytes: u32,
+    stack_bytes: u32,
+    spill_store_bytes: u32,
+    spill_load_bytes: u32,
+}
+
+/// The entry functions of a ptxas `-v` report, in its order. Stack and spill lines count for the
+/// entry being compiled (also those of device functions it calls that were not inlined).
+fn parse_ptxas_report(log: &str) -> Vec<Resources> {
+    // The number before `unit` in `text` ("... 128 registers, ..., 20480 bytes smem").
+    fn number_before(text: &str, unit: &str) -> Option<u32> {
+        let end = text.find(unit)?;
+        text[..end]
+            .split([' ', ','])
+            .rev()
+            .find(|w| !w.is_empty())?
+            .parse()
+            .ok()
+    }
+    let mut kernels: Vec<Resources> = Vec::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            kernels.push(Resources {
+                kernel: rest.split('\'').next().unwrap_or_default().to_string(),
+                registers: 0,
+                static_shared_bytes: 0,
+                stack_bytes: 0,
+                spill_store_bytes: 0,
+                spill_load_bytes: 0,
+            });
+            continue;
+        }
+        let Some(k) = kernels.last_mut() else {
+            continue;
+        };
+        if line.contains("bytes stack frame") {
+            k.stack_bytes += number_before(line, " bytes stack frame").unwrap_or(0);
+            k.spill_store_bytes += number_before(line, " bytes spill stores").unwrap_or(0);
+            k.spill_load_bytes += number_before(line, " bytes spill loads").unwrap_or(0);
+        } else if line.contains(" registers") {
+            k.registers = number_before(line, " registers").unwrap_or(0);
+            k.static_shared_bytes = number_before(line, " bytes smem").unwrap_or(0);
+        }
+    }
+    kernels
+}
+
 fn lit(p: &Path) -> String {
     format!("{:?}", p.to_str().expect("non-UTF-8 path"))
 }
@@ -381,6 +437,7 @@ fn main() {
             println!("cargo:warning=CUDA kernels not precompiled ({why}): {INSTALL_HINT}");
             rs += "/// (file stem, architecture, CUBIN or NUL-terminated PTX): none, NVRTC was not found at build time.\n";
             rs += "pub const KERNEL_IMAGES: &[(&str, &str, &[u8])] = &[];\n\n";
+            rs += "/// What ptxas reported for every kernel of every CUBIN (none).\npub const KERNEL_RESOURCES: &[KernelResources] = &[];\n\n";
             rs += "/// The NVRTC that compiled KERNEL_IMAGES (none).\npub const NVRTC_VERSION: Option<(i32, i32)> = None;\n";
             std::fs::write(out_dir.join("kernels.rs"), rs).unwrap();
             return;
@@ -395,7 +452,9 @@ fn main() {
         .flat_map(|f| archs.iter().map(move |&a| (f, a)))
         .collect();
     let next = Mutex::new(0usize);
-    let results: Mutex<Vec<Option<Result<PathBuf, String>>>> = Mutex::new(vec![None; jobs.len()]);
+    type JobResult = Result<(PathBuf, Vec<Resources>), String>;
+    let results: Mutex<Vec<Option<JobResult>>> =
+        Mutex::new((0..jobs.len()).map(|_| None).collect());
     let threads = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .clamp(1, 8);
@@ -420,20 +479,21 @@ fn main() {
                     format!("--include-path={}", include.display()),
                 ];
                 options.extend(options_of(stem));
+                let cubin = arch.starts_with("sm_");
+                if cubin {
+                    options.push("--ptxas-options=-v".into());
+                }
                 let name = format!("{stem}.cu");
-                let result = nvrtc
-                    .compile(&name, &source, &headers, &options)
-                    .and_then(|image| {
-                        let ext = if arch.starts_with("compute_") {
-                            "ptx"
-                        } else {
-                            "cubin"
-                        };
-                        let out = image_dir.join(format!("{stem}.{arch}.{ext}"));
-                        std::fs::write(&out, image)
-                            .map_err(|e| format!("writing {}: {e}", out.display()))?;
-                        Ok(out)
-                    });
+                let result =
+                    nvrtc
+                        .compile(&name, &source, &headers, &options)
+                        .and_then(|(image, log)| {
+                            let ext = if cubin { "cubin" } else { "ptx" };
+                            let out = image_dir.join(format!("{stem}.{arch}.{ext}"));
+                            std::fs::write(&out, image)
+                                .map_err(|e| format!("writing {}: {e}", out.display()))?;
+                            Ok((out, parse_ptxas_report(&log)))
+                        });
                 results.lock().unwrap()[j] = Some(result);
             });
         }
@@ -442,15 +502,34 @@ fn main() {
     // file stem -> (log, architectures that failed with it), in job order.
     let mut failures: Vec<(String, String, Vec<&str>)> = Vec::new();
     rs += "/// (file stem, architecture, CUBIN for sm_*, NUL-terminated PTX for compute_*).\npub const KERNEL_IMAGES: &[(&str, &str, &[u8])] = &[\n";
+    let mut resources = String::from(
+        "/// What ptxas reported for every kernel of every CUBIN.\npub const KERNEL_RESOURCES: &[KernelResources] = &[\n",
+    );
     for (&(f, arch), result) in jobs.iter().zip(results) {
         let stem = &files[f].0;
         match result.expect("job ran") {
-            Ok(path) => writeln!(
-                rs,
-                "    ({stem:?}, {arch:?}, include_bytes!({})),",
-                lit(&path)
-            )
-            .unwrap(),
+            Ok((path, kernels)) => {
+                writeln!(
+                    rs,
+                    "    ({stem:?}, {arch:?}, include_bytes!({})),",
+                    lit(&path)
+                )
+                .unwrap();
+                for k in kernels {
+                    writeln!(
+                        resources,
+                        "    KernelResources {{ file: {stem:?}, arch: {arch:?}, kernel: {:?}, registers: {}, \
+                         static_shared_bytes: {}, stack_bytes: {}, spill_store_bytes: {}, spill_load_bytes: {} }},",
+                        k.kernel,
+                        k.registers,
+                        k.static_shared_bytes,
+                        k.stack_bytes,
+                        k.spill_store_bytes,
+                        k.spill_load_bytes
+                    )
+                    .unwrap();
+                }
+            }
             Err(log) => match failures.iter_mut().find(|(s, l, _)| s == stem && *l == log) {
                 Some((_, _, archs)) => archs.push(arch),
                 None => failures.push((stem.clone(), log, vec![arch])),
@@ -472,6 +551,8 @@ fn main() {
         }
         std::process::exit(1);
     }
+    rs += "];\n\n";
+    rs += &resources;
     rs += "];\n\n";
     writeln!(
         rs,

@@ -85,7 +85,7 @@ step() {
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$LOG/gpu.txt" 2>/dev/null || : >"$LOG/gpu.txt"
-{ nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv; "$BIN" info; } \
+{ nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv; "$BIN" info --kernels; } \
     2>&1 | tee "$LOG/info.log" || true
 
 # 1. Kernel, forward, sampling and text-encoder parity against the CPU.

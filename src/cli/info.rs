@@ -3,15 +3,24 @@
 use anyhow::Result;
 
 use mcdm::cuda::{
-    devices, driver_version, unavailable_reason, KERNEL_IMAGES, KERNEL_SOURCES, NVRTC_VERSION,
+    devices, driver_version, unavailable_reason, KERNEL_IMAGES, KERNEL_RESOURCES, KERNEL_SOURCES,
+    NVRTC_VERSION,
 };
 
 /// Show what this build of mcdm can run on.
 #[derive(clap::Args)]
-#[command(after_help = "Example:\n  mcdm info")]
-pub struct Args {}
+#[command(after_help = "Examples:\n  mcdm info\n  mcdm info --kernels --arch sm_86")]
+pub struct Args {
+    /// List every kernel with the registers, static shared memory, stack and spills ptxas
+    /// reported when it was compiled (for the GPU found, else --arch)
+    #[arg(long)]
+    kernels: bool,
+    /// Architecture of the kernel list when no GPU is found
+    #[arg(long, default_value = "sm_90", value_parser = ["sm_80", "sm_86", "sm_89", "sm_90"])]
+    arch: String,
+}
 
-pub fn run(_args: Args) -> Result<()> {
+pub fn run(args: Args) -> Result<()> {
     println!("mcdm {}", env!("CARGO_PKG_VERSION"));
     println!("cpu: {} threads (rayon)", rayon::current_num_threads());
     let mut archs: Vec<&str> = KERNEL_IMAGES.iter().map(|(_, arch, _)| *arch).collect();
@@ -29,6 +38,30 @@ pub fn run(_args: Args) -> Result<()> {
     match NVRTC_VERSION {
         Some((major, minor)) => println!("nvrtc at build time: {major}.{minor}"),
         None => println!("nvrtc at build time: not found"),
+    }
+    let gpu_arch = unavailable_reason()
+        .is_none()
+        .then(devices)
+        .transpose()?
+        .and_then(|d| d.first().map(|g| g.compute_capability))
+        .map(|(major, minor)| format!("sm_{major}{minor}"));
+    let arch = gpu_arch.unwrap_or(args.arch);
+    let resources: Vec<_> = KERNEL_RESOURCES.iter().filter(|r| r.arch == arch).collect();
+    if let Some(most) = resources.iter().max_by_key(|r| r.registers) {
+        let spilling = resources
+            .iter()
+            .filter(|r| r.spill_store_bytes + r.spill_load_bytes > 0)
+            .count();
+        println!(
+            "ptxas ({arch}): {} kernels, at most {} registers a thread ({}), {}",
+            resources.len(),
+            most.registers,
+            most.kernel,
+            match spilling {
+                0 => "no register spills".to_string(),
+                n => format!("{n} spill registers"),
+            }
+        );
     }
     match driver_version() {
         Some((major, minor)) => println!("cuda driver: {major}.{minor}"),
@@ -48,6 +81,44 @@ pub fn run(_args: Args) -> Result<()> {
                     d.multiprocessors
                 );
             }
+        }
+    }
+    if args.kernels {
+        if resources.is_empty() {
+            println!(
+                "no ptxas report for {arch}: {}",
+                if KERNEL_IMAGES.is_empty() {
+                    "built without NVRTC"
+                } else {
+                    "no CUBIN for it (the driver compiles the embedded PTX)"
+                }
+            );
+            return Ok(());
+        }
+        let row = |cells: [&str; 6]| {
+            println!(
+                "{:<14} {:<24} {:>9} {:>13} {:>7} {:>13}",
+                cells[0], cells[1], cells[2], cells[3], cells[4], cells[5]
+            )
+        };
+        println!();
+        row([
+            "file",
+            "kernel",
+            "registers",
+            "static smem B",
+            "stack B",
+            "spill st/ld B",
+        ]);
+        for r in &resources {
+            row([
+                &format!("{}.cu", r.file),
+                r.kernel,
+                &r.registers.to_string(),
+                &r.static_shared_bytes.to_string(),
+                &r.stack_bytes.to_string(),
+                &format!("{}/{}", r.spill_store_bytes, r.spill_load_bytes),
+            ]);
         }
     }
     Ok(())

@@ -23,11 +23,32 @@ use crate::error::{Error, Result};
 pub use buffer::GpuBuffer;
 
 mod embedded {
+    use super::KernelResources;
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
 
-/// Kernel sources and images embedded at build time.
-pub use embedded::{KERNEL_HEADERS, KERNEL_IMAGES, KERNEL_OPTIONS, KERNEL_SOURCES, NVRTC_VERSION};
+/// Kernel sources and images embedded at build time, and ptxas's report on each CUBIN kernel.
+pub use embedded::{
+    KERNEL_HEADERS, KERNEL_IMAGES, KERNEL_OPTIONS, KERNEL_RESOURCES, KERNEL_SOURCES, NVRTC_VERSION,
+};
+
+/// What ptxas reported for one kernel of one embedded CUBIN: the limits on how many of its
+/// blocks share an SM, and whether it spills registers to local memory (slow).
+#[derive(Debug, Clone, Copy)]
+pub struct KernelResources {
+    /// kernels/<file>.cu
+    pub file: &'static str,
+    /// `sm_80` .. `sm_90`
+    pub arch: &'static str,
+    pub kernel: &'static str,
+    /// Registers per thread.
+    pub registers: u32,
+    /// Static `__shared__` bytes per block (dynamic shared memory is set at launch).
+    pub static_shared_bytes: u32,
+    pub stack_bytes: u32,
+    pub spill_store_bytes: u32,
+    pub spill_load_bytes: u32,
+}
 
 /// Storage types of GPU activations and weights.
 pub trait GpuFloat: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + 'static {
@@ -484,4 +505,47 @@ fn compile_at_runtime(file: &str, source: &str, cc: (i32, i32)) -> Result<Ptx> {
         let _ = std::fs::write(&path, ptx.to_src());
     }
     Ok(ptx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{KERNEL_IMAGES, KERNEL_RESOURCES};
+
+    /// A kernel that spills keeps part of its registers in local memory (DRAM behind L1): a
+    /// slowdown no test on the CPU would see, so ptxas's report on every CUBIN is checked here.
+    #[test]
+    fn no_kernel_spills_registers() {
+        if KERNEL_IMAGES.is_empty() {
+            eprintln!("skipped: built without NVRTC, no CUBIN to check");
+            return;
+        }
+        for &(file, arch, _) in KERNEL_IMAGES
+            .iter()
+            .filter(|(_, a, _)| a.starts_with("sm_"))
+        {
+            let kernels: Vec<_> = KERNEL_RESOURCES
+                .iter()
+                .filter(|r| r.file == file && r.arch == arch)
+                .collect();
+            assert!(!kernels.is_empty(), "no ptxas report for {file}.cu {arch}");
+            for r in kernels {
+                assert!(r.registers > 0, "ptxas report not understood: {r:?}");
+            }
+        }
+        let spilling: Vec<String> = KERNEL_RESOURCES
+            .iter()
+            .filter(|r| r.spill_store_bytes + r.spill_load_bytes > 0)
+            .map(|r| {
+                format!(
+                    "{} {} ({} registers): {} bytes spill stores, {} bytes spill loads",
+                    r.kernel, r.arch, r.registers, r.spill_store_bytes, r.spill_load_bytes
+                )
+            })
+            .collect();
+        assert!(
+            spilling.is_empty(),
+            "kernels spill registers:\n{}",
+            spilling.join("\n")
+        );
+    }
 }

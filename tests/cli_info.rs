@@ -1,0 +1,51 @@
+//! `mcdm info`: runs where there is no GPU, lists ptxas's report on every kernel when the build
+//! has kernel images, and ends quietly when its reader goes away.
+
+use std::process::{Command, Stdio};
+
+#[test]
+fn info_lists_every_kernel_with_its_registers() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mcdm"))
+        .args(["info", "--kernels", "--arch", "sm_80"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if text.contains("built without NVRTC") {
+        eprintln!("skipped the kernel list: this build has no kernel images");
+        return;
+    }
+    assert!(text.contains("ptxas (sm_80): "), "{text}");
+    // One kernel of each family, each with a register count.
+    for (file, kernel) in [
+        ("conv.cu", "conv2d_m128n128_bf16"),
+        ("attention.cu", "attention_f16"),
+        ("group_norm.cu", "group_norm_partial_f32"),
+        ("step.cu", "diffusion_step"),
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().take(2).eq([file, kernel]))
+            .unwrap_or_else(|| panic!("{kernel} missing:\n{text}"));
+        let registers: u32 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+        assert!(registers > 0, "{line}");
+    }
+}
+
+#[test]
+fn a_closed_pipe_ends_info_without_a_panic() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mcdm"))
+        .args(["info", "--kernels"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader goes away (as with `| head -1`)
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
