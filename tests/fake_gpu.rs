@@ -224,6 +224,57 @@ fn cli_samples_on_the_fake_gpu_as_on_the_cpu() {
     assert!(split > 0, "no memory size made the sampler split its batch");
 }
 
+/// A GPU older than the kernels need (the fake set to compute capability 7.5, a T4) is named
+/// in a clear error with `--device cuda`, and `--device auto` runs on the CPU instead.
+#[test]
+fn an_old_gpu_is_refused_and_auto_uses_the_cpu() {
+    let Some(driver) = fake_driver() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tiny.json");
+    std::fs::write(
+        &config,
+        r#"{"image_size": 8, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1",
+            "attention_resolutions": ""}"#,
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcdm"));
+        let out = driver
+            .apply(&mut cmd)
+            .env("FAKE_CUDA_COMPUTE_CAPABILITY", "7.5")
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let bench = |device: &str| {
+        let config = config.to_str().unwrap();
+        run(&[
+            "bench", "--device", device, "--batch", "1", "--iters", "1", "--config", config,
+        ])
+    };
+    let (code, text) = bench("cuda");
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("compute capability 7.5") && text.contains("8.0 or newer"),
+        "{text}"
+    );
+    let (code, text) = bench("auto");
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("), cpu, "), "{text}");
+    let (code, text) = run(&["info"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("compute capability 7.5") && text.contains("--device auto uses the CPU"),
+        "{text}"
+    );
+}
+
 /// `mcdm encode-text --device cuda` (the GPU text encoder: 1x1 convs, attention, layer norm,
 /// GELU) writes the CPU's embeddings, in f32 and in bf16.
 #[test]

@@ -63,25 +63,27 @@ pub fn run(args: Args) -> Result<()> {
             }
         );
     }
-    match driver_version() {
+    let driver = driver_version();
+    match driver {
         Some((major, minor)) => println!("cuda driver: {major}.{minor}"),
         None => println!("cuda driver: none"),
     }
-    match unavailable_reason() {
-        Some(reason) => println!("gpus: none ({reason}); --device auto uses the CPU"),
-        None => {
-            for d in devices()? {
-                println!(
-                    "gpu {}: {}, {:.1} GiB, compute capability {}.{}, {} SMs",
-                    d.ordinal,
-                    d.name,
-                    d.total_memory as f64 / (1u64 << 30) as f64,
-                    d.compute_capability.0,
-                    d.compute_capability.1,
-                    d.multiprocessors
-                );
-            }
+    // Every GPU the driver reports, also one too old for the kernels (the reason says so).
+    if driver.is_some() {
+        for d in devices()? {
+            println!(
+                "gpu {}: {}, {:.1} GiB, compute capability {}.{}, {} SMs",
+                d.ordinal,
+                d.name,
+                d.total_memory as f64 / (1u64 << 30) as f64,
+                d.compute_capability.0,
+                d.compute_capability.1,
+                d.multiprocessors
+            );
         }
+    }
+    if let Some(reason) = unavailable_reason() {
+        println!("gpus: none usable ({reason}); --device auto uses the CPU");
     }
     if args.kernels {
         if resources.is_empty() {

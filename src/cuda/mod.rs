@@ -92,8 +92,17 @@ fn cuda_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
     move |e| Error::Cuda(format!("{what}: {e:?}"))
 }
 
-/// Why CUDA cannot be used here, or `None` when a driver and a device are present.
+/// The oldest GPUs the kernels run on: `mma.sync.m16n8k16` with bf16 and `cp.async` need sm_80.
+pub const MIN_COMPUTE_CAPABILITY: (i32, i32) = (8, 0);
+
+/// Why CUDA cannot be used here, or `None` when a driver and a device that can run the kernels
+/// (device 0, the one mcdm uses) are present.
 pub fn unavailable_reason() -> Option<String> {
+    no_driver_reason().or_else(|| too_old(0))
+}
+
+/// Why the driver cannot be used, or `None` when it is present and reports a device.
+fn no_driver_reason() -> Option<String> {
     // cudarc panics on first use when the library is missing: check first.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Some("no CUDA driver library (libcuda.so) was found".into());
@@ -103,6 +112,35 @@ pub fn unavailable_reason() -> Option<String> {
         Ok(_) => None,
         Err(e) => Some(format!("the CUDA driver failed to initialise: {e:?}")),
     }
+}
+
+/// Why device `ordinal` cannot run the kernels, if its compute capability is below
+/// [`MIN_COMPUTE_CAPABILITY`]. Asks the driver without creating a context.
+fn too_old(ordinal: i32) -> Option<String> {
+    use cudarc::driver::result::device;
+    use cudarc::driver::sys::CUdevice_attribute::{
+        CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR as MAJOR,
+        CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR as MINOR,
+    };
+    let dev = device::get(ordinal).ok()?;
+    // SAFETY: `dev` is a device handle the initialised driver returned.
+    let cc = unsafe {
+        (
+            device::get_attribute(dev, MAJOR),
+            device::get_attribute(dev, MINOR),
+        )
+    };
+    let (Ok(major), Ok(minor)) = cc else {
+        return None;
+    };
+    let (min_major, min_minor) = MIN_COMPUTE_CAPABILITY;
+    ((major, minor) < MIN_COMPUTE_CAPABILITY).then(|| {
+        format!(
+            "GPU {ordinal} ({}) has compute capability {major}.{minor}; mcdm's kernels need \
+             {min_major}.{min_minor} or newer (A100, RTX 30 series and later)",
+            device::get_name(dev).unwrap_or_else(|_| "unnamed".into())
+        )
+    })
 }
 
 /// One GPU as `mcdm info` shows it.
@@ -140,9 +178,9 @@ impl DeviceInfo {
     }
 }
 
-/// Every device the driver reports.
+/// Every device the driver reports, also those too old for the kernels.
 pub fn devices() -> Result<Vec<DeviceInfo>> {
-    if let Some(reason) = unavailable_reason() {
+    if let Some(reason) = no_driver_reason() {
         return Err(Error::Cuda(reason));
     }
     let count = CudaContext::device_count().map_err(cuda_err("counting devices"))?;
@@ -156,7 +194,7 @@ pub fn devices() -> Result<Vec<DeviceInfo>> {
 
 /// The driver version as (major, minor).
 pub fn driver_version() -> Option<(i32, i32)> {
-    if unavailable_reason().is_some() {
+    if no_driver_reason().is_some() {
         return None;
     }
     let mut v = 0;

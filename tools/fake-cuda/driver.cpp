@@ -21,6 +21,7 @@
 #include <set>
 #include <string>
 #include <unordered_map>
+#include <utility>
 
 #include "asan.h"
 
@@ -111,6 +112,18 @@ size_t memory_limit_from_env() {
         return kDefaultMemoryBytes;
     }
     return bytes;
+}
+
+// FAKE_CUDA_COMPUTE_CAPABILITY=MAJOR.MINOR (default 9.0): an older GPU, for mcdm's refusal of it.
+std::pair<int, int> compute_capability_from_env() {
+    const char* text = getenv("FAKE_CUDA_COMPUTE_CAPABILITY");
+    int major = 0, minor = 0;
+    if (text == nullptr || *text == '\0') return {9, 0};
+    if (sscanf(text, "%d.%d", &major, &minor) != 2 || major <= 0 || minor < 0) {
+        fprintf(stderr, "fake-cuda: FAKE_CUDA_COMPUTE_CAPABILITY=%s is not MAJOR.MINOR; using 9.0\n", text);
+        return {9, 0};
+    }
+    return {major, minor};
 }
 
 // Checks shared by most calls; each returns CUDA_SUCCESS or the error the real driver gives.
@@ -389,8 +402,8 @@ FAKE_API CUresult cuDeviceGetAttribute(int* value, CUdevice_attribute attribute,
     if (CUresult r = require_device(device)) return r;
     if (value == nullptr) return CUDA_ERROR_INVALID_VALUE;
     switch (attribute) {
-        case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: *value = 9; break;
-        case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: *value = 0; break;
+        case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: *value = compute_capability_from_env().first; break;
+        case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: *value = compute_capability_from_env().second; break;
         case CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK: *value = kMaxThreadsPerBlock; break;
         case CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_X: *value = 1024; break;
         case CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_Y: *value = 1024; break;
