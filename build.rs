@@ -480,20 +480,27 @@ fn main() {
                 ];
                 options.extend(options_of(stem));
                 let cubin = arch.starts_with("sm_");
-                if cubin {
-                    options.push("--ptxas-options=-v".into());
-                }
                 let name = format!("{stem}.cu");
-                let result =
-                    nvrtc
-                        .compile(&name, &source, &headers, &options)
-                        .and_then(|(image, log)| {
-                            let ext = if cubin { "cubin" } else { "ptx" };
-                            let out = image_dir.join(format!("{stem}.{arch}.{ext}"));
-                            std::fs::write(&out, image)
-                                .map_err(|e| format!("writing {}: {e}", out.display()))?;
-                            Ok((out, parse_ptxas_report(&log)))
-                        });
+                // ptxas's report on each CUBIN, where this NVRTC takes the option (the image is
+                // the same with or without it).
+                let mut verbose = options.clone();
+                verbose.push("--ptxas-options=-v".into());
+                let compiled = match cubin {
+                    true => nvrtc
+                        .compile(&name, &source, &headers, &verbose)
+                        .or_else(|e| match e.contains("NVRTC_ERROR_INVALID_OPTION") {
+                            true => nvrtc.compile(&name, &source, &headers, &options),
+                            false => Err(e),
+                        }),
+                    false => nvrtc.compile(&name, &source, &headers, &options),
+                };
+                let result = compiled.and_then(|(image, log)| {
+                    let ext = if cubin { "cubin" } else { "ptx" };
+                    let out = image_dir.join(format!("{stem}.{arch}.{ext}"));
+                    std::fs::write(&out, image)
+                        .map_err(|e| format!("writing {}: {e}", out.display()))?;
+                    Ok((out, parse_ptxas_report(&log)))
+                });
                 results.lock().unwrap()[j] = Some(result);
             });
         }

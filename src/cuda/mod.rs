@@ -243,11 +243,12 @@ impl Gpu {
         let stream = ctx.new_stream().map_err(cuda_err("creating a stream"))?;
         let info = DeviceInfo::query(&ctx, ordinal)?;
         let mut modules = HashMap::new();
+        let hint = older_driver_hint(driver_version(), NVRTC_VERSION);
         for &(file, source) in KERNEL_SOURCES {
             let ptx = module_image(file, source, info.compute_capability)?;
             let module = ctx
                 .load_module(ptx)
-                .map_err(cuda_err(&format!("loading kernels/{file}.cu")))?;
+                .map_err(|e| Error::Cuda(format!("loading kernels/{file}.cu: {e:?}{hint}")))?;
             modules.insert(file, module);
         }
         Ok(Arc::new(Gpu {
@@ -411,6 +412,20 @@ impl Gpu {
     }
 }
 
+/// What to add to a failed module load when the driver is older than the NVRTC that built the
+/// embedded images: a CUDA 12 driver cannot load what CUDA 13's NVRTC made.
+fn older_driver_hint(driver: Option<(i32, i32)>, nvrtc: Option<(i32, i32)>) -> String {
+    match (driver, nvrtc) {
+        (Some(d), Some(n)) if d < n => format!(
+            " (this driver supports CUDA {}.{}, older than the NVRTC {}.{} that compiled mcdm's \
+             kernels: update the NVIDIA driver, or build mcdm with the NVRTC of a CUDA {}.{} or \
+             older, named by MCDM_NVRTC_LIB and MCDM_CUDA_INCLUDE)",
+            d.0, d.1, n.0, n.1, d.0, d.1
+        ),
+        _ => String::new(),
+    }
+}
+
 /// A kernel argument, passed by value.
 #[derive(Clone, Copy)]
 pub(crate) enum Arg {
@@ -547,14 +562,28 @@ fn compile_at_runtime(file: &str, source: &str, cc: (i32, i32)) -> Result<Ptx> {
 
 #[cfg(test)]
 mod tests {
-    use super::{KERNEL_IMAGES, KERNEL_RESOURCES};
+    use super::{older_driver_hint, KERNEL_IMAGES, KERNEL_RESOURCES};
+
+    #[test]
+    fn a_failed_load_names_a_driver_older_than_nvrtc() {
+        let hint = older_driver_hint(Some((12, 8)), Some((13, 0)));
+        assert!(
+            hint.contains("CUDA 12.8, older than the NVRTC 13.0"),
+            "{hint}"
+        );
+        assert_eq!(older_driver_hint(Some((13, 0)), Some((13, 0))), "");
+        assert_eq!(older_driver_hint(Some((13, 1)), Some((13, 0))), "");
+        assert_eq!(older_driver_hint(None, Some((13, 0))), "");
+    }
 
     /// A kernel that spills keeps part of its registers in local memory (DRAM behind L1): a
     /// slowdown no test on the CPU would see, so ptxas's report on every CUBIN is checked here.
     #[test]
     fn no_kernel_spills_registers() {
-        if KERNEL_IMAGES.is_empty() {
-            eprintln!("skipped: built without NVRTC, no CUBIN to check");
+        if KERNEL_RESOURCES.is_empty() {
+            eprintln!(
+                "skipped: no ptxas report (built without NVRTC, or its NVRTC has no -Xptxas)"
+            );
             return;
         }
         for &(file, arch, _) in KERNEL_IMAGES
