@@ -275,6 +275,79 @@ fn an_old_gpu_is_refused_and_auto_uses_the_cpu() {
     );
 }
 
+/// On a GPU with no embedded CUBIN below sm_90 (compute capability 8.7, a Jetson Orin), the
+/// kernels are compiled at first use by the NVRTC found at run time and cached: the run works,
+/// the cache holds one PTX per kernel file, and a second run with no NVRTC reads the cache.
+#[test]
+fn kernels_compile_at_first_use_where_no_image_fits() {
+    let Some(driver) = fake_driver() else { return };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let nvrtc = std::env::var_os("MCDM_NVRTC_LIB")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".nvrtc/nvidia/cu13/lib/libnvrtc.so.13"));
+    let include = std::env::var_os("MCDM_CUDA_INCLUDE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".nvrtc/nvidia/cu13/include"));
+    let (Some(nvrtc_dir), true) = (nvrtc.parent(), nvrtc.is_file()) else {
+        eprintln!("skipped: no NVRTC at {}", nvrtc.display());
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tiny.json");
+    std::fs::write(
+        &config,
+        r#"{"image_size": 8, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1",
+            "attention_resolutions": "4", "num_head_channels": 32}"#,
+    )
+    .unwrap();
+    let cache = dir.path().join("cache");
+    let bench = |library_path: String| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcdm"));
+        let out = driver
+            .apply(&mut cmd)
+            .env("LD_LIBRARY_PATH", library_path)
+            .env("FAKE_CUDA_COMPUTE_CAPABILITY", "8.7")
+            .env("XDG_CACHE_HOME", &cache)
+            .env("MCDM_CUDA_INCLUDE", &include)
+            .args([
+                "bench", "--device", "cuda", "--dtype", "f16", "--batch", "1",
+            ])
+            .args(["--iters", "1", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{text}");
+        text
+    };
+    let fake = driver.dir.display().to_string();
+    let text = bench(format!("{fake}:{}", nvrtc_dir.display()));
+    assert!(text.contains("Fake CUDA"), "{text}");
+    let cached: Vec<String> = std::fs::read_dir(cache.join("mcdm"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    for &(file, _) in mcdm::cuda::KERNEL_SOURCES {
+        let prefix = format!("{file}-compute_87-");
+        assert!(
+            cached
+                .iter()
+                .any(|c| c.starts_with(&prefix) && c.ends_with(".ptx")),
+            "no cached PTX for kernels/{file}.cu: {cached:?}"
+        );
+    }
+    assert!(
+        cached.iter().all(|c| !c.starts_with('.')),
+        "temporary files left in the cache: {cached:?}"
+    );
+    // No NVRTC on the path now: only the cache can serve.
+    bench(fake);
+}
+
 /// `mcdm encode-text --device cuda` (the GPU text encoder: 1x1 convs, attention, layer norm,
 /// GELU) writes the CPU's embeddings, in f32 and in bf16.
 #[test]

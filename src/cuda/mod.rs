@@ -554,8 +554,9 @@ fn compile_at_runtime(file: &str, source: &str, cc: (i32, i32)) -> Result<Ptx> {
         ))
     })?;
     if let Some(path) = cache {
+        // Best effort (a cache); whole or not at all, since another mcdm may be reading it.
         let _ = std::fs::create_dir_all(path.parent().unwrap_or(&path));
-        let _ = std::fs::write(&path, ptx.to_src());
+        let _ = crate::weights::write_atomic(&path, ptx.to_src().as_bytes());
     }
     Ok(ptx)
 }

@@ -307,6 +307,14 @@ FAKE_API CUresult cuDriverGetVersion(int* version) {
     return CUDA_SUCCESS;
 }
 
+// NVRTC opens libcuda.so.1 and asks it for the driver's private export tables; the fake has
+// none, and says so (without this symbol NVRTC crashes in a process that loaded the fake).
+FAKE_API CUresult cuGetExportTable(const void** table, const CUuuid* id) {
+    if (table == nullptr || id == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    *table = nullptr;
+    return CUDA_ERROR_NOT_SUPPORTED;
+}
+
 namespace {
 struct ErrorText {
     CUresult code;
