@@ -275,11 +275,13 @@ fn an_old_gpu_is_refused_and_auto_uses_the_cpu() {
     );
 }
 
-/// On a GPU with no embedded CUBIN below sm_90 (compute capability 8.7, a Jetson Orin), the
-/// kernels are compiled at first use by the NVRTC found at run time and cached: the run works,
-/// the cache holds one PTX per kernel file, and a second run with no NVRTC reads the cache.
+/// Kernel images on a GPU without a CUBIN of its own (compute capability 8.7, a Jetson Orin):
+/// the sm_86 CUBIN serves it, with no NVRTC. With `MCDM_KERNEL_SOURCE=1` the kernels are
+/// compiled at first use by the NVRTC found at run time and cached (one PTX per kernel file),
+/// a second run with no NVRTC is served from the cache, and with neither NVRTC nor a cache
+/// `--device auto` says why and runs on the CPU.
 #[test]
-fn kernels_compile_at_first_use_where_no_image_fits() {
+fn kernel_images_fit_the_gpu_or_compile_at_first_use() {
     let Some(driver) = fake_driver() else { return };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let nvrtc = std::env::var_os("MCDM_NVRTC_LIB")
@@ -301,21 +303,23 @@ fn kernels_compile_at_first_use_where_no_image_fits() {
     )
     .unwrap();
     let cache = dir.path().join("cache");
-    let bench = |library_path: String| {
+    let fake = driver.dir.display().to_string();
+    let with_nvrtc = format!("{fake}:{}", nvrtc_dir.display());
+    let bench = |library_path: &str, device: &str, from_source: bool| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcdm"));
-        let out = driver
+        driver
             .apply(&mut cmd)
             .env("LD_LIBRARY_PATH", library_path)
             .env("FAKE_CUDA_COMPUTE_CAPABILITY", "8.7")
             .env("XDG_CACHE_HOME", &cache)
             .env("MCDM_CUDA_INCLUDE", &include)
-            .args([
-                "bench", "--device", "cuda", "--dtype", "f16", "--batch", "1",
-            ])
-            .args(["--iters", "1", "--config"])
-            .arg(&config)
-            .output()
-            .unwrap();
+            .args(["bench", "--device", device, "--dtype", "f16"])
+            .args(["--batch", "1", "--iters", "1", "--config"])
+            .arg(&config);
+        if from_source {
+            cmd.env("MCDM_KERNEL_SOURCE", "1");
+        }
+        let out = cmd.output().unwrap();
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
@@ -324,8 +328,21 @@ fn kernels_compile_at_first_use_where_no_image_fits() {
         assert!(out.status.success(), "{text}");
         text
     };
-    let fake = driver.dir.display().to_string();
-    let text = bench(format!("{fake}:{}", nvrtc_dir.display()));
+    let text = bench(&fake, "cuda", false);
+    assert!(text.contains("Fake CUDA"), "{text}");
+    assert!(
+        !cache.exists(),
+        "the embedded sm_86 CUBIN should have served"
+    );
+
+    let text = bench(&fake, "auto", true);
+    assert!(
+        text.contains("the GPU cannot be used") && text.contains("no NVRTC library"),
+        "{text}"
+    );
+    assert!(text.contains("), cpu, "), "{text}");
+
+    let text = bench(&with_nvrtc, "cuda", true);
     assert!(text.contains("Fake CUDA"), "{text}");
     let cached: Vec<String> = std::fs::read_dir(cache.join("mcdm"))
         .unwrap()
@@ -345,7 +362,7 @@ fn kernels_compile_at_first_use_where_no_image_fits() {
         "temporary files left in the cache: {cached:?}"
     );
     // No NVRTC on the path now: only the cache can serve.
-    bench(fake);
+    bench(&fake, "cuda", true);
 }
 
 /// `mcdm encode-text --device cuda` (the GPU text encoder: 1x1 convs, attention, layer norm,

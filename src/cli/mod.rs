@@ -113,15 +113,22 @@ fn check_output_file(path: &Path, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// `auto` takes the GPU when one is usable; `cuda` insists on it with a clear error.
+/// `auto` takes the GPU when one is usable, else the CPU (saying why when a GPU is present but
+/// cannot be set up: its kernels fail to load, say); `cuda` insists on it with a clear error.
 fn backend(device: Device) -> Result<Backend> {
     match device {
         Device::Cpu => Ok(Backend::Cpu),
         Device::Auto if unavailable_reason().is_some() => Ok(Backend::Cpu),
-        Device::Auto | Device::Cuda => {
-            let gpu = Gpu::new(0).context("--device cuda")?;
-            Ok(Backend::Cuda(gpu))
-        }
+        Device::Auto => match Gpu::new(0) {
+            Ok(gpu) => Ok(Backend::Cuda(gpu)),
+            Err(e) => {
+                eprintln!(
+                    "warning: --device auto: the GPU cannot be used ({e}); running on the CPU"
+                );
+                Ok(Backend::Cpu)
+            }
+        },
+        Device::Cuda => Ok(Backend::Cuda(Gpu::new(0).context("--device cuda")?)),
     }
 }
 

@@ -418,8 +418,9 @@ fn older_driver_hint(driver: Option<(i32, i32)>, nvrtc: Option<(i32, i32)>) -> S
     match (driver, nvrtc) {
         (Some(d), Some(n)) if d < n => format!(
             " (this driver supports CUDA {}.{}, older than the NVRTC {}.{} that compiled mcdm's \
-             kernels: update the NVIDIA driver, or build mcdm with the NVRTC of a CUDA {}.{} or \
-             older, named by MCDM_NVRTC_LIB and MCDM_CUDA_INCLUDE)",
+             kernels: update the NVIDIA driver, or compile the kernels with the NVRTC of a CUDA \
+             {}.{} or older: set MCDM_KERNEL_SOURCE=1 with that NVRTC on the library path, or \
+             build mcdm with it through MCDM_NVRTC_LIB and MCDM_CUDA_INCLUDE)",
             d.0, d.1, n.0, n.1, d.0, d.1
         ),
         _ => String::new(),
@@ -477,22 +478,23 @@ pub(crate) fn grid_1d(n: usize) -> LaunchConfig {
     }
 }
 
-/// The module image for a device of compute capability `cc`: the embedded CUBIN for its exact
-/// architecture, else the embedded compute_90 PTX on sm_90+, else the source compiled now by
-/// NVRTC (cached on disk).
+/// The module image for a device of compute capability `cc`: an embedded CUBIN of its major
+/// version with the highest minor not above its own (a CUBIN runs on those GPUs: sm_86 on an
+/// sm_87), else the embedded compute_90 PTX on sm_90 and newer (the driver compiles it), else
+/// the source compiled now by NVRTC (cached on disk). `MCDM_KERNEL_SOURCE=1` skips the embedded
+/// images and compiles the sources with the NVRTC found at run time (one that matches an older
+/// driver, say).
 fn module_image(file: &str, source: &str, cc: (i32, i32)) -> Result<Ptx> {
-    let arch = format!("sm_{}{}", cc.0, cc.1);
-    let find = |a: &str| {
-        KERNEL_IMAGES
-            .iter()
-            .find(|(f, ar, _)| *f == file && *ar == a)
-            .map(|(_, _, img)| *img)
-    };
-    if let Some(cubin) = find(&arch) {
+    if std::env::var_os("MCDM_KERNEL_SOURCE").is_some_and(|v| v == "1") {
+        return compile_at_runtime(file, source, cc);
+    }
+    let images = || KERNEL_IMAGES.iter().filter(move |(f, _, _)| *f == file);
+    if let Some(arch) = compatible_cubin(images().map(|(_, arch, _)| *arch), cc) {
+        let (_, _, cubin) = images().find(|(_, a, _)| *a == arch).expect("listed above");
         return Ok(Ptx::from_binary(cubin.to_vec()));
     }
     if cc.0 >= 9 {
-        if let Some(ptx) = find("compute_90") {
+        if let Some((_, _, ptx)) = images().find(|(_, a, _)| *a == "compute_90") {
             return Ok(Ptx::from_src(
                 String::from_utf8_lossy(ptx)
                     .trim_end_matches('\0')
@@ -501,6 +503,21 @@ fn module_image(file: &str, source: &str, cc: (i32, i32)) -> Result<Ptx> {
         }
     }
     compile_at_runtime(file, source, cc)
+}
+
+/// Of the architectures `archs` (`sm_86`, `compute_90`, ...), the CUBIN that runs on a GPU of
+/// compute capability `cc`: same major version, the highest minor up to the GPU's.
+fn compatible_cubin<'a>(archs: impl Iterator<Item = &'a str>, cc: (i32, i32)) -> Option<&'a str> {
+    let capability = |arch: &str| -> Option<(i32, i32)> {
+        let digits = arch.strip_prefix("sm_")?;
+        let (major, minor) = digits.split_at(digits.len().checked_sub(1)?);
+        Some((major.parse().ok()?, minor.parse().ok()?))
+    };
+    archs
+        .filter_map(|a| Some((capability(a)?, a)))
+        .filter(|&((major, minor), _)| major == cc.0 && minor <= cc.1)
+        .max_by_key(|&(capability, _)| capability)
+        .map(|(_, a)| a)
 }
 
 fn compile_at_runtime(file: &str, source: &str, cc: (i32, i32)) -> Result<Ptx> {
@@ -563,7 +580,21 @@ fn compile_at_runtime(file: &str, source: &str, cc: (i32, i32)) -> Result<Ptx> {
 
 #[cfg(test)]
 mod tests {
-    use super::{older_driver_hint, KERNEL_IMAGES, KERNEL_RESOURCES};
+    use super::{compatible_cubin, older_driver_hint, KERNEL_IMAGES, KERNEL_RESOURCES};
+
+    #[test]
+    fn a_cubin_serves_its_major_version_from_its_minor_up() {
+        let archs = ["sm_80", "sm_86", "sm_89", "sm_90", "compute_90"];
+        let pick = |cc| compatible_cubin(archs.iter().copied(), cc);
+        assert_eq!(pick((8, 0)), Some("sm_80"));
+        assert_eq!(pick((8, 6)), Some("sm_86"));
+        assert_eq!(pick((8, 7)), Some("sm_86"));
+        assert_eq!(pick((8, 9)), Some("sm_89"));
+        assert_eq!(pick((9, 0)), Some("sm_90"));
+        assert_eq!(pick((10, 0)), None);
+        assert_eq!(pick((12, 0)), None);
+        assert_eq!(compatible_cubin(["sm_86"].into_iter(), (8, 0)), None);
+    }
 
     #[test]
     fn a_failed_load_names_a_driver_older_than_nvrtc() {
