@@ -36,7 +36,7 @@ pub use embedded::{
 /// blocks share an SM, and whether it spills registers to local memory (slow).
 #[derive(Debug, Clone, Copy)]
 pub struct KernelResources {
-    /// kernels/<file>.cu
+    /// The kernel file stem: `kernels/<file>.cu`.
     pub file: &'static str,
     /// `sm_80` .. `sm_90`
     pub arch: &'static str,
