@@ -3,8 +3,8 @@
 use anyhow::Result;
 
 use mcdm::cuda::{
-    devices, driver_version, unavailable_reason, KERNEL_IMAGES, KERNEL_RESOURCES, KERNEL_SOURCES,
-    NVRTC_VERSION,
+    cubin_arch_for, devices, driver_version, unavailable_reason, KERNEL_IMAGES, KERNEL_RESOURCES,
+    KERNEL_SOURCES, NVRTC_VERSION,
 };
 
 /// Show what this build of mcdm can run on.
@@ -39,12 +39,13 @@ pub fn run(args: Args) -> Result<()> {
         Some((major, minor)) => println!("nvrtc at build time: {major}.{minor}"),
         None => println!("nvrtc at build time: not found"),
     }
+    // The CUBIN the GPU runs (sm_86 on an sm_87), else --arch.
     let gpu_arch = unavailable_reason()
         .is_none()
         .then(devices)
         .transpose()?
         .and_then(|d| d.first().map(|g| g.compute_capability))
-        .map(|(major, minor)| format!("sm_{major}{minor}"));
+        .map(|cc| cubin_arch_for(cc).map_or(format!("sm_{}{}", cc.0, cc.1), str::to_string));
     let arch = gpu_arch.unwrap_or(args.arch);
     let resources: Vec<_> = KERNEL_RESOURCES.iter().filter(|r| r.arch == arch).collect();
     if let Some(most) = resources.iter().max_by_key(|r| r.registers) {
@@ -59,7 +60,7 @@ pub fn run(args: Args) -> Result<()> {
             most.kernel,
             match spilling {
                 0 => "no register spills".to_string(),
-                n => format!("{n} spill registers"),
+                n => format!("{n} kernels spill registers"),
             }
         );
     }

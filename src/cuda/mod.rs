@@ -505,6 +505,12 @@ fn module_image(file: &str, source: &str, cc: (i32, i32)) -> Result<Ptx> {
     compile_at_runtime(file, source, cc)
 }
 
+/// The embedded CUBIN architecture a GPU of compute capability `cc` runs (`sm_86` for 8.7),
+/// if any (else the PTX or a run-time compilation serves it).
+pub fn cubin_arch_for(cc: (i32, i32)) -> Option<&'static str> {
+    compatible_cubin(KERNEL_IMAGES.iter().map(|(_, arch, _)| *arch), cc)
+}
+
 /// Of the architectures `archs` (`sm_86`, `compute_90`, ...), the CUBIN that runs on a GPU of
 /// compute capability `cc`: same major version, the highest minor up to the GPU's.
 fn compatible_cubin<'a>(archs: impl Iterator<Item = &'a str>, cc: (i32, i32)) -> Option<&'a str> {
