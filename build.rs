@@ -481,18 +481,17 @@ fn main() {
                 options.extend(options_of(stem));
                 let cubin = arch.starts_with("sm_");
                 let name = format!("{stem}.cu");
-                // ptxas's report on each CUBIN, where this NVRTC takes the option (the image is
-                // the same with or without it).
-                let mut verbose = options.clone();
-                verbose.push("--ptxas-options=-v".into());
-                let compiled = match cubin {
-                    true => nvrtc
-                        .compile(&name, &source, &headers, &verbose)
-                        .or_else(|e| match e.contains("NVRTC_ERROR_INVALID_OPTION") {
-                            true => nvrtc.compile(&name, &source, &headers, &options),
-                            false => Err(e),
-                        }),
-                    false => nvrtc.compile(&name, &source, &headers, &options),
+                let plain = || nvrtc.compile(&name, &source, &headers, &options);
+                let compiled = if cubin {
+                    // ptxas's report, where this NVRTC takes the option (same image either way).
+                    let mut verbose = options.clone();
+                    verbose.push("--ptxas-options=-v".into());
+                    match nvrtc.compile(&name, &source, &headers, &verbose) {
+                        Err(e) if e.contains("NVRTC_ERROR_INVALID_OPTION") => plain(),
+                        result => result,
+                    }
+                } else {
+                    plain()
                 };
                 let result = compiled.and_then(|(image, log)| {
                     let ext = if cubin { "cubin" } else { "ptx" };

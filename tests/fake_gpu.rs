@@ -133,11 +133,7 @@ fn gpu_tests_pass_on_the_fake_driver() {
             .args(["--skip", "encoder_matches_cpu"])
             .output()
             .expect("running a GPU test executable");
-        let log = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let log = output_text(&out);
         // A skip would mean the fake was not loaded: that is a failure here.
         if !out.status.success() || log.contains("skipped, no GPU") {
             failed.push(format!("{name}:\n{log}"));
@@ -146,6 +142,28 @@ fn gpu_tests_pass_on_the_fake_driver() {
         }
     }
     assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+/// A process's stdout then stderr, for messages and assertions.
+fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Writes the config of an 8x8 UNet with one attention layer into `dir`: quick to bench, on the
+/// fake GPU or the CPU.
+fn tiny_config(dir: &Path) -> PathBuf {
+    let config = dir.join("tiny.json");
+    std::fs::write(
+        &config,
+        r#"{"image_size": 8, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1",
+            "attention_resolutions": "4", "num_head_channels": 32}"#,
+    )
+    .unwrap();
+    config
 }
 
 /// A small composed `mcdm sample` run on `device` (f32), the fake device holding `memory`
@@ -230,13 +248,7 @@ fn cli_samples_on_the_fake_gpu_as_on_the_cpu() {
 fn an_old_gpu_is_refused_and_auto_uses_the_cpu() {
     let Some(driver) = fake_driver() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("tiny.json");
-    std::fs::write(
-        &config,
-        r#"{"image_size": 8, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1",
-            "attention_resolutions": ""}"#,
-    )
-    .unwrap();
+    let config = tiny_config(dir.path());
     let run = |args: &[&str]| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcdm"));
         let out = driver
@@ -245,12 +257,7 @@ fn an_old_gpu_is_refused_and_auto_uses_the_cpu() {
             .args(args)
             .output()
             .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.code(), text)
+        (out.status.code(), output_text(&out))
     };
     let bench = |device: &str| {
         let config = config.to_str().unwrap();
@@ -295,13 +302,7 @@ fn kernel_images_fit_the_gpu_or_compile_at_first_use() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("tiny.json");
-    std::fs::write(
-        &config,
-        r#"{"image_size": 8, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1",
-            "attention_resolutions": "4", "num_head_channels": 32}"#,
-    )
-    .unwrap();
+    let config = tiny_config(dir.path());
     let cache = dir.path().join("cache");
     let fake = driver.dir.display().to_string();
     let with_nvrtc = format!("{fake}:{}", nvrtc_dir.display());
@@ -320,11 +321,7 @@ fn kernel_images_fit_the_gpu_or_compile_at_first_use() {
             cmd.env("MCDM_KERNEL_SOURCE", "1");
         }
         let out = cmd.output().unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = output_text(&out);
         assert!(out.status.success(), "{text}");
         text
     };

@@ -40,7 +40,8 @@ pub fn run(args: Args) -> Result<()> {
         None => println!("nvrtc at build time: not found"),
     }
     // The CUBIN the GPU runs (sm_86 on an sm_87), else --arch.
-    let gpu_arch = unavailable_reason()
+    let unusable = unavailable_reason();
+    let gpu_arch = unusable
         .is_none()
         .then(devices)
         .transpose()?
@@ -83,7 +84,7 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
     }
-    if let Some(reason) = unavailable_reason() {
+    if let Some(reason) = &unusable {
         println!("gpus: none usable ({reason}); --device auto uses the CPU");
     }
     if args.kernels {
