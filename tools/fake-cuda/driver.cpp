@@ -1,7 +1,8 @@
 // A fake CUDA driver (libcuda.so.1): the subset of the driver API that cudarc and mcdm call,
 // with "device" memory in host memory (a CUdeviceptr is a host address) and cuLaunchKernel
 // running the emulated kernels (kernel_registry.h). Every stream is synchronous: each call has
-// finished when it returns. See README.md.
+// finished when it returns, except on a stream being captured, where launches, device-to-device
+// copies and memsets are recorded into a graph that cuGraphLaunch replays. See README.md.
 //
 // The functions are defined under their <cuda.h> names, whose macros give the exported symbols
 // their versioned names (cuMemAlloc -> cuMemAlloc_v2) and let the compiler check every signature
@@ -20,8 +21,10 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <thread>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
 #include "asan.h"
 
@@ -46,7 +49,30 @@ using Clock = std::chrono::steady_clock;
 struct CUctx_st {
     int retain_count = 0;
 };
-struct CUstream_st {};
+// One operation recorded by stream capture, run when its graph is launched.
+struct CapturedOp {
+    enum class Kind { Launch, DeviceCopy, Fill } kind;
+    const fake_cuda::KernelEntry* kernel = nullptr;
+    fake_cuda::LaunchShape shape{};
+    std::vector<std::vector<unsigned char>> args;  // a copy of each kernel argument's value
+    CUdeviceptr dst = 0, src = 0;
+    size_t bytes = 0;
+    unsigned char value = 0;
+};
+struct CUstream_st {
+    // Between cuStreamBeginCapture and cuStreamEndCapture work is recorded, not run.
+    bool capturing = false;
+    bool invalidated = false;  // by a call that failed during the capture
+    CUstreamCaptureMode mode = CU_STREAM_CAPTURE_MODE_GLOBAL;
+    std::thread::id capture_thread;
+    std::vector<CapturedOp> captured;
+};
+struct CUgraph_st {
+    std::vector<CapturedOp> ops;
+};
+struct CUgraphExec_st {
+    std::vector<CapturedOp> ops;
+};
 struct CUevent_st {
     bool timing;
     bool recorded = false;
@@ -92,6 +118,8 @@ struct Driver {
     std::set<CUevent> events;
     std::set<CUmodule> modules;
     std::set<CUfunction> functions;
+    std::set<CUgraph> graphs;
+    std::set<CUgraphExec> graph_execs;
 };
 Driver& driver() {
     static Driver* d = new Driver;  // never destroyed: Rust destructors may call in at exit
@@ -145,6 +173,36 @@ CUresult require_stream(const Driver& d, CUstream stream) {
     return builtin || d.streams.count(stream) ? CUDA_SUCCESS
                                               : fail(CUDA_ERROR_INVALID_HANDLE, "unknown stream %p", (void*)stream);
 }
+bool is_builtin_stream(CUstream stream) {
+    return stream == nullptr || stream == CU_STREAM_LEGACY || stream == CU_STREAM_PER_THREAD;
+}
+bool is_capturing(CUstream stream) { return !is_builtin_stream(stream) && stream->capturing; }
+
+// During a capture in GLOBAL mode (anywhere) or THREAD_LOCAL mode (begun by this thread) the
+// driver refuses "potentially unsafe" calls: synchronous copies and allocations,
+// synchronisation, work on the legacy stream. As on a GPU, the call fails and invalidates
+// those captures (cuStreamEndCapture then returns no graph).
+CUresult refuse_if_capturing(Driver& d, const char* call) {
+    bool refused = false;
+    for (CUstream s : d.streams) {
+        const bool forbids = s->mode == CU_STREAM_CAPTURE_MODE_GLOBAL ||
+                             (s->mode == CU_STREAM_CAPTURE_MODE_THREAD_LOCAL &&
+                              s->capture_thread == std::this_thread::get_id());
+        if (s->capturing && forbids) {
+            s->invalidated = true;
+            refused = true;
+        }
+    }
+    return refused ? fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "%s during a stream capture", call) : CUDA_SUCCESS;
+}
+
+// `call` on a stream being captured, which the fake cannot record (`why`): it fails and
+// invalidates the capture.
+CUresult refuse_in_capture(CUstream stream, CUresult code, const char* call, const char* why) {
+    stream->invalidated = true;
+    return fail(code, "%s on a capturing stream: %s", call, why);
+}
+
 CUresult require_event(const Driver& d, CUevent event) {
     return d.events.count(event) ? CUDA_SUCCESS : fail(CUDA_ERROR_INVALID_HANDLE, "unknown event %p", (void*)event);
 }
@@ -162,10 +220,15 @@ CUresult require_device_range(const Driver& d, CUdeviceptr address, size_t bytes
 
 size_t padded(size_t bytes) { return (bytes + kAllocationAlignment - 1) / kAllocationAlignment * kAllocationAlignment; }
 
-CUresult allocate(CUdeviceptr* out, size_t bytes, const char* call) {
+CUresult allocate(CUdeviceptr* out, size_t bytes, CUstream stream, const char* call) {
     Driver& d = driver();
     std::lock_guard<std::mutex> lock(d.mutex);
     if (CUresult r = require_context(d, call)) return r;
+    if (CUresult r = require_stream(d, stream)) return r;
+    if (is_capturing(stream))
+        return refuse_in_capture(stream, CUDA_ERROR_NOT_SUPPORTED, call, "graph memory nodes are not modelled");
+    if (is_builtin_stream(stream))
+        if (CUresult r = refuse_if_capturing(d, call)) return r;
     if (out == nullptr) return fail(CUDA_ERROR_INVALID_VALUE, "%s: NULL result pointer", call);
     if (bytes == 0) return fail(CUDA_ERROR_INVALID_VALUE, "%s of 0 bytes", call);
     if (bytes > d.total_memory - d.allocated)
@@ -184,10 +247,15 @@ CUresult allocate(CUdeviceptr* out, size_t bytes, const char* call) {
     return CUDA_SUCCESS;
 }
 
-CUresult release(CUdeviceptr address, const char* call) {
+CUresult release(CUdeviceptr address, CUstream stream, const char* call) {
     Driver& d = driver();
     std::lock_guard<std::mutex> lock(d.mutex);
     if (CUresult r = require_context(d, call)) return r;
+    if (CUresult r = require_stream(d, stream)) return r;
+    if (is_capturing(stream))
+        return refuse_in_capture(stream, CUDA_ERROR_NOT_SUPPORTED, call, "graph memory nodes are not modelled");
+    if (is_builtin_stream(stream))
+        if (CUresult r = refuse_if_capturing(d, call)) return r;
     auto it = d.allocations.find(address);
     if (it == d.allocations.end())
         return fail(CUDA_ERROR_INVALID_VALUE, "%s(0x%llx): not a live allocation (double free?)", call,
@@ -211,6 +279,19 @@ CUresult copy(void* dst, const void* src, size_t bytes, CopyKind kind, CUstream 
         if (CUresult r = require_device_range(d, reinterpret_cast<CUdeviceptr>(src), bytes, call)) return r;
     if (kind != CopyKind::DeviceToHost)
         if (CUresult r = require_device_range(d, reinterpret_cast<CUdeviceptr>(dst), bytes, call)) return r;
+    if (is_builtin_stream(stream))
+        if (CUresult r = refuse_if_capturing(d, call)) return r;
+    if (is_capturing(stream)) {
+        if (kind != CopyKind::DeviceToDevice)
+            return refuse_in_capture(stream, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, call,
+                                     "copies from or to host memory are not modelled");
+        CapturedOp op{CapturedOp::Kind::DeviceCopy};
+        op.dst = reinterpret_cast<CUdeviceptr>(dst);
+        op.src = reinterpret_cast<CUdeviceptr>(src);
+        op.bytes = bytes;
+        stream->captured.push_back(std::move(op));
+        return CUDA_SUCCESS;
+    }
     memmove(dst, src, bytes);
     return CUDA_SUCCESS;
 }
@@ -222,6 +303,16 @@ CUresult fill_bytes(CUdeviceptr dst, unsigned char value, size_t bytes, CUstream
     if (CUresult r = require_stream(d, stream)) return r;
     if (bytes == 0) return CUDA_SUCCESS;
     if (CUresult r = require_device_range(d, dst, bytes, call)) return r;
+    if (is_builtin_stream(stream))
+        if (CUresult r = refuse_if_capturing(d, call)) return r;
+    if (is_capturing(stream)) {
+        CapturedOp op{CapturedOp::Kind::Fill};
+        op.dst = dst;
+        op.bytes = bytes;
+        op.value = value;
+        stream->captured.push_back(std::move(op));
+        return CUDA_SUCCESS;
+    }
     memset(reinterpret_cast<void*>(dst), value, bytes);
     return CUDA_SUCCESS;
 }
@@ -338,6 +429,13 @@ constexpr ErrorText kErrors[] = {
     {CUDA_ERROR_LAUNCH_FAILED, "CUDA_ERROR_LAUNCH_FAILED", "unspecified launch failure"},
     {CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES, "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES", "too many resources requested for launch"},
     {CUDA_ERROR_NOT_SUPPORTED, "CUDA_ERROR_NOT_SUPPORTED", "operation not supported"},
+    {CUDA_ERROR_ILLEGAL_STATE, "CUDA_ERROR_ILLEGAL_STATE", "the operation cannot be performed in the present state"},
+    {CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED",
+     "operation not permitted when stream is capturing"},
+    {CUDA_ERROR_STREAM_CAPTURE_INVALIDATED, "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED",
+     "operation failed due to a previous error during capture"},
+    {CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD, "CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD",
+     "attempt to terminate a thread-local capture sequence from another thread"},
 };
 const ErrorText* error_text(CUresult code) {
     for (const ErrorText& e : kErrors)
@@ -493,7 +591,8 @@ FAKE_API CUresult cuCtxGetDevice(CUdevice* device) {
 FAKE_API CUresult cuCtxSynchronize() {
     Driver& d = driver();
     std::lock_guard<std::mutex> lock(d.mutex);
-    return require_context(d, "cuCtxSynchronize");
+    if (CUresult r = require_context(d, "cuCtxSynchronize")) return r;
+    return refuse_if_capturing(d, "cuCtxSynchronize");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -527,7 +626,11 @@ FAKE_API CUresult cuStreamSynchronize(CUstream stream) {
     Driver& d = driver();
     std::lock_guard<std::mutex> lock(d.mutex);
     if (CUresult r = require_context(d, "cuStreamSynchronize")) return r;
-    return require_stream(d, stream);
+    if (CUresult r = require_stream(d, stream)) return r;
+    if (is_capturing(stream))
+        return refuse_in_capture(stream, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamSynchronize",
+                                 "its work has not run");
+    return is_builtin_stream(stream) ? refuse_if_capturing(d, "cuStreamSynchronize") : CUDA_SUCCESS;
 }
 
 FAKE_API CUresult cuStreamQuery(CUstream stream) { return cuStreamSynchronize(stream); }
@@ -537,6 +640,8 @@ FAKE_API CUresult cuStreamWaitEvent(CUstream stream, CUevent event, unsigned int
     std::lock_guard<std::mutex> lock(d.mutex);
     if (CUresult r = require_context(d, "cuStreamWaitEvent")) return r;
     if (CUresult r = require_stream(d, stream)) return r;
+    if (is_capturing(stream))
+        return refuse_in_capture(stream, CUDA_ERROR_NOT_SUPPORTED, "cuStreamWaitEvent", "event nodes are not modelled");
     return require_event(d, event);
 }
 
@@ -565,6 +670,8 @@ FAKE_API CUresult cuEventRecord(CUevent event, CUstream stream) {
     if (CUresult r = require_context(d, "cuEventRecord")) return r;
     if (CUresult r = require_event(d, event)) return r;
     if (CUresult r = require_stream(d, stream)) return r;
+    if (is_capturing(stream))
+        return refuse_in_capture(stream, CUDA_ERROR_NOT_SUPPORTED, "cuEventRecord", "event nodes are not modelled");
     event->recorded = true;
     event->when = Clock::now();
     return CUDA_SUCCESS;
@@ -598,15 +705,12 @@ FAKE_API CUresult cuEventElapsedTime(float* milliseconds, CUevent start, CUevent
 // Memory. FAKE_CUDA_MEMORY_BYTES sets the device size (default 8 GiB); allocations past it get
 // CUDA_ERROR_OUT_OF_MEMORY, as a full GPU would give.
 
-FAKE_API CUresult cuMemAlloc(CUdeviceptr* address, size_t bytes) { return allocate(address, bytes, "cuMemAlloc"); }
+FAKE_API CUresult cuMemAlloc(CUdeviceptr* address, size_t bytes) {
+    return allocate(address, bytes, nullptr, "cuMemAlloc");
+}
 
 FAKE_API CUresult cuMemAllocAsync(CUdeviceptr* address, size_t bytes, CUstream stream) {
-    {
-        Driver& d = driver();
-        std::lock_guard<std::mutex> lock(d.mutex);
-        if (CUresult r = require_stream(d, stream)) return r;
-    }
-    return allocate(address, bytes, "cuMemAllocAsync");
+    return allocate(address, bytes, stream, "cuMemAllocAsync");
 }
 
 FAKE_API CUresult cuMemAllocFromPoolAsync(CUdeviceptr* address, size_t bytes, CUmemoryPool pool, CUstream stream) {
@@ -614,15 +718,10 @@ FAKE_API CUresult cuMemAllocFromPoolAsync(CUdeviceptr* address, size_t bytes, CU
     return cuMemAllocAsync(address, bytes, stream);
 }
 
-FAKE_API CUresult cuMemFree(CUdeviceptr address) { return release(address, "cuMemFree"); }
+FAKE_API CUresult cuMemFree(CUdeviceptr address) { return release(address, nullptr, "cuMemFree"); }
 
 FAKE_API CUresult cuMemFreeAsync(CUdeviceptr address, CUstream stream) {
-    {
-        Driver& d = driver();
-        std::lock_guard<std::mutex> lock(d.mutex);
-        if (CUresult r = require_stream(d, stream)) return r;
-    }
-    return release(address, "cuMemFreeAsync");
+    return release(address, stream, "cuMemFreeAsync");
 }
 
 FAKE_API CUresult cuMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
@@ -813,6 +912,7 @@ FAKE_API CUresult cuLaunchKernel(CUfunction function, unsigned int grid_x, unsig
                                  unsigned int block_x, unsigned int block_y, unsigned int block_z,
                                  unsigned int dynamic_shared_bytes, CUstream stream, void** params, void** extra) {
     const fake_cuda::KernelEntry* kernel;
+    const fake_cuda::LaunchShape shape{{grid_x, grid_y, grid_z}, {block_x, block_y, block_z}, dynamic_shared_bytes};
     {
         Driver& d = driver();
         std::lock_guard<std::mutex> lock(d.mutex);
@@ -837,8 +937,150 @@ FAKE_API CUresult cuLaunchKernel(CUfunction function, unsigned int grid_x, unsig
                         "%s: %u bytes of dynamic shared memory, over its limit of %d (cuFuncSetAttribute "
                         "MAX_DYNAMIC_SHARED_SIZE_BYTES raises it)",
                         name, dynamic_shared_bytes, function->max_dynamic_shared_bytes);
+        if (is_builtin_stream(stream))
+            if (CUresult r = refuse_if_capturing(d, "cuLaunchKernel")) return r;
+        if (is_capturing(stream)) {
+            CapturedOp op{CapturedOp::Kind::Launch};
+            op.kernel = kernel;
+            op.shape = shape;
+            for (size_t i = 0; i < kernel->param_count; ++i) {
+                const auto* value = static_cast<const unsigned char*>(params[i]);
+                op.args.emplace_back(value, value + kernel->param_sizes[i]);
+            }
+            stream->captured.push_back(std::move(op));
+            return CUDA_SUCCESS;
+        }
     }
-    const fake_cuda::LaunchShape shape{{grid_x, grid_y, grid_z}, {block_x, block_y, block_z}, dynamic_shared_bytes};
     std::lock_guard<std::mutex> launch_lock(g_launch_mutex);
     return kernel->run(kernel->name, shape, params) ? CUDA_SUCCESS : CUDA_ERROR_LAUNCH_FAILED;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stream capture and graphs: a captured stream records launches, device-to-device copies and
+// memsets; an instantiated graph replays them in order, each checked again as it runs (a kernel
+// argument or copy range that was freed since the capture is an error).
+
+FAKE_API CUresult cuStreamBeginCapture(CUstream stream, CUstreamCaptureMode mode) {
+    Driver& d = driver();
+    std::lock_guard<std::mutex> lock(d.mutex);
+    if (CUresult r = require_context(d, "cuStreamBeginCapture")) return r;
+    if (CUresult r = require_stream(d, stream)) return r;
+    if (is_builtin_stream(stream))
+        return fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamBeginCapture: the legacy stream cannot be captured");
+    if (stream->capturing) return fail(CUDA_ERROR_ILLEGAL_STATE, "cuStreamBeginCapture: the stream is capturing already");
+    if (mode != CU_STREAM_CAPTURE_MODE_GLOBAL && mode != CU_STREAM_CAPTURE_MODE_THREAD_LOCAL &&
+        mode != CU_STREAM_CAPTURE_MODE_RELAXED)
+        return fail(CUDA_ERROR_INVALID_VALUE, "cuStreamBeginCapture: mode %d", (int)mode);
+    stream->capturing = true;
+    stream->invalidated = false;
+    stream->mode = mode;
+    stream->capture_thread = std::this_thread::get_id();
+    stream->captured.clear();
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuStreamEndCapture(CUstream stream, CUgraph* graph) {
+    Driver& d = driver();
+    std::lock_guard<std::mutex> lock(d.mutex);
+    if (CUresult r = require_context(d, "cuStreamEndCapture")) return r;
+    if (CUresult r = require_stream(d, stream)) return r;
+    if (graph == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    if (!is_capturing(stream)) return fail(CUDA_ERROR_ILLEGAL_STATE, "cuStreamEndCapture: the stream is not capturing");
+    if (stream->mode != CU_STREAM_CAPTURE_MODE_RELAXED && stream->capture_thread != std::this_thread::get_id())
+        return fail(CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD, "cuStreamEndCapture from another thread");
+    stream->capturing = false;
+    std::vector<CapturedOp> ops = std::move(stream->captured);
+    stream->captured.clear();
+    if (stream->invalidated) {
+        *graph = nullptr;
+        return fail(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED, "cuStreamEndCapture: a call failed during the capture");
+    }
+    *graph = new CUgraph_st{std::move(ops)};
+    d.graphs.insert(*graph);
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuStreamIsCapturing(CUstream stream, CUstreamCaptureStatus* status) {
+    Driver& d = driver();
+    std::lock_guard<std::mutex> lock(d.mutex);
+    if (CUresult r = require_context(d, "cuStreamIsCapturing")) return r;
+    if (CUresult r = require_stream(d, stream)) return r;
+    if (status == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    *status = !is_capturing(stream)  ? CU_STREAM_CAPTURE_STATUS_NONE
+              : stream->invalidated ? CU_STREAM_CAPTURE_STATUS_INVALIDATED
+                                    : CU_STREAM_CAPTURE_STATUS_ACTIVE;
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuGraphInstantiateWithFlags(CUgraphExec* exec, CUgraph graph, unsigned long long flags) {
+    Driver& d = driver();
+    std::lock_guard<std::mutex> lock(d.mutex);
+    if (CUresult r = require_context(d, "cuGraphInstantiateWithFlags")) return r;
+    if (exec == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    if (!d.graphs.count(graph)) return fail(CUDA_ERROR_INVALID_HANDLE, "cuGraphInstantiateWithFlags: unknown graph");
+    if (flags != 0) return fail(CUDA_ERROR_NOT_SUPPORTED, "cuGraphInstantiateWithFlags: flags %llu not modelled", flags);
+    *exec = new CUgraphExec_st{graph->ops};
+    d.graph_execs.insert(*exec);
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuGraphUpload(CUgraphExec exec, CUstream stream) {
+    Driver& d = driver();
+    std::lock_guard<std::mutex> lock(d.mutex);
+    if (CUresult r = require_context(d, "cuGraphUpload")) return r;
+    if (CUresult r = require_stream(d, stream)) return r;
+    return d.graph_execs.count(exec) ? CUDA_SUCCESS : fail(CUDA_ERROR_INVALID_HANDLE, "cuGraphUpload: unknown graph");
+}
+
+FAKE_API CUresult cuGraphLaunch(CUgraphExec exec, CUstream stream) {
+    std::vector<CapturedOp> ops;
+    {
+        Driver& d = driver();
+        std::lock_guard<std::mutex> lock(d.mutex);
+        if (CUresult r = require_context(d, "cuGraphLaunch")) return r;
+        if (CUresult r = require_stream(d, stream)) return r;
+        if (!d.graph_execs.count(exec)) return fail(CUDA_ERROR_INVALID_HANDLE, "cuGraphLaunch: unknown graph");
+        if (is_capturing(stream))
+            return refuse_in_capture(stream, CUDA_ERROR_NOT_SUPPORTED, "cuGraphLaunch", "child graphs are not modelled");
+        if (is_builtin_stream(stream))
+            if (CUresult r = refuse_if_capturing(d, "cuGraphLaunch")) return r;
+        ops = exec->ops;
+    }
+    for (CapturedOp& op : ops) {
+        CUresult r = CUDA_SUCCESS;
+        switch (op.kind) {
+            case CapturedOp::Kind::Launch: {
+                std::vector<void*> params;
+                for (auto& value : op.args) params.push_back(value.data());
+                std::lock_guard<std::mutex> launch_lock(g_launch_mutex);
+                if (!op.kernel->run(op.kernel->name, op.shape, params.data())) r = CUDA_ERROR_LAUNCH_FAILED;
+                break;
+            }
+            case CapturedOp::Kind::DeviceCopy:
+                r = copy(reinterpret_cast<void*>(op.dst), reinterpret_cast<const void*>(op.src), op.bytes,
+                         CopyKind::DeviceToDevice, stream, "cuGraphLaunch (a captured copy)");
+                break;
+            case CapturedOp::Kind::Fill:
+                r = fill_bytes(op.dst, op.value, op.bytes, stream, "cuGraphLaunch (a captured memset)");
+                break;
+        }
+        if (r != CUDA_SUCCESS) return r;
+    }
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuGraphExecDestroy(CUgraphExec exec) {
+    Driver& d = driver();
+    std::lock_guard<std::mutex> lock(d.mutex);
+    if (d.graph_execs.erase(exec) == 0) return fail(CUDA_ERROR_INVALID_HANDLE, "cuGraphExecDestroy: unknown graph");
+    delete exec;
+    return CUDA_SUCCESS;
+}
+
+FAKE_API CUresult cuGraphDestroy(CUgraph graph) {
+    Driver& d = driver();
+    std::lock_guard<std::mutex> lock(d.mutex);
+    if (d.graphs.erase(graph) == 0) return fail(CUDA_ERROR_INVALID_HANDLE, "cuGraphDestroy: unknown graph");
+    delete graph;
+    return CUDA_SUCCESS;
 }

@@ -41,7 +41,8 @@ def main():
         if not entries:
             sys.exit(f"gen_kernels.py: no extern \"C\" __global__ entry point found in {source}")
         rows = "\n".join(
-            f'    {{"{name}", "{file}", {threads}, &fake_cuda::run_emulated<&{name}>}},'
+            f'    {{"{name}", "{file}", {threads}, &fake_cuda::run_emulated<&{name}>,\n'
+            f"     fake_cuda::kParamSizes<&{name}>.data(), fake_cuda::kParamSizes<&{name}>.size()}},"
             for name, threads in entries
         )
         (out_dir / f"kernels_{file}.cpp").write_text(

@@ -1,6 +1,7 @@
 // Launching an emulated kernel from cuLaunchKernel's untyped argument list. Included by the
 // generated kernels_<file>.cpp after the emulated kernel source (and so after emu.h).
 #pragma once
+#include <array>
 #include <cstdio>
 #include <tuple>
 #include <type_traits>
@@ -57,6 +58,15 @@ template <typename... Args>
 bool run_kernel(void (*kernel)(Args...), const char* name, const LaunchShape& shape, void** params) {
     return run_with_arguments(kernel, name, shape, params, std::index_sequence_for<Args...>{});
 }
+
+template <typename... Args>
+constexpr std::array<size_t, sizeof...(Args)> param_sizes_of(void (*)(Args...)) {
+    return {sizeof(std::decay_t<Args>)...};
+}
+
+// The parameter sizes of one kernel (KernelEntry::param_sizes), from its function type.
+template <auto Kernel>
+inline constexpr auto kParamSizes = param_sizes_of(Kernel);
 
 // The KernelRunner of one kernel; the parameter types come from its function type.
 template <auto Kernel>

@@ -23,6 +23,9 @@ struct KernelEntry {
     const char* file;         // kernels/<file>.cu
     int max_threads_per_block;  // __launch_bounds__, else 1024
     KernelRunner run;
+    // The size of each parameter, so that a captured launch can keep copies of its arguments.
+    const size_t* param_sizes;
+    size_t param_count;
 };
 
 // Called by the generated kernel files at load time.

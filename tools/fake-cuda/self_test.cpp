@@ -1,6 +1,7 @@
 // Checks the fake driver's own behaviour where the GPU tests cannot: the errors it must give like
 // a real driver (no context, unknown kernel, launch limits, bad copies, double free, a host
-// pointer as a kernel argument) and one real kernel launch. Linked against the fake libcuda.so
+// pointer as a kernel argument, calls a stream capture forbids), one real kernel launch and a
+// captured graph replayed twice. Linked against the fake libcuda.so
 // by scripts/fake-gpu-test.sh, which runs it before the tests; exit status 1 on any mismatch.
 #include <cuda.h>
 
@@ -68,6 +69,61 @@ int main() {
     CUdeviceptr host_address = reinterpret_cast<CUdeviceptr>(values);
     void* host_args[] = {&host_address, &n};
     EXPECT(cuLaunchKernel(silu, 1, 1, 1, 256, 1, 1, 0, nullptr, host_args, nullptr), CUDA_ERROR_LAUNCH_FAILED);
+
+    // Stream capture records a launch and a copy without running them; each launch of the
+    // graph runs both. A synchronous call during the capture fails and invalidates it.
+    CUstream stream;
+    CUdeviceptr y;
+    CUgraph graph, no_graph;
+    CUgraphExec exec;
+    CUstreamCaptureStatus status;
+    for (int i = 0; i < len; ++i) values[i] = (float)(i - 100);
+    EXPECT(cuStreamCreate(&stream, 0), CUDA_SUCCESS);
+    EXPECT(cuMemAlloc(&y, sizeof values), CUDA_SUCCESS);
+    EXPECT(cuMemcpyHtoD(x, values, sizeof values), CUDA_SUCCESS);
+    EXPECT(cuStreamBeginCapture(stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), CUDA_SUCCESS);
+    EXPECT(cuStreamIsCapturing(stream, &status), CUDA_SUCCESS);
+    EXPECT(cuLaunchKernel(silu, 1, 1, 1, 256, 1, 1, 0, stream, silu_args, nullptr), CUDA_SUCCESS);
+    EXPECT(cuMemcpyDtoDAsync(y, x, sizeof values, stream), CUDA_SUCCESS);
+    EXPECT(cuStreamEndCapture(stream, &graph), CUDA_SUCCESS);
+    float got[len];
+    EXPECT(cuMemcpyDtoH(got, x, sizeof got), CUDA_SUCCESS);
+    if (status != CU_STREAM_CAPTURE_STATUS_ACTIVE || got[101] != 1.0f) {
+        fprintf(stderr, "self_test: the capture ran its launch (status %d, x[101] %g)\n", (int)status, got[101]);
+        ++failures;
+    }
+    EXPECT(cuGraphInstantiateWithFlags(&exec, graph, 0), CUDA_SUCCESS);
+    EXPECT(cuGraphLaunch(exec, stream), CUDA_SUCCESS);
+    EXPECT(cuGraphLaunch(exec, stream), CUDA_SUCCESS);
+    EXPECT(cuMemcpyDtoH(got, y, sizeof got), CUDA_SUCCESS);
+    const float once = 1.0f / (1.0f + std::exp(-1.0f));
+    const float twice = once / (1.0f + std::exp(-once));
+    if (std::fabs(got[101] - twice) > 1e-6f) {
+        fprintf(stderr, "self_test: two graph launches gave %g, expected silu(silu(1)) = %g\n", got[101], twice);
+        ++failures;
+    }
+    EXPECT(cuStreamBeginCapture(stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), CUDA_SUCCESS);
+    EXPECT(cuStreamBeginCapture(stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), CUDA_ERROR_ILLEGAL_STATE);
+    CUdeviceptr z;
+    EXPECT(cuMemAlloc(&z, 16), CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+    EXPECT(cuStreamIsCapturing(stream, &status), CUDA_SUCCESS);
+    EXPECT(cuStreamEndCapture(stream, &no_graph), CUDA_ERROR_STREAM_CAPTURE_INVALIDATED);
+    if (status != CU_STREAM_CAPTURE_STATUS_INVALIDATED || no_graph != nullptr) {
+        fprintf(stderr, "self_test: an allocation during the capture did not invalidate it\n");
+        ++failures;
+    }
+    EXPECT(cuStreamBeginCapture(stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), CUDA_SUCCESS);
+    EXPECT(cuStreamSynchronize(stream), CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+    EXPECT(cuStreamEndCapture(stream, &no_graph), CUDA_ERROR_STREAM_CAPTURE_INVALIDATED);
+    EXPECT(cuStreamEndCapture(stream, &no_graph), CUDA_ERROR_ILLEGAL_STATE);
+    // A graph whose buffer was freed fails at launch instead of touching the freed memory.
+    EXPECT(cuMemFree(y), CUDA_SUCCESS);
+    EXPECT(cuGraphLaunch(exec, stream), CUDA_ERROR_INVALID_VALUE);
+    EXPECT(cuGraphExecDestroy(exec), CUDA_SUCCESS);
+    EXPECT(cuGraphDestroy(graph), CUDA_SUCCESS);
+    EXPECT(cuGraphLaunch(exec, stream), CUDA_ERROR_INVALID_HANDLE);
+    EXPECT(cuStreamDestroy(stream), CUDA_SUCCESS);
+
     EXPECT(cuMemFree(x), CUDA_SUCCESS);
     EXPECT(cuMemFree(x), CUDA_ERROR_INVALID_VALUE);
     EXPECT(cuModuleUnload(mod), CUDA_SUCCESS);
