@@ -151,6 +151,17 @@ for cfg in imagenet64-adm face256; do
         record "mcdm bf16 $cfg b$b" "$(tail -1 "$LOG/bench-mcdm-$cfg.log")"
     elif [ $? -ne 125 ]; then record "mcdm bf16 $cfg b$b" "FAILED or stopped"; fi
 done
+# What replaying each step as a CUDA graph saves where launches dominate: the SynthFaces models'
+# size (32x32, 32 channels), the default composition's 3 experts, batch 8, 50 steps.
+for graphs in graph nograph; do
+    flag=$([ $graphs = nograph ] && echo --no-cuda-graph || true)
+    # shellcheck disable=SC2086  # flag: none or one
+    if step "mcdm bf16 synthfaces b8 $graphs" 60 "bench-mcdm-synthfaces-$graphs.log" "$BIN" bench --device cuda \
+        --dtype bf16 --config weights/uncond.json --compose 3 --steps 50 --batch 8 --iters 5 $flag \
+        --output "$LOG/mcdm-synthfaces-$graphs.json"; then
+        record "mcdm bf16 synthfaces b8 $graphs" "$(tail -1 "$LOG/bench-mcdm-synthfaces-$graphs.log")"
+    elif [ $? -ne 125 ]; then record "mcdm bf16 synthfaces b8 $graphs" "FAILED or stopped"; fi
+done
 torch_bench() {
     local mode=$1 tag cfg b
     tag=$(echo "$mode" | tr -d ' -')

@@ -166,11 +166,12 @@ fn tiny_config(dir: &Path) -> PathBuf {
     config
 }
 
-/// A small composed `mcdm sample` run on `device` (f32), the fake device holding `memory`
-/// bytes if given: its samples, or its error message.
+/// A small composed `mcdm sample` run on `device` (f32) with `flags`, the fake device holding
+/// `memory` bytes if given: its samples, or its error message.
 fn sample(
     driver: &FakeDriver,
     device: &str,
+    flags: &[&str],
     memory: Option<usize>,
     out: &Path,
 ) -> Result<Vec<f32>, String> {
@@ -193,7 +194,8 @@ fn sample(
         .arg("--out")
         .arg(out)
         .arg("--save-tensor")
-        .arg(&tensor);
+        .arg(&tensor)
+        .args(flags);
     if let Some(bytes) = memory {
         cmd.env("FAKE_CUDA_MEMORY_BYTES", bytes.to_string());
     }
@@ -202,28 +204,46 @@ fn sample(
     if !run.status.success() {
         return Err(stderr);
     }
+    assert!(!stderr.contains("warning"), "{stderr}");
     let file = mcdm::weights::SafetensorsFile::open(&tensor).unwrap();
     Ok(file.f32("samples").unwrap())
 }
 
-/// The CLI's GPU path (`--device cuda`: upload, the GPU sampler, the fused step) gives the CPU's
-/// images, and on a device too small for the batch it halves the batch and still does: the fake
-/// device's memory is swept over sizes from "nothing fits" to "everything fits".
+/// The CLI's GPU path (`--device cuda`: upload, the GPU sampler with its steps replayed as CUDA
+/// graphs, the fused step) gives the CPU's images, `--no-cuda-graph` the same bits, and on a
+/// device too small for the batch it halves the batch and still does: the fake device's memory
+/// is swept over sizes from "nothing fits" to "everything fits".
 #[test]
 fn cli_samples_on_the_fake_gpu_as_on_the_cpu() {
     let Some(driver) = fake_driver() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let cpu = sample(driver, "cpu", None, &dir.path().join("cpu")).unwrap();
-    let gpu = sample(driver, "cuda", None, &dir.path().join("gpu")).unwrap();
+    let cpu = sample(driver, "cpu", &[], None, &dir.path().join("cpu")).unwrap();
+    let gpu = sample(driver, "cuda", &[], None, &dir.path().join("gpu")).unwrap();
     let err = rel_l2(&gpu, &cpu);
     assert!(
         err <= 1e-4,
         "GPU samples differ from the CPU's: rel L2 {err:.2e}"
     );
+    let no_graph = ["--no-cuda-graph"];
+    let launched = sample(
+        driver,
+        "cuda",
+        &no_graph,
+        None,
+        &dir.path().join("launched"),
+    )
+    .unwrap();
+    assert!(
+        launched
+            .iter()
+            .zip(&gpu)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "--no-cuda-graph changed the samples"
+    );
     let mut split = 0;
     for quarter_mib in 8..=24 {
         let out = dir.path().join(format!("mem{quarter_mib}"));
-        match sample(driver, "cuda", Some(quarter_mib << 18), &out) {
+        match sample(driver, "cuda", &[], Some(quarter_mib << 18), &out) {
             Ok(images) => {
                 let err = rel_l2(&images, &cpu);
                 assert!(err <= 1e-4, "{quarter_mib}/4 MiB: rel L2 {err:.2e}");

@@ -92,27 +92,25 @@ fn fused_step_matches_cpu() {
                         .unwrap();
                     d.ddim_params(i, 0.7, true).unwrap()
                 };
-                let xd = g.upload::<f32>(&x).unwrap();
+                let mut xd = g.upload::<f32>(&x).unwrap();
                 let ed = g.upload::<f32>(&eps.concat()).unwrap();
                 let wd = g.upload::<f32>(&weights).unwrap();
                 let vd = g.upload::<f32>(&v).unwrap();
-                let mut out = g.zeros::<f32>(b * len).unwrap();
                 let var = (ddpm && learn_sigma).then_some(&vd);
                 diffusion_step_gpu(
                     &g,
-                    &xd,
+                    &mut xd,
                     &ed,
                     &wd,
                     3,
                     var,
-                    &mut out,
                     b,
                     len,
                     first,
                     params.with_noise_key(seed, i as u32),
                 )
                 .unwrap();
-                let err = gpu_err(&g.download(&out).unwrap(), &want);
+                let err = gpu_err(&g.download(&xd).unwrap(), &want);
                 eprintln!("step {i} ddpm {ddpm} learned {learn_sigma}: error {err:.2e}");
                 assert!(
                     err <= 1e-6,
@@ -218,4 +216,85 @@ fn composed_sampling_matches_cpu() {
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// A capture records without running: the buffer is untouched until the graph is launched.
+/// Allocating or downloading while recording fails the capture, which leaves the stream usable.
+#[test]
+fn capture_records_and_refuses_what_a_graph_cannot_replay() {
+    let Some(g) = gpu("CUDA graph capture") else {
+        return;
+    };
+    let (b, len, seed, step) = (2, 300, 11u64, 4u32);
+    let mut dev = g.upload::<f32>(&vec![0.5; b * len]).unwrap();
+    let graph = g
+        .capture(|| fill_normals_gpu(&g, &mut dev, b, len, 0, seed, step))
+        .unwrap();
+    assert!(
+        g.download(&dev).unwrap().iter().all(|&v| v == 0.5),
+        "the capture ran its launch"
+    );
+    g.launch_graph(&graph).unwrap();
+    let mut want = vec![0.0; b * len];
+    for (k, image) in want.chunks_exact_mut(len).enumerate() {
+        fill_normals(seed, k as u32, step, image);
+    }
+    assert_eq!(g.download(&dev).unwrap(), want);
+
+    let refused = g.capture(|| g.zeros::<f32>(8).map(drop)).err().unwrap();
+    assert!(
+        refused.to_string().contains("allocating while capturing"),
+        "{refused}"
+    );
+    let refused = g.capture(|| g.download(&dev).map(drop)).err().unwrap();
+    assert!(
+        refused.to_string().contains("downloading while capturing"),
+        "{refused}"
+    );
+    fill_normals_gpu(&g, &mut dev, b, len, 0, seed, step + 1).unwrap();
+    assert_ne!(
+        g.download(&dev).unwrap(),
+        want,
+        "the stream is unusable after a failed capture"
+    );
+}
+
+/// The sampler's steps replayed as CUDA graphs give the images of the same steps launched
+/// kernel by kernel, bit for bit (the same kernels on the same buffers, in the same order),
+/// and every step after the first did run as a graph.
+#[test]
+fn graph_replay_matches_kernel_launches() {
+    let Some(g) = gpu("CUDA graph replay") else {
+        return;
+    };
+    let (models, experts, uncond) = reference_case();
+    let steps = 3;
+    let spec = SampleSpec {
+        sampler: SamplerKind::Ddpm,
+        timestep_respacing: Some(steps.to_string()),
+        clip_denoised: true,
+        seed: 9,
+        height: 16,
+        width: 16,
+    };
+    let s = ComposedSampler::new(&models, &experts, &uncond, spec).unwrap();
+    let dev: Vec<GpuUNet<f32>> = models
+        .iter()
+        .map(|m| GpuUNet::upload(&m.unet, g.clone()).unwrap())
+        .collect();
+    let mut reported = 0;
+    let replayed = s
+        .sample_gpu(&dev, 2, 2, None, &mut |p| reported = p.step)
+        .unwrap();
+    assert_eq!(g.take_graph_failure(), None);
+    assert_eq!(g.graph_launches(), steps - 1);
+    assert_eq!(reported, steps, "progress reports");
+    g.set_cuda_graphs(false);
+    let launched = s.sample_gpu(&dev, 2, 2, None, &mut |_| {}).unwrap();
+    assert_eq!(g.graph_launches(), steps - 1);
+    let same = replayed
+        .iter()
+        .zip(&launched)
+        .all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(same, "graph replay changed the samples");
 }

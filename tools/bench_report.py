@@ -5,7 +5,7 @@
 
 Reads what the check leaves in OUT_DIR: gpu.txt and info.log (nvidia-smi, `mcdm info`), summary.txt (tests,
 memcheck, racecheck, each benchmark's status), bench-kernels.log (`mcdm bench --kernels`), mcdm-<config>.json
-(`mcdm bench --compose`), profile-<config>.log (`mcdm bench --profile`) and
+(`mcdm bench --compose`; mcdm-synthfaces-{graph,nograph}.json with and without CUDA graphs), profile-<config>.log (`mcdm bench --profile`) and
 torch-<config>-<mode>.json (tools/bench_torch.py). The composed table
 puts mcdm next to PyTorch measured in the same run, with the ratios. Standard library only: it
 runs on the GPU machine at the end of the check.
@@ -87,6 +87,18 @@ def main():
             row += f" {fmt(theirs)} | {ratio} |"
         print(row)
     print()
+    graph = images_per_second(load(out / "mcdm-synthfaces-graph.json"))
+    launches = images_per_second(load(out / "mcdm-synthfaces-nograph.json"))
+    if graph or launches:
+        print("## CUDA graphs (SynthFaces-sized models, 3 experts + unconditional, batch 8, 50 steps)")
+        print()
+        print("| each step's model passes | images/s |")
+        print("|---|---:|")
+        print(f"| replayed as one CUDA graph | {fmt(graph)} |")
+        print(f"| launched kernel by kernel (`--no-cuda-graph`) | {fmt(launches)} |")
+        ratio = f"{graph / launches:.2f}x" if graph and launches else "n/a"
+        print(f"| graph / launches | {ratio} |")
+        print()
     kernels = read("bench-kernels.log").strip()
     if kernels:
         print("## Single kernels (`mcdm bench --device cuda --dtype bf16 --kernels --iters 20`)")

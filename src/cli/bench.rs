@@ -13,7 +13,7 @@ use mcdm::sample::{
     Unconditional,
 };
 
-use super::{backend, check_output_file, Backend, Device, Dtype};
+use super::{backend, check_output_file, warn_graph_failure, Backend, Device, Dtype};
 
 /// Time UNet forward passes (random weights) for a config at several batch sizes.
 #[derive(clap::Args)]
@@ -50,6 +50,10 @@ pub struct Args {
     /// DDIM steps of a composed run.
     #[arg(long, default_value_t = 10)]
     steps: usize,
+    /// In a composed run, enqueue every kernel from the host instead of replaying each step's
+    /// model passes as one CUDA graph (to measure what the graphs save).
+    #[arg(long)]
+    no_cuda_graph: bool,
     /// After timing each batch size, run one more forward pass with every kernel launch timed
     /// by CUDA events and show where the time goes (GPU only). A kernel's time runs from just
     /// before its launch to its end, so where the host cannot keep the GPU busy (small
@@ -332,7 +336,15 @@ fn run_compose(args: &Args, cfg: ResolvedConfig, backend: &Backend) -> Result<()
     let gflop = models[0].unet.flops_per_image(size, size) / 1e9;
     let device = match backend {
         Backend::Cpu => format!("cpu, {} threads", rayon::current_num_threads()),
-        Backend::Cuda(gpu) => format!("{}, {:?}", gpu.info().name, args.dtype),
+        Backend::Cuda(gpu) => {
+            gpu.set_cuda_graphs(!args.no_cuda_graph);
+            let graphs = if args.no_cuda_graph {
+                "no CUDA graphs"
+            } else {
+                "CUDA graphs"
+            };
+            format!("{}, {:?}, {graphs}", gpu.info().name, args.dtype)
+        }
     };
     eprintln!(
         "composed DDIM: {} expert(s) + unconditional, {} steps, {gflop:.2} GFLOP per image per forward, {device}",
@@ -382,6 +394,9 @@ fn run_compose(args: &Args, cfg: ResolvedConfig, backend: &Backend) -> Result<()
             gflop * forwards as f64 / median
         );
         rows.push(serde_json::json!({ "batch": n, "batch_ran": ran, "seconds_per_run": median, "images_per_second": n as f64 / median, "times": times }));
+    }
+    if let Backend::Cuda(gpu) = backend {
+        warn_graph_failure(gpu);
     }
     write_record(args, &device, &cfg, gflop, rows)
 }

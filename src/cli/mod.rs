@@ -132,6 +132,17 @@ fn backend(device: Device) -> Result<Backend> {
     }
 }
 
+/// Says so when a step's CUDA graph could not be captured (the steps then ran launch by launch,
+/// with the same results, only slower).
+fn warn_graph_failure(gpu: &Gpu) {
+    if let Some(why) = gpu.take_graph_failure() {
+        eprintln!(
+            "warning: the sampling steps could not be replayed as a CUDA graph ({why}); every \
+             kernel was launched from the host instead"
+        );
+    }
+}
+
 /// A config path given with `--config`, checked to exist so the error names the flag.
 fn config_arg(path: &Option<PathBuf>) -> Result<Option<&std::path::Path>> {
     match path {

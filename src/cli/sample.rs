@@ -21,7 +21,7 @@ use mcdm::cuda::{Gpu, GpuFloat};
 use mcdm::model::GpuUNet;
 use mcdm::text::TextEncoder;
 
-use super::{backend, check_output_file, progress_bar, Backend, Device, Dtype};
+use super::{backend, check_output_file, progress_bar, warn_graph_failure, Backend, Device, Dtype};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Sampler {
@@ -103,6 +103,10 @@ pub struct Args {
     /// GPU storage type.
     #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
     dtype: Dtype,
+    /// Enqueue every kernel of every step from the host, instead of replaying each step's model
+    /// passes as one CUDA graph (the results are the same; for comparison and diagnosis).
+    #[arg(long)]
+    no_cuda_graph: bool,
     /// The sentence encoder for text= terms (default: $MCDM_TEXT_MODEL, then
     /// models/all-MiniLM-L6-v2).
     #[arg(long, value_name = "DIR")]
@@ -773,6 +777,7 @@ fn sample_plan(args: &Args, plan: &Plan, backend: Backend) -> Result<()> {
     let samples = match &backend {
         Backend::Cpu => sampler.sample(n, batch_size, init_noise, &mut on_step)?,
         Backend::Cuda(gpu) => {
+            gpu.set_cuda_graphs(!args.no_cuda_graph);
             let run = match args.dtype {
                 Dtype::Bf16 => sample_on_gpu::<half::bf16>,
                 Dtype::F16 => sample_on_gpu::<half::f16>,
@@ -874,8 +879,13 @@ fn sample_plan(args: &Args, plan: &Plan, backend: Backend) -> Result<()> {
             n - 1
         );
     }
-    if matches!(backend, Backend::Cuda(_)) && batch_used < batch_size.min(n) {
-        eprintln!("batches of {batch_size} did not fit in GPU memory: ran batches of {batch_used}");
+    if let Backend::Cuda(gpu) = &backend {
+        if batch_used < batch_size.min(n) {
+            eprintln!(
+                "batches of {batch_size} did not fit in GPU memory: ran batches of {batch_used}"
+            );
+        }
+        warn_graph_failure(gpu);
     }
     eprintln!(
         "{n} image{} ({h}x{w}, {steps} {} steps, {} expert(s)) in {seconds:.1} s ({:.2} images/s): {}/grid.png",

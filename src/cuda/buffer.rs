@@ -25,6 +25,9 @@ impl<T: GpuFloat> GpuBuffer<T> {
     pub(crate) fn slice(&self) -> &CudaSlice<T> {
         &self.slice
     }
+    pub(crate) fn slice_mut(&mut self) -> &mut CudaSlice<T> {
+        &mut self.slice
+    }
     fn capacity(&self) -> usize {
         self.slice.len()
     }

@@ -7,9 +7,11 @@
 //! at first use with the NVRTC found at run time, cached on disk.
 
 pub mod buffer;
+mod graph;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
@@ -21,6 +23,7 @@ use cudarc::nvrtc::Ptx;
 use crate::error::{Error, Result};
 
 pub use buffer::GpuBuffer;
+pub use graph::{GpuGraph, StreamMark};
 
 mod embedded {
     use super::KernelResources;
@@ -212,6 +215,14 @@ pub struct Gpu {
     info: DeviceInfo,
     /// While profiling ([`Gpu::profile_start`]): each launch's kernel and its start and end events.
     profile: Mutex<Option<Vec<LaunchMarks>>>,
+    /// While [`Gpu::capture`] records.
+    capturing: AtomicBool,
+    /// See [`Gpu::cuda_graphs`].
+    cuda_graphs: AtomicBool,
+    /// See [`Gpu::take_graph_failure`].
+    graph_failure: Mutex<Option<String>>,
+    /// See [`Gpu::graph_launches`].
+    graph_launches: AtomicUsize,
 }
 
 /// A profiled launch: the kernel's file under `kernels/` (without `.cu`) and name, and the
@@ -258,6 +269,10 @@ impl Gpu {
             functions: Mutex::new(HashMap::new()),
             info,
             profile: Mutex::new(None),
+            capturing: AtomicBool::new(false),
+            cuda_graphs: AtomicBool::new(true),
+            graph_failure: Mutex::new(None),
+            graph_launches: AtomicUsize::new(0),
         }))
     }
 
@@ -314,6 +329,7 @@ impl Gpu {
 
     /// Waits for all queued work.
     pub fn synchronize(&self) -> Result<()> {
+        self.refuse_while_capturing("synchronising")?;
         self.stream.synchronize().map_err(cuda_err("synchronising"))
     }
 
@@ -375,6 +391,7 @@ impl Gpu {
 
     /// A zeroed buffer of `len` elements.
     pub fn zeros<T: GpuFloat>(&self, len: usize) -> Result<GpuBuffer<T>> {
+        self.refuse_while_capturing("allocating")?;
         let slice = self
             .stream
             .alloc_zeros::<T>(len.max(1))
@@ -384,6 +401,7 @@ impl Gpu {
 
     /// Uploads host values converted to `T`.
     pub fn upload<T: GpuFloat>(&self, values: &[f32]) -> Result<GpuBuffer<T>> {
+        self.refuse_while_capturing("uploading")?;
         let host: Vec<T> = values.iter().map(|&v| T::from_f32(v)).collect();
         let slice = self
             .stream
@@ -397,6 +415,7 @@ impl Gpu {
         &self,
         values: &[T],
     ) -> Result<cudarc::driver::CudaSlice<T>> {
+        self.refuse_while_capturing("uploading")?;
         self.stream
             .clone_htod(values)
             .map_err(|e| out_of_memory(self, std::mem::size_of_val(values), e))
@@ -404,6 +423,7 @@ impl Gpu {
 
     /// Copies a buffer back as f32 (waits for the stream).
     pub fn download<T: GpuFloat>(&self, buf: &GpuBuffer<T>) -> Result<Vec<f32>> {
+        self.refuse_while_capturing("downloading")?;
         let host = self
             .stream
             .clone_dtoh(buf.slice())

@@ -13,17 +13,17 @@ use crate::error::Result;
 // SAFETY: #[repr(C)], only 4-byte plain fields, laid out as kernels/common.cuh's StepParams.
 unsafe impl DeviceRepr for StepParams {}
 
-/// x_out = update(x, composed eps) for `b` images of `len` elements; `eps` holds `terms` blocks
-/// of `[b, len]` (experts first, the unconditional term last), `weights` the experts' weights.
+/// x = update(x, composed eps) in place, for `b` images of `len` elements; `eps` holds `terms`
+/// blocks of `[b, len]` (experts first, the unconditional term last), `weights` the experts'
+/// weights. In place, so that the sampler's state keeps one address across steps (CUDA graphs).
 #[allow(clippy::too_many_arguments)]
 pub fn diffusion_step_gpu(
     gpu: &Gpu,
-    x: &GpuBuffer<f32>,
+    x: &mut GpuBuffer<f32>,
     eps: &GpuBuffer<f32>,
     weights: &GpuBuffer<f32>,
     terms: usize,
     var: Option<&GpuBuffer<f32>>,
-    x_out: &mut GpuBuffer<f32>,
     b: usize,
     len: usize,
     first_image: usize,
@@ -32,7 +32,6 @@ pub fn diffusion_step_gpu(
     check_len("x", x.len(), b * len)?;
     check_len("eps", eps.len(), terms * b * len)?;
     check_len("weights", weights.len(), terms - 1)?;
-    check_len("x_out", x_out.len(), b * len)?;
     let var_ptr = match var {
         Some(v) => {
             check_len("variance", v.len(), b * len)?;
@@ -46,12 +45,13 @@ pub fn diffusion_step_gpu(
         "diffusion_step",
         grid_1d(b * len),
         &[
+            // x and x_out: the kernel reads each element before writing it.
             Arg::Ptr(x.ptr(gpu)),
             Arg::Ptr(eps.ptr(gpu)),
             Arg::Ptr(weights.ptr(gpu)),
             i(terms),
             Arg::Ptr(var_ptr),
-            Arg::Ptr(x_out.ptr(gpu)),
+            Arg::Ptr(x.ptr(gpu)),
             i(b),
             i(len),
             i(first_image),

@@ -1,12 +1,13 @@
 //! Composed sampling on the GPU: the state, conditions and eps predictions stay on the device;
 //! each step packs the inputs of every model group, runs its batched forward pass, unpacks the
 //! eps (and the unconditional variance) and applies the fused combine-and-update kernel with
-//! in-kernel Philox noise. The host only enqueues work.
+//! in-kernel Philox noise. The host only enqueues work: after the first step, the models' work
+//! of a step is one CUDA graph launch.
 
 use cudarc::driver::CudaSlice;
 
 use super::{check_finite, run_in_batches, ComposedSampler, StepProgress, INIT_NOISE_STEP};
-use crate::cuda::{Gpu, GpuBuffer, GpuFloat};
+use crate::cuda::{Gpu, GpuBuffer, GpuFloat, GpuGraph, StreamMark};
 use crate::error::{Error, Result};
 use crate::model::{GpuConditioning, GpuUNet, GpuWorkspace};
 use crate::ops::layout::{pack_input_gpu, unpack_output_gpu};
@@ -63,7 +64,7 @@ impl ComposedSampler<'_> {
         let mut ws = GpuWorkspace::<T>::default();
         let mut samples = self.samples_buffer(num_samples)?;
         run_in_batches(num_samples, batch_size, |first, b| {
-            let mut x = match init_noise {
+            let x = match init_noise {
                 Some(x) => gpu.upload::<f32>(&x[first * len..(first + b) * len])?,
                 None => {
                     let mut x = gpu.zeros::<f32>(b * len)?;
@@ -79,7 +80,7 @@ impl ComposedSampler<'_> {
                     &images,
                     &weights,
                     first,
-                    &mut x,
+                    x,
                     b,
                     &mut ws,
                     &mut || on_step(progress.next()),
@@ -97,6 +98,10 @@ impl ComposedSampler<'_> {
         Ok(samples)
     }
 
+    /// One batch, every step: the first launch by launch (it sizes the workspace), the rest,
+    /// unless [`Gpu::cuda_graphs`] is off, by replaying the models' work of a step recorded once
+    /// as a CUDA graph. The buffers that work touches keep their addresses: the state is updated
+    /// in place and each step's timesteps are copied into one buffer per group.
     #[allow(clippy::too_many_arguments)]
     fn sample_batch_gpu<T: GpuFloat>(
         &self,
@@ -105,17 +110,16 @@ impl ComposedSampler<'_> {
         images: &[Option<(GpuBuffer<f32>, usize)>],
         weights: &GpuBuffer<f32>,
         first: usize,
-        x: &mut GpuBuffer<f32>,
+        x: GpuBuffer<f32>,
         b: usize,
         ws: &mut GpuWorkspace<T>,
         on_step: &mut dyn FnMut(),
     ) -> Result<Vec<f32>> {
-        let (h, w) = (self.spec.height, self.spec.width);
-        let (hw, len) = (h * w, self.image_len());
+        let len = self.image_len();
+        let hw = self.spec.height * self.spec.width;
         let terms = self.terms.len();
-        let uncond = terms - 1;
         // Labels and embeddings per group row, for this batch: uploaded once, used every step.
-        let groups: Vec<GroupInputs> = self
+        let conditions: Vec<GroupInputs> = self
             .groups
             .iter()
             .map(|(m, rows)| {
@@ -135,50 +139,48 @@ impl ComposedSampler<'_> {
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<_>>()?;
-        let mut eps = gpu.zeros::<f32>(terms * b * len)?;
-        let mut var = if self.learned_variance {
-            Some(gpu.zeros::<f32>(b * len)?)
-        } else {
-            None
+        let mut state = BatchState {
+            x,
+            eps: gpu.zeros::<f32>(terms * b * len)?,
+            var: if self.learned_variance {
+                Some(gpu.zeros::<f32>(b * len)?)
+            } else {
+                None
+            },
+            inputs: self
+                .groups
+                .iter()
+                .map(|(m, rows)| {
+                    gpu.zeros::<T>(rows.len() * b * hw * models[*m].config().in_channels)
+                })
+                .collect::<Result<_>>()?,
+            timesteps: self
+                .groups
+                .iter()
+                .map(|(_, rows)| gpu.zeros::<f32>(rows.len() * b))
+                .collect::<Result<_>>()?,
+            conditions,
         };
-        let mut next = gpu.zeros::<f32>(b * len)?;
-        let mut inputs: Vec<GpuBuffer<T>> = self
-            .groups
-            .iter()
-            .map(|(m, rows)| gpu.zeros::<T>(rows.len() * b * hw * models[*m].config().in_channels))
-            .collect::<Result<_>>()?;
-        for i in (0..steps).rev() {
-            for (g, (m, rows)) in self.groups.iter().enumerate() {
-                let model = &models[*m];
-                let cfg = model.config();
-                let (cin, oc) = (cfg.in_channels, cfg.out_channels());
-                let n = rows.len() * b;
-                let input = &mut inputs[g];
-                for (r, &term) in rows.iter().enumerate() {
-                    let cond = images[term].as_ref().map(|(buf, count)| (buf, *count));
-                    pack_input_gpu(gpu, x, cond, first, b, hw, cin - 3, input, r * b * hw * cin)?;
+        let mut graph: Option<GpuGraph> = None;
+        let mut previous_step: Option<StreamMark> = None;
+        for (done, i) in (0..steps).rev().enumerate() {
+            for (now, t) in state.timesteps.iter_mut().zip(&timesteps[i]) {
+                gpu.copy(t, now)?;
+            }
+            match &graph {
+                Some(g) => gpu.launch_graph(g)?,
+                None if done == 1 && gpu.cuda_graphs() => {
+                    match gpu
+                        .capture(|| self.predict_gpu(gpu, models, images, first, b, &mut state, ws))
+                    {
+                        Ok(g) => gpu.launch_graph(graph.insert(g))?,
+                        Err(e) => {
+                            gpu.note_graph_failure(&e);
+                            self.predict_gpu(gpu, models, images, first, b, &mut state, ws)?;
+                        }
+                    }
                 }
-                let cond = GpuConditioning {
-                    timesteps: &timesteps[i][g],
-                    labels: groups[g].labels.as_ref(),
-                    embedding: groups[g].embedding.as_ref(),
-                };
-                let out = model.forward(input, [n, h, w, cin], &cond, ws)?;
-                for (r, &term) in rows.iter().enumerate() {
-                    let v = if term == uncond { var.as_mut() } else { None };
-                    unpack_output_gpu(
-                        gpu,
-                        &out,
-                        r * b * hw * oc,
-                        oc,
-                        &mut eps,
-                        term * b * len,
-                        v,
-                        b,
-                        hw,
-                    )?;
-                }
-                ws.give(out);
+                None => self.predict_gpu(gpu, models, images, first, b, &mut state, ws)?,
             }
             let params = match self.spec.sampler {
                 SamplerKind::Ddim { eta } => {
@@ -188,16 +190,102 @@ impl ComposedSampler<'_> {
                 SamplerKind::Ddpm => self.diffusion.ddpm_params(i, self.spec.clip_denoised)?,
             }
             .with_noise_key(self.spec.seed, i as u32);
-            let v = match self.spec.sampler {
-                SamplerKind::Ddpm => var.as_ref(),
+            let var = match self.spec.sampler {
+                SamplerKind::Ddpm => state.var.as_ref(),
                 SamplerKind::Ddim { .. } => None,
             };
             diffusion_step_gpu(
-                gpu, x, &eps, weights, terms, v, &mut next, b, len, first, params,
+                gpu,
+                &mut state.x,
+                &state.eps,
+                weights,
+                terms,
+                var,
+                b,
+                len,
+                first,
+                params,
             )?;
-            std::mem::swap(x, &mut next);
-            on_step();
+            // One step in flight: the host waits for the one before, so that progress follows
+            // the GPU instead of the host queueing the whole run at once.
+            if let Some(before) = previous_step.replace(gpu.mark()?) {
+                before.wait()?;
+                on_step();
+            }
         }
-        gpu.download(x)
+        let samples = gpu.download(&state.x)?;
+        on_step();
+        Ok(samples)
     }
+
+    /// Every model group's forward pass on the current state: packs each group's input, runs
+    /// it, and unpacks the eps of each term (and the unconditional variance) into `state`.
+    #[allow(clippy::too_many_arguments)]
+    fn predict_gpu<T: GpuFloat>(
+        &self,
+        gpu: &Gpu,
+        models: &[GpuUNet<T>],
+        images: &[Option<(GpuBuffer<f32>, usize)>],
+        first: usize,
+        b: usize,
+        state: &mut BatchState<T>,
+        ws: &mut GpuWorkspace<T>,
+    ) -> Result<()> {
+        let (h, w) = (self.spec.height, self.spec.width);
+        let (hw, len) = (h * w, self.image_len());
+        let uncond = self.terms.len() - 1;
+        for (g, (m, rows)) in self.groups.iter().enumerate() {
+            let model = &models[*m];
+            let cfg = model.config();
+            let (cin, oc) = (cfg.in_channels, cfg.out_channels());
+            let n = rows.len() * b;
+            let input = &mut state.inputs[g];
+            for (r, &term) in rows.iter().enumerate() {
+                let cond = images[term].as_ref().map(|(buf, count)| (buf, *count));
+                let at = r * b * hw * cin;
+                pack_input_gpu(gpu, &state.x, cond, first, b, hw, cin - 3, input, at)?;
+            }
+            let cond = GpuConditioning {
+                timesteps: &state.timesteps[g],
+                labels: state.conditions[g].labels.as_ref(),
+                embedding: state.conditions[g].embedding.as_ref(),
+            };
+            let out = model.forward(input, [n, h, w, cin], &cond, ws)?;
+            for (r, &term) in rows.iter().enumerate() {
+                let v = if term == uncond {
+                    state.var.as_mut()
+                } else {
+                    None
+                };
+                unpack_output_gpu(
+                    gpu,
+                    &out,
+                    r * b * hw * oc,
+                    oc,
+                    &mut state.eps,
+                    term * b * len,
+                    v,
+                    b,
+                    hw,
+                )?;
+            }
+            ws.give(out);
+        }
+        Ok(())
+    }
+}
+
+/// A batch's device buffers, at the same addresses for all its steps.
+struct BatchState<T> {
+    /// x_t, `[b, len]`, updated in place by each step.
+    x: GpuBuffer<f32>,
+    /// Every term's eps, `[terms, b, len]` (the unconditional term last).
+    eps: GpuBuffer<f32>,
+    /// The unconditional model's variance channels, `[b, len]`, for a learned variance.
+    var: Option<GpuBuffer<f32>>,
+    /// Per model group: its packed NHWC input, its rows' timesteps for the current step, and
+    /// its rows' labels and embeddings.
+    inputs: Vec<GpuBuffer<T>>,
+    timesteps: Vec<GpuBuffer<f32>>,
+    conditions: Vec<GroupInputs>,
 }

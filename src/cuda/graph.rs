@@ -1,0 +1,148 @@
+//! CUDA graphs: a stretch of launches and device copies recorded once by stream capture and
+//! replayed with one driver call. The composed sampler replays each step's model passes this
+//! way, hundreds of launches that would otherwise each cost the host a few microseconds.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaEvent, CudaGraph, CudaStream};
+
+use super::{cuda_err, Gpu, GpuBuffer, GpuFloat};
+use crate::error::{Error, Result};
+
+/// Work recorded by [`Gpu::capture`], launched by [`Gpu::launch_graph`]. It holds the device
+/// addresses it was recorded with: the buffers it reads and writes must stay alive, and keep
+/// their roles, while it is launched.
+pub struct GpuGraph {
+    graph: CudaGraph,
+    stream: Arc<CudaStream>,
+}
+
+impl Drop for GpuGraph {
+    fn drop(&mut self) {
+        // A launch may still be running; the graph is destroyed after it (errors surface at the
+        // stream's next synchronisation).
+        let _ = self.stream.synchronize();
+    }
+}
+
+/// A point in the stream's work ([`Gpu::mark`]).
+pub struct StreamMark(CudaEvent);
+
+impl StreamMark {
+    /// Blocks the host until the work enqueued before the mark has run.
+    pub fn wait(&self) -> Result<()> {
+        self.0
+            .synchronize()
+            .map_err(cuda_err("waiting for the GPU"))
+    }
+}
+
+impl Gpu {
+    /// Marks the work enqueued so far, so that the host can wait for it and no longer.
+    pub fn mark(&self) -> Result<StreamMark> {
+        self.refuse_while_capturing("marking the stream")?;
+        self.stream
+            .record_event(None)
+            .map(StreamMark)
+            .map_err(cuda_err("recording an event"))
+    }
+
+    /// Records the launches and device-to-device copies that `enqueue` puts on the stream,
+    /// without running them. While it records, allocations, uploads, downloads and
+    /// synchronisation are refused (a graph cannot replay them), and so is capture while
+    /// profiling. On an error nothing was run and the stream is usable again.
+    pub fn capture(&self, enqueue: impl FnOnce() -> Result<()>) -> Result<GpuGraph> {
+        if self.profile_marks()?.is_some() {
+            return Err(Error::Cuda(
+                "cannot capture a CUDA graph while profiling".into(),
+            ));
+        }
+        // Thread-local: only this thread's calls are checked against the capture.
+        let mode = CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        self.stream
+            .begin_capture(mode)
+            .map_err(cuda_err("beginning a CUDA graph capture"))?;
+        self.capturing.store(true, Ordering::Relaxed);
+        let recorded = enqueue();
+        self.capturing.store(false, Ordering::Relaxed);
+        let ended = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        // The work's own error says more than the invalidated capture it causes.
+        recorded?;
+        match ended.map_err(cuda_err("ending a CUDA graph capture"))? {
+            Some(graph) => Ok(GpuGraph {
+                graph,
+                stream: self.stream.clone(),
+            }),
+            None => Err(Error::Cuda(
+                "the CUDA graph capture recorded nothing".into(),
+            )),
+        }
+    }
+
+    /// Enqueues the work `graph` recorded.
+    pub fn launch_graph(&self, graph: &GpuGraph) -> Result<()> {
+        graph
+            .graph
+            .launch()
+            .map_err(cuda_err("launching a CUDA graph"))?;
+        self.graph_launches.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Graphs launched so far by this device handle.
+    pub fn graph_launches(&self) -> usize {
+        self.graph_launches.load(Ordering::Relaxed)
+    }
+
+    /// An error when a capture is recording: `what` cannot be part of a graph.
+    pub(crate) fn refuse_while_capturing(&self, what: &str) -> Result<()> {
+        if self.capturing.load(Ordering::Relaxed) {
+            return Err(Error::Cuda(format!("{what} while capturing a CUDA graph")));
+        }
+        Ok(())
+    }
+
+    /// Whether [`crate::sample::ComposedSampler::sample_gpu`] replays its steps as CUDA graphs
+    /// (on unless [`Gpu::set_cuda_graphs`] turned it off).
+    pub fn cuda_graphs(&self) -> bool {
+        self.cuda_graphs.load(Ordering::Relaxed)
+    }
+
+    /// Turns graph replay on or off (off: every launch is enqueued by the host, for comparison).
+    pub fn set_cuda_graphs(&self, on: bool) {
+        self.cuda_graphs.store(on, Ordering::Relaxed);
+    }
+
+    /// Why the last capture of a graph failed since the previous call, if one did; the work then
+    /// ran launch by launch, with the same results.
+    pub fn take_graph_failure(&self) -> Option<String> {
+        self.graph_failure.lock().ok()?.take()
+    }
+
+    pub(crate) fn note_graph_failure(&self, e: &Error) {
+        if let Ok(mut failure) = self.graph_failure.lock() {
+            *failure = Some(e.to_string());
+        }
+    }
+
+    /// Copies `src` into the first `src.len()` elements of `dst`, on the stream.
+    pub fn copy<T: GpuFloat>(&self, src: &GpuBuffer<T>, dst: &mut GpuBuffer<T>) -> Result<()> {
+        let n = src.len();
+        if dst.len() < n {
+            return Err(Error::Cuda(format!(
+                "copying {n} elements into a buffer of {}",
+                dst.len()
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let from = src.slice().slice(..n);
+        let mut to = dst.slice_mut().slice_mut(..n);
+        self.stream
+            .memcpy_dtod(&from, &mut to)
+            .map_err(cuda_err("device copy"))
+    }
+}
