@@ -219,7 +219,8 @@ fn composed_sampling_matches_cpu() {
 }
 
 /// A capture records without running: the buffer is untouched until the graph is launched.
-/// Allocating or downloading while recording fails the capture, which leaves the stream usable.
+/// Allocating or downloading while recording fails the capture, and so does work that fails
+/// after dropping a buffer (a free the capture cannot record); each leaves the stream usable.
 #[test]
 fn capture_records_and_refuses_what_a_graph_cannot_replay() {
     let Some(g) = gpu("CUDA graph capture") else {
@@ -251,6 +252,15 @@ fn capture_records_and_refuses_what_a_graph_cannot_replay() {
         refused.to_string().contains("downloading while capturing"),
         "{refused}"
     );
+    let dropped = g.zeros::<f32>(16).unwrap();
+    let refused = g
+        .capture(|| {
+            drop(dropped);
+            Err(mcdm::Error::Cuda("the work failed".into()))
+        })
+        .err()
+        .unwrap();
+    assert!(refused.to_string().contains("the work failed"), "{refused}");
     fill_normals_gpu(&g, &mut dev, b, len, 0, seed, step + 1).unwrap();
     assert_ne!(
         g.download(&dev).unwrap(),
@@ -261,14 +271,15 @@ fn capture_records_and_refuses_what_a_graph_cannot_replay() {
 
 /// The sampler's steps replayed as CUDA graphs give the images of the same steps launched
 /// kernel by kernel, bit for bit (the same kernels on the same buffers, in the same order),
-/// and every step after the first did run as a graph.
+/// and every step after the first two (the first sizes the workspace, the second shows that
+/// it allocates nothing more) did run as a graph.
 #[test]
 fn graph_replay_matches_kernel_launches() {
     let Some(g) = gpu("CUDA graph replay") else {
         return;
     };
     let (models, experts, uncond) = reference_case();
-    let steps = 3;
+    let steps = 4;
     let spec = SampleSpec {
         sampler: SamplerKind::Ddpm,
         timestep_respacing: Some(steps.to_string()),
@@ -287,11 +298,11 @@ fn graph_replay_matches_kernel_launches() {
         .sample_gpu(&dev, 2, 2, None, &mut |p| reported = p.step)
         .unwrap();
     assert_eq!(g.take_graph_failure(), None);
-    assert_eq!(g.graph_launches(), steps - 1);
+    assert_eq!(g.graph_launches(), steps - 2);
     assert_eq!(reported, steps, "progress reports");
     g.set_cuda_graphs(false);
     let launched = s.sample_gpu(&dev, 2, 2, None, &mut |_| {}).unwrap();
-    assert_eq!(g.graph_launches(), steps - 1);
+    assert_eq!(g.graph_launches(), steps - 2);
     let same = replayed
         .iter()
         .zip(&launched)

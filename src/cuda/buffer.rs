@@ -49,11 +49,15 @@ impl<T: GpuFloat> GpuBuffer<T> {
 /// Recycles device buffers by size, so that after the first pass no layer allocates.
 pub struct GpuPool<T> {
     free: Vec<GpuBuffer<T>>,
+    allocations: usize,
 }
 
 impl<T: GpuFloat> Default for GpuPool<T> {
     fn default() -> Self {
-        GpuPool { free: Vec::new() }
+        GpuPool {
+            free: Vec::new(),
+            allocations: 0,
+        }
     }
 }
 
@@ -67,8 +71,16 @@ impl<T: GpuFloat> GpuPool<T> {
                 b.len = len;
                 Ok(b)
             }
-            None => gpu.zeros(len),
+            None => {
+                self.allocations += 1;
+                gpu.zeros(len)
+            }
         }
+    }
+    /// Buffers allocated so far: a stretch of work that leaves it unchanged (and gives back what
+    /// it took) will, repeated, allocate nothing, whatever order best fit hands buffers out in.
+    pub fn allocations(&self) -> usize {
+        self.allocations
     }
     pub fn give(&mut self, buf: GpuBuffer<T>) {
         self.free.push(buf);

@@ -3,29 +3,18 @@
 //! way, hundreds of launches that would otherwise each cost the host a few microseconds.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaEvent, CudaGraph, CudaStream};
+use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaEvent, CudaGraph};
 
 use super::{cuda_err, Gpu, GpuBuffer, GpuFloat};
 use crate::error::{Error, Result};
 
 /// Work recorded by [`Gpu::capture`], launched by [`Gpu::launch_graph`]. It holds the device
 /// addresses it was recorded with: the buffers it reads and writes must stay alive, and keep
-/// their roles, while it is launched.
-pub struct GpuGraph {
-    graph: CudaGraph,
-    stream: Arc<CudaStream>,
-}
-
-impl Drop for GpuGraph {
-    fn drop(&mut self) {
-        // A launch may still be running; the graph is destroyed after it (errors surface at the
-        // stream's next synchronisation).
-        let _ = self.stream.synchronize();
-    }
-}
+/// their roles, while it is launched. (Dropped while a launch runs, the driver frees it when
+/// the launch completes.)
+pub struct GpuGraph(CudaGraph);
 
 /// A point in the stream's work ([`Gpu::mark`]).
 pub struct StreamMark(CudaEvent);
@@ -43,8 +32,10 @@ impl Gpu {
     /// Marks the work enqueued so far, so that the host can wait for it and no longer.
     pub fn mark(&self) -> Result<StreamMark> {
         self.refuse_while_capturing("marking the stream")?;
+        // Blocking: a host waiting for a step sleeps instead of spinning a core.
+        let flags = CUevent_flags::CU_EVENT_BLOCKING_SYNC;
         self.stream
-            .record_event(None)
+            .record_event(Some(flags))
             .map(StreamMark)
             .map_err(cuda_err("recording an event"))
     }
@@ -67,14 +58,16 @@ impl Gpu {
         self.capturing.store(true, Ordering::Relaxed);
         let recorded = enqueue();
         self.capturing.store(false, Ordering::Relaxed);
+        // A buffer that a failed `enqueue` dropped could not be freed during the capture.
+        // cudarc keeps that error in the context, where it would stop the call that ends the
+        // capture and leave the stream capturing: take it out first.
+        let dropped = self.ctx.check_err();
         let ended = self.stream.end_capture(CUgraphInstantiate_flags(0));
         // The work's own error says more than the invalidated capture it causes.
         recorded?;
+        dropped.map_err(cuda_err("a CUDA call during a graph capture"))?;
         match ended.map_err(cuda_err("ending a CUDA graph capture"))? {
-            Some(graph) => Ok(GpuGraph {
-                graph,
-                stream: self.stream.clone(),
-            }),
+            Some(graph) => Ok(GpuGraph(graph)),
             None => Err(Error::Cuda(
                 "the CUDA graph capture recorded nothing".into(),
             )),
@@ -84,7 +77,7 @@ impl Gpu {
     /// Enqueues the work `graph` recorded.
     pub fn launch_graph(&self, graph: &GpuGraph) -> Result<()> {
         graph
-            .graph
+            .0
             .launch()
             .map_err(cuda_err("launching a CUDA graph"))?;
         self.graph_launches.fetch_add(1, Ordering::Relaxed);

@@ -52,6 +52,11 @@ impl<T: GpuFloat> GpuWorkspace<T> {
     pub fn give(&mut self, buf: GpuBuffer<T>) {
         self.pool.give(buf);
     }
+
+    /// Buffers allocated so far ([`GpuPool::allocations`]).
+    pub fn allocations(&self) -> usize {
+        self.pool.allocations() + self.f32_pool.allocations()
+    }
 }
 
 impl<T: GpuFloat> Default for GpuWorkspace<T> {

@@ -98,9 +98,9 @@ impl ComposedSampler<'_> {
         Ok(samples)
     }
 
-    /// One batch, every step: the first launch by launch (it sizes the workspace), the rest,
-    /// unless [`Gpu::cuda_graphs`] is off, by replaying the models' work of a step recorded once
-    /// as a CUDA graph. The buffers that work touches keep their addresses: the state is updated
+    /// One batch, every step: launch by launch until a step allocated nothing (the first sizes
+    /// the workspace; best fit may need a second), then, unless [`Gpu::cuda_graphs`] is off, by
+    /// replaying the models' work of the next step, recorded once as a CUDA graph. The buffers that work touches keep their addresses: the state is updated
     /// in place and each step's timesteps are copied into one buffer per group.
     #[allow(clippy::too_many_arguments)]
     fn sample_batch_gpu<T: GpuFloat>(
@@ -162,6 +162,9 @@ impl ComposedSampler<'_> {
             conditions,
         };
         let mut graph: Option<GpuGraph> = None;
+        // One capture at most per batch: a failed one leaves the batch to launches.
+        let mut may_capture = gpu.cuda_graphs();
+        let mut capture_next = false;
         let mut previous_step: Option<StreamMark> = None;
         for (done, i) in (0..steps).rev().enumerate() {
             for (now, t) in state.timesteps.iter_mut().zip(&timesteps[i]) {
@@ -169,7 +172,8 @@ impl ComposedSampler<'_> {
             }
             match &graph {
                 Some(g) => gpu.launch_graph(g)?,
-                None if done == 1 && gpu.cuda_graphs() => {
+                None if capture_next => {
+                    (may_capture, capture_next) = (false, false);
                     match gpu
                         .capture(|| self.predict_gpu(gpu, models, images, first, b, &mut state, ws))
                     {
@@ -180,7 +184,14 @@ impl ComposedSampler<'_> {
                         }
                     }
                 }
-                None => self.predict_gpu(gpu, models, images, first, b, &mut state, ws)?,
+                None => {
+                    let allocations = ws.allocations();
+                    self.predict_gpu(gpu, models, images, first, b, &mut state, ws)?;
+                    // A step that took every buffer from the workspace will again: capture the
+                    // next one (never a step that may allocate, which a graph cannot replay).
+                    capture_next =
+                        may_capture && done + 1 < steps && ws.allocations() == allocations;
+                }
             }
             let params = match self.spec.sampler {
                 SamplerKind::Ddim { eta } => {
