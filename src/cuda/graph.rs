@@ -120,19 +120,24 @@ impl Gpu {
         }
     }
 
-    /// Copies `src` into the first `src.len()` elements of `dst`, on the stream.
-    pub fn copy<T: GpuFloat>(&self, src: &GpuBuffer<T>, dst: &mut GpuBuffer<T>) -> Result<()> {
-        let n = src.len();
-        if dst.len() < n {
+    /// Copies elements `offset .. offset + dst.len()` of `src` into `dst`, on the stream.
+    pub fn copy<T: GpuFloat>(
+        &self,
+        src: &GpuBuffer<T>,
+        offset: usize,
+        dst: &mut GpuBuffer<T>,
+    ) -> Result<()> {
+        let n = dst.len();
+        if offset.checked_add(n).is_none_or(|end| end > src.len()) {
             return Err(Error::Cuda(format!(
-                "copying {n} elements into a buffer of {}",
-                dst.len()
+                "copying {n} elements from element {offset} of a buffer of {}",
+                src.len()
             )));
         }
         if n == 0 {
             return Ok(());
         }
-        let from = src.slice().slice(..n);
+        let from = src.slice().slice(offset..offset + n);
         let mut to = dst.slice_mut().slice_mut(..n);
         self.stream
             .memcpy_dtod(&from, &mut to)

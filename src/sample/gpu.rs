@@ -130,13 +130,15 @@ impl ComposedSampler<'_> {
             })
             .collect::<Result<_>>()?;
         let steps = self.num_steps();
-        let timesteps: Vec<Vec<GpuBuffer<f32>>> = (0..steps)
-            .map(|i| {
-                let t = self.diffusion.model_timestep(i);
-                self.groups
-                    .iter()
-                    .map(|(_, rows)| gpu.upload::<f32>(&vec![t; rows.len() * b]))
-                    .collect::<Result<Vec<_>>>()
+        // Per group, every step's timestep for each of its rows: step i at `i * rows`.
+        let timesteps: Vec<GpuBuffer<f32>> = self
+            .groups
+            .iter()
+            .map(|(_, rows)| {
+                let per_step = (0..steps).flat_map(|i| {
+                    std::iter::repeat_n(self.diffusion.model_timestep(i), rows.len() * b)
+                });
+                gpu.upload::<f32>(&per_step.collect::<Vec<_>>())
             })
             .collect::<Result<_>>()?;
         let mut state = BatchState {
@@ -167,8 +169,9 @@ impl ComposedSampler<'_> {
         let mut capture_next = false;
         let mut previous_step: Option<StreamMark> = None;
         for (done, i) in (0..steps).rev().enumerate() {
-            for (now, t) in state.timesteps.iter_mut().zip(&timesteps[i]) {
-                gpu.copy(t, now)?;
+            for (now, all) in state.timesteps.iter_mut().zip(&timesteps) {
+                let rows = now.len();
+                gpu.copy(all, i * rows, now)?;
             }
             match &graph {
                 Some(g) => gpu.launch_graph(g)?,
