@@ -369,16 +369,26 @@ fn run_compose(args: &Args, cfg: ResolvedConfig, backend: &Backend) -> Result<()
         };
         Ok(ran)
     };
-    println!("| batch | s / run | images / s | GFLOP/s |");
-    println!("|---:|---:|---:|---:|");
+    // What the host enqueued in the last timed run: every kernel, or, with CUDA graphs, the
+    // first steps' kernels and a graph launch for each later step.
+    let launches = || match backend {
+        Backend::Cpu => (0, 0),
+        Backend::Cuda(g) => (g.kernel_launches(), g.graph_launches()),
+    };
+    println!("| batch | s / run | images / s | GFLOP/s | host launches / run |");
+    println!("|---:|---:|---:|---:|---|");
     let mut rows = Vec::new();
     for &n in &args.batch {
         let ran = run(n)?;
         let mut times = Vec::new();
+        let mut per_run = (0, 0);
         for _ in 0..args.iters {
+            let before = launches();
             let start = Instant::now();
             run(n)?;
             times.push(start.elapsed().as_secs_f64());
+            let after = launches();
+            per_run = (after.0 - before.0, after.1 - before.1);
         }
         times.sort_by(f64::total_cmp);
         let median = times[times.len() / 2];
@@ -388,12 +398,16 @@ fn run_compose(args: &Args, cfg: ResolvedConfig, backend: &Backend) -> Result<()
         } else {
             n.to_string()
         };
+        let host = match backend {
+            Backend::Cpu => "n/a".to_string(),
+            Backend::Cuda(_) => format!("{} kernels + {} graphs", per_run.0, per_run.1),
+        };
         println!(
-            "| {batch} | {median:.4} | {:.2} | {:.1} |",
+            "| {batch} | {median:.4} | {:.2} | {:.1} | {host} |",
             n as f64 / median,
             gflop * forwards as f64 / median
         );
-        rows.push(serde_json::json!({ "batch": n, "batch_ran": ran, "seconds_per_run": median, "images_per_second": n as f64 / median, "times": times }));
+        rows.push(serde_json::json!({ "batch": n, "batch_ran": ran, "seconds_per_run": median, "images_per_second": n as f64 / median, "times": times, "kernel_launches": per_run.0, "graph_launches": per_run.1 }));
     }
     if let Backend::Cuda(gpu) = backend {
         warn_graph_failure(gpu);

@@ -11,7 +11,7 @@ mod graph;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{
@@ -223,6 +223,8 @@ pub struct Gpu {
     graph_failure: Mutex<Option<String>>,
     /// See [`Gpu::graph_launches`].
     graph_launches: AtomicUsize,
+    /// See [`Gpu::kernel_launches`].
+    kernel_launches: AtomicUsize,
 }
 
 /// A profiled launch: the kernel's file under `kernels/` (without `.cu`) and name, and the
@@ -273,6 +275,7 @@ impl Gpu {
             cuda_graphs: AtomicBool::new(true),
             graph_failure: Mutex::new(None),
             graph_launches: AtomicUsize::new(0),
+            kernel_launches: AtomicUsize::new(0),
         }))
     }
 
@@ -383,10 +386,17 @@ impl Gpu {
         // SAFETY: every launch wrapper checks buffer lengths against the sizes it passes, and
         // the argument list matches the kernel's signature in kernels/<file>.cu.
         unsafe { builder.launch(cfg) }.map_err(cuda_err(&format!("launching `{name}`")))?;
+        self.kernel_launches.fetch_add(1, Ordering::Relaxed);
         if let (Some(marks), Some(start)) = (profile.as_mut(), start) {
             marks.push(((file.to_string(), name.to_string()), start, record()?));
         }
         Ok(())
+    }
+
+    /// Kernel launches the host has enqueued (or recorded into a graph) so far through this
+    /// handle: with [`Gpu::graph_launches`], what a stretch of work cost the host.
+    pub fn kernel_launches(&self) -> usize {
+        self.kernel_launches.load(Ordering::Relaxed)
     }
 
     /// A zeroed buffer of `len` elements.
