@@ -439,3 +439,30 @@ fn output_path_in_a_missing_directory() {
         "does not exist",
     );
 }
+
+/// A benchmark whose input alone is more than the machine's memory is refused up front (it
+/// used to abort in the allocator), and so is `--config` naming a directory.
+#[test]
+fn impossible_bench_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("huge.json");
+    std::fs::write(
+        &config,
+        r#"{"image_size": 4096, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1",
+            "attention_resolutions": "", "in_channels": 64}"#,
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    // 4096 images of 64x4096x4096 f32: 16 TiB.
+    fails(
+        &[
+            "bench", "--device", "cpu", "--config", &config, "--batch", "4096",
+        ],
+        "more than this machine's",
+    );
+    let folder = dir.path().display().to_string();
+    fails(
+        &["bench", "--device", "cpu", "--config", &folder],
+        "Is a directory",
+    );
+}

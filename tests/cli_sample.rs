@@ -171,6 +171,17 @@ fn job_fails(extra: serde_json::Value, needle: &str) {
     assert!(!out.exists(), "{extra}: output directory made");
 }
 
+/// A job file's `steps` and `timestep_respacing` conflict as the flags do, and its `out` may
+/// not be empty (the images would land beside the job file).
+#[test]
+fn job_file_conflicts_and_empty_out() {
+    job_fails(
+        serde_json::json!({ "timestep_respacing": "2" }),
+        "give `steps` or `timestep_respacing`, not both",
+    );
+    job_fails(serde_json::json!({ "out": "" }), "`out` is empty");
+}
+
 #[test]
 fn unknown_model_in_expert() {
     fails(
@@ -650,6 +661,67 @@ fn output_files_are_checked_before_sampling() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("record.json: is a directory"), "{err}");
     assert!(!out.join("000000.png").exists(), "an image was written");
+
+    // A numbered image that cannot be written, and a tensor over one of the run's own files.
+    let out = dir.path().join("out2");
+    std::fs::create_dir_all(out.join("000001.png")).unwrap();
+    let out_s = out.display().to_string();
+    let uncond = model("uncond");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["sample", "--model", &uncond];
+        args.extend_from_slice(&["--uncond", "uncond", "--steps", "2", "--num-samples", "2"]);
+        args.extend_from_slice(&["--out", &out_s]);
+        args.extend_from_slice(extra);
+        mcdm(&args)
+    };
+    let (code, err) = run(&[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("000001.png is a directory"), "{err}");
+    std::fs::remove_dir(out.join("000001.png")).unwrap();
+    for name in ["grid.png", "record.json", "000001.png"] {
+        let tensor = out.join(name).display().to_string();
+        let (code, err) = run(&["--save-tensor", &tensor]);
+        assert_eq!(code, Some(1), "{name}: {err}");
+        assert!(err.contains("the run writes that file itself"), "{err}");
+    }
+    assert!(!out.join("000000.png").exists(), "an image was written");
+}
+
+/// Model names must be usable in a term spec, and a path must follow `=`; a model no term uses
+/// is named in a warning (it is not loaded, so a wrong path would otherwise go unnoticed).
+#[test]
+fn bad_model_arguments() {
+    fails(
+        &["--model", "=x.safetensors", "--uncond", "u"],
+        "must be non-empty",
+    );
+    fails(
+        &["--model", "a,b=x.safetensors", "--uncond", "u"],
+        "without `,`",
+    );
+    fails(&["--model", "u=", "--uncond", "u"], "no path after `=`");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out").display().to_string();
+    let (code, err) = mcdm(&[
+        "sample",
+        "--model",
+        &model("uncond"),
+        "--model",
+        "s=/no/such/model.safetensors",
+        "--uncond",
+        "uncond",
+        "--steps",
+        "2",
+        "--num-samples",
+        "1",
+        "--out",
+        &out,
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("warning: model `s`") && err.contains("not loaded"),
+        "{err}"
+    );
 }
 
 /// A PNG whose header declares 30000x30000 pixels is refused before it is decoded.

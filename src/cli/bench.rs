@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 
 use mcdm::config::{resolve, PartialConfig, ResolvedConfig, Source};
 use mcdm::cuda::{Gpu, GpuFloat, KernelTime};
+use mcdm::model::workspace::check_host_memory;
 use mcdm::model::{Conditioning, GpuUNet, GpuWorkspace, LoadedModel, UNet, Workspace};
 use mcdm::sample::{
     Batched, ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, StepProgress,
@@ -30,7 +31,7 @@ pub struct Args {
     #[arg(long)]
     kernels: bool,
     /// Batch sizes.
-    #[arg(long, value_delimiter = ',', default_values_t = [1, 16])]
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
     batch: Vec<usize>,
     /// Timed forward passes per batch size (after one warm-up pass).
     #[arg(long, default_value_t = 3)]
@@ -181,6 +182,8 @@ pub fn run(args: Args) -> Result<()> {
     let mut profiles = Vec::new();
     for &n in &args.batch {
         let c = cfg.unet.in_channels;
+        let x_bytes = (n * c * size * size).saturating_mul(std::mem::size_of::<f32>());
+        check_host_memory(x_bytes, &format!("--batch {n}: the input"))?;
         let x: Vec<f32> = (0..n * c * size * size)
             .map(|i| ((i * 7919) % 2003) as f32 / 1001.0 - 1.0)
             .collect();

@@ -146,7 +146,8 @@ fn warn_graph_failure(gpu: &Gpu) {
 /// A config path given with `--config`, checked to exist so the error names the flag.
 fn config_arg(path: &Option<PathBuf>) -> Result<Option<&std::path::Path>> {
     match path {
-        Some(p) if !p.is_file() => bail!("--config {}: no such file", p.display()),
+        Some(p) if p.is_dir() => bail!("--config {}: is a directory", p.display()),
+        Some(p) if !p.exists() => bail!("--config {}: no such file", p.display()),
         Some(p) => Ok(Some(p.as_path())),
         None => Ok(None),
     }

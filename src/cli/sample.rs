@@ -33,10 +33,12 @@ enum Sampler {
 /// eps = eps_u + sum_i w_i (eps_i - eps_u).
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
-    # two experts (a sketch and a class) composed with an unconditional model (paper eq. 12)\n  \
+    # two experts (a sketch and a partial segmentation) composed with an unconditional model\n  \
+    # (paper eq. 12) on SynthFaces conditions from examples/ (image k takes condition k)\n  \
     mcdm sample --model u=weights/uncond.safetensors --model s=weights/sketch.safetensors \\\n    \
-    --model c=weights/classes.safetensors --uncond u \\\n    \
-    --expert s,image=examples/sketch.png --expert c,class=3,weight=1.5 --num-samples 16 --out out/\n\n  \
+    --model g=weights/segment.safetensors --uncond u \\\n    \
+    --expert s,image=examples/sketch.safetensors --expert g,image=examples/segment.safetensors,weight=1.5 \\\n    \
+    --num-samples 8 --out out/\n\n  \
     # classifier-free-guidance style: the null condition is class 0 of the same model\n  \
     mcdm sample --model c=m.safetensors --uncond c,class=0 --expert c,class=7,weight=3\n\n  \
     # a text expert conditioned on a prompt\n  \
@@ -67,6 +69,7 @@ pub struct Args {
     /// the default job examples/default.json runs.
     #[arg(long)]
     job: Option<PathBuf>,
+    /// The sampler (default ddim).
     #[arg(long, value_enum)]
     sampler: Option<Sampler>,
     /// DDIM eta, from 0 (deterministic) to 1 (DDPM-like noise); DDIM only.
@@ -81,12 +84,14 @@ pub struct Args {
     /// Clip each predicted x_0 to [-1, 1].
     #[arg(long, value_name = "true|false")]
     clip_denoised: Option<bool>,
+    /// Images to draw (default 4).
     #[arg(long)]
     num_samples: Option<usize>,
     /// Images per batch (default: all, at most 16 on the CPU and 64 on a GPU). On a GPU a batch
     /// that does not fit in memory is halved until it does.
     #[arg(long)]
     batch_size: Option<usize>,
+    /// Seed of all noise (default 0): image k is the same whatever the batch size.
     #[arg(long)]
     seed: Option<u64>,
     /// Initial noise: safetensors with `x_T` [N, 3, H, W], N = --num-samples.
@@ -95,7 +100,7 @@ pub struct Args {
     /// Also save the final samples (before quantisation) as `samples` [N, 3, H, W] f32.
     #[arg(long)]
     save_tensor: Option<PathBuf>,
-    /// Output directory.
+    /// Output directory (default `samples`).
     #[arg(long)]
     out: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Device::Auto)]
@@ -356,10 +361,17 @@ fn plan(args: &Args) -> Result<Plan> {
         Some(_) => bail!("{}", ctx("`models` must map names to paths")),
         None => Vec::new(),
     };
+    for (name, _) in &models {
+        check_model_name(name).with_context(|| ctx("models"))?;
+    }
     for (i, m) in args.models.iter().enumerate() {
         let (name, path) = m
             .split_once('=')
             .ok_or_else(|| anyhow!("--model `{m}`: expected NAME=PATH"))?;
+        check_model_name(name).with_context(|| format!("--model `{m}`"))?;
+        if path.is_empty() {
+            bail!("--model `{m}`: no path after `=`");
+        }
         if args.models[..i]
             .iter()
             .any(|earlier| earlier.split_once('=').is_some_and(|(n, _)| n == name))
@@ -398,7 +410,11 @@ fn plan(args: &Args) -> Result<Plan> {
             ctx(&format!("sampler `{other}` is unknown (ddim or ddpm)"))
         ),
     };
-    let steps = args.steps.or(get_u("steps")?.map(|s| s as usize));
+    let (job_steps, job_respacing) = (get_u("steps")?, get_str("timestep_respacing")?);
+    if job_steps.is_some() && job_respacing.is_some() {
+        bail!("{}", ctx("give `steps` or `timestep_respacing`, not both"));
+    }
+    let steps = args.steps.or(job_steps.map(|s| s as usize));
     if steps == Some(0) {
         bail!("--steps must be positive");
     }
@@ -406,7 +422,7 @@ fn plan(args: &Args) -> Result<Plan> {
         .timestep_respacing
         .clone()
         .or(steps.map(|s| s.to_string()))
-        .or(get_str("timestep_respacing")?);
+        .or(job_respacing);
     let num_samples = match args.num_samples {
         Some(n) => n,
         None => get_u("num_samples")?.map_or(Ok(4), usize::try_from)?,
@@ -444,6 +460,9 @@ fn plan(args: &Args) -> Result<Plan> {
         Sampler::Ddim => eta.unwrap_or(0.0),
         Sampler::Ddpm => 0.0,
     };
+    if get_str("out")?.is_some_and(|o| o.is_empty()) {
+        bail!("{}", ctx("`out` is empty"));
+    }
     let clip_denoised = match args.clip_denoised {
         Some(c) => c,
         None => job_value(&job, "clip_denoised", "true or false", Value::as_bool)?.unwrap_or(true),
@@ -544,6 +563,13 @@ pub fn run(args: Args) -> Result<()> {
     result
 }
 
+/// k for an image file name `NNNNNN.png` (six digits).
+fn image_number(name: &str) -> Option<usize> {
+    name.strip_suffix(".png")
+        .filter(|stem| stem.len() == 6)
+        .and_then(|stem| stem.parse().ok())
+}
+
 /// How many `NNNNNN.png` files in `dir` number `n` or more: images an earlier, larger run left.
 fn earlier_images(dir: &Path, n: usize) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -551,22 +577,53 @@ fn earlier_images(dir: &Path, n: usize) -> usize {
     };
     entries
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|name| {
-            name.strip_suffix(".png")
-                .filter(|stem| stem.len() == 6)
-                .and_then(|stem| stem.parse::<usize>().ok())
-                .is_some_and(|k| k >= n)
-        })
+        .filter(|name| image_number(name).is_some_and(|k| k >= n))
         .count()
 }
 
-/// Every file the run writes can be written.
+/// A model name that terms can refer to: not empty, and free of the separators of a term spec.
+fn check_model_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.contains([',', '=']) {
+        bail!("model name `{name}` must be non-empty, without `,` or `=`");
+    }
+    Ok(())
+}
+
+/// Every file the run writes can be written, and no two of them are the same file.
 fn check_outputs(args: &Args, plan: &Plan) -> Result<()> {
     for name in ["grid.png", "record.json"] {
         check_output_file(&plan.out.join(name), "--out")?;
     }
+    // The numbered images are written after sampling: one that cannot be would lose the run.
+    let ours = |name: &str| image_number(name).is_some_and(|k| k < plan.num_samples);
+    let entries =
+        std::fs::read_dir(&plan.out).with_context(|| format!("--out {}", plan.out.display()))?;
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if ours(&name) && entry.path().is_dir() {
+            bail!("--out: {} is a directory", entry.path().display());
+        }
+    }
     if let Some(path) = &args.save_tensor {
         check_output_file(path, "--save-tensor")?;
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let numbered = ours(name);
+        let in_out = |dir: &Path| {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            dir.canonicalize().ok() == plan.out.canonicalize().ok()
+        };
+        if (numbered || name == "grid.png" || name == "record.json")
+            && path.parent().is_some_and(in_out)
+        {
+            bail!(
+                "--save-tensor {}: the run writes that file itself; choose another name",
+                path.display()
+            );
+        }
     }
     Ok(())
 }
@@ -594,6 +651,14 @@ fn sample_plan(args: &Args, plan: &Plan, backend: Backend) -> Result<()> {
         .collect::<Result<_>>()?;
     used.sort();
     used.dedup();
+    for (m, (name, path)) in plan.models.iter().enumerate() {
+        if !used.contains(&m) {
+            eprintln!(
+                "warning: model `{name}` ({}) is not used by --uncond or any --expert: not loaded",
+                path.display()
+            );
+        }
+    }
     let mut loaded: Vec<LoadedModel> = Vec::new();
     for &m in &used {
         let (name, path) = &plan.models[m];

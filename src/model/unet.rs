@@ -15,7 +15,7 @@ use crate::ops::resample::{avg_pool2x, upsample_nearest2x};
 use crate::ops::silu;
 use crate::weights::SafetensorsFile;
 
-use super::workspace::Workspace;
+use super::workspace::{check_host_memory, Workspace};
 
 /// Reads parameters by key, recording every key asked for and every problem, so that a config
 /// that does not fit the weights is reported in full at once. Without a file it makes random
@@ -564,10 +564,17 @@ impl UNet {
         // cache-sized (about 1M floats for the widest level-0 tensor); results are unchanged.
         let per_image = h * w * self.config.level_channels()[0].max(c);
         let group = ((1usize << 20) / per_image.max(1)).clamp(1, n);
+        let oc = self.config.out_channels();
+        let floats = group
+            .saturating_mul(self.working_floats_per_image(h, w))
+            .saturating_add(n.saturating_mul(h * w).saturating_mul(c + oc));
+        check_host_memory(
+            floats.saturating_mul(std::mem::size_of::<f32>()),
+            &format!("a forward pass of {n} image(s) of {h}x{w}"),
+        )?;
         if group == n {
             return Ok(self.forward_group(x, shape, cond, ws));
         }
-        let oc = self.config.out_channels();
         let mut out = ws.take(n * h * w * oc);
         for first in (0..n).step_by(group) {
             let g = group.min(n - first);
@@ -733,6 +740,23 @@ impl UNet {
             ws.give(std::mem::replace(&mut act, next).data);
         }
         act
+    }
+
+    /// About how many floats a CPU forward pass of one `h` x `w` image holds at once, erring
+    /// high: the skips kept for the decoder, plus a few of the widest activation (a decoder
+    /// concatenation, its norm and the block's hidden layers, attention's q, k and v).
+    pub fn working_floats_per_image(&self, h: usize, w: usize) -> usize {
+        let levels = self.config.level_channels();
+        let mut skips = (h * w).saturating_mul(self.config.num_channels);
+        let mut widest = 0usize;
+        for (l, &ch) in levels.iter().enumerate() {
+            let pixels = (h >> l).max(1) * (w >> l).max(1);
+            let below = levels.get(l + 1).copied().unwrap_or(ch);
+            let blocks = self.config.num_res_blocks + 1;
+            skips = skips.saturating_add(pixels.saturating_mul(ch).saturating_mul(blocks));
+            widest = widest.max(pixels.saturating_mul(ch.saturating_add(below)));
+        }
+        skips.saturating_add(widest.saturating_mul(6))
     }
 
     /// Multiply-accumulates times two of one forward pass per image at `h x w`.

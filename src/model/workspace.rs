@@ -39,6 +39,34 @@ impl Workspace {
     }
 }
 
+/// The machine's memory in bytes (Linux: `MemTotal` of /proc/meminfo), where known: requests
+/// past it are refused up front, since where memory is overcommitted they would otherwise be
+/// granted and fail later, or abort the process.
+pub(crate) fn physical_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: usize = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
+}
+
+/// An error when `what` needs more than `bytes` of this machine's memory.
+pub fn check_host_memory(bytes: usize, what: &str) -> crate::Result<()> {
+    match physical_memory() {
+        Some(total) if bytes > total => Err(crate::Error::Input(format!(
+            "{what} needs about {} of memory, more than this machine's {}",
+            crate::error::human_bytes(bytes),
+            crate::error::human_bytes(total)
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Index of the smallest capacity that holds `len`, if any: the pools' reuse rule.
 pub(crate) fn best_fit(capacities: impl Iterator<Item = usize>, len: usize) -> Option<usize> {
     capacities

@@ -495,27 +495,13 @@ impl<'a> ComposedSampler<'a> {
             ))
         };
         // Where memory is overcommitted, a reservation beyond it can succeed and fail later.
-        if physical_memory().is_some_and(|total| bytes > total) {
+        if crate::model::workspace::physical_memory().is_some_and(|total| bytes > total) {
             return Err(too_big());
         }
         let mut samples = Vec::new();
         samples.try_reserve_exact(values).map_err(|_| too_big())?;
         Ok(samples)
     }
-}
-
-/// The machine's memory in bytes (Linux: `MemTotal` of /proc/meminfo), where known.
-fn physical_memory() -> Option<usize> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: usize = info
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))?
-        .trim()
-        .strip_suffix("kB")?
-        .trim()
-        .parse()
-        .ok()?;
-    kib.checked_mul(1024)
 }
 
 /// The most images one run samples: image k's noise is drawn for the 32-bit index k.
