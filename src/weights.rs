@@ -55,6 +55,22 @@ pub struct SafetensorsFile {
     metadata: BTreeMap<String, String>,
 }
 
+/// What a header that safetensors cannot read says about the file, in words.
+fn header_problem(e: &safetensors::SafeTensorError, file_len: usize) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::HeaderTooSmall | E::InvalidHeaderLength | E::MetadataIncompleteBuffer => format!(
+            "truncated, or not safetensors: its {file_len} bytes end before the header or the \
+             data the header declares ({e:?})"
+        ),
+        E::HeaderTooLarge | E::InvalidHeaderStart | E::InvalidHeader => format!(
+            "not safetensors: it does not start with an 8-byte header length and a JSON header \
+             ({e:?}); a PyTorch checkpoint (.pt) converts with tools/convert_pt.py"
+        ),
+        _ => format!("{e:?}"),
+    }
+}
+
 impl SafetensorsFile {
     /// Maps `path` and validates its header (offsets, sizes, dtypes).
     pub fn open(path: &Path) -> Result<Self> {
@@ -82,7 +98,7 @@ impl SafetensorsFile {
             reason,
         };
         let (header_len, meta) =
-            SafeTensors::read_metadata(&map).map_err(|e| bad(format!("{e:?}")))?;
+            SafeTensors::read_metadata(&map).map_err(|e| bad(header_problem(&e, map.len())))?;
         let data_start = 8 + header_len;
         let mut entries = BTreeMap::new();
         for (name, info) in meta.tensors() {

@@ -253,6 +253,8 @@ fn bad_settings_are_errors() {
     ] {
         assert!(space_timesteps(1000, spec).is_err(), "`{spec}`");
     }
+    let err = space_timesteps(1000, "99999999999999999999").unwrap_err();
+    assert!(err.to_string().contains("is too large"), "{err}");
     // An exact integer stride exists for ddim7 at T=1000 (143), none for ddim33 at T=100.
     assert_eq!(space_timesteps(1000, "ddim7").unwrap().len(), 7);
     assert!(space_timesteps(100, "ddim33").is_err());

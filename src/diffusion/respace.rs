@@ -93,5 +93,7 @@ fn parse_int(s: &str, spec: &str) -> Result<i64> {
     if !well_formed {
         return Err(bad());
     }
-    t.replace('_', "").parse().map_err(|_| bad())
+    t.replace('_', "")
+        .parse()
+        .map_err(|_| Error::Diffusion(format!("timestep_respacing `{spec}`: `{s}` is too large")))
 }
