@@ -458,7 +458,7 @@ fn impossible_bench_sizes() {
         &[
             "bench", "--device", "cpu", "--config", &config, "--batch", "4096",
         ],
-        "more than this machine's",
+        "this machine has available",
     );
     let folder = dir.path().display().to_string();
     fails(

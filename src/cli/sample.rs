@@ -806,6 +806,12 @@ fn sample_plan(args: &Args, plan: &Plan, backend: Backend) -> Result<()> {
         None => None,
     };
 
+    // The samples (f32), then their 8-bit images and the grid, all held at the end of the run.
+    let values = n.saturating_mul(3 * h * w);
+    mcdm::model::workspace::check_host_memory(
+        values.saturating_mul(std::mem::size_of::<f32>() + 2),
+        &format!("the output of {n} images of {h}x{w} (samples, 8-bit copies, grid)"),
+    )?;
     let steps = sampler.num_steps();
     let batch_size = plan.batch_size.unwrap_or(match backend {
         Backend::Cpu => n.min(16),

@@ -39,29 +39,33 @@ impl Workspace {
     }
 }
 
-/// The machine's memory in bytes (Linux: `MemTotal` of /proc/meminfo), where known: requests
-/// past it are refused up front, since where memory is overcommitted they would otherwise be
-/// granted and fail later, or abort the process.
-pub(crate) fn physical_memory() -> Option<usize> {
+/// The memory this machine can give a process now, in bytes (Linux: `MemAvailable` of
+/// /proc/meminfo, else `MemTotal`), where known: requests past it are refused up front, since
+/// where memory is overcommitted they would otherwise be granted and fail later, or abort the
+/// process.
+pub(crate) fn available_memory() -> Option<usize> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: usize = info
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))?
-        .trim()
-        .strip_suffix("kB")?
-        .trim()
-        .parse()
-        .ok()?;
-    kib.checked_mul(1024)
+    let field = |name: &str| -> Option<usize> {
+        let kib: usize = info
+            .lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()?;
+        kib.checked_mul(1024)
+    };
+    field("MemAvailable:").or_else(|| field("MemTotal:"))
 }
 
-/// An error when `what` needs more than `bytes` of this machine's memory.
+/// An error when `what` needs more than the `bytes` of memory this machine has available.
 pub fn check_host_memory(bytes: usize, what: &str) -> crate::Result<()> {
-    match physical_memory() {
-        Some(total) if bytes > total => Err(crate::Error::Input(format!(
-            "{what} needs about {} of memory, more than this machine's {}",
+    match available_memory() {
+        Some(available) if bytes > available => Err(crate::Error::Input(format!(
+            "{what} needs about {} of memory, more than the {} this machine has available",
             crate::error::human_bytes(bytes),
-            crate::error::human_bytes(total)
+            crate::error::human_bytes(available)
         ))),
         _ => Ok(()),
     }

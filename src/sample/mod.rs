@@ -495,7 +495,7 @@ impl<'a> ComposedSampler<'a> {
             ))
         };
         // Where memory is overcommitted, a reservation beyond it can succeed and fail later.
-        if crate::model::workspace::physical_memory().is_some_and(|total| bytes > total) {
+        if crate::model::workspace::available_memory().is_some_and(|free| bytes > free) {
             return Err(too_big());
         }
         let mut samples = Vec::new();
