@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 /// the launch completes.)
 pub struct GpuGraph(CudaGraph);
 
-/// A point in the stream's work ([`Gpu::mark`]).
+/// A point in the stream's work, set by [`Gpu::mark`] (and moved by setting it again).
 pub struct StreamMark(CudaEvent);
 
 impl StreamMark {
@@ -29,14 +29,21 @@ impl StreamMark {
 }
 
 impl Gpu {
-    /// Marks the work enqueued so far, so that the host can wait for it and no longer.
-    pub fn mark(&self) -> Result<StreamMark> {
-        self.refuse_while_capturing("marking the stream")?;
+    /// A mark for [`Gpu::mark`], made once and set as often as needed.
+    pub fn new_mark(&self) -> Result<StreamMark> {
         // Blocking: a host waiting for a step sleeps instead of spinning a core.
         let flags = CUevent_flags::CU_EVENT_BLOCKING_SYNC;
-        self.stream
-            .record_event(Some(flags))
+        self.ctx
+            .new_event(Some(flags))
             .map(StreamMark)
+            .map_err(cuda_err("creating an event"))
+    }
+
+    /// Sets `mark` at the work enqueued so far, so that the host can wait for it and no longer.
+    pub fn mark(&self, mark: &StreamMark) -> Result<()> {
+        self.refuse_while_capturing("marking the stream")?;
+        mark.0
+            .record(&self.stream)
             .map_err(cuda_err("recording an event"))
     }
 

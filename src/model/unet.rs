@@ -568,10 +568,14 @@ impl UNet {
         let floats = group
             .saturating_mul(self.working_floats_per_image(h, w))
             .saturating_add(n.saturating_mul(h * w).saturating_mul(c + oc));
-        check_host_memory(
-            floats.saturating_mul(std::mem::size_of::<f32>()),
-            &format!("a forward pass of {n} image(s) of {h}x{w}"),
-        )?;
+        // Once per size the workspace has not yet served, not on every pass of a sampling run.
+        if floats > ws.memory_checked {
+            check_host_memory(
+                floats.saturating_mul(std::mem::size_of::<f32>()),
+                &format!("a forward pass of {n} image(s) of {h}x{w}"),
+            )?;
+            ws.memory_checked = floats;
+        }
         if group == n {
             return Ok(self.forward_group(x, shape, cond, ws));
         }

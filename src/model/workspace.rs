@@ -9,6 +9,8 @@ pub struct Workspace {
     free: Vec<Vec<f32>>,
     /// im2col scratch for convolutions.
     pub(crate) scratch: Vec<f32>,
+    /// The largest forward pass (in floats) already checked against the available memory.
+    pub(crate) memory_checked: usize,
 }
 
 impl Workspace {

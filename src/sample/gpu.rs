@@ -7,7 +7,7 @@
 use cudarc::driver::CudaSlice;
 
 use super::{check_finite, run_in_batches, ComposedSampler, StepProgress, INIT_NOISE_STEP};
-use crate::cuda::{Gpu, GpuBuffer, GpuFloat, GpuGraph, StreamMark};
+use crate::cuda::{Gpu, GpuBuffer, GpuFloat, GpuGraph};
 use crate::error::{Error, Result};
 use crate::model::{GpuConditioning, GpuUNet, GpuWorkspace};
 use crate::ops::layout::{pack_input_gpu, unpack_output_gpu};
@@ -100,8 +100,9 @@ impl ComposedSampler<'_> {
 
     /// One batch, every step: launch by launch until a step allocated nothing (the first sizes
     /// the workspace; best fit may need a second), then, unless [`Gpu::cuda_graphs`] is off, by
-    /// replaying the models' work of the next step, recorded once as a CUDA graph. The buffers that work touches keep their addresses: the state is updated
-    /// in place and each step's timesteps are copied into one buffer per group.
+    /// replaying the models' work of the next step, recorded once as a CUDA graph. The buffers
+    /// that work touches keep their addresses: the state is updated in place and each step's
+    /// timesteps are copied into one buffer per group.
     #[allow(clippy::too_many_arguments)]
     fn sample_batch_gpu<T: GpuFloat>(
         &self,
@@ -167,7 +168,8 @@ impl ComposedSampler<'_> {
         // One capture at most per batch: a failed one leaves the batch to launches.
         let mut may_capture = gpu.cuda_graphs();
         let mut capture_next = false;
-        let mut previous_step: Option<StreamMark> = None;
+        // Two marks, set at the end of alternate steps.
+        let marks = [gpu.new_mark()?, gpu.new_mark()?];
         for (done, i) in (0..steps).rev().enumerate() {
             for (now, all) in state.timesteps.iter_mut().zip(&timesteps) {
                 let rows = now.len();
@@ -222,8 +224,9 @@ impl ComposedSampler<'_> {
             )?;
             // One step in flight: the host waits for the one before, so that progress follows
             // the GPU instead of the host queueing the whole run at once.
-            if let Some(before) = previous_step.replace(gpu.mark()?) {
-                before.wait()?;
+            gpu.mark(&marks[done % 2])?;
+            if done > 0 {
+                marks[(done - 1) % 2].wait()?;
                 on_step();
             }
         }
