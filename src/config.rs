@@ -2,7 +2,8 @@
 //!
 //! A config is resolved from up to four sources, in order: an explicit JSON file, `<stem>.json`
 //! beside the weights, a `config` entry in the safetensors metadata, and inference from the
-//! weights' key names and shapes. Fields that none of them gives take the reference default of
+//! weights' key names and shapes; each field comes from the first source that gives it. Fields
+//! that none of them gives take the reference default of
 //! `model_and_diffusion_defaults()`; [`ResolvedConfig::sources`] says where each field came from.
 
 use std::collections::BTreeMap;

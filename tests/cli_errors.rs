@@ -274,7 +274,11 @@ fn config_field_that_cannot_be_inferred() {
     s.edit_config(|c| {
         c.remove("num_channels");
     });
-    s.edit_weights(|raw| raw.retain(|t| !t.0.starts_with("time_embed.0.")));
+    // Nor in the metadata's config, which would give it.
+    let path = s.path("model.safetensors");
+    let (mut raw, _) = read_raw(&path);
+    raw.retain(|t| !t.0.starts_with("time_embed.0."));
+    write_raw(&path, &raw, None);
     s.forward_fails("`num_channels` is not in the config and cannot be inferred");
 }
 
@@ -310,6 +314,65 @@ fn inspect_reports_sources() {
     // No JSON beside `model.safetensors`: the config comes from the metadata.
     assert!(text.contains("(metadata)"), "{text}");
     assert!(text.contains("GFLOP per image"), "{text}");
+}
+
+/// `--config`, `<stem>.json` and the metadata each give some fields: every field comes from the
+/// first that holds it, and `inspect` names the file when two contribute.
+#[test]
+fn config_fields_come_from_the_first_source_that_gives_them() {
+    let s = Setup::new();
+    std::fs::write(s.path("model.json"), r#"{"noise_schedule": "cosine"}"#).unwrap();
+    std::fs::write(
+        s.path("extra.json"),
+        r#"{"diffusion_steps": 500, "noise_schedule": "linear"}"#,
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mcdm"))
+        .args(["inspect", &s.s("model.safetensors")])
+        .args(["--config", &s.s("extra.json")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let field = |key: &str| field_of(&text, key);
+    // `--config` wins over `model.json`, which then gives nothing.
+    assert_eq!(field("diffusion_steps"), "500 (file)");
+    assert_eq!(field("noise_schedule"), "\"linear\" (file)");
+    // From the metadata (the reference default is -1).
+    assert_eq!(field("num_heads_upsample"), "2 (metadata)");
+    // Where `--config` is silent, `model.json` gives the field; two files: each is named.
+    std::fs::write(s.path("extra.json"), r#"{"diffusion_steps": 500}"#).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mcdm"))
+        .args(["inspect", &s.s("model.safetensors")])
+        .args(["--config", &s.s("extra.json")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        field_of(&text, "diffusion_steps"),
+        format!("500 ({})", s.s("extra.json"))
+    );
+    assert_eq!(
+        field_of(&text, "noise_schedule"),
+        format!("\"cosine\" ({})", s.s("model.json"))
+    );
+    assert_eq!(field_of(&text, "num_heads_upsample"), "2 (metadata)");
+}
+
+/// The value and source `mcdm inspect` prints for config field `key`.
+fn field_of(text: &str, key: &str) -> String {
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{key} ")))
+        .unwrap_or_else(|| panic!("no `{key}` in:\n{text}"));
+    line.split_whitespace()
+        .skip(1)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Finite inputs far out of scale overflow inside the network: an error, nothing written.

@@ -16,7 +16,8 @@ use super::{backend, config_arg, Backend, Device, Dtype};
 /// Run one forward pass, e.g. to check a converted checkpoint against PyTorch.
 #[derive(clap::Args)]
 #[command(after_help = "Examples:\n  \
-    mcdm forward --model weights/face.safetensors --input in.safetensors --output out.safetensors\n\n\
+    mcdm forward --model tests/fixtures/unet/attn_ds1_dropout.safetensors \\\n    \
+    --input tests/fixtures/unet/attn_ds1_dropout.io.safetensors --output out.safetensors\n\n\
     IN holds `x` [B, C, H, W] f32 (NCHW), `t` [B] (f32 or i64; fed to the network as it is),\n\
     optional `y` [B] i64 class labels and optional `emb` [B, D] f32.\n\
     OUT holds `out` [B, out_channels, H, W] f32.")]
@@ -24,7 +25,8 @@ pub struct Args {
     /// Model weights (safetensors with guided-diffusion key names).
     #[arg(long)]
     model: PathBuf,
-    /// Model config (JSON); default: <model stem>.json, then the file's metadata, then inference.
+    /// Model config (JSON). Each field comes from the first of this file, <model stem>.json and
+    /// the file's `config` metadata that gives it; the rest are inferred from the weights.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Input tensors.

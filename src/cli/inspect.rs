@@ -14,7 +14,8 @@ use super::config_arg;
 pub struct Args {
     /// Model weights (safetensors).
     model: PathBuf,
-    /// Model config (JSON); default: <model stem>.json, then the file's metadata, then inference.
+    /// Model config (JSON). Each field comes from the first of this file, <model stem>.json and
+    /// the file's `config` metadata that gives it; the rest are inferred from the weights.
     #[arg(long)]
     config: Option<PathBuf>,
 }
@@ -32,7 +33,7 @@ pub fn run(args: Args) -> Result<()> {
             _ => None,
         })
         .collect();
-    for file in files {
+    for file in &files {
         println!("config file: {file}");
     }
     println!(
@@ -41,11 +42,12 @@ pub fn run(args: Args) -> Result<()> {
     let json = cfg.unet.to_json(&cfg.diffusion);
     if let Some(map) = json.as_object() {
         for (key, value) in map {
-            let source = cfg
-                .sources
-                .get(key.as_str())
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| "derived".into());
+            let source = match cfg.sources.get(key.as_str()) {
+                // Two config files: name the one the field came from.
+                Some(mcdm::config::Source::File(path)) if files.len() > 1 => path.clone(),
+                Some(source) => source.to_string(),
+                None => "derived".into(),
+            };
             println!("  {key:<24} {:<16} ({source})", value.to_string());
         }
     }

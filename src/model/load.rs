@@ -1,4 +1,4 @@
-//! Opening a model file: the weights, the config from the first source that has one, the UNet.
+//! Opening a model file: the weights, the config from its sources, the UNet.
 
 use std::path::Path;
 
@@ -15,9 +15,10 @@ pub struct LoadedModel {
     pub unet: UNet,
 }
 
-/// Resolves the config of `file`: the explicit `config` path, else `<stem>.json` beside the
-/// weights, else the `config` metadata entry; fields none of them gives are inferred from the
-/// weights or take their documented defaults.
+/// Resolves the config of `file` from, in order, the explicit `config` path, `<stem>.json`
+/// beside the weights and the `config` metadata entry: each field comes from the first of them
+/// that holds it; fields none of them gives are inferred from the weights or take their
+/// documented defaults.
 pub fn resolve_config(file: &SafetensorsFile, config: Option<&Path>) -> Result<ResolvedConfig> {
     let read = |path: &Path| -> Result<(Source, PartialConfig)> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
@@ -25,20 +26,21 @@ pub fn resolve_config(file: &SafetensorsFile, config: Option<&Path>) -> Result<R
             .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         Ok((Source::File(path.display().to_string()), partial))
     };
+    let mut sources = Vec::new();
+    if let Some(path) = config {
+        sources.push(read(path)?);
+    }
     let beside = file.path().with_extension("json");
-    let source = if let Some(path) = config {
-        Some(read(path)?)
-    } else if beside.is_file() {
-        Some(read(&beside)?)
-    } else if let Some(text) = file.metadata().get("config") {
+    if beside.is_file() && config != Some(beside.as_path()) {
+        sources.push(read(&beside)?);
+    }
+    if let Some(text) = file.metadata().get("config") {
         let partial = PartialConfig::from_json(text).map_err(|e| {
             Error::Config(format!("{} metadata `config`: {e}", file.path().display()))
         })?;
-        Some((Source::Metadata, partial))
-    } else {
-        None
-    };
-    resolve(source.as_slice(), &file.shapes())
+        sources.push((Source::Metadata, partial));
+    }
+    resolve(&sources, &file.shapes())
 }
 
 impl LoadedModel {
