@@ -346,8 +346,8 @@ fn bad_term_syntax() {
 
 #[test]
 fn text_prompt_needs_a_384_wide_model() {
-    if std::env::var_os("MCDM_SKIP_TEXT_TESTS").is_some() {
-        eprintln!("skipped: MCDM_SKIP_TEXT_TESTS is set");
+    if common::text_tests_skipped() {
+        eprintln!("MCDM_SKIP_TEXT_TESTS=1: skipping a test that needs the text model");
         return;
     }
     // The fixture text model takes a 16-wide embedding, not MiniLM's 384.
@@ -391,8 +391,8 @@ fn default_job_runs_without_arguments() {
 /// A prompt given as text= samples exactly as its embedding from `mcdm encode-text` does.
 #[test]
 fn text_prompt_equals_its_encoded_embedding() {
-    if std::env::var_os("MCDM_SKIP_TEXT_TESTS").is_some() {
-        eprintln!("skipped: MCDM_SKIP_TEXT_TESTS is set");
+    if common::text_tests_skipped() {
+        eprintln!("MCDM_SKIP_TEXT_TESTS=1: skipping a test that needs the text model");
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));

@@ -387,7 +387,7 @@ fn kernel_images_fit_the_gpu_or_compile_at_first_use() {
 #[test]
 fn encode_text_on_the_fake_gpu_as_on_the_cpu() {
     let Some(driver) = fake_driver() else { return };
-    if std::env::var("MCDM_SKIP_TEXT_TESTS").is_ok_and(|v| v == "1") {
+    if common::text_tests_skipped() {
         eprintln!("MCDM_SKIP_TEXT_TESTS=1: skipping the GPU text encoder on the fake driver");
         return;
     }

@@ -131,10 +131,6 @@ fn gelu_matches_cpu() {
     });
 }
 
-fn skip_text_tests() -> bool {
-    std::env::var("MCDM_SKIP_TEXT_TESTS").is_ok_and(|v| v == "1")
-}
-
 fn fixture_texts() -> Vec<String> {
     let path = fixtures("text/sentences.json");
     let json: serde_json::Value = serde_json::from_str(
@@ -178,7 +174,7 @@ fn compare<T: GpuFloat>(
 #[test]
 fn encoder_matches_cpu() {
     let Some(g) = gpu("text encoder") else { return };
-    if skip_text_tests() {
+    if common::text_tests_skipped() {
         eprintln!("MCDM_SKIP_TEXT_TESTS=1: skipping the GPU text encoder test");
         return;
     }

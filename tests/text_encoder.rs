@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+mod common;
+
 use mcdm::text::TextEncoder;
 use mcdm::weights::SafetensorsFile;
 use mcdm::Error;
@@ -19,14 +21,10 @@ fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/text")
 }
 
-fn skip_requested() -> bool {
-    std::env::var("MCDM_SKIP_TEXT_TESTS").is_ok_and(|v| v == "1")
-}
-
 /// The encoder, loaded once for all tests; None when the tests are to be skipped.
 fn encoder() -> Option<&'static TextEncoder> {
     static ENCODER: OnceLock<Result<TextEncoder, String>> = OnceLock::new();
-    if skip_requested() {
+    if common::text_tests_skipped() {
         eprintln!("MCDM_SKIP_TEXT_TESTS=1: skipping a test that needs the text model");
         return None;
     }

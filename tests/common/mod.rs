@@ -17,6 +17,11 @@ pub fn fixtures(sub: &str) -> PathBuf {
         .join(sub)
 }
 
+/// `MCDM_SKIP_TEXT_TESTS=1`: the tests that need the MiniLM model skip instead of failing.
+pub fn text_tests_skipped() -> bool {
+    std::env::var("MCDM_SKIP_TEXT_TESTS").is_ok_and(|v| v == "1")
+}
+
 /// ||a - b|| / ||b||.
 pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
