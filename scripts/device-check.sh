@@ -55,8 +55,9 @@ for line in sys.stdin:
     exit 0
 fi
 
-# Only 8 files come back from $OUT: logs go to $LOG, and $OUT gets summary.txt (written as the
-# check goes), report.md (tools/bench_report.py: the page for benches/results/) and logs.tar.gz.
+# Only 8 files come back from $OUT: logs go to $LOG, and $OUT gets summary.txt, report.md
+# (tools/bench_report.py: the page for benches/results/) and logs.tar.gz, all three kept current
+# as the check goes.
 OUT=${OUT:-/tmp/device-check-out}
 LOG=/tmp/device-check
 rm -rf "$LOG" && mkdir -p "$OUT" "$LOG"
@@ -68,7 +69,14 @@ tar -C "$ROOT" -xJf "$PACK/pack.tar.xz" 2>/dev/null \
 export MCDM_FIXTURES=$PWD/tests/fixtures MCDM_TEXT_MODEL=$ROOT/text-model
 BIN=$ROOT/mcdm
 : >"$LOG/summary.txt"
-record() { printf '%-40s %s\n' "$1" "$2" | tee -a "$LOG/summary.txt"; cp "$LOG/summary.txt" "$OUT/summary.txt"; }
+# The report and the logs are rewritten after every step: should the device tool's limit cut the
+# run short (a slow machine start leaves less than timeout_s), what ran so far still comes back.
+snapshot() {
+    python3 tools/bench_report.py "$LOG" >"$OUT/report.md.tmp" 2>/dev/null && mv "$OUT/report.md.tmp" "$OUT/report.md"
+    tar -czf "$OUT/logs.tar.gz.tmp" -C "$LOG" . 2>/dev/null && mv "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"
+    true
+}
+record() { printf '%-40s %s\n' "$1" "$2" | tee -a "$LOG/summary.txt"; cp "$LOG/summary.txt" "$OUT/summary.txt"; snapshot; }
 
 # step LABEL MAX_SECONDS LOG CMD...: runs CMD with at most MAX_SECONDS (less if the deadline is
 # nearer), output to $LOG/LOG; returns CMD's status, 124 on timeout, 125 when no time is left.
@@ -187,8 +195,7 @@ torch_bench "--fp16 --compile"
 # 4. With the time left: racecheck on every conv variant (cp.async pipelines, ldmatrix reads).
 sanitize racecheck conv-variants 90 "$ROOT/tests/gpu_ops" --nocapture --test-threads 1 conv_matches_cpu
 
-python3 tools/bench_report.py "$LOG" >"$OUT/report.md" || true
-tar -czf "$OUT/logs.tar.gz" -C "$LOG" . || true
+snapshot
 echo
 echo "== device check ($SECONDS s) =="
 cat "$LOG/bench-kernels.log" 2>/dev/null || true
