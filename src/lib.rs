@@ -17,3 +17,8 @@ pub mod diffusion;
 pub mod rng;
 pub mod sample;
 pub mod text;
+
+/// The README's Rust example, compiled and run by `cargo test`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -20,12 +20,13 @@ use super::{backend, check_output_file, warn_graph_failure, Backend, Device, Dty
 #[derive(clap::Args)]
 #[command(after_help = "Example:\n  \
     mcdm bench --config tools/configs/bench-cpu.json --batch 1,16 --output benches/results/cpu.json\n\n\
-    Compare with the same config in PyTorch: python tools/bench_torch.py --config tools/configs/bench-cpu.json")]
+    Compare with the same config in PyTorch: python tools/bench_torch.py tools/configs/bench-cpu.json")]
 pub struct Args {
     /// Model config (JSON, guided-diffusion flag names).
     #[arg(long, required_unless_present = "kernels")]
     config: Option<PathBuf>,
-    /// Time single GPU kernels at the workload's shapes instead (conv, attention, group norm),
+    /// Time single GPU kernels instead (conv, attention, group norm; fixed shapes of the
+    /// ImageNet-64 ADM and 256x256 face workloads, no --config needed),
     /// in TFLOP/s or GB/s and as a share of this GPU's measured peaks (tensor-core or FMA
     /// throughput, copy bandwidth); each the median of --iters runs timed by CUDA events.
     #[arg(long)]

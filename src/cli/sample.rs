@@ -50,11 +50,11 @@ Conditions: image=PATH takes a PNG (scaled to [-1, 1]; gray gives 1 channel, RGB
 safetensors file with `cond` [C, H, W] or [1 or >= N, C, H, W] (image k takes item k);\n\
 embedding=PATH a safetensors file with `embedding` [D] or [1 or >= N, D];\n\
 text=PROMPT (last in the spec) is encoded with all-MiniLM-L6-v2 for models with embed_dim 384 (scripts/fetch-text-model.sh gets the encoder).\n\
-An unconditional term on a conditional model uses class=K (required), and zeros for an image or\n\
-embedding it is not given.\n\n\
+An unconditional term on a class-conditional model needs class=K (the null class); on an image\n\
+or embedding model, a condition it is not given is zeros.\n\n\
 Output: OUT/000000.png ..., OUT/grid.png, OUT/record.json (everything to reproduce the run).")]
 pub struct Args {
-    /// A model: NAME=PATH to safetensors weights (config: <stem>.json, metadata, or inferred).
+    /// A model: NAME=PATH to safetensors weights (config: <stem>.json, then metadata, then inferred).
     #[arg(long = "model", value_name = "NAME=PATH")]
     models: Vec<String>,
     /// An expert: NAME[,class=K][,image=PATH][,embedding=PATH][,weight=W][,text=PROMPT]
@@ -69,10 +69,10 @@ pub struct Args {
     /// the default job examples/default.json runs.
     #[arg(long)]
     job: Option<PathBuf>,
-    /// The sampler (default ddim).
+    /// The sampler (default: the job's, else ddim).
     #[arg(long, value_enum)]
     sampler: Option<Sampler>,
-    /// DDIM eta, from 0 (deterministic) to 1 (DDPM-like noise); DDIM only.
+    /// DDIM eta, from 0 (deterministic, the default) to 1 (DDPM-like noise); DDIM only.
     #[arg(long)]
     eta: Option<f32>,
     /// Respacing: "N", sections "10,10,5" or "ddimN" (default: the unconditional model's, else 50).
@@ -81,10 +81,10 @@ pub struct Args {
     /// Number of evenly spaced steps (same as --timestep-respacing N).
     #[arg(long)]
     steps: Option<usize>,
-    /// Clip each predicted x_0 to [-1, 1].
+    /// Clip each predicted x_0 to [-1, 1] (default true).
     #[arg(long, value_name = "true|false")]
     clip_denoised: Option<bool>,
-    /// Images to draw (default 4).
+    /// Images to draw (default: the job's, else 4).
     #[arg(long)]
     num_samples: Option<usize>,
     /// Images per batch (default: all, at most 16 on the CPU and 64 on a GPU). On a GPU a batch

@@ -1,8 +1,8 @@
 //! Composed sampling on the GPU: the state, conditions and eps predictions stay on the device;
 //! each step packs the inputs of every model group, runs its batched forward pass, unpacks the
 //! eps (and the unconditional variance) and applies the fused combine-and-update kernel with
-//! in-kernel Philox noise. The host only enqueues work: after the first step, the models' work
-//! of a step is one CUDA graph launch.
+//! in-kernel Philox noise. The host only enqueues work: once a step has run without allocating
+//! (usually the second), the models' work of each later step is one CUDA graph launch.
 
 use cudarc::driver::CudaSlice;
 
