@@ -27,9 +27,19 @@ impl<'a> Mat<'a> {
             cs: cols,
         }
     }
+    /// Whether every element of a `rows x cols` view lies in `data` (overflow: it does not).
     fn fits(&self, rows: usize, cols: usize) -> bool {
-        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+        rows == 0
+            || cols == 0
+            || last_index(rows, cols, self.rs, self.cs).is_some_and(|i| i < self.data.len())
     }
+}
+
+/// `(rows - 1) * rs + (cols - 1) * cs`, or None where it overflows; rows and cols are positive.
+fn last_index(rows: usize, cols: usize, rs: usize, cs: usize) -> Option<usize> {
+    (rows - 1)
+        .checked_mul(rs)?
+        .checked_add((cols - 1).checked_mul(cs)?)
 }
 
 /// `dst[m x n] (row stride dst_rs) = (accumulate ? dst : 0) + scale * lhs[m x k] * rhs[k x n]`.
@@ -50,8 +60,13 @@ pub fn matmul(
     if m == 0 || n == 0 {
         return;
     }
+    // Checked arithmetic: with wrapping strides the check could pass while gemm writes
+    // outside `dst`. Rows of `dst` must not overlap (gemm's threads write them in parallel).
     assert!(
-        (m - 1) * dst_rs + n <= dst.len() && lhs.fits(m, k) && rhs.fits(k, n),
+        last_index(m, n, dst_rs, 1).is_some_and(|i| i < dst.len())
+            && (m == 1 || dst_rs >= n)
+            && lhs.fits(m, k)
+            && rhs.fits(k, n),
         "matmul operands out of bounds"
     );
     if k == 0 {
@@ -62,7 +77,7 @@ pub fn matmul(
         }
         return;
     }
-    let par = if parallel && m * n * k >= 1 << 15 {
+    let par = if parallel && m.saturating_mul(n).saturating_mul(k) >= 1 << 15 {
         Parallelism::Rayon(0)
     } else {
         Parallelism::None
@@ -89,6 +104,76 @@ pub fn matmul(
             false,
             false,
             par,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 2x3 times 3x2 product with a transposed rhs into rows of stride 3 (one padding column).
+    #[test]
+    fn strided_product() {
+        let lhs = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let rhs_t = [1.0, 0.0, -1.0, 2.0, 1.0, 0.5]; // rhs^T, 2x3
+        let mut dst = [9.0f32; 6];
+        let rhs = Mat::transposed(&rhs_t, 3);
+        matmul(
+            &mut dst,
+            3,
+            2,
+            2,
+            3,
+            Mat::rows(&lhs, 3),
+            rhs,
+            false,
+            1.0,
+            false,
+        );
+        assert_eq!(dst, [-2.0, 5.5, 9.0, -2.0, 16.0, 9.0]);
+    }
+
+    /// Strides whose offsets wrap around usize are refused before gemm can write outside `dst`.
+    #[test]
+    #[should_panic(expected = "matmul operands out of bounds")]
+    fn wrapping_dst_stride_is_refused() {
+        let mut dst = [0.0f32; 2];
+        let (lhs, rhs) = ([1.0; 2], [1.0; 2]);
+        matmul(
+            &mut dst,
+            usize::MAX,
+            2,
+            2,
+            1,
+            Mat::rows(&lhs, 1),
+            Mat::rows(&rhs, 2),
+            false,
+            1.0,
+            false,
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "matmul operands out of bounds")]
+    fn wrapping_operand_stride_is_refused() {
+        let mut dst = [0.0f32; 4];
+        let lhs = Mat {
+            data: &[1.0],
+            rs: usize::MAX,
+            cs: 1,
+        };
+        matmul(
+            &mut dst,
+            2,
+            2,
+            2,
+            2,
+            lhs,
+            Mat::rows(&[1.0; 4], 2),
+            false,
+            1.0,
+            false,
         );
     }
 }
