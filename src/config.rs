@@ -450,8 +450,12 @@ impl InferredArch {
             if let (Some(ch), Some(mc)) = (ch, mc) {
                 mult.push(ch as f64 / mc as f64);
             }
-            if has(&format!("input_blocks.{first}.1.qkv.weight")) {
-                attention_ds.push(1 << level);
+            // Past usize's bits the level count is absurd: validation refuses it.
+            match 1usize.checked_shl(level as u32) {
+                Some(ds) if has(&format!("input_blocks.{first}.1.qkv.weight")) => {
+                    attention_ds.push(ds)
+                }
+                _ => {}
             }
         }
         if mult.len() == levels {
@@ -485,7 +489,8 @@ fn default_image_size(channel_mult: &[f64]) -> usize {
             return size;
         }
     }
-    64usize.max(1 << channel_mult.len().saturating_sub(1))
+    let divisor = 1usize.checked_shl(channel_mult.len().saturating_sub(1) as u32);
+    64usize.max(divisor.unwrap_or(usize::MAX))
 }
 
 /// Resolves a config from the given sources (first wins per field) and the weights' shapes.
@@ -713,6 +718,9 @@ pub fn resolve(
             diffusion.diffusion_steps
         )));
     }
+    // A respacing that keeps no step, or that no stride gives, is refused with the config.
+    crate::diffusion::space_timesteps(diffusion.diffusion_steps, &diffusion.timestep_respacing)
+        .map_err(|e| Error::Config(e.to_string()))?;
 
     let unet = UNetConfig {
         image_size,
@@ -749,6 +757,9 @@ impl UNetConfig {
             return bad("num_channels, in_channels and num_res_blocks must be positive".into());
         }
         // Bounds far past any real model, so that sizes derived from them cannot overflow.
+        if self.channel_mult.is_empty() {
+            return bad("channel_mult must name at least one level".into());
+        }
         if self.num_res_blocks > MAX_RES_BLOCKS || self.channel_mult.len() > MAX_LEVELS {
             return bad(format!(
                 "num_res_blocks {} and {} channel_mult levels: at most {MAX_RES_BLOCKS} and \

@@ -44,7 +44,7 @@ pub fn read_png(path: &Path) -> Result<(Vec<f32>, usize, usize, usize)> {
 }
 
 /// Quantises a `[3, H, W]` image in [-1, 1] to 8-bit RGB as the reference scripts do:
-/// `((x + 1) * 127.5).clamp(0, 255)` truncated.
+/// `((x + 1) * 127.5).clamp(0, 255)` truncated. Panics if `x` holds fewer than `3 h w` values.
 pub fn to_rgb8(x: &[f32], h: usize, w: usize) -> Vec<u8> {
     let mut out = vec![0u8; 3 * h * w];
     for p in 0..h * w {
@@ -59,7 +59,15 @@ pub fn to_rgb8(x: &[f32], h: usize, w: usize) -> Vec<u8> {
 pub fn write_png(path: &Path, rgb: &[u8], h: usize, w: usize) -> Result<()> {
     let mut bytes = Vec::new();
     {
-        let mut enc = png::Encoder::new(&mut bytes, w as u32, h as u32);
+        let side = |v: usize| {
+            u32::try_from(v).map_err(|_| {
+                Error::Input(format!(
+                    "{}: a side of {v} pixels is more than a PNG holds",
+                    path.display()
+                ))
+            })
+        };
+        let mut enc = png::Encoder::new(&mut bytes, side(w)?, side(h)?);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         let err = |e: png::EncodingError| Error::Input(format!("{}: {e}", path.display()));
@@ -70,6 +78,7 @@ pub fn write_png(path: &Path, rgb: &[u8], h: usize, w: usize) -> Result<()> {
 }
 
 /// Tiles RGB images (each `h x w`) into a grid with `cols` columns and a 2-pixel white gap.
+/// Panics if an image holds fewer than `3 h w` bytes.
 pub fn grid(images: &[Vec<u8>], h: usize, w: usize, cols: usize) -> (Vec<u8>, usize, usize) {
     const GAP: usize = 2;
     let cols = cols.clamp(1, images.len().max(1));

@@ -268,13 +268,24 @@ pub fn write_safetensors(
     metadata: Option<BTreeMap<String, String>>,
 ) -> Result<()> {
     use safetensors::tensor::TensorView;
+    let mut names = std::collections::BTreeSet::new();
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
         .map(|(name, t)| {
-            let (dtype, bytes, shape) = match t {
-                TensorData::F32(shape, v) => (Dtype::F32, bytemuck::cast_slice(v), shape),
-                TensorData::I64(shape, v) => (Dtype::I64, bytemuck::cast_slice(v), shape),
+            if !names.insert(*name) {
+                return Err(Error::Input(format!("tensor `{name}` is given twice")));
+            }
+            let (dtype, bytes, shape, len) = match t {
+                TensorData::F32(shape, v) => (Dtype::F32, bytemuck::cast_slice(v), shape, v.len()),
+                TensorData::I64(shape, v) => (Dtype::I64, bytemuck::cast_slice(v), shape, v.len()),
             };
+            // Checked here: safetensors multiplies the shape with wrapping arithmetic.
+            let count = shape.iter().try_fold(1usize, |p, &d| p.checked_mul(d));
+            if count != Some(len) {
+                return Err(Error::Input(format!(
+                    "tensor `{name}`: shape {shape:?} does not hold its {len} values"
+                )));
+            }
             TensorView::new(dtype, shape.clone(), bytes)
                 .map(|view| (name.to_string(), view))
                 .map_err(|e| Error::Input(format!("tensor `{name}`: {e:?}")))

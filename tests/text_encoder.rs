@@ -295,3 +295,20 @@ fn missing_model_files_say_how_to_get_them() {
     assert!(msg.contains("missing model.safetensors"), "{msg}");
     assert!(!msg.contains(" config.json"), "{msg}");
 }
+
+/// A config naming more layers than the weights hold fails at the first missing one, however
+/// many it names (it used to reserve room for all of them first: a capacity-overflow panic).
+#[test]
+fn more_layers_than_the_weights_hold() {
+    let Some(enc) = encoder() else { return };
+    let file = SafetensorsFile::open(&enc.dir().join("model.safetensors")).unwrap();
+    let mut config =
+        mcdm::text::bert::BertConfig::from_file(&enc.dir().join("config.json")).unwrap();
+    for layers in [7, usize::MAX] {
+        config.num_layers = layers;
+        let err = mcdm::text::bert::Bert::load(&file, config.clone())
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("encoder.layer.6."), "{err}");
+    }
+}

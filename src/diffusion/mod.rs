@@ -15,7 +15,7 @@ pub use respace::space_timesteps;
 pub use schedule::beta_schedule;
 pub use step::StepParams;
 
-use crate::config::DiffusionConfig;
+use crate::config::{DiffusionConfig, MAX_DIFFUSION_STEPS};
 use crate::error::{Error, Result};
 
 /// What the model's first three output channels predict.
@@ -133,8 +133,11 @@ impl Diffusion {
     /// Builds the process `create_gaussian_diffusion` builds for `config`. `use_kl` and
     /// `rescale_learned_sigmas` only choose a training loss and are ignored.
     pub fn from_config(config: &DiffusionConfig) -> Result<Self> {
-        if config.diffusion_steps == 0 {
-            return Err(Error::Diffusion("diffusion_steps must be positive".into()));
+        let steps = config.diffusion_steps;
+        if steps == 0 || steps > MAX_DIFFUSION_STEPS {
+            return Err(Error::Diffusion(format!(
+                "diffusion_steps must be between 1 and {MAX_DIFFUSION_STEPS}, got {steps}"
+            )));
         }
         let base = DiffusionTables::from_betas(beta_schedule(
             config.noise_schedule,

@@ -22,8 +22,8 @@ pub fn beta_schedule(schedule: NoiseSchedule, num_timesteps: usize) -> Vec<f64> 
 
 /// `np.linspace(start, stop, n)`: `i * step + start` with the last value set to `stop`.
 fn linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
-    if n == 1 {
-        return vec![start];
+    if n <= 1 {
+        return vec![start; n];
     }
     let step = (stop - start) / (n - 1) as f64;
     let mut y: Vec<f64> = (0..n).map(|i| i as f64 * step + start).collect();

@@ -142,6 +142,12 @@ impl Diffusion {
     /// The scalars of the DDIM update at spaced step `i` (see [`Diffusion::ddim_step`]).
     pub fn ddim_params(&self, i: usize, eta: f32, clip_denoised: bool) -> Result<StepParams> {
         self.check_step(i)?;
+        // Past 1 the square root below is of a negative number; NaN passes no comparison.
+        if !(0.0..=1.0).contains(&eta) {
+            return Err(Error::Diffusion(format!(
+                "DDIM eta must be between 0 and 1, got {eta}"
+            )));
+        }
         let alpha_bar = self.tables.alphas_cumprod[i] as f32;
         let alpha_bar_prev = self.tables.alphas_cumprod_prev[i] as f32;
         let sigma = eta

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::config::UNetConfig;
+use crate::config::{UNetConfig, MAX_IMAGE_SIZE};
 use crate::error::{Error, Result};
 use crate::ops::attention::{legacy_qkv_to_new_order, Attention};
 use crate::ops::conv::Conv2d;
@@ -456,6 +456,11 @@ impl UNet {
         if n == 0 || h == 0 || w == 0 {
             return bad(format!("empty input batch [{n}, {c}, {h}, {w}]"));
         }
+        if h > MAX_IMAGE_SIZE || w > MAX_IMAGE_SIZE {
+            return bad(format!(
+                "image size {h}x{w} is larger than the {MAX_IMAGE_SIZE} mcdm supports"
+            ));
+        }
         if c != cfg.in_channels {
             return bad(format!(
                 "x has {c} channels but the model takes {} (x_t plus image conditions)",
@@ -531,12 +536,8 @@ impl UNet {
         ws: &mut Workspace,
     ) -> Result<Vec<f32>> {
         let [n, c, h, w] = shape;
-        if x.len() != n * c * h * w {
-            return Err(Error::Input(format!(
-                "x has {} values, not {n}x{c}x{h}x{w}",
-                x.len()
-            )));
-        }
+        check_input_len(x, [n, c, h, w])?;
+        self.check_input(n, c, h, w, cond)?;
         let mut nhwc = ws.take(x.len());
         nchw_to_nhwc(x, n, c, h * w, &mut nhwc);
         let out = self.forward_nhwc(&nhwc, [n, h, w, c], cond, ws);
@@ -559,6 +560,7 @@ impl UNet {
         ws: &mut Workspace,
     ) -> Result<Vec<f32>> {
         let [n, h, w, c] = shape;
+        check_input_len(x, [n, h, w, c])?;
         self.check_input(n, c, h, w, cond)?;
         // Images are independent, so a large batch runs in groups whose activations stay
         // cache-sized (about 1M floats for the widest level-0 tensor); results are unchanged.
@@ -751,10 +753,10 @@ impl UNet {
     /// concatenation, its norm and the block's hidden layers, attention's q, k and v).
     pub fn working_floats_per_image(&self, h: usize, w: usize) -> usize {
         let levels = self.config.level_channels();
-        let mut skips = (h * w).saturating_mul(self.config.num_channels);
+        let mut skips = h.saturating_mul(w).saturating_mul(self.config.num_channels);
         let mut widest = 0usize;
         for (l, &ch) in levels.iter().enumerate() {
-            let pixels = (h >> l).max(1) * (w >> l).max(1);
+            let pixels = (h >> l).max(1).saturating_mul((w >> l).max(1));
             let below = levels.get(l + 1).copied().unwrap_or(ch);
             let blocks = self.config.num_res_blocks + 1;
             skips = skips.saturating_add(pixels.saturating_mul(ch).saturating_mul(blocks));
@@ -767,7 +769,7 @@ impl UNet {
     pub fn flops_per_image(&self, h: usize, w: usize) -> f64 {
         let conv = |c: &Conv2d, h: usize, w: usize| {
             let (ho, wo) = c.out_size(h, w);
-            2.0 * (ho * wo * c.cout * c.cin * c.kernel * c.kernel) as f64
+            2.0 * ho as f64 * wo as f64 * (c.cout * c.cin * c.kernel * c.kernel) as f64
         };
         let mut total = 0.0;
         let mut size = (h, w);
@@ -779,13 +781,13 @@ impl UNet {
                         *size = c.out_size(size.0, size.1);
                     }
                     Layer::UpConv(c) => {
-                        *size = (2 * size.0, 2 * size.1);
+                        *size = (size.0.saturating_mul(2), size.1.saturating_mul(2));
                         *total += conv(c, size.0, size.1);
                     }
                     Layer::Res(r) => {
                         *total += conv(&r.in_conv, size.0, size.1);
                         *size = match r.updown {
-                            UpDown::Up => (2 * size.0, 2 * size.1),
+                            UpDown::Up => (size.0.saturating_mul(2), size.1.saturating_mul(2)),
                             UpDown::Down => (size.0 / 2, size.1 / 2),
                             UpDown::None => *size,
                         };
@@ -904,4 +906,17 @@ fn concat_channels(a: &Act, b: &Act, n: usize, ws: &mut Workspace) -> Act {
         w: a.w,
         c,
     }
+}
+
+/// An error unless `x` holds exactly the product of `shape`'s dimensions.
+fn check_input_len(x: &[f32], shape: [usize; 4]) -> Result<()> {
+    let want = shape.iter().try_fold(1usize, |p, &d| p.checked_mul(d));
+    if want != Some(x.len()) {
+        let [a, b, c, d] = shape;
+        return Err(Error::Input(format!(
+            "x has {} values, not {a}x{b}x{c}x{d}",
+            x.len()
+        )));
+    }
+    Ok(())
 }

@@ -1,5 +1,9 @@
 //! The network's operations. Each file holds one op family: its API and its CPU reference
 //! (NHWC, f32, multithreaded), the function every GPU kernel in `kernels/` is checked against.
+//!
+//! The CPU ops are building blocks: like slice indexing, they panic when a slice is shorter than
+//! the sizes they are given say. The checked entry points are [`crate::model::UNet`]'s forward
+//! passes and [`crate::sample::ComposedSampler`], which validate shapes and return errors.
 
 pub mod attention;
 pub mod conv;

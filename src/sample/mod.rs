@@ -8,7 +8,7 @@
 
 mod gpu;
 
-use crate::config::DiffusionConfig;
+use crate::config::{DiffusionConfig, MAX_IMAGE_SIZE};
 use crate::diffusion::{compose, Diffusion, ModelVarType};
 use crate::error::{Error, Result};
 use crate::model::{Conditioning, LoadedModel, Workspace};
@@ -110,6 +110,12 @@ impl<'a> ComposedSampler<'a> {
         spec: SampleSpec,
     ) -> Result<Self> {
         let bad = |m: String| Error::Input(m);
+        let (h, w) = (spec.height, spec.width);
+        if !(1..=MAX_IMAGE_SIZE).contains(&h) || !(1..=MAX_IMAGE_SIZE).contains(&w) {
+            return Err(bad(format!(
+                "the image size {h}x{w} must be between 1 and {MAX_IMAGE_SIZE} on each side"
+            )));
+        }
         if let SamplerKind::Ddim { eta } = spec.sampler {
             // Past 1 the DDIM update takes the square root of a negative number.
             if !(0.0..=1.0).contains(&eta) {
@@ -229,7 +235,15 @@ impl<'a> ComposedSampler<'a> {
             )));
         }
         let b = x.len() / len;
-        self.check_counts(first + b)?;
+        // Image k's noise is keyed by the 32-bit index k.
+        match first.checked_add(b) {
+            Some(end) if end <= MAX_SAMPLES => self.check_counts(end)?,
+            _ => {
+                return Err(Error::Input(format!(
+                    "images {first}.. of a batch of {b} are past the {MAX_SAMPLES} one run draws"
+                )))
+            }
+        }
         let mut eps: Vec<Vec<f32>> = vec![vec![0.0; b * len]; self.terms.len()];
         let mut var = vec![0.0; if self.learned_variance { b * len } else { 0 }];
         let mut composed = vec![0.0; b * len];
@@ -600,7 +614,12 @@ fn check_condition(
         }
         _ => {}
     }
-    let image_ch = cfg.in_channels - 3;
+    let Some(image_ch) = cfg.in_channels.checked_sub(3) else {
+        return bad(format!(
+            "the model takes {} input channel(s), fewer than the 3 of the RGB image sampled",
+            cfg.in_channels
+        ));
+    };
     match &cond.image {
         Some(img) => {
             if image_ch == 0 {

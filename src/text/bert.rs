@@ -335,7 +335,8 @@ impl Bert {
         };
         let ld = Loader { file, prefix };
         let (h, eps) = (config.hidden_size, config.layer_norm_eps);
-        let mut layers = Vec::with_capacity(config.num_layers);
+        // Not preallocated: a config naming absurdly many layers fails at the first missing one.
+        let mut layers = Vec::new();
         for l in 0..config.num_layers {
             let p = format!("encoder.layer.{l}");
             let [q, k, v] = ["query", "key", "value"]

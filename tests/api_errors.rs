@@ -1,0 +1,204 @@
+//! The library's entry points, called the way an embedding program would, with input that is
+//! wrong: each returns an error naming the problem, never a panic (the test profile checks
+//! overflow, so a wrapped size shows here as a panic too).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use mcdm::config::{resolve, PartialConfig, ResolvedConfig, Source};
+use mcdm::diffusion::{space_timesteps, Diffusion};
+use mcdm::model::{load_model, Conditioning, LoadedModel, UNet, Workspace};
+use mcdm::sample::{ComposedSampler, Condition, SampleSpec, SamplerKind, Unconditional};
+use mcdm::weights::{write_safetensors, TensorData};
+
+use common::fixtures;
+
+/// Asserts that `result` is an error whose message contains `needle`.
+fn fails<T: std::fmt::Debug>(result: mcdm::Result<T>, needle: &str) {
+    match result {
+        Ok(v) => panic!("expected an error containing `{needle}`, got Ok({v:?})"),
+        Err(e) => assert!(e.to_string().contains(needle), "`{needle}` not in: {e}"),
+    }
+}
+
+fn uncond_model() -> LoadedModel {
+    load_model(&fixtures("sample/models/uncond.safetensors"), None).unwrap()
+}
+
+/// A config of `json` over a small 8x8 model, no weights.
+fn config(json: &str) -> mcdm::Result<ResolvedConfig> {
+    let base = r#"{"image_size": 8, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1",
+                   "attention_resolutions": "", "diffusion_steps": 100"#;
+    let partial = PartialConfig::from_json(&format!("{base}{json}}}"))?;
+    resolve(&[(Source::File("test".into()), partial)], &BTreeMap::new())
+}
+
+fn spec(height: usize, width: usize) -> SampleSpec {
+    SampleSpec {
+        sampler: SamplerKind::Ddim { eta: 0.0 },
+        timestep_respacing: Some("2".into()),
+        clip_denoised: true,
+        seed: 3,
+        height,
+        width,
+    }
+}
+
+const UNCOND: Unconditional = Unconditional {
+    model: 0,
+    condition: Condition {
+        class: None,
+        image: None,
+        embedding: None,
+    },
+};
+
+#[test]
+fn sampler_refuses_impossible_image_sizes() {
+    let models = [uncond_model()];
+    for (h, w) in [(0, 16), (16, 0), (8192, 2), (1 << 32, 1 << 32)] {
+        fails(
+            ComposedSampler::new(&models, &[], &UNCOND, spec(h, w)).map(|_| ()),
+            &format!("the image size {h}x{w} must be between 1 and 4096"),
+        );
+    }
+}
+
+#[test]
+fn sampler_refuses_a_model_with_fewer_than_three_input_channels() {
+    let models =
+        [LoadedModel::random(config(r#", "in_channels": 1"#).unwrap(), 1, "gray").unwrap()];
+    fails(
+        ComposedSampler::new(&models, &[], &UNCOND, spec(8, 8)).map(|_| ()),
+        "takes 1 input channel(s), fewer than the 3",
+    );
+}
+
+#[test]
+fn sample_batch_refuses_image_indices_past_the_noise_keys() {
+    let models = [uncond_model()];
+    let sampler = ComposedSampler::new(&models, &[], &UNCOND, spec(16, 16)).unwrap();
+    for first in [usize::MAX, 1 << 32] {
+        let x: Vec<f32> = (0..768).map(|i| (i as f32 * 0.37).sin()).collect();
+        fails(
+            sampler.sample_batch(first, x, &mut Workspace::new(), &mut || {}),
+            "one run draws",
+        );
+    }
+}
+
+#[test]
+fn forward_checks_the_input_length() {
+    let model = uncond_model();
+    let t = [10.0f32];
+    let cond = Conditioning {
+        timesteps: &t,
+        labels: None,
+        embedding: None,
+    };
+    let mut ws = Workspace::new();
+    let x: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.11).cos()).collect();
+    for len in [10, 0, 1000] {
+        fails(
+            model
+                .unet
+                .forward_nhwc(&x[..len], [1, 16, 16, 3], &cond, &mut ws),
+            "not 1x16x16x3",
+        );
+    }
+    // A shape whose product wraps around usize.
+    fails(
+        model
+            .unet
+            .forward_nchw(&[], [1 << 62, 4, 1, 1], &cond, &mut ws),
+        "x has 0 values",
+    );
+    fails(
+        model
+            .unet
+            .forward_nhwc(&[], [1, 1 << 20, 1 << 20, 3], &cond, &mut ws),
+        "x has 0 values",
+    );
+}
+
+#[test]
+fn configs_refuse_impossible_level_counts() {
+    let mut cfg = config("").unwrap();
+    cfg.unet.channel_mult.clear();
+    fails(cfg.unet.validate(), "at least one level");
+    fails(UNet::parameter_count(&cfg.unet), "at least one level");
+    fails(
+        LoadedModel::random(cfg, 0, "empty").map(|_| ()),
+        "at least one level",
+    );
+    let partial = PartialConfig::from_json(&format!(
+        r#"{{"channel_mult": "{}"}}"#,
+        vec!["1"; 70].join(",")
+    ))
+    .unwrap();
+    fails(
+        resolve(&[(Source::File("test".into()), partial)], &BTreeMap::new()).map(|_| ()),
+        "channel_mult levels",
+    );
+}
+
+#[test]
+fn diffusion_sizes_are_bounded() {
+    let mut cfg = config("").unwrap().diffusion;
+    for steps in [0, usize::MAX, 1 << 36] {
+        cfg.diffusion_steps = steps;
+        fails(
+            Diffusion::from_config(&cfg).map(|_| ()),
+            "diffusion_steps must be between 1 and 1000000",
+        );
+        fails(
+            space_timesteps(steps, ""),
+            "diffusion_steps must be between",
+        );
+    }
+    // A respacing no stride gives is refused with the config, not when sampling starts.
+    fails(
+        config(r#", "timestep_respacing": "abc""#).map(|_| ()),
+        "timestep_respacing",
+    );
+    let diffusion = Diffusion::from_config(&config("").unwrap().diffusion).unwrap();
+    for eta in [f32::NAN, -1.0, 2.0] {
+        fails(
+            diffusion.ddim_params(3, eta, true).map(|_| ()),
+            "eta must be between 0 and 1",
+        );
+    }
+}
+
+#[test]
+fn written_tensors_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.safetensors");
+    let values = [0.5f32, -1.5];
+    fails(
+        write_safetensors(
+            &path,
+            &[
+                ("a", TensorData::F32(vec![2], &values)),
+                ("a", TensorData::F32(vec![2], &values)),
+            ],
+            None,
+        ),
+        "tensor `a` is given twice",
+    );
+    fails(
+        write_safetensors(
+            &path,
+            &[("a", TensorData::F32(vec![1 << 62, 4], &[]))],
+            None,
+        ),
+        "does not hold its 0 values",
+    );
+    fails(
+        mcdm::image::write_png(&path, &[1, 2, 3], 1, (1 << 32) + 1),
+        "more than a PNG holds",
+    );
+    assert!(!Path::new(&path).exists(), "a refused write left a file");
+}
