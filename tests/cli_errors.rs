@@ -123,6 +123,17 @@ impl Setup {
             .collect();
         assert!(leftovers.is_empty(), "output left behind: {leftovers:?}");
     }
+    /// `mcdm inspect model.safetensors ARGS`'s output; it must succeed.
+    fn inspect(&self, args: &[&str]) -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_mcdm"))
+            .args(["inspect", &self.s("model.safetensors")])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
     fn edit_weights(&self, f: impl FnOnce(&mut Raw)) {
         let (mut raw, meta) = read_raw(&self.path("model.safetensors"));
         f(&mut raw);
@@ -301,16 +312,7 @@ fn missing_input_file() {
 #[test]
 fn inspect_reports_sources() {
     let s = Setup::new();
-    let out = Command::new(env!("CARGO_BIN_EXE_mcdm"))
-        .args(["inspect", &s.s("model.safetensors")])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = s.inspect(&[]);
     // No JSON beside `model.safetensors`: the config comes from the metadata.
     assert!(text.contains("(metadata)"), "{text}");
     assert!(text.contains("GFLOP per image"), "{text}");
@@ -327,17 +329,7 @@ fn config_fields_come_from_the_first_source_that_gives_them() {
         r#"{"diffusion_steps": 500, "noise_schedule": "linear"}"#,
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_mcdm"))
-        .args(["inspect", &s.s("model.safetensors")])
-        .args(["--config", &s.s("extra.json")])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = s.inspect(&["--config", &s.s("extra.json")]);
     let field = |key: &str| field_of(&text, key);
     // `--config` wins over `model.json`, which then gives nothing.
     assert_eq!(field("diffusion_steps"), "500 (file)");
@@ -346,21 +338,17 @@ fn config_fields_come_from_the_first_source_that_gives_them() {
     assert_eq!(field("num_heads_upsample"), "2 (metadata)");
     // Where `--config` is silent, `model.json` gives the field; two files: each is named.
     std::fs::write(s.path("extra.json"), r#"{"diffusion_steps": 500}"#).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_mcdm"))
-        .args(["inspect", &s.s("model.safetensors")])
-        .args(["--config", &s.s("extra.json")])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = s.inspect(&["--config", &s.s("extra.json")]);
+    let field = |key: &str| field_of(&text, key);
     assert_eq!(
-        field_of(&text, "diffusion_steps"),
+        field("diffusion_steps"),
         format!("500 ({})", s.s("extra.json"))
     );
     assert_eq!(
-        field_of(&text, "noise_schedule"),
+        field("noise_schedule"),
         format!("\"cosine\" ({})", s.s("model.json"))
     );
-    assert_eq!(field_of(&text, "num_heads_upsample"), "2 (metadata)");
+    assert_eq!(field("num_heads_upsample"), "2 (metadata)");
 }
 
 /// The value and source `mcdm inspect` prints for config field `key`.
