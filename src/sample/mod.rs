@@ -11,6 +11,7 @@ mod gpu;
 use crate::config::{DiffusionConfig, MAX_IMAGE_SIZE};
 use crate::diffusion::{compose, Diffusion, ModelVarType};
 use crate::error::{Error, Result};
+use crate::model::workspace::check_host_memory;
 use crate::model::{Conditioning, LoadedModel, Workspace};
 use crate::rng::fill_normals;
 
@@ -244,6 +245,12 @@ impl<'a> ComposedSampler<'a> {
                 )))
             }
         }
+        // Every term's eps, the variance, the composed eps, the noise and the next state.
+        let buffers = self.terms.len() + usize::from(self.learned_variance) + 3;
+        check_host_memory(
+            buffers.saturating_mul(x.len()).saturating_mul(4),
+            &format!("the sampling state of a batch of {b} image(s)"),
+        )?;
         let mut eps: Vec<Vec<f32>> = vec![vec![0.0; b * len]; self.terms.len()];
         let mut var = vec![0.0; if self.learned_variance { b * len } else { 0 }];
         let mut composed = vec![0.0; b * len];
