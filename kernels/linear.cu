@@ -76,16 +76,16 @@ extern "C" __global__ void __launch_bounds__(256)
     if ((dim & 1) && threadIdx.x == 0) yrow[dim - 1] = 0.0f;
 }
 
-// y [n, dim] += table[labels[i], :] (class embedding, label_emb.weight [classes, dim]). A
-// negative label adds nothing (no class); labels must be < the table's row count.
-// Launch: grid (n), block 256.
+// y [n, dim] += table[labels[i], :] (class embedding, label_emb.weight [rows, dim]). A label
+// outside 0..rows adds nothing: negative means no class, and one past the table is never read
+// (the host checks labels; the device cannot report them). Launch: grid (n), block 256.
 extern "C" __global__ void __launch_bounds__(256)
     add_rows_f32(float* __restrict__ y, const float* __restrict__ table,
-                 const long long* __restrict__ labels, int n, int dim) {
+                 const long long* __restrict__ labels, int n, int dim, int rows) {
     const int row = blockIdx.x;
     if (row >= n) return;
     const long long label = labels[row];
-    if (label < 0) return;
+    if (label < 0 || label >= rows) return;
     const float* src = table + label * dim;
     float* dst = y + (long long)row * dim;
     for (int k = threadIdx.x; k < dim; k += blockDim.x) dst[k] += src[k];

@@ -384,3 +384,125 @@ fn peak_kernels_match_cpu() {
         assert_eq!(g.download(&yd).unwrap(), x, "copy of {words} words");
     }
 }
+
+/// Public GPU calls given sizes that wrap, offsets past the end, parameters that do not fit
+/// their shapes or empty work: an error naming the problem, or (empty work) nothing done, never
+/// a launch outside a buffer (on the fake driver, AddressSanitizer would abort on one).
+#[test]
+fn bad_sizes_are_errors() {
+    use mcdm::ops::embedding::timestep_embedding_gpu;
+    use mcdm::ops::layout::{pack_input_gpu, unpack_output_gpu};
+    use mcdm::ops::step::{diffusion_step_gpu, fill_normals_gpu};
+    let Some(g) = gpu("bad sizes") else { return };
+    // w3 * 3 wraps to 2 in usize, while the kernels would see w3 as 1,431,655,766.
+    const W3: usize = 0x5555_5555_5555_5556;
+    let fails = |what: &str, r: mcdm::Result<()>, needle: &str| match r {
+        Ok(()) => panic!("{what}: accepted"),
+        Err(e) => assert!(e.to_string().contains(needle), "{what}: {e}"),
+    };
+    let buf = |len: usize| g.upload::<f32>(&values(len, len as u32)).unwrap();
+    fails(
+        "a buffer whose bytes overflow",
+        g.zeros::<f32>((1 << 62) + 16).map(|_| ()),
+        "out of device memory",
+    );
+    assert_eq!(g.upload::<f32>(&[]).unwrap().len(), 0);
+
+    let (x2, mut y2) = (buf(2), buf(2));
+    fails(
+        "nchw_to_nhwc, n * c wraps",
+        nchw_to_nhwc_gpu(&g, &x2, W3, 3, 1, &mut y2),
+        "more than a kernel takes",
+    );
+    fails(
+        "fill_normals, b * len wraps",
+        fill_normals_gpu(&g, &mut y2, W3, 3, 0, 1, 0),
+        "more than a kernel takes",
+    );
+    let t = buf(3);
+    fails(
+        "timestep embedding, n * dim wraps",
+        timestep_embedding_gpu(&g, &t, 3, W3, &mut y2),
+        "more than a kernel takes",
+    );
+    let conv = Conv2d::from_torch(&values(9, 1), values(3, 2), 1, 1)
+        .upload::<f32>(&g)
+        .unwrap();
+    fails(
+        "conv, n * h * w * c wraps",
+        conv.forward(&g, &x2, W3, 1, 1, &mut y2, Residual::None),
+        "more than a kernel takes",
+    );
+    // Empty work launches nothing.
+    conv.forward(&g, &x2, 0, 4, 4, &mut y2, Residual::None)
+        .unwrap();
+
+    let (xt, mut packed) = (buf(12), buf(16));
+    fails(
+        "pack_input at an offset that wraps",
+        pack_input_gpu(&g, &xt, None, 0, 1, 4, 1, &mut packed, usize::MAX),
+        "past any buffer",
+    );
+    let (out4, mut eps) = (buf(4), buf(12));
+    fails(
+        "unpack_output of a 1-channel output",
+        unpack_output_gpu(&g, &out4, 0, 1, &mut eps, 0, None, 1, 4),
+        "has 1 channels",
+    );
+    let (qkv, mut att) = (buf(96), buf(32));
+    fails(
+        "attention with 0 heads",
+        attend_gpu(&g, &qkv, 1, 4, 8, 0, &mut att),
+        "head width",
+    );
+    let weights = buf(1);
+    let mut x = buf(12);
+    let step = mcdm::diffusion::Diffusion::from_config(&mcdm::config::DiffusionConfig {
+        timestep_respacing: "10".into(),
+        ..Default::default()
+    })
+    .unwrap()
+    .ddim_params(5, 0.0, true)
+    .unwrap();
+    fails(
+        "a step with no terms",
+        diffusion_step_gpu(&g, &mut x, &eps, &weights, 0, None, 1, 12, 0, step),
+        "at least the unconditional term",
+    );
+
+    let mut short_bias = Conv2d::from_torch(&values(9, 1), values(3, 2), 1, 1);
+    short_bias.bias.pop();
+    for (what, conv) in [
+        ("a conv without parameters", Conv2d::empty(4, 8, 3, 1)),
+        ("a conv missing a bias", short_bias),
+        (
+            "a conv of stride 0",
+            Conv2d::from_torch(&values(9, 1), values(3, 2), 1, 0),
+        ),
+    ] {
+        fails(what, conv.upload::<f32>(&g).map(|_| ()), "conv");
+    }
+    let linear = Linear {
+        in_features: 4,
+        out_features: 4,
+        weight: values(4, 3),
+        bias: values(4, 4),
+    };
+    fails(
+        "a linear layer short of weights",
+        linear.upload(&g).map(|_| ()),
+        "needs 4x4 weights",
+    );
+    for (channels, params) in [(32, 1), (0, 0)] {
+        let norm = GroupNorm {
+            channels,
+            weight: vec![1.0; params],
+            bias: vec![0.0; params],
+        };
+        fails(
+            "a group norm that does not fit",
+            norm.upload(&g).map(|_| ()),
+            "group norm over",
+        );
+    }
+}

@@ -19,8 +19,13 @@ use mcdm::sample::{
 #[test]
 fn noise_is_bit_identical() {
     let Some(g) = gpu("noise") else { return };
-    let (b, len, first) = (3, 3 * 17 * 9 + 2, 5);
-    for (seed, step) in [(0u64, 0u32), (0x1234_5678_9abc_def0, 41), (7, u32::MAX)] {
+    let (b, len) = (3, 3 * 17 * 9 + 2);
+    // Image keys are 32-bit: past i32::MAX too (the kernel's int argument wraps, its key not).
+    for (seed, step, first) in [
+        (0u64, 0u32, 5usize),
+        (0x1234_5678_9abc_def0, 41, 5),
+        (7, u32::MAX, 3_000_000_000),
+    ] {
         let mut dev = g.zeros::<f32>(b * len).unwrap();
         fill_normals_gpu(&g, &mut dev, b, len, first, seed, step).unwrap();
         let got = g.download(&dev).unwrap();
@@ -308,4 +313,72 @@ fn graph_replay_matches_kernel_launches() {
         .zip(&launched)
         .all(|(a, b)| a.to_bits() == b.to_bits());
     assert!(same, "graph replay changed the samples");
+}
+
+/// GPU models that are not the uploads of the sampler's models, and device inputs that do not
+/// fit the model, are refused before anything runs.
+#[test]
+fn mismatched_models_and_inputs_are_refused() {
+    use mcdm::model::{Conditioning, GpuConditioning, GpuWorkspace};
+    let Some(g) = gpu("mismatched models") else {
+        return;
+    };
+    let (models, experts, uncond) = reference_case();
+    let spec = SampleSpec {
+        sampler: SamplerKind::Ddim { eta: 0.0 },
+        timestep_respacing: Some("2".into()),
+        clip_denoised: true,
+        seed: 5,
+        height: 16,
+        width: 16,
+    };
+    let s = ComposedSampler::new(&models, &experts, &uncond, spec).unwrap();
+    let mut dev: Vec<GpuUNet<f32>> = models
+        .iter()
+        .map(|m| GpuUNet::upload(&m.unet, g.clone()).unwrap())
+        .collect();
+    dev.swap(0, 1);
+    let err = s.sample_gpu(&dev, 1, 1, None, &mut |_| {}).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("GPU model 0 is not an upload of model 0"),
+        "{err}"
+    );
+
+    // The class model (index 0 after the swap): no labels, the wrong channel count, another UNet.
+    let classes = &dev[0];
+    let x = g.upload::<f32>(&vec![0.25; 2 * 16 * 16 * 4]).unwrap();
+    let t = g.upload::<f32>(&[10.0]).unwrap();
+    let labels = g.upload_raw(&[1i64]).unwrap();
+    let mut ws = GpuWorkspace::default();
+    let mut forward = |shape: [usize; 4], labels| {
+        let cond = GpuConditioning {
+            timesteps: &t,
+            labels,
+            embedding: None,
+        };
+        classes
+            .forward(&x, shape, &cond, &mut ws)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(forward([1, 16, 16, 3], None).contains("class-conditional"));
+    assert!(forward([1, 16, 16, 4], Some(&labels)).contains("has 4 channels"));
+    assert!(forward([2, 16, 16, 3], Some(&labels)).contains("timesteps"));
+    let cond = Conditioning {
+        timesteps: &[10.0],
+        labels: Some(&[1]),
+        embedding: None,
+    };
+    let err = classes
+        .forward_nchw(
+            &models[0].unet,
+            &vec![0.25; 768],
+            [1, 3, 16, 16],
+            &cond,
+            &mut ws,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("not the one uploaded"), "{err}");
 }

@@ -364,6 +364,11 @@ impl Gpu {
         cfg: LaunchConfig,
         args: &[Arg],
     ) -> Result<()> {
+        // No blocks (an empty tensor): nothing to do, and the driver refuses such a grid.
+        let (x, y, z) = cfg.grid_dim;
+        if x == 0 || y == 0 || z == 0 {
+            return Ok(());
+        }
         let f = self.function(file, name)?;
         let mut builder = self.stream.launch_builder(&f);
         for a in args {
@@ -402,15 +407,32 @@ impl Gpu {
     /// A zeroed buffer of `len` elements.
     pub fn zeros<T: GpuFloat>(&self, len: usize) -> Result<GpuBuffer<T>> {
         self.refuse_while_capturing("allocating")?;
+        let bytes = self.bytes_of::<T>(len)?;
         let slice = self
             .stream
             .alloc_zeros::<T>(len.max(1))
-            .map_err(|e| out_of_memory(self, len * std::mem::size_of::<T>(), e))?;
+            .map_err(|e| out_of_memory(self, bytes, e))?;
         Ok(GpuBuffer::new(slice, len))
+    }
+
+    /// The bytes of `len` values of `T`, or an out-of-memory error where that passes what any
+    /// allocation can be (cudarc's own product would wrap).
+    fn bytes_of<T>(&self, len: usize) -> Result<usize> {
+        len.checked_mul(std::mem::size_of::<T>())
+            .filter(|&b| b <= isize::MAX as usize)
+            .ok_or_else(|| Error::OutOfMemory {
+                device: self.info.name.clone(),
+                bytes: usize::MAX,
+                free: self.memory().map(|(f, _)| f).unwrap_or(0),
+            })
     }
 
     /// Uploads host values converted to `T`.
     pub fn upload<T: GpuFloat>(&self, values: &[f32]) -> Result<GpuBuffer<T>> {
+        if values.is_empty() {
+            // The driver allocates no 0-byte buffer: `zeros` holds one element.
+            return self.zeros(0);
+        }
         self.refuse_while_capturing("uploading")?;
         let host: Vec<T> = values.iter().map(|&v| T::from_f32(v)).collect();
         let slice = self
@@ -426,6 +448,11 @@ impl Gpu {
         values: &[T],
     ) -> Result<cudarc::driver::CudaSlice<T>> {
         self.refuse_while_capturing("uploading")?;
+        if values.is_empty() {
+            return Err(Error::Input(
+                "uploading no values: a device buffer holds at least one".into(),
+            ));
+        }
         self.stream
             .clone_htod(values)
             .map_err(|e| out_of_memory(self, std::mem::size_of_val(values), e))

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use cudarc::driver::CudaSlice;
 
 use super::unet::{Conditioning, Layer, UNet, UpDown};
-use crate::config::UNetConfig;
+use crate::config::{UNetConfig, MAX_IMAGE_SIZE};
 use crate::cuda::buffer::GpuPool;
 use crate::cuda::{grid_1d, Arg, Gpu, GpuBuffer, GpuFloat};
 use crate::error::{Error, Result};
@@ -20,6 +20,7 @@ use crate::ops::linear::GpuLinear;
 use crate::ops::resample::{
     add_channel_bias_gpu, avg_pool2x_gpu, concat_channels_gpu, upsample_nearest2x_gpu,
 };
+use crate::ops::{check_len, elements};
 
 struct GpuResBlock<T> {
     in_norm: GpuGroupNorm,
@@ -192,6 +193,12 @@ impl<T: GpuFloat> GpuUNet<T> {
         ws: &mut GpuWorkspace<T>,
     ) -> Result<Vec<f32>> {
         let [n, c, h, w] = shape;
+        if unet.config() != &self.config {
+            return Err(Error::Input(
+                "forward_nchw: the UNet given is not the one uploaded (their configs differ)"
+                    .into(),
+            ));
+        }
         unet.check_input(n, c, h, w, cond)?;
         if x.len() != n * c * h * w {
             return Err(Error::Input(format!(
@@ -221,7 +228,9 @@ impl<T: GpuFloat> GpuUNet<T> {
     }
 
     /// x NHWC `[n, h, w, in_channels]` on the device -> NHWC `[n, h, w, out_channels]` (a pool
-    /// buffer: give it back to `ws` when done). Inputs are assumed checked.
+    /// buffer: give it back to `ws` when done). Shapes and buffer lengths are checked here; the
+    /// values on the device are not: labels must lie in `0..num_classes` (one outside adds no
+    /// class embedding) and timesteps must be finite ([`UNet::check_input`] checks host values).
     pub fn forward(
         &self,
         x: &GpuBuffer<T>,
@@ -230,6 +239,7 @@ impl<T: GpuFloat> GpuUNet<T> {
         ws: &mut GpuWorkspace<T>,
     ) -> Result<GpuBuffer<T>> {
         let [n, h, w, c] = shape;
+        self.check_device_input(x, shape, cond)?;
         let g = &*self.gpu;
         let emb = self.embedding(n, cond, ws)?;
         // Group norm scratch, sized for the largest level (it serves every smaller one).
@@ -275,6 +285,57 @@ impl<T: GpuFloat> GpuUNet<T> {
         ws.f32_pool.give(emb);
         ws.f32_pool.give(stats);
         Ok(out)
+    }
+
+    /// The shape against the model, and the lengths of the input and conditioning buffers.
+    fn check_device_input(
+        &self,
+        x: &GpuBuffer<T>,
+        [n, h, w, c]: [usize; 4],
+        cond: &GpuConditioning<'_>,
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let bad = |m: String| Err(Error::Input(m));
+        if n == 0 || h == 0 || w == 0 || h > MAX_IMAGE_SIZE || w > MAX_IMAGE_SIZE {
+            return bad(format!(
+                "input batch [{n}, {h}, {w}, {c}]: an empty or too large size"
+            ));
+        }
+        if c != cfg.in_channels {
+            return bad(format!(
+                "x has {c} channels but the model takes {}",
+                cfg.in_channels
+            ));
+        }
+        let div = 1usize << (cfg.channel_mult.len() - 1);
+        if !h.is_multiple_of(div) || !w.is_multiple_of(div) {
+            return bad(format!(
+                "image size {h}x{w} is not divisible by {div}, as the model's {} levels need",
+                cfg.channel_mult.len()
+            ));
+        }
+        check_len("x", x.len(), elements("x", &[n, h, w, c])?)?;
+        check_len("timesteps", cond.timesteps.len(), n)?;
+        match (cfg.num_classes, cond.labels) {
+            (Some(_), Some(y)) => check_len("class labels", y.len(), n)?,
+            (Some(k), None) => {
+                return bad(format!(
+                    "the model is class-conditional ({k} classes): give labels"
+                ))
+            }
+            (None, Some(_)) => {
+                return bad("class labels given, but the model is not class-conditional".into())
+            }
+            (None, None) => {}
+        }
+        match (cfg.embed_dim, cond.embedding) {
+            (Some(d), Some(e)) => check_len("embedding", e.len(), elements("embedding", &[n, d])?),
+            (Some(d), None) => bad(format!(
+                "the model takes a vector condition: give [{n}, {d}]"
+            )),
+            (None, Some(_)) => bad("an embedding was given, but the model has no embed_dim".into()),
+            (None, None) => Ok(()),
+        }
     }
 
     /// SiLU(time_embed(t) + label_emb(y) + vector_emb(e)), f32 `[n, 4mc]`.
@@ -474,6 +535,8 @@ fn add_rows(
             Arg::Ptr(lp),
             Arg::I32(n as i32),
             Arg::I32(dim as i32),
+            // The table's rows: the kernel skips labels past them.
+            Arg::I32((table.len() / dim.max(1)) as i32),
         ],
     )
 }

@@ -7,9 +7,10 @@
 use cudarc::driver::LaunchConfig;
 use rayon::prelude::*;
 
-use super::conv::{check_len, Conv2d, GpuConv2d, Residual};
+use super::conv::{Conv2d, GpuConv2d, Residual};
 use super::group_norm::{GpuGroupNorm, GroupNorm};
 use super::matmul::{matmul, Mat};
+use super::{check_len, elements};
 use crate::cuda::buffer::GpuPool;
 use crate::cuda::{Arg, Gpu, GpuBuffer, GpuFloat};
 use crate::error::Result;
@@ -139,15 +140,31 @@ pub fn attend(qkv: &[f32], n: usize, t: usize, c: usize, heads: usize, out: &mut
 
 /// An attention block on the device.
 pub struct GpuAttention<T> {
-    pub channels: usize,
-    pub heads: usize,
-    pub norm: GpuGroupNorm,
-    pub qkv: GpuConv2d<T>,
-    pub proj_out: GpuConv2d<T>,
+    // Crate-visible only: they must stay those of the uploaded parameters.
+    pub(crate) channels: usize,
+    pub(crate) heads: usize,
+    pub(crate) norm: GpuGroupNorm,
+    pub(crate) qkv: GpuConv2d<T>,
+    pub(crate) proj_out: GpuConv2d<T>,
 }
 
 impl Attention {
     pub fn upload<T: GpuFloat>(&self, gpu: &Gpu) -> Result<GpuAttention<T>> {
+        let c = self.channels;
+        let shapes = [
+            (self.norm.channels, c),
+            (self.qkv.cin, c),
+            (self.qkv.cout, 3 * c),
+            (self.proj_out.cin, c),
+            (self.proj_out.cout, c),
+        ];
+        if self.qkv.kernel != 1 || self.proj_out.kernel != 1 || shapes.iter().any(|(a, b)| a != b) {
+            return Err(crate::Error::Input(format!(
+                "an attention block over {c} channels needs a norm over {c}, a 1x1 qkv conv to \
+                 {} and a 1x1 projection to {c}",
+                3 * c
+            )));
+        }
         Ok(GpuAttention {
             channels: self.channels,
             heads: self.heads,
@@ -172,10 +189,10 @@ impl<T: GpuFloat> GpuAttention<T> {
         stats: &mut GpuBuffer<f32>,
     ) -> Result<()> {
         let c = self.channels;
-        let mut normed = pool.take(gpu, n * t * c)?;
+        let mut normed = pool.take(gpu, elements("attention", &[n, t, c])?)?;
         self.norm
             .forward(gpu, x, n, t, &mut normed, stats, None, false)?;
-        let mut qkv = pool.take(gpu, n * t * 3 * c)?;
+        let mut qkv = pool.take(gpu, elements("attention qkv", &[n, t, 3, c])?)?;
         self.qkv
             .forward(gpu, &normed, n, t, 1, &mut qkv, Residual::None)?;
         attend_gpu(gpu, &qkv, n, t, c, self.heads, &mut normed)?;
@@ -197,10 +214,18 @@ pub fn attend_gpu<T: GpuFloat>(
     heads: usize,
     out: &mut GpuBuffer<T>,
 ) -> Result<()> {
-    check_len("attention qkv", qkv.len(), n * t * 3 * c)?;
-    check_len("attention output", out.len(), n * t * c)?;
-    let d = c / heads;
-    if d > 128 || !d.is_multiple_of(8) || !c.is_multiple_of(heads) {
+    check_len(
+        "attention qkv",
+        qkv.len(),
+        elements("attention qkv", &[n, t, 3, c])?,
+    )?;
+    check_len(
+        "attention output",
+        out.len(),
+        elements("attention", &[n, t, c])?,
+    )?;
+    let d = c.checked_div(heads).unwrap_or(0);
+    if d == 0 || d > 128 || !d.is_multiple_of(8) || !c.is_multiple_of(heads) {
         return Err(crate::Error::Cuda(format!(
             "attention head width {c}/{heads} is unsupported on the GPU (needs a multiple of 8, at most 128)"
         )));

@@ -13,8 +13,9 @@ use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::matmul::{matmul, Mat};
+use super::{check_len, elements};
 use crate::cuda::{Arg, Gpu, GpuBuffer, GpuFloat};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Scratch floats per im2col chunk (16 MiB).
 const IM2COL_CHUNK: usize = 1 << 22;
@@ -524,10 +525,11 @@ fn env_kernel() -> Option<ConvKernel> {
 
 /// A convolution's parameters on the device: weight OHWI `[cout, k, k, cin]` in `T`, bias f32.
 pub struct GpuConv2d<T> {
-    pub cin: usize,
-    pub cout: usize,
-    pub kernel: usize,
-    pub stride: usize,
+    // Crate-visible only: they must stay those of the uploaded parameters.
+    pub(crate) cin: usize,
+    pub(crate) cout: usize,
+    pub(crate) kernel: usize,
+    pub(crate) stride: usize,
     weight: GpuBuffer<T>,
     bias: GpuBuffer<f32>,
 }
@@ -536,6 +538,22 @@ impl Conv2d {
     /// Uploads the parameters, repacked from `[k, k, cin, cout]` to OHWI.
     pub fn upload<T: GpuFloat>(&self, gpu: &Gpu) -> Result<GpuConv2d<T>> {
         let (k, cin, cout) = (self.kernel, self.cin, self.cout);
+        let weights = elements("conv weight", &[k, k, cin, cout])?;
+        if k % 2 == 0 || self.stride == 0 || cin == 0 || cout == 0 {
+            return Err(Error::Input(format!(
+                "a {k}x{k} conv of stride {} from {cin} to {cout} channels: the kernels take an \
+                 odd size, a positive stride and channels",
+                self.stride
+            )));
+        }
+        if self.weight.len() != weights || self.bias.len() != cout {
+            return Err(Error::Input(format!(
+                "a {k}x{k} conv from {cin} to {cout} channels needs {weights} weights and {cout} \
+                 biases, got {} and {}",
+                self.weight.len(),
+                self.bias.len()
+            )));
+        }
         let mut ohwi = vec![0.0; self.weight.len()];
         for co in 0..cout {
             for tap in 0..k * k {
@@ -562,12 +580,11 @@ impl Conv2d {
 }
 
 impl<T: GpuFloat> GpuConv2d<T> {
+    /// The output size for an `h x w` input (0 for an empty side).
     pub fn out_size(&self, h: usize, w: usize) -> (usize, usize) {
-        let p = self.kernel / 2;
-        (
-            (h + 2 * p - self.kernel) / self.stride + 1,
-            (w + 2 * p - self.kernel) / self.stride + 1,
-        )
+        // Odd kernel, padding k / 2: a side s gives (s - 1) / stride + 1.
+        let side = |s: usize| s.checked_sub(1).map_or(0, |s| s / self.stride + 1);
+        (side(h), side(w))
     }
 
     /// Whether `kernel` can run this convolution on `x`. Tile64 always can; the large tiles
@@ -648,8 +665,12 @@ impl<T: GpuFloat> GpuConv2d<T> {
         residual: Residual<'_, T>,
     ) -> Result<()> {
         let (ho, wo) = self.out_size(h, w);
-        let out_len = n * ho * wo * self.cout;
-        check_len("conv input", x.len(), n * h * w * self.cin)?;
+        let out_len = elements("conv output", &[n, ho, wo, self.cout])?;
+        check_len(
+            "conv input",
+            x.len(),
+            elements("conv input", &[n, h, w, self.cin])?,
+        )?;
         check_len("conv output", y.len(), out_len)?;
         if !self.supports(gpu, kernel, x) {
             return Err(crate::Error::Cuda(format!(
@@ -714,16 +735,6 @@ impl<T: GpuFloat> GpuConv2d<T> {
             ],
         )
     }
-}
-
-/// A launch's buffer must hold exactly what the kernel will touch.
-pub(crate) fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
-    if have < need {
-        return Err(crate::Error::Cuda(format!(
-            "{what}: buffer of {have} elements, kernel needs {need}"
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 
 use cudarc::driver::LaunchConfig;
 
-use super::conv::check_len;
+use super::{check_len, elements};
 use crate::cuda::{Arg, Gpu, GpuBuffer};
 use crate::error::Result;
 
@@ -33,7 +33,8 @@ pub fn timestep_embedding_gpu(
     out: &mut GpuBuffer<f32>,
 ) -> Result<()> {
     check_len("timesteps", t.len(), n)?;
-    check_len("timestep embedding", out.len(), n * dim)?;
+    let len = elements("timestep embedding", &[n, dim])?;
+    check_len("timestep embedding", out.len(), len)?;
     let cfg = LaunchConfig {
         grid_dim: (n as u32, 1, 1),
         block_dim: (256, 1, 1),

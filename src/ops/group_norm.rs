@@ -5,8 +5,8 @@ use cudarc::driver::LaunchConfig;
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::conv::check_len;
 use super::silu;
+use super::{check_len, elements};
 use crate::cuda::{Arg, Gpu, GpuBuffer, GpuFloat};
 use crate::error::Result;
 
@@ -114,13 +114,27 @@ fn apply(out: &mut [f32], x: &[f32], mul: &[f32], add: &[f32], silu_after: bool)
 
 /// GroupNorm parameters on the device (f32, as the reference keeps norms in f32).
 pub struct GpuGroupNorm {
-    pub channels: usize,
+    // Crate-visible only: it must stay that of the uploaded parameters.
+    pub(crate) channels: usize,
     weight: GpuBuffer<f32>,
     bias: GpuBuffer<f32>,
 }
 
 impl GroupNorm {
     pub fn upload(&self, gpu: &Gpu) -> Result<GpuGroupNorm> {
+        let c = self.channels;
+        if c == 0 || !c.is_multiple_of(GROUPS) || c > MAX_CHANNELS {
+            return Err(crate::Error::Input(format!(
+                "group norm over {c} channels: the kernel takes multiples of {GROUPS} up to {MAX_CHANNELS}"
+            )));
+        }
+        if self.weight.len() != c || self.bias.len() != c {
+            return Err(crate::Error::Input(format!(
+                "group norm over {c} channels: {} weights and {} biases",
+                self.weight.len(),
+                self.bias.len()
+            )));
+        }
         Ok(GpuGroupNorm {
             channels: self.channels,
             weight: gpu.upload(&self.weight)?,
@@ -160,13 +174,9 @@ impl GpuGroupNorm {
         silu_after: bool,
     ) -> Result<()> {
         let c = self.channels;
-        if !c.is_multiple_of(GROUPS) || c > MAX_CHANNELS {
-            return Err(crate::Error::Cuda(format!(
-                "group norm over {c} channels: the kernel takes multiples of {GROUPS} up to {MAX_CHANNELS}"
-            )));
-        }
-        check_len("group norm input", x.len(), n * hw * c)?;
-        check_len("group norm output", y.len(), n * hw * c)?;
+        let len = elements("group norm", &[n, hw, c])?;
+        check_len("group norm input", x.len(), len)?;
+        check_len("group norm output", y.len(), len)?;
         let rows = stats_rows(n, hw);
         let chunks = hw.div_ceil(rows);
         check_len(

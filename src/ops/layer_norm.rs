@@ -5,7 +5,7 @@ use cudarc::driver::LaunchConfig;
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::conv::check_len;
+use super::{check_len, elements};
 use crate::cuda::{grid_1d, Arg, Gpu, GpuBuffer, GpuFloat};
 use crate::error::{Error, Result};
 
@@ -89,8 +89,9 @@ const ERF_Q: [f64; 10] = [
 
 /// LayerNorm parameters on the device (f32, like the other norms).
 pub struct GpuLayerNorm {
-    pub width: usize,
-    pub eps: f32,
+    // Crate-visible only: they must stay those of the uploaded parameters.
+    pub(crate) width: usize,
+    pub(crate) eps: f32,
     weight: GpuBuffer<f32>,
     bias: GpuBuffer<f32>,
 }
@@ -122,8 +123,9 @@ impl GpuLayerNorm {
         rows: usize,
         y: &mut GpuBuffer<T>,
     ) -> Result<()> {
-        check_len("layer norm input", x.len(), rows * self.width)?;
-        check_len("layer norm output", y.len(), rows * self.width)?;
+        let len = elements("layer norm", &[rows, self.width])?;
+        check_len("layer norm input", x.len(), len)?;
+        check_len("layer norm output", y.len(), len)?;
         self.launch::<T>(gpu, x.ptr(gpu), y.ptr(gpu), rows)
     }
 
@@ -134,7 +136,11 @@ impl GpuLayerNorm {
         x: &mut GpuBuffer<T>,
         rows: usize,
     ) -> Result<()> {
-        check_len("layer norm input", x.len(), rows * self.width)?;
+        check_len(
+            "layer norm input",
+            x.len(),
+            elements("layer norm", &[rows, self.width])?,
+        )?;
         let p = x.ptr(gpu);
         self.launch::<T>(gpu, p, p, rows)
     }

@@ -1,9 +1,9 @@
 //! Layout and dtype conversion at the network's boundary: PyTorch's NCHW f32 outside, NHWC in
 //! the storage type inside; and the sampler's packing of x_t with image conditions.
 
-use super::conv::check_len;
+use super::{check_len, elements};
 use crate::cuda::{grid_1d, Arg, Gpu, GpuBuffer, GpuFloat};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// `[n, c, hw]` -> `[n, hw, c]`.
 pub fn nchw_to_nhwc(x: &[f32], n: usize, c: usize, hw: usize, out: &mut [f32]) {
@@ -45,13 +45,14 @@ pub fn nchw_to_nhwc_gpu<T: GpuFloat>(
     hw: usize,
     y: &mut GpuBuffer<T>,
 ) -> Result<()> {
-    check_len("nchw input", x.len(), n * c * hw)?;
-    check_len("nhwc output", y.len(), n * c * hw)?;
+    let len = elements("nchw to nhwc", &[n, c, hw])?;
+    check_len("nchw input", x.len(), len)?;
+    check_len("nhwc output", y.len(), len)?;
     let i = |v: usize| Arg::I32(v as i32);
     launch::<T>(
         gpu,
         "nchw_to_nhwc",
-        n * c * hw,
+        len,
         &[
             Arg::Ptr(x.ptr(gpu)),
             Arg::Ptr(y.ptr(gpu)),
@@ -71,13 +72,14 @@ pub fn nhwc_to_nchw_gpu<T: GpuFloat>(
     hw: usize,
     y: &mut GpuBuffer<f32>,
 ) -> Result<()> {
-    check_len("nhwc input", x.len(), n * c * hw)?;
-    check_len("nchw output", y.len(), n * c * hw)?;
+    let len = elements("nhwc to nchw", &[n, c, hw])?;
+    check_len("nhwc input", x.len(), len)?;
+    check_len("nchw output", y.len(), len)?;
     let i = |v: usize| Arg::I32(v as i32);
     launch::<T>(
         gpu,
         "nhwc_to_nchw",
-        n * c * hw,
+        len,
         &[
             Arg::Ptr(x.ptr(gpu)),
             Arg::Ptr(y.ptr(gpu)),
@@ -103,11 +105,28 @@ pub fn pack_input_gpu<T: GpuFloat>(
     y: &mut GpuBuffer<T>,
     y_offset: usize,
 ) -> Result<()> {
-    check_len("x_t", x.len(), b * 3 * hw)?;
-    check_len("packed input", y.len(), y_offset + b * hw * (3 + cc))?;
+    check_len("x_t", x.len(), elements("x_t", &[b, 3, hw])?)?;
+    let packed = elements("packed input", &[b, hw, cc.saturating_add(3)])?;
+    check_len(
+        "packed input",
+        y.len(),
+        end("packed input", y_offset, packed)?,
+    )?;
     let (cond_ptr, count) = match cond {
         Some((c, count)) => {
-            check_len("image condition", c.len(), count * cc * hw)?;
+            check_len(
+                "image condition",
+                c.len(),
+                elements("image condition", &[count, cc, hw])?,
+            )?;
+            // Image `first_image + k` of a per-image condition.
+            if count != 1 {
+                check_len(
+                    "image condition items",
+                    count,
+                    end("image", first_image, b)?,
+                )?;
+            }
             (c.ptr(gpu), count)
         }
         None => (0, 0),
@@ -116,7 +135,7 @@ pub fn pack_input_gpu<T: GpuFloat>(
     launch::<T>(
         gpu,
         "pack_input",
-        b * hw * (3 + cc),
+        packed,
         &[
             Arg::Ptr(x.ptr(gpu)),
             Arg::Ptr(cond_ptr),
@@ -144,11 +163,25 @@ pub fn unpack_output_gpu<T: GpuFloat>(
     b: usize,
     hw: usize,
 ) -> Result<()> {
-    check_len("network output", y.len(), offset + b * hw * oc)?;
-    check_len("eps", eps.len(), eps_offset + b * 3 * hw)?;
+    // The kernel reads channels 0..3 (eps) and, for the variance, 3..6.
+    let need = if var.is_some() { 6 } else { 3 };
+    if oc < need {
+        return Err(Error::Input(format!(
+            "unpacking eps{}: the network output has {oc} channels, not {need} or more",
+            if var.is_some() { " and variance" } else { "" }
+        )));
+    }
+    let out = elements("network output", &[b, hw, oc])?;
+    check_len(
+        "network output",
+        y.len(),
+        end("network output", offset, out)?,
+    )?;
+    let len = elements("eps", &[b, 3, hw])?;
+    check_len("eps", eps.len(), end("eps", eps_offset, len)?)?;
     let var_ptr = match var {
         Some(v) => {
-            check_len("variance", v.len(), b * 3 * hw)?;
+            check_len("variance", v.len(), len)?;
             v.ptr(gpu)
         }
         None => 0,
@@ -157,7 +190,7 @@ pub fn unpack_output_gpu<T: GpuFloat>(
     launch::<T>(
         gpu,
         "unpack_output",
-        b * 3 * hw,
+        len,
         &[
             Arg::Ptr(y.ptr_at(gpu, offset)),
             i(oc),
@@ -167,4 +200,11 @@ pub fn unpack_output_gpu<T: GpuFloat>(
             i(hw),
         ],
     )
+}
+
+/// `offset + len`, the end of a tensor at `offset` in its buffer, or an error where it overflows.
+fn end(what: &str, offset: usize, len: usize) -> Result<usize> {
+    offset
+        .checked_add(len)
+        .ok_or_else(|| Error::Input(format!("{what}: offset {offset} is past any buffer")))
 }

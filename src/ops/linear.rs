@@ -2,8 +2,8 @@
 
 use cudarc::driver::LaunchConfig;
 
-use super::conv::check_len;
 use super::matmul::{matmul, Mat};
+use super::{check_len, elements};
 use crate::cuda::{Arg, Gpu, GpuBuffer};
 use crate::error::Result;
 
@@ -39,14 +39,24 @@ impl Linear {
 
 /// A linear layer on the device, in f32 (the reference keeps the embedding path in f32).
 pub struct GpuLinear {
-    pub in_features: usize,
-    pub out_features: usize,
+    // Crate-visible only: they must stay those of the uploaded parameters.
+    pub(crate) in_features: usize,
+    pub(crate) out_features: usize,
     weight: GpuBuffer<f32>,
     bias: GpuBuffer<f32>,
 }
 
 impl Linear {
     pub fn upload(&self, gpu: &Gpu) -> Result<GpuLinear> {
+        let (i, o) = (self.in_features, self.out_features);
+        if Some(self.weight.len()) != i.checked_mul(o) || self.bias.len() != o {
+            return Err(crate::Error::Input(format!(
+                "a linear layer from {i} to {o} features needs {i}x{o} weights and {o} biases, \
+                 got {} and {}",
+                self.weight.len(),
+                self.bias.len()
+            )));
+        }
         Ok(GpuLinear {
             in_features: self.in_features,
             out_features: self.out_features,
@@ -66,8 +76,13 @@ impl GpuLinear {
         y: &mut GpuBuffer<f32>,
         silu_in: bool,
     ) -> Result<()> {
-        check_len("linear input", x.len(), n * self.in_features)?;
-        check_len("linear output", y.len(), n * self.out_features)?;
+        check_len(
+            "linear input",
+            x.len(),
+            elements("linear input", &[n, self.in_features])?,
+        )?;
+        let out = elements("linear output", &[n, self.out_features])?;
+        check_len("linear output", y.len(), out)?;
         let cfg = LaunchConfig {
             grid_dim: (self.out_features.div_ceil(128) as u32, n as u32, 1),
             block_dim: (128, 1, 1),

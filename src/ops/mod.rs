@@ -19,6 +19,33 @@ pub mod step;
 
 use multiversion::multiversion;
 
+use crate::error::{Error, Result};
+
+/// A launch's buffer must hold what the kernel will touch.
+pub(crate) fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
+    if have < need {
+        return Err(Error::Cuda(format!(
+            "{what}: buffer of {have} elements, kernel needs {need}"
+        )));
+    }
+    Ok(())
+}
+
+/// The element count of a kernel's tensor of `dims`. The kernels take each dimension as a
+/// 32-bit int and count elements in 64 bits: an error where a dimension passes `i32::MAX` or the
+/// product overflows, so that a wrapped size can never pass [`check_len`].
+pub(crate) fn elements(what: &str, dims: &[usize]) -> Result<usize> {
+    let fits = dims.iter().all(|&d| d <= i32::MAX as usize);
+    dims.iter()
+        .try_fold(1usize, |p, &d| p.checked_mul(d))
+        .filter(|_| fits)
+        .ok_or_else(|| {
+            Error::Input(format!(
+                "{what}: the sizes {dims:?} are more than a kernel takes"
+            ))
+        })
+}
+
 /// SiLU (swish): x * sigmoid(x).
 #[inline]
 pub fn silu(x: f32) -> f32 {

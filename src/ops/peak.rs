@@ -9,7 +9,7 @@
 
 use cudarc::driver::LaunchConfig;
 
-use super::conv::check_len;
+use super::{check_len, elements};
 use crate::cuda::{Arg, Gpu, GpuBuffer, GpuFloat};
 use crate::error::{Error, Result};
 
@@ -119,7 +119,7 @@ pub fn compute_peak_gpu<T: GpuFloat>(
              {MAX_EXACT_ROUNDS} rounds)"
         )));
     }
-    let threads = blocks * BLOCK;
+    let threads = elements("peak output", &[blocks, BLOCK])?;
     check_len("peak output", out.len(), threads)?;
     let peak = compute_peak::<T>()?;
     let [b, c] = peak.operands;

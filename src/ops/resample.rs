@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::conv::check_len;
+use super::{check_len, elements};
 use crate::cuda::{grid_1d, Arg, Gpu, GpuBuffer, GpuFloat};
 use crate::error::Result;
 
@@ -64,13 +64,20 @@ pub fn upsample_nearest2x_gpu<T: GpuFloat>(
     c: usize,
     y: &mut GpuBuffer<T>,
 ) -> Result<()> {
-    check_len("upsample input", x.len(), n * h * w * c)?;
-    check_len("upsample output", y.len(), 4 * n * h * w * c)?;
+    check_len(
+        "upsample input",
+        x.len(),
+        elements("upsample input", &[n, h, w, c])?,
+    )?;
+    // The kernel forms 2h and 2w in 32 bits too.
+    let (h2, w2) = (h.saturating_mul(2), w.saturating_mul(2));
+    let out = elements("upsample output", &[n, h2, w2, c])?;
+    check_len("upsample output", y.len(), out)?;
     let i = |v: usize| Arg::I32(v as i32);
     launch_elementwise::<T>(
         gpu,
         "upsample2x",
-        4 * n * h * w * c,
+        out,
         &[
             Arg::Ptr(x.ptr(gpu)),
             Arg::Ptr(y.ptr(gpu)),
@@ -92,13 +99,18 @@ pub fn avg_pool2x_gpu<T: GpuFloat>(
     c: usize,
     y: &mut GpuBuffer<T>,
 ) -> Result<()> {
-    check_len("avgpool input", x.len(), n * h * w * c)?;
-    check_len("avgpool output", y.len(), n * (h / 2) * (w / 2) * c)?;
+    check_len(
+        "avgpool input",
+        x.len(),
+        elements("avgpool input", &[n, h, w, c])?,
+    )?;
+    let out = elements("avgpool output", &[n, h / 2, w / 2, c])?;
+    check_len("avgpool output", y.len(), out)?;
     let i = |v: usize| Arg::I32(v as i32);
     launch_elementwise::<T>(
         gpu,
         "avgpool2x",
-        n * (h / 2) * (w / 2) * c,
+        out,
         &[
             Arg::Ptr(x.ptr(gpu)),
             Arg::Ptr(y.ptr(gpu)),
@@ -122,14 +134,15 @@ pub fn concat_channels_gpu<T: GpuFloat>(
     cb: usize,
     y: &mut GpuBuffer<T>,
 ) -> Result<()> {
-    check_len("concat a", a.len(), n * hw * ca)?;
-    check_len("concat b", b.len(), n * hw * cb)?;
-    check_len("concat output", y.len(), n * hw * (ca + cb))?;
+    check_len("concat a", a.len(), elements("concat a", &[n, hw, ca])?)?;
+    check_len("concat b", b.len(), elements("concat b", &[n, hw, cb])?)?;
+    let out = elements("concat output", &[n, hw, ca.saturating_add(cb)])?;
+    check_len("concat output", y.len(), out)?;
     let i = |v: usize| Arg::I32(v as i32);
     launch_elementwise::<T>(
         gpu,
         "concat_channels",
-        n * hw * (ca + cb),
+        out,
         &[
             Arg::Ptr(a.ptr(gpu)),
             Arg::Ptr(b.ptr(gpu)),
@@ -151,13 +164,14 @@ pub fn add_channel_bias_gpu<T: GpuFloat>(
     hw: usize,
     c: usize,
 ) -> Result<()> {
-    check_len("bias target", x.len(), n * hw * c)?;
-    check_len("bias", bias.len(), n * c)?;
+    let len = elements("bias target", &[n, hw, c])?;
+    check_len("bias target", x.len(), len)?;
+    check_len("bias", bias.len(), elements("bias", &[n, c])?)?;
     let i = |v: usize| Arg::I32(v as i32);
     launch_elementwise::<T>(
         gpu,
         "add_channel_bias",
-        n * hw * c,
+        len,
         &[
             Arg::Ptr(x.ptr(gpu)),
             Arg::Ptr(bias.ptr(gpu)),

@@ -5,10 +5,10 @@
 
 use cudarc::driver::DeviceRepr;
 
-use super::conv::check_len;
+use super::{check_len, elements};
 use crate::cuda::{grid_1d, Arg, Gpu, GpuBuffer};
 pub use crate::diffusion::StepParams;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 // SAFETY: #[repr(C)], only 4-byte plain fields, laid out as kernels/common.cuh's StepParams.
 unsafe impl DeviceRepr for StepParams {}
@@ -29,12 +29,19 @@ pub fn diffusion_step_gpu(
     first_image: usize,
     params: StepParams,
 ) -> Result<()> {
-    check_len("x", x.len(), b * len)?;
-    check_len("eps", eps.len(), terms * b * len)?;
+    if terms == 0 {
+        return Err(Error::Input(
+            "a diffusion step needs at least the unconditional term".into(),
+        ));
+    }
+    let size = elements("diffusion step", &[b, len])?;
+    check_images(first_image, b)?;
+    check_len("x", x.len(), size)?;
+    check_len("eps", eps.len(), elements("eps", &[terms, b, len])?)?;
     check_len("weights", weights.len(), terms - 1)?;
     let var_ptr = match var {
         Some(v) => {
-            check_len("variance", v.len(), b * len)?;
+            check_len("variance", v.len(), size)?;
             v.ptr(gpu)
         }
         None => 0,
@@ -43,7 +50,7 @@ pub fn diffusion_step_gpu(
     gpu.launch(
         "step",
         "diffusion_step",
-        grid_1d(b * len),
+        grid_1d(size),
         &[
             // x and x_out: the kernel reads each element before writing it.
             Arg::Ptr(x.ptr(gpu)),
@@ -54,7 +61,7 @@ pub fn diffusion_step_gpu(
             Arg::Ptr(x.ptr(gpu)),
             i(b),
             i(len),
-            i(first_image),
+            Arg::I32(first_image as u32 as i32),
             Arg::Step(params),
         ],
     )
@@ -70,19 +77,33 @@ pub fn fill_normals_gpu(
     seed: u64,
     step: u32,
 ) -> Result<()> {
-    check_len("normals", out.len(), b * len)?;
+    let size = elements("normals", &[b, len])?;
+    check_images(first_image, b)?;
+    check_len("normals", out.len(), size)?;
     gpu.launch(
         "step",
         "fill_normals",
-        grid_1d(b * len),
+        grid_1d(size),
         &[
             Arg::Ptr(out.ptr(gpu)),
             Arg::I32(b as i32),
             Arg::I32(len as i32),
-            Arg::I32(first_image as i32),
+            // The kernels use the low 32 bits: the image's noise key, as on the CPU.
+            Arg::I32(first_image as u32 as i32),
             Arg::U32(seed as u32),
             Arg::U32((seed >> 32) as u32),
             Arg::U32(step),
         ],
     )
+}
+
+/// Images `first..first + b` must have 32-bit noise keys ([`crate::sample::MAX_SAMPLES`]).
+fn check_images(first: usize, b: usize) -> Result<()> {
+    match first.checked_add(b) {
+        Some(end) if end <= crate::sample::MAX_SAMPLES => Ok(()),
+        _ => Err(Error::Input(format!(
+            "images {first}.. of {b}: past the {} one run draws",
+            crate::sample::MAX_SAMPLES
+        ))),
+    }
 }

@@ -39,6 +39,15 @@ impl ComposedSampler<'_> {
                 self.models.len()
             )));
         }
+        // The conditions were checked against `self.models`: the uploads must be those models.
+        if let Some(m) =
+            (0..models.len()).find(|&m| models[m].config() != self.models[m].unet.config())
+        {
+            return Err(Error::Input(format!(
+                "GPU model {m} is not an upload of model {m} ({}): their configs differ",
+                self.models[m].file.path().display()
+            )));
+        }
         let gpu: &Gpu = models
             .first()
             .map(|m| &**m.gpu())

@@ -57,16 +57,17 @@ int main() {
     run_timestep_embedding(128);
     run_timestep_embedding(640);  // more frequencies than threads
     {
-        const int n = 3, dim = 300;
+        const int n = 4, dim = 300;
         std::vector<float> y((size_t)n * dim), table(5 * dim);
-        const std::vector<long long> labels = {4, -1, 0};  // -1: no class, nothing added
+        // -1: no class; 5: past the table's 5 rows. Neither adds anything.
+        const std::vector<long long> labels = {4, -1, 0, 5};
         for (auto& v : y) v = rng.uniform();
         for (auto& v : table) v = rng.uniform();
         std::vector<double> ref(y.begin(), y.end());
         for (int i = 0; i < n; ++i)
-            if (labels[i] >= 0)
+            if (labels[i] >= 0 && labels[i] < 5)
                 for (int k = 0; k < dim; ++k) ref[(size_t)i * dim + k] += table[labels[i] * dim + k];
-        emu_launch_serial({(unsigned)n, 1, 1}, {256, 1, 1}, [&] { add_rows_f32(y.data(), table.data(), labels.data(), n, dim); });
+        emu_launch_serial({(unsigned)n, 1, 1}, {256, 1, 1}, [&] { add_rows_f32(y.data(), table.data(), labels.data(), n, dim, 5); });
         checker.close("add_rows_f32", ref, widen(y), 1e-7, 0);
         std::vector<double> silu_ref(y.size());
         for (size_t i = 0; i < y.size(); ++i) silu_ref[i] = y[i] / (1 + std::exp(-(double)y[i]));
