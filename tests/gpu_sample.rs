@@ -178,16 +178,21 @@ fn reference_case() -> (Vec<LoadedModel>, Vec<Expert>, Unconditional) {
     )
 }
 
-fn compare<T: GpuFloat>(g: &std::sync::Arc<Gpu>, sampler: SamplerKind, tol: f64) -> f64 {
-    let (models, experts, uncond) = reference_case();
-    let spec = SampleSpec {
+/// Sampling of the 16x16 fixture models in `steps` evenly spaced steps, clipped.
+fn spec_16x16(sampler: SamplerKind, steps: usize, seed: u64) -> SampleSpec {
+    SampleSpec {
         sampler,
-        timestep_respacing: Some("10".into()),
+        timestep_respacing: Some(steps.to_string()),
         clip_denoised: true,
-        seed: 5,
+        seed,
         height: 16,
         width: 16,
-    };
+    }
+}
+
+fn compare<T: GpuFloat>(g: &std::sync::Arc<Gpu>, sampler: SamplerKind, tol: f64) -> f64 {
+    let (models, experts, uncond) = reference_case();
+    let spec = spec_16x16(sampler, 10, 5);
     let s = ComposedSampler::new(&models, &experts, &uncond, spec).unwrap();
     let want = s.sample(5, 5, None, &mut |_| {}).unwrap();
     let dev: Vec<GpuUNet<T>> = models
@@ -285,14 +290,7 @@ fn graph_replay_matches_kernel_launches() {
     };
     let (models, experts, uncond) = reference_case();
     let steps = 4;
-    let spec = SampleSpec {
-        sampler: SamplerKind::Ddpm,
-        timestep_respacing: Some(steps.to_string()),
-        clip_denoised: true,
-        seed: 9,
-        height: 16,
-        width: 16,
-    };
+    let spec = spec_16x16(SamplerKind::Ddpm, steps, 9);
     let s = ComposedSampler::new(&models, &experts, &uncond, spec).unwrap();
     let dev: Vec<GpuUNet<f32>> = models
         .iter()
@@ -324,14 +322,7 @@ fn mismatched_models_and_inputs_are_refused() {
         return;
     };
     let (models, experts, uncond) = reference_case();
-    let spec = SampleSpec {
-        sampler: SamplerKind::Ddim { eta: 0.0 },
-        timestep_respacing: Some("2".into()),
-        clip_denoised: true,
-        seed: 5,
-        height: 16,
-        width: 16,
-    };
+    let spec = spec_16x16(SamplerKind::Ddim { eta: 0.0 }, 2, 5);
     let s = ComposedSampler::new(&models, &experts, &uncond, spec).unwrap();
     let mut dev: Vec<GpuUNet<f32>> = models
         .iter()

@@ -451,78 +451,26 @@ impl UNet {
         w: usize,
         cond: &Conditioning<'_>,
     ) -> Result<()> {
-        let cfg = &self.config;
+        let lengths = CondLengths {
+            timesteps: cond.timesteps.len(),
+            labels: cond.labels.map(<[i64]>::len),
+            embedding: cond.embedding.map(<[f32]>::len),
+        };
+        check_shape(&self.config, [n, c, h, w], lengths)?;
         let bad = |m: String| Err(Error::Input(m));
-        if n == 0 || h == 0 || w == 0 {
-            return bad(format!("empty input batch [{n}, {c}, {h}, {w}]"));
-        }
-        if h > MAX_IMAGE_SIZE || w > MAX_IMAGE_SIZE {
-            return bad(format!(
-                "image size {h}x{w} is larger than the {MAX_IMAGE_SIZE} mcdm supports"
-            ));
-        }
-        if c != cfg.in_channels {
-            return bad(format!(
-                "x has {c} channels but the model takes {} (x_t plus image conditions)",
-                cfg.in_channels
-            ));
-        }
-        let div = 1usize << (cfg.channel_mult.len() - 1);
-        if !h.is_multiple_of(div) || !w.is_multiple_of(div) {
-            return bad(format!(
-                "image size {h}x{w} is not divisible by {div}, as the model's {} levels need",
-                cfg.channel_mult.len()
-            ));
-        }
-        if cond.timesteps.len() != n {
-            return bad(format!(
-                "{} timesteps for a batch of {n}",
-                cond.timesteps.len()
-            ));
-        }
         if let Some(t) = cond.timesteps.iter().find(|t| !t.is_finite()) {
             return bad(format!("timestep {t} is not finite"));
         }
-        match (cfg.num_classes, cond.labels) {
-            (Some(k), Some(y)) => {
-                if y.len() != n {
-                    return bad(format!("{} class labels for a batch of {n}", y.len()));
-                }
-                if let Some(l) = y.iter().find(|&&l| l < 0 || l as usize >= k) {
-                    return bad(format!("class label {l} is out of range 0..{k}"));
-                }
+        if let (Some(k), Some(y)) = (self.config.num_classes, cond.labels) {
+            if let Some(l) = y.iter().find(|&&l| l < 0 || l as usize >= k) {
+                return bad(format!("class label {l} is out of range 0..{k}"));
             }
-            (Some(k), None) => {
-                return bad(format!(
-                    "the model is class-conditional ({k} classes): give labels `y`"
-                ))
-            }
-            (None, Some(_)) => {
-                return bad("class labels given, but the model is not class-conditional".into())
-            }
-            (None, None) => {}
         }
-        match (cfg.embed_dim, cond.embedding) {
-            (Some(d), Some(e)) => {
-                if e.len() != n * d {
-                    return bad(format!(
-                        "embedding has {} values, expected [{n}, {d}]",
-                        e.len()
-                    ));
-                }
-                if e.iter().any(|v| !v.is_finite()) {
-                    return bad("embedding holds non-finite values".into());
-                }
-            }
-            (Some(d), None) => {
-                return bad(format!(
-                    "the model takes a vector condition: give `emb` [{n}, {d}]"
-                ))
-            }
-            (None, Some(_)) => {
-                return bad("an embedding was given, but the model has no embed_dim".into())
-            }
-            (None, None) => {}
+        if cond
+            .embedding
+            .is_some_and(|e| e.iter().any(|v| !v.is_finite()))
+        {
+            return bad("embedding holds non-finite values".into());
         }
         Ok(())
     }
@@ -905,6 +853,67 @@ fn concat_channels(a: &Act, b: &Act, n: usize, ws: &mut Workspace) -> Act {
         h: a.h,
         w: a.w,
         c,
+    }
+}
+
+/// The lengths of a forward pass's conditioning, wherever its values live.
+pub(crate) struct CondLengths {
+    pub timesteps: usize,
+    pub labels: Option<usize>,
+    pub embedding: Option<usize>,
+}
+
+/// What the model takes of an input batch `[n, c, h, w]`, on the host or the device: a size
+/// its levels divide, its channels, and conditioning of the right kinds and lengths.
+pub(crate) fn check_shape(
+    cfg: &UNetConfig,
+    [n, c, h, w]: [usize; 4],
+    cond: CondLengths,
+) -> Result<()> {
+    let bad = |m: String| Err(Error::Input(m));
+    if n == 0 || h == 0 || w == 0 {
+        return bad(format!("empty input batch [{n}, {c}, {h}, {w}]"));
+    }
+    if h > MAX_IMAGE_SIZE || w > MAX_IMAGE_SIZE {
+        return bad(format!(
+            "image size {h}x{w} is larger than the {MAX_IMAGE_SIZE} mcdm supports"
+        ));
+    }
+    if c != cfg.in_channels {
+        return bad(format!(
+            "x has {c} channels but the model takes {} (x_t plus image conditions)",
+            cfg.in_channels
+        ));
+    }
+    let div = 1usize << (cfg.channel_mult.len() - 1);
+    if !h.is_multiple_of(div) || !w.is_multiple_of(div) {
+        return bad(format!(
+            "image size {h}x{w} is not divisible by {div}, as the model's {} levels need",
+            cfg.channel_mult.len()
+        ));
+    }
+    if cond.timesteps != n {
+        return bad(format!("{} timesteps for a batch of {n}", cond.timesteps));
+    }
+    match (cfg.num_classes, cond.labels) {
+        (Some(_), Some(y)) if y != n => bad(format!("{y} class labels for a batch of {n}"))?,
+        (Some(k), None) => bad(format!(
+            "the model is class-conditional ({k} classes): give labels `y`"
+        ))?,
+        (None, Some(_)) => {
+            bad("class labels given, but the model is not class-conditional".into())?
+        }
+        _ => {}
+    }
+    match (cfg.embed_dim, cond.embedding) {
+        (Some(d), Some(e)) if Some(e) != n.checked_mul(d) => {
+            bad(format!("embedding has {e} values, expected [{n}, {d}]"))
+        }
+        (Some(d), None) => bad(format!(
+            "the model takes a vector condition: give `emb` [{n}, {d}]"
+        )),
+        (None, Some(_)) => bad("an embedding was given, but the model has no embed_dim".into()),
+        _ => Ok(()),
     }
 }
 

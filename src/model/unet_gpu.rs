@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 
-use super::unet::{Conditioning, Layer, UNet, UpDown};
-use crate::config::{UNetConfig, MAX_IMAGE_SIZE};
+use super::unet::{check_shape, CondLengths, Conditioning, Layer, UNet, UpDown};
+use crate::config::UNetConfig;
 use crate::cuda::buffer::GpuPool;
 use crate::cuda::{grid_1d, Arg, Gpu, GpuBuffer, GpuFloat};
 use crate::error::{Error, Result};
@@ -294,48 +294,13 @@ impl<T: GpuFloat> GpuUNet<T> {
         [n, h, w, c]: [usize; 4],
         cond: &GpuConditioning<'_>,
     ) -> Result<()> {
-        let cfg = &self.config;
-        let bad = |m: String| Err(Error::Input(m));
-        if n == 0 || h == 0 || w == 0 || h > MAX_IMAGE_SIZE || w > MAX_IMAGE_SIZE {
-            return bad(format!(
-                "input batch [{n}, {h}, {w}, {c}]: an empty or too large size"
-            ));
-        }
-        if c != cfg.in_channels {
-            return bad(format!(
-                "x has {c} channels but the model takes {}",
-                cfg.in_channels
-            ));
-        }
-        let div = 1usize << (cfg.channel_mult.len() - 1);
-        if !h.is_multiple_of(div) || !w.is_multiple_of(div) {
-            return bad(format!(
-                "image size {h}x{w} is not divisible by {div}, as the model's {} levels need",
-                cfg.channel_mult.len()
-            ));
-        }
-        check_len("x", x.len(), elements("x", &[n, h, w, c])?)?;
-        check_len("timesteps", cond.timesteps.len(), n)?;
-        match (cfg.num_classes, cond.labels) {
-            (Some(_), Some(y)) => check_len("class labels", y.len(), n)?,
-            (Some(k), None) => {
-                return bad(format!(
-                    "the model is class-conditional ({k} classes): give labels"
-                ))
-            }
-            (None, Some(_)) => {
-                return bad("class labels given, but the model is not class-conditional".into())
-            }
-            (None, None) => {}
-        }
-        match (cfg.embed_dim, cond.embedding) {
-            (Some(d), Some(e)) => check_len("embedding", e.len(), elements("embedding", &[n, d])?),
-            (Some(d), None) => bad(format!(
-                "the model takes a vector condition: give [{n}, {d}]"
-            )),
-            (None, Some(_)) => bad("an embedding was given, but the model has no embed_dim".into()),
-            (None, None) => Ok(()),
-        }
+        let lengths = CondLengths {
+            timesteps: cond.timesteps.len(),
+            labels: cond.labels.map(CudaSlice::len),
+            embedding: cond.embedding.map(GpuBuffer::len),
+        };
+        check_shape(&self.config, [n, c, h, w], lengths)?;
+        check_len("x", x.len(), elements("x", &[n, h, w, c])?)
     }
 
     /// SiLU(time_embed(t) + label_emb(y) + vector_emb(e)), f32 `[n, 4mc]`.
