@@ -433,6 +433,30 @@ fn bad_sizes_are_errors() {
         conv.forward(&g, &x2, W3, 1, 1, &mut y2, Residual::None),
         "more than a kernel takes",
     );
+    fails(
+        "conv, output pixels past the kernels' 32-bit rows",
+        conv.forward(&g, &x2, 1 << 16, 1 << 8, 1 << 8, &mut y2, Residual::None),
+        "more than a kernel indexes",
+    );
+    let norm = GroupNorm {
+        channels: 32,
+        weight: vec![1.0; 32],
+        bias: vec![0.0; 32],
+    }
+    .upload(&g)
+    .unwrap();
+    let mut stats = buf(64);
+    fails(
+        "group norm, an image past the kernel's 32-bit index",
+        norm.forward(&g, &x2, 1, 1 << 26, &mut y2, &mut stats, None, false),
+        "more than a kernel indexes",
+    );
+    let (x4, mut y4) = (buf(4), buf(4));
+    fails(
+        "a copy on more blocks than a grid holds",
+        mcdm::ops::peak::copy_gpu(&g, &x4, &mut y4, 1 << 32).map(drop),
+        "blocks",
+    );
     // Empty work launches nothing.
     conv.forward(&g, &x2, 0, 4, 4, &mut y2, Residual::None)
         .unwrap();

@@ -245,7 +245,8 @@ fn capture_records_and_refuses_what_a_graph_cannot_replay() {
         g.download(&dev).unwrap().iter().all(|&v| v == 0.5),
         "the capture ran its launch"
     );
-    g.launch_graph(&graph).unwrap();
+    // SAFETY: `dev`, the one buffer the graph touches, is alive and unmoved.
+    unsafe { g.launch_graph(&graph) }.unwrap();
     let mut want = vec![0.0; b * len];
     for (k, image) in want.chunks_exact_mut(len).enumerate() {
         fill_normals(seed, k as u32, step, image);
@@ -271,6 +272,29 @@ fn capture_records_and_refuses_what_a_graph_cannot_replay() {
         .err()
         .unwrap();
     assert!(refused.to_string().contains("the work failed"), "{refused}");
+    // Another thread's launch during a capture would be recorded, not run: refused.
+    let mut other = g.zeros::<f32>(len).unwrap();
+    let refused = g
+        .capture(|| {
+            std::thread::scope(|s| {
+                s.spawn(|| fill_normals_gpu(&g, &mut other, 1, len, 0, seed, step))
+                    .join()
+                    .unwrap()
+            })
+        })
+        .err()
+        .unwrap();
+    assert!(
+        refused.to_string().contains("from another thread"),
+        "{refused}"
+    );
+    // A panic in the recorded work ends the capture before it is passed on.
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        g.capture(|| panic!("the work panicked"))
+    }));
+    assert!(panicked.is_err());
+    g.zeros::<f32>(8)
+        .expect("allocating after a capture that panicked");
     fill_normals_gpu(&g, &mut dev, b, len, 0, seed, step + 1).unwrap();
     assert_ne!(
         g.download(&dev).unwrap(),
@@ -329,10 +353,29 @@ fn mismatched_models_and_inputs_are_refused() {
         .map(|m| GpuUNet::upload(&m.unet, g.clone()).unwrap())
         .collect();
     dev.swap(0, 1);
-    let err = s.sample_gpu(&dev, 1, 1, None, &mut |_| {}).unwrap_err();
+    let not_an_upload = |dev: &[GpuUNet<f32>]| {
+        let err = s.sample_gpu(dev, 1, 1, None, &mut |_| {}).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("GPU model 0 is not an upload of model 0"),
+            "{err}"
+        );
+    };
+    not_an_upload(&dev);
+    // Another network of the same config is not the upload either.
+    let twin = LoadedModel::random(models[0].config.clone(), 99, "twin").unwrap();
+    let mut uploads: Vec<GpuUNet<f32>> = models
+        .iter()
+        .map(|m| GpuUNet::upload(&m.unet, g.clone()).unwrap())
+        .collect();
+    uploads[0] = GpuUNet::upload(&twin.unet, g.clone()).unwrap();
+    not_an_upload(&uploads);
+    // One stream for all models: an upload through a second handle is refused.
+    let other = mcdm::cuda::Gpu::new(0).unwrap();
+    uploads[0] = GpuUNet::upload(&models[0].unet, other).unwrap();
+    let err = s.sample_gpu(&uploads, 1, 1, None, &mut |_| {}).unwrap_err();
     assert!(
-        err.to_string()
-            .contains("GPU model 0 is not an upload of model 0"),
+        err.to_string().contains("different device handles"),
         "{err}"
     );
 

@@ -11,9 +11,8 @@ use super::{cuda_err, Gpu, GpuBuffer, GpuFloat};
 use crate::error::{Error, Result};
 
 /// Work recorded by [`Gpu::capture`], launched by [`Gpu::launch_graph`]. It holds the device
-/// addresses it was recorded with: the buffers it reads and writes must stay alive, and keep
-/// their roles, while it is launched. (Dropped while a launch runs, the driver frees it when
-/// the launch completes.)
+/// addresses it was recorded with, not the buffers: see [`Gpu::launch_graph`]'s safety
+/// contract. (Dropped while a launch runs, the driver frees it when the launch completes.)
 pub struct GpuGraph(CudaGraph);
 
 /// A point in the stream's work, set by [`Gpu::mark`] (and moved by setting it again).
@@ -49,8 +48,9 @@ impl Gpu {
 
     /// Records the launches and device-to-device copies that `enqueue` puts on the stream,
     /// without running them. While it records, allocations, uploads, downloads and
-    /// synchronisation are refused (a graph cannot replay them), and so is capture while
-    /// profiling. On an error nothing was run and the stream is usable again.
+    /// synchronisation are refused (a graph cannot replay them), and so are launches from other
+    /// threads and capture while profiling. On an error, or a panic in `enqueue` (passed on),
+    /// nothing was run and the stream is usable again.
     pub fn capture(&self, enqueue: impl FnOnce() -> Result<()>) -> Result<GpuGraph> {
         if self.profile_marks()?.is_some() {
             return Err(Error::Cuda(
@@ -62,14 +62,19 @@ impl Gpu {
         self.stream
             .begin_capture(mode)
             .map_err(cuda_err("beginning a CUDA graph capture"))?;
+        if let Ok(mut thread) = self.capture_thread.lock() {
+            *thread = Some(std::thread::current().id());
+        }
         self.capturing.store(true, Ordering::Relaxed);
-        let recorded = enqueue();
+        // A panic must not leave the stream capturing: end the capture, then pass it on.
+        let recorded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(enqueue));
         self.capturing.store(false, Ordering::Relaxed);
         // A buffer that a failed `enqueue` dropped could not be freed during the capture.
         // cudarc keeps that error in the context, where it would stop the call that ends the
         // capture and leave the stream capturing: take it out first.
         let dropped = self.ctx.check_err();
         let ended = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        let recorded = recorded.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         // The work's own error says more than the invalidated capture it causes.
         recorded?;
         dropped.map_err(cuda_err("a CUDA call during a graph capture"))?;
@@ -82,7 +87,12 @@ impl Gpu {
     }
 
     /// Enqueues the work `graph` recorded.
-    pub fn launch_graph(&self, graph: &GpuGraph) -> Result<()> {
+    ///
+    /// # Safety
+    /// Every buffer the recorded work touched must still be alive, at the address it had, and
+    /// hold what the work expects: the graph replays raw device addresses, so a buffer dropped
+    /// since the capture (its memory perhaps reused by another) would be read and written.
+    pub unsafe fn launch_graph(&self, graph: &GpuGraph) -> Result<()> {
         graph
             .0
             .launch()
@@ -94,6 +104,21 @@ impl Gpu {
     /// Graphs launched so far by this device handle.
     pub fn graph_launches(&self) -> usize {
         self.graph_launches.load(Ordering::Relaxed)
+    }
+
+    /// An error when another thread than the capturing one enqueues `what` during a capture: it
+    /// would be recorded into that thread's graph instead of running.
+    pub(crate) fn refuse_other_threads_while_capturing(&self, what: &str) -> Result<()> {
+        if !self.capturing.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let capturing = self.capture_thread.lock().ok().and_then(|t| *t);
+        if capturing != Some(std::thread::current().id()) {
+            return Err(Error::Cuda(format!(
+                "{what} from another thread while a CUDA graph is being captured"
+            )));
+        }
+        Ok(())
     }
 
     /// An error when a capture is recording: `what` cannot be part of a graph.
@@ -144,6 +169,7 @@ impl Gpu {
         if n == 0 {
             return Ok(());
         }
+        self.refuse_other_threads_while_capturing("copying")?;
         let from = src.slice().slice(offset..offset + n);
         let mut to = dst.slice_mut().slice_mut(..n);
         self.stream

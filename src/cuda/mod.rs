@@ -215,8 +215,9 @@ pub struct Gpu {
     info: DeviceInfo,
     /// While profiling ([`Gpu::profile_start`]): each launch's kernel and its start and end events.
     profile: Mutex<Option<Vec<LaunchMarks>>>,
-    /// While [`Gpu::capture`] records.
+    /// While [`Gpu::capture`] records, and the thread it records for.
     capturing: AtomicBool,
+    capture_thread: Mutex<Option<std::thread::ThreadId>>,
     /// See [`Gpu::cuda_graphs`].
     cuda_graphs: AtomicBool,
     /// See [`Gpu::take_graph_failure`].
@@ -272,6 +273,7 @@ impl Gpu {
             info,
             profile: Mutex::new(None),
             capturing: AtomicBool::new(false),
+            capture_thread: Mutex::new(None),
             cuda_graphs: AtomicBool::new(true),
             graph_failure: Mutex::new(None),
             graph_launches: AtomicUsize::new(0),
@@ -345,6 +347,11 @@ impl Gpu {
         if let Some(f) = cache.get(name) {
             return Ok(f.clone());
         }
+        // Loading a function needs the context current on this thread (a launch binds it, a
+        // load does not): the first launch of a kernel may come from any thread.
+        self.ctx
+            .bind_to_thread()
+            .map_err(cuda_err("binding the CUDA context"))?;
         let module = self
             .modules
             .get(file)
@@ -369,6 +376,7 @@ impl Gpu {
         if x == 0 || y == 0 || z == 0 {
             return Ok(());
         }
+        self.refuse_other_threads_while_capturing("launching a kernel")?;
         let f = self.function(file, name)?;
         let mut builder = self.stream.launch_builder(&f);
         for a in args {

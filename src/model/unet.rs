@@ -268,7 +268,12 @@ pub struct UNet {
     pub(crate) out_norm: GroupNorm,
     pub(crate) out_conv: Conv2d,
     parameters: usize,
+    /// Unique per network built: tells a [`crate::model::GpuUNet`] which network it uploaded.
+    id: u64,
 }
+
+/// The next [`UNet`]'s id.
+static NEXT_UNET_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl UNet {
     /// Builds the network described by `config` from `file`. Every missing key, unexpected key
@@ -430,11 +435,17 @@ impl UNet {
             out_norm,
             out_conv,
             parameters: ld.parameters,
+            id: NEXT_UNET_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 
     pub fn config(&self) -> &UNetConfig {
         &self.config
+    }
+
+    /// This network's identity (not its weights'): the same for no two networks built.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
     }
 
     /// Number of parameters.

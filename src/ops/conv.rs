@@ -13,7 +13,7 @@ use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::matmul::{matmul, Mat};
-use super::{check_len, elements};
+use super::{check_len, elements, int_product};
 use crate::cuda::{Arg, Gpu, GpuBuffer, GpuFloat};
 use crate::error::{Error, Result};
 
@@ -666,6 +666,8 @@ impl<T: GpuFloat> GpuConv2d<T> {
     ) -> Result<()> {
         let (ho, wo) = self.out_size(h, w);
         let out_len = elements("conv output", &[n, ho, wo, self.cout])?;
+        // The kernels count output pixels (their GEMM rows) in 32 bits.
+        int_product("conv output pixels", &[n, ho, wo])?;
         check_len(
             "conv input",
             x.len(),

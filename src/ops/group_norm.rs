@@ -6,7 +6,7 @@ use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::silu;
-use super::{check_len, elements};
+use super::{check_len, elements, int_product};
 use crate::cuda::{Arg, Gpu, GpuBuffer, GpuFloat};
 use crate::error::Result;
 
@@ -175,6 +175,8 @@ impl GpuGroupNorm {
     ) -> Result<()> {
         let c = self.channels;
         let len = elements("group norm", &[n, hw, c])?;
+        // The apply kernel indexes one image in 32 bits.
+        int_product("group norm image", &[hw, c])?;
         check_len("group norm input", x.len(), len)?;
         check_len("group norm output", y.len(), len)?;
         let rows = stats_rows(n, hw);

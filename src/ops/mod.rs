@@ -21,6 +21,15 @@ use multiversion::multiversion;
 
 use crate::error::{Error, Result};
 
+/// A product of sizes that a kernel itself forms in a 32-bit int (conv rows, a group-norm
+/// image): an error where it passes `i32::MAX`.
+pub(crate) fn int_product(what: &str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |p, &d| p.checked_mul(d))
+        .filter(|&p| p <= i32::MAX as usize)
+        .ok_or_else(|| Error::Input(format!("{what}: {dims:?} is more than a kernel indexes")))
+}
+
 /// A launch's buffer must hold what the kernel will touch.
 pub(crate) fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
     if have < need {

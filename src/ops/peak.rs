@@ -146,8 +146,8 @@ pub fn copy_gpu(
     blocks: usize,
 ) -> Result<f64> {
     let len = x.len();
-    if blocks == 0 {
-        return Err(Error::Cuda("peak copy: no blocks".into()));
+    if blocks == 0 || blocks > i32::MAX as usize {
+        return Err(Error::Cuda(format!("peak copy: {blocks} blocks")));
     }
     if !len.is_multiple_of(4) {
         return Err(Error::Cuda(format!(

@@ -39,14 +39,22 @@ impl ComposedSampler<'_> {
                 self.models.len()
             )));
         }
-        // The conditions were checked against `self.models`: the uploads must be those models.
-        if let Some(m) =
-            (0..models.len()).find(|&m| models[m].config() != self.models[m].unet.config())
+        // The conditions were checked against `self.models`: the uploads must be those models,
+        // on one device handle (one stream: another handle's launches would escape the graphs).
+        if let Some(m) = (0..models.len()).find(|&m| !models[m].is_upload_of(&self.models[m].unet))
         {
             return Err(Error::Input(format!(
-                "GPU model {m} is not an upload of model {m} ({}): their configs differ",
+                "GPU model {m} is not an upload of model {m} ({})",
                 self.models[m].file.path().display()
             )));
+        }
+        if models
+            .iter()
+            .any(|m| !std::sync::Arc::ptr_eq(m.gpu(), models[0].gpu()))
+        {
+            return Err(Error::Input(
+                "the GPU models were uploaded through different device handles: use one".into(),
+            ));
         }
         let gpu: &Gpu = models
             .first()
@@ -173,6 +181,10 @@ impl ComposedSampler<'_> {
                 .collect::<Result<_>>()?,
             conditions,
         };
+        // SAFETY of each launch below: the graph records the model work of one step, which
+        // touches `state`, `images`, the models' parameters and `ws`'s buffers. All outlive the
+        // graph (declared after them, it is dropped first), keep their addresses (no step
+        // after the capture allocates or gives back a buffer) and their roles.
         let mut graph: Option<GpuGraph> = None;
         // One capture at most per batch: a failed one leaves the batch to launches.
         let mut may_capture = gpu.cuda_graphs();
@@ -185,13 +197,13 @@ impl ComposedSampler<'_> {
                 gpu.copy(all, i * rows, now)?;
             }
             match &graph {
-                Some(g) => gpu.launch_graph(g)?,
+                Some(g) => unsafe { gpu.launch_graph(g) }?,
                 None if capture_next => {
                     (may_capture, capture_next) = (false, false);
                     match gpu
                         .capture(|| self.predict_gpu(gpu, models, images, first, b, &mut state, ws))
                     {
-                        Ok(g) => gpu.launch_graph(graph.insert(g))?,
+                        Ok(g) => unsafe { gpu.launch_graph(graph.insert(g)) }?,
                         Err(e) => {
                             gpu.note_graph_failure(&e);
                             self.predict_gpu(gpu, models, images, first, b, &mut state, ws)?;
