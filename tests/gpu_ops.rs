@@ -457,6 +457,30 @@ fn bad_sizes_are_errors() {
         mcdm::ops::peak::copy_gpu(&g, &x4, &mut y4, 1 << 32).map(drop),
         "blocks",
     );
+    // A large-tile conv launched through a handle other than the uploading one: its shared
+    // memory limit is raised per handle, at the kernel's first launch there.
+    {
+        let other = mcdm::cuda::Gpu::new(0).unwrap();
+        let (cin, cout, h, w) = (64, 64, 4, 4);
+        let big = Conv2d::from_torch(&values(cout * cin * 9, 5), values(cout, 6), 3, 1)
+            .upload::<half::f16>(&g)
+            .unwrap();
+        let x = other.upload::<half::f16>(&values(h * w * cin, 7)).unwrap();
+        let mut y = other.zeros::<half::f16>(h * w * cout).unwrap();
+        if big.supports(&other, ConvKernel::Tile128, &x) {
+            big.forward_with(
+                &other,
+                ConvKernel::Tile128,
+                &x,
+                1,
+                h,
+                w,
+                &mut y,
+                Residual::None,
+            )
+            .expect("a large-tile conv on a second handle");
+        }
+    }
     // Empty work launches nothing.
     conv.forward(&g, &x2, 0, 4, 4, &mut y2, Residual::None)
         .unwrap();

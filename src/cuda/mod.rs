@@ -212,6 +212,8 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     modules: HashMap<&'static str, Arc<CudaModule>>,
     functions: Mutex<HashMap<String, CudaFunction>>,
+    /// Kernels whose dynamic shared memory limit this handle raised past the 48 KiB default.
+    shared_raised: Mutex<std::collections::HashSet<String>>,
     info: DeviceInfo,
     /// While profiling ([`Gpu::profile_start`]): each launch's kernel and its start and end events.
     profile: Mutex<Option<Vec<LaunchMarks>>>,
@@ -270,6 +272,7 @@ impl Gpu {
             stream,
             modules,
             functions: Mutex::new(HashMap::new()),
+            shared_raised: Mutex::new(std::collections::HashSet::new()),
             info,
             profile: Mutex::new(None),
             capturing: AtomicBool::new(false),
@@ -338,6 +341,26 @@ impl Gpu {
         self.stream.synchronize().map_err(cuda_err("synchronising"))
     }
 
+    /// Raises `f`'s dynamic shared memory limit to `bytes` where that passes the 48 KiB
+    /// default, once per kernel and handle (the limit belongs to this handle's module).
+    fn allow_shared_memory(&self, f: &CudaFunction, name: &str, bytes: u32) -> Result<()> {
+        const DEFAULT_LIMIT: u32 = 48 * 1024;
+        if bytes <= DEFAULT_LIMIT {
+            return Ok(());
+        }
+        let mut raised = self
+            .shared_raised
+            .lock()
+            .map_err(|_| Error::Cuda("shared memory limits poisoned".into()))?;
+        if !raised.contains(name) {
+            let attr = cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            f.set_attribute(attr, bytes as i32)
+                .map_err(cuda_err(&format!("`{name}` shared memory limit")))?;
+            raised.insert(name.to_string());
+        }
+        Ok(())
+    }
+
     /// The kernel `name` of `kernels/<file>.cu`, looked up once and cached.
     pub fn function(&self, file: &str, name: &str) -> Result<CudaFunction> {
         let mut cache = self
@@ -378,6 +401,7 @@ impl Gpu {
         }
         self.refuse_other_threads_while_capturing("launching a kernel")?;
         let f = self.function(file, name)?;
+        self.allow_shared_memory(&f, name, cfg.shared_mem_bytes)?;
         let mut builder = self.stream.launch_builder(&f);
         for a in args {
             match a {

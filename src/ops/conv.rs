@@ -7,7 +7,6 @@
 
 use std::sync::OnceLock;
 
-use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
 use cudarc::driver::LaunchConfig;
 use multiversion::multiversion;
 use rayon::prelude::*;
@@ -481,20 +480,6 @@ impl ConvKernel {
         }
     }
 
-    /// Raises the function's dynamic shared memory limit to what the kernel uses (over the
-    /// 48 KiB default), once at upload rather than on every launch.
-    fn allow_shared_memory(self, gpu: &Gpu, suffix: &str) -> Result<()> {
-        let smem = self.geometry().3 as i32;
-        let name = self.function(suffix);
-        let f = gpu.function("conv", &name)?;
-        let attr = CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        let err = |e| crate::Error::Cuda(format!("`{name}` shared memory limit: {e:?}"));
-        if f.get_attribute(attr).map_err(err)? < smem {
-            f.set_attribute(attr, smem).map_err(err)?;
-        }
-        Ok(())
-    }
-
     fn function(self, suffix: &str) -> String {
         match self {
             ConvKernel::Tile64 => format!("conv2d{suffix}"),
@@ -562,20 +547,14 @@ impl Conv2d {
                 }
             }
         }
-        let conv = GpuConv2d {
+        Ok(GpuConv2d {
             cin,
             cout,
             kernel: k,
             stride: self.stride,
             weight: gpu.upload(&ohwi)?,
             bias: gpu.upload(&self.bias)?,
-        };
-        if conv.large_tiles_apply() {
-            for kernel in [ConvKernel::Tile128, ConvKernel::Tile128x64] {
-                kernel.allow_shared_memory(gpu, T::SUFFIX)?;
-            }
-        }
-        Ok(conv)
+        })
     }
 }
 
