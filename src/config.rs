@@ -73,6 +73,16 @@ impl Default for DiffusionConfig {
 pub const MAX_IMAGE_SIZE: usize = 4096;
 /// The longest diffusion (guided-diffusion's models use 1000 to 4000 steps).
 pub const MAX_DIFFUSION_STEPS: usize = 1_000_000;
+
+/// An error unless `steps` is a diffusion length mcdm takes (1 to [`MAX_DIFFUSION_STEPS`]).
+pub(crate) fn check_diffusion_steps(steps: usize) -> Result<()> {
+    if steps == 0 || steps > MAX_DIFFUSION_STEPS {
+        return Err(Error::Diffusion(format!(
+            "diffusion_steps must be between 1 and {MAX_DIFFUSION_STEPS}, got {steps}"
+        )));
+    }
+    Ok(())
+}
 /// Bounds on a UNet config, far past any real model (guided-diffusion's widest level is 1024
 /// channels, its deepest 6 levels of 3 blocks).
 pub const MAX_WIDTH: usize = 1 << 16;
@@ -712,15 +722,13 @@ pub fn resolve(
         use_kl: field!("use_kl", parse_bool, None::<bool>, false),
         rescale_learned_sigmas: field!("rescale_learned_sigmas", parse_bool, None::<bool>, false),
     };
-    if diffusion.diffusion_steps == 0 || diffusion.diffusion_steps > MAX_DIFFUSION_STEPS {
-        return Err(Error::Config(format!(
-            "diffusion_steps must be between 1 and {MAX_DIFFUSION_STEPS}, got {}",
-            diffusion.diffusion_steps
-        )));
-    }
-    // A respacing that keeps no step, or that no stride gives, is refused with the config.
+    // The step count, and a respacing that keeps no step or that no stride gives, are refused
+    // with the config.
     crate::diffusion::space_timesteps(diffusion.diffusion_steps, &diffusion.timestep_respacing)
-        .map_err(|e| Error::Config(e.to_string()))?;
+        .map_err(|e| match e {
+            Error::Diffusion(m) => Error::Config(m),
+            e => e,
+        })?;
 
     let unet = UNetConfig {
         image_size,

@@ -20,6 +20,17 @@ fn mcdm(args: &[&str]) -> (Option<i32>, String) {
     )
 }
 
+/// `mcdm sample` of the unconditional fixture model alone, 2 steps, into `out`, plus `extra`.
+fn sample_uncond(out: &Path, num_samples: &str, extra: &[&str]) -> (Option<i32>, String) {
+    let (uncond, out) = (model("uncond"), out.display().to_string());
+    let mut args = vec![
+        "sample", "--model", &uncond, "--uncond", "uncond", "--steps", "2",
+    ];
+    args.extend_from_slice(&["--num-samples", num_samples, "--out", &out]);
+    args.extend_from_slice(extra);
+    mcdm(&args)
+}
+
 fn model(name: &str) -> String {
     format!(
         "{name}={}",
@@ -645,19 +656,7 @@ fn output_files_are_checked_before_sampling() {
     );
     let out = dir.path().join("out");
     std::fs::create_dir_all(out.join("record.json")).unwrap();
-    let (code, err) = mcdm(&[
-        "sample",
-        "--model",
-        &model("uncond"),
-        "--uncond",
-        "uncond",
-        "--steps",
-        "2",
-        "--num-samples",
-        "1",
-        "--out",
-        &out.display().to_string(),
-    ]);
+    let (code, err) = sample_uncond(&out, "1", &[]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("record.json: is a directory"), "{err}");
     assert!(!out.join("000000.png").exists(), "an image was written");
@@ -665,15 +664,7 @@ fn output_files_are_checked_before_sampling() {
     // A numbered image that cannot be written, and a tensor over one of the run's own files.
     let out = dir.path().join("out2");
     std::fs::create_dir_all(out.join("000001.png")).unwrap();
-    let out_s = out.display().to_string();
-    let uncond = model("uncond");
-    let run = |extra: &[&str]| {
-        let mut args = vec!["sample", "--model", &uncond];
-        args.extend_from_slice(&["--uncond", "uncond", "--steps", "2", "--num-samples", "2"]);
-        args.extend_from_slice(&["--out", &out_s]);
-        args.extend_from_slice(extra);
-        mcdm(&args)
-    };
+    let run = |extra: &[&str]| sample_uncond(&out, "2", extra);
     let (code, err) = run(&[]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("000001.png is a directory"), "{err}");
@@ -701,22 +692,8 @@ fn bad_model_arguments() {
     );
     fails(&["--model", "u=", "--uncond", "u"], "no path after `=`");
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out").display().to_string();
-    let (code, err) = mcdm(&[
-        "sample",
-        "--model",
-        &model("uncond"),
-        "--model",
-        "s=/no/such/model.safetensors",
-        "--uncond",
-        "uncond",
-        "--steps",
-        "2",
-        "--num-samples",
-        "1",
-        "--out",
-        &out,
-    ]);
+    let unused = ["--model", "s=/no/such/model.safetensors"];
+    let (code, err) = sample_uncond(&dir.path().join("out"), "1", &unused);
     assert_eq!(code, Some(0), "{err}");
     assert!(
         err.contains("warning: model `s`") && err.contains("not loaded"),

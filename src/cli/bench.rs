@@ -183,7 +183,9 @@ pub fn run(args: Args) -> Result<()> {
     let mut profiles = Vec::new();
     for &n in &args.batch {
         let c = cfg.unet.in_channels;
-        let x_bytes = (n * c * size * size).saturating_mul(std::mem::size_of::<f32>());
+        let x_bytes = n
+            .saturating_mul(c * size * size)
+            .saturating_mul(std::mem::size_of::<f32>());
         check_host_memory(x_bytes, &format!("--batch {n}: the input"))?;
         let x: Vec<f32> = (0..n * c * size * size)
             .map(|i| ((i * 7919) % 2003) as f32 / 1001.0 - 1.0)

@@ -211,9 +211,8 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     modules: HashMap<&'static str, Arc<CudaModule>>,
-    functions: Mutex<HashMap<String, CudaFunction>>,
-    /// Kernels whose dynamic shared memory limit this handle raised past the 48 KiB default.
-    shared_raised: Mutex<std::collections::HashSet<String>>,
+    /// Kernels loaded so far, with the dynamic shared memory limit set on each (0: the default).
+    functions: Mutex<HashMap<String, (CudaFunction, u32)>>,
     info: DeviceInfo,
     /// While profiling ([`Gpu::profile_start`]): each launch's kernel and its start and end events.
     profile: Mutex<Option<Vec<LaunchMarks>>>,
@@ -272,7 +271,6 @@ impl Gpu {
             stream,
             modules,
             functions: Mutex::new(HashMap::new()),
-            shared_raised: Mutex::new(std::collections::HashSet::new()),
             info,
             profile: Mutex::new(None),
             capturing: AtomicBool::new(false),
@@ -341,49 +339,40 @@ impl Gpu {
         self.stream.synchronize().map_err(cuda_err("synchronising"))
     }
 
-    /// Raises `f`'s dynamic shared memory limit to `bytes` where that passes the 48 KiB
-    /// default, once per kernel and handle (the limit belongs to this handle's module).
-    fn allow_shared_memory(&self, f: &CudaFunction, name: &str, bytes: u32) -> Result<()> {
+    /// The kernel `name` of `kernels/<file>.cu`, loaded once and cached, with its dynamic
+    /// shared memory limit raised to `shared_bytes` where that passes the 48 KiB default (the
+    /// limit belongs to this handle's module, so each handle raises its own).
+    fn function(&self, file: &str, name: &str, shared_bytes: u32) -> Result<CudaFunction> {
         const DEFAULT_LIMIT: u32 = 48 * 1024;
-        if bytes <= DEFAULT_LIMIT {
-            return Ok(());
-        }
-        let mut raised = self
-            .shared_raised
-            .lock()
-            .map_err(|_| Error::Cuda("shared memory limits poisoned".into()))?;
-        if !raised.contains(name) {
-            let attr = cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-            f.set_attribute(attr, bytes as i32)
-                .map_err(cuda_err(&format!("`{name}` shared memory limit")))?;
-            raised.insert(name.to_string());
-        }
-        Ok(())
-    }
-
-    /// The kernel `name` of `kernels/<file>.cu`, looked up once and cached.
-    pub fn function(&self, file: &str, name: &str) -> Result<CudaFunction> {
         let mut cache = self
             .functions
             .lock()
             .map_err(|_| Error::Cuda("function cache poisoned".into()))?;
-        if let Some(f) = cache.get(name) {
-            return Ok(f.clone());
+        let (f, limit) = match cache.get_mut(name) {
+            Some(entry) => entry,
+            None => {
+                // Loading a function needs the context current on this thread (a launch binds
+                // it, a load does not): the first launch of a kernel may come from any thread.
+                self.ctx
+                    .bind_to_thread()
+                    .map_err(cuda_err("binding the CUDA context"))?;
+                let module = self
+                    .modules
+                    .get(file)
+                    .ok_or_else(|| Error::Cuda(format!("no kernel module `{file}`")))?;
+                let f = module
+                    .load_function(name)
+                    .map_err(cuda_err(&format!("kernel `{name}`")))?;
+                cache.entry(name.to_string()).or_insert((f, 0))
+            }
+        };
+        if shared_bytes > DEFAULT_LIMIT && shared_bytes > *limit {
+            let attr = cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            f.set_attribute(attr, shared_bytes as i32)
+                .map_err(cuda_err(&format!("`{name}` shared memory limit")))?;
+            *limit = shared_bytes;
         }
-        // Loading a function needs the context current on this thread (a launch binds it, a
-        // load does not): the first launch of a kernel may come from any thread.
-        self.ctx
-            .bind_to_thread()
-            .map_err(cuda_err("binding the CUDA context"))?;
-        let module = self
-            .modules
-            .get(file)
-            .ok_or_else(|| Error::Cuda(format!("no kernel module `{file}`")))?;
-        let f = module
-            .load_function(name)
-            .map_err(cuda_err(&format!("kernel `{name}`")))?;
-        cache.insert(name.to_string(), f.clone());
-        Ok(f)
+        Ok(f.clone())
     }
 
     /// Launches `file::name` with `args`, each pushed by value (device pointers as u64).
@@ -400,8 +389,7 @@ impl Gpu {
             return Ok(());
         }
         self.refuse_other_threads_while_capturing("launching a kernel")?;
-        let f = self.function(file, name)?;
-        self.allow_shared_memory(&f, name, cfg.shared_mem_bytes)?;
+        let f = self.function(file, name, cfg.shared_mem_bytes)?;
         let mut builder = self.stream.launch_builder(&f);
         for a in args {
             match a {

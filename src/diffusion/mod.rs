@@ -15,7 +15,7 @@ pub use respace::space_timesteps;
 pub use schedule::beta_schedule;
 pub use step::StepParams;
 
-use crate::config::{DiffusionConfig, MAX_DIFFUSION_STEPS};
+use crate::config::{check_diffusion_steps, DiffusionConfig};
 use crate::error::{Error, Result};
 
 /// What the model's first three output channels predict.
@@ -133,12 +133,8 @@ impl Diffusion {
     /// Builds the process `create_gaussian_diffusion` builds for `config`. `use_kl` and
     /// `rescale_learned_sigmas` only choose a training loss and are ignored.
     pub fn from_config(config: &DiffusionConfig) -> Result<Self> {
-        let steps = config.diffusion_steps;
-        if steps == 0 || steps > MAX_DIFFUSION_STEPS {
-            return Err(Error::Diffusion(format!(
-                "diffusion_steps must be between 1 and {MAX_DIFFUSION_STEPS}, got {steps}"
-            )));
-        }
+        // Before the schedule allocates one value per step.
+        check_diffusion_steps(config.diffusion_steps)?;
         let base = DiffusionTables::from_betas(beta_schedule(
             config.noise_schedule,
             config.diffusion_steps,

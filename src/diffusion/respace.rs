@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::config::MAX_DIFFUSION_STEPS;
+use crate::config::check_diffusion_steps;
 use crate::error::{Error, Result};
 
 /// The original timesteps kept by `spec`, sorted ascending.
@@ -17,11 +17,7 @@ use crate::error::{Error, Result};
 /// than it has, a `ddimN` no integer stride gives exactly, and a spec that keeps no step at
 /// all (the reference accepts it here but fails when building the diffusion).
 pub fn space_timesteps(num_timesteps: usize, spec: &str) -> Result<Vec<usize>> {
-    if num_timesteps == 0 || num_timesteps > MAX_DIFFUSION_STEPS {
-        return Err(Error::Diffusion(format!(
-            "diffusion_steps must be between 1 and {MAX_DIFFUSION_STEPS}, got {num_timesteps}"
-        )));
-    }
+    check_diffusion_steps(num_timesteps)?;
     if spec.is_empty() {
         return Ok((0..num_timesteps).collect());
     }

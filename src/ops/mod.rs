@@ -24,10 +24,14 @@ use crate::error::{Error, Result};
 /// A product of sizes that a kernel itself forms in a 32-bit int (conv rows, a group-norm
 /// image): an error where it passes `i32::MAX`.
 pub(crate) fn int_product(what: &str, dims: &[usize]) -> Result<usize> {
-    dims.iter()
-        .try_fold(1usize, |p, &d| p.checked_mul(d))
+    product(dims)
         .filter(|&p| p <= i32::MAX as usize)
         .ok_or_else(|| Error::Input(format!("{what}: {dims:?} is more than a kernel indexes")))
+}
+
+/// The product of `dims`, None where it overflows.
+fn product(dims: &[usize]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |p, &d| p.checked_mul(d))
 }
 
 /// A launch's buffer must hold what the kernel will touch.
@@ -44,10 +48,8 @@ pub(crate) fn check_len(what: &str, have: usize, need: usize) -> Result<()> {
 /// 32-bit int and count elements in 64 bits: an error where a dimension passes `i32::MAX` or the
 /// product overflows, so that a wrapped size can never pass [`check_len`].
 pub(crate) fn elements(what: &str, dims: &[usize]) -> Result<usize> {
-    let fits = dims.iter().all(|&d| d <= i32::MAX as usize);
-    dims.iter()
-        .try_fold(1usize, |p, &d| p.checked_mul(d))
-        .filter(|_| fits)
+    product(dims)
+        .filter(|_| dims.iter().all(|&d| d <= i32::MAX as usize))
         .ok_or_else(|| {
             Error::Input(format!(
                 "{what}: the sizes {dims:?} are more than a kernel takes"

@@ -9,6 +9,7 @@ use super::{check_len, elements};
 use crate::cuda::{grid_1d, Arg, Gpu, GpuBuffer};
 pub use crate::diffusion::StepParams;
 use crate::error::{Error, Result};
+use crate::sample::check_image_keys;
 
 // SAFETY: #[repr(C)], only 4-byte plain fields, laid out as kernels/common.cuh's StepParams.
 unsafe impl DeviceRepr for StepParams {}
@@ -35,7 +36,7 @@ pub fn diffusion_step_gpu(
         ));
     }
     let size = elements("diffusion step", &[b, len])?;
-    check_images(first_image, b)?;
+    check_image_keys(first_image, b)?;
     check_len("x", x.len(), size)?;
     check_len("eps", eps.len(), elements("eps", &[terms, b, len])?)?;
     check_len("weights", weights.len(), terms - 1)?;
@@ -78,7 +79,7 @@ pub fn fill_normals_gpu(
     step: u32,
 ) -> Result<()> {
     let size = elements("normals", &[b, len])?;
-    check_images(first_image, b)?;
+    check_image_keys(first_image, b)?;
     check_len("normals", out.len(), size)?;
     gpu.launch(
         "step",
@@ -95,15 +96,4 @@ pub fn fill_normals_gpu(
             Arg::U32(step),
         ],
     )
-}
-
-/// Images `first..first + b` must have 32-bit noise keys ([`crate::sample::MAX_SAMPLES`]).
-fn check_images(first: usize, b: usize) -> Result<()> {
-    match first.checked_add(b) {
-        Some(end) if end <= crate::sample::MAX_SAMPLES => Ok(()),
-        _ => Err(Error::Input(format!(
-            "images {first}.. of {b}: past the {} one run draws",
-            crate::sample::MAX_SAMPLES
-        ))),
-    }
 }

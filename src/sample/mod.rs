@@ -236,19 +236,14 @@ impl<'a> ComposedSampler<'a> {
             )));
         }
         let b = x.len() / len;
-        // Image k's noise is keyed by the 32-bit index k.
-        match first.checked_add(b) {
-            Some(end) if end <= MAX_SAMPLES => self.check_counts(end)?,
-            _ => {
-                return Err(Error::Input(format!(
-                    "images {first}.. of a batch of {b} are past the {MAX_SAMPLES} one run draws"
-                )))
-            }
-        }
+        check_image_keys(first, b)?;
+        self.check_counts(first + b)?;
         // Every term's eps, the variance, the composed eps, the noise and the next state.
         let buffers = self.terms.len() + usize::from(self.learned_variance) + 3;
         check_host_memory(
-            buffers.saturating_mul(x.len()).saturating_mul(4),
+            buffers
+                .saturating_mul(x.len())
+                .saturating_mul(std::mem::size_of::<f32>()),
             &format!("the sampling state of a batch of {b} image(s)"),
         )?;
         let mut eps: Vec<Vec<f32>> = vec![vec![0.0; b * len]; self.terms.len()];
@@ -527,6 +522,16 @@ impl<'a> ComposedSampler<'a> {
 
 /// The most images one run samples: image k's noise is drawn for the 32-bit index k.
 pub const MAX_SAMPLES: usize = 1 << 32;
+
+/// Images `first..first + b` must have 32-bit noise keys (see [`MAX_SAMPLES`]).
+pub(crate) fn check_image_keys(first: usize, b: usize) -> Result<()> {
+    match first.checked_add(b) {
+        Some(end) if end <= MAX_SAMPLES => Ok(()),
+        _ => Err(Error::Input(format!(
+            "images {first}.. of a batch of {b} are past the {MAX_SAMPLES} one run draws"
+        ))),
+    }
+}
 
 /// An error when any sample is NaN or infinite (a model or a condition drove the network past
 /// the range of its number format), naming the first image affected.
