@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use mcdm::config::{DiffusionConfig, NoiseSchedule};
-use mcdm::diffusion::{beta_schedule, compose, space_timesteps, Diffusion};
+use mcdm::diffusion::{beta_schedule, compose, space_timesteps, Diffusion, DiffusionTables};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
@@ -274,6 +274,19 @@ fn bad_settings_are_errors() {
     );
     config.diffusion_steps = 0;
     assert!(Diffusion::from_config(&config).is_err());
+    // Betas must lie in (0, 1]: beta 0 would divide by 1 - alpha_bar = 0 in the posterior.
+    for betas in [
+        vec![0.0, 0.5],
+        vec![0.5, 1.5],
+        vec![0.5, f64::NAN],
+        vec![0.5],
+    ] {
+        assert!(
+            DiffusionTables::from_betas(betas.clone()).is_err(),
+            "{betas:?}"
+        );
+    }
+    assert!(DiffusionTables::from_betas(vec![0.5, 1.0]).is_ok());
 }
 
 #[test]
