@@ -932,6 +932,38 @@ mod tests {
         );
     }
 
+    fn resolve_json(json: &str) -> Result<ResolvedConfig> {
+        let partial = PartialConfig::from_json(json)?;
+        resolve(&[(Source::File("test".into()), partial)], &BTreeMap::new())
+    }
+
+    /// `channel_mult ""` takes `create_model`'s default for the image size
+    /// (guided_diffusion/script_util.py), and a float is read from a number or a string.
+    #[test]
+    fn empty_channel_mult_takes_the_reference_default() {
+        for (size, mult) in [
+            (64, &[1.0, 2.0, 3.0, 4.0][..]),
+            (128, &[1.0, 1.0, 2.0, 3.0, 4.0]),
+            (256, &[1.0, 1.0, 2.0, 2.0, 4.0, 4.0]),
+            (512, &[0.5, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]),
+        ] {
+            let cfg = resolve_json(&format!(
+                r#"{{"image_size": {size}, "channel_mult": "", "dropout": "0.25"}}"#
+            ))
+            .unwrap();
+            assert_eq!(cfg.unet.channel_mult, mult, "image_size {size}");
+            assert_eq!(cfg.unet.dropout, 0.25);
+        }
+        let cfg = resolve_json(r#"{"channel_mult": "1,2", "dropout": 0.1}"#).unwrap();
+        assert_eq!(cfg.unet.dropout, 0.1);
+        let err = resolve_json(r#"{"image_size": 32, "channel_mult": ""}"#).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("no reference default for image_size 32"),
+            "{err}"
+        );
+    }
+
     /// Without duplicates it reads what serde_json reads, numbers and nesting included.
     #[test]
     fn json_otherwise_as_serde_json() {

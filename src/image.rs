@@ -94,3 +94,134 @@ pub fn grid(images: &[Vec<u8>], h: usize, w: usize, cols: usize) -> (Vec<u8>, us
     }
     (out, gh, gw)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use png::{BitDepth, ColorType};
+
+    /// Writes a PNG with the png crate directly, not through `write_png`.
+    fn encode(path: &Path, color: ColorType, depth: BitDepth, size: (u32, u32), data: &[u8]) {
+        let file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+        let mut enc = png::Encoder::new(file, size.0, size.1);
+        enc.set_color(color);
+        enc.set_depth(depth);
+        if color == ColorType::Indexed {
+            enc.set_palette(vec![10, 20, 30, 200, 150, 100]);
+        }
+        let mut writer = enc.write_header().unwrap();
+        writer.write_image_data(data).unwrap();
+    }
+
+    /// `read_png` on every colour type: channel-first, `v / 127.5 - 1`, alpha dropped.
+    #[test]
+    fn pngs_are_read_channel_first_in_minus_one_to_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (w, h) = (3usize, 2usize);
+        let value = |p: usize, c: usize| (p * 40 + c * 7 + 3) as u8;
+        let scaled = |v: u8| v as f32 / 127.5 - 1.0;
+        let check = |name: &str, want_channels: usize, want: &dyn Fn(usize, usize) -> u8| {
+            let (got, c, gh, gw) = read_png(&dir.path().join(name)).unwrap();
+            assert_eq!((c, gh, gw), (want_channels, h, w), "{name}");
+            for ch in 0..c {
+                for p in 0..h * w {
+                    assert_eq!(got[ch * h * w + p], scaled(want(p, ch)), "{name} {ch} {p}");
+                }
+            }
+        };
+        for (color, samples, channels) in [
+            (ColorType::Grayscale, 1, 1),
+            (ColorType::GrayscaleAlpha, 2, 1),
+            (ColorType::Rgb, 3, 3),
+            (ColorType::Rgba, 4, 3),
+        ] {
+            let data: Vec<u8> = (0..h * w)
+                .flat_map(|p| (0..samples).map(move |c| value(p, c)))
+                .collect();
+            let name = format!("{color:?}.png");
+            encode(
+                &dir.path().join(&name),
+                color,
+                BitDepth::Eight,
+                (3, 2),
+                &data,
+            );
+            check(&name, channels, &value);
+        }
+        // 16 bits keep their high byte.
+        let data: Vec<u8> = (0..h * w)
+            .flat_map(|p| (0..3).flat_map(move |c| [value(p, c), 0xff]))
+            .collect();
+        encode(
+            &dir.path().join("rgb16.png"),
+            ColorType::Rgb,
+            BitDepth::Sixteen,
+            (3, 2),
+            &data,
+        );
+        check("rgb16.png", 3, &value);
+        // A palette (as segmentation masks often are) becomes its colours.
+        let index = |p: usize| (p % 2) as u8;
+        let data: Vec<u8> = (0..h * w).map(index).collect();
+        encode(
+            &dir.path().join("indexed.png"),
+            ColorType::Indexed,
+            BitDepth::Eight,
+            (3, 2),
+            &data,
+        );
+        let palette = [[10, 20, 30], [200, 150, 100]];
+        check("indexed.png", 3, &|p, c| palette[index(p) as usize][c]);
+        // 1-bit gray (a sketch) is scaled to 0 and 255: pixels 1, 0, 1 in each 3-pixel row.
+        encode(
+            &dir.path().join("bits.png"),
+            ColorType::Grayscale,
+            BitDepth::One,
+            (3, 2),
+            &[0b1010_0000; 2],
+        );
+        check("bits.png", 1, &|p, _| if p % 3 == 1 { 0 } else { 255 });
+    }
+
+    /// The reference scripts' `((x + 1) * 127.5).clamp(0, 255).to(uint8)`: truncated, not
+    /// rounded, and channel-last out of channel-first.
+    #[test]
+    fn samples_are_quantised_as_the_reference_scripts_do() {
+        // Channels of two pixels: [-1, 1], [0, 0.5], [-2, 0.999].
+        let x = [-1.0, 1.0, 0.0, 0.5, -2.0, 0.999];
+        assert_eq!(to_rgb8(&x, 1, 2), [0, 127, 0, 255, 191, 254]);
+        assert_eq!(to_rgb8(&[3.0, -0.999, 0.2], 1, 1), [255, 0, 153]);
+    }
+
+    #[test]
+    fn grid_tiles_row_by_row_between_white_gaps() {
+        let (h, w, cols) = (2, 3, 2);
+        // Five images never 255, so that every white pixel is a gap.
+        let images: Vec<Vec<u8>> = (0..5)
+            .map(|i| (0..3 * h * w).map(|k| (i * 40 + k) as u8).collect())
+            .collect();
+        let (g, gh, gw) = grid(&images, h, w, cols);
+        // 3 rows of 2 pixels and 4 gaps of 2; 2 columns of 3 and 3 gaps.
+        assert_eq!((gh, gw), (14, 12));
+        assert_eq!(g.len(), 3 * 14 * 12);
+        for (i, img) in images.iter().enumerate() {
+            let (top, left) = (2 + (i / 2) * 4, 2 + (i % 2) * 5);
+            for y in 0..h {
+                for x in 0..w {
+                    let at = ((top + y) * gw + left + x) * 3;
+                    assert_eq!(
+                        g[at..at + 3],
+                        img[(y * w + x) * 3..][..3],
+                        "image {i} ({y}, {x})"
+                    );
+                }
+            }
+        }
+        let white = g.iter().filter(|&&v| v == 255).count();
+        assert_eq!(
+            white,
+            g.len() - 5 * 3 * h * w,
+            "gaps and the empty sixth cell"
+        );
+    }
+}
