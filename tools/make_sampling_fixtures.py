@@ -14,7 +14,12 @@ block, attention at 8x8, diffusion_steps 100, linear schedule for all), in model
 Each case runs guided_diffusion's sampler:
     diffusion = create_gaussian_diffusion(steps, learn_sigma=<uncond model's>, noise_schedule, ...,
                                           timestep_respacing=<case>)
-    samples = diffusion.ddim_sample_loop(model_fn, shape, noise=x_T, clip_denoised=..., eta=0)
+    samples = diffusion.ddim_sample_loop(model_fn, shape, noise=x_T, clip_denoised=..., eta=...)
+           or diffusion.p_sample_loop(model_fn, shape, noise=x_T, clip_denoised=...)   (DDPM)
+Where a step adds noise (DDPM, DDIM with eta > 0), the reference's th.randn_like is replaced by
+mcdm's noise for the case's seed (Philox4x32-10 and Box-Muller as documented in src/rng.rs,
+written out here in numpy with f64 transcendentals: within 1e-6 of mcdm's f32 values), so that
+both sides sample with the same noise.
 with the composition
     out_i = model_i(cat[x, image_i] or x, t, y=class_i, emb=embedding_i)
     eps   = eps_u + sum_i w_i * (eps_i - eps_u)          (first 3 channels of each output)
@@ -28,15 +33,18 @@ Case files:
       trajectory [S, N, 3, 16, 16] f32 (x after each of the S sampling steps; the last is samples),
       timesteps [S] i64 (the original timestep given to the models at each step, in order)
   <case>.json: {"models": {name: "models/name.safetensors"}, "experts": [{"model", "class"?,
-      "image"?, "embedding"?, "weight"}], "uncond": {"model", "class"?}, "sampler": "ddim",
-      "eta": 0.0, "timestep_respacing": "...", "clip_denoised": bool}
+      "image"?, "embedding"?, "weight"}], "uncond": {"model", "class"?}, "sampler": "ddim" | "ddpm",
+      "eta": float, "seed": int (of the step noise), "timestep_respacing": "...",
+      "clip_denoised": bool}
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 
+import numpy as np
 import torch as th
 from safetensors.torch import load_file
 
@@ -82,7 +90,75 @@ CASES = {
     "d_cfg_null_class": dict(
         experts=[dict(model="classes", cls=1, weight=2.0)],
         uncond=dict(model="classes", cls=4), respacing="ddim5", clip=False, seed=24),
+    # (e) DDPM (the paper's eq. 13 update) with the unconditional model's learned variance
+    "e_ddpm_learned_sigma": dict(
+        experts=[dict(model="sketch", image=N, weight=1.0),
+                 dict(model="text", embedding=1, weight=0.8)],
+        uncond=dict(model="uncond"), respacing="10", clip=True, seed=25, sampler="ddpm"),
+    # (f) DDPM with a fixed (large) variance: unconditional term `classes`, null class 4
+    "f_ddpm_fixed_sigma": dict(
+        experts=[dict(model="classes", cls=2, weight=1.5)],
+        uncond=dict(model="classes", cls=4), respacing="8", clip=False, seed=26, sampler="ddpm"),
+    # (g) DDIM with eta 0.6: noise at every step but the last
+    "g_ddim_eta": dict(
+        experts=[dict(model="classes", cls=0, weight=1.0)],
+        uncond=dict(model="uncond"), respacing="ddim10", clip=True, seed=27, eta=0.6),
 }
+
+# mcdm's step noise (src/rng.rs): element e of image k at spaced step i is normal e % 4 of
+# Philox4x32-10 block [e / 4, k, i, 0] under key [seed low, seed high]; words (w0, w1) and
+# (w2, w3) each make a Box-Muller pair from u = ((a >> 8) + 1) 2^-24 and v = (b >> 8) 2^-24.
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(counter, key):
+    c = [np.asarray(w, dtype=np.uint64) for w in counter]
+    k = [np.uint64(w) for w in key]
+    for r in range(10):
+        if r > 0:
+            k = [(k[0] + np.uint64(PHILOX_W[0])) & MASK32, (k[1] + np.uint64(PHILOX_W[1])) & MASK32]
+        p0 = np.uint64(PHILOX_M[0]) * c[0]
+        p1 = np.uint64(PHILOX_M[1]) * c[2]
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k[0], p1 & MASK32,
+             (p0 >> np.uint64(32)) ^ c[3] ^ k[1], p0 & MASK32]
+    return c
+
+
+def mcdm_normals(seed, image, step, count):
+    blocks = np.arange((count + 3) // 4, dtype=np.uint64)
+    z = np.zeros_like(blocks)
+    w = philox4x32_10([blocks, z + image, z + step, z], [seed & 0xFFFFFFFF, seed >> 32])
+    out = np.empty((len(blocks), 4))
+    for pair, (a, b) in enumerate([(w[0], w[1]), (w[2], w[3])]):
+        u = ((a >> np.uint64(8)) + np.uint64(1)).astype(np.float64) * 2.0**-24
+        v = (b >> np.uint64(8)).astype(np.float64) * 2.0**-24
+        r = np.sqrt(-2.0 * np.log(u))
+        out[:, 2 * pair] = r * np.cos(2 * np.pi * v)
+        out[:, 2 * pair + 1] = r * np.sin(2 * np.pi * v)
+    return out.reshape(-1)[:count]
+
+
+@contextlib.contextmanager
+def mcdm_step_noise(seed, num_steps):
+    """Makes th.randn_like (called once per step by p_sample and ddim_sample, from spaced step
+    num_steps - 1 down to 0) return mcdm's noise of that step, image k of the batch = key k."""
+    calls = []
+    original = th.randn_like
+
+    def randn_like(x):
+        step = num_steps - 1 - len(calls)
+        calls.append(step)
+        n, per_image = x.shape[0], x[0].numel()
+        noise = np.stack([mcdm_normals(seed, k, step, per_image) for k in range(n)])
+        return th.from_numpy(noise).to(x.dtype).reshape(x.shape)
+
+    th.randn_like = randn_like
+    try:
+        yield calls
+    finally:
+        th.randn_like = original
 
 
 def write_models(out_dir):
@@ -165,18 +241,26 @@ def run_case(name, case, models, out_dir):
     )
     for _, (c, _s) in MODELS.items():  # one schedule for all models
         assert c["diffusion_steps"] == u_cfg["diffusion_steps"]
+    sampler, eta = case.get("sampler", "ddim"), case.get("eta", 0.0)
+    noisy = sampler == "ddpm" or eta != 0.0
+    kwargs = dict(clip_denoised=case["clip"], device=th.device("cpu"), progress=False)
+    if sampler == "ddim":
+        kwargs["eta"] = eta
+    loop = diffusion.p_sample_loop if sampler == "ddpm" else diffusion.ddim_sample_loop
+    progressive = (diffusion.p_sample_loop_progressive if sampler == "ddpm"
+                   else diffusion.ddim_sample_loop_progressive)
     th.manual_seed(case["seed"])  # ddim_sample draws (unused, eta = 0) noise from the global RNG
     traj = []
     with th.no_grad():
-        for step in diffusion.ddim_sample_loop_progressive(
-            model_fn, (N, 3, SIZE, SIZE), noise=x_T.clone(), clip_denoised=case["clip"],
-            device=th.device("cpu"), progress=False, eta=0.0,
-        ):
-            traj.append(step["sample"])
-        samples = diffusion.ddim_sample_loop(
-            model_fn, (N, 3, SIZE, SIZE), noise=x_T.clone(), clip_denoised=case["clip"],
-            device=th.device("cpu"), progress=False, eta=0.0,
-        )
+        with mcdm_step_noise(case["seed"], diffusion.num_timesteps) if noisy else \
+                contextlib.nullcontext([]) as calls:
+            for step in progressive(model_fn, (N, 3, SIZE, SIZE), noise=x_T.clone(), **kwargs):
+                traj.append(step["sample"])
+        # The reference draws noise at every step, the last included (and then masks it out).
+        assert calls == list(range(diffusion.num_timesteps))[::-1] or not noisy, calls
+        with mcdm_step_noise(case["seed"], diffusion.num_timesteps) if noisy else \
+                contextlib.nullcontext([]):
+            samples = loop(model_fn, (N, 3, SIZE, SIZE), noise=x_T.clone(), **kwargs)
     steps = len(traj)
     assert len(seen_t) == 2 * steps
     assert th.equal(samples, traj[-1]), "ddim_sample_loop and its progressive form disagree"
@@ -190,8 +274,9 @@ def run_case(name, case, models, out_dir):
         "models": {m: f"models/{m}.safetensors" for m in dict.fromkeys(used)},
         "experts": [d for d, _, _ in experts],
         "uncond": u_desc,
-        "sampler": "ddim",
-        "eta": 0.0,
+        "sampler": sampler,
+        "eta": eta,
+        "seed": case["seed"],
         "timestep_respacing": case["respacing"],
         "clip_denoised": case["clip"],
     }
