@@ -85,3 +85,60 @@ fn partial_config_with_inference_matches_reference() {
     a.dropout = b.dropout;
     assert_eq!(a, b);
 }
+
+/// A batch whose activations would not stay cache-sized runs in groups of images
+/// (`forward_nhwc`); each image's output must be what a batch of that image alone gives, its
+/// timestep, label and vector condition included.
+#[test]
+fn large_batches_run_in_groups_with_unchanged_results() {
+    use mcdm::config::{PartialConfig, Source};
+    use mcdm::model::{Conditioning, UNet};
+    // 32 x 32 pixels x 512 input channels = 2^19 floats an image: groups of two images (the
+    // group size is 2^20 floats), so 3 images run as 2 + 1.
+    let json = r#"{"image_size": 32, "in_channels": 512, "num_channels": 32,
+                   "num_res_blocks": 1, "channel_mult": "1,2", "attention_resolutions": "",
+                   "class_cond": true, "num_classes": 5, "embed_dim": 3, "learn_sigma": true}"#;
+    let partial = PartialConfig::from_json(json).unwrap();
+    let config = resolve(
+        &[(Source::File("test".into()), partial)],
+        &Default::default(),
+    )
+    .unwrap();
+    let unet = UNet::random(&config.unet, 7).unwrap();
+    let (n, h, w, c) = (3, 32, 32, 512);
+    let per_image = h * w * c;
+    let x: Vec<f32> = (0..n * per_image)
+        .map(|i| ((i * 7919 % 2003) as f32 / 1001.0) - 1.0)
+        .collect();
+    let timesteps = [12.0, 500.0, 977.0];
+    let labels = [4, 0, 2];
+    let embedding: Vec<f32> = (0..n * 3).map(|i| (i as f32 * 0.7).sin()).collect();
+    let mut ws = Workspace::new();
+    let cond = Conditioning {
+        timesteps: &timesteps,
+        labels: Some(&labels),
+        embedding: Some(&embedding),
+    };
+    let all = unet.forward_nhwc(&x, [n, h, w, c], &cond, &mut ws).unwrap();
+    let out_per_image = all.len() / n;
+    for k in 0..n {
+        let one = Conditioning {
+            timesteps: &timesteps[k..k + 1],
+            labels: Some(&labels[k..k + 1]),
+            embedding: Some(&embedding[k * 3..k * 3 + 3]),
+        };
+        let single = unet
+            .forward_nhwc(
+                &x[k * per_image..][..per_image],
+                [1, h, w, c],
+                &one,
+                &mut ws,
+            )
+            .unwrap();
+        assert_eq!(
+            &all[k * out_per_image..][..out_per_image],
+            &single[..],
+            "image {k}"
+        );
+    }
+}
