@@ -142,3 +142,29 @@ fn large_batches_run_in_groups_with_unchanged_results() {
         );
     }
 }
+
+/// The FLOPs `bench` and `inspect` report, against PyTorch's FlopCounterMode on the reference
+/// model (`flops.json`): convolutions and attention's two matmuls, exactly.
+#[test]
+fn flops_match_pytorch_flop_counter() {
+    use mcdm::config::{PartialConfig, Source};
+    use mcdm::model::UNet;
+    let dir = fixtures("unet");
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("flops.json")).unwrap()).unwrap();
+    let cases = cases.as_object().unwrap();
+    assert!(cases.len() >= 9, "flops.json holds {} cases", cases.len());
+    for (name, case) in cases {
+        let text = std::fs::read_to_string(dir.join(case["config"].as_str().unwrap())).unwrap();
+        let partial = PartialConfig::from_json(&text).unwrap();
+        let config = resolve(
+            &[(Source::File(name.clone()), partial)],
+            &Default::default(),
+        )
+        .unwrap();
+        let unet = UNet::random(&config.unet, 0).unwrap();
+        let size = |k: &str| case[k].as_u64().unwrap() as usize;
+        let got = unet.flops_per_image(size("height"), size("width"));
+        assert_eq!(got, case["flops"].as_f64().unwrap(), "{name}");
+    }
+}

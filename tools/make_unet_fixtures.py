@@ -16,13 +16,21 @@ For each case:
 
 Every written file is read back and the forward recomputed from it, to check the fixture.
 A summary (case, params, bytes) is printed at the end.
+
+Also (always, for every case): flops.json, PyTorch's FlopCounterMode count of one image's
+forward pass of the reference model (on the meta device: shapes only), convolutions and the
+attention's batched matmuls (the embeddings' small linear layers are left out), for every case
+at its input size and for tools/configs/bench-cpu.json at 64x64: what `mcdm bench` and
+`mcdm inspect` report as FLOPs. Config paths in it are relative to its folder.
 """
 
 import argparse
+import json
 import os
 import sys
 
 import torch as th
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gd_model  # noqa: E402
@@ -126,6 +134,36 @@ def run_case(name, spec, out_dir):
                 out_shape=tuple(out.shape), recheck=recheck)
 
 
+def reference_flops(cfg, hw):
+    """Convolution + bmm FLOPs of one image's forward pass through the reference model."""
+    cfg = gd_model.full_config(cfg)
+    with th.device("meta"):
+        model = gd_model.build_model(cfg).eval()
+    meta = dict(device="meta")
+    x = th.empty(1, cfg["in_channels"], *hw, **meta)
+    y = th.zeros(1, dtype=th.int64, **meta) if cfg.get("num_classes") is not None else None
+    emb = th.zeros(1, cfg["embed_dim"], **meta) if cfg.get("embed_dim") else None
+    with FlopCounterMode(display=False) as counter, th.no_grad():
+        gd_model.forward(model, x, th.zeros(1, **meta), y, emb)
+    counts = counter.get_flop_counts()["Global"]
+    assert set(map(str, counts)) <= {"aten.convolution", "aten.bmm", "aten.addmm"}, counts
+    return sum(v for k, v in counts.items() if str(k) in ("aten.convolution", "aten.bmm"))
+
+
+def write_flops(out_dir, root):
+    """flops.json: per case its config (a path relative to out_dir), input size and FLOPs."""
+    entries = {name: (f"{name}.json", spec[0], spec[3]) for name, spec in CASES.items()}
+    bench = os.path.join(root, "tools", "configs", "bench-cpu.json")
+    with open(bench) as f:
+        entries["bench-cpu"] = (os.path.relpath(bench, out_dir), json.load(f), (64, 64))
+    rows = {name: {"config": path, "height": hw[0], "width": hw[1],
+                   "flops": reference_flops(cfg, hw)}
+            for name, (path, cfg, hw) in entries.items()}
+    text = "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in rows.items()) + "\n}\n"
+    gd_model.atomic_write_bytes(os.path.join(out_dir, "flops.json"), text.encode())
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,6 +185,8 @@ def main():
         print(f"{r['case']:32} {r['params']:8d} {r['dtype']:>5} {r['batch']:2d} "
               f"{r['hw'][0]:>3}x{r['hw'][1]:<2} {r['t']:>7} {r['weights_bytes']:9d} {r['io_bytes']:7d} {r['out_std']:7.3f} {r['recheck']:8.1e}")
     print(f"total bytes (safetensors): {total}")
+    for name, r in write_flops(args.out, root).items():
+        print(f"flops {name:32} {r['height']}x{r['width']} {r['flops'] / 1e9:.4f} GFLOP")
 
 
 if __name__ == "__main__":
