@@ -134,6 +134,24 @@ mod tests {
         assert_eq!(dst, [-2.0, 5.5, 9.0, -2.0, 16.0, 9.0]);
     }
 
+    /// An empty inner dimension is a sum of nothing: 0, or `dst` unchanged when accumulating;
+    /// the padding column between rows is left alone either way.
+    #[test]
+    fn empty_inner_dimension() {
+        for accumulate in [false, true] {
+            let mut dst = [9.0f32; 6];
+            let (lhs, rhs): ([f32; 0], [f32; 0]) = ([], []);
+            let (l, r) = (Mat::rows(&lhs, 0), Mat::rows(&rhs, 2));
+            matmul(&mut dst, 3, 2, 2, 0, l, r, accumulate, 1.0, false);
+            let want = if accumulate {
+                [9.0; 6]
+            } else {
+                [0.0, 0.0, 9.0, 0.0, 0.0, 9.0]
+            };
+            assert_eq!(dst, want, "accumulate {accumulate}");
+        }
+    }
+
     /// Strides whose offsets wrap around usize are refused before gemm can write outside `dst`.
     #[test]
     #[should_panic(expected = "matmul operands out of bounds")]
