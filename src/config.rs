@@ -964,6 +964,20 @@ mod tests {
         );
     }
 
+    /// Widths up to MAX_WIDTH are accepted, one more is refused.
+    #[test]
+    fn widths_are_bounded_inclusively() {
+        for (key, base) in [
+            ("in_channels", ""),
+            ("embed_dim", r#""num_channels": 32, "#),
+        ] {
+            let json = |v: usize| format!(r#"{{{base}"channel_mult": "1", "{key}": {v}}}"#);
+            assert!(resolve_json(&json(MAX_WIDTH)).is_ok(), "{key}");
+            let err = resolve_json(&json(MAX_WIDTH + 1)).unwrap_err();
+            assert!(err.to_string().contains("must be at most"), "{key}: {err}");
+        }
+    }
+
     /// Without duplicates it reads what serde_json reads, numbers and nesting included.
     #[test]
     fn json_otherwise_as_serde_json() {

@@ -183,6 +183,29 @@ mod tests {
         check("bits.png", 1, &|p, _| if p % 3 == 1 { 0 } else { 255 });
     }
 
+    /// The header is checked before decoding: one side past the largest image size is enough.
+    #[test]
+    fn pngs_past_the_largest_image_size_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let side = crate::config::MAX_IMAGE_SIZE as u32 + 1;
+        for (w, h) in [(side, 1), (1, side)] {
+            let path = dir.path().join(format!("{w}x{h}.png"));
+            let pixels = vec![0u8; (w * h) as usize];
+            encode(
+                &path,
+                ColorType::Grayscale,
+                BitDepth::Eight,
+                (w, h),
+                &pixels,
+            );
+            let err = read_png(&path).unwrap_err().to_string();
+            assert!(
+                err.contains("larger than mcdm's largest image size"),
+                "{err}"
+            );
+        }
+    }
+
     /// The reference scripts' `((x + 1) * 127.5).clamp(0, 255).to(uint8)`: truncated, not
     /// rounded, and channel-last out of channel-first.
     #[test]

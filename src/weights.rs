@@ -327,3 +327,35 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::{serialize, TensorView};
+
+    /// A tensor with no elements is valid safetensors: it opens and reads as empty.
+    #[test]
+    fn empty_tensors_are_read() {
+        let values: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let tensors = [
+            (
+                "empty",
+                TensorView::new(Dtype::F32, vec![0, 3], &[]).unwrap(),
+            ),
+            (
+                "two",
+                TensorView::new(Dtype::F32, vec![2], &values).unwrap(),
+            ),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        std::fs::write(&path, serialize(tensors, &None).unwrap()).unwrap();
+        let file = SafetensorsFile::open(&path).unwrap();
+        assert_eq!(file.shape("empty").unwrap(), [0, 3]);
+        assert!(file.f32("empty").unwrap().is_empty());
+        assert_eq!(file.f32("two").unwrap(), [1.5, -2.0]);
+    }
+}
