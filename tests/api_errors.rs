@@ -10,7 +10,7 @@ use std::path::Path;
 use mcdm::config::{resolve, PartialConfig, ResolvedConfig, Source};
 use mcdm::diffusion::{space_timesteps, Diffusion};
 use mcdm::model::{load_model, Conditioning, LoadedModel, UNet, Workspace};
-use mcdm::sample::{ComposedSampler, Condition, SampleSpec, SamplerKind, Unconditional};
+use mcdm::sample::{ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, Unconditional};
 use mcdm::weights::{write_safetensors, TensorData};
 
 use common::fixtures;
@@ -74,6 +74,50 @@ fn sampler_refuses_a_model_with_fewer_than_three_input_channels() {
         ComposedSampler::new(&models, &[], &UNCOND, spec(8, 8)).map(|_| ()),
         "takes 1 input channel(s), fewer than the 3",
     );
+}
+
+/// Each term's condition is checked against its model when the sampler is built.
+#[test]
+fn sampler_refuses_conditions_its_models_cannot_take() {
+    let load = |name: &str| {
+        load_model(
+            &fixtures(&format!("sample/models/{name}.safetensors")),
+            None,
+        )
+        .unwrap()
+    };
+    // uncond; classes: 5 classes; sketch: a 1-channel image condition.
+    let models = [load("uncond"), load("classes"), load("sketch")];
+    let expert = |model: usize, class: Option<i64>| Expert {
+        model,
+        condition: Condition {
+            class,
+            image: None,
+            embedding: None,
+        },
+        weight: 1.0,
+    };
+    for (term, needle) in [
+        (expert(1, Some(5)), "class 5 is out of range 0..5"),
+        (expert(1, Some(-1)), "class -1 is out of range 0..5"),
+        (
+            expert(1, None),
+            "the model is class-conditional (5 classes): give class=K",
+        ),
+        (
+            expert(0, Some(1)),
+            "class= given, but the model is not class-conditional",
+        ),
+        (
+            expert(2, None),
+            "takes a 1-channel image condition: give image=PATH",
+        ),
+    ] {
+        fails(
+            ComposedSampler::new(&models, &[term], &UNCOND, spec(16, 16)).map(|_| ()),
+            needle,
+        );
+    }
 }
 
 #[test]

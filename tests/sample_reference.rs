@@ -111,11 +111,23 @@ fn composed_sampling_matches_reference() {
         let sampler =
             ComposedSampler::new(&case.models, &case.experts, &case.uncond, case.spec.clone())
                 .unwrap();
-        let mut steps = 0;
+        assert_eq!(
+            sampler.diffusion_config().timestep_respacing,
+            case.spec.timestep_respacing.clone().unwrap(),
+            "{name}"
+        );
+        let mut done = Vec::new();
         let out = sampler
-            .sample(case.n, case.n, Some(&case.x_t), &mut |_| steps += 1)
+            .sample(case.n, case.n, Some(&case.x_t), &mut |p| {
+                assert_eq!(
+                    (p.first, p.batch, p.steps),
+                    (0, case.n, sampler.num_steps())
+                );
+                done.push(p.step)
+            })
             .unwrap();
-        assert_eq!(steps, sampler.num_steps(), "{name}");
+        let want: Vec<usize> = (1..=sampler.num_steps()).collect();
+        assert_eq!(done, want, "{name}: progress");
         let err = rel_l2(&out, &case.samples);
         eprintln!(
             "{name}: rel L2 {err:.2e} over {} steps",
