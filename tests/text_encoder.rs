@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 
 mod common;
 
+use mcdm::text::tokenize::TextTokenizer;
 use mcdm::text::TextEncoder;
 use mcdm::weights::SafetensorsFile;
 use mcdm::Error;
@@ -105,6 +106,30 @@ fn token_ids_match_sentence_transformers() {
     // The fixtures cover truncation: some texts end exactly at the limit.
     assert_eq!(enc.max_tokens(), 256);
     assert!(fx.ids.iter().filter(|ids| ids.len() == 256).count() >= 2);
+}
+
+/// The shortest limit keeps only [CLS] and [SEP]; a shorter one is refused.
+#[test]
+fn truncation_to_two_tokens_keeps_cls_and_sep() {
+    if encoder().is_none() {
+        return;
+    }
+    let path = TextEncoder::locate(None).unwrap().join("tokenizer.json");
+    let fx = fixture();
+    let (text, full) = fx
+        .texts
+        .iter()
+        .zip(&fx.ids)
+        .find(|(_, ids)| ids.len() > 3)
+        .unwrap();
+    let ids = TextTokenizer::from_file(&path, 2)
+        .unwrap()
+        .encode(text)
+        .unwrap()
+        .ids;
+    assert_eq!(ids, [full[0], full[full.len() - 1]], "{text:?}");
+    let err = TextTokenizer::from_file(&path, 1).err().unwrap();
+    assert!(err.to_string().contains("leaves no room"), "{err}");
 }
 
 #[test]
