@@ -4,8 +4,8 @@
 mod common;
 
 use common::{fixtures, rel_l2, unet_case_names, UnetCase};
-use mcdm::config::{resolve, InferredArch};
-use mcdm::model::{load_model, Workspace};
+use mcdm::config::{resolve, InferredArch, PartialConfig, Source};
+use mcdm::model::{load_model, Conditioning, UNet, Workspace};
 use mcdm::weights::SafetensorsFile;
 
 #[test]
@@ -72,12 +72,12 @@ fn partial_config_with_inference_matches_reference() {
     let case = "legacy_heads2_scaleshift";
     let file = SafetensorsFile::open(&fixtures(&format!("unet/{case}.safetensors"))).unwrap();
     let full = load_model(file.path(), None).unwrap();
-    let heads_only = mcdm::config::PartialConfig::from_json(&format!(
+    let heads_only = PartialConfig::from_json(&format!(
         r#"{{"num_heads": {}, "image_size": {}}}"#,
         full.config.unet.num_heads, full.config.unet.image_size
     ))
     .unwrap();
-    let src = mcdm::config::Source::File("test".into());
+    let src = Source::File("test".into());
     let cfg = resolve(&[(src, heads_only)], &file.shapes()).unwrap();
     let mut a = full.config.unet.clone();
     let b = cfg.unet.clone();
@@ -86,25 +86,26 @@ fn partial_config_with_inference_matches_reference() {
     assert_eq!(a, b);
 }
 
+/// A network of the config `json` (no weights file) with random weights.
+fn random_unet(json: &str) -> UNet {
+    let partial = PartialConfig::from_json(json).unwrap();
+    let source = Source::File("test".into());
+    let config = resolve(&[(source, partial)], &Default::default()).unwrap();
+    UNet::random(&config.unet, 7).unwrap()
+}
+
 /// A batch whose activations would not stay cache-sized runs in groups of images
 /// (`forward_nhwc`); each image's output must be what a batch of that image alone gives, its
 /// timestep, label and vector condition included.
 #[test]
 fn large_batches_run_in_groups_with_unchanged_results() {
-    use mcdm::config::{PartialConfig, Source};
-    use mcdm::model::{Conditioning, UNet};
     // 32 x 32 pixels x 512 input channels = 2^19 floats an image: groups of two images (the
     // group size is 2^20 floats), so 3 images run as 2 + 1.
-    let json = r#"{"image_size": 32, "in_channels": 512, "num_channels": 32,
-                   "num_res_blocks": 1, "channel_mult": "1,2", "attention_resolutions": "",
-                   "class_cond": true, "num_classes": 5, "embed_dim": 3, "learn_sigma": true}"#;
-    let partial = PartialConfig::from_json(json).unwrap();
-    let config = resolve(
-        &[(Source::File("test".into()), partial)],
-        &Default::default(),
-    )
-    .unwrap();
-    let unet = UNet::random(&config.unet, 7).unwrap();
+    let unet = random_unet(
+        r#"{"image_size": 32, "in_channels": 512, "num_channels": 32, "num_res_blocks": 1,
+            "channel_mult": "1,2", "attention_resolutions": "", "class_cond": true,
+            "num_classes": 5, "embed_dim": 3, "learn_sigma": true}"#,
+    );
     let (n, h, w, c) = (3, 32, 32, 512);
     let per_image = h * w * c;
     let x: Vec<f32> = (0..n * per_image)
@@ -147,8 +148,6 @@ fn large_batches_run_in_groups_with_unchanged_results() {
 /// model (`flops.json`): convolutions and attention's two matmuls, exactly.
 #[test]
 fn flops_match_pytorch_flop_counter() {
-    use mcdm::config::{PartialConfig, Source};
-    use mcdm::model::UNet;
     let dir = fixtures("unet");
     let cases: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("flops.json")).unwrap()).unwrap();
@@ -156,13 +155,7 @@ fn flops_match_pytorch_flop_counter() {
     assert!(cases.len() >= 9, "flops.json holds {} cases", cases.len());
     for (name, case) in cases {
         let text = std::fs::read_to_string(dir.join(case["config"].as_str().unwrap())).unwrap();
-        let partial = PartialConfig::from_json(&text).unwrap();
-        let config = resolve(
-            &[(Source::File(name.clone()), partial)],
-            &Default::default(),
-        )
-        .unwrap();
-        let unet = UNet::random(&config.unet, 0).unwrap();
+        let unet = random_unet(&text);
         let size = |k: &str| case[k].as_u64().unwrap() as usize;
         let got = unet.flops_per_image(size("height"), size("width"));
         assert_eq!(got, case["flops"].as_f64().unwrap(), "{name}");

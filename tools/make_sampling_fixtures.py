@@ -250,16 +250,19 @@ def run_case(name, case, models, out_dir):
     progressive = (diffusion.p_sample_loop_progressive if sampler == "ddpm"
                    else diffusion.ddim_sample_loop_progressive)
     th.manual_seed(case["seed"])  # ddim_sample draws (unused, eta = 0) noise from the global RNG
+    def step_noise():
+        if noisy:
+            return mcdm_step_noise(case["seed"], diffusion.num_timesteps)
+        return contextlib.nullcontext([])
+
     traj = []
     with th.no_grad():
-        with mcdm_step_noise(case["seed"], diffusion.num_timesteps) if noisy else \
-                contextlib.nullcontext([]) as calls:
+        with step_noise() as calls:
             for step in progressive(model_fn, (N, 3, SIZE, SIZE), noise=x_T.clone(), **kwargs):
                 traj.append(step["sample"])
         # The reference draws noise at every step, the last included (and then masks it out).
         assert calls == list(range(diffusion.num_timesteps))[::-1] or not noisy, calls
-        with mcdm_step_noise(case["seed"], diffusion.num_timesteps) if noisy else \
-                contextlib.nullcontext([]):
+        with step_noise():
             samples = loop(model_fn, (N, 3, SIZE, SIZE), noise=x_T.clone(), **kwargs)
     steps = len(traj)
     assert len(seen_t) == 2 * steps
