@@ -337,3 +337,227 @@ fn more_layers_than_the_weights_hold() {
         assert!(err.to_string().contains("encoder.layer.6."), "{err}");
     }
 }
+
+/// A copy of the model directory whose JSON files `edit` may change: the small files copied,
+/// the weights linked.
+#[cfg(unix)]
+fn edited_model(edit: impl FnOnce(&Path)) -> tempfile::TempDir {
+    let src = std::fs::canonicalize(encoder().unwrap().dir()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("1_Pooling")).unwrap();
+    for file in mcdm::text::REQUIRED_FILES {
+        if file == "model.safetensors" {
+            std::os::unix::fs::symlink(src.join(file), dir.path().join(file)).unwrap();
+        } else {
+            std::fs::copy(src.join(file), dir.path().join(file)).unwrap();
+        }
+    }
+    edit(dir.path());
+    dir
+}
+
+#[cfg(unix)]
+fn set_json(path: &Path, key: &str, value: serde_json::Value) {
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    json[key] = value;
+    std::fs::write(path, json.to_string()).unwrap();
+}
+
+/// Settings the encoder does not implement are refused by name, not encoded differently.
+#[cfg(unix)]
+#[test]
+fn unsupported_model_settings_are_refused() {
+    use serde_json::json;
+    if encoder().is_none() {
+        return;
+    }
+    let (config, pooling, sbert) = (
+        "config.json",
+        "1_Pooling/config.json",
+        "sentence_bert_config.json",
+    );
+    for (file, key, value, expected) in [
+        (
+            config,
+            "model_type",
+            json!("roberta"),
+            "model_type `roberta`",
+        ),
+        (
+            config,
+            "hidden_act",
+            json!("gelu_new"),
+            "hidden_act `gelu_new`",
+        ),
+        (
+            config,
+            "position_embedding_type",
+            json!("relative_key"),
+            "position_embedding_type `relative_key`",
+        ),
+        (
+            config,
+            "num_attention_heads",
+            json!(5),
+            "hidden_size 384 is not a multiple of num_attention_heads 5",
+        ),
+        (
+            config,
+            "num_attention_heads",
+            json!(0),
+            "num_attention_heads 0",
+        ),
+        (config, "layer_norm_eps", json!(0.0), "layer_norm_eps 0"),
+        (config, "layer_norm_eps", json!(-1e-12), "layer_norm_eps -"),
+        (
+            pooling,
+            "pooling_mode_mean_tokens",
+            json!(false),
+            "mean pooling",
+        ),
+        (
+            pooling,
+            "pooling_mode_cls_token",
+            json!(true),
+            "mean pooling",
+        ),
+        (
+            pooling,
+            "pooling_mode_max_tokens",
+            json!(true),
+            "mean pooling",
+        ),
+        (
+            pooling,
+            "pooling_mode_mean_sqrt_len_tokens",
+            json!(true),
+            "mean pooling",
+        ),
+        (
+            pooling,
+            "word_embedding_dimension",
+            json!(768),
+            "word_embedding_dimension 768 differs from the model's hidden size 384",
+        ),
+        (
+            sbert,
+            "max_seq_length",
+            json!(513),
+            "max_seq_length 513 exceeds the model's 512 positions",
+        ),
+    ] {
+        let dir = edited_model(|d| set_json(&d.join(file), key, value.clone()));
+        let err = TextEncoder::load(dir.path()).err().unwrap_or_else(|| {
+            panic!("{file}: {key} = {value} was accepted");
+        });
+        let msg = err.to_string();
+        assert!(
+            msg.contains(expected) && msg.contains(file),
+            "{file}: {key} = {value}: {msg}"
+        );
+    }
+    // All the model's positions may be used.
+    let dir = edited_model(|d| set_json(&d.join(sbert), "max_seq_length", json!(512)));
+    assert_eq!(TextEncoder::load(dir.path()).unwrap().max_tokens(), 512);
+}
+
+/// An empty MCDM_TEXT_MODEL counts as unset: the model is found in the default place.
+#[test]
+fn empty_model_variable_is_unset() {
+    let Some(enc) = encoder() else { return };
+    let dir = std::fs::canonicalize(enc.dir()).unwrap();
+    let Some(root) = dir
+        .ancestors()
+        .nth(2)
+        .filter(|root| root.join(mcdm::text::DEFAULT_MODEL_DIR) == dir)
+    else {
+        eprintln!("the text model is not in a models/ folder: skipping");
+        return;
+    };
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_mcdm"))
+        .current_dir(root)
+        .env("MCDM_TEXT_MODEL", "")
+        .args(["encode-text", "--text", "a face", "--output"])
+        .arg(out.path().join("e.safetensors"))
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+/// Token arrays that do not fit the batch shape or the model are refused before any lookup.
+#[test]
+fn bad_token_arrays_are_refused() {
+    let Some(enc) = encoder() else { return };
+    let file = SafetensorsFile::open(&enc.dir().join("model.safetensors")).unwrap();
+    let config = mcdm::text::bert::BertConfig::from_file(&enc.dir().join("config.json")).unwrap();
+    let bert = mcdm::text::bert::Bert::load(&file, config).unwrap();
+    let ids = enc.tokenize("a smiling face").unwrap().ids;
+    let t = ids.len();
+    assert_eq!(t, 5, "[CLS] a smiling face [SEP]");
+    let (types, mask) = (vec![0u32; t], vec![1u32; t]);
+    assert!(bert.forward(&ids, &types, &mask, 1, t).is_ok());
+    let mut far_id = ids.clone();
+    far_id[1] = 30522;
+    let long = vec![101u32; 513];
+    for (ids, types, mask, n, t, expected) in [
+        (
+            &ids[..t - 1],
+            &types[..],
+            &mask[..],
+            1,
+            t,
+            "ids 4, type ids 5, mask 5",
+        ),
+        (
+            &ids[..],
+            &types[..t - 1],
+            &mask[..],
+            1,
+            t,
+            "ids 5, type ids 4, mask 5",
+        ),
+        (
+            &ids[..],
+            &types[..],
+            &mask[..t - 1],
+            1,
+            t,
+            "ids 5, type ids 5, mask 4",
+        ),
+        (&ids[..], &types[..], &mask[..], 2, t, "n * t = 2 * 5"),
+        (&ids[..], &types[..], &mask[..], usize::MAX, 2, "n * t"),
+        (
+            &long[..],
+            &long[..],
+            &long[..],
+            1,
+            513,
+            "513 tokens exceed the model's 512",
+        ),
+        (
+            &far_id[..],
+            &types[..],
+            &mask[..],
+            1,
+            t,
+            "token id 30522 is outside",
+        ),
+        (
+            &ids[..],
+            &[0, 0, 2, 0, 0][..],
+            &mask[..],
+            1,
+            t,
+            "token type id 2",
+        ),
+    ] {
+        let err = bert.forward(ids, types, mask, n, t).err().unwrap();
+        assert!(err.to_string().contains(expected), "{expected}: {err}");
+    }
+}

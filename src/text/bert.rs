@@ -111,10 +111,13 @@ impl BertConfig {
         n: usize,
         t: usize,
     ) -> Result<()> {
-        let rows = n * t;
-        if ids.len() != rows || type_ids.len() != rows || mask.len() != rows {
+        let rows = n.checked_mul(t);
+        if [ids.len(), type_ids.len(), mask.len()]
+            .iter()
+            .any(|&len| Some(len) != rows)
+        {
             return Err(Error::Input(format!(
-                "token arrays must hold n * t = {rows} entries (ids {}, type ids {}, mask {})",
+                "token arrays must hold n * t = {n} * {t} entries (ids {}, type ids {}, mask {})",
                 ids.len(),
                 type_ids.len(),
                 mask.len()
@@ -407,8 +410,8 @@ impl Bert {
         t: usize,
     ) -> Result<Vec<f32>> {
         let c = &self.config;
-        let (h, rows) = (c.hidden_size, n * t);
         c.check_tokens(ids, type_ids, mask, n, t)?;
+        let (h, rows) = (c.hidden_size, n * t);
 
         // Embeddings: word + absolute position + token type, then LayerNorm.
         let mut x = self.embeddings.sum(ids, type_ids, t);
