@@ -459,7 +459,13 @@ fn unsupported_model_settings_are_refused() {
     }
     // All the model's positions may be used.
     let dir = edited_model(|d| set_json(&d.join(sbert), "max_seq_length", json!(512)));
-    assert_eq!(TextEncoder::load(dir.path()).unwrap().max_tokens(), 512);
+    let enc512 = TextEncoder::load(dir.path()).unwrap();
+    assert_eq!(enc512.max_tokens(), 512);
+    let long = "a face ".repeat(300);
+    assert_eq!(enc512.tokenize(&long).unwrap().ids.len(), 512);
+    let got = enc512.encode(&[&long, "a smiling face"]).unwrap();
+    let short = encoder().unwrap().encode(&["a smiling face"]).unwrap();
+    assert!(max_abs_diff(&got[384..], &short) <= 1e-6);
 }
 
 /// An empty MCDM_TEXT_MODEL counts as unset: the model is found in the default place.
