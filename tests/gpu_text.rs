@@ -187,8 +187,18 @@ fn encoder_matches_cpu() {
             )
         });
     let owned = fixture_texts();
-    let texts: Vec<&str> = owned.iter().map(String::as_str).collect();
-    assert!(!texts.is_empty());
+    let mut texts: Vec<&str> = owned.iter().map(String::as_str).collect();
+    assert!(texts.len() >= 4);
+    // Texts of one token count run as one batch: equal lengths with different words, and
+    // repeats of earlier texts.
+    texts.extend([
+        "a red face",
+        "a face",
+        "a blue face",
+        texts[3],
+        texts[1],
+        texts[3],
+    ]);
     let want = cpu.encode(&texts).unwrap();
     let mut failures = Vec::new();
     for (name, min_cos, results) in [

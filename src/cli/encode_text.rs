@@ -15,6 +15,9 @@ use super::{backend, check_output_file, progress_bar, Backend, Device, Dtype};
 
 /// Texts encoded per call, so that the progress bar moves on long lists.
 const CHUNK: usize = 64;
+/// The same on the GPU, where a call batches its texts of equal token count: larger calls make
+/// larger batches.
+const GPU_CHUNK: usize = 1024;
 
 /// Encode texts into unit-length sentence embeddings, as sentence-transformers'
 /// all-MiniLM-L6-v2 does (texts past 256 tokens are cut).
@@ -75,11 +78,12 @@ fn gather_texts(args: &Args) -> Result<Vec<String>> {
 /// Encodes chunk by chunk through `encode`, reporting each chunk to `bar`.
 fn encode_all(
     texts: &[&str],
+    chunk_len: usize,
     bar: &ProgressBar,
     mut encode: impl FnMut(&[&str]) -> mcdm::Result<Vec<f32>>,
 ) -> Result<Vec<f32>> {
     let mut out = Vec::new();
-    for chunk in texts.chunks(CHUNK) {
+    for chunk in texts.chunks(chunk_len) {
         out.extend(encode(chunk).context("encoding the texts")?);
         bar.inc(chunk.len() as u64);
     }
@@ -94,7 +98,7 @@ fn encode_on_gpu<T: GpuFloat>(
 ) -> Result<Vec<f32>> {
     let gpu_encoder = GpuTextEncoder::<T>::upload(encoder, gpu.clone())
         .context("uploading the text model to the GPU")?;
-    encode_all(texts, bar, |chunk| gpu_encoder.encode(chunk))
+    encode_all(texts, GPU_CHUNK, bar, |chunk| gpu_encoder.encode(chunk))
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -119,7 +123,7 @@ pub fn run(args: Args) -> Result<()> {
     let start = Instant::now();
     let (embedding, device) = match &backend {
         Backend::Cpu => (
-            encode_all(&texts, &bar, |chunk| encoder.encode(chunk))?,
+            encode_all(&texts, CHUNK, &bar, |chunk| encoder.encode(chunk))?,
             "cpu".to_string(),
         ),
         Backend::Cuda(gpu) => {

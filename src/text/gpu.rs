@@ -4,7 +4,8 @@
 //! qkv, `[q heads | k heads | v heads]`, is exactly its layout), LayerNorm and GELU are
 //! `kernels/layer_norm.cu`. Activations are stored in `T`, weights too (norms and biases f32).
 //!
-//! Each text runs alone at its own length, so no padding mask is needed. The embedding gather
+//! Texts of equal token count run together as one batch (the attention kernel attends within
+//! each sequence of a batch), so no padding, and no mask, is needed. The embedding gather
 //! (host tables, shared with the CPU encoder) and the mean pooling and L2 normalisation of the
 //! downloaded hidden states are done on the host: they are tiny. The result is what
 //! [`TextEncoder::encode`] gives, up to the rounding of `T`.
@@ -21,6 +22,10 @@ use crate::ops::attention::attend_gpu;
 use crate::ops::conv::{Conv2d, GpuConv2d, Residual};
 use crate::ops::layer_norm::{gelu_gpu, GpuLayerNorm};
 use crate::ops::linear::Linear;
+
+/// Most tokens per forward pass: texts of one length are batched up to it (the activations of
+/// a pass take about 115 MB at 8192 rows in f32).
+const MAX_ROWS: usize = 8192;
 
 /// One encoder block on the device.
 struct GpuLayer<T> {
@@ -95,64 +100,80 @@ impl<T: GpuFloat> GpuTextEncoder<T> {
     }
 
     /// Unit-length embeddings of `texts`, row-major `[texts.len(), dim()]`, as
-    /// [`TextEncoder::encode`]: each text is encoded alone.
+    /// [`TextEncoder::encode`]: each text is encoded independently of the others.
     pub fn encode(&self, texts: &[&str]) -> Result<Vec<f32>> {
         let tokens = texts
             .iter()
             .map(|t| self.tokenizer.encode(t))
             .collect::<Result<Vec<_>>>()?;
         let h = self.dim();
-        let mut out = Vec::with_capacity(texts.len() * h);
+        let mut out = vec![0.0f32; texts.len() * h];
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| tokens[i].ids.len());
         let mut pool = GpuPool::default();
-        for tok in &tokens {
-            let t = tok.ids.len();
-            let hidden = self.hidden_states(&tok.ids, &tok.type_ids, &mut pool)?;
-            let mut pooled = mean_pool(&hidden, &vec![1; t], 1, t, h);
-            l2_normalize(&mut pooled, h);
-            out.extend_from_slice(&pooled);
+        for same_length in order.chunk_by(|&a, &b| tokens[a].ids.len() == tokens[b].ids.len()) {
+            let t = tokens[same_length[0]].ids.len();
+            for batch in same_length.chunks((MAX_ROWS / t.max(1)).max(1)) {
+                let n = batch.len();
+                let ids: Vec<u32> = batch.iter().flat_map(|&i| tokens[i].ids.clone()).collect();
+                let type_ids: Vec<u32> = batch
+                    .iter()
+                    .flat_map(|&i| tokens[i].type_ids.clone())
+                    .collect();
+                let hidden = self.hidden_states(&ids, &type_ids, n, t, &mut pool)?;
+                let mut pooled = mean_pool(&hidden, &vec![1; n * t], n, t, h);
+                l2_normalize(&mut pooled, h);
+                for (&i, row) in batch.iter().zip(pooled.chunks_exact(h)) {
+                    out[i * h..][..h].copy_from_slice(row);
+                }
+            }
         }
         Ok(out)
     }
 
-    /// The last hidden states `[t, hidden]` of one sequence of `t = ids.len()` tokens.
+    /// The last hidden states `[n, t, hidden]` of `n` sequences of `t` tokens each (`ids` and
+    /// `type_ids` are `[n, t]`, no padding).
     fn hidden_states(
         &self,
         ids: &[u32],
         type_ids: &[u32],
+        n: usize,
+        t: usize,
         pool: &mut GpuPool<T>,
     ) -> Result<Vec<f32>> {
         let c = &self.config;
-        let (t, h) = (ids.len(), c.hidden_size);
-        c.check_tokens(ids, type_ids, &vec![1; t], 1, t)?;
-        if t == 0 {
+        let (rows, h) = (ids.len(), c.hidden_size);
+        c.check_tokens(ids, type_ids, &vec![1; rows], n, t)?;
+        if rows == 0 {
             return Ok(Vec::new());
         }
         let gpu = &*self.gpu;
         let mut x = gpu.upload::<T>(&self.embeddings.sum(ids, type_ids, t))?;
-        self.embeddings_norm.forward_in_place(gpu, &mut x, t)?;
-        let mut qkv = pool.take(gpu, t * 3 * h)?;
-        let mut context = pool.take(gpu, t * h)?;
-        let mut inter = pool.take(gpu, t * c.intermediate_size)?;
+        self.embeddings_norm.forward_in_place(gpu, &mut x, rows)?;
+        let mut qkv = pool.take(gpu, rows * 3 * h)?;
+        let mut context = pool.take(gpu, rows * h)?;
+        let mut inter = pool.take(gpu, rows * c.intermediate_size)?;
         for layer in &self.layers {
             // Post-norm blocks: x = LN(x + Attn(x)); x = LN(x + FFN(x)). A linear layer over
-            // the t rows is a 1x1 conv over an image of 1 x t x 1 pixels.
+            // the rows is a 1x1 conv over an image of 1 x rows x 1 pixels; attention stays
+            // within each of the n sequences.
             layer
                 .qkv
-                .forward(gpu, &x, 1, t, 1, &mut qkv, Residual::None)?;
-            attend_gpu(gpu, &qkv, 1, t, h, c.num_heads, &mut context)?;
+                .forward(gpu, &x, 1, rows, 1, &mut qkv, Residual::None)?;
+            attend_gpu(gpu, &qkv, n, t, h, c.num_heads, &mut context)?;
             layer
                 .attn_out
-                .forward(gpu, &context, 1, t, 1, &mut x, Residual::Output)?;
-            layer.attn_norm.forward_in_place(gpu, &mut x, t)?;
+                .forward(gpu, &context, 1, rows, 1, &mut x, Residual::Output)?;
+            layer.attn_norm.forward_in_place(gpu, &mut x, rows)?;
 
             layer
                 .intermediate
-                .forward(gpu, &x, 1, t, 1, &mut inter, Residual::None)?;
-            gelu_gpu(gpu, &mut inter, t * c.intermediate_size)?;
+                .forward(gpu, &x, 1, rows, 1, &mut inter, Residual::None)?;
+            gelu_gpu(gpu, &mut inter, rows * c.intermediate_size)?;
             layer
                 .output
-                .forward(gpu, &inter, 1, t, 1, &mut x, Residual::Output)?;
-            layer.output_norm.forward_in_place(gpu, &mut x, t)?;
+                .forward(gpu, &inter, 1, rows, 1, &mut x, Residual::Output)?;
+            layer.output_norm.forward_in_place(gpu, &mut x, rows)?;
         }
         let hidden = gpu.download(&x)?;
         pool.give(qkv);
