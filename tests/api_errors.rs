@@ -10,7 +10,9 @@ use std::path::Path;
 use mcdm::config::{resolve, PartialConfig, ResolvedConfig, Source};
 use mcdm::diffusion::{space_timesteps, Diffusion};
 use mcdm::model::{load_model, Conditioning, LoadedModel, UNet, Workspace};
-use mcdm::sample::{ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, Unconditional};
+use mcdm::sample::{
+    Batched, ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, Unconditional,
+};
 use mcdm::weights::{write_safetensors, TensorData};
 
 use common::fixtures;
@@ -131,6 +133,46 @@ fn sample_batch_refuses_image_indices_past_the_noise_keys() {
             "one run draws",
         );
     }
+}
+
+/// x_T must be whole images, and per-image conditions must reach the batch's last image.
+#[test]
+fn sample_batch_checks_its_input() {
+    let sketch = load_model(&fixtures("sample/models/sketch.safetensors"), None).unwrap();
+    let models = [uncond_model(), sketch];
+    let images = |count: usize, len: usize| -> Vec<f32> {
+        (0..count * len).map(|i| (i as f32 * 0.37).sin()).collect()
+    };
+    let plain = ComposedSampler::new(&models, &[], &UNCOND, spec(16, 16)).unwrap();
+    for len in [0, 767, 769, 2 * 768 + 5] {
+        fails(
+            plain.sample_batch(0, images(1, len), &mut Workspace::new(), &mut || {}),
+            &format!("x_T has {len} values, not a multiple of 3x16x16"),
+        );
+    }
+    // A sketch expert with 5 sketches (1 channel): images 0..5 only.
+    let expert = Expert {
+        model: 1,
+        condition: Condition {
+            class: None,
+            image: Some(Batched {
+                data: images(5, 256),
+                count: 5,
+            }),
+            embedding: None,
+        },
+        weight: 1.0,
+    };
+    let experts = [expert];
+    let sampler = ComposedSampler::new(&models, &experts, &UNCOND, spec(16, 16)).unwrap();
+    for (first, b) in [(5, 1), (4, 2), (0, 6)] {
+        fails(
+            sampler.sample_batch(first, images(b, 768), &mut Workspace::new(), &mut || {}),
+            &format!("holds 5 items, but {} images are sampled", first + b),
+        );
+    }
+    let last = sampler.sample_batch(3, images(2, 768), &mut Workspace::new(), &mut || {});
+    assert_eq!(last.unwrap().len(), 2 * 768);
 }
 
 #[test]

@@ -147,6 +147,17 @@ fn batch_size_does_not_change_images() {
     spec.seed = 1234;
     let sampler = ComposedSampler::new(&case.models, &case.experts, &case.uncond, spec).unwrap();
     let all = sampler.sample(case.n, case.n, None, &mut |_| {}).unwrap();
+    // x_T of image k is the seed's noise under step key 0xFFFFFFFF (README).
+    let len = sampler.image_len();
+    let mut x_t = vec![0.0; case.n * len];
+    for (k, img) in x_t.chunks_exact_mut(len).enumerate() {
+        mcdm::rng::fill_normals(1234, k as u32, 0xFFFF_FFFF, img);
+    }
+    let from_x_t = sampler.sample(case.n, case.n, Some(&x_t), &mut |_| {});
+    assert!(
+        from_x_t.unwrap() == all,
+        "x_T is not the seed's initial noise"
+    );
     let one_by_one = sampler.sample(case.n, 1, None, &mut |_| {}).unwrap();
     let err = rel_l2(&one_by_one, &all);
     // GEMM blocking depends on the batch, so rounding may differ; nothing else may.
