@@ -103,6 +103,12 @@ CASES = {
     "g_ddim_eta": dict(
         experts=[dict(model="classes", cls=0, weight=1.0)],
         uncond=dict(model="uncond"), respacing="ddim10", clip=True, seed=27, eta=0.6),
+    # (h) one model, two prompts: text (one per sample) AND NOT text (shared); both run as one
+    # batched forward whose embeddings are packed term by term
+    "h_text_not_text": dict(
+        experts=[dict(model="text", embedding=N, weight=1.0),
+                 dict(model="text", embedding=1, weight=-0.6)],
+        uncond=dict(model="uncond"), respacing="ddim6", clip=True, seed=28),
 }
 
 # mcdm's step noise (src/rng.rs): element e of image k at spaced step i is normal e % 4 of
