@@ -98,7 +98,7 @@ fn cases() -> Vec<String> {
         .collect();
     names.sort();
     assert!(
-        names.len() >= 8,
+        names.len() >= 9,
         "expected the sampling fixtures, found {names:?}"
     );
     names

@@ -10,6 +10,7 @@ block, attention at 8x8, diffusion_steps 100, linear schedule for all), in model
   classes  class-conditional, num_classes 5, 3 output channels
   sketch   image-conditioned: in_channels 4 = x_t ++ a 1-channel condition, learn_sigma
   text     vector-conditioned: embed_dim 16, 3 output channels
+  segment  image-conditioned: in_channels 6 = x_t ++ a 3-channel condition, 3 output channels
 
 Each case runs guided_diffusion's sampler:
     diffusion = create_gaussian_diffusion(steps, learn_sigma=<uncond model's>, noise_schedule, ...,
@@ -68,6 +69,8 @@ MODELS = {
                     resblock_updown=True, num_heads=1), 13),
     "text": (dict(BASE, embed_dim=16, learn_sigma=False, use_scale_shift_norm=True,
                   num_heads=2), 14),
+    "segment": (dict(BASE, in_channels=6, learn_sigma=False, use_scale_shift_norm=True,
+                     num_heads=2), 15),
 }
 
 # Conditions are described as (kind, batch): batch N = one per sample, 1 = shared (broadcast).
@@ -109,6 +112,11 @@ CASES = {
         experts=[dict(model="text", embedding=N, weight=1.0),
                  dict(model="text", embedding=1, weight=-0.6)],
         uncond=dict(model="uncond"), respacing="ddim6", clip=True, seed=28),
+    # (i) a 3-channel image condition (one per sample) with a shared 1-channel one, DDPM
+    "i_segment_sketch": dict(
+        experts=[dict(model="segment", image=N, weight=1.0),
+                 dict(model="sketch", image=1, weight=0.5)],
+        uncond=dict(model="uncond"), respacing="6", clip=True, seed=29, sampler="ddpm"),
 }
 
 # mcdm's step noise (src/rng.rs): element e of image k at spaced step i is normal e % 4 of
