@@ -175,6 +175,39 @@ fn sample_batch_checks_its_input() {
     assert_eq!(last.unwrap().len(), 2 * 768);
 }
 
+/// Counts of zero, more images than the noise keys reach, and initial noise of the wrong size.
+#[test]
+fn sample_refuses_bad_requests() {
+    let models = [uncond_model()];
+    let sampler = ComposedSampler::new(&models, &[], &UNCOND, spec(16, 16)).unwrap();
+    let noise = |values: usize| -> Vec<f32> { (0..values).map(|i| (i as f32).cos()).collect() };
+    let max = mcdm::sample::MAX_SAMPLES;
+    for (n, batch, init, needle) in [
+        (0, 1, None, "num_samples and batch_size must be positive"),
+        (1, 0, None, "num_samples and batch_size must be positive"),
+        (
+            max + 1,
+            1,
+            None,
+            "more than the 4294967296 images one run draws",
+        ),
+        // At the limit the request is possible, only too large for this machine.
+        (max, 1, None, "which is not available"),
+        (
+            2,
+            2,
+            Some(noise(768)),
+            "initial noise has 768 values, expected [2, 3, 16, 16]",
+        ),
+        (1, 1, Some(noise(769)), "initial noise has 769 values"),
+    ] {
+        fails(
+            sampler.sample(n, batch, init.as_deref(), &mut |_| {}),
+            needle,
+        );
+    }
+}
+
 #[test]
 fn forward_checks_the_input_length() {
     let model = uncond_model();
