@@ -88,8 +88,14 @@ fn sampler_refuses_conditions_its_models_cannot_take() {
         )
         .unwrap()
     };
-    // uncond; classes: 5 classes; sketch: a 1-channel image condition.
-    let models = [load("uncond"), load("classes"), load("sketch")];
+    // uncond; classes: 5 classes; sketch: a 1-channel image condition; text: a 16-wide
+    // embedding.
+    let models = [
+        load("uncond"),
+        load("classes"),
+        load("sketch"),
+        load("text"),
+    ];
     let expert = |model: usize, class: Option<i64>| Expert {
         model,
         condition: Condition {
@@ -98,6 +104,26 @@ fn sampler_refuses_conditions_its_models_cannot_take() {
             embedding: None,
         },
         weight: 1.0,
+    };
+    let with = |model: usize, condition: Condition| Expert {
+        model,
+        condition,
+        weight: 1.0,
+    };
+    let values = |len: usize| -> Vec<f32> { (0..len).map(|i| (i as f32 * 0.3).sin()).collect() };
+    let image = |count: usize, len: usize| Condition {
+        image: Some(Batched {
+            data: values(len),
+            count,
+        }),
+        ..Default::default()
+    };
+    let embedding = |count: usize, len: usize| Condition {
+        embedding: Some(Batched {
+            data: values(len),
+            count,
+        }),
+        ..Default::default()
     };
     for (term, needle) in [
         (expert(1, Some(5)), "class 5 is out of range 0..5"),
@@ -114,11 +140,47 @@ fn sampler_refuses_conditions_its_models_cannot_take() {
             expert(2, None),
             "takes a 1-channel image condition: give image=PATH",
         ),
+        (
+            with(0, image(1, 256)),
+            "image= given, but the model takes no image condition",
+        ),
+        (
+            with(2, image(0, 0)),
+            "the image condition must be [1, 16, 16] per image (256 values), got 0",
+        ),
+        (
+            with(2, image(2, 511)),
+            "the image condition must be [1, 16, 16] per image (256 values), got 255",
+        ),
+        (
+            expert(3, None),
+            "takes a 16-wide embedding: give embedding=PATH",
+        ),
+        (
+            with(0, embedding(1, 16)),
+            "embedding= given, but the model takes no vector condition",
+        ),
+        (
+            with(3, embedding(0, 0)),
+            "the embedding must have 16 values per image, got 0",
+        ),
+        (
+            with(3, embedding(2, 31)),
+            "the embedding must have 16 values per image, got 15",
+        ),
     ] {
         fails(
             ComposedSampler::new(&models, &[term], &UNCOND, spec(16, 16)).map(|_| ()),
             needle,
         );
+    }
+    // The unconditional term may leave an image or embedding out (zeros stand in for it).
+    for model in [2, 3] {
+        let uncond = Unconditional {
+            model,
+            condition: Condition::default(),
+        };
+        assert!(ComposedSampler::new(&models, &[], &uncond, spec(16, 16)).is_ok());
     }
 }
 
