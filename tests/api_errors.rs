@@ -328,7 +328,7 @@ fn configs_refuse_impossible_level_counts() {
 #[test]
 fn diffusion_sizes_are_bounded() {
     let mut cfg = config("").unwrap().diffusion;
-    for steps in [0, usize::MAX, 1 << 36] {
+    for steps in [0, usize::MAX, 1 << 36, 1_000_001] {
         cfg.diffusion_steps = steps;
         fails(
             Diffusion::from_config(&cfg).map(|_| ()),
@@ -339,6 +339,10 @@ fn diffusion_sizes_are_bounded() {
             "diffusion_steps must be between",
         );
     }
+    // The longest diffusion taken.
+    cfg.diffusion_steps = 1_000_000;
+    assert_eq!(Diffusion::from_config(&cfg).unwrap().num_steps(), 1_000_000);
+    assert_eq!(space_timesteps(1_000_000, "").unwrap().len(), 1_000_000);
     // A respacing no stride gives is refused with the config, not when sampling starts.
     fails(
         config(r#", "timestep_respacing": "abc""#).map(|_| ()),
