@@ -309,10 +309,6 @@ impl PartialConfig {
         })
     }
 
-    pub fn contains(&self, key: &str) -> bool {
-        self.values.contains_key(key)
-    }
-
     fn get(&self, key: &str) -> Option<&Value> {
         self.values.get(key)
     }
@@ -930,6 +926,64 @@ mod tests {
             parse_json(r#"{"a": 1} {"b": 2}"#).is_err(),
             "trailing text accepted"
         );
+    }
+
+    /// Each value takes the forms guided-diffusion's scripts and configs write (argparse
+    /// strings, JSON numbers and booleans), and nothing else.
+    #[test]
+    fn values_take_the_reference_forms() {
+        use serde_json::json;
+        for (v, want) in [
+            (json!(true), true),
+            (json!("True"), true),
+            (json!("true"), true),
+            (json!(false), false),
+            (json!("False"), false),
+            (json!("false"), false),
+        ] {
+            assert_eq!(parse_bool("k", &v).unwrap(), want, "{v}");
+        }
+        for v in [json!("TRUE"), json!("yes"), json!(1), json!(null)] {
+            let err = parse_bool("k", &v).unwrap_err().to_string();
+            assert!(err.contains("`k` must be true/false"), "{v}: {err}");
+        }
+        for (v, want) in [
+            (json!(64), 64),
+            (json!(-1), -1),
+            (json!("64"), 64),
+            (json!(" -1 "), -1),
+        ] {
+            assert_eq!(parse_int("k", &v).unwrap(), want, "{v}");
+        }
+        for v in [
+            json!(64.5),
+            json!("64.5"),
+            json!("x"),
+            json!(true),
+            json!(u64::MAX),
+        ] {
+            let err = parse_int("k", &v).unwrap_err().to_string();
+            assert!(err.contains("`k` must be an integer"), "{v}: {err}");
+        }
+        for (v, want) in [(json!("ddim25"), "ddim25"), (json!(25), "25")] {
+            assert_eq!(parse_string("k", &v).unwrap(), want, "{v}");
+        }
+        for v in [json!([25]), json!(true)] {
+            assert!(parse_string("k", &v).is_err(), "{v}");
+        }
+        for (v, want) in [
+            (json!("32,16,8"), &[32.0, 16.0, 8.0][..]),
+            (json!(" 1, 2.5 "), &[1.0, 2.5]),
+            (json!(""), &[]),
+            (json!([32, 16]), &[32.0, 16.0]),
+            (json!(16), &[16.0]),
+        ] {
+            assert_eq!(parse_list("k", &v).unwrap(), want, "{v}");
+        }
+        for v in [json!("1,,2"), json!(["1"]), json!(true), json!({})] {
+            let err = parse_list("k", &v).unwrap_err().to_string();
+            assert!(err.contains("`k` must be a list"), "{v}: {err}");
+        }
     }
 
     fn resolve_json(json: &str) -> Result<ResolvedConfig> {
