@@ -986,6 +986,35 @@ mod tests {
         }
     }
 
+    /// Output blocks that do not repeat in levels of num_res_blocks + 1 (ending with an up
+    /// layer) leave the block count to the config rather than to a guess.
+    #[test]
+    fn irregular_output_blocks_infer_no_block_count() {
+        let shapes = |keys: &[&str]| -> BTreeMap<String, Vec<usize>> {
+            keys.iter().map(|k| (k.to_string(), vec![8])).collect()
+        };
+        let regular = shapes(&[
+            "output_blocks.0.0.in_layers.0.weight",
+            "output_blocks.1.0.in_layers.0.weight",
+            "output_blocks.1.1.conv.weight",
+            "output_blocks.2.0.in_layers.0.weight",
+            "output_blocks.3.0.in_layers.0.weight",
+        ]);
+        assert_eq!(InferredArch::from_shapes(&regular).num_res_blocks, Some(1));
+        // 5 blocks in levels of 2; an up layer in the first block (levels of 1).
+        let mut five = regular.clone();
+        five.insert("output_blocks.4.0.in_layers.0.weight".into(), vec![8]);
+        let up_first = shapes(&[
+            "output_blocks.0.0.in_layers.0.weight",
+            "output_blocks.0.1.conv.weight",
+            "output_blocks.1.0.in_layers.0.weight",
+            "output_blocks.1.1.conv.weight",
+        ]);
+        for irregular in [five, up_first] {
+            assert_eq!(InferredArch::from_shapes(&irregular).num_res_blocks, None);
+        }
+    }
+
     fn resolve_json(json: &str) -> Result<ResolvedConfig> {
         let partial = PartialConfig::from_json(json)?;
         resolve(&[(Source::File("test".into()), partial)], &BTreeMap::new())
