@@ -1020,6 +1020,85 @@ mod tests {
         resolve(&[(Source::File("test".into()), partial)], &BTreeMap::new())
     }
 
+    /// Without weights, a missing image size or channel_mult takes the reference's pairing of
+    /// the two; with weights, a missing channel_mult must come from their keys.
+    #[test]
+    fn image_size_and_channel_mult_default_together() {
+        for (json, size, mult) in [
+            (
+                r#"{"channel_mult": "1,1,2,2,4,4"}"#,
+                256,
+                &[1.0, 1.0, 2.0, 2.0, 4.0, 4.0][..],
+            ),
+            (
+                r#"{"channel_mult": "1,1,2,3,4"}"#,
+                128,
+                &[1.0, 1.0, 2.0, 3.0, 4.0],
+            ),
+            (r#"{"channel_mult": "1,2"}"#, 64, &[1.0, 2.0]),
+            (r#"{"image_size": 128}"#, 128, &[1.0, 1.0, 2.0, 3.0, 4.0]),
+            ("{}", 64, &[1.0, 2.0, 3.0, 4.0]),
+        ] {
+            let cfg = resolve_json(json).unwrap();
+            assert_eq!(cfg.unet.image_size, size, "{json}");
+            assert_eq!(cfg.unet.channel_mult, mult, "{json}");
+        }
+        let shapes: BTreeMap<String, Vec<usize>> =
+            [("time_embed.0.weight".into(), vec![8, 4])].into();
+        let partial = PartialConfig::from_json(
+            r#"{"num_res_blocks": 2, "in_channels": 3, "num_channels": 8}"#,
+        )
+        .unwrap();
+        let err = resolve(&[(Source::File("test".into()), partial)], &shapes)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "`channel_mult` is not in the config and cannot be inferred from the \
+                          weights (no level structure in the keys)"
+            ),
+            "{err}"
+        );
+    }
+
+    /// Sizes that no network has are refused with the config.
+    #[test]
+    fn impossible_sizes_are_refused() {
+        for (json, needle) in [
+            (
+                r#"{"channel_mult": "1,0"}"#,
+                "channel_mult must be positive numbers",
+            ),
+            (
+                r#"{"channel_mult": "1,-2"}"#,
+                "channel_mult must be positive numbers",
+            ),
+            (
+                r#"{"attention_resolutions": "16.5"}"#,
+                "must be positive integers, got 16.5",
+            ),
+            (
+                r#"{"attention_resolutions": "0"}"#,
+                "must be positive integers, got 0",
+            ),
+            (
+                r#"{"num_channels": 0}"#,
+                "num_channels, in_channels and num_res_blocks must be positive",
+            ),
+            (
+                r#"{"in_channels": 0}"#,
+                "num_channels, in_channels and num_res_blocks must be positive",
+            ),
+            (
+                r#"{"num_res_blocks": 0}"#,
+                "num_channels, in_channels and num_res_blocks must be positive",
+            ),
+        ] {
+            let err = resolve_json(json).unwrap_err().to_string();
+            assert!(err.contains(needle), "{json}: {err}");
+        }
+    }
+
     /// `channel_mult ""` takes `create_model`'s default for the image size
     /// (guided_diffusion/script_util.py), and a float is read from a number or a string.
     #[test]
