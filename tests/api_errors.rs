@@ -323,6 +323,23 @@ fn configs_refuse_impossible_level_counts() {
         resolve(&[(Source::File("test".into()), partial)], &BTreeMap::new()).map(|_| ()),
         "channel_mult levels",
     );
+    // The bounds themselves are taken; one past them is not.
+    let mut cfg = config("").unwrap();
+    cfg.unet.num_res_blocks = 64;
+    cfg.unet.validate().unwrap();
+    cfg.unet.num_res_blocks = 65;
+    fails(
+        cfg.unet.validate(),
+        "num_res_blocks 65 and 1 channel_mult levels",
+    );
+    let mut cfg = config("").unwrap();
+    (cfg.unet.image_size, cfg.unet.channel_mult) = (4096, vec![1.0; 13]);
+    cfg.unet.validate().unwrap();
+    cfg.unet.channel_mult.push(1.0);
+    fails(
+        cfg.unet.validate(),
+        "num_res_blocks 1 and 14 channel_mult levels",
+    );
 }
 
 #[test]
