@@ -1015,6 +1015,42 @@ mod tests {
         }
     }
 
+    /// Networks the reference could not build are refused by validation, each by name.
+    #[test]
+    fn unbuildable_networks_are_refused() {
+        for (fields, needle) in [
+            (
+                r#""channel_mult": "1,2", "num_channels": 48"#,
+                "level width 48",
+            ),
+            (
+                r#""channel_mult": "1,2", "attention_resolutions": "3""#,
+                "attention resolution 3 does not divide",
+            ),
+            (r#""num_head_channels": -2"#, "num_head_channels must"),
+            (r#""num_heads_upsample": -2"#, "num_heads_upsample must"),
+            // Attention at 4x4 (level 1, 96 channels); the middle block's 64 would divide.
+            (
+                r#""channel_mult": "1,3,2", "attention_resolutions": "4", "num_head_channels": 64"#,
+                "num_head_channels 64 does not divide the 96 channels",
+            ),
+            // No attention but the middle block's (96 channels, the last level).
+            (
+                r#""channel_mult": "2,3", "num_head_channels": 64"#,
+                "num_head_channels 64 does not divide the 96 channels",
+            ),
+        ] {
+            let mut json = serde_json::json!({"image_size": 8, "num_channels": 32,
+                "num_res_blocks": 1, "channel_mult": "1", "attention_resolutions": ""});
+            let given: serde_json::Value = serde_json::from_str(&format!("{{{fields}}}")).unwrap();
+            for (k, v) in given.as_object().unwrap() {
+                json[k] = v.clone();
+            }
+            let err = resolve_json(&json.to_string()).unwrap_err().to_string();
+            assert!(err.contains(needle), "{json}: {err}");
+        }
+    }
+
     fn resolve_json(json: &str) -> Result<ResolvedConfig> {
         let partial = PartialConfig::from_json(json)?;
         resolve(&[(Source::File("test".into()), partial)], &BTreeMap::new())
