@@ -1029,6 +1029,11 @@ mod tests {
             ),
             (r#""num_head_channels": -2"#, "num_head_channels must"),
             (r#""num_heads_upsample": -2"#, "num_heads_upsample must"),
+            (
+                r#""num_heads": 3"#,
+                "attention over 32 channels cannot be split into 3 heads",
+            ),
+            (r#""num_heads": 0"#, "cannot be split into 0 heads"),
             // Attention at 4x4 (level 1, 96 channels); the middle block's 64 would divide.
             (
                 r#""channel_mult": "1,3,2", "attention_resolutions": "4", "num_head_channels": 64"#,
