@@ -1157,6 +1157,10 @@ mod tests {
             assert_eq!(cfg.unet.channel_mult, mult, "image_size {size}");
             assert_eq!(cfg.unet.dropout, 0.25);
         }
+        // Written back as read: the 512 model's half-width first level included.
+        let cfg = resolve_json(r#"{"image_size": 512, "channel_mult": ""}"#).unwrap();
+        let json = cfg.unet.to_json(&cfg.diffusion);
+        assert_eq!(json["channel_mult"], "0.5,1,1,2,2,4,4");
         let cfg = resolve_json(r#"{"channel_mult": "1,2", "dropout": 0.1}"#).unwrap();
         assert_eq!(cfg.unet.dropout, 0.1);
         let err = resolve_json(r#"{"image_size": 32, "channel_mult": ""}"#).unwrap_err();
