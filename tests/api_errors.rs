@@ -340,6 +340,11 @@ fn configs_refuse_impossible_level_counts() {
         cfg.unet.validate(),
         "num_res_blocks 1 and 14 channel_mult levels",
     );
+    let mut cfg = config("").unwrap();
+    cfg.unet.num_classes = Some(1 << 24);
+    cfg.unet.validate().unwrap();
+    cfg.unet.num_classes = Some((1 << 24) + 1);
+    fails(cfg.unet.validate(), "num_classes must be at most 16777216");
 }
 
 #[test]
