@@ -96,19 +96,14 @@ fn sampler_refuses_conditions_its_models_cannot_take() {
         load("sketch"),
         load("text"),
     ];
-    let expert = |model: usize, class: Option<i64>| Expert {
-        model,
-        condition: Condition {
-            class,
-            image: None,
-            embedding: None,
-        },
-        weight: 1.0,
-    };
-    let with = |model: usize, condition: Condition| Expert {
+    let expert = |model: usize, condition: Condition| Expert {
         model,
         condition,
         weight: 1.0,
+    };
+    let class = |class: i64| Condition {
+        class: Some(class),
+        ..Default::default()
     };
     let values = |len: usize| -> Vec<f32> { (0..len).map(|i| (i as f32 * 0.3).sin()).collect() };
     let image = |count: usize, len: usize| Condition {
@@ -126,46 +121,46 @@ fn sampler_refuses_conditions_its_models_cannot_take() {
         ..Default::default()
     };
     for (term, needle) in [
-        (expert(1, Some(5)), "class 5 is out of range 0..5"),
-        (expert(1, Some(-1)), "class -1 is out of range 0..5"),
+        (expert(1, class(5)), "class 5 is out of range 0..5"),
+        (expert(1, class(-1)), "class -1 is out of range 0..5"),
         (
-            expert(1, None),
+            expert(1, Condition::default()),
             "the model is class-conditional (5 classes): give class=K",
         ),
         (
-            expert(0, Some(1)),
+            expert(0, class(1)),
             "class= given, but the model is not class-conditional",
         ),
         (
-            expert(2, None),
+            expert(2, Condition::default()),
             "takes a 1-channel image condition: give image=PATH",
         ),
         (
-            with(0, image(1, 256)),
+            expert(0, image(1, 256)),
             "image= given, but the model takes no image condition",
         ),
         (
-            with(2, image(0, 0)),
+            expert(2, image(0, 0)),
             "the image condition must be [1, 16, 16] per image (256 values), got 0",
         ),
         (
-            with(2, image(2, 511)),
+            expert(2, image(2, 511)),
             "the image condition must be [1, 16, 16] per image (256 values), got 255",
         ),
         (
-            expert(3, None),
+            expert(3, Condition::default()),
             "takes a 16-wide embedding: give embedding=PATH",
         ),
         (
-            with(0, embedding(1, 16)),
+            expert(0, embedding(1, 16)),
             "embedding= given, but the model takes no vector condition",
         ),
         (
-            with(3, embedding(0, 0)),
+            expert(3, embedding(0, 0)),
             "the embedding must have 16 values per image, got 0",
         ),
         (
-            with(3, embedding(2, 31)),
+            expert(3, embedding(2, 31)),
             "the embedding must have 16 values per image, got 15",
         ),
     ] {

@@ -115,10 +115,15 @@ impl<T: GpuFloat> GpuTextEncoder<T> {
             let t = tokens[same_length[0]].ids.len();
             for batch in same_length.chunks((MAX_ROWS / t.max(1)).max(1)) {
                 let n = batch.len();
-                let ids: Vec<u32> = batch.iter().flat_map(|&i| tokens[i].ids.clone()).collect();
+                let ids: Vec<u32> = batch
+                    .iter()
+                    .flat_map(|&i| &tokens[i].ids)
+                    .copied()
+                    .collect();
                 let type_ids: Vec<u32> = batch
                     .iter()
-                    .flat_map(|&i| tokens[i].type_ids.clone())
+                    .flat_map(|&i| &tokens[i].type_ids)
+                    .copied()
                     .collect();
                 let hidden = self.hidden_states(&ids, &type_ids, n, t, &mut pool)?;
                 let mut pooled = mean_pool(&hidden, &vec![1; n * t], n, t, h);
