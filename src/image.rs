@@ -183,11 +183,27 @@ mod tests {
         check("bits.png", 1, &|p, _| if p % 3 == 1 { 0 } else { 255 });
     }
 
-    /// The header is checked before decoding: one side past the largest image size is enough.
+    /// The header is checked before decoding: one side past the largest image size is enough;
+    /// a side of exactly that size is read.
     #[test]
     fn pngs_past_the_largest_image_size_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let side = crate::config::MAX_IMAGE_SIZE as u32 + 1;
+        let max = crate::config::MAX_IMAGE_SIZE as u32;
+        for (w, h) in [(max, 1), (1, max)] {
+            let path = dir.path().join(format!("{w}x{h}.png"));
+            let pixels: Vec<u8> = (0..w * h).map(|i| (i % 251) as u8).collect();
+            encode(
+                &path,
+                ColorType::Grayscale,
+                BitDepth::Eight,
+                (w, h),
+                &pixels,
+            );
+            let (data, c, gh, gw) = read_png(&path).unwrap();
+            assert_eq!((c, gh, gw), (1, h as usize, w as usize));
+            assert_eq!(data[250], 250.0 / 127.5 - 1.0);
+        }
+        let side = max + 1;
         for (w, h) in [(side, 1), (1, side)] {
             let path = dir.path().join(format!("{w}x{h}.png"));
             let pixels = vec![0u8; (w * h) as usize];
@@ -214,6 +230,11 @@ mod tests {
         let x = [-1.0, 1.0, 0.0, 0.5, -2.0, 0.999];
         assert_eq!(to_rgb8(&x, 1, 2), [0, 127, 0, 255, 191, 254]);
         assert_eq!(to_rgb8(&[3.0, -0.999, 0.2], 1, 1), [255, 0, 153]);
+        // Two rows: planes of h * w values.
+        let x: Vec<f32> = (0..12).map(|i| i as f32 / 8.0 - 1.0).collect();
+        let planes = to_rgb8(&x, 2, 2);
+        assert_eq!(planes[..6], [0, 63, 127, 15, 79, 143]);
+        assert_eq!(planes[9..], [47, 111, 175]);
     }
 
     #[test]

@@ -60,13 +60,22 @@ fn header_problem(e: &safetensors::SafeTensorError, file_len: usize) -> String {
     use safetensors::SafeTensorError as E;
     match e {
         E::HeaderTooSmall | E::InvalidHeaderLength | E::MetadataIncompleteBuffer => format!(
-            "truncated, or not safetensors: its {file_len} bytes end before the header or the \
-             data the header declares ({e:?})"
+            "truncated, or not safetensors: its {file_len} bytes do not end where the header \
+             or the data it declares ends ({e:?})"
         ),
-        E::HeaderTooLarge | E::InvalidHeaderStart | E::InvalidHeader => format!(
+        E::HeaderTooLarge
+        | E::InvalidHeaderStart
+        | E::InvalidHeader
+        | E::InvalidHeaderDeserialization => format!(
             "not safetensors: it does not start with an 8-byte header length and a JSON header \
              ({e:?}); a PyTorch checkpoint (.pt) converts with tools/convert_pt.py"
         ),
+        E::InvalidOffset(name) => {
+            format!("tensor `{name}` does not start where the tensor before it ends")
+        }
+        E::TensorInvalidInfo | E::ValidationOverflow => {
+            format!("a tensor's byte range does not hold its shape and dtype ({e:?})")
+        }
         _ => format!("{e:?}"),
     }
 }
@@ -99,6 +108,8 @@ impl SafetensorsFile {
         };
         let (header_len, meta) =
             SafeTensors::read_metadata(&map).map_err(|e| bad(header_problem(&e, map.len())))?;
+        // read_metadata has checked that the tensors' byte ranges follow one another, hold
+        // their shapes and end where the file does.
         let data_start = 8 + header_len;
         let mut entries = BTreeMap::new();
         for (name, info) in meta.tensors() {
@@ -117,10 +128,6 @@ impl SafetensorsFile {
                 }
             };
             let (a, b) = info.data_offsets;
-            let count: usize = info.shape.iter().product();
-            if b < a || b - a != count * dtype.size() || data_start + b > map.len() {
-                return Err(bad(format!("tensor `{name}` has inconsistent offsets")));
-            }
             entries.insert(
                 name,
                 Entry {
@@ -308,14 +315,10 @@ pub enum TensorData<'a> {
 /// Writes `bytes` to a temporary file beside `path`, then renames it into place, so a reader
 /// never sees a half-written file and a failure leaves nothing behind.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .ok_or_else(|| Error::Input(format!("`{}` is not a file path", path.display())))?;
-    let tmp = dir.join(format!(
+    let tmp = path.with_file_name(format!(
         ".{}.tmp{}",
         name.to_string_lossy(),
         std::process::id()
@@ -357,5 +360,42 @@ mod tests {
         assert_eq!(file.shape("empty").unwrap(), [0, 3]);
         assert!(file.f32("empty").unwrap().is_empty());
         assert_eq!(file.f32("two").unwrap(), [1.5, -2.0]);
+    }
+
+    /// Reading a tensor as the wrong kind names the dtype it holds.
+    #[test]
+    fn wrong_kind_reads_name_the_stored_dtype() {
+        let halves: Vec<u8> = [0.5f32, -3.0]
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect();
+        let labels: Vec<u8> = [7i64, -1].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let tensors = [
+            ("h", TensorView::new(Dtype::F16, vec![2], &halves).unwrap()),
+            (
+                "b",
+                TensorView::new(Dtype::BF16, vec![1], &halves[..2]).unwrap(),
+            ),
+            (
+                "labels",
+                TensorView::new(Dtype::I64, vec![2], &labels).unwrap(),
+            ),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        std::fs::write(&path, serialize(tensors, &None).unwrap()).unwrap();
+        let file = SafetensorsFile::open(&path).unwrap();
+        assert_eq!(file.f32("h").unwrap(), [0.5, -3.0]);
+        assert_eq!(file.i64("labels").unwrap(), [7, -1]);
+        for (name, stored) in [("h", "F16"), ("b", "BF16")] {
+            let err = file.i64(name).unwrap_err().to_string();
+            assert!(err.contains(&format!("dtype {stored}")), "{err}");
+        }
+        let err = file.f32("labels").unwrap_err().to_string();
+        assert!(err.contains("dtype I64"), "{err}");
+        let names: Vec<_> = [StorageDtype::F32, StorageDtype::BF16, StorageDtype::I64]
+            .map(StorageDtype::name)
+            .into();
+        assert_eq!(names, ["f32", "bf16", "i64"]);
     }
 }

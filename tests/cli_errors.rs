@@ -187,7 +187,53 @@ fn corrupt_header() {
     let mut bytes = std::fs::read(s.path("model.safetensors")).unwrap();
     bytes[8..24].copy_from_slice(b"#corrupt-header#");
     std::fs::write(s.path("model.safetensors"), &bytes).unwrap();
-    s.forward_fails("not a valid safetensors file");
+    s.forward_fails("not safetensors: it does not start with an 8-byte header length and a JSON");
+}
+
+/// A PyTorch checkpoint is a zip: its first 8 bytes read as an absurd header length.
+#[test]
+fn pytorch_checkpoint() {
+    let s = Setup::new();
+    let mut bytes = b"PK\x03\x04\x14\x00\x00\x08".to_vec();
+    bytes.extend_from_slice(b"archive/data.pkl and more zip content");
+    std::fs::write(s.path("model.safetensors"), &bytes).unwrap();
+    s.forward_fails("not safetensors");
+    s.forward_fails("converts with tools/convert_pt.py");
+}
+
+/// Headers whose byte ranges disagree with the tensors or the file, written by hand.
+#[test]
+fn inconsistent_byte_ranges() {
+    let s = Setup::new();
+    let write = |header: &str, data_len: usize| {
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend((0..data_len).map(|i| i as u8));
+        std::fs::write(s.path("model.safetensors"), bytes).unwrap();
+    };
+    let tensor = |name: &str, shape: &str, a: usize, b: usize| {
+        format!(r#""{name}":{{"dtype":"F32","shape":{shape},"data_offsets":[{a},{b}]}}"#)
+    };
+    // Two floats in 4 bytes.
+    write(&format!("{{{}}}", tensor("out.2.bias", "[2]", 0, 4)), 4);
+    s.forward_fails("a tensor's byte range does not hold its shape and dtype");
+    // A gap between two tensors.
+    let gap = format!(
+        "{{{},{}}}",
+        tensor("a", "[1]", 0, 4),
+        tensor("b", "[1]", 8, 12)
+    );
+    write(&gap, 12);
+    s.forward_fails("does not start where the tensor before it ends");
+    // Bytes past the data the header declares, and too few.
+    let one = format!("{{{}}}", tensor("a", "[2]", 0, 8));
+    write(&one, 9);
+    s.forward_fails(&format!(
+        "its {} bytes do not end where the header or the data it declares ends",
+        8 + one.len() + 9
+    ));
+    write(&one, 7);
+    s.forward_fails("truncated, or not safetensors");
 }
 
 #[test]
@@ -316,6 +362,19 @@ fn inspect_reports_sources() {
     // No JSON beside `model.safetensors`: the config comes from the metadata.
     assert!(text.contains("(metadata)"), "{text}");
     assert!(text.contains("GFLOP per image"), "{text}");
+    // Storage: the bytes of each dtype's tensors.
+    let (raw, _) = read_raw(&s.path("model.safetensors"));
+    let mut bytes = std::collections::BTreeMap::new();
+    for (_, dtype, _, data) in &raw {
+        *bytes
+            .entry(format!("{dtype:?}").to_lowercase())
+            .or_insert(0) += data.len();
+    }
+    assert!(!bytes.is_empty());
+    for (dtype, n) in bytes {
+        let line = format!("  {dtype:<5} {n} bytes");
+        assert!(text.contains(&line), "no `{line}` in:\n{text}");
+    }
 }
 
 /// `--config`, `<stem>.json` and the metadata each give some fields: every field comes from the
