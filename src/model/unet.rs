@@ -940,3 +940,67 @@ fn check_input_len(x: &[f32], shape: [usize; 4]) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Loader;
+
+    /// Random weights (benchmarks, GPU parity runs on random models) are uniform on
+    /// [center - half, center + half]: weight tensors at variance 1 / fan_in, norm scales near 1,
+    /// biases near 0. The same seed repeats them; another seed does not.
+    #[test]
+    fn random_weights_are_uniform_at_the_intended_scale() {
+        let conv = Loader::new(None, 7).random("in.weight", &[64, 32, 3, 3]);
+        check_uniform(&conv, 0.0, (3.0f64 / (32 * 3 * 3) as f64).sqrt());
+        let mut ld = Loader::new(None, 7);
+        check_uniform(&ld.random("norm.weight", &[8192]), 1.0, 0.1);
+        check_uniform(&ld.random("norm.bias", &[8192]), 0.0, 0.1);
+        check_uniform(
+            &ld.random("proj.weight", &[16, 4096]),
+            0.0,
+            (3.0f64 / 4096.0).sqrt(),
+        );
+
+        assert_eq!(
+            conv,
+            Loader::new(None, 7).random("in.weight", &[64, 32, 3, 3])
+        );
+        let other = Loader::new(None, 8).random("in.weight", &[64, 32, 3, 3]);
+        let same = conv.iter().zip(&other).filter(|(a, b)| a == b).count();
+        assert!(
+            same < 10,
+            "{same} of {} values repeat under another seed",
+            conv.len()
+        );
+    }
+
+    /// Every value in range; mean, variance, a 10-bin histogram and the correlation of
+    /// neighbours within 5 standard errors of a uniform distribution's.
+    fn check_uniform(v: &[f32], center: f64, half: f64) {
+        let n = v.len() as f64;
+        let u: Vec<f64> = v.iter().map(|&x| (x as f64 - center) / half).collect();
+        assert!(
+            u.iter().all(|x| x.abs() <= 1.0 + 1e-6),
+            "values outside the range"
+        );
+        let mean = u.iter().sum::<f64>() / n;
+        // A uniform on [-1, 1] has variance 1/3 and fourth moment 1/5.
+        assert!(mean.abs() < 5.0 * (1.0 / 3.0 / n).sqrt(), "mean {mean}");
+        let var = u.iter().map(|x| x * x).sum::<f64>() / n;
+        let var_se = ((1.0 / 5.0 - 1.0 / 9.0) / n).sqrt();
+        assert!((var - 1.0 / 3.0).abs() < 5.0 * var_se, "variance {var}");
+        let mut bins = [0usize; 10];
+        for x in &u {
+            bins[(((x + 1.0) * 5.0) as usize).min(9)] += 1;
+        }
+        let bin_se = (n * 0.1 * 0.9).sqrt();
+        for (i, &b) in bins.iter().enumerate() {
+            assert!(
+                (b as f64 - n / 10.0).abs() < 5.0 * bin_se,
+                "bin {i}: {bins:?}"
+            );
+        }
+        let lag1 = u.windows(2).map(|w| w[0] * w[1]).sum::<f64>() / (n - 1.0) / (1.0 / 3.0);
+        assert!(lag1.abs() < 5.0 / n.sqrt(), "neighbour correlation {lag1}");
+    }
+}
