@@ -299,6 +299,40 @@ fn forward_checks_the_input_length() {
     );
 }
 
+/// A forward pass whose activations cannot fit in this machine's memory is refused before they
+/// are allocated: one 4096x4096 image through 129 residual blocks of 64 channels, whose skip
+/// connections alone are about 280 GB.
+#[test]
+fn forward_refuses_what_memory_cannot_hold() {
+    let mut cfg = config("").unwrap();
+    (cfg.unet.num_channels, cfg.unet.num_res_blocks) = (64, 64);
+    let unet = UNet::random(&cfg.unet, 1).unwrap();
+    let side = 4096;
+    let need = unet.working_floats_per_image(side, side) as u64 * 4;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let total_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
+        .unwrap_or(u64::MAX / 1024);
+    if need <= total_kib * 1024 {
+        eprintln!("skipped: the pass needs {need} bytes, not more than this machine's memory");
+        return;
+    }
+    let x: Vec<f32> = (0..side * side * 3)
+        .map(|i| ((i % 1999) as f32 * 0.01).sin())
+        .collect();
+    let cond = Conditioning {
+        timesteps: &[10.0],
+        labels: None,
+        embedding: None,
+    };
+    fails(
+        unet.forward_nhwc(&x, [1, side, side, 3], &cond, &mut Workspace::new()),
+        "a forward pass of 1 image(s) of 4096x4096 needs about",
+    );
+}
+
 #[test]
 fn configs_refuse_impossible_level_counts() {
     let mut cfg = config("").unwrap();
