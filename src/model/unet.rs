@@ -974,6 +974,61 @@ mod tests {
         );
     }
 
+    /// `working_floats_per_image`, which refuses forward passes past the machine's memory, errs
+    /// high but not far: it bounds what the workspace pool grows to in a pass (the convolutions'
+    /// fixed-size scratch aside), within 4x, for networks of one to five levels.
+    #[test]
+    fn working_memory_estimate_bounds_a_forward_pass() {
+        use crate::config::{resolve, PartialConfig, Source};
+        use crate::model::{Conditioning, UNet, Workspace};
+        for (json, size, n) in [
+            (
+                r#"{"num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2",
+                    "attention_resolutions": "", "image_size": 32}"#,
+                128,
+                1,
+            ),
+            (
+                r#"{"num_channels": 64, "num_res_blocks": 2, "channel_mult": "1,2,2",
+                    "attention_resolutions": "16,8", "image_size": 64}"#,
+                64,
+                2,
+            ),
+            (
+                r#"{"num_channels": 128, "num_res_blocks": 3, "channel_mult": "1,1,2,3,4",
+                    "attention_resolutions": "32,16,8", "image_size": 64, "num_head_channels": 64,
+                    "use_scale_shift_norm": true, "resblock_updown": true, "learn_sigma": true}"#,
+                64,
+                3,
+            ),
+        ] {
+            let partial = PartialConfig::from_json(json).unwrap();
+            let cfg = resolve(&[(Source::File("t".into()), partial)], &Default::default()).unwrap();
+            let unet = UNet::random(&cfg.unet, 3).unwrap();
+            let (h, w, c) = (size, size, 3);
+            let x: Vec<f32> = (0..n * h * w * c)
+                .map(|i| (i as f32 * 0.37).sin())
+                .collect();
+            let t: Vec<f32> = (0..n).map(|i| 100.0 * i as f32 + 5.0).collect();
+            let cond = Conditioning {
+                timesteps: &t,
+                labels: None,
+                embedding: None,
+            };
+            let mut ws = Workspace::new();
+            let out = unet.forward_nhwc(&x, [n, h, w, c], &cond, &mut ws).unwrap();
+            ws.give(out);
+            let pool = ws.bytes() / 4 - ws.scratch.capacity();
+            let oc = unet.config().out_channels();
+            let estimate = n * unet.working_floats_per_image(h, w) + n * h * w * (c + oc);
+            let ratio = estimate as f64 / pool as f64;
+            assert!(
+                (1.0..=4.0).contains(&ratio),
+                "{json} at {size}: {estimate} floats estimated, {pool} held"
+            );
+        }
+    }
+
     /// Every value in range; mean, variance, a 10-bin histogram and the correlation of
     /// neighbours within 5 standard errors of a uniform distribution's.
     fn check_uniform(v: &[f32], center: f64, half: f64) {
