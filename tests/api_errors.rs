@@ -299,6 +299,79 @@ fn forward_checks_the_input_length() {
     );
 }
 
+/// `UNet::check_input`, which every forward pass (CPU and GPU) runs first: the batch, the
+/// image size and each condition against what the model takes.
+#[test]
+fn forward_input_is_checked_against_the_model() {
+    let load = |name: &str| {
+        load_model(
+            &fixtures(&format!("sample/models/{name}.safetensors")),
+            None,
+        )
+        .unwrap()
+        .unet
+    };
+    let (uncond, classes, text) = (load("uncond"), load("classes"), load("text"));
+    let t = [10.0f32, 20.0];
+    let plain = |n: usize| Conditioning {
+        timesteps: &t[..n],
+        labels: None,
+        embedding: None,
+    };
+    for (n, h, w) in [(0, 8, 8), (1, 0, 8), (1, 8, 0)] {
+        fails(
+            uncond.check_input(n, 3, h, w, &plain(n)),
+            &format!("empty input batch [{n}, 3, {h}, {w}]"),
+        );
+    }
+    for (h, w) in [(4098, 8), (8, 4098)] {
+        fails(
+            uncond.check_input(1, 3, h, w, &plain(1)),
+            &format!("image size {h}x{w} is larger than the 4096"),
+        );
+    }
+    uncond.check_input(1, 3, 4096, 4096, &plain(1)).unwrap();
+
+    let labels = [1i64, 4];
+    let with_labels = |n: usize, k: usize| Conditioning {
+        labels: Some(&labels[..k]),
+        ..plain(n)
+    };
+    classes.check_input(2, 3, 8, 8, &with_labels(2, 2)).unwrap();
+    fails(
+        classes.check_input(2, 3, 8, 8, &with_labels(2, 1)),
+        "1 class labels for a batch of 2",
+    );
+    fails(
+        classes.check_input(1, 3, 8, 8, &plain(1)),
+        "the model is class-conditional (5 classes): give labels `y`",
+    );
+    fails(
+        uncond.check_input(1, 3, 8, 8, &with_labels(1, 1)),
+        "class labels given, but the model is not class-conditional",
+    );
+
+    let embedding: Vec<f32> = (0..40).map(|i| (i as f32 * 0.3).sin()).collect();
+    let with_embedding = |n: usize, len: usize| Conditioning {
+        embedding: Some(&embedding[..len]),
+        ..plain(n)
+    };
+    text.check_input(2, 3, 8, 8, &with_embedding(2, 32))
+        .unwrap();
+    fails(
+        text.check_input(2, 3, 8, 8, &with_embedding(2, 16)),
+        "embedding has 16 values, expected [2, 16]",
+    );
+    fails(
+        text.check_input(1, 3, 8, 8, &plain(1)),
+        "the model takes a vector condition: give `emb` [1, 16]",
+    );
+    fails(
+        uncond.check_input(1, 3, 8, 8, &with_embedding(1, 16)),
+        "an embedding was given, but the model has no embed_dim",
+    );
+}
+
 /// A forward pass whose activations cannot fit in this machine's memory is refused before they
 /// are allocated: one 4096x4096 image through 129 residual blocks of 64 channels, whose skip
 /// connections alone are about 280 GB.
