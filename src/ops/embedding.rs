@@ -52,3 +52,34 @@ pub fn timestep_embedding_gpu(
         ],
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::timestep_embedding;
+
+    /// The reference's formula, `[cos(t f_i) | sin(t f_i)]` with `f_i = 10000^(-i / half)`, in
+    /// f64; an odd width ends in a zero column (the reference pads one), whatever the buffer held.
+    #[test]
+    fn rows_are_cos_then_sin_and_odd_widths_end_in_zero() {
+        let t = [0.0f32, 3.0, 17.5, 999.0];
+        for dim in [2usize, 7, 8, 33] {
+            let half = dim / 2;
+            let mut out = vec![f32::NAN; t.len() * dim];
+            timestep_embedding(&t, dim, &mut out);
+            for (row, &tv) in out.chunks_exact(dim).zip(&t) {
+                for i in 0..half {
+                    let arg = tv as f64 * 10000f64.powf(-(i as f64) / half as f64);
+                    assert!(
+                        (row[i] as f64 - arg.cos()).abs() < 2e-4,
+                        "dim {dim} t {tv} cos {i}"
+                    );
+                    let sin = row[half + i] as f64;
+                    assert!((sin - arg.sin()).abs() < 2e-4, "dim {dim} t {tv} sin {i}");
+                }
+                if dim % 2 == 1 {
+                    assert_eq!(row[dim - 1], 0.0, "dim {dim}: the padding column");
+                }
+            }
+        }
+    }
+}
