@@ -152,6 +152,57 @@ mod tests {
         }
     }
 
+    /// Operands of exactly the size a product needs are taken; one element short, each is
+    /// refused before gemm reads or writes past it.
+    #[test]
+    fn operands_one_element_short_are_refused() {
+        let (m, n, k) = (3, 4, 5);
+        let run = |dst_len: usize, lhs_len: usize, rhs_len: usize| {
+            let mut dst = vec![0.0f32; dst_len];
+            let lhs = vec![1.0f32; lhs_len];
+            let rhs = vec![1.0f32; rhs_len];
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let (l, r) = (Mat::rows(&lhs, k), Mat::rows(&rhs, n));
+                matmul(&mut dst, n, m, n, k, l, r, false, 1.0, false);
+                dst
+            }))
+        };
+        assert_eq!(run(m * n, m * k, k * n).unwrap(), vec![k as f32; m * n]);
+        for (dst, lhs, rhs) in [
+            (m * n - 1, m * k, k * n),
+            (m * n, m * k - 1, k * n),
+            (m * n, m * k, k * n - 1),
+        ] {
+            let err = run(dst, lhs, rhs).expect_err("accepted a short operand");
+            let msg = err.downcast_ref::<&str>().copied().unwrap_or_default();
+            assert_eq!(
+                msg, "matmul operands out of bounds",
+                "dst {dst} lhs {lhs} rhs {rhs}"
+            );
+        }
+    }
+
+    /// No rows or no columns: nothing to compute, and nothing is read or written.
+    #[test]
+    fn empty_outputs_are_left_alone() {
+        for (m, n) in [(0, 3), (3, 0)] {
+            let mut dst = [7.0f32; 2];
+            matmul(
+                &mut dst,
+                3,
+                m,
+                n,
+                2,
+                Mat::rows(&[], 2),
+                Mat::rows(&[], 3),
+                false,
+                1.0,
+                false,
+            );
+            assert_eq!(dst, [7.0; 2]);
+        }
+    }
+
     /// Strides whose offsets wrap around usize are refused before gemm can write outside `dst`.
     #[test]
     #[should_panic(expected = "matmul operands out of bounds")]
