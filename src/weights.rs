@@ -21,13 +21,6 @@ pub enum StorageDtype {
 }
 
 impl StorageDtype {
-    pub fn size(self) -> usize {
-        match self {
-            StorageDtype::F32 => 4,
-            StorageDtype::F16 | StorageDtype::BF16 => 2,
-            StorageDtype::I64 => 8,
-        }
-    }
     pub fn name(self) -> &'static str {
         match self {
             StorageDtype::F32 => "f32",
@@ -336,6 +329,15 @@ mod tests {
     use super::*;
     use safetensors::tensor::{serialize, TensorView};
 
+    /// `tensors` serialised by the safetensors crate into a temporary file, opened.
+    fn written(tensors: &[(&str, TensorView<'_>)]) -> (tempfile::TempDir, SafetensorsFile) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        std::fs::write(&path, serialize(tensors.to_vec(), &None).unwrap()).unwrap();
+        let file = SafetensorsFile::open(&path).unwrap();
+        (dir, file)
+    }
+
     /// A tensor with no elements is valid safetensors: it opens and reads as empty.
     #[test]
     fn empty_tensors_are_read() {
@@ -353,10 +355,7 @@ mod tests {
                 TensorView::new(Dtype::F32, vec![2], &values).unwrap(),
             ),
         ];
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.safetensors");
-        std::fs::write(&path, serialize(tensors, &None).unwrap()).unwrap();
-        let file = SafetensorsFile::open(&path).unwrap();
+        let (_dir, file) = written(&tensors);
         assert_eq!(file.shape("empty").unwrap(), [0, 3]);
         assert!(file.f32("empty").unwrap().is_empty());
         assert_eq!(file.f32("two").unwrap(), [1.5, -2.0]);
@@ -381,10 +380,7 @@ mod tests {
                 TensorView::new(Dtype::I64, vec![2], &labels).unwrap(),
             ),
         ];
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.safetensors");
-        std::fs::write(&path, serialize(tensors, &None).unwrap()).unwrap();
-        let file = SafetensorsFile::open(&path).unwrap();
+        let (_dir, file) = written(&tensors);
         assert_eq!(file.f32("h").unwrap(), [0.5, -3.0]);
         assert_eq!(file.i64("labels").unwrap(), [7, -1]);
         for (name, stored) in [("h", "F16"), ("b", "BF16")] {

@@ -371,14 +371,14 @@ fn inspect_reports_sources() {
             .or_insert(0) += data.len();
     }
     assert!(!bytes.is_empty());
-    // Every tensor is a parameter of the network.
-    let parameters: usize = raw.iter().map(|t| t.2.iter().product::<usize>()).sum();
-    let line = format!("parameters: {parameters} (");
-    assert!(text.contains(&line), "no `{line}` in:\n{text}");
     for (dtype, n) in bytes {
         let line = format!("  {dtype:<5} {n} bytes");
         assert!(text.contains(&line), "no `{line}` in:\n{text}");
     }
+    // Every tensor is a parameter of the network.
+    let parameters: usize = raw.iter().map(|t| t.2.iter().product::<usize>()).sum();
+    let line = format!("parameters: {parameters} (");
+    assert!(text.contains(&line), "no `{line}` in:\n{text}");
 }
 
 /// `--config`, `<stem>.json` and the metadata each give some fields: every field comes from the
