@@ -148,7 +148,30 @@ fn sum(x: &[f32]) -> f32 {
 
 #[cfg(test)]
 mod tests {
-    use super::{dot, exp, softmax_in_place};
+    use super::{check_len, dot, elements, exp, int_product, softmax_in_place};
+
+    #[test]
+    fn launch_sizes_are_checked() {
+        let max = i32::MAX as usize;
+        assert_eq!(elements("t", &[2, 3, 7]).unwrap(), 42);
+        assert_eq!(elements("t", &[]).unwrap(), 1);
+        assert_eq!(elements("t", &[max, 4]).unwrap(), 4 * max);
+        // One dimension past what a kernel's int holds, or a product that overflows.
+        for dims in [[max + 1, 1, 1], [max, max, max]] {
+            let e = elements("t", &dims).unwrap_err().to_string();
+            assert!(e.contains("more than a kernel takes"), "{dims:?}: {e}");
+        }
+        assert_eq!(int_product("p", &[5, 9]).unwrap(), 45);
+        assert_eq!(int_product("p", &[max]).unwrap(), max);
+        for dims in [&[1 << 16, 1 << 15][..], &[max, max, max]] {
+            let e = int_product("p", dims).unwrap_err().to_string();
+            assert!(e.contains("more than a kernel indexes"), "{dims:?}: {e}");
+        }
+        check_len("b", 7, 7).unwrap();
+        check_len("b", 8, 7).unwrap();
+        let e = check_len("b", 6, 7).unwrap_err().to_string();
+        assert!(e.contains("buffer of 6 elements, kernel needs 7"), "{e}");
+    }
 
     #[test]
     fn exp_matches_libm() {
