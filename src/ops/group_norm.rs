@@ -250,6 +250,89 @@ impl GpuGroupNorm {
 mod tests {
     use super::*;
 
+    /// torch's GroupNorm (biased variance, eps inside the root), then `* (1 + scale) + shift`
+    /// and SiLU, in f64.
+    fn reference(
+        gn: &GroupNorm,
+        x: &[f32],
+        n: usize,
+        hw: usize,
+        ss: Option<&[f32]>,
+        silu: bool,
+    ) -> Vec<f64> {
+        let (c, cg) = (gn.channels, gn.channels / GROUPS);
+        let mut y = vec![0f64; x.len()];
+        for b in 0..n {
+            for g in 0..GROUPS {
+                let at = |p: usize, k: usize| (b * hw + p) * c + g * cg + k;
+                let values = (0..hw).flat_map(|p| (0..cg).map(move |k| (p, k)));
+                let count = (hw * cg) as f64;
+                let mean = values.clone().map(|(p, k)| x[at(p, k)] as f64).sum::<f64>() / count;
+                let var = values
+                    .clone()
+                    .map(|(p, k)| (x[at(p, k)] as f64 - mean).powi(2))
+                    .sum::<f64>()
+                    / count;
+                for (p, k) in values {
+                    let ch = g * cg + k;
+                    let mut v = (x[at(p, k)] as f64 - mean) / (var + EPS).sqrt()
+                        * gn.weight[ch] as f64
+                        + gn.bias[ch] as f64;
+                    if let Some(ss) = ss {
+                        v = v * (1.0 + ss[b * 2 * c + ch] as f64) + ss[b * 2 * c + c + ch] as f64;
+                    }
+                    if silu {
+                        v /= 1.0 + (-v).exp();
+                    }
+                    y[at(p, k)] = v;
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn forward_matches_the_f64_formula() {
+        let mut state = 0x9e37_79b9_u32;
+        let mut uniform = move || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            2.0 * (state as f32 / u32::MAX as f32) - 1.0
+        };
+        // (n, hw, c, input spread, scale-shift, SiLU). Spread 1e-3 is a nearly flat image: its
+        // variance (3e-7) is below eps, so eps sets the scale.
+        for (n, hw, c, spread, with_ss, silu) in [
+            (2, 5, 32, 1.0, true, true),
+            (1, 130, 64, 3.0, false, false),
+            (3, 7, 96, 1.0, true, false),
+            (2, 9, 64, 1e-3, false, true),
+        ] {
+            let gn = GroupNorm {
+                channels: c,
+                weight: (0..c).map(|_| 1.0 + 0.5 * uniform()).collect(),
+                bias: (0..c).map(|_| 0.5 * uniform()).collect(),
+            };
+            let x: Vec<f32> = (0..n * hw * c).map(|_| 0.05 + spread * uniform()).collect();
+            let ss: Vec<f32> = (0..n * 2 * c).map(|_| 0.5 * uniform()).collect();
+            let ss = with_ss.then_some(&ss[..]);
+            let mut got = vec![f32::NAN; x.len()];
+            gn.forward(&x, n, hw, &mut got, ss, silu);
+            let want = reference(&gn, &x, n, hw, ss, silu);
+            let err: f64 = got
+                .iter()
+                .zip(&want)
+                .map(|(&g, w)| (g as f64 - w).powi(2))
+                .sum();
+            let norm: f64 = want.iter().map(|w| w * w).sum();
+            let rel = (err / norm).sqrt();
+            assert!(
+                rel <= 1e-5,
+                "n {n} hw {hw} c {c} spread {spread}: rel L2 {rel:.2e}"
+            );
+        }
+    }
+
     /// One scratch sized for the largest level must serve every smaller one.
     #[test]
     fn scratch_for_the_largest_level_serves_all() {
