@@ -210,6 +210,41 @@ mod tests {
         );
     }
 
+    /// The flops claimed are the work the output proves: each round adds `ref(1) - ref(0)` to
+    /// a thread's output, in steps of one multiply-add's product (a * b for mma, c for the FMA).
+    #[test]
+    fn flops_are_the_multiply_adds_the_output_counts() {
+        fn check<T: GpuFloat>() {
+            let peak = compute_peak::<T>().unwrap();
+            let per_round = compute_reference::<T>(1) - compute_reference::<T>(0);
+            // mma: [a, b], each product a * b; FMA: [b, c] with b = 1, each adding c.
+            let [first, second] = peak.operands;
+            let step = if T::SUFFIX == "_f32" {
+                second
+            } else {
+                first * second
+            };
+            assert_eq!(
+                peak.flop_per_thread_round as f32,
+                2.0 * per_round / step,
+                "{}",
+                peak.kernel
+            );
+        }
+        check::<f32>();
+        check::<half::f16>();
+        check::<half::bf16>();
+    }
+
+    /// MAX_EXACT_ROUNDS is the largest power of two whose MMA sums, 4 (28 + 8 rounds), stay
+    /// below 2^24.
+    #[test]
+    fn exact_rounds_bound_is_tight() {
+        let largest_sum = |rounds: usize| 4 * (CHAINS * (CHAINS - 1) / 2 + CHAINS * rounds);
+        assert!(largest_sum(MAX_EXACT_ROUNDS) < 1 << 24);
+        assert!(largest_sum(2 * MAX_EXACT_ROUNDS) >= 1 << 24);
+    }
+
     /// The references in closed form: chains 0..7 plus one per round, summed (MMA: four
     /// elements per chain), all exact in f32.
     #[test]
