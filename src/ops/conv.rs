@@ -720,40 +720,44 @@ impl<T: GpuFloat> GpuConv2d<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Conv2d, WINOGRAD_MIN_CHANNELS};
+    use super::{Conv2d, IM2COL_CHUNK, WINOGRAD_CHUNK, WINOGRAD_MIN_CHANNELS};
 
-    /// Direct convolution in f64 from PyTorch's weight layout: the independent reference.
-    #[allow(clippy::too_many_arguments)]
+    /// Direct convolution in f64 from PyTorch's weight layout (padding k / 2, as the UNet's
+    /// convolutions): the independent reference.
     fn direct(
         x: &[f32],
         tw: &[f32],
         bias: &[f32],
-        n: usize,
-        h: usize,
-        w: usize,
-        cin: usize,
+        [n, h, w, cin]: [usize; 4],
+        k: usize,
+        stride: usize,
     ) -> Vec<f64> {
         let cout = bias.len();
-        let mut out = vec![0f64; n * h * w * cout];
+        let pad = k / 2;
+        let (ho, wo) = (
+            (h + 2 * pad - k) / stride + 1,
+            (w + 2 * pad - k) / stride + 1,
+        );
+        let mut out = vec![0f64; n * ho * wo * cout];
         for b in 0..n {
-            for y in 0..h {
-                for xx in 0..w {
+            for y in 0..ho {
+                for xx in 0..wo {
                     for co in 0..cout {
                         let mut acc = bias[co] as f64;
-                        for ky in 0..3 {
-                            for kx in 0..3 {
-                                let (iy, ix) =
-                                    ((y + ky).wrapping_sub(1), (xx + kx).wrapping_sub(1));
+                        for ky in 0..k {
+                            for kx in 0..k {
+                                let iy = (y * stride + ky).wrapping_sub(pad);
+                                let ix = (xx * stride + kx).wrapping_sub(pad);
                                 if iy >= h || ix >= w {
                                     continue;
                                 }
                                 for ci in 0..cin {
                                     acc += x[((b * h + iy) * w + ix) * cin + ci] as f64
-                                        * tw[((co * cin + ci) * 3 + ky) * 3 + kx] as f64;
+                                        * tw[((co * cin + ci) * k + ky) * k + kx] as f64;
                                 }
                             }
                         }
-                        out[((b * h + y) * w + xx) * cout + co] = acc;
+                        out[((b * ho + y) * wo + xx) * cout + co] = acc;
                     }
                 }
             }
@@ -761,12 +765,51 @@ mod tests {
         out
     }
 
+    fn value(i: usize, salt: usize) -> f32 {
+        (((i * 7919 + salt * 104_729) % 2003) as f32 / 1001.5) - 1.0
+    }
+
+    /// Runs `conv` (PyTorch weights `tw`) with and without accumulation against [`direct`]
+    /// (rel L2 <= 1e-6); returns the scratch it grew.
+    fn check(
+        tw: &[f32],
+        cout: usize,
+        [n, h, w, cin]: [usize; 4],
+        k: usize,
+        stride: usize,
+    ) -> usize {
+        let x: Vec<f32> = (0..n * h * w * cin).map(|i| value(i, 1)).collect();
+        let bias: Vec<f32> = (0..cout).map(|i| value(i, 3)).collect();
+        let conv = Conv2d::from_torch(tw, bias.clone(), k, stride);
+        let want = direct(&x, tw, &bias, [n, h, w, cin], k, stride);
+        let mut scratch = Vec::new();
+        for accumulate in [false, true] {
+            let start: Vec<f32> = (0..want.len()).map(|i| value(i, 4)).collect();
+            let mut out = if accumulate {
+                start.clone()
+            } else {
+                vec![f32::NAN; want.len()]
+            };
+            conv.forward(&x, n, h, w, &mut out, accumulate, &mut scratch);
+            let (mut num, mut den) = (0f64, 0f64);
+            for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
+                let want = want + if accumulate { start[i] as f64 } else { 0.0 };
+                num += (got as f64 - want).powi(2);
+                den += want * want;
+            }
+            let rel = (num / den).sqrt();
+            assert!(
+                rel <= 1e-6,
+                "n{n} {h}x{w} {cin}->{cout} k{k} s{stride} accumulate {accumulate}: rel L2 {rel:e}"
+            );
+        }
+        scratch.len()
+    }
+
     #[test]
     fn winograd_3x3_matches_direct_convolution() {
-        let value =
-            |i: usize, salt: usize| (((i * 7919 + salt * 104_729) % 2003) as f32 / 1001.5) - 1.0;
         // Odd and even sizes, 1x1 images, channel counts off the SIMD widths.
-        for &(n, h, w, cin, cout) in &[
+        for (n, h, w, cin, cout) in [
             (1, 1, 1, WINOGRAD_MIN_CHANNELS, 8),
             (2, 5, 7, WINOGRAD_MIN_CHANNELS, 24),
             (3, 8, 8, WINOGRAD_MIN_CHANNELS + 16, 32),
@@ -775,31 +818,40 @@ mod tests {
             // 21 tile rows of 128 tiles: two chunks of WINOGRAD_CHUNK, the second partial.
             (1, 41, 256, WINOGRAD_MIN_CHANNELS, 64),
         ] {
-            let x: Vec<f32> = (0..n * h * w * cin).map(|i| value(i, 1)).collect();
             let tw: Vec<f32> = (0..cout * cin * 9).map(|i| value(i, 2) / 8.0).collect();
-            let bias: Vec<f32> = (0..cout).map(|i| value(i, 3)).collect();
-            let conv = Conv2d::from_torch(&tw, bias.clone(), 3, 1);
-            let want = direct(&x, &tw, &bias, n, h, w, cin);
-            for accumulate in [false, true] {
-                let start: Vec<f32> = (0..want.len()).map(|i| value(i, 4)).collect();
-                let mut out = if accumulate {
-                    start.clone()
-                } else {
-                    vec![f32::NAN; want.len()]
-                };
-                conv.forward(&x, n, h, w, &mut out, accumulate, &mut Vec::new());
-                let (mut num, mut den) = (0f64, 0f64);
-                for (k, (&got, &want)) in out.iter().zip(&want).enumerate() {
-                    let want = want + if accumulate { start[k] as f64 } else { 0.0 };
-                    num += (got as f64 - want).powi(2);
-                    den += want * want;
-                }
-                let rel = (num / den).sqrt();
+            let scratch = check(&tw, cout, [n, h, w, cin], 3, 1);
+            // Chunks of whole tile rows keep the scratch within WINOGRAD_CHUNK (or one row).
+            let tile_row = 16 * (cin + cout) * w.div_ceil(2);
+            assert!(
+                scratch <= WINOGRAD_CHUNK.max(tile_row),
+                "{h}x{w}: scratch {scratch}"
+            );
+        }
+    }
+
+    /// The im2col path (3x3 below the Winograd width, stride-2 downsampling) and the 1x1 GEMM.
+    #[test]
+    fn im2col_and_1x1_match_direct_convolution() {
+        let cin = WINOGRAD_MIN_CHANNELS - 1;
+        // The last field: the output spans two chunks of IM2COL_CHUNK floats of 3x3 patches.
+        for (n, h, w, cin, cout, k, stride, two_chunks) in [
+            (1, 80, 100, cin, 8, 3, 1, true),
+            (1, 180, 170, cin, 4, 3, 2, true),
+            (2, 9, 7, 5, 6, 3, 2, false),
+            (3, 1, 1, 3, 4, 3, 2, false),
+            (2, 6, 5, 7, 3, 1, 1, false),
+            (1, 4, 3, 70, 17, 1, 1, false),
+        ] {
+            if two_chunks {
+                let pixels = n * ((h - 1) / stride + 1) * ((w - 1) / stride + 1);
                 assert!(
-                    rel <= 1e-6,
-                    "n{n} {h}x{w} {cin}->{cout} accumulate {accumulate}: rel L2 {rel:e}"
+                    pixels > IM2COL_CHUNK / (9 * cin),
+                    "{h}x{w} s{stride}: one chunk"
                 );
             }
+            let tw: Vec<f32> = (0..cout * cin * k * k).map(|i| value(i, 2) / 8.0).collect();
+            let scratch = check(&tw, cout, [n, h, w, cin], k, stride);
+            assert!(scratch <= IM2COL_CHUNK, "{h}x{w} k{k}: scratch {scratch}");
         }
     }
 }
