@@ -1,5 +1,6 @@
 //! `mcdm info`: runs where there is no GPU, lists ptxas's report on every kernel when the build
-//! has kernel images, and ends quietly when its reader goes away.
+//! has kernel images, and ends quietly when its reader goes away. Like every command, it warns
+//! of an unknown `MCDM_CONV_KERNEL`.
 
 use std::process::{Command, Stdio};
 
@@ -48,4 +49,30 @@ fn a_closed_pipe_ends_info_without_a_panic() {
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// `MCDM_CONV_KERNEL` takes the kernels' names or `auto`; anything else is reported, not fatal.
+#[test]
+fn conv_kernel_override_is_checked() {
+    let info = |value: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mcdm"))
+            .arg("info")
+            .env("MCDM_CONV_KERNEL", value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{value}: {stderr}");
+        stderr
+    };
+    for name in ["tile64", "tile128", "tile128x64", "auto"] {
+        let stderr = info(name);
+        assert!(!stderr.contains("MCDM_CONV_KERNEL"), "{name}: {stderr}");
+    }
+    let stderr = info("tile99");
+    assert!(
+        stderr.contains(
+            "warning: MCDM_CONV_KERNEL=tile99 is not tile64, tile128, tile128x64 or auto; ignored"
+        ),
+        "{stderr}"
+    );
 }
