@@ -832,11 +832,11 @@ mod tests {
     /// The im2col path (3x3 below the Winograd width, stride-2 downsampling) and the 1x1 GEMM.
     #[test]
     fn im2col_and_1x1_match_direct_convolution() {
-        let cin = WINOGRAD_MIN_CHANNELS - 1;
+        let narrow = WINOGRAD_MIN_CHANNELS - 1;
         // The last field: the output spans two chunks of IM2COL_CHUNK floats of 3x3 patches.
         for (n, h, w, cin, cout, k, stride, two_chunks) in [
-            (1, 80, 100, cin, 8, 3, 1, true),
-            (1, 180, 170, cin, 4, 3, 2, true),
+            (1, 80, 100, narrow, 8, 3, 1, true),
+            (1, 180, 170, narrow, 4, 3, 2, true),
             (2, 9, 7, 5, 6, 3, 2, false),
             (3, 1, 1, 3, 4, 3, 2, false),
             (2, 6, 5, 7, 3, 1, 1, false),
