@@ -555,7 +555,7 @@ fn output_path_in_a_missing_directory() {
 }
 
 /// A benchmark whose input alone is more than the machine's memory is refused up front (it
-/// used to abort in the allocator), and so is `--config` naming a directory.
+/// used to abort in the allocator), and so is `--config` naming a directory or nothing.
 #[test]
 fn impossible_bench_sizes() {
     let dir = tempfile::tempdir().unwrap();
@@ -577,6 +577,11 @@ fn impossible_bench_sizes() {
     let folder = dir.path().display().to_string();
     fails(
         &["bench", "--device", "cpu", "--config", &folder],
-        "Is a directory",
+        &format!("--config {folder}: is a directory"),
+    );
+    let missing = dir.path().join("missing.json").display().to_string();
+    fails(
+        &["bench", "--device", "cpu", "--config", &missing],
+        &format!("--config {missing}: no such file"),
     );
 }

@@ -14,7 +14,7 @@ use mcdm::sample::{
     Unconditional,
 };
 
-use super::{backend, check_output_file, warn_graph_failure, Backend, Device, Dtype};
+use super::{backend, check_output_file, config_arg, warn_graph_failure, Backend, Device, Dtype};
 
 /// Time UNet forward passes (random weights) for a config at several batch sizes.
 #[derive(clap::Args)]
@@ -121,10 +121,7 @@ pub fn run(args: Args) -> Result<()> {
             Dtype::F32 => bench_kernels::<f32>(gpu, args.iters),
         };
     }
-    let config = args
-        .config
-        .as_ref()
-        .expect("clap requires --config without --kernels");
+    let config = config_arg(&args.config)?.expect("clap requires --config without --kernels");
     let text =
         std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
     let partial =
