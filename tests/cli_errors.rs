@@ -152,6 +152,7 @@ impl Setup {
     }
 }
 
+/// `--device auto` (the default) takes the CPU, without a warning, where no GPU is usable.
 #[test]
 fn good_input_writes_output() {
     let s = Setup::new();
@@ -167,6 +168,9 @@ fn good_input_writes_output() {
         &s.s("out.safetensors"),
     ]);
     assert_eq!(r.code, Some(0), "{}", r.stderr);
+    if mcdm::cuda::unavailable_reason().is_some() {
+        assert!(!r.stderr.contains("warning"), "{}", r.stderr);
+    }
     let out = mcdm::weights::SafetensorsFile::open(&s.path("out.safetensors")).unwrap();
     let io = mcdm::weights::SafetensorsFile::open(&s.path("input.safetensors")).unwrap();
     let err = common::rel_l2(&out.f32("out").unwrap(), &io.f32("out").unwrap());
@@ -308,6 +312,23 @@ fn size_the_levels_cannot_divide() {
     s.forward_fails("not divisible by 2");
 }
 
+/// `emb` must be `[B, D]`: a vector, or a matrix of another batch, is named as such.
+#[test]
+fn embedding_of_wrong_shape() {
+    let shapes: [fn(usize) -> Vec<usize>; 2] = [|b| vec![b], |b| vec![b + 1, 8]];
+    for shape_of in shapes {
+        let s = Setup::new();
+        s.edit_input(|raw| {
+            let shape = shape_of(raw.iter().find(|t| t.0 == "x").unwrap().2[0]);
+            let bytes = (0..shape.iter().product::<usize>())
+                .flat_map(|i| (i as f32 * 0.37).cos().to_le_bytes())
+                .collect();
+            raw.push(("emb".into(), Dtype::F32, shape, bytes));
+        });
+        s.forward_fails("`emb` must be [");
+    }
+}
+
 #[test]
 fn label_out_of_range() {
     let s = Setup::new();
@@ -372,7 +393,7 @@ fn inspect_reports_sources() {
     }
     assert!(!bytes.is_empty());
     for (dtype, n) in bytes {
-        let line = format!("  {dtype:<5} {n} bytes");
+        let line = format!("  {dtype:<5} {n} bytes ({:.2} MiB)", n as f64 / 1048576.0);
         assert!(text.contains(&line), "no `{line}` in:\n{text}");
     }
     // Every tensor is a parameter of the network.
