@@ -20,7 +20,40 @@ fn info_lists_every_kernel_with_its_registers() {
         eprintln!("skipped the kernel list: this build has no kernel images");
         return;
     }
-    assert!(text.contains("ptxas (sm_80): "), "{text}");
+    // The summary line agrees with the table below it.
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| w.len() == 6 && w[0].ends_with(".cu"))
+        .collect();
+    // Each kernel once: the rows are this architecture's alone.
+    let names: std::collections::HashSet<&str> = rows.iter().map(|row| row[1]).collect();
+    assert_eq!(names.len(), rows.len(), "{text}");
+    let registers = |row: &Vec<&str>| row[2].parse::<u32>().unwrap();
+    let most = rows.iter().map(registers).max().unwrap();
+    let spilling = rows.iter().filter(|row| row[5] != "0/0").count();
+    let summary = text
+        .lines()
+        .find(|l| l.starts_with("ptxas (sm_80): "))
+        .unwrap_or_else(|| panic!("no summary:\n{text}"));
+    let spills = match spilling {
+        0 => "no register spills".to_string(),
+        n => format!("{n} kernels spill registers"),
+    };
+    let head = format!(
+        "ptxas (sm_80): {} kernels, at most {most} registers a thread (",
+        rows.len()
+    );
+    assert!(
+        summary.starts_with(&head) && summary.ends_with(&format!("), {spills}")),
+        "{summary}"
+    );
+    let named = summary[head.len()..].split(')').next().unwrap();
+    assert!(
+        rows.iter()
+            .any(|row| row[1] == named && registers(row) == most),
+        "{summary}"
+    );
     // One kernel of each family, each with a register count.
     for (file, kernel) in [
         ("conv.cu", "conv2d_m128n128_bf16"),
