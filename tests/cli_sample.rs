@@ -541,6 +541,27 @@ fn ddpm_flag_over_a_ddim_job_with_eta() {
 }
 
 /// A failed run removes every directory level of --out it made, and nothing else.
+/// Bare names (`--out out`, `--save-tensor x.safetensors`) are taken in the working directory.
+#[test]
+fn relative_output_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mcdm"))
+        .current_dir(dir.path())
+        .args(["sample", "--model", &model("uncond"), "--uncond", "uncond"])
+        .args(["--steps", "2", "--num-samples", "1", "--out", "out"])
+        .args(["--save-tensor", "x.safetensors"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tensor = SafetensorsFile::open(&dir.path().join("x.safetensors")).unwrap();
+    assert_eq!(tensor.shape("samples").unwrap()[0], 1);
+    assert!(dir.path().join("out/000000.png").is_file());
+}
+
 #[test]
 fn failed_run_removes_the_directories_it_made() {
     let dir = tempfile::tempdir().unwrap();
