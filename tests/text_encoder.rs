@@ -239,6 +239,29 @@ fn encode_text_cli_matches_sentence_transformers() {
             fx.texts[i]
         );
     }
+    // The report: more than 16 texts are summed up; those at the limit and the blank ones are
+    // counted (the extra row, the file's last line, is empty: [CLS] [SEP]).
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let lengths: Vec<usize> = order.iter().map(|&i| fx.ids[i].len()).collect();
+    let blank = order
+        .iter()
+        .filter(|&&i| fx.texts[i].trim().is_empty())
+        .count();
+    assert!(
+        order.len() > 16 && blank >= 2,
+        "the fixture no longer covers the report"
+    );
+    for part in [
+        format!("encoded {} text(s)", order.len()),
+        format!(
+            "({} tokens in all, at most 256 per text; {} at the 256-token limit, possibly cut)",
+            lengths.iter().sum::<usize>(),
+            lengths.iter().filter(|&&l| l == 256).count()
+        ),
+        format!("note: {blank} of the texts are empty or blank"),
+    ] {
+        assert!(stderr.contains(&part), "no `{part}` in:\n{stderr}");
+    }
 }
 
 /// A text file that cannot be read, is not UTF-8 or holds nothing: a clear error, no output.
