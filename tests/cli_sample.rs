@@ -340,18 +340,41 @@ fn null_class_required_for_class_model_as_uncond() {
     );
 }
 
+/// A term starts with a model name and holds known keys; the unconditional term has no weight,
+/// on the command line and in a job file alike.
 #[test]
 fn bad_term_syntax() {
-    fails(
-        &[
-            "--model",
-            &model("uncond"),
-            "--uncond",
+    let uncond = model("uncond");
+    for (uncond_term, expert, needle) in [
+        ("uncond", "uncond,wieght=2", "unknown key `wieght`"),
+        ("uncond", "class=3", "starting with a model name"),
+        ("uncond", ",class=3", "starting with a model name"),
+        ("uncond", "uncond,class", "`class` is not key=value"),
+        (
+            "uncond,weight=0.5",
             "uncond",
-            "--expert",
-            "uncond,wieght=2",
-        ],
-        "unknown key `wieght`",
+            "unknown key `weight` (expected class, image, embedding, text)",
+        ),
+    ] {
+        fails(
+            &[
+                "--model",
+                &uncond,
+                "--uncond",
+                uncond_term,
+                "--expert",
+                expert,
+            ],
+            needle,
+        );
+    }
+    job_fails(
+        serde_json::json!({ "uncond": { "model": "uncond", "weight": 0.5 } }),
+        "unknown key `weight`",
+    );
+    job_fails(
+        serde_json::json!({ "experts": [{ "model": "uncond", "colour": 1 }] }),
+        "unknown key `colour`",
     );
 }
 
