@@ -300,7 +300,7 @@ fn no_experts_and_no_uncond() {
     fails(&["--model", &model("uncond")], "nothing to sample");
     fails(
         &["--model", &model("uncond"), "--expert", "uncond"],
-        "give --uncond",
+        "needs an unconditional term",
     );
 }
 
@@ -564,6 +564,102 @@ fn ddpm_flag_over_a_ddim_job_with_eta() {
 }
 
 /// A failed run removes every directory level of --out it made, and nothing else.
+/// Experts given with --expert replace the job file's.
+#[test]
+fn expert_flags_replace_the_jobs_experts() {
+    let dir = tempfile::tempdir().unwrap();
+    let experts = serde_json::json!({ "experts": [
+        { "model": "uncond", "weight": 0.5 }, { "model": "uncond", "weight": 0.25 },
+    ] });
+    let (job, out) = write_job(dir.path(), &experts);
+    let (code, err) = mcdm(&["sample", "--job", &job, "--expert", "uncond,weight=2"]);
+    assert_eq!(code, Some(0), "{err}");
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("record.json")).unwrap()).unwrap();
+    let weights: Vec<f64> = record["experts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["weight"].as_f64().unwrap())
+        .collect();
+    assert_eq!(weights, [2.0], "{record}");
+}
+
+/// A condition holds one entry for all images (`[D]`, `[1, D]`: the same samples) or one per
+/// image; any other count is refused.
+#[test]
+fn condition_batches_broadcast_or_cover_the_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    let values: Vec<f32> = (0..64).map(|i| (i as f32 * 0.61).sin()).collect();
+    let write = |name: &str, key: &str, shape: &[usize]| {
+        let len = shape.iter().product::<usize>();
+        let data = TensorData::F32(shape.to_vec(), &values[..len]);
+        write_safetensors(&dir.path().join(name), &[(key, data)], None).unwrap();
+    };
+    let text = |file: &str, num_samples: &str, tensor: &str| {
+        mcdm(&[
+            "sample",
+            "--model",
+            &model("uncond"),
+            "--model",
+            &model("text"),
+            "--uncond",
+            "uncond",
+            "--expert",
+            &format!("text,embedding={}", p(file)),
+            "--steps",
+            "2",
+            "--num-samples",
+            num_samples,
+            "--out",
+            &p("out"),
+            "--save-tensor",
+            &p(tensor),
+        ])
+    };
+    write("vector.safetensors", "embedding", &[16]);
+    write("row.safetensors", "embedding", &[1, 16]);
+    for (file, tensor) in [
+        ("vector.safetensors", "a.safetensors"),
+        ("row.safetensors", "b.safetensors"),
+    ] {
+        let (code, err) = text(file, "2", tensor);
+        assert_eq!(code, Some(0), "{file}: {err}");
+    }
+    let samples = |f: &str| {
+        SafetensorsFile::open(&dir.path().join(f))
+            .unwrap()
+            .f32("samples")
+            .unwrap()
+    };
+    assert_eq!(samples("a.safetensors"), samples("b.safetensors"));
+
+    write("two.safetensors", "embedding", &[2, 16]);
+    let (code, err) = text("two.safetensors", "3", "c.safetensors");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("`embedding` must be [D] or [1 or at least 3, D], got [2, 16]"),
+        "{err}"
+    );
+    write("two-sketches.safetensors", "cond", &[2, 1, 4, 4]);
+    fails(
+        &[
+            "--model",
+            &model("uncond"),
+            "--model",
+            &model("sketch"),
+            "--uncond",
+            "uncond",
+            "--expert",
+            &format!("sketch,image={}", p("two-sketches.safetensors")),
+            "--num-samples",
+            "3",
+        ],
+        "`cond` must be [C, H, W] or [1 or at least 3, C, H, W], got [2, 1, 4, 4]",
+    );
+}
+
 /// Bare names (`--out out`, `--save-tensor x.safetensors`) are taken in the working directory.
 #[test]
 fn relative_output_paths() {
@@ -652,6 +748,18 @@ fn impossible_sample_counts() {
         "more than the 4294967296 images one run draws",
     );
     run("4294967296", "this machine has available");
+    run("0", "--num-samples and --batch-size must be positive");
+    fails(
+        &[
+            "--model",
+            &model("uncond"),
+            "--uncond",
+            "uncond",
+            "--batch-size",
+            "0",
+        ],
+        "--num-samples and --batch-size must be positive",
+    );
 }
 
 /// Initial noise of 1e38 drives the network past f32: an error, and no image written.
@@ -720,6 +828,13 @@ fn output_files_are_checked_before_sampling() {
         assert!(err.contains("the run writes that file itself"), "{err}");
     }
     assert!(!out.join("000000.png").exists(), "an image was written");
+
+    // Past the run's numbers a directory is no obstacle, and the tensor may go beside the images.
+    std::fs::create_dir(out.join("000002.png")).unwrap();
+    let tensor = out.join("samples.safetensors");
+    let (code, err) = run(&["--save-tensor", &tensor.display().to_string()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(tensor.is_file() && out.join("000001.png").is_file());
 }
 
 /// Model names must be usable in a term spec, and a path must follow `=`; a model no term uses

@@ -58,7 +58,8 @@ pub struct Args {
     #[arg(long = "model", value_name = "NAME=PATH")]
     models: Vec<String>,
     /// An expert: NAME[,class=K][,image=PATH][,embedding=PATH][,weight=W][,text=PROMPT]
-    /// (weight default 1; text= comes last and takes the rest, commas included).
+    /// (weight default 1; text= comes last and takes the rest, commas included). Given, these
+    /// replace a job file's experts.
     #[arg(long = "expert", value_name = "SPEC")]
     experts: Vec<String>,
     /// The unconditional term: NAME[,class=K][,image=PATH][,embedding=PATH][,text=PROMPT].
