@@ -747,7 +747,11 @@ fn impossible_sample_counts() {
         "18446744073709551615",
         "more than the 4294967296 images one run draws",
     );
-    run("4294967296", "this machine has available");
+    // 2^32 images of 3x16x16, 4 bytes each value for the samples, 1 for the PNGs, 1 the grid.
+    run(
+        "4294967296",
+        "16x16 (samples, 8-bit copies, grid) needs about 18432.0 GiB of memory, more than the",
+    );
     run("0", "--num-samples and --batch-size must be positive");
     fails(
         &[
