@@ -660,6 +660,26 @@ fn condition_batches_broadcast_or_cover_the_samples() {
     );
 }
 
+/// The record keeps the batch size the run used, not the short last batch's.
+#[test]
+fn record_holds_the_batch_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (code, err) = sample_uncond(&out, "3", &["--batch-size", "2"]);
+    assert_eq!(code, Some(0), "{err}");
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("record.json")).unwrap()).unwrap();
+    assert_eq!(
+        (
+            record["batch_size"].as_u64(),
+            record["num_samples"].as_u64()
+        ),
+        (Some(2), Some(3)),
+        "{record}"
+    );
+    assert!(out.join("000002.png").is_file());
+}
+
 /// Bare names (`--out out`, `--save-tensor x.safetensors`) are taken in the working directory.
 #[test]
 fn relative_output_paths() {
