@@ -38,4 +38,5 @@ CARGO_TARGET_DIR=$root/target/mutants-build cargo mutants --in-place --no-shuffl
     --exclude-re '(?i)gpu|cuda|upload' --timeout 120 --output "$root/target/mutants" \
     "${files[@]}" "${opts[@]}" -- \
     --lib --test diffusion --test rng --test sample_reference --test unet_reference \
-    --test text_encoder --test api_errors --test cli_errors --test cli_sample --test cli_info
+    --test text_encoder --test api_errors --test cli_errors --test cli_sample --test cli_info \
+    --test cli_bench

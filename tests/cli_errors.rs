@@ -593,7 +593,7 @@ fn impossible_bench_sizes() {
         &[
             "bench", "--device", "cpu", "--config", &config, "--batch", "4096",
         ],
-        "this machine has available",
+        "--batch 4096: the input needs about 16384.0 GiB of memory, more than the",
     );
     let folder = dir.path().display().to_string();
     fails(

@@ -69,7 +69,7 @@ const MAX_BATCH: usize = 4096;
 const MAX_COMPOSE: usize = 64;
 const MAX_STEPS: usize = 10_000;
 
-/// Times one forward pass of `n` images; `None` runs on the CPU.
+/// Where the timed forward passes run: the CPU, or the GPU in one storage type.
 enum Runner {
     Cpu(Workspace),
     Bf16(GpuUNet<half::bf16>, GpuWorkspace<half::bf16>),
