@@ -8,31 +8,32 @@ use serde_json::Value;
 
 /// A class-conditional model with an image condition (4 input channels), small enough that a
 /// benchmark takes a fraction of a second.
-fn tiny_config(dir: &Path) -> String {
-    let config = dir.join("tiny.json");
-    std::fs::write(
-        &config,
-        r#"{"image_size": 8, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1",
-            "attention_resolutions": "4", "num_head_channels": 32, "class_cond": true,
-            "in_channels": 4}"#,
-    )
-    .unwrap();
+const TINY: &str = r#"{"image_size": 8, "num_channels": 32, "num_res_blocks": 1,
+    "channel_mult": "1", "attention_resolutions": "4", "num_head_channels": 32,
+    "class_cond": true, "in_channels": 4}"#;
+/// The same without conditions.
+const PLAIN: &str = r#"{"image_size": 8, "num_channels": 32, "num_res_blocks": 1,
+    "channel_mult": "1", "attention_resolutions": "4", "num_head_channels": 32}"#;
+
+fn write_config(dir: &Path, json: &str) -> String {
+    let config = dir.join("config.json");
+    std::fs::write(&config, json).unwrap();
     config.display().to_string()
 }
 
-/// Runs `mcdm bench --device cpu --config tiny ARGS --output record.json`: stdout, stderr and
-/// the record.
+/// `bench_with` the TINY config.
 fn bench(args: &[&str]) -> (String, String, Value) {
+    bench_with(TINY, args)
+}
+
+/// Runs `mcdm bench --device cpu --config CONFIG ARGS --output record.json`: stdout, stderr
+/// and the record.
+fn bench_with(config: &str, args: &[&str]) -> (String, String, Value) {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("record.json");
+    let config = write_config(dir.path(), config);
     let out = Command::new(env!("CARGO_BIN_EXE_mcdm"))
-        .args([
-            "bench",
-            "--device",
-            "cpu",
-            "--config",
-            &tiny_config(dir.path()),
-        ])
+        .args(["bench", "--device", "cpu", "--config", &config])
         .args(args)
         .arg("--output")
         .arg(&record)
@@ -154,6 +155,20 @@ fn composed_benchmark_on_the_cpu() {
         stdout.lines().any(|l| l == line),
         "no `{line}` in:\n{stdout}"
     );
+    // A model without conditions composes too: none is given to it.
+    bench_with(
+        PLAIN,
+        &[
+            "--compose",
+            "1",
+            "--steps",
+            "2",
+            "--batch",
+            "1",
+            "--iters",
+            "1",
+        ],
+    );
 }
 
 /// The bounds on a benchmark's size hold at their limits: up to them runs, past them is refused
@@ -173,7 +188,7 @@ fn benchmark_bounds() {
     ];
     bench(&most_experts);
     let dir = tempfile::tempdir().unwrap();
-    let config = tiny_config(dir.path());
+    let config = write_config(dir.path(), TINY);
     for (args, needle) in [
         (
             &["--iters", "0"][..],
