@@ -8,10 +8,11 @@
 #        scripts/mutants.sh -- --shard 0/15 --sharding round-robin   (a spread sample)
 #
 # Default files: the numeric core and the input checks (diffusion, noise, sampler, ops, UNet,
-# text encoder, config, files). GPU code is left out: its tests run on the fake driver (minutes
-# a run) or a GPU. Mutants are built in a worktree of HEAD under target/, never in this checkout;
-# results in target/mutants/mutants.out (missed.txt: the survivors). Needs
-# `cargo install cargo-mutants`; 10-20 s a mutant on 2 cores once the first build is done.
+# text encoder, config, files, memory checks); the CLI (src/cli/*.rs) when named. GPU code is
+# left out: its tests run on the fake driver (minutes a run) or a GPU. Mutants are built in a
+# worktree of HEAD under target/, never in this checkout; results in target/mutants/mutants.out
+# (missed.txt: the survivors). Needs `cargo install cargo-mutants`; 10-20 s a mutant on 2 cores
+# once the first build is done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo-mutants >/dev/null || { echo "mutants: install it with: cargo install cargo-mutants" >&2; exit 1; }
@@ -22,7 +23,8 @@ while [ $# -gt 0 ]; do
     files+=(--file "$1"); shift
 done
 [ ${#files[@]} -gt 0 ] || for f in 'src/diffusion/*.rs' src/rng.rs src/sample/mod.rs 'src/ops/*.rs' \
-    src/model/unet.rs src/model/load.rs 'src/text/*.rs' src/config.rs src/weights.rs src/image.rs; do
+    src/model/unet.rs src/model/load.rs src/model/workspace.rs 'src/text/*.rs' src/config.rs \
+    src/weights.rs src/image.rs src/error.rs; do
     files+=(--file "$f")
 done
 

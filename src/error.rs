@@ -88,5 +88,10 @@ mod tests {
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(3 << 20), "3.0 MiB");
         assert_eq!(human_bytes(141 << 30), "141.0 GiB");
+        // A whole unit reads in that unit.
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1 << 10), "1.0 KiB");
+        assert_eq!(human_bytes(1 << 20), "1.0 MiB");
+        assert_eq!(human_bytes(1 << 30), "1.0 GiB");
     }
 }
