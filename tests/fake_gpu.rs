@@ -474,4 +474,20 @@ fn bench_profile_on_the_fake_gpu() {
     assert_eq!(conv_launches, 33, "conv launches:\n{stdout}");
     let total: f64 = kernels.iter().map(|k| k["ms"].as_f64().unwrap()).sum();
     assert!(total > 0.0, "no kernel time:\n{stdout}");
+    // A profile is of one forward pass, not of composed sampling (small enough to end quickly
+    // should the check fail: `--kernels` is not tried, its full-size kernels take minutes here).
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcdm"));
+    let run = driver
+        .apply(&mut cmd)
+        .args(["bench", "--device", "cuda", "--profile", "--compose", "1"])
+        .args(["--steps", "2", "--batch", "1", "--iters", "1", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let text = output_text(&run);
+    assert_eq!(run.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("--profile times the kernels of a forward pass"),
+        "{text}"
+    );
 }
