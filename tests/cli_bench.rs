@@ -48,6 +48,20 @@ fn bench_with(config: &str, args: &[&str]) -> (String, String, Value) {
     (stdout, stderr, record)
 }
 
+/// The arguments of the smallest composed run, of `experts` experts: 1 image, 2 steps, once.
+fn one_composed_run(experts: &str) -> [&str; 8] {
+    [
+        "--compose",
+        experts,
+        "--steps",
+        "2",
+        "--batch",
+        "1",
+        "--iters",
+        "1",
+    ]
+}
+
 /// The sorted times of a result row, checked to be `iters` of them, and their median.
 fn times_and_median(row: &Value, iters: usize) -> (Vec<f64>, f64) {
     let times: Vec<f64> = row["times"]
@@ -156,19 +170,7 @@ fn composed_benchmark_on_the_cpu() {
         "no `{line}` in:\n{stdout}"
     );
     // A model without conditions composes too: none is given to it.
-    bench_with(
-        PLAIN,
-        &[
-            "--compose",
-            "1",
-            "--steps",
-            "2",
-            "--batch",
-            "1",
-            "--iters",
-            "1",
-        ],
-    );
+    bench_with(PLAIN, &one_composed_run("1"));
 }
 
 /// The bounds on a benchmark's size hold at their limits: up to them runs, past them is refused
@@ -176,17 +178,7 @@ fn composed_benchmark_on_the_cpu() {
 #[test]
 fn benchmark_bounds() {
     bench(&["--batch", "1", "--iters", "1", "--steps", "10000"]);
-    let most_experts = [
-        "--compose",
-        "64",
-        "--steps",
-        "2",
-        "--batch",
-        "1",
-        "--iters",
-        "1",
-    ];
-    bench(&most_experts);
+    bench(&one_composed_run("64"));
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), TINY);
     for (args, needle) in [

@@ -208,21 +208,20 @@ fn unknown_model_in_expert() {
     );
 }
 
-/// `fails` for the sketch expert given `image` as its condition.
-fn sketch_condition_fails(image: &Path, needle: &str) {
-    fails(
-        &[
-            "--model",
-            &model("uncond"),
-            "--model",
-            &model("sketch"),
-            "--uncond",
-            "uncond",
-            "--expert",
-            &format!("sketch,image={}", image.display()),
-        ],
-        needle,
-    );
+/// The `record.json` a run wrote into `out`.
+fn read_record(out: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("record.json")).unwrap()).unwrap()
+}
+
+/// `fails` for the sketch expert given `image` as its condition, plus `extra` arguments.
+fn sketch_condition_fails(image: &Path, extra: &[&str], needle: &str) {
+    let (uncond, sketch) = (model("uncond"), model("sketch"));
+    let expert = format!("sketch,image={}", image.display());
+    let mut args = vec![
+        "--model", &uncond, "--model", &sketch, "--uncond", "uncond", "--expert", &expert,
+    ];
+    args.extend_from_slice(extra);
+    fails(&args, needle);
 }
 
 #[test]
@@ -246,7 +245,7 @@ fn image_condition_of_wrong_size_or_channels() {
             None,
         )
         .unwrap();
-        sketch_condition_fails(&path, message);
+        sketch_condition_fails(&path, &[], message);
     }
 }
 
@@ -416,8 +415,7 @@ fn default_job_runs_without_arguments() {
         &out.display().to_string(),
     ]);
     assert_eq!(code, Some(0), "{err}");
-    let record: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("record.json")).unwrap()).unwrap();
+    let record = read_record(&out);
     assert_eq!(record["experts"].as_array().unwrap().len(), 3, "{record}");
     assert!(out.join("grid.png").is_file() && out.join("000001.png").is_file());
 }
@@ -555,8 +553,7 @@ fn ddpm_flag_over_a_ddim_job_with_eta() {
     );
     let (code, err) = mcdm(&["sample", "--job", &path, "--sampler", "ddpm"]);
     assert_eq!(code, Some(0), "{err}");
-    let record: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("record.json")).unwrap()).unwrap();
+    let record = read_record(&out);
     assert_eq!(
         (record["sampler"].as_str(), record["eta"].as_f64()),
         (Some("ddpm"), Some(0.0))
@@ -574,8 +571,7 @@ fn expert_flags_replace_the_jobs_experts() {
     let (job, out) = write_job(dir.path(), &experts);
     let (code, err) = mcdm(&["sample", "--job", &job, "--expert", "uncond,weight=2"]);
     assert_eq!(code, Some(0), "{err}");
-    let record: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("record.json")).unwrap()).unwrap();
+    let record = read_record(&out);
     let weights: Vec<f64> = record["experts"]
         .as_array()
         .unwrap()
@@ -643,19 +639,9 @@ fn condition_batches_broadcast_or_cover_the_samples() {
         "{err}"
     );
     write("two-sketches.safetensors", "cond", &[2, 1, 4, 4]);
-    fails(
-        &[
-            "--model",
-            &model("uncond"),
-            "--model",
-            &model("sketch"),
-            "--uncond",
-            "uncond",
-            "--expert",
-            &format!("sketch,image={}", p("two-sketches.safetensors")),
-            "--num-samples",
-            "3",
-        ],
+    sketch_condition_fails(
+        &dir.path().join("two-sketches.safetensors"),
+        &["--num-samples", "3"],
         "`cond` must be [C, H, W] or [1 or at least 3, C, H, W], got [2, 1, 4, 4]",
     );
 }
@@ -667,8 +653,7 @@ fn record_holds_the_batch_size() {
     let out = dir.path().join("out");
     let (code, err) = sample_uncond(&out, "3", &["--batch-size", "2"]);
     assert_eq!(code, Some(0), "{err}");
-    let record: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("record.json")).unwrap()).unwrap();
+    let record = read_record(&out);
     assert_eq!(
         (
             record["batch_size"].as_u64(),
@@ -916,6 +901,7 @@ fn oversized_png_condition() {
     std::fs::write(&path, png).unwrap();
     sketch_condition_fails(
         &path,
+        &[],
         "the PNG is 30000x30000, larger than mcdm's largest image size, 4096x4096",
     );
 }
