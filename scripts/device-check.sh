@@ -141,7 +141,7 @@ sanitize memcheck sample 120 "$BIN" sample --device cuda --model u=$F/sample/mod
     --num-samples 2 --steps 3 --out /tmp/sanitize-sample
 # racecheck: shared-memory hazards between threads, which the CPU emulation (one fiber at a time)
 # cannot provoke. The small attention cases here; every conv variant at the end, with the time left.
-sanitize racecheck attention 45 "$ROOT/tests/gpu_ops" --nocapture --test-threads 1 attention_matches_cpu
+sanitize racecheck attention 90 "$ROOT/tests/gpu_ops" --nocapture --test-threads 1 attention_matches_cpu
 
 # 3. Single kernels (TFLOP/s, GB/s, share of the measured peaks), then composed DDIM sampling (3 experts + unconditional, 10 steps,
 #    random weights): mcdm, guided-diffusion in PyTorch fp16 eager, a per-kernel profile of one
