@@ -11,17 +11,18 @@
 //
 // group_norm_partial: x [n, hw, c] (c % 32 == 0, c <= 2048) -> part f32 [n, chunks, 32, 3]:
 //   (count, mean, M2) of each group over the pixels [chunk*rows, chunk*rows + rows) of image b.
-//   Launch: grid (chunks = ceil(hw / rows), n), block 256. Threads own channels, so a row of
-//   pixels is read contiguously (coalesced): for c <= 256, R = 256 / c rows go in parallel and
-//   thread t reads channel t % c of rows t / c, t / c + R, ...; for c > 256 thread t reads
-//   channels t, t + 256, ... of every row. Each thread sums deviations from the first value it
-//   reads (shifted sums, no cancellation when |mean| >> std), then thread g < 32 merges the
-//   (count, mean, M2) of its group's channels with Chan's formula.
+//   Launch: grid (chunks = ceil(hw / rows), n), block 256. Thread t owns the eight channels
+//   8*(t % L) .. +7 (L = c / 8 threads span a pixel row, one 16-byte load each for 16-bit T) of
+//   rows t / L, t / L + R, ... (R = 256 / L rows in parallel), so a warp reads whole rows and
+//   every thread keeps several wide loads in flight. Each thread sums deviations from the first
+//   value it reads (shifted sums, no cancellation when |mean| >> std), then thread g < 32 merges
+//   the (count, mean, M2) of its group's channels with Chan's formula.
 // group_norm_merge: part -> stats f32 [n, 32, 2] (mean, rstd = 1 / sqrt(var + 1e-5), biased
 //   variance), merging the chunks of (b, g). Launch: grid (32, n), block 128.
 #define GN_THREADS 256
 #define GN_MAX_CHANNELS 2048
 #define GN_MERGE_THREADS 128
+#define GN_VEC 8  // channels per thread and access
 
 struct Moments {
     float n, mean, m2;
@@ -41,36 +42,47 @@ MCDM_DEV Moments merge_moments(Moments a, Moments b) {
     return r;
 }
 
+// Eight consecutive channels of one pixel: one 16-byte access for 16-bit T, two for f32.
+template <typename T>
+struct alignas(16) Pack8 {
+    T v[GN_VEC];
+};
+
 template <typename T>
 MCDM_DEV void group_norm_partial(const T* __restrict__ x, float* __restrict__ part, int hw, int c, int rows) {
     __shared__ Moments slot[GN_MAX_CHANNELS];  // 24 KiB: one per (channel, parallel row)
     const int chunk = blockIdx.x, chunks = gridDim.x, b = blockIdx.y, t = threadIdx.x;
     const int p0 = chunk * rows, p1 = min(hw, p0 + rows);
-    const T* img = x + (long long)b * hw * c;
-    // Channel ch of rows r0, r0 + dr, ... < p1: shifted sums into slot[s].
-    auto moments_of = [&](int ch, int r0, int dr, int s) {
-        Moments m{0.0f, 0.0f, 0.0f};
+    const int L = c / GN_VEC, R = GN_THREADS / L;  // R * c <= 2048 slots
+    if (t < R * L) {
+        const int ch0 = (t % L) * GN_VEC, r0 = p0 + t / L;
+        const T* src = x + (long long)b * hw * c + ch0;
+        float shift[GN_VEC], s1[GN_VEC], s2[GN_VEC], cnt = 0.0f;
         if (r0 < p1) {
-            const float shift = to_float(img[(long long)r0 * c + ch]);
-            float s1 = 0.0f, s2 = 0.0f, cnt = 0.0f;
-#pragma unroll 4
-            for (int p = r0; p < p1; p += dr) {
-                const float d = to_float(img[(long long)p * c + ch]) - shift;
-                s1 += d;
-                s2 += d * d;
+            const Pack8<T> first = *reinterpret_cast<const Pack8<T>*>(src + (long long)r0 * c);
+#pragma unroll
+            for (int e = 0; e < GN_VEC; ++e) {
+                shift[e] = to_float(first.v[e]);
+                s1[e] = s2[e] = 0.0f;
+            }
+            // Four loads in flight (two for f32, whose packs take twice the registers: no spills).
+#pragma unroll(sizeof(T) == 4 ? 2 : 4)
+            for (int p = r0; p < p1; p += R) {
+                const Pack8<T> in = *reinterpret_cast<const Pack8<T>*>(src + (long long)p * c);
+#pragma unroll
+                for (int e = 0; e < GN_VEC; ++e) {
+                    const float d = to_float(in.v[e]) - shift[e];
+                    s1[e] += d;
+                    s2[e] += d * d;
+                }
                 cnt += 1.0f;
             }
-            m.n = cnt;
-            m.mean = shift + s1 / cnt;
-            m.m2 = fmaxf(s2 - s1 * (s1 / cnt), 0.0f);
         }
-        slot[s] = m;
-    };
-    const int R = c <= GN_THREADS ? GN_THREADS / c : 1;  // rows in parallel
-    if (c <= GN_THREADS) {
-        if (t < R * c) moments_of(t % c, p0 + t / c, R, t);  // slot t = (t / c) * c + t % c
-    } else {
-        for (int ch = t; ch < c; ch += GN_THREADS) moments_of(ch, p0, 1, ch);
+        Moments* out = slot + (t / L) * c + ch0;
+#pragma unroll
+        for (int e = 0; e < GN_VEC; ++e)
+            out[e] = cnt == 0.0f ? Moments{0.0f, 0.0f, 0.0f}
+                                 : Moments{cnt, shift[e] + s1[e] / cnt, fmaxf(s2[e] - s1[e] * (s1[e] / cnt), 0.0f)};
     }
     __syncthreads();
     if (t < GN_GROUPS) {
@@ -109,41 +121,60 @@ MCDM_DEV void group_norm_merge_chunks(const float* __restrict__ part, float* __r
 // y [n, hw, c] = (x - mean) * rstd * gamma + beta with the group statistics of
 // group_norm_merge; then, when scale_shift != NULL (f32 [n, 2c]: scale = [b, 0..c),
 // shift = [b, c..2c), i.e. chunk(emb_out, 2)), y = y * (1 + scale) + shift; then y = SiLU(y) when
-// silu != 0. gamma / beta f32 [c] (NULL: 1 / 0). y may alias x (each thread reads its four
-// values before writing them). x and y 4-element aligned (pool buffers are).
-// Launch: grid (ceil(hw*c / 1024), n), block 256: four consecutive channels of one pixel per
-// thread (c % 4 == 0), moved as one 8-byte (16-bit T) or 16-byte (f32) access.
-template <typename T>
-struct alignas(4 * sizeof(T)) Pack4 {
-    T v[4];
-};
+// silu != 0. gamma / beta f32 [c] (NULL: 1 / 0). Each block first folds these into
+// y = (x - mean[ch]) * mul[ch] + add[ch] for every channel of its image (shared memory: no
+// division or parameter load per element), then moves GN_APPLY_ITERS packs of eight channels
+// per thread, all loaded before any is stored: y may alias x (a thread writes only what it read).
+// x and y 16-byte aligned (pool buffers are).
+// Launch: grid (ceil(hw*c / (256 * 8 * GN_APPLY_ITERS)), n), block 256.
+#define GN_APPLY_THREADS 256
+#define GN_APPLY_ITERS 4
 
 template <typename T>
 MCDM_DEV void group_norm_apply(const T* x, const float* __restrict__ stats, const float* __restrict__ gamma,
                                const float* __restrict__ beta, const float* __restrict__ scale_shift, T* y,
                                int hw, int c, int silu) {
-    const int b = blockIdx.y;
-    const int j = (blockIdx.x * blockDim.x + threadIdx.x) * 4;  // index within image b
-    if (j >= hw * c) return;
-    const long long i = (long long)b * hw * c + j;
-    const int ch0 = j % c, cg = c / GN_GROUPS;
-    const Pack4<T> in = *reinterpret_cast<const Pack4<T>*>(x + i);
-    Pack4<T> out;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        const int ch = ch0 + e, g = ch / cg;
-        const float mean = stats[(b * GN_GROUPS + g) * 2 + 0];
-        const float rstd = stats[(b * GN_GROUPS + g) * 2 + 1];
-        float v = (to_float(in.v[e]) - mean) * rstd;
-        v = v * (gamma != nullptr ? gamma[ch] : 1.0f) + (beta != nullptr ? beta[ch] : 0.0f);
+    __shared__ float ch_mean[GN_MAX_CHANNELS];  // 3 x 8 KiB
+    __shared__ float ch_mul[GN_MAX_CHANNELS];
+    __shared__ float ch_add[GN_MAX_CHANNELS];
+    const int b = blockIdx.y, t = threadIdx.x, cg = c / GN_GROUPS;
+    for (int ch = t; ch < c; ch += GN_APPLY_THREADS) {
+        const float* st = stats + ((long long)b * GN_GROUPS + ch / cg) * 2;
+        float mul = st[1] * (gamma != nullptr ? gamma[ch] : 1.0f);
+        float add = beta != nullptr ? beta[ch] : 0.0f;
         if (scale_shift != nullptr) {
             const float* ss = scale_shift + (long long)b * 2 * c;
-            v = v * (1.0f + ss[ch]) + ss[c + ch];
+            mul *= 1.0f + ss[ch];
+            add = add * (1.0f + ss[ch]) + ss[c + ch];
         }
-        if (silu) v = silu_f(v);
-        out.v[e] = from_float<T>(v);
+        ch_mean[ch] = st[0];
+        ch_mul[ch] = mul;
+        ch_add[ch] = add;
     }
-    *reinterpret_cast<Pack4<T>*>(y + i) = out;
+    __syncthreads();
+    const long long per_image = (long long)hw * c;
+    const long long first = (long long)blockIdx.x * GN_APPLY_ITERS * GN_APPLY_THREADS * GN_VEC + t * GN_VEC;
+    const long long base = (long long)b * per_image;
+    Pack8<T> in[GN_APPLY_ITERS];
+#pragma unroll
+    for (int it = 0; it < GN_APPLY_ITERS; ++it) {
+        const long long j = first + (long long)it * GN_APPLY_THREADS * GN_VEC;
+        if (j < per_image) in[it] = *reinterpret_cast<const Pack8<T>*>(x + base + j);
+    }
+#pragma unroll
+    for (int it = 0; it < GN_APPLY_ITERS; ++it) {
+        const long long j = first + (long long)it * GN_APPLY_THREADS * GN_VEC;
+        if (j >= per_image) break;
+        const int ch0 = (int)(j % c);
+        Pack8<T> out;
+#pragma unroll
+        for (int e = 0; e < GN_VEC; ++e) {
+            float v = (to_float(in[it].v[e]) - ch_mean[ch0 + e]) * ch_mul[ch0 + e] + ch_add[ch0 + e];
+            if (silu) v = silu_f(v);
+            out.v[e] = from_float<T>(v);
+        }
+        *reinterpret_cast<Pack8<T>*>(y + base + j) = out;
+    }
 }
 
 #define MCDM_GROUP_NORM(SUFFIX, T)                                                                  \
@@ -151,7 +182,7 @@ MCDM_DEV void group_norm_apply(const T* x, const float* __restrict__ stats, cons
         const T* __restrict__ x, float* __restrict__ part, int hw, int c, int rows) {                \
         group_norm_partial<T>(x, part, hw, c, rows);                                                \
     }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(256) group_norm_apply_##SUFFIX(                     \
+    extern "C" __global__ void __launch_bounds__(GN_APPLY_THREADS) group_norm_apply_##SUFFIX(        \
         const T* x, const float* __restrict__ stats, const float* __restrict__ gamma,                \
         const float* __restrict__ beta, const float* __restrict__ scale_shift, T* y, int hw, int c,  \
         int silu) {                                                                                 \

@@ -143,6 +143,9 @@ impl GroupNorm {
     }
 }
 
+/// Elements per block of the apply kernel: 256 threads x 8 channels x `GN_APPLY_ITERS` (4).
+const APPLY_ELEMENTS_PER_BLOCK: usize = 256 * 8 * 4;
+
 /// Pixels per block of the statistics kernel: about 1024 blocks in all, at least 32 rows each.
 fn stats_rows(n: usize, hw: usize) -> usize {
     (n * hw).div_ceil(1024).max(32)
@@ -193,8 +196,8 @@ impl GpuGroupNorm {
             }
             None => 0,
         };
-        // The apply kernel moves four values at a time.
-        let align = 4 * std::mem::size_of::<T>() as u64;
+        // Both kernels move eight channels at a time, in 16-byte accesses.
+        let align = 16;
         if !x.ptr(gpu).is_multiple_of(align) || !y.ptr(gpu).is_multiple_of(align) {
             return Err(crate::Error::Cuda(format!(
                 "group norm: x and y must be {align}-byte aligned"
@@ -227,7 +230,11 @@ impl GpuGroupNorm {
             "group_norm",
             &format!("group_norm_apply{}", T::SUFFIX),
             LaunchConfig {
-                grid_dim: ((hw * c).div_ceil(4 * 256) as u32, n as u32, 1),
+                grid_dim: (
+                    (hw * c).div_ceil(APPLY_ELEMENTS_PER_BLOCK) as u32,
+                    n as u32,
+                    1,
+                ),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             },

@@ -38,7 +38,8 @@ void run(Partial partial, Apply apply, const GnCase& k) {
     const auto t0 = std::chrono::steady_clock::now();
     emu_launch({(unsigned)chunks, (unsigned)n, 1}, {GN_THREADS, 1, 1}, [&] { partial(xin, part, hw, c, rows); });
     emu_launch({GN_GROUPS, (unsigned)n, 1}, {GN_MERGE_THREADS, 1, 1}, [&] { group_norm_merge(part, stats, chunks); });
-    emu_launch_serial({(unsigned)((hw * c + 1023) / 1024), (unsigned)n, 1}, {256, 1, 1}, [&] {
+    const int per_block = GN_APPLY_THREADS * GN_VEC * GN_APPLY_ITERS;
+    emu_launch({(unsigned)((hw * c + per_block - 1) / per_block), (unsigned)n, 1}, {GN_APPLY_THREADS, 1, 1}, [&] {
         apply(xin, stats, gamma.data(), beta.data(), k.scale_shift ? ss.data() : nullptr, y, hw, c, k.silu);
     });
     const double secs = seconds_since(t0);
