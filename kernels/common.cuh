@@ -89,6 +89,30 @@ MCDM_DEV void cp_async16(void* smem_dst, const void* gmem_src, bool valid) {
 MCDM_DEV void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> MCDM_DEV void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
+// ldmatrix (sm_75+): thread t gives the address of row t % 8 of matrix t / 8 (16 bytes, 16-byte
+// aligned, shared; threads from 8 * count on are ignored); register j of thread l receives the
+// 32-bit word (row l / 4, columns 2 (l % 4), +1) of matrix j, which is the mma16816 A / B
+// fragment layout. `.trans` gives matrix j transposed: the 16-bit elements (rows 2 (l % 4),
+// +1; column l / 4), the B fragment of a row-major [k][n] tile.
+MCDM_DEV void ldsm_x4(unsigned* r, const void* p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+MCDM_DEV void ldsm_x4_trans(unsigned* r, const void* p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+MCDM_DEV void ldsm_x2_trans(unsigned* r, const void* p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(a));
+}
+
 MCDM_DEV bool aligned16(const void* p) { return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0; }
 
 // ---------------------------------------------------------------------------------------------

@@ -277,16 +277,6 @@ MCDM_DEV void conv2d_mma(const T* x_, const T* w_, const float* __restrict__ bia
 
 extern __shared__ __align__(16) unsigned char conv_dyn_smem[];
 
-// ldmatrix (sm_75+): thread t gives the address of row t % 8 of matrix t / 8 (16 bytes, 16-byte
-// aligned, shared); register j of thread l receives the 32-bit word (row l / 4, columns
-// 2 (l % 4), +1) of matrix j, which is the mma16816 A / B fragment layout (common.cuh).
-MCDM_DEV void ldsm_x4(unsigned* r, const void* p) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-}
-
 // Byte offset of 16-byte chunk `c` of tile row `r` within a tile (the swizzle above).
 MCDM_DEV int convb_off(int r, int c) { return r * CONVB_ROW_BYTES + ((c ^ ((r >> 1) & 3)) << 4); }
 

@@ -29,7 +29,7 @@ else
 fi
 drivers=(conv group_norm attention linear resample layout layer_norm step peak)
 # driver and arguments, one row of the table each
-runs=("conv delayed" "conv immediate" group_norm attention linear resample layout layer_norm step peak)
+runs=("conv delayed" "conv immediate" group_norm "attention delayed" "attention immediate" linear resample layout layer_norm step peak)
 # EMU_SCHEDULE values (emu.h): the orders in which threads, warps and blocks run; a missing
 # barrier or a dependence between blocks shows in some of them only.
 schedules=(forward reverse shuffle forward-by-warp reverse-by-warp shuffle-by-warp)

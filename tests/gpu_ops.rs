@@ -186,6 +186,10 @@ fn attention_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
         (2, 1024, 64, 2),
         (1, 4096, 128, 2),
         (3, 17, 32, 1),
+        // Heads over 64 wide take the wide 16-bit kernel; d 40 has an odd number of 8-wide tiles.
+        (2, 70, 256, 2),
+        (1, 130, 96, 1),
+        (2, 33, 80, 2),
     ]
     .iter()
     .enumerate()

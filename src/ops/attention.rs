@@ -204,6 +204,12 @@ impl<T: GpuFloat> GpuAttention<T> {
     }
 }
 
+/// Dynamic shared memory of the 16-bit attention kernel for heads up to `dmax` wide and tiles
+/// of `keys` keys: two stages of K and V tiles, rows of `dmax + 8` values (`ATT_SMEM`).
+fn mma_shared_bytes(dmax: u32, keys: u32) -> u32 {
+    2 * 2 * keys * (dmax + 8) * 2
+}
+
 /// `kernels/attention.cu`: the device counterpart of [`attend`].
 pub fn attend_gpu<T: GpuFloat>(
     gpu: &Gpu,
@@ -230,15 +236,27 @@ pub fn attend_gpu<T: GpuFloat>(
             "attention head width {c}/{heads} is unsupported on the GPU (needs a multiple of 8, at most 128)"
         )));
     }
+    // 16-bit types: heads up to 64 wide take the kernel sized for them (fewer registers, wider
+    // key tiles); both copy 16-byte rows of qkv with cp.async into dynamic shared memory.
+    let (kernel, shared_mem_bytes) = match (std::mem::size_of::<T>(), d <= 64) {
+        (4, _) => ("attention", 0),
+        (_, true) => ("attention_d64", mma_shared_bytes(64, 64)),
+        (_, false) => ("attention", mma_shared_bytes(128, 32)),
+    };
+    if shared_mem_bytes > 0 && !qkv.ptr(gpu).is_multiple_of(16) {
+        return Err(crate::Error::Cuda(
+            "attention: qkv must be 16-byte aligned".into(),
+        ));
+    }
     let cfg = LaunchConfig {
         grid_dim: (t.div_ceil(64) as u32, heads as u32, n as u32),
         block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes,
     };
     let i = |v: usize| Arg::I32(v as i32);
     gpu.launch(
         "attention",
-        &format!("attention{}", T::SUFFIX),
+        &format!("{kernel}{}", T::SUFFIX),
         cfg,
         &[
             Arg::Ptr(qkv.ptr(gpu)),

@@ -326,12 +326,13 @@ inline void emu_check_ldmatrix_read(const void* p) {
     else if (g_chunk_completed_phase[c] == t_phase) emu_error("read of a chunk completed in the same barrier phase", c);
 }
 
-// ldmatrix .x1/.x2/.x4 (no .trans): lane t gives the row address of row t % 8 of matrix t / 8
-// (lanes from 8 * count on are ignored); register j of lane l gets the 32-bit word
-// (row l / 4, columns 2 (l % 4), +1) of matrix j. Counts bank-conflicted matrices: the 8 rows
-// of one matrix must cover the 8 distinct 16-byte bank groups of a 128-byte line.
+// ldmatrix .x1/.x2/.x4: lane t gives the row address of row t % 8 of matrix t / 8 (lanes from
+// 8 * count on are ignored); register j of lane l gets the 32-bit word (row l / 4, columns
+// 2 (l % 4), +1) of matrix j, or with .trans (`trans`) the 16-bit elements (rows 2 (l % 4), +1;
+// column l / 4), the first in the low half. Counts bank-conflicted matrices: the 8 rows of one
+// matrix must cover the 8 distinct 16-byte bank groups of a 128-byte line.
 inline const void* g_ldsm_row[32][32];
-inline void emu_ldmatrix(unsigned* r, const void* p, int count) {
+inline void emu_ldmatrix(unsigned* r, const void* p, int count, bool trans = false) {
     ++g_ldsm_calls;
     const int w = emu_warp(), l = emu_lane();
     g_ldsm_row[w][l] = p;
@@ -348,8 +349,15 @@ inline void emu_ldmatrix(unsigned* r, const void* p, int count) {
         }
     }
     for (int j = 0; j < count; ++j) {
-        const unsigned char* row = static_cast<const unsigned char*>(g_ldsm_row[w][8 * j + l / 4]);
-        memcpy(&r[j], row + 4 * (l % 4), 4);
+        if (trans) {
+            unsigned short lo, hi;
+            memcpy(&lo, static_cast<const unsigned char*>(g_ldsm_row[w][8 * j + 2 * (l % 4)]) + 2 * (l / 4), 2);
+            memcpy(&hi, static_cast<const unsigned char*>(g_ldsm_row[w][8 * j + 2 * (l % 4) + 1]) + 2 * (l / 4), 2);
+            r[j] = (unsigned)lo | ((unsigned)hi << 16);
+        } else {
+            const unsigned char* row = static_cast<const unsigned char*>(g_ldsm_row[w][8 * j + l / 4]);
+            memcpy(&r[j], row + 4 * (l % 4), 4);
+        }
     }
     emu_warp_sync();
 }

@@ -2,7 +2,7 @@
 """Mutation check of the kernel emulation: each mutant is a plausible bug, most in the conv
 pipelines; the kernel's driver (for conv, its quick shapes) must catch every one (wrong values,
 the emulator's race / bank-conflict checks, or AddressSanitizer) in at least one of its runs
-(thread schedules, and for conv the two cp.async modes), and must pass unmutated in all.
+(thread schedules, and for conv and attention the two cp.async modes), and must pass unmutated in all.
 
 Mutants are written under target/kernel-emu/mutants/; kernels/ is only read.
 usage: mutants.py --cxx "g++ -O2 ..." --schedules "forward reverse ..."
@@ -65,6 +65,25 @@ MUTANTS = {
         "xs[k] = silu_in ? silu_f(v) : v;",
         "if (blockIdx.x == 0 || in > LINEAR_CHUNK) xs[k] = silu_in ? silu_f(v) : v;",
     ),
+    # The attention pipeline (two stages): a stage refilled while slower warps still read it, a
+    # tile read before its copies land, V fragments read untransposed.
+    "attention_no_barrier_before_refill": (
+        "attention.cu",
+        "        __syncthreads();  // every warp is done with this stage before it is refilled\n",
+        "",
+    ),
+    "attention_wait_one_group_short": ("attention.cu", "        cp_async_wait<1>();", "        cp_async_wait<2>();"),
+    "attention_v_untransposed": (
+        "attention.cu",
+        "ldsm_x4_trans(vb, vrow + (2 * dp + (mi >> 1)) * 16);",
+        "ldsm_x4(vb, vrow + (2 * dp + (mi >> 1)) * 16);",
+    ),
+    # Group norm's apply kernel uses the per-channel table before every thread has written it.
+    "group_norm_apply_no_barrier": (
+        "group_norm.cu",
+        "        ch_add[ch] = add;\n    }\n    __syncthreads();\n",
+        "        ch_add[ch] = add;\n    }\n",
+    ),
 }
 SANITIZER_ONLY = {"b_rows_past_cout"}
 
@@ -102,11 +121,12 @@ def main():
         cmd = shlex.split(args.cxx) + ["-I", str(work / "gen"), "-I", str(tool), "-o", str(binary), str(tool / f"{driver}.cpp")]
         subprocess.run(cmd, check=True)
         failed_runs = []
-        # The conv driver runs in both cp.async modes (quick shapes); the others take no arguments.
-        modes = ("delayed", "immediate") if file == "conv.cu" else ("default",)
+        # The conv (quick shapes) and attention drivers run in both cp.async modes; the others
+        # take no arguments.
+        modes = ("delayed", "immediate") if file in ("conv.cu", "attention.cu") else ("default",)
         for mode in modes:
             for schedule in schedules:
-                argv = [binary, mode, "quick"] if file == "conv.cu" else [binary]
+                argv = {"conv.cu": [binary, mode, "quick"], "attention.cu": [binary, mode]}.get(file, [binary])
                 run = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, EMU_SCHEDULE=schedule))
                 (work / f"{mode}.{schedule}.log").write_text(run.stdout + run.stderr)
                 if run.returncode != 0:

@@ -27,6 +27,8 @@ EMULATED = {
     "ldsm_x4": "emu_ldmatrix({0}, {1}, 4);",
     "ldsm_x2": "emu_ldmatrix({0}, {1}, 2);",
     "ldsm_x1": "emu_ldmatrix({0}, {1}, 1);",
+    "ldsm_x4_trans": "emu_ldmatrix({0}, {1}, 4, true);",
+    "ldsm_x2_trans": "emu_ldmatrix({0}, {1}, 2, true);",
 }
 
 CUDA_INCLUDES = re.compile(r"#include <(cuda_fp16|cuda_bf16)\.h>\n")
