@@ -7,6 +7,9 @@
 #   .device-pack/pack.tar.xz (ignored; ~25 MB, so tree + pack stay under the 64 MiB carry), and
 #   prints the command to run on the GPU machine.
 # GPU machine: bash scripts/device-check.sh --run      (carry .device-pack)
+#   QUICK=1 (after a kernel change, ~3 min): the parity tests, memcheck, the kernel table, the
+#   profiles and mcdm's composed runs, then racecheck on attention with the time left; no
+#   PyTorch, CUDA-graph or conv racecheck steps. Run it with CHECK_SECONDS=200, timeout_s 215.
 #   runs the GPU tests, compute-sanitizer memcheck on a forward pass and a short sampling run,
 #   the benchmarks (mcdm and PyTorch in the same run), then racecheck as time allows; leaves summary.txt, report.md (the
 #   page for benches/results/) and logs.tar.gz in $OUT and prints a short table last. Every
@@ -141,7 +144,8 @@ sanitize memcheck sample 120 "$BIN" sample --device cuda --model u=$F/sample/mod
     --num-samples 2 --steps 3 --out /tmp/sanitize-sample
 # racecheck: shared-memory hazards between threads, which the CPU emulation (one fiber at a time)
 # cannot provoke. The small attention cases here; every conv variant at the end, with the time left.
-sanitize racecheck attention 90 "$ROOT/tests/gpu_ops" --nocapture --test-threads 1 attention_matches_cpu
+QUICK=${QUICK:-0}
+[ "$QUICK" = 1 ] || sanitize racecheck attention 90 "$ROOT/tests/gpu_ops" --nocapture --test-threads 1 attention_matches_cpu
 
 # 3. Single kernels (TFLOP/s, GB/s, share of the measured peaks), then composed DDIM sampling (3 experts + unconditional, 10 steps,
 #    random weights): mcdm, guided-diffusion in PyTorch fp16 eager, a per-kernel profile of one
@@ -161,7 +165,8 @@ for cfg in imagenet64-adm face256; do
 done
 # What replaying each step as a CUDA graph saves where launches dominate: the SynthFaces models'
 # size (32x32, 32 channels), the default composition's 3 experts, batch 8, 50 steps.
-for graphs in graph nograph; do
+[ "$QUICK" = 1 ] && graph_modes="" || graph_modes="graph nograph"
+for graphs in $graph_modes; do
     flag=$([ $graphs = nograph ] && echo --no-cuda-graph || true)
     # shellcheck disable=SC2086  # flag: none or one
     if step "mcdm bf16 synthfaces b8 $graphs" 60 "bench-mcdm-synthfaces-$graphs.log" "$BIN" bench --device cuda \
@@ -182,7 +187,7 @@ torch_bench() {
         elif [ $? -ne 125 ]; then record "torch $tag $cfg b$b" "FAILED or stopped"; fi
     done
 }
-torch_bench "--fp16"
+[ "$QUICK" = 1 ] || torch_bench "--fp16"
 # Where one forward pass of each config spends its GPU time, kernel by kernel (CUDA events).
 for cfg in imagenet64-adm face256; do
     b=$(batch_of $cfg)
@@ -191,9 +196,13 @@ for cfg in imagenet64-adm face256; do
         record "profile $cfg b$b" "ok (${LAST_SECONDS} s, table in report.md)"
     elif [ $? -ne 125 ]; then record "profile $cfg b$b" "FAILED or stopped"; fi
 done
-torch_bench "--fp16 --compile"
-# 4. With the time left: racecheck on every conv variant (cp.async pipelines, ldmatrix reads).
-sanitize racecheck conv-variants 90 "$ROOT/tests/gpu_ops" --nocapture --test-threads 1 conv_matches_cpu
+if [ "$QUICK" = 1 ]; then
+    sanitize racecheck attention 120 "$ROOT/tests/gpu_ops" --nocapture --test-threads 1 attention_matches_cpu
+else
+    torch_bench "--fp16 --compile"
+    # 4. With the time left: racecheck on every conv variant (cp.async pipelines, ldmatrix reads).
+    sanitize racecheck conv-variants 90 "$ROOT/tests/gpu_ops" --nocapture --test-threads 1 conv_matches_cpu
+fi
 
 snapshot
 echo
