@@ -123,8 +123,9 @@ MCDM_DEV void group_norm_merge_chunks(const float* __restrict__ part, float* __r
 // shift = [b, c..2c), i.e. chunk(emb_out, 2)), y = y * (1 + scale) + shift; then y = SiLU(y) when
 // silu != 0. gamma / beta f32 [c] (NULL: 1 / 0). Each block first folds these into
 // y = (x - mean[ch]) * mul[ch] + add[ch] for every channel of its image (shared memory: no
-// division or parameter load per element), then moves GN_APPLY_ITERS packs of eight channels
-// per thread, all loaded before any is stored: y may alias x (a thread writes only what it read).
+// division or parameter load per element), while each thread's GN_APPLY_ITERS packs of eight
+// channels are loading; all are loaded before any is stored: y may alias x (a thread writes
+// only what it read).
 // x and y 16-byte aligned (pool buffers are).
 // Launch: grid (ceil(hw*c / (256 * 8 * GN_APPLY_ITERS)), n), block 256.
 #define GN_APPLY_THREADS 256
@@ -138,6 +139,16 @@ MCDM_DEV void group_norm_apply(const T* x, const float* __restrict__ stats, cons
     __shared__ float ch_mul[GN_MAX_CHANNELS];
     __shared__ float ch_add[GN_MAX_CHANNELS];
     const int b = blockIdx.y, t = threadIdx.x, cg = c / GN_GROUPS;
+    // This thread's packs first: their loads are in flight while the table is built.
+    const long long per_image = (long long)hw * c;
+    const long long first = (long long)blockIdx.x * GN_APPLY_ITERS * GN_APPLY_THREADS * GN_VEC + t * GN_VEC;
+    const long long base = (long long)b * per_image;
+    Pack8<T> in[GN_APPLY_ITERS];
+#pragma unroll
+    for (int it = 0; it < GN_APPLY_ITERS; ++it) {
+        const long long j = first + (long long)it * GN_APPLY_THREADS * GN_VEC;
+        if (j < per_image) in[it] = *reinterpret_cast<const Pack8<T>*>(x + base + j);
+    }
     for (int ch = t; ch < c; ch += GN_APPLY_THREADS) {
         const float* st = stats + ((long long)b * GN_GROUPS + ch / cg) * 2;
         float mul = st[1] * (gamma != nullptr ? gamma[ch] : 1.0f);
@@ -152,15 +163,6 @@ MCDM_DEV void group_norm_apply(const T* x, const float* __restrict__ stats, cons
         ch_add[ch] = add;
     }
     __syncthreads();
-    const long long per_image = (long long)hw * c;
-    const long long first = (long long)blockIdx.x * GN_APPLY_ITERS * GN_APPLY_THREADS * GN_VEC + t * GN_VEC;
-    const long long base = (long long)b * per_image;
-    Pack8<T> in[GN_APPLY_ITERS];
-#pragma unroll
-    for (int it = 0; it < GN_APPLY_ITERS; ++it) {
-        const long long j = first + (long long)it * GN_APPLY_THREADS * GN_VEC;
-        if (j < per_image) in[it] = *reinterpret_cast<const Pack8<T>*>(x + base + j);
-    }
 #pragma unroll
     for (int it = 0; it < GN_APPLY_ITERS; ++it) {
         const long long j = first + (long long)it * GN_APPLY_THREADS * GN_VEC;
@@ -182,7 +184,7 @@ MCDM_DEV void group_norm_apply(const T* x, const float* __restrict__ stats, cons
         const T* __restrict__ x, float* __restrict__ part, int hw, int c, int rows) {                \
         group_norm_partial<T>(x, part, hw, c, rows);                                                \
     }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(GN_APPLY_THREADS) group_norm_apply_##SUFFIX(        \
+    extern "C" __global__ void __launch_bounds__(GN_APPLY_THREADS, 4) group_norm_apply_##SUFFIX(     \
         const T* x, const float* __restrict__ stats, const float* __restrict__ gamma,                \
         const float* __restrict__ beta, const float* __restrict__ scale_shift, T* y, int hw, int c,  \
         int silu) {                                                                                 \
