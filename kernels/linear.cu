@@ -3,52 +3,64 @@
 // src/ops/embedding.rs, src/ops/mod.rs (silu).
 #include "common.cuh"
 
-// Input floats staged in shared memory per pass of linear_f32.
-#define LINEAR_CHUNK 2048
+// Rows of x per block, and input floats of each staged in shared memory per pass (32 KiB).
+#define LINEAR_ROWS 8
+#define LINEAR_CHUNK 1024
 
 // y [n, out] = b[out] + act(x) [n, in] * w^T, w [out, in] (PyTorch layout), act = SiLU when
 // silu_in != 0 else identity. b may be NULL (no bias).
-// Launch: grid (ceil(out / 128), n), block 128. Block (bx, i) computes outputs
-// o = bx*128 .. bx*128+127 of row i: warp `wp` (0..3) takes o = bx*128 + wp*32 + j, j = 0..31,
-// one after the other; the 32 lanes read w[o, k] at consecutive k (coalesced), each summing
-// k = lane, lane + 32, ... in order, then a fixed shuffle tree (deterministic).
+// Launch: grid (ceil(out / 32), ceil(n / 8)), block 128. Block (bx, by) computes outputs
+// o = bx*32 .. bx*32+31 of rows by*8 .. by*8+7: warp `wp` (0..3) takes o = bx*32 + wp*8 + j,
+// j = 0..7, one after the other; the 32 lanes read w[o, k] at consecutive k (coalesced) and use
+// each for all the block's rows (a weight is read once per 8 rows, not once per row), each lane
+// summing k = lane, lane + 32, ... in order, then a fixed shuffle tree (deterministic).
 extern "C" __global__ void __launch_bounds__(128)
     linear_f32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
                float* __restrict__ y, int n, int in, int out, int silu_in) {
-    __shared__ float xs[LINEAR_CHUNK];
-    const int i = blockIdx.y;
+    __shared__ float xs[LINEAR_ROWS][LINEAR_CHUNK];
+    const int row0 = blockIdx.y * LINEAR_ROWS, rows = min(LINEAR_ROWS, n - row0);
     const int lane = threadIdx.x & 31, wp = threadIdx.x >> 5;
-    const int o_first = blockIdx.x * 128 + wp * 32;
-    if (i >= n) return;  // uniform per block
-    float acc[32];
+    const int o_first = blockIdx.x * 32 + wp * 8;
+    if (rows <= 0) return;  // uniform per block
+    float acc[8][LINEAR_ROWS];
 #pragma unroll
-    for (int j = 0; j < 32; ++j) acc[j] = 0.0f;
-    const float* xrow = x + (long long)i * in;
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int r = 0; r < LINEAR_ROWS; ++r) acc[j][r] = 0.0f;
     for (int k0 = 0; k0 < in; k0 += LINEAR_CHUNK) {
         const int len = min(LINEAR_CHUNK, in - k0);
         __syncthreads();  // the previous chunk is no longer read
-        for (int k = threadIdx.x; k < len; k += 128) {
-            const float v = xrow[k0 + k];
-            xs[k] = silu_in ? silu_f(v) : v;
-        }
+        for (int r = 0; r < rows; ++r)
+            for (int k = threadIdx.x; k < len; k += 128) {
+                const float v = x[(long long)(row0 + r) * in + k0 + k];
+                xs[r][k] = silu_in ? silu_f(v) : v;
+            }
         __syncthreads();
 #pragma unroll
-        for (int j = 0; j < 32; ++j) {
+        for (int j = 0; j < 8; ++j) {
             const int o = o_first + j;
             if (o < out) {  // warp-uniform
                 const float* wrow = w + (long long)o * in + k0;
-                float s = acc[j];
-                for (int k = lane; k < len; k += 32) s += xs[k] * wrow[k];
-                acc[j] = s;
+                for (int k = lane; k < len; k += 32) {
+                    const float wv = wrow[k];
+#pragma unroll
+                    for (int r = 0; r < LINEAR_ROWS; ++r)
+                        if (r < rows) acc[j][r] += xs[r][k] * wv;  // block-uniform
+                }
             }
         }
     }
 #pragma unroll
-    for (int j = 0; j < 32; ++j) {
+    for (int j = 0; j < 8; ++j) {
         const int o = o_first + j;
         if (o < out) {  // warp-uniform: all lanes take part in the shuffles
-            const float s = warp_sum(acc[j]);
-            if (lane == 0) y[(long long)i * out + o] = (b != nullptr ? b[o] : 0.0f) + s;
+#pragma unroll
+            for (int r = 0; r < LINEAR_ROWS; ++r) {
+                if (r < rows) {
+                    const float s = warp_sum(acc[j][r]);
+                    if (lane == 0) y[(long long)(row0 + r) * out + o] = (b != nullptr ? b[o] : 0.0f) + s;
+                }
+            }
         }
     }
 }

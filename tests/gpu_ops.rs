@@ -282,9 +282,15 @@ fn resample_and_layout_match_cpu() {
 #[test]
 fn linear_matches_cpu() {
     let Some(g) = gpu("linear") else { return };
-    for (i, &(n, fin, fout)) in [(1, 32, 128), (5, 128, 128), (64, 384, 512), (3, 7, 300)]
-        .iter()
-        .enumerate()
+    for (i, &(n, fin, fout)) in [
+        (1, 32, 128),
+        (5, 128, 128),
+        (64, 384, 512),
+        (3, 7, 300),
+        (11, 1500, 70),
+    ]
+    .iter()
+    .enumerate()
     {
         let lin = Linear {
             in_features: fin,

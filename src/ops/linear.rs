@@ -84,7 +84,12 @@ impl GpuLinear {
         let out = elements("linear output", &[n, self.out_features])?;
         check_len("linear output", y.len(), out)?;
         let cfg = LaunchConfig {
-            grid_dim: (self.out_features.div_ceil(128) as u32, n as u32, 1),
+            // 32 outputs of 8 rows a block (`LINEAR_ROWS` in kernels/linear.cu).
+            grid_dim: (
+                self.out_features.div_ceil(32) as u32,
+                n.div_ceil(8) as u32,
+                1,
+            ),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };

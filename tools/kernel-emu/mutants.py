@@ -62,8 +62,8 @@ MUTANTS = {
     # static shared memory is refilled for every block (on a GPU: garbage).
     "linear_stale_shared_input": (
         "linear.cu",
-        "xs[k] = silu_in ? silu_f(v) : v;",
-        "if (blockIdx.x == 0 || in > LINEAR_CHUNK) xs[k] = silu_in ? silu_f(v) : v;",
+        "xs[r][k] = silu_in ? silu_f(v) : v;",
+        "if (blockIdx.x == 0 || in > LINEAR_CHUNK) xs[r][k] = silu_in ? silu_f(v) : v;",
     ),
     # The attention pipeline (two stages): a stage refilled while slower warps still read it, a
     # tile read before its copies land, V fragments read untransposed.

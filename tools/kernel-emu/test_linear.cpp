@@ -1,4 +1,4 @@
-// kernels/linear.cu: linear_f32 (grid (ceil(out / 128), n), block 128), timestep_embedding_f32,
+// kernels/linear.cu: linear_f32 (grid (ceil(out / 32), ceil(n / 8)), block 128), timestep_embedding_f32,
 // add_rows_f32 (grid n, block 256) and silu_f32, against double references.
 #include "linear.cu"
 #include "check.h"
@@ -23,7 +23,7 @@ void run_linear(int n, int in, int out, int silu, bool bias) {
             ref[(size_t)i * out + o] = s;
         }
     const auto t0 = std::chrono::steady_clock::now();
-    emu_launch({(unsigned)((out + 127) / 128), (unsigned)n, 1}, {128, 1, 1},
+    emu_launch({(unsigned)((out + 31) / 32), (unsigned)((n + LINEAR_ROWS - 1) / LINEAR_ROWS), 1}, {128, 1, 1},
                [&] { linear_f32(x.data(), w.data(), bias ? b.data() : nullptr, y.data(), n, in, out, silu); });
     char name[100];
     snprintf(name, sizeof name, "linear_f32 n%d in%d out%d%s%s", n, in, out, silu ? " silu" : "", bias ? "" : " nobias");
@@ -51,7 +51,9 @@ void run_timestep_embedding(int dim) {
 
 int main() {
     run_linear(2, 300, 257, 1, true);
-    run_linear(1, 2500, 130, 0, true);  // in > LINEAR_CHUNK: two staged chunks
+    run_linear(1, 2500, 130, 0, true);  // in > LINEAR_CHUNK: three staged chunks
+    run_linear(11, 768, 100, 1, true);  // two row blocks, the second partial
+    run_linear(16, 1100, 40, 0, false);
     run_linear(3, 5, 1, 1, false);
     run_timestep_embedding(7);
     run_timestep_embedding(128);
