@@ -65,6 +65,8 @@ OUT=${OUT:-/tmp/device-check-out}
 LOG=/tmp/device-check
 rm -rf "$LOG" && mkdir -p "$OUT" "$LOG"
 DEADLINE=$((SECONDS + ${CHECK_SECONDS:-540}))
+QUICK=${QUICK:-0}
+[ "$QUICK" = 1 ] && echo quick >"$LOG/mode.txt"
 ROOT=/tmp/mcdm-pack
 rm -rf "$ROOT" && mkdir -p "$ROOT"
 tar -C "$ROOT" -xJf "$PACK/pack.tar.xz" 2>/dev/null \
@@ -144,7 +146,6 @@ sanitize memcheck sample 120 "$BIN" sample --device cuda --model u=$F/sample/mod
     --num-samples 2 --steps 3 --out /tmp/sanitize-sample
 # racecheck: shared-memory hazards between threads, which the CPU emulation (one fiber at a time)
 # cannot provoke. The small attention cases here; every conv variant at the end, with the time left.
-QUICK=${QUICK:-0}
 [ "$QUICK" = 1 ] || sanitize racecheck attention 90 "$ROOT/tests/gpu_ops" --nocapture --test-threads 1 attention_matches_cpu
 
 # 3. Single kernels (TFLOP/s, GB/s, share of the measured peaks), then composed DDIM sampling (3 experts + unconditional, 10 steps,

@@ -3,12 +3,13 @@
 
     python3 tools/bench_report.py OUT_DIR > report.md
 
-Reads what the check leaves in OUT_DIR: gpu.txt and info.log (nvidia-smi, `mcdm info`), summary.txt (tests,
-memcheck, racecheck, each benchmark's status), bench-kernels.log (`mcdm bench --kernels`), mcdm-<config>.json
-(`mcdm bench --compose`; mcdm-synthfaces-{graph,nograph}.json with and without CUDA graphs), profile-<config>.log (`mcdm bench --profile`) and
-torch-<config>-<mode>.json (tools/bench_torch.py). The composed table
-puts mcdm next to PyTorch measured in the same run, with the ratios. Standard library only: it
-runs on the GPU machine at the end of the check.
+Reads what the check leaves in OUT_DIR: gpu.txt and info.log (nvidia-smi, `mcdm info`),
+mode.txt ("quick" under QUICK=1), summary.txt (tests, memcheck, racecheck, each benchmark's
+status), bench-kernels.log (`mcdm bench --kernels`), mcdm-<config>.json (`mcdm bench --compose`;
+mcdm-synthfaces-{graph,nograph}.json with and without CUDA graphs), profile-<config>.log
+(`mcdm bench --profile`) and torch-<config>-<mode>.json (tools/bench_torch.py). The composed
+table puts mcdm next to PyTorch measured in the same run, with the ratios. Standard library only:
+it runs on the GPU machine at the end of the check.
 """
 
 import datetime
@@ -62,10 +63,15 @@ def main():
     print()
     print(f"GPU: {gpu}")
     print()
-    print("Command: `bash scripts/device-check.sh --run` (prepared by `scripts/device-check.sh`);")
-    print("composed runs: DDIM 10 steps, 3 experts + unconditional model, random weights, mcdm")
-    print("`--dtype bf16` against guided-diffusion in PyTorch (`tools/bench_torch.py --fp16")
-    print("[--compile] --compose 3`), both in this run.")
+    if read("mode.txt").strip() == "quick":
+        print("Command: `QUICK=1 bash scripts/device-check.sh --run` (prepared by `scripts/device-check.sh`);")
+        print("composed runs: DDIM 10 steps, 3 experts + unconditional model, random weights, mcdm")
+        print("`--dtype bf16`; the quick check runs no PyTorch.")
+    else:
+        print("Command: `bash scripts/device-check.sh --run` (prepared by `scripts/device-check.sh`);")
+        print("composed runs: DDIM 10 steps, 3 experts + unconditional model, random weights, mcdm")
+        print("`--dtype bf16` against guided-diffusion in PyTorch (`tools/bench_torch.py --fp16")
+        print("[--compile] --compose 3`), both in this run.")
     print()
     print("## Composed sampling")
     print()
