@@ -42,12 +42,6 @@ MCDM_DEV Moments merge_moments(Moments a, Moments b) {
     return r;
 }
 
-// Eight consecutive channels of one pixel: one 16-byte access for 16-bit T, two for f32.
-template <typename T>
-struct alignas(16) Pack8 {
-    T v[GN_VEC];
-};
-
 template <typename T>
 MCDM_DEV void group_norm_partial(const T* __restrict__ x, float* __restrict__ part, int hw, int c, int rows) {
     __shared__ Moments slot[GN_MAX_CHANNELS];  // 24 KiB: one per (channel, parallel row)

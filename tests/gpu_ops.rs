@@ -16,7 +16,10 @@ use mcdm::ops::conv::{Conv2d, ConvKernel, Residual};
 use mcdm::ops::group_norm::{GpuGroupNorm, GroupNorm};
 use mcdm::ops::layout::{nchw_to_nhwc, nchw_to_nhwc_gpu};
 use mcdm::ops::linear::Linear;
-use mcdm::ops::resample::{avg_pool2x, avg_pool2x_gpu, upsample_nearest2x, upsample_nearest2x_gpu};
+use mcdm::ops::resample::{
+    add_channel_bias_gpu, avg_pool2x, avg_pool2x_gpu, concat_channels_gpu, upsample_nearest2x,
+    upsample_nearest2x_gpu,
+};
 
 /// Every conv case through every kernel variant that can run it (each forced explicitly), with
 /// the three residual modes in turn; outputs start as NaN (or as the residual they add to).
@@ -253,6 +256,37 @@ fn resample_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
                 &rounded::<T>(&g.download(&yd).unwrap()),
                 &rounded::<T>(&want),
             ),
+            tolerance::<T>(),
+        ));
+        // cat([x, skip]) and a per-image bias: eight channels a thread where both counts are
+        // multiples of 8, else one element.
+        let cb = c + if c % 8 == 0 { 8 } else { 3 };
+        let (x, skip) = (
+            rounded::<T>(&values(n * h * w * c, 100 + i as u32)),
+            rounded::<T>(&values(n * h * w * cb, 110 + i as u32)),
+        );
+        let want: Vec<f32> = (0..n * h * w)
+            .flat_map(|p| x[p * c..][..c].iter().chain(&skip[p * cb..][..cb]).copied())
+            .collect();
+        let (xd, sd) = (g.upload::<T>(&x).unwrap(), g.upload::<T>(&skip).unwrap());
+        let mut yd = g.upload::<T>(&vec![f32::NAN; want.len()]).unwrap();
+        concat_channels_gpu(g, &xd, &sd, n, h * w, c, cb, &mut yd).unwrap();
+        out.push((
+            format!("concat n{n} {h}x{w} {c}+{cb}"),
+            gpu_err(&g.download(&yd).unwrap(), &want),
+            0.0,
+        ));
+        let bias = values(n * c, 120 + i as u32);
+        let want: Vec<f32> = x
+            .iter()
+            .enumerate()
+            .map(|(k, v)| v + bias[k / (h * w * c) * c + k % c])
+            .collect();
+        let mut xd = g.upload::<T>(&x).unwrap();
+        add_channel_bias_gpu(g, &mut xd, &g.upload::<f32>(&bias).unwrap(), n, h * w, c).unwrap();
+        out.push((
+            format!("channel bias n{n} {h}x{w}x{c}"),
+            gpu_err(&g.download(&xd).unwrap(), &want),
             tolerance::<T>(),
         ));
         let nchw = values(n * c * h * w, 90 + i as u32);

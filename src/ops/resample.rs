@@ -40,17 +40,26 @@ pub fn avg_pool2x(x: &[f32], n: usize, h: usize, w: usize, c: usize, out: &mut [
         });
 }
 
+/// Launches `kernel` over `outputs` elements: eight channels a thread where every channel count
+/// in `channels` is a multiple of 8 and every buffer in `buffers` 16-byte aligned, else one
+/// element (`vec`, appended to `args`).
 fn launch_elementwise<T: GpuFloat>(
     gpu: &Gpu,
     kernel: &str,
     outputs: usize,
+    channels: &[usize],
+    buffers: &[u64],
     args: &[Arg],
 ) -> Result<()> {
+    let vec = channels.iter().all(|c| c.is_multiple_of(8))
+        && buffers.iter().all(|p| p.is_multiple_of(16));
+    let mut args = args.to_vec();
+    args.push(Arg::I32(vec as i32));
     gpu.launch(
         "resample",
         &format!("{kernel}{}", T::SUFFIX),
-        grid_1d(outputs),
-        args,
+        grid_1d(outputs.div_ceil(if vec { 8 } else { 1 })),
+        &args,
     )
 }
 
@@ -78,6 +87,8 @@ pub fn upsample_nearest2x_gpu<T: GpuFloat>(
         gpu,
         "upsample2x",
         out,
+        &[c],
+        &[x.ptr(gpu), y.ptr(gpu)],
         &[
             Arg::Ptr(x.ptr(gpu)),
             Arg::Ptr(y.ptr(gpu)),
@@ -111,6 +122,8 @@ pub fn avg_pool2x_gpu<T: GpuFloat>(
         gpu,
         "avgpool2x",
         out,
+        &[c],
+        &[x.ptr(gpu), y.ptr(gpu)],
         &[
             Arg::Ptr(x.ptr(gpu)),
             Arg::Ptr(y.ptr(gpu)),
@@ -143,6 +156,8 @@ pub fn concat_channels_gpu<T: GpuFloat>(
         gpu,
         "concat_channels",
         out,
+        &[ca, cb],
+        &[a.ptr(gpu), b.ptr(gpu), y.ptr(gpu)],
         &[
             Arg::Ptr(a.ptr(gpu)),
             Arg::Ptr(b.ptr(gpu)),
@@ -172,6 +187,8 @@ pub fn add_channel_bias_gpu<T: GpuFloat>(
         gpu,
         "add_channel_bias",
         len,
+        &[c],
+        &[x.ptr(gpu)],
         &[
             Arg::Ptr(x.ptr(gpu)),
             Arg::Ptr(bias.ptr(gpu)),

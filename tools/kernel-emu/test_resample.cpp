@@ -1,17 +1,22 @@
 // kernels/resample.cu: upsample2x, avgpool2x, concat_channels, add_channel_bias (grid
-// ceil(outputs / 256), block 256), against double references.
+// ceil(outputs / V / 256), block 256; V = 8 channels a thread where src/ops/resample.rs sets
+// `vec`: every channel count a multiple of 8), against double references.
 #include "resample.cu"
 #include "check.h"
 
 Checker checker("resample");
 Rng rng(99);
 
-dim3 grid_for(size_t outputs) { return {(unsigned)((outputs + 255) / 256), 1, 1}; }
+dim3 grid_for(size_t outputs, int vec) {
+    const size_t threads = vec ? (outputs + 7) / 8 : outputs;
+    return {(unsigned)((threads + 255) / 256), 1, 1};
+}
 
 template <typename T, typename Up, typename Pool, typename Cat, typename Bias>
 void run(Up up, Pool pool, Cat cat, Bias add_bias, int n, int h, int w, int c) {
+    const int vec = c % 8 == 0;  // and the skip of the concat below: c + 8
     char shape[64];
-    snprintf(shape, sizeof shape, "_%s n%d %dx%d c%d", type_name<T>(), n, h, w, c);
+    snprintf(shape, sizeof shape, "_%s n%d %dx%d c%d%s", type_name<T>(), n, h, w, c, vec ? " vec" : "");
     std::vector<double> x;
     auto xs = uniform_values<T>((size_t)n * h * w * c, rng, -1, 1, &x);
     auto X = [&](int b, int yy, int xx, int ch) { return x[(((size_t)b * h + yy) * w + xx) * c + ch]; };
@@ -22,7 +27,7 @@ void run(Up up, Pool pool, Cat cat, Bias add_bias, int n, int h, int w, int c) {
             for (int yo = 0; yo < 2 * h; ++yo)
                 for (int xo = 0; xo < 2 * w; ++xo)
                     for (int ch = 0; ch < c; ++ch) ref[(((size_t)b * 2 * h + yo) * 2 * w + xo) * c + ch] = X(b, yo / 2, xo / 2, ch);
-        emu_launch_serial(grid_for(ys.size()), {256, 1, 1}, [&] { up(xs.data(), ys.data(), n, h, w, c); });
+        emu_launch_serial(grid_for(ys.size(), vec), {256, 1, 1}, [&] { up(xs.data(), ys.data(), n, h, w, c, vec); });
         checker.close(std::string("upsample2x") + shape, ref, widen(ys), 0, 0);
     }
     {
@@ -36,11 +41,11 @@ void run(Up up, Pool pool, Cat cat, Bias add_bias, int n, int h, int w, int c) {
                         ref[(((size_t)b * ho + yo) * wo + xo) * c + ch] =
                             (X(b, 2 * yo, 2 * xo, ch) + X(b, 2 * yo, 2 * xo + 1, ch) + X(b, 2 * yo + 1, 2 * xo, ch) +
                              X(b, 2 * yo + 1, 2 * xo + 1, ch)) * 0.25;
-        emu_launch_serial(grid_for(ys.size()), {256, 1, 1}, [&] { pool(xs.data(), ys.data(), n, h, w, c); });
+        emu_launch_serial(grid_for(ys.size(), vec), {256, 1, 1}, [&] { pool(xs.data(), ys.data(), n, h, w, c, vec); });
         checker.close(std::string("avgpool2x") + shape, ref, widen(ys), 2 * storage_eps<T>(), 0);
     }
     {
-        const int cb = c + 3;
+        const int cb = c + (vec ? 8 : 3);
         std::vector<double> skip;
         auto skips = uniform_values<T>((size_t)n * h * w * cb, rng, -1, 1, &skip);
         auto ys = nan_filled<T>((size_t)n * h * w * (c + cb));
@@ -49,7 +54,7 @@ void run(Up up, Pool pool, Cat cat, Bias add_bias, int n, int h, int w, int c) {
             for (int ch = 0; ch < c; ++ch) ref[p * (c + cb) + ch] = x[p * c + ch];
             for (int ch = 0; ch < cb; ++ch) ref[p * (c + cb) + c + ch] = skip[p * cb + ch];
         }
-        emu_launch_serial(grid_for(ys.size()), {256, 1, 1}, [&] { cat(xs.data(), skips.data(), ys.data(), n, h * w, c, cb); });
+        emu_launch_serial(grid_for(ys.size(), vec), {256, 1, 1}, [&] { cat(xs.data(), skips.data(), ys.data(), n, h * w, c, cb, vec); });
         checker.close(std::string("concat_channels") + shape, ref, widen(ys), 0, 0);
     }
     {
@@ -58,7 +63,7 @@ void run(Up up, Pool pool, Cat cat, Bias add_bias, int n, int h, int w, int c) {
         std::vector<T> ys = xs;  // in place
         std::vector<double> ref(ys.size());
         for (size_t i = 0; i < ys.size(); ++i) ref[i] = x[i] + bias[(i / ((size_t)h * w * c)) * c + i % c];
-        emu_launch_serial(grid_for(ys.size()), {256, 1, 1}, [&] { add_bias(ys.data(), bias.data(), n, h * w, c); });
+        emu_launch_serial(grid_for(ys.size(), vec), {256, 1, 1}, [&] { add_bias(ys.data(), bias.data(), n, h * w, c, vec); });
         checker.close(std::string("add_channel_bias") + shape, ref, widen(ys), storage_eps<T>(), 0);
     }
 }
@@ -67,5 +72,9 @@ int main() {
     run<float>(upsample2x_f32, avgpool2x_f32, concat_channels_f32, add_channel_bias_f32, 2, 3, 5, 7);
     run<__half>(upsample2x_f16, avgpool2x_f16, concat_channels_f16, add_channel_bias_f16, 1, 4, 6, 8);
     run<__nv_bfloat16>(upsample2x_bf16, avgpool2x_bf16, concat_channels_bf16, add_channel_bias_bf16, 2, 4, 4, 3);
+    // Eight channels a thread.
+    run<float>(upsample2x_f32, avgpool2x_f32, concat_channels_f32, add_channel_bias_f32, 2, 3, 5, 16);
+    run<__half>(upsample2x_f16, avgpool2x_f16, concat_channels_f16, add_channel_bias_f16, 1, 6, 4, 8);
+    run<__nv_bfloat16>(upsample2x_bf16, avgpool2x_bf16, concat_channels_bf16, add_channel_bias_bf16, 3, 5, 7, 24);
     return checker.finish();
 }
