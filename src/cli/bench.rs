@@ -25,9 +25,9 @@ pub struct Args {
     /// Model config (JSON, guided-diffusion flag names).
     #[arg(long, required_unless_present = "kernels")]
     config: Option<PathBuf>,
-    /// Time single GPU kernels instead (conv, attention, group norm; fixed shapes of the
-    /// ImageNet-64 ADM and 256x256 face workloads, no --config needed),
-    /// in TFLOP/s or GB/s and as a share of this GPU's measured peaks (tensor-core or FMA
+    /// Time single GPU kernels instead (conv, attention, group norm, upsampling, skip
+    /// concatenation, the embedding projection; fixed shapes of the ImageNet-64 ADM and
+    /// 256x256 face workloads, no --config needed), in TFLOP/s or GB/s and as a share of this GPU's measured peaks (tensor-core or FMA
     /// throughput, copy bandwidth); each the median of --iters runs timed by CUDA events.
     #[arg(long)]
     kernels: bool,
@@ -458,6 +458,8 @@ fn bench_kernels<T: GpuFloat>(gpu: &std::sync::Arc<Gpu>, iters: usize) -> Result
     use mcdm::ops::attention::attend_gpu;
     use mcdm::ops::conv::{Conv2d, ConvKernel, Residual};
     use mcdm::ops::group_norm::{GpuGroupNorm, GroupNorm};
+    use mcdm::ops::linear::Linear;
+    use mcdm::ops::resample::{concat_channels_gpu, upsample_nearest2x_gpu};
     let g = &**gpu;
     let fill = |len: usize| {
         (0..len)
@@ -543,6 +545,54 @@ fn bench_kernels<T: GpuFloat>(gpu: &std::sync::Arc<Gpu>, iters: usize) -> Result
             share(gbs, peaks.gbs)
         );
     }
+    // The decoder's upsampling and skip concatenations: bytes read plus written.
+    let elem = std::mem::size_of::<T>();
+    for &(n, h, w, c) in &[(64, 32, 32, 384), (8, 128, 128, 192)] {
+        let x = g.upload::<T>(&fill(n * h * w * c))?;
+        let mut y = g.zeros::<T>(4 * n * h * w * c)?;
+        let secs = time_gpu(g, iters, || {
+            upsample_nearest2x_gpu(g, &x, n, h, w, c, &mut y)
+        })?;
+        let gbs = (5 * n * h * w * c * elem) as f64 / secs / 1e9;
+        println!(
+            "| upsample x2 | n{n} {h}x{w} c{c} | {:.3} | {gbs:.0} GB/s | {} |",
+            secs * 1e3,
+            share(gbs, peaks.gbs)
+        );
+    }
+    for &(n, hw, ca, cb) in &[(64, 64 * 64, 192, 192), (8, 256 * 256, 192, 192)] {
+        let a = g.upload::<T>(&fill(n * hw * ca))?;
+        let b = g.upload::<T>(&fill(n * hw * cb))?;
+        let mut y = g.zeros::<T>(n * hw * (ca + cb))?;
+        let secs = time_gpu(g, iters, || {
+            concat_channels_gpu(g, &a, &b, n, hw, ca, cb, &mut y)
+        })?;
+        let gbs = (2 * n * hw * (ca + cb) * elem) as f64 / secs / 1e9;
+        println!(
+            "| concat | n{n} hw{hw} {ca}+{cb} | {:.3} | {gbs:.0} GB/s | {} |",
+            secs * 1e3,
+            share(gbs, peaks.gbs)
+        );
+    }
+    // A ResBlock's embedding projection (f32, every storage type): ImageNet-64 ADM's widest,
+    // for the 64 images of one expert; weight, input and output bytes.
+    let (n, fin, fout) = (64, 768, 1536);
+    let linear = Linear {
+        in_features: fin,
+        out_features: fout,
+        weight: fill(fin * fout),
+        bias: fill(fout),
+    }
+    .upload(g)?;
+    let x = g.upload::<f32>(&fill(n * fin))?;
+    let mut y = g.zeros::<f32>(n * fout)?;
+    let secs = time_gpu(g, iters, || linear.forward(g, &x, n, &mut y, true))?;
+    let gbs = (4 * (fin * fout + n * fin + n * fout)) as f64 / secs / 1e9;
+    println!(
+        "| linear f32 + SiLU in | n{n} {fin}->{fout} | {:.3} | {gbs:.0} GB/s | {} |",
+        secs * 1e3,
+        share(gbs, peaks.gbs)
+    );
     Ok(())
 }
 
