@@ -23,8 +23,9 @@
 // Large-tile variants (f16/bf16 only), same arguments and results:
 //   conv2d_m128n128_{f16,bf16}: 128x128 tiles, block 256 threads, dynamic shared 65536 bytes
 //   conv2d_m128n64_{f16,bf16}:  128x64 tiles,  block 128 threads, dynamic shared 49152 bytes
-// grid (ceil(M / 128) * ceil(cout / BN), 1, 1), BN = 128 or 64: block b computes the tile
-// m0 = 128 * (b / ceil(cout / BN)), n0 = BN * (b % ceil(cout / BN)) (the column tiles of one row
+//   conv2d_m256n128_{f16,bf16}: 256x128 tiles, block 256 threads, dynamic shared 98304 bytes
+// grid (ceil(M / BM) * ceil(cout / BN), 1, 1): block b computes the tile
+// m0 = BM * (b / ceil(cout / BN)), n0 = BN * (b % ceil(cout / BN)) (the column tiles of one row
 // block run back to back, so its input rows are fetched from DRAM once and then hit L2).
 // Preconditions (the launcher checks them, else it uses conv2d_{f16,bf16}): cin % 8 == 0,
 // cout % 8 == 0, x and w 16-byte aligned. The launcher raises the function's
@@ -252,11 +253,13 @@ MCDM_DEV void conv2d_mma(const T* x_, const T* w_, const float* __restrict__ bia
 }
 
 // ---------------------------------------------------------------------------------------------
-// f16 / bf16, large tiles: 128 x BN (BN = 128 or 64), warps 2 (m) x BN/32 (n), each 64x32 of
-// the tile (4 x 4 mma tiles of 16x8: 64 accumulators a thread), BK = 32, a 4-stage cp.async
-// pipeline in dynamic shared memory, fragments loaded with ldmatrix.
+// f16 / bf16, large tiles: BM x BN (128 x 128, 128 x 64, 256 x 128), warps BM/64 (m) x BN/WN
+// (n), each 64 x WN of the tile (WN = 32: 4 x 4 mma tiles of 16x8, 64 accumulators a thread;
+// WN = 64: 4 x 8, 128), BK = 32, a 4-stage cp.async pipeline in dynamic shared memory,
+// fragments loaded with ldmatrix. Wider warp tiles read fewer fragment bytes per mma (each A
+// fragment serves WN/8 mmas).
 //
-// Shared layout per stage: A tile [128 rows][32 k] then B tile [BN rows][32 k], 16-bit, 64 bytes
+// Shared layout per stage: A tile [BM rows][32 k] then B tile [BN rows][32 k], 16-bit, 64 bytes
 // a row (no padding) = four 16-byte chunks; chunk c of row r is stored at chunk position
 // c ^ ((r >> 1) & 3) (XOR swizzle). An ldmatrix phase reads one chunk column of 8 consecutive
 // rows: rows r, r+1 share a 128-byte bank line and the swizzle gives the 4 row pairs 4 distinct
@@ -270,7 +273,6 @@ MCDM_DEV void conv2d_mma(const T* x_, const T* w_, const float* __restrict__ bia
 // pending (so stage kt has landed, for this thread), syncs (for every thread; and every warp has
 // finished reading the stage of iteration kt-1), then refills that stage with K step kt+S-1 and
 // computes on stage kt % S. One commit per iteration, empty or not, keeps the group count exact.
-#define CONVB_BM 128
 #define CONVB_BK 32
 #define CONVB_STAGES 4
 #define CONVB_ROW_BYTES 64  // CONVB_BK 16-bit values
@@ -305,21 +307,22 @@ MCDM_DEV void conv_store2(const ConvShape& s, const float* __restrict__ bias, co
     *reinterpret_cast<unsigned*>(y + idx) = pack2<T>(v0, v1);
 }
 
-template <typename T, int BN>
+template <typename T, int BM, int BN, int WN>
 MCDM_DEV void conv2d_mma_big(const T* x_, const T* w_, const float* __restrict__ bias, const T* residual,
                              T* y, const ConvShape s) {
-    constexpr int BM = CONVB_BM, BK = CONVB_BK, S = CONVB_STAGES;
-    constexpr int THREADS = 2 * (BN / 32) * 32;
+    constexpr int BK = CONVB_BK, S = CONVB_STAGES;
+    constexpr int WARPS_M = BM / 64, NT = WN / 8;  // warps along m; n8 tiles of a warp
+    constexpr int THREADS = WARPS_M * (BN / WN) * 32;
     constexpr int RPP = THREADS / 4;  // tile rows filled per pass of the block (4 chunks a row)
     constexpr int A_PASSES = BM / RPP, B_PASSES = BN / RPP;
     constexpr int A_BYTES = BM * CONVB_ROW_BYTES;
     constexpr int STAGE_BYTES = (BM + BN) * CONVB_ROW_BYTES;
-    static_assert(BN == 64 || BN == 128, "BN");
+    static_assert((BM == 128 || BM == 256) && (BN == 64 || BN == 128) && (WN == 32 || WN == 64), "tile");
     const unsigned short* __restrict__ x = reinterpret_cast<const unsigned short*>(x_);
     const unsigned short* __restrict__ w = reinterpret_cast<const unsigned short*>(w_);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wm = warp & 1, wn = warp >> 1;  // warp's 64x32 sub-tile: rows 64 wm, cols 32 wn
+    const int wm = warp % WARPS_M, wn = warp / WARPS_M;  // warp's sub-tile: rows 64 wm, cols WN wn
     const int g = lane >> 2, q = lane & 3;
     const int ntiles = (s.cout + BN - 1) / BN;
     const int m0 = (int)(blockIdx.x / ntiles) * BM, n0 = (int)(blockIdx.x % ntiles) * BN;
@@ -359,11 +362,11 @@ MCDM_DEV void conv2d_mma_big(const T* x_, const T* w_, const float* __restrict__
         }
     };
 
-    float acc[4][4][4];
+    float acc[4][NT][4];
 #pragma unroll
     for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.0f;
 
@@ -377,7 +380,7 @@ MCDM_DEV void conv2d_mma_big(const T* x_, const T* w_, const float* __restrict__
     // (k lo | k hi) x (n-tile nt | nt + 1); offsets for the two k16 halves of a stage. Adding
     // 16 rows (the next m or n-tile pair) keeps the swizzle, so that is a plain 1024-byte step.
     const int a_row = wm * 64 + (lane & 15), a_chunk = lane >> 4;
-    const int b_row = wn * 32 + (lane & 7) + ((lane >> 4) << 3), b_chunk = (lane >> 3) & 1;
+    const int b_row = wn * WN + (lane & 7) + ((lane >> 4) << 3), b_chunk = (lane >> 3) & 1;
     const int a_off[2] = {convb_off(a_row, a_chunk), convb_off(a_row, 2 + a_chunk)};
     const int b_off[2] = {convb_off(b_row, b_chunk), convb_off(b_row, 2 + b_chunk)};
 
@@ -391,11 +394,11 @@ MCDM_DEV void conv2d_mma_big(const T* x_, const T* w_, const float* __restrict__
         const unsigned char* Bs = As + A_BYTES;
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
-            unsigned a[4][4], b[4][2];
+            unsigned a[4][4], b[NT][2];
 #pragma unroll
             for (int mt = 0; mt < 4; ++mt) ldsm_x4(a[mt], As + a_off[kk] + 16 * CONVB_ROW_BYTES * mt);
 #pragma unroll
-            for (int np = 0; np < 2; ++np) {
+            for (int np = 0; np < NT / 2; ++np) {
                 unsigned r[4];
                 ldsm_x4(r, Bs + b_off[kk] + 16 * CONVB_ROW_BYTES * np);
                 b[2 * np][0] = r[0];
@@ -406,7 +409,7 @@ MCDM_DEV void conv2d_mma_big(const T* x_, const T* w_, const float* __restrict__
 #pragma unroll
             for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
-                for (int nt = 0; nt < 4; ++nt) mma16816<T>(acc[mt][nt], a[mt], b[nt]);
+                for (int nt = 0; nt < NT; ++nt) mma16816<T>(acc[mt][nt], a[mt], b[nt]);
         }
     }
     cp_async_wait<0>();  // only empty groups can remain; drain them before the block exits
@@ -417,11 +420,11 @@ MCDM_DEV void conv2d_mma_big(const T* x_, const T* w_, const float* __restrict__
 #pragma unroll
     for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int row = m0 + wm * 64 + mt * 16 + g + 8 * h;
-                const int col = n0 + wn * 32 + nt * 8 + 2 * q;
+                const int col = n0 + wn * WN + nt * 8 + 2 * q;
                 conv_store2<T>(s, bias, residual, y, row, col, acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1],
                                pair);
             }
@@ -503,17 +506,20 @@ extern "C" __global__ void __launch_bounds__(CONV_THREADS)
 }
 
 
-// Large-tile variants (header). 2 blocks of 256 / 4 blocks of 128 threads per SM: at most 128
-// registers a thread, which the 64 accumulators + 24 fragment registers fit.
-#define CONV_BIG_ENTRY(NAME, T, BN, THREADS, MINB)                                                 \
+// Large-tile variants (header). 128-row tiles: 2 blocks of 256 / 4 blocks of 128 threads per SM,
+// at most 128 registers a thread, which the 64 accumulators + 24 fragment registers fit.
+// 256 x 128 (warp tiles 64x64): one block of 256 threads per SM, for the 128 accumulators.
+#define CONV_BIG_ENTRY(NAME, T, BM, BN, WN, THREADS, MINB)                                         \
     extern "C" __global__ void __launch_bounds__(THREADS, MINB)                                    \
         NAME(const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ bias,     \
              const T* residual, T* y, int n, int h, int w_, int cin, int cout, int ksize,          \
              int stride, int ho, int wo) {                                                          \
-        conv2d_mma_big<T, BN>(x, w, bias, residual, y,                                             \
+        conv2d_mma_big<T, BM, BN, WN>(x, w, bias, residual, y,                                     \
                               conv_shape(n, h, w_, cin, cout, ksize, stride, ho, wo));             \
     }
-CONV_BIG_ENTRY(conv2d_m128n128_f16, __half, 128, 256, 2)
-CONV_BIG_ENTRY(conv2d_m128n128_bf16, __nv_bfloat16, 128, 256, 2)
-CONV_BIG_ENTRY(conv2d_m128n64_f16, __half, 64, 128, 4)
-CONV_BIG_ENTRY(conv2d_m128n64_bf16, __nv_bfloat16, 64, 128, 4)
+CONV_BIG_ENTRY(conv2d_m128n128_f16, __half, 128, 128, 32, 256, 2)
+CONV_BIG_ENTRY(conv2d_m128n128_bf16, __nv_bfloat16, 128, 128, 32, 256, 2)
+CONV_BIG_ENTRY(conv2d_m128n64_f16, __half, 128, 64, 32, 128, 4)
+CONV_BIG_ENTRY(conv2d_m128n64_bf16, __nv_bfloat16, 128, 64, 32, 128, 4)
+CONV_BIG_ENTRY(conv2d_m256n128_f16, __half, 256, 128, 64, 256, 1)
+CONV_BIG_ENTRY(conv2d_m256n128_bf16, __nv_bfloat16, 256, 128, 64, 256, 1)

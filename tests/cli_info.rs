@@ -97,14 +97,14 @@ fn conv_kernel_override_is_checked() {
         assert!(out.status.success(), "{value}: {stderr}");
         stderr
     };
-    for name in ["tile64", "tile128", "tile128x64", "auto"] {
+    for name in ["tile64", "tile128", "tile128x64", "tile256x128", "auto"] {
         let stderr = info(name);
         assert!(!stderr.contains("MCDM_CONV_KERNEL"), "{name}: {stderr}");
     }
     let stderr = info("tile99");
     assert!(
         stderr.contains(
-            "warning: MCDM_CONV_KERNEL=tile99 is not tile64, tile128, tile128x64 or auto; ignored"
+            "warning: MCDM_CONV_KERNEL=tile99 is not tile64, tile128, tile128x64, tile256x128 or auto; ignored"
         ),
         "{stderr}"
     );

@@ -442,6 +442,10 @@ pub enum ConvKernel {
     Tile128,
     /// `conv2d_m128n64_{f16,bf16}`: 128x64 tiles, 4 warps of 64x32, 4 stages, ldmatrix.
     Tile128x64,
+    /// `conv2d_m256n128_{f16,bf16}`: 256x128 tiles, 8 warps of 64x64 (fewer fragment reads per
+    /// MMA), 4 stages, ldmatrix. Forced only (`MCDM_CONV_KERNEL`, `bench --kernels`): auto does
+    /// not pick it until a GPU run shows where it wins.
+    Tile256x128,
 }
 
 /// Auto picks a large tile only when it still gives at least this many blocks: 2 per SM of a
@@ -451,10 +455,11 @@ pub enum ConvKernel {
 const LARGE_TILE_MIN_BLOCKS: usize = 264;
 
 impl ConvKernel {
-    pub const ALL: [ConvKernel; 3] = [
+    pub const ALL: [ConvKernel; 4] = [
         ConvKernel::Tile64,
         ConvKernel::Tile128,
         ConvKernel::Tile128x64,
+        ConvKernel::Tile256x128,
     ];
 
     /// The name `MCDM_CONV_KERNEL` and `mcdm bench --kernels` use.
@@ -463,6 +468,7 @@ impl ConvKernel {
             ConvKernel::Tile64 => "tile64",
             ConvKernel::Tile128 => "tile128",
             ConvKernel::Tile128x64 => "tile128x64",
+            ConvKernel::Tile256x128 => "tile256x128",
         }
     }
 
@@ -477,6 +483,7 @@ impl ConvKernel {
             // 4 stages x (128 + BN) rows x 64 bytes (32 16-bit k values, swizzled, no padding).
             ConvKernel::Tile128 => (128, 128, 256, 4 * 256 * 64),
             ConvKernel::Tile128x64 => (128, 64, 128, 4 * 192 * 64),
+            ConvKernel::Tile256x128 => (256, 128, 256, 4 * 384 * 64),
         }
     }
 
@@ -485,11 +492,12 @@ impl ConvKernel {
             ConvKernel::Tile64 => format!("conv2d{suffix}"),
             ConvKernel::Tile128 => format!("conv2d_m128n128{suffix}"),
             ConvKernel::Tile128x64 => format!("conv2d_m128n64{suffix}"),
+            ConvKernel::Tile256x128 => format!("conv2d_m256n128{suffix}"),
         }
     }
 }
 
-/// `MCDM_CONV_KERNEL`: `tile64`, `tile128` or `tile128x64` forces that kernel wherever it
+/// `MCDM_CONV_KERNEL`: `tile64`, `tile128`, `tile128x64` or `tile256x128` forces that kernel wherever it
 /// applies (for benchmarking); unset or `auto` leaves the choice to the heuristic. An unknown
 /// name is an error for the caller to report (the CLI warns); it then counts as `auto`.
 pub fn conv_kernel_setting() -> std::result::Result<Option<ConvKernel>, String> {
@@ -497,7 +505,9 @@ pub fn conv_kernel_setting() -> std::result::Result<Option<ConvKernel>, String> 
         Err(_) => Ok(None),
         Ok(v) if v == "auto" => Ok(None),
         Ok(v) => ConvKernel::parse(&v).map(Some).ok_or_else(|| {
-            format!("MCDM_CONV_KERNEL={v} is not tile64, tile128, tile128x64 or auto; ignored")
+            format!(
+                "MCDM_CONV_KERNEL={v} is not tile64, tile128, tile128x64, tile256x128 or auto; ignored"
+            )
         }),
     }
 }

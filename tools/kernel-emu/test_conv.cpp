@@ -38,6 +38,7 @@ struct Variant {
 const Variant TILE64{"conv2d", 64, 64, 128, 0, false};
 const Variant TILE128{"conv2d_m128n128", 128, 128, 256, 4 * 256 * 64, true};
 const Variant TILE128X64{"conv2d_m128n64", 128, 64, 128, 4 * 192 * 64, true};
+const Variant TILE256X128{"conv2d_m256n128", 256, 128, 256, 4 * 384 * 64, true};
 
 Checker checker("conv");
 Rng rng(1234);
@@ -118,6 +119,7 @@ int main(int argc, char** argv) {
         {2, 8, 8, 16, 128, 3, 1, false, true},   // M 128 and cout 128 exactly, y NaN-filled
         {1, 3, 3, 8, 16, 3, 2, true, true},      // stride 2 on 3x3 -> 2x2, mostly padding
         {1, 5, 6, 24, 48, 3, 1, true, true, 0, 1},  // y misaligned by one element
+        {1, 16, 21, 16, 136, 3, 1, true, true},  // M 336: a full and a partial 256-row tile
     };
     const ConvCase cin264{1, 4, 5, 264, 24, 3, 1, false, true};  // K 2376: 75 K steps
     // 64x64 only: cin not a multiple of 8, cout not a multiple of 8, misaligned x.
@@ -131,6 +133,7 @@ int main(int argc, char** argv) {
         for (const ConvCase& c : {m198, stride2}) {
             run<__half>(TILE128, conv2d_m128n128_f16, c);
             run<__half>(TILE128X64, conv2d_m128n64_f16, c);
+            run<__half>(TILE256X128, conv2d_m256n128_f16, c);
             run<__half>(TILE64, conv2d_f16, c);
         }
         return checker.finish();
@@ -142,12 +145,15 @@ int main(int argc, char** argv) {
         run<__half>(TILE128X64, conv2d_m128n64_f16, c);
         run<__nv_bfloat16>(TILE128, conv2d_m128n128_bf16, c);
         run<__nv_bfloat16>(TILE128X64, conv2d_m128n64_bf16, c);
+        run<__half>(TILE256X128, conv2d_m256n128_f16, c);
+        run<__nv_bfloat16>(TILE256X128, conv2d_m256n128_bf16, c);
         run<__half>(TILE64, conv2d_f16, c);
         run<__nv_bfloat16>(TILE64, conv2d_bf16, c);
         run<float>(TILE64, conv2d_f32, c);
     }
     if (g_cp_async_delayed) {
         run<__half>(TILE128X64, conv2d_m128n64_f16, cin264);
+        run<__half>(TILE256X128, conv2d_m256n128_f16, cin264);
         run<__half>(TILE64, conv2d_f16, cin264);
         run<float>(TILE64, conv2d_f32, cin264);
         for (const ConvCase& c : scalar_loads) {
