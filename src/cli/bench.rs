@@ -483,6 +483,11 @@ fn bench_kernels<T: GpuFloat>(gpu: &std::sync::Arc<Gpu>, iters: usize) -> Result
         (256, 8, 8, 768, 768, 3),
         // 256 face model, 8 images x 4 experts, at 256x256.
         (32, 256, 256, 192, 192, 3),
+        // Small grids, where auto falls back to 64x64 tiles (under 264 large blocks): one
+        // expert's deepest levels, ImageNet-64 ADM at batch 64 and the face model at batch 8.
+        (64, 8, 8, 768, 768, 3),
+        (8, 16, 16, 768, 768, 3),
+        (8, 8, 8, 768, 768, 3),
     ] {
         let conv =
             Conv2d::from_torch(&fill(cout * cin * k * k), vec![0.0; cout], k, 1).upload::<T>(g)?;
