@@ -144,7 +144,6 @@ MCDM_DEV float block_sum(float v, float* scratch) {
 
 MCDM_DEV float silu_f(float v) { return v / (1.0f + expf(-v)); }
 
-// Global linear index of this thread for the 1-D elementwise launches (grid ceil(len/256)).
 // Eight consecutive elements moved as one 16-byte access (two for f32): the address must be
 // 16-byte aligned.
 template <typename T>
@@ -152,6 +151,7 @@ struct alignas(16) Pack8 {
     T v[8];
 };
 
+// Global linear index of this thread for the 1-D elementwise launches (grid ceil(len/256)).
 MCDM_DEV long long global_index() { return (long long)blockIdx.x * blockDim.x + threadIdx.x; }
 
 // ---------------------------------------------------------------------------------------------

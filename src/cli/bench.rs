@@ -27,8 +27,9 @@ pub struct Args {
     config: Option<PathBuf>,
     /// Time single GPU kernels instead (conv, attention, group norm, upsampling, skip
     /// concatenation, the embedding projection; fixed shapes of the ImageNet-64 ADM and
-    /// 256x256 face workloads, no --config needed), in TFLOP/s or GB/s and as a share of this GPU's measured peaks (tensor-core or FMA
-    /// throughput, copy bandwidth); each the median of --iters runs timed by CUDA events.
+    /// 256x256 face workloads, no --config needed), in TFLOP/s or GB/s and as a share of this
+    /// GPU's measured peaks (tensor-core or FMA throughput, copy bandwidth); each the median of
+    /// --iters runs timed by CUDA events.
     #[arg(long)]
     kernels: bool,
     /// Batch sizes.

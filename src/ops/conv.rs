@@ -497,9 +497,10 @@ impl ConvKernel {
     }
 }
 
-/// `MCDM_CONV_KERNEL`: `tile64`, `tile128`, `tile128x64` or `tile256x128` forces that kernel wherever it
-/// applies (for benchmarking); unset or `auto` leaves the choice to the heuristic. An unknown
-/// name is an error for the caller to report (the CLI warns); it then counts as `auto`.
+/// `MCDM_CONV_KERNEL`: `tile64`, `tile128`, `tile128x64` or `tile256x128` forces that kernel
+/// wherever it applies (for benchmarking); unset or `auto` leaves the choice to the heuristic.
+/// An unknown name is an error for the caller to report (the CLI warns); it then counts as
+/// `auto`.
 pub fn conv_kernel_setting() -> std::result::Result<Option<ConvKernel>, String> {
     match std::env::var("MCDM_CONV_KERNEL") {
         Err(_) => Ok(None),

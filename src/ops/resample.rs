@@ -41,18 +41,19 @@ pub fn avg_pool2x(x: &[f32], n: usize, h: usize, w: usize, c: usize, out: &mut [
 }
 
 /// Launches `kernel` over `outputs` elements: eight channels a thread where every channel count
-/// in `channels` is a multiple of 8 and every buffer in `buffers` 16-byte aligned, else one
+/// in `channels` is a multiple of 8 and every pointer in `args` 16-byte aligned, else one
 /// element (`vec`, appended to `args`).
 fn launch_elementwise<T: GpuFloat>(
     gpu: &Gpu,
     kernel: &str,
     outputs: usize,
     channels: &[usize],
-    buffers: &[u64],
     args: &[Arg],
 ) -> Result<()> {
     let vec = channels.iter().all(|c| c.is_multiple_of(8))
-        && buffers.iter().all(|p| p.is_multiple_of(16));
+        && args
+            .iter()
+            .all(|a| !matches!(a, Arg::Ptr(p) if !p.is_multiple_of(16)));
     let mut args = args.to_vec();
     args.push(Arg::I32(vec as i32));
     gpu.launch(
@@ -88,7 +89,6 @@ pub fn upsample_nearest2x_gpu<T: GpuFloat>(
         "upsample2x",
         out,
         &[c],
-        &[x.ptr(gpu), y.ptr(gpu)],
         &[
             Arg::Ptr(x.ptr(gpu)),
             Arg::Ptr(y.ptr(gpu)),
@@ -123,7 +123,6 @@ pub fn avg_pool2x_gpu<T: GpuFloat>(
         "avgpool2x",
         out,
         &[c],
-        &[x.ptr(gpu), y.ptr(gpu)],
         &[
             Arg::Ptr(x.ptr(gpu)),
             Arg::Ptr(y.ptr(gpu)),
@@ -157,7 +156,6 @@ pub fn concat_channels_gpu<T: GpuFloat>(
         "concat_channels",
         out,
         &[ca, cb],
-        &[a.ptr(gpu), b.ptr(gpu), y.ptr(gpu)],
         &[
             Arg::Ptr(a.ptr(gpu)),
             Arg::Ptr(b.ptr(gpu)),
@@ -188,7 +186,6 @@ pub fn add_channel_bias_gpu<T: GpuFloat>(
         "add_channel_bias",
         len,
         &[c],
-        &[x.ptr(gpu)],
         &[
             Arg::Ptr(x.ptr(gpu)),
             Arg::Ptr(bias.ptr(gpu)),
