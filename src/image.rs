@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::weights::write_atomic;
+use crate::files::write_atomic;
 
 /// A PNG as a `[C, H, W]` tensor scaled to [-1, 1]: gray gives 1 channel, RGB 3; an alpha
 /// channel is dropped. Returns (data, channels, height, width).

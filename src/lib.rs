@@ -4,10 +4,13 @@
 //! sampling step into one product of experts (Nair et al., eq. 12):
 //! `eps = eps_u + sum_i w_i (eps_i - eps_u)`.
 
+pub mod bench;
 pub mod config;
 pub mod cuda;
 pub mod error;
+pub mod files;
 pub mod image;
+pub mod memory;
 pub mod model;
 pub mod ops;
 pub mod weights;

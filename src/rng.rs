@@ -18,6 +18,21 @@
 //! (no library transcendentals), and every other operation is a correctly rounded IEEE f32
 //! operation, so a GPU port using `fmaf`, `sqrtf` (IEEE) and no contraction gets identical bits.
 
+use crate::error::{Error, Result};
+
+/// The most images one run draws noise for: image k's noise is keyed by the 32-bit index k.
+pub const MAX_SAMPLES: usize = 1 << 32;
+
+/// Images `first..first + b` must have 32-bit noise keys (see [`MAX_SAMPLES`]).
+pub fn check_image_keys(first: usize, b: usize) -> Result<()> {
+    match first.checked_add(b) {
+        Some(end) if end <= MAX_SAMPLES => Ok(()),
+        _ => Err(Error::Input(format!(
+            "images {first}.. of a batch of {b} are past the {MAX_SAMPLES} one run draws"
+        ))),
+    }
+}
+
 /// Philox multipliers and Weyl key increments (Salmon et al., SC'11; Random123).
 const PHILOX_M0: u32 = 0xD251_1F53;
 const PHILOX_M1: u32 = 0xCD9E_8D57;

@@ -10,6 +10,7 @@ use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
+use crate::files::write_atomic;
 
 /// Storage type of a tensor in a weights file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -303,25 +304,6 @@ pub fn write_safetensors(
 pub enum TensorData<'a> {
     F32(Vec<usize>, &'a [f32]),
     I64(Vec<usize>, &'a [i64]),
-}
-
-/// Writes `bytes` to a temporary file beside `path`, then renames it into place, so a reader
-/// never sees a half-written file and a failure leaves nothing behind.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Input(format!("`{}` is not a file path", path.display())))?;
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path));
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

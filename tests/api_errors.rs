@@ -238,7 +238,7 @@ fn sample_refuses_bad_requests() {
     let models = [uncond_model()];
     let sampler = ComposedSampler::new(&models, &[], &UNCOND, spec(16, 16)).unwrap();
     let noise = |values: usize| -> Vec<f32> { (0..values).map(|i| (i as f32).cos()).collect() };
-    let max = mcdm::sample::MAX_SAMPLES;
+    let max = mcdm::rng::MAX_SAMPLES;
     for (n, batch, init, needle) in [
         (0, 1, None, "num_samples and batch_size must be positive"),
         (1, 0, None, "num_samples and batch_size must be positive"),

@@ -4,8 +4,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use mcdm::config::{DiffusionConfig, NoiseSchedule};
-use mcdm::diffusion::{beta_schedule, compose, space_timesteps, Diffusion, DiffusionTables};
+use mcdm::diffusion::{
+    beta_schedule, compose, space_timesteps, Diffusion, DiffusionConfig, DiffusionTables,
+    NoiseSchedule,
+};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 

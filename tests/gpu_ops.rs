@@ -338,12 +338,8 @@ fn linear_matches_cpu() {
         };
         let x = values(n * fin, 7 + i as u32);
         for silu_in in [false, true] {
-            let act: Vec<f32> = x
-                .iter()
-                .map(|&v| if silu_in { mcdm::ops::silu(v) } else { v })
-                .collect();
             let mut want = vec![0.0; n * fout];
-            lin.forward(&act, n, &mut want);
+            lin.forward(&x, n, &mut want, silu_in);
             let dev = lin.upload(&g).unwrap();
             let xd = g.upload::<f32>(&x).unwrap();
             let mut yd = g.upload::<f32>(&vec![f32::NAN; n * fout]).unwrap();
@@ -406,7 +402,7 @@ fn forward_matches_cpu() {
 /// bit for bit), and the streaming copy.
 #[test]
 fn peak_kernels_match_cpu() {
-    use mcdm::ops::peak::{compute_peak_gpu, compute_reference, copy_gpu, BLOCK};
+    use mcdm::bench::peak::{compute_peak_gpu, compute_reference, copy_gpu, BLOCK};
     fn compute<T: GpuFloat>(g: &Gpu) {
         let (blocks, iters) = (3, 7);
         let mut out = g.upload::<f32>(&vec![f32::NAN; blocks * BLOCK]).unwrap();
@@ -502,7 +498,7 @@ fn bad_sizes_are_errors() {
     let (x4, mut y4) = (buf(4), buf(4));
     fails(
         "a copy on more blocks than a grid holds",
-        mcdm::ops::peak::copy_gpu(&g, &x4, &mut y4, 1 << 32).map(drop),
+        mcdm::bench::peak::copy_gpu(&g, &x4, &mut y4, 1 << 32).map(drop),
         "blocks",
     );
     // A large-tile conv launched through a handle other than the uploading one: its shared
@@ -553,7 +549,7 @@ fn bad_sizes_are_errors() {
     );
     let weights = buf(1);
     let mut x = buf(12);
-    let step = mcdm::diffusion::Diffusion::from_config(&mcdm::config::DiffusionConfig {
+    let step = mcdm::diffusion::Diffusion::from_config(&mcdm::diffusion::DiffusionConfig {
         timestep_respacing: "10".into(),
         ..Default::default()
     })

@@ -6,9 +6,8 @@ mod common;
 use common::gpu::{gpu, gpu_err};
 
 use common::{fixtures, rel_l2};
-use mcdm::config::DiffusionConfig;
 use mcdm::cuda::{Gpu, GpuFloat};
-use mcdm::diffusion::{compose, Diffusion};
+use mcdm::diffusion::{compose, Diffusion, DiffusionConfig};
 use mcdm::model::{load_model, GpuUNet, LoadedModel};
 use mcdm::ops::step::{diffusion_step_gpu, fill_normals_gpu};
 use mcdm::rng::fill_normals;

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 
 use mcdm::config::{resolve, PartialConfig, ResolvedConfig, Source};
 use mcdm::cuda::{Gpu, GpuFloat, KernelTime};
-use mcdm::model::workspace::check_host_memory;
+use mcdm::memory::check_host_memory;
 use mcdm::model::{Conditioning, GpuUNet, GpuWorkspace, LoadedModel, UNet, Workspace};
 use mcdm::sample::{
     Batched, ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, StepProgress,
@@ -294,7 +294,7 @@ fn write_record(
             "steps": args.steps,
             "results": rows,
         });
-        mcdm::weights::write_atomic(path, serde_json::to_string_pretty(&record)?.as_bytes())
+        mcdm::files::write_atomic(path, serde_json::to_string_pretty(&record)?.as_bytes())
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
@@ -614,7 +614,7 @@ struct Peaks {
 /// the timed work is known to be done) and a copy between two buffers far larger than the L2
 /// cache, and prints them.
 fn measure_peaks<T: GpuFloat>(g: &Gpu, iters: usize) -> Result<Peaks> {
-    use mcdm::ops::peak::{
+    use mcdm::bench::peak::{
         blocks_to_fill, compute_peak, compute_peak_gpu, compute_reference, copy_gpu, BLOCK,
         MAX_EXACT_ROUNDS,
     };

@@ -9,13 +9,14 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use mcdm::files::write_atomic;
 use mcdm::image::{grid, read_png, to_rgb8, write_png};
 use mcdm::model::{load_model, LoadedModel};
 use mcdm::sample::{
     Batched, ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, StepProgress,
     Unconditional,
 };
-use mcdm::weights::{write_atomic, write_safetensors, SafetensorsFile, TensorData};
+use mcdm::weights::{write_safetensors, SafetensorsFile, TensorData};
 
 use mcdm::cuda::{Gpu, GpuFloat};
 use mcdm::model::GpuUNet;
@@ -435,10 +436,10 @@ fn plan(args: &Args) -> Result<Plan> {
     if num_samples == 0 || batch_size == Some(0) {
         bail!("--num-samples and --batch-size must be positive");
     }
-    if num_samples > mcdm::sample::MAX_SAMPLES {
+    if num_samples > mcdm::rng::MAX_SAMPLES {
         bail!(
             "--num-samples {num_samples} is more than the {} images one run draws",
-            mcdm::sample::MAX_SAMPLES
+            mcdm::rng::MAX_SAMPLES
         );
     }
     let (eta, eta_from) = match args.eta {
@@ -809,7 +810,7 @@ fn sample_plan(args: &Args, plan: &Plan, backend: Backend) -> Result<()> {
 
     // The samples (f32), then their 8-bit images and the grid, all held at the end of the run.
     let values = n.saturating_mul(3 * h * w);
-    mcdm::model::workspace::check_host_memory(
+    mcdm::memory::check_host_memory(
         values.saturating_mul(std::mem::size_of::<f32>() + 2),
         &format!("the output of {n} images of {h}x{w} (samples, 8-bit copies, grid)"),
     )?;

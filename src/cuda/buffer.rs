@@ -4,7 +4,7 @@ use cudarc::driver::{CudaSlice, DevicePtr};
 
 use super::{Gpu, GpuFloat};
 use crate::error::Result;
-use crate::model::workspace::best_fit;
+use crate::memory::best_fit;
 
 /// A device array of `len` elements (the allocation may be larger when recycled).
 pub struct GpuBuffer<T> {

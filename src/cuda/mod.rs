@@ -397,7 +397,11 @@ impl Gpu {
                 Arg::I32(v) => builder.arg(v),
                 Arg::U32(v) => builder.arg(v),
                 Arg::F32(v) => builder.arg(v),
-                Arg::Step(p) => builder.arg(p),
+                // The driver copies the parameter's size from where its first byte is.
+                Arg::Struct(bytes) => match bytes.first() {
+                    Some(first) => builder.arg(first),
+                    None => return Err(Error::Cuda(format!("`{name}`: an empty struct argument"))),
+                },
             };
         }
         let mut profile = self.profile_marks()?;
@@ -506,13 +510,21 @@ fn older_driver_hint(driver: Option<(i32, i32)>, nvrtc: Option<(i32, i32)>) -> S
 
 /// A kernel argument, passed by value.
 #[derive(Clone, Copy)]
-pub(crate) enum Arg {
+pub(crate) enum Arg<'a> {
     /// A device pointer (0 is NULL).
     Ptr(u64),
     I32(i32),
     U32(u32),
     F32(f32),
-    Step(crate::diffusion::StepParams),
+    /// A `#[repr(C)]` parameter struct, as its bytes ([`Arg::plain`]).
+    Struct(&'a [u8]),
+}
+
+impl<'a> Arg<'a> {
+    /// A plain-data parameter struct, passed by value: the kernel declares the same struct.
+    pub(crate) fn plain<P: bytemuck::Pod>(params: &'a P) -> Self {
+        Arg::Struct(bytemuck::bytes_of(params))
+    }
 }
 
 /// Raises the release threshold of the device's default memory pool (0 by default), so that
@@ -656,7 +668,7 @@ fn compile_at_runtime(file: &str, source: &str, cc: (i32, i32)) -> Result<Ptx> {
     if let Some(path) = cache {
         // Best effort (a cache); whole or not at all, since another mcdm may be reading it.
         let _ = std::fs::create_dir_all(path.parent().unwrap_or(&path));
-        let _ = crate::weights::write_atomic(&path, ptx.to_src().as_bytes());
+        let _ = crate::files::write_atomic(&path, ptx.to_src().as_bytes());
     }
     Ok(ptx)
 }

@@ -6,16 +6,17 @@
 //! to f32 first and then follow the reference's f32 operations in the same order.
 
 mod compose;
+mod config;
 mod respace;
 mod schedule;
 mod step;
 
 pub use compose::compose;
+pub use config::{check_diffusion_steps, DiffusionConfig, NoiseSchedule, MAX_DIFFUSION_STEPS};
 pub use respace::space_timesteps;
 pub use schedule::beta_schedule;
 pub use step::StepParams;
 
-use crate::config::{check_diffusion_steps, DiffusionConfig};
 use crate::error::{Error, Result};
 
 /// What the model's first three output channels predict.

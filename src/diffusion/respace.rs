@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::config::check_diffusion_steps;
+use super::check_diffusion_steps;
 use crate::error::{Error, Result};
 
 /// The original timesteps kept by `spec`, sorted ascending.

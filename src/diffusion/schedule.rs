@@ -1,6 +1,6 @@
 //! Beta schedules (`get_named_beta_schedule`), in f64 with the reference's order of operations.
 
-use crate::config::NoiseSchedule;
+use super::NoiseSchedule;
 
 /// The betas of the named schedule for `num_timesteps` steps.
 ///

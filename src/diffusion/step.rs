@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 /// The f32 scalars of one update, used by the CPU loops below and passed by value to the fused
 /// CUDA kernel (`kernels/step.cu`, whose `StepParams` has this exact field order).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct StepParams {
     /// 0 DDIM, 1 DDPM.
     pub mode: i32,
@@ -49,6 +49,37 @@ impl StepParams {
         self.seed_hi = (seed >> 32) as u32;
         self.step = step;
         self
+    }
+
+    /// One element's update: x_t `x`, the composed model output `m`, the learned-variance
+    /// channel `v` of a learned-range DDPM step (None otherwise) and the noise `z` (read only
+    /// when the step adds noise). The CPU loops of [`Diffusion::ddim_step`] and
+    /// [`Diffusion::ddpm_step`] compute exactly this, and so does `kernels/step.cu`.
+    #[inline]
+    pub fn update(&self, x: f32, m: f32, v: Option<f32>, z: f32) -> f32 {
+        let c = self.xstart();
+        if self.mode == 0 {
+            let x0 = c.pred_xstart(x, m);
+            let eps = (c.sqrt_recip * x - x0) / c.sqrt_recipm1;
+            let mean = x0 * self.sqrt_alpha_bar_prev + self.eps_coef * eps;
+            return if self.add_noise != 0 {
+                mean + self.sigma * z
+            } else {
+                mean
+            };
+        }
+        let mean = self.coef1 * c.pred_xstart(x, m) + self.coef2 * x;
+        if self.add_noise == 0 {
+            return mean;
+        }
+        match v {
+            Some(v) => {
+                let frac = (v + 1.0) / 2.0;
+                let log_var = frac * self.max_log + (1.0 - frac) * self.min_log;
+                mean + (0.5 * log_var).exp() * z
+            }
+            None => mean + self.noise_std * z,
+        }
     }
 
     fn xstart(&self) -> XstartCoefs {
@@ -232,21 +263,13 @@ impl Diffusion {
         check_len("model output", model_out.len(), n)?;
         check_len("out", out.len(), n)?;
         let p = self.ddim_params(i, eta, clip_denoised)?;
-        let c = p.xstart();
-        let (sqrt_alpha_bar_prev, eps_coef, sigma) = (p.sqrt_alpha_bar_prev, p.eps_coef, p.sigma);
         let noise = if p.add_noise != 0 {
             Some(required_noise(noise, i, n)?)
         } else {
             None
         };
         for (k, ((o, &x), &m)) in out.iter_mut().zip(x).zip(model_out).enumerate() {
-            let x0 = c.pred_xstart(x, m);
-            let eps = (c.sqrt_recip * x - x0) / c.sqrt_recipm1;
-            let mean = x0 * sqrt_alpha_bar_prev + eps_coef * eps;
-            *o = match noise {
-                Some(z) => mean + sigma * z[k],
-                None => mean,
-            };
+            *o = p.update(x, m, None, noise.map_or(0.0, |z| z[k]));
         }
         Ok(())
     }
@@ -276,29 +299,13 @@ impl Diffusion {
         check_len("model output", model_out.len(), n)?;
         check_len("out", out.len(), n)?;
         let p = self.ddpm_params(i, clip_denoised)?;
-        let c = p.xstart();
-        let (coef1, coef2) = (p.coef1, p.coef2);
         let noise = if p.add_noise != 0 {
             Some(required_noise(noise, i, n)?)
         } else {
             None
         };
-        let mean = |x: f32, m: f32| coef1 * c.pred_xstart(x, m) + coef2 * x;
         match (self.var_type, v) {
-            (ModelVarType::LearnedRange, Some(v)) => {
-                check_len("variance output", v.len(), n)?;
-                let (min_log, max_log) = (p.min_log, p.max_log);
-                for (k, ((o, &x), &m)) in out.iter_mut().zip(x).zip(model_out).enumerate() {
-                    *o = match noise {
-                        Some(z) => {
-                            let frac = (v[k] + 1.0) / 2.0;
-                            let log_var = frac * max_log + (1.0 - frac) * min_log;
-                            mean(x, m) + (0.5 * log_var).exp() * z[k]
-                        }
-                        None => mean(x, m),
-                    };
-                }
-            }
+            (ModelVarType::LearnedRange, Some(v)) => check_len("variance output", v.len(), n)?,
             (ModelVarType::LearnedRange, None) => {
                 return Err(Error::Diffusion(
                     "the model learns its variance (learn_sigma) but no variance output was given"
@@ -310,15 +317,10 @@ impl Diffusion {
                     "a variance output was given but the diffusion's variance is fixed".into(),
                 ))
             }
-            (_, None) => {
-                let std = p.noise_std;
-                for (k, ((o, &x), &m)) in out.iter_mut().zip(x).zip(model_out).enumerate() {
-                    *o = match noise {
-                        Some(z) => mean(x, m) + std * z[k],
-                        None => mean(x, m),
-                    };
-                }
-            }
+            (_, None) => {}
+        }
+        for (k, ((o, &x), &m)) in out.iter_mut().zip(x).zip(model_out).enumerate() {
+            *o = p.update(x, m, v.map(|v| v[k]), noise.map_or(0.0, |z| z[k]));
         }
         Ok(())
     }

@@ -15,7 +15,8 @@ use crate::ops::resample::{avg_pool2x, upsample_nearest2x};
 use crate::ops::silu;
 use crate::weights::SafetensorsFile;
 
-use super::workspace::{check_host_memory, Workspace};
+use super::workspace::Workspace;
+use crate::memory::check_host_memory;
 
 /// Reads parameters by key, recording every key asked for and every problem, so that a config
 /// that does not fit the weights is reported in full at once. Without a file it makes random
@@ -617,10 +618,10 @@ impl UNet {
         let mut t_emb = ws.take(n * mc);
         timestep_embedding(cond.timesteps, mc, &mut t_emb);
         let mut hidden = ws.take(n * dim);
-        self.time_embed[0].forward(&t_emb, n, &mut hidden);
+        self.time_embed[0].forward(&t_emb, n, &mut hidden, false);
         hidden.iter_mut().for_each(|v| *v = silu(*v));
         let mut emb = ws.take(n * dim);
-        self.time_embed[1].forward(&hidden, n, &mut emb);
+        self.time_embed[1].forward(&hidden, n, &mut emb, false);
         if let (Some(table), Some(labels)) = (&self.label_emb, cond.labels) {
             for (row, &y) in emb.chunks_exact_mut(dim).zip(labels) {
                 let src = &table[y as usize * dim..][..dim];
@@ -628,7 +629,7 @@ impl UNet {
             }
         }
         if let (Some(proj), Some(e)) = (&self.vector_emb, cond.embedding) {
-            proj.forward(e, n, &mut hidden);
+            proj.forward(e, n, &mut hidden, false);
             emb.iter_mut().zip(&hidden).for_each(|(a, b)| *a += b);
         }
         emb.iter_mut().for_each(|v| *v = silu(*v));
@@ -810,7 +811,7 @@ impl ResBlock {
             .forward(&a, n, h, w, &mut hidden, false, &mut scratch);
         ws.give(a);
         let mut e = ws.take(n * self.emb_proj.out_features);
-        self.emb_proj.forward(emb, n, &mut e);
+        self.emb_proj.forward(emb, n, &mut e, false);
         let mut normed = ws.take(n * hw * oc);
         if self.scale_shift {
             self.out_norm

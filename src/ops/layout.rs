@@ -27,6 +27,69 @@ pub fn nhwc_to_nchw(x: &[f32], n: usize, c: usize, hw: usize, out: &mut [f32]) {
     }
 }
 
+/// A model's input for `b` images at `y[y_offset..]`, NHWC `[b, hw, 3 + cc]`: x_t `[b, 3, hw]`
+/// (NCHW) in channels 0..3, then channel `ch` of the image condition `[count, cc, hw]`: item
+/// `first_image + k` for image k (the only item when `count` is 1), zeros without a condition
+/// or past its items.
+#[allow(clippy::too_many_arguments)]
+pub fn pack_input(
+    x: &[f32],
+    cond: Option<(&[f32], usize)>,
+    first_image: usize,
+    b: usize,
+    hw: usize,
+    cc: usize,
+    y: &mut [f32],
+    y_offset: usize,
+) {
+    let cy = 3 + cc;
+    let y = &mut y[y_offset..][..b * hw * cy];
+    for (k, img) in y.chunks_exact_mut(hw * cy).enumerate() {
+        let xk = &x[k * 3 * hw..][..3 * hw];
+        let item = cond.and_then(|(c, count)| {
+            let item = if count == 1 { 0 } else { first_image + k };
+            (item < count).then(|| &c[item * cc * hw..][..cc * hw])
+        });
+        for (p, px) in img.chunks_exact_mut(cy).enumerate() {
+            for ch in 0..3 {
+                px[ch] = xk[ch * hw + p];
+            }
+            for ch in 0..cc {
+                px[3 + ch] = item.map_or(0.0, |c| c[ch * hw + p]);
+            }
+        }
+    }
+}
+
+/// From a model's output `[b, hw, oc]` at `y[offset..]`: channels 0..3 into
+/// `eps[eps_offset..]` and, when `var` is given (and `oc >= 6`), channels 3..6 into it, both
+/// NCHW `[b, 3, hw]`.
+#[allow(clippy::too_many_arguments)]
+pub fn unpack_output(
+    y: &[f32],
+    offset: usize,
+    oc: usize,
+    eps: &mut [f32],
+    eps_offset: usize,
+    mut var: Option<&mut [f32]>,
+    b: usize,
+    hw: usize,
+) {
+    let y = &y[offset..][..b * hw * oc];
+    let eps = &mut eps[eps_offset..][..b * 3 * hw];
+    for (k, img) in y.chunks_exact(hw * oc).enumerate() {
+        for (p, px) in img.chunks_exact(oc).enumerate() {
+            for ch in 0..3 {
+                let at = (k * 3 + ch) * hw + p;
+                eps[at] = px[ch];
+                if let Some(v) = var.as_deref_mut().filter(|_| oc >= 6) {
+                    v[at] = px[3 + ch];
+                }
+            }
+        }
+    }
+}
+
 fn launch<T: GpuFloat>(gpu: &Gpu, kernel: &str, outputs: usize, args: &[Arg]) -> Result<()> {
     gpu.launch(
         "layout",

@@ -1,10 +1,13 @@
-//! Linear layers (time-embedding MLP, condition projections).
+//! Linear layers in f32 (the time-embedding MLP, the condition projections), the class
+//! embedding's row gather and SiLU over a vector: `kernels/linear.cu`.
 
 use cudarc::driver::LaunchConfig;
 
+use cudarc::driver::CudaSlice;
+
 use super::matmul::{matmul, Mat};
-use super::{check_len, elements};
-use crate::cuda::{Arg, Gpu, GpuBuffer};
+use super::{check_len, elements, silu};
+use crate::cuda::{grid_1d, Arg, Gpu, GpuBuffer};
 use crate::error::Result;
 
 /// `y = x W^T + b` with PyTorch's weight layout `[out, in]`.
@@ -16,12 +19,19 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// x: `[n, in]`, out: `[n, out]`.
-    pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
+    /// x: `[n, in]`, out: `[n, out]` = act(x) W^T + b, act = SiLU when `silu_in`.
+    pub fn forward(&self, x: &[f32], n: usize, out: &mut [f32], silu_in: bool) {
         let (i, o) = (self.in_features, self.out_features);
         for row in out[..n * o].chunks_exact_mut(o) {
             row.copy_from_slice(&self.bias);
         }
+        let activated: Vec<f32>;
+        let x = if silu_in {
+            activated = x[..n * i].iter().map(|&v| silu(v)).collect();
+            &activated
+        } else {
+            x
+        };
         matmul(
             out,
             o,
@@ -34,6 +44,21 @@ impl Linear {
             1.0,
             true,
         );
+    }
+}
+
+/// y `[n, dim]` += `table[labels[i]]` for each row i; a label outside the table's rows adds
+/// nothing (the class embedding).
+pub fn add_rows(y: &mut [f32], table: &[f32], labels: &[i64], n: usize, dim: usize) {
+    let rows = table.len() / dim.max(1);
+    for (row, &label) in y[..n * dim].chunks_exact_mut(dim.max(1)).zip(labels) {
+        if let Ok(l) = usize::try_from(label) {
+            if l < rows {
+                row.iter_mut()
+                    .zip(&table[l * dim..][..dim])
+                    .for_each(|(a, b)| *a += b);
+            }
+        }
     }
 }
 
@@ -110,4 +135,55 @@ impl GpuLinear {
             ],
         )
     }
+}
+
+/// `kernels/linear.cu`: the device counterpart of [`add_rows`].
+pub fn add_rows_gpu(
+    gpu: &Gpu,
+    y: &mut GpuBuffer<f32>,
+    table: &GpuBuffer<f32>,
+    labels: &CudaSlice<i64>,
+    n: usize,
+    dim: usize,
+) -> Result<()> {
+    check_len(
+        "class embedding",
+        y.len(),
+        elements("class embedding", &[n, dim])?,
+    )?;
+    check_len("labels", labels.len(), n)?;
+    let (lp, _sync) = cudarc::driver::DevicePtr::device_ptr(labels, gpu.stream());
+    let cfg = LaunchConfig {
+        grid_dim: (n as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    gpu.launch(
+        "linear",
+        "add_rows_f32",
+        cfg,
+        &[
+            Arg::Ptr(y.ptr(gpu)),
+            Arg::Ptr(table.ptr(gpu)),
+            Arg::Ptr(lp),
+            Arg::I32(n as i32),
+            Arg::I32(dim as i32),
+            // The table's rows: the kernel skips labels past them.
+            Arg::I32((table.len() / dim.max(1)) as i32),
+        ],
+    )
+}
+
+/// `kernels/linear.cu`: SiLU of the first `len` elements of `x`, in place.
+pub fn silu_gpu(gpu: &Gpu, x: &mut GpuBuffer<f32>, len: usize) -> Result<()> {
+    check_len("silu", x.len(), len)?;
+    gpu.launch(
+        "linear",
+        "silu_f32",
+        grid_1d(len),
+        &[
+            Arg::Ptr(x.ptr(gpu)),
+            Arg::I32(elements("silu", &[len])? as i32),
+        ],
+    )
 }

@@ -13,7 +13,6 @@ pub mod layer_norm;
 pub mod layout;
 pub mod linear;
 pub mod matmul;
-pub mod peak;
 pub mod resample;
 pub mod step;
 

@@ -1,4 +1,5 @@
-//! Nearest x2 upsampling and 2x2 average pooling, NHWC.
+//! Nearest x2 upsampling, 2x2 average pooling, the skip concatenation and the per-channel bias
+//! of a ResBlock's embedding, NHWC.
 
 use rayon::prelude::*;
 
@@ -38,6 +39,39 @@ pub fn avg_pool2x(x: &[f32], n: usize, h: usize, w: usize, c: usize, out: &mut [
                 }
             }
         });
+}
+
+/// `cat([a, b], channels)`: a `[n, hw, ca]`, b `[n, hw, cb]` -> out `[n, hw, ca + cb]`.
+pub fn concat_channels(
+    a: &[f32],
+    b: &[f32],
+    n: usize,
+    hw: usize,
+    ca: usize,
+    cb: usize,
+    out: &mut [f32],
+) {
+    let c = ca + cb;
+    for ((dst, pa), pb) in out[..n * hw * c]
+        .chunks_exact_mut(c)
+        .zip(a.chunks_exact(ca))
+        .zip(b.chunks_exact(cb))
+    {
+        dst[..ca].copy_from_slice(pa);
+        dst[ca..].copy_from_slice(pb);
+    }
+}
+
+/// x `[n, hw, c]` += bias `[n, c]` at every pixel.
+pub fn add_channel_bias(x: &mut [f32], bias: &[f32], n: usize, hw: usize, c: usize) {
+    for (img, b) in x[..n * hw * c]
+        .chunks_exact_mut(hw * c)
+        .zip(bias.chunks_exact(c))
+    {
+        for px in img.chunks_exact_mut(c) {
+            px.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+        }
+    }
 }
 
 /// Launches `kernel` over `outputs` elements: eight channels a thread where every channel count

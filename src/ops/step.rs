@@ -1,18 +1,52 @@
-//! The fused sampling step on the GPU (`kernels/step.cu`): the eps combination
-//! `eps_u + sum_i w_i (eps_i - eps_u)` and the DDIM or DDPM update with in-kernel Philox noise.
-//! The CPU reference is [`crate::diffusion::compose`] followed by
-//! [`crate::diffusion::Diffusion::ddim_step`] / `ddpm_step`, with the same [`StepParams`].
-
-use cudarc::driver::DeviceRepr;
+//! The fused sampling step (`kernels/step.cu`): the eps combination
+//! `eps_u + sum_i w_i (eps_i - eps_u)` and the DDIM or DDPM update with Philox noise, in one
+//! pass. [`diffusion_step`] is its CPU reference: [`crate::diffusion::compose`] followed by
+//! [`crate::diffusion::Diffusion::ddim_step`] / `ddpm_step`, element by element, with the same
+//! [`StepParams`] (bit for bit).
 
 use super::{check_len, elements};
 use crate::cuda::{grid_1d, Arg, Gpu, GpuBuffer};
 pub use crate::diffusion::StepParams;
 use crate::error::{Error, Result};
-use crate::sample::check_image_keys;
+use crate::rng::{check_image_keys, fill_normals};
 
-// SAFETY: #[repr(C)], only 4-byte plain fields, laid out as kernels/common.cuh's StepParams.
-unsafe impl DeviceRepr for StepParams {}
+/// x = update(x, composed eps) in place for `b` images of `len` elements: `eps` holds `terms`
+/// blocks of `[b, len]` (the experts first, the unconditional term last), `weights` the
+/// experts' weights, `var` the learned-variance channels of a learned-range DDPM step. The
+/// noise of image k is `fill_normals(seed, first_image + k, step)`.
+#[allow(clippy::too_many_arguments)]
+pub fn diffusion_step(
+    x: &mut [f32],
+    eps: &[f32],
+    weights: &[f32],
+    terms: usize,
+    var: Option<&[f32]>,
+    b: usize,
+    len: usize,
+    first_image: usize,
+    params: StepParams,
+) {
+    let total = b * len;
+    let (experts, uncond) = eps[..terms * total].split_at((terms - 1) * total);
+    let seed = params.seed_lo as u64 | (params.seed_hi as u64) << 32;
+    let mut noise = vec![0.0f32; if params.add_noise != 0 { len } else { 0 }];
+    for (k, img) in x[..total].chunks_exact_mut(len).enumerate() {
+        if params.add_noise != 0 {
+            fill_normals(seed, (first_image + k) as u32, params.step, &mut noise);
+        }
+        for (e, xv) in img.iter_mut().enumerate() {
+            let i = k * len + e;
+            // compose(): out = u, then out += w (e_i - u) per expert in order.
+            let u = uncond[i];
+            let mut m = u;
+            for (t, &w) in weights[..terms - 1].iter().enumerate() {
+                m += w * (experts[t * total + i] - u);
+            }
+            let z = noise.get(e).copied().unwrap_or(0.0);
+            *xv = params.update(*xv, m, var.map(|v| v[i]), z);
+        }
+    }
+}
 
 /// x = update(x, composed eps) in place, for `b` images of `len` elements; `eps` holds `terms`
 /// blocks of `[b, len]` (experts first, the unconditional term last), `weights` the experts'
@@ -63,7 +97,7 @@ pub fn diffusion_step_gpu(
             i(b),
             i(len),
             Arg::I32(first_image as u32 as i32),
-            Arg::Step(params),
+            Arg::plain(&params),
         ],
     )
 }

@@ -8,12 +8,12 @@
 
 mod gpu;
 
-use crate::config::{DiffusionConfig, MAX_IMAGE_SIZE};
-use crate::diffusion::{compose, Diffusion, ModelVarType};
+use crate::config::MAX_IMAGE_SIZE;
+use crate::diffusion::{compose, Diffusion, DiffusionConfig, ModelVarType};
 use crate::error::{Error, Result};
-use crate::model::workspace::check_host_memory;
+use crate::memory::check_host_memory;
 use crate::model::{Conditioning, LoadedModel, Workspace};
-use crate::rng::fill_normals;
+use crate::rng::{check_image_keys, fill_normals, MAX_SAMPLES};
 
 /// Philox step key of the initial noise `x_T`.
 pub const INIT_NOISE_STEP: u32 = u32::MAX;
@@ -511,25 +511,12 @@ impl<'a> ComposedSampler<'a> {
             ))
         };
         // Where memory is overcommitted, a reservation beyond it can succeed and fail later.
-        if crate::model::workspace::available_memory().is_some_and(|free| bytes > free) {
+        if crate::memory::available_memory().is_some_and(|free| bytes > free) {
             return Err(too_big());
         }
         let mut samples = Vec::new();
         samples.try_reserve_exact(values).map_err(|_| too_big())?;
         Ok(samples)
-    }
-}
-
-/// The most images one run samples: image k's noise is drawn for the 32-bit index k.
-pub const MAX_SAMPLES: usize = 1 << 32;
-
-/// Images `first..first + b` must have 32-bit noise keys (see [`MAX_SAMPLES`]).
-pub(crate) fn check_image_keys(first: usize, b: usize) -> Result<()> {
-    match first.checked_add(b) {
-        Some(end) if end <= MAX_SAMPLES => Ok(()),
-        _ => Err(Error::Input(format!(
-            "images {first}.. of a batch of {b} are past the {MAX_SAMPLES} one run draws"
-        ))),
     }
 }
 

@@ -423,15 +423,15 @@ impl Bert {
         let mut inter = vec![0.0f32; rows * c.intermediate_size];
         for layer in &self.layers {
             // Post-norm blocks: x = LN(x + Attn(x)); x = LN(x + FFN(x)).
-            layer.qkv.forward(&x, rows, &mut qkv);
+            layer.qkv.forward(&x, rows, &mut qkv, false);
             masked_attention(&qkv, mask, n, t, h, c.num_heads, &mut context);
-            layer.attn_out.forward(&context, rows, &mut y);
+            layer.attn_out.forward(&context, rows, &mut y, false);
             add_into(&mut x, &y);
             layer.attn_norm.forward(&mut x);
 
-            layer.intermediate.forward(&x, rows, &mut inter);
+            layer.intermediate.forward(&x, rows, &mut inter, false);
             inter.par_chunks_mut(4096).for_each(gelu_in_place);
-            layer.output.forward(&inter, rows, &mut y);
+            layer.output.forward(&inter, rows, &mut y, false);
             add_into(&mut x, &y);
             layer.output_norm.forward(&mut x);
         }

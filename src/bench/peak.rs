@@ -9,9 +9,9 @@
 
 use cudarc::driver::LaunchConfig;
 
-use super::{check_len, elements};
 use crate::cuda::{Arg, Gpu, GpuBuffer, GpuFloat};
 use crate::error::{Error, Result};
+use crate::ops::{check_len, elements};
 
 /// Independent accumulator chains per warp (MMA) or per thread (FMA): `PEAK_CHAINS`.
 pub const CHAINS: usize = 8;

@@ -1,0 +1,3 @@
+//! Benchmark support: what the device reaches at all, the yardstick of the kernel table.
+
+pub mod peak;
