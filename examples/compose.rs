@@ -1,6 +1,6 @@
 //! Compose a class expert and an image-conditioned expert with an unconditional model, from
-//! Rust. Uses the small random-weight reference models of the test fixtures so it runs from a
-//! fresh clone: `cargo run --release --example compose`.
+//! Rust, on the GPU when one is usable. Uses the small random-weight reference models of the
+//! test fixtures so it runs from a fresh clone: `cargo run --release --example compose`.
 
 use std::path::Path;
 
@@ -8,14 +8,15 @@ use mcdm::model::load_model;
 use mcdm::sample::{
     Batched, ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, Unconditional,
 };
+use mcdm::{DType, Device};
 
 fn main() -> mcdm::Result<()> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sample/models");
-    let models = vec![
-        load_model(&dir.join("uncond.safetensors"), None)?,
-        load_model(&dir.join("classes.safetensors"), None)?,
-        load_model(&dir.join("sketch.safetensors"), None)?,
-    ];
+    let (device, _) = Device::auto();
+    let load = |name: &str| {
+        load_model(&dir.join(format!("{name}.safetensors")), None)?.to_device(&device, DType::Bf16)
+    };
+    let models = vec![load("uncond")?, load("classes")?, load("sketch")?];
     // A 1-channel 16x16 "sketch": a bright diagonal, shared by every image.
     let sketch: Vec<f32> = (0..256)
         .map(|i| if i / 16 == i % 16 { 1.0 } else { -1.0 })
@@ -57,8 +58,9 @@ fn main() -> mcdm::Result<()> {
     let images = sampler.sample(4, 4, None, &mut |_| {})?;
     let mean = images.iter().sum::<f32>() / images.len() as f32;
     println!(
-        "4 images of 3x16x16 after {} steps; mean value {mean:.4}",
-        sampler.num_steps()
+        "4 images of 3x16x16 after {} steps on {}; mean value {mean:.4}",
+        sampler.num_steps(),
+        device.describe(DType::Bf16)
     );
     Ok(())
 }

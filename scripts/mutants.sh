@@ -22,9 +22,9 @@ while [ $# -gt 0 ]; do
     if [ "$1" = -- ]; then shift; opts=("$@"); break; fi
     files+=(--file "$1"); shift
 done
-[ ${#files[@]} -gt 0 ] || for f in 'src/diffusion/*.rs' src/rng.rs src/sample/mod.rs 'src/ops/*.rs' \
-    src/model/unet.rs src/model/load.rs src/model/workspace.rs 'src/text/*.rs' src/config.rs \
-    src/weights.rs src/image.rs src/error.rs; do
+[ ${#files[@]} -gt 0 ] || for f in 'src/diffusion/*.rs' src/rng.rs 'src/sample/*.rs' 'src/ops/*.rs' \
+    src/backend/cpu.rs src/backend/mod.rs src/model/unet.rs src/model/load.rs src/device.rs \
+    'src/text/*.rs' src/config.rs src/weights.rs src/image.rs src/error.rs src/memory.rs; do
     files+=(--file "$f")
 done
 

@@ -4,22 +4,25 @@
 //! sampling step into one product of experts (Nair et al., eq. 12):
 //! `eps = eps_u + sum_i w_i (eps_i - eps_u)`.
 
+pub mod backend;
 pub mod bench;
 pub mod config;
 pub mod cuda;
+pub mod device;
+pub mod diffusion;
 pub mod error;
 pub mod files;
 pub mod image;
 pub mod memory;
 pub mod model;
 pub mod ops;
-pub mod weights;
-
-pub use error::{Error, Result};
-pub mod diffusion;
 pub mod rng;
 pub mod sample;
 pub mod text;
+pub mod weights;
+
+pub use device::{DType, Device};
+pub use error::{Error, Result};
 
 /// The README's Rust example, compiled and run by `cargo test`.
 #[cfg(doctest)]

@@ -7,9 +7,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use mcdm::backend::Cpu;
 use mcdm::config::{resolve, PartialConfig, ResolvedConfig, Source};
 use mcdm::diffusion::{space_timesteps, Diffusion};
-use mcdm::model::{load_model, Conditioning, LoadedModel, UNet, Workspace};
+use mcdm::model::{load_model, Conditioning, LoadedModel, UNet};
 use mcdm::sample::{
     Batched, ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, Unconditional,
 };
@@ -185,10 +186,7 @@ fn sample_batch_refuses_image_indices_past_the_noise_keys() {
     let sampler = ComposedSampler::new(&models, &[], &UNCOND, spec(16, 16)).unwrap();
     for first in [usize::MAX, 1 << 32] {
         let x: Vec<f32> = (0..768).map(|i| (i as f32 * 0.37).sin()).collect();
-        fails(
-            sampler.sample_batch(first, x, &mut Workspace::new(), &mut || {}),
-            "one run draws",
-        );
+        fails(sampler.sample_batch(first, x, &mut || {}), "one run draws");
     }
 }
 
@@ -203,7 +201,7 @@ fn sample_batch_checks_its_input() {
     let plain = ComposedSampler::new(&models, &[], &UNCOND, spec(16, 16)).unwrap();
     for len in [0, 767, 769, 2 * 768 + 5] {
         fails(
-            plain.sample_batch(0, images(1, len), &mut Workspace::new(), &mut || {}),
+            plain.sample_batch(0, images(1, len), &mut || {}),
             &format!("x_T has {len} values, not a multiple of 3x16x16"),
         );
     }
@@ -224,11 +222,11 @@ fn sample_batch_checks_its_input() {
     let sampler = ComposedSampler::new(&models, &experts, &UNCOND, spec(16, 16)).unwrap();
     for (first, b) in [(5, 1), (4, 2), (0, 6)] {
         fails(
-            sampler.sample_batch(first, images(b, 768), &mut Workspace::new(), &mut || {}),
+            sampler.sample_batch(first, images(b, 768), &mut || {}),
             &format!("holds 5 items, but {} images are sampled", first + b),
         );
     }
-    let last = sampler.sample_batch(3, images(2, 768), &mut Workspace::new(), &mut || {});
+    let last = sampler.sample_batch(3, images(2, 768), &mut || {});
     assert_eq!(last.unwrap().len(), 2 * 768);
 }
 
@@ -274,27 +272,22 @@ fn forward_checks_the_input_length() {
         labels: None,
         embedding: None,
     };
-    let mut ws = Workspace::new();
+    let unet = model.cpu_unet().unwrap();
+    let mut cpu = Cpu::new();
     let x: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.11).cos()).collect();
     for len in [10, 0, 1000] {
         fails(
-            model
-                .unet
-                .forward_nhwc(&x[..len], [1, 16, 16, 3], &cond, &mut ws),
+            unet.forward_nhwc(&mut cpu, &x[..len], [1, 16, 16, 3], &cond),
             "not 1x16x16x3",
         );
     }
     // A shape whose product wraps around usize.
     fails(
-        model
-            .unet
-            .forward_nchw(&[], [1 << 62, 4, 1, 1], &cond, &mut ws),
+        unet.forward_nchw(&mut cpu, &[], [1 << 62, 4, 1, 1], &cond),
         "x has 0 values",
     );
     fails(
-        model
-            .unet
-            .forward_nhwc(&[], [1, 1 << 20, 1 << 20, 3], &cond, &mut ws),
+        unet.forward_nhwc(&mut cpu, &[], [1, 1 << 20, 1 << 20, 3], &cond),
         "x has 0 values",
     );
 }
@@ -309,9 +302,13 @@ fn forward_input_is_checked_against_the_model() {
             None,
         )
         .unwrap()
-        .unet
     };
     let (uncond, classes, text) = (load("uncond"), load("classes"), load("text"));
+    let (uncond, classes, text) = (
+        uncond.cpu_unet().unwrap(),
+        classes.cpu_unet().unwrap(),
+        text.cpu_unet().unwrap(),
+    );
     let t = [10.0f32, 20.0];
     let plain = |n: usize| Conditioning {
         timesteps: &t[..n],
@@ -401,7 +398,7 @@ fn forward_refuses_what_memory_cannot_hold() {
         embedding: None,
     };
     fails(
-        unet.forward_nhwc(&x, [1, side, side, 3], &cond, &mut Workspace::new()),
+        unet.forward_nhwc(&mut Cpu::new(), &x, [1, side, side, 3], &cond),
         "a forward pass of 1 image(s) of 4096x4096 needs about",
     );
 }

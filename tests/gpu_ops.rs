@@ -9,8 +9,8 @@ use common::gpu::{for_each_dtype, gpu, gpu_err, rounded, tolerance, values};
 use std::sync::Arc;
 
 use common::{rel_l2, unet_case_names, UnetCase};
+use mcdm::backend::{Cpu, Cuda};
 use mcdm::cuda::{Gpu, GpuBuffer, GpuFloat};
-use mcdm::model::{GpuUNet, GpuWorkspace, Workspace};
 use mcdm::ops::attention::{attend, attend_gpu};
 use mcdm::ops::conv::{Conv2d, ConvKernel, Residual};
 use mcdm::ops::group_norm::{GpuGroupNorm, GroupNorm};
@@ -358,14 +358,11 @@ fn forward_cases<T: GpuFloat>(g: &Arc<Gpu>) -> Vec<(String, f64, f64)> {
         let case = UnetCase::load(&name);
         let (model, cond) = (&case.model, case.conditioning());
         let (x, shape) = (&case.x, case.shape);
-        let want = model
-            .unet
-            .forward_nchw(x, shape, &cond, &mut Workspace::new())
-            .unwrap();
-        let dev = GpuUNet::<T>::upload(&model.unet, g.clone()).unwrap();
-        let got = dev
-            .forward_nchw(&model.unet, x, shape, &cond, &mut GpuWorkspace::default())
-            .unwrap();
+        let unet = model.cpu_unet().unwrap();
+        let want = unet.forward_nchw(&mut Cpu::new(), x, shape, &cond).unwrap();
+        let mut cuda = Cuda::<T>::new(g.clone());
+        let dev = unet.to_backend(&mut cuda).unwrap();
+        let got = dev.forward_nchw(&mut cuda, x, shape, &cond).unwrap();
         // Every activation is stored in T between ~40 layers, so the rounding adds up: measured
         // (kernels emulated on the CPU) f16 0.9e-3..1.6e-3, bf16 7e-3..1.45e-2, about 8x f16 as
         // bf16 keeps 3 fewer mantissa bits.

@@ -8,12 +8,13 @@ use common::gpu::{gpu, gpu_err};
 use common::{fixtures, rel_l2};
 use mcdm::cuda::{Gpu, GpuFloat};
 use mcdm::diffusion::{compose, Diffusion, DiffusionConfig};
-use mcdm::model::{load_model, GpuUNet, LoadedModel};
+use mcdm::model::{load_model, LoadedModel};
 use mcdm::ops::step::{diffusion_step_gpu, fill_normals_gpu};
 use mcdm::rng::fill_normals;
 use mcdm::sample::{
     Batched, ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, Unconditional,
 };
+use mcdm::{DType, Device};
 
 #[test]
 fn noise_is_bit_identical() {
@@ -190,16 +191,32 @@ fn spec_16x16(sampler: SamplerKind, steps: usize, seed: u64) -> SampleSpec {
     }
 }
 
+/// The storage type `T` as the library names it.
+fn dtype<T: GpuFloat>() -> DType {
+    match T::SUFFIX {
+        "_f32" => DType::F32,
+        "_f16" => DType::F16,
+        _ => DType::Bf16,
+    }
+}
+
+/// The reference case's models moved to the GPU, storing `dtype`.
+fn on_gpu(g: &std::sync::Arc<Gpu>, models: Vec<LoadedModel>, dtype: DType) -> Vec<LoadedModel> {
+    let device = Device::Cuda(g.clone());
+    models
+        .into_iter()
+        .map(|m| m.to_device(&device, dtype).unwrap())
+        .collect()
+}
+
 fn compare<T: GpuFloat>(g: &std::sync::Arc<Gpu>, sampler: SamplerKind, tol: f64) -> f64 {
     let (models, experts, uncond) = reference_case();
     let spec = spec_16x16(sampler, 10, 5);
-    let s = ComposedSampler::new(&models, &experts, &uncond, spec).unwrap();
+    let s = ComposedSampler::new(&models, &experts, &uncond, spec.clone()).unwrap();
     let want = s.sample(5, 5, None, &mut |_| {}).unwrap();
-    let dev: Vec<GpuUNet<T>> = models
-        .iter()
-        .map(|m| GpuUNet::upload(&m.unet, g.clone()).unwrap())
-        .collect();
-    let got = s.sample_gpu(&dev, 5, 2, None, &mut |_| {}).unwrap();
+    let dev = on_gpu(g, models, dtype::<T>());
+    let s = ComposedSampler::new(&dev, &experts, &uncond, spec).unwrap();
+    let got = s.sample(5, 2, None, &mut |_| {}).unwrap();
     let err = rel_l2(&got, &want);
     eprintln!(
         "{}{sampler:?}: rel L2 {err:.2e} (tolerance {tol:.0e})",
@@ -315,20 +332,15 @@ fn graph_replay_matches_kernel_launches() {
     let (models, experts, uncond) = reference_case();
     let steps = 4;
     let spec = spec_16x16(SamplerKind::Ddpm, steps, 9);
-    let s = ComposedSampler::new(&models, &experts, &uncond, spec).unwrap();
-    let dev: Vec<GpuUNet<f32>> = models
-        .iter()
-        .map(|m| GpuUNet::upload(&m.unet, g.clone()).unwrap())
-        .collect();
+    let dev = on_gpu(&g, models, DType::F32);
+    let s = ComposedSampler::new(&dev, &experts, &uncond, spec).unwrap();
     let mut reported = 0;
-    let replayed = s
-        .sample_gpu(&dev, 2, 2, None, &mut |p| reported = p.step)
-        .unwrap();
+    let replayed = s.sample(2, 2, None, &mut |p| reported = p.step).unwrap();
     assert_eq!(g.take_graph_failure(), None);
     assert_eq!(g.graph_launches(), steps - 2);
     assert_eq!(reported, steps, "progress reports");
     g.set_cuda_graphs(false);
-    let launched = s.sample_gpu(&dev, 2, 2, None, &mut |_| {}).unwrap();
+    let launched = s.sample(2, 2, None, &mut |_| {}).unwrap();
     assert_eq!(g.graph_launches(), steps - 2);
     let same = replayed
         .iter()
@@ -337,62 +349,61 @@ fn graph_replay_matches_kernel_launches() {
     assert!(same, "graph replay changed the samples");
 }
 
-/// GPU models that are not the uploads of the sampler's models, and device inputs that do not
-/// fit the model, are refused before anything runs.
+/// Models on different devices (the CPU and the GPU, or two handles of one GPU: two streams),
+/// a model moved off its GPU, and device inputs that do not fit the model are refused before
+/// anything runs.
 #[test]
-fn mismatched_models_and_inputs_are_refused() {
-    use mcdm::model::{Conditioning, GpuConditioning, GpuWorkspace};
-    let Some(g) = gpu("mismatched models") else {
+fn mismatched_devices_and_inputs_are_refused() {
+    use mcdm::backend::{Cond, Cuda};
+    let Some(g) = gpu("mismatched devices") else {
         return;
     };
     let (models, experts, uncond) = reference_case();
     let spec = spec_16x16(SamplerKind::Ddim { eta: 0.0 }, 2, 5);
-    let s = ComposedSampler::new(&models, &experts, &uncond, spec).unwrap();
-    let mut dev: Vec<GpuUNet<f32>> = models
-        .iter()
-        .map(|m| GpuUNet::upload(&m.unet, g.clone()).unwrap())
-        .collect();
-    dev.swap(0, 1);
-    let not_an_upload = |dev: &[GpuUNet<f32>]| {
-        let err = s.sample_gpu(dev, 1, 1, None, &mut |_| {}).unwrap_err();
+    let mut dev = on_gpu(&g, models, DType::F32);
+    let refused = |models: &[LoadedModel]| {
+        let err = ComposedSampler::new(models, &experts, &uncond, spec.clone())
+            .map(|_| ())
+            .unwrap_err();
         assert!(
             err.to_string()
-                .contains("GPU model 0 is not an upload of model 0"),
+                .contains("the models are on different devices"),
             "{err}"
         );
     };
-    not_an_upload(&dev);
-    // Another network of the same config is not the upload either.
-    let twin = LoadedModel::random(models[0].config.clone(), 99, "twin").unwrap();
-    let mut uploads: Vec<GpuUNet<f32>> = models
-        .iter()
-        .map(|m| GpuUNet::upload(&m.unet, g.clone()).unwrap())
-        .collect();
-    uploads[0] = GpuUNet::upload(&twin.unet, g.clone()).unwrap();
-    not_an_upload(&uploads);
-    // One stream for all models: an upload through a second handle is refused.
-    let other = mcdm::cuda::Gpu::new(0).unwrap();
-    uploads[0] = GpuUNet::upload(&models[0].unet, other).unwrap();
-    let err = s.sample_gpu(&uploads, 1, 1, None, &mut |_| {}).unwrap_err();
-    assert!(
-        err.to_string().contains("different device handles"),
-        "{err}"
-    );
+    let cpu_model = load_model(&fixtures("sample/models/classes.safetensors"), None).unwrap();
+    let classes = std::mem::replace(&mut dev[1], cpu_model);
+    refused(&dev);
+    let other = Device::Cuda(Gpu::new(0).unwrap());
+    dev[1] = load_model(&fixtures("sample/models/classes.safetensors"), None)
+        .unwrap()
+        .to_device(&other, DType::F32)
+        .unwrap();
+    refused(&dev);
+    // The same place is a no-op; another one needs the weights again.
+    let err = classes
+        .to_device(&Device::Cpu, DType::F32)
+        .map(|_| ())
+        .unwrap_err();
+    assert!(err.to_string().contains("load it again"), "{err}");
 
-    // The class model (index 0 after the swap): no labels, the wrong channel count, another UNet.
-    let classes = &dev[0];
+    // The class model on the GPU: no labels, the wrong channel count, too few timesteps.
+    let classes = load_model(&fixtures("sample/models/classes.safetensors"), None)
+        .unwrap()
+        .to_device(&Device::Cuda(g.clone()), DType::F32)
+        .unwrap();
+    let unet = classes.unet::<Cuda<f32>>().unwrap();
+    let mut be = Cuda::<f32>::new(g.clone());
     let x = g.upload::<f32>(&vec![0.25; 2 * 16 * 16 * 4]).unwrap();
     let t = g.upload::<f32>(&[10.0]).unwrap();
     let labels = g.upload_raw(&[1i64]).unwrap();
-    let mut ws = GpuWorkspace::default();
     let mut forward = |shape: [usize; 4], labels| {
-        let cond = GpuConditioning {
+        let cond = Cond {
             timesteps: &t,
             labels,
             embedding: None,
         };
-        classes
-            .forward(&x, shape, &cond, &mut ws)
+        unet.forward(&mut be, &x, shape, cond)
             .map(|_| ())
             .unwrap_err()
             .to_string()
@@ -400,19 +411,4 @@ fn mismatched_models_and_inputs_are_refused() {
     assert!(forward([1, 16, 16, 3], None).contains("class-conditional"));
     assert!(forward([1, 16, 16, 4], Some(&labels)).contains("has 4 channels"));
     assert!(forward([2, 16, 16, 3], Some(&labels)).contains("timesteps"));
-    let cond = Conditioning {
-        timesteps: &[10.0],
-        labels: Some(&[1]),
-        embedding: None,
-    };
-    let err = classes
-        .forward_nchw(
-            &models[0].unet,
-            &vec![0.25; 768],
-            [1, 3, 16, 16],
-            &cond,
-            &mut ws,
-        )
-        .unwrap_err();
-    assert!(err.to_string().contains("not the one uploaded"), "{err}");
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use common::fixtures;
 use mcdm::cuda::{Gpu, GpuFloat};
 use mcdm::ops::layer_norm::{gelu, gelu_gpu, LayerNorm};
-use mcdm::text::{GpuTextEncoder, TextEncoder};
+use mcdm::text::TextEncoder;
 
 fn layer_norm_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
     let mut out = Vec::new();
@@ -159,7 +159,14 @@ fn compare<T: GpuFloat>(
     texts: &[&str],
     want: &[f32],
 ) -> Vec<(f64, f32)> {
-    let dev = GpuTextEncoder::<T>::upload(cpu, g.clone()).unwrap();
+    let dtype = match T::SUFFIX {
+        "_f32" => mcdm::DType::F32,
+        "_f16" => mcdm::DType::F16,
+        _ => mcdm::DType::Bf16,
+    };
+    let dev = cpu
+        .to_device(&mcdm::Device::Cuda(g.clone()), dtype)
+        .unwrap();
     assert_eq!(dev.dim(), cpu.dim());
     assert!(dev.encode(&[]).unwrap().is_empty());
     let got = dev.encode(texts).unwrap();

@@ -526,67 +526,34 @@ fn bad_token_arrays_are_refused() {
     let file = SafetensorsFile::open(&enc.dir().join("model.safetensors")).unwrap();
     let config = mcdm::text::bert::BertConfig::from_file(&enc.dir().join("config.json")).unwrap();
     let bert = mcdm::text::bert::Bert::load(&file, config).unwrap();
+    let mut cpu = mcdm::backend::Cpu::new();
     let ids = enc.tokenize("a smiling face").unwrap().ids;
     let t = ids.len();
     assert_eq!(t, 5, "[CLS] a smiling face [SEP]");
-    let (types, mask) = (vec![0u32; t], vec![1u32; t]);
-    assert!(bert.forward(&ids, &types, &mask, 1, t).is_ok());
+    let types = vec![0u32; t];
+    assert!(bert.hidden_states(&mut cpu, &ids, &types, 1, t).is_ok());
     let mut far_id = ids.clone();
     far_id[1] = 30522;
     let long = vec![101u32; 513];
-    for (ids, types, mask, n, t, expected) in [
+    for (ids, types, n, t, expected) in [
+        (&ids[..t - 1], &types[..], 1, t, "ids 4, type ids 5"),
+        (&ids[..], &types[..t - 1], 1, t, "ids 5, type ids 4"),
+        (&ids[..], &types[..], 2, t, "n * t = 2 * 5"),
+        (&ids[..], &types[..], usize::MAX, 2, "n * t"),
         (
-            &ids[..t - 1],
-            &types[..],
-            &mask[..],
-            1,
-            t,
-            "ids 4, type ids 5, mask 5",
-        ),
-        (
-            &ids[..],
-            &types[..t - 1],
-            &mask[..],
-            1,
-            t,
-            "ids 5, type ids 4, mask 5",
-        ),
-        (
-            &ids[..],
-            &types[..],
-            &mask[..t - 1],
-            1,
-            t,
-            "ids 5, type ids 5, mask 4",
-        ),
-        (&ids[..], &types[..], &mask[..], 2, t, "n * t = 2 * 5"),
-        (&ids[..], &types[..], &mask[..], usize::MAX, 2, "n * t"),
-        (
-            &long[..],
             &long[..],
             &long[..],
             1,
             513,
             "513 tokens exceed the model's 512",
         ),
-        (
-            &far_id[..],
-            &types[..],
-            &mask[..],
-            1,
-            t,
-            "token id 30522 is outside",
-        ),
-        (
-            &ids[..],
-            &[0, 0, 2, 0, 0][..],
-            &mask[..],
-            1,
-            t,
-            "token type id 2",
-        ),
+        (&far_id[..], &types[..], 1, t, "token id 30522 is outside"),
+        (&ids[..], &[0, 0, 2, 0, 0][..], 1, t, "token type id 2"),
     ] {
-        let err = bert.forward(ids, types, mask, n, t).err().unwrap();
+        let err = bert
+            .hidden_states(&mut cpu, ids, types, n, t)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains(expected), "{expected}: {err}");
     }
 }

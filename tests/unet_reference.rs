@@ -4,8 +4,10 @@
 mod common;
 
 use common::{fixtures, rel_l2, unet_case_names, UnetCase};
+use mcdm::backend::Cpu;
 use mcdm::config::{resolve, InferredArch, PartialConfig, Source};
-use mcdm::model::{load_model, Conditioning, UNet, Workspace};
+use mcdm::device::Workspace;
+use mcdm::model::{load_model, Conditioning, UNet};
 use mcdm::weights::SafetensorsFile;
 
 #[test]
@@ -13,7 +15,7 @@ fn forward_matches_reference() {
     let mut ws = Workspace::new();
     for name in unet_case_names() {
         let case = UnetCase::load(&name);
-        let (model, cond) = (&case.model.unet, case.conditioning());
+        let (model, cond) = (&case.model, case.conditioning());
         let out = model
             .forward_nchw(&case.x, case.shape, &cond, &mut ws)
             .unwrap();
@@ -87,7 +89,7 @@ fn partial_config_with_inference_matches_reference() {
 }
 
 /// A network of the config `json` (no weights file) with random weights.
-fn random_unet(json: &str) -> UNet {
+fn random_unet(json: &str) -> UNet<Cpu> {
     let partial = PartialConfig::from_json(json).unwrap();
     let source = Source::File("test".into());
     let config = resolve(&[(source, partial)], &Default::default()).unwrap();
@@ -114,13 +116,15 @@ fn large_batches_run_in_groups_with_unchanged_results() {
     let timesteps = [12.0, 500.0, 977.0];
     let labels = [4, 0, 2];
     let embedding: Vec<f32> = (0..n * 3).map(|i| (i as f32 * 0.7).sin()).collect();
-    let mut ws = Workspace::new();
+    let mut cpu = Cpu::new();
     let cond = Conditioning {
         timesteps: &timesteps,
         labels: Some(&labels),
         embedding: Some(&embedding),
     };
-    let all = unet.forward_nhwc(&x, [n, h, w, c], &cond, &mut ws).unwrap();
+    let all = unet
+        .forward_nhwc(&mut cpu, &x, [n, h, w, c], &cond)
+        .unwrap();
     let out_per_image = all.len() / n;
     for k in 0..n {
         let one = Conditioning {
@@ -130,10 +134,10 @@ fn large_batches_run_in_groups_with_unchanged_results() {
         };
         let single = unet
             .forward_nhwc(
+                &mut cpu,
                 &x[k * per_image..][..per_image],
                 [1, h, w, c],
                 &one,
-                &mut ws,
             )
             .unwrap();
         assert_eq!(

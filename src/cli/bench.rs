@@ -6,15 +6,17 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use mcdm::config::{resolve, PartialConfig, ResolvedConfig, Source};
-use mcdm::cuda::{Gpu, GpuFloat, KernelTime};
+use mcdm::cuda::{Gpu, KernelTime};
+use mcdm::device::Workspace;
 use mcdm::memory::check_host_memory;
-use mcdm::model::{Conditioning, GpuUNet, GpuWorkspace, LoadedModel, UNet, Workspace};
+use mcdm::model::{Conditioning, LoadedModel};
 use mcdm::sample::{
     Batched, ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, StepProgress,
     Unconditional,
 };
+use mcdm::{DType, Device};
 
-use super::{backend, check_output_file, config_arg, warn_graph_failure, Backend, Device, Dtype};
+use super::{check_output_file, config_arg, open_device, warn_graph_failure, DeviceArg, Dtype};
 
 /// Time UNet forward passes (random weights) for a config at several batch sizes.
 #[derive(clap::Args)]
@@ -41,8 +43,10 @@ pub struct Args {
     /// Also write the results as JSON here.
     #[arg(long)]
     output: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
-    device: Device,
+    /// Where to run: cpu, cuda (GPU 0), cuda:N (GPU N), or auto (the GPU when one is usable,
+    /// else the CPU).
+    #[arg(long, default_value = "auto", value_parser = super::parse_device, value_name = "DEVICE")]
+    device: DeviceArg,
     /// GPU storage type.
     #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
     dtype: Dtype,
@@ -70,30 +74,8 @@ const MAX_BATCH: usize = 4096;
 const MAX_COMPOSE: usize = 64;
 const MAX_STEPS: usize = 10_000;
 
-/// Where the timed forward passes run: the CPU, or the GPU in one storage type.
-enum Runner {
-    Cpu(Workspace),
-    Bf16(GpuUNet<half::bf16>, GpuWorkspace<half::bf16>),
-    F16(GpuUNet<half::f16>, GpuWorkspace<half::f16>),
-    F32(GpuUNet<f32>, GpuWorkspace<f32>),
-}
-
-fn run_gpu<T: GpuFloat>(
-    dev: &GpuUNet<T>,
-    ws: &mut GpuWorkspace<T>,
-    unet: &UNet,
-    x: &[f32],
-    shape: [usize; 4],
-    cond: &Conditioning<'_>,
-    gpu: &Gpu,
-) -> Result<()> {
-    dev.forward_nchw(unet, x, shape, cond, ws)?;
-    gpu.synchronize()?;
-    Ok(())
-}
-
 pub fn run(args: Args) -> Result<()> {
-    let backend = backend(args.device)?;
+    let device = open_device(args.device)?;
     if args.iters == 0 || args.batch.contains(&0) {
         bail!("--iters and every --batch must be positive");
     }
@@ -109,18 +91,14 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(path) = &args.output {
         check_output_file(path, "--output")?;
     }
-    if args.profile && (matches!(backend, Backend::Cpu) || args.kernels || args.compose > 0) {
+    if args.profile && (device.is_cpu() || args.kernels || args.compose > 0) {
         bail!("--profile times the kernels of a forward pass: use it with --config on a GPU, without --kernels or --compose");
     }
     if args.kernels {
-        let Backend::Cuda(gpu) = &backend else {
+        let Some(gpu) = device.gpu() else {
             bail!("--kernels times GPU kernels: use --device cuda on a machine with a GPU");
         };
-        return match args.dtype {
-            Dtype::Bf16 => bench_kernels::<half::bf16>(gpu, args.iters),
-            Dtype::F16 => bench_kernels::<half::f16>(gpu, args.iters),
-            Dtype::F32 => bench_kernels::<f32>(gpu, args.iters),
-        };
+        return bench_kernels(gpu, args.dtype.into(), args.iters);
     }
     let config = config_arg(&args.config)?.expect("clap requires --config without --kernels");
     let text =
@@ -130,50 +108,29 @@ pub fn run(args: Args) -> Result<()> {
     let source = Source::File(config.display().to_string());
     let cfg = resolve(&[(source, partial)], &Default::default())?;
     if args.compose > 0 {
-        return run_compose(&args, cfg, &backend);
+        return run_compose(&args, cfg, &device);
     }
-    let unet = UNet::random(&cfg.unet, 0)?;
-    let (device_name, mut runner) = match &backend {
-        Backend::Cpu => (
-            format!("cpu, {} threads", rayon::current_num_threads()),
-            Runner::Cpu(Workspace::new()),
-        ),
-        Backend::Cuda(gpu) => (
-            format!("{}, {:?}", gpu.info().name, args.dtype),
-            match args.dtype {
-                Dtype::Bf16 => Runner::Bf16(
-                    GpuUNet::upload(&unet, gpu.clone())?,
-                    GpuWorkspace::default(),
-                ),
-                Dtype::F16 => Runner::F16(
-                    GpuUNet::upload(&unet, gpu.clone())?,
-                    GpuWorkspace::default(),
-                ),
-                Dtype::F32 => Runner::F32(
-                    GpuUNet::upload(&unet, gpu.clone())?,
-                    GpuWorkspace::default(),
-                ),
-            },
-        ),
+    let model = LoadedModel::random(cfg.clone(), 0, "random model")?
+        .to_device(&device, args.dtype.into())
+        .context("uploading the model")?;
+    let device_name = match &device {
+        Device::Cpu => format!("cpu, {} threads", rayon::current_num_threads()),
+        Device::Cuda(gpu) => format!("{}, {:?}", gpu.info().name, args.dtype),
     };
+    let mut ws = Workspace::new();
     let mut forward = |x: &[f32], shape: [usize; 4], cond: &Conditioning<'_>| -> Result<()> {
-        match (&mut runner, &backend) {
-            (Runner::Cpu(ws), _) => unet
-                .forward_nchw(x, shape, cond, ws)
-                .map(|_| ())
-                .map_err(Into::into),
-            (Runner::Bf16(d, ws), Backend::Cuda(g)) => run_gpu(d, ws, &unet, x, shape, cond, g),
-            (Runner::F16(d, ws), Backend::Cuda(g)) => run_gpu(d, ws, &unet, x, shape, cond, g),
-            (Runner::F32(d, ws), Backend::Cuda(g)) => run_gpu(d, ws, &unet, x, shape, cond, g),
-            _ => unreachable!("runner and backend are made together"),
+        model.forward_nchw(x, shape, cond, &mut ws)?;
+        if let Some(gpu) = device.gpu() {
+            gpu.synchronize()?;
         }
+        Ok(())
     };
     let size = cfg.unet.image_size;
-    let gflop = unet.flops_per_image(size, size) / 1e9;
+    let gflop = model.flops_per_image(size, size) / 1e9;
     eprintln!(
         "config {} ({:.1} M parameters, {gflop:.2} GFLOP per image at {size}x{size}), {device_name}",
         config.display(),
-        unet.parameters() as f64 / 1e6
+        model.parameters() as f64 / 1e6
     );
     println!("| batch | s / forward | ms / image | images / s | GFLOP/s |");
     println!("|---:|---:|---:|---:|---:|");
@@ -218,7 +175,7 @@ pub fn run(args: Args) -> Result<()> {
             "batch": n, "seconds_per_forward": median, "images_per_second": n as f64 / median,
             "times": times,
         });
-        if let (true, Backend::Cuda(gpu)) = (args.profile, &backend) {
+        if let (true, Some(gpu)) = (args.profile, device.gpu()) {
             gpu.profile_start()?;
             forward(&x, [n, c, size, size], &cond)?;
             let kernels = gpu.profile_finish()?;
@@ -301,11 +258,16 @@ fn write_record(
 }
 
 /// Composed DDIM sampling with `--compose` random experts plus an unconditional model.
-fn run_compose(args: &Args, cfg: ResolvedConfig, backend: &Backend) -> Result<()> {
+fn run_compose(args: &Args, cfg: ResolvedConfig, device: &Device) -> Result<()> {
     let size = cfg.unet.image_size;
+    // Models go to the device once; each timed run then samples with everything resident.
     let models: Vec<LoadedModel> = (0..=args.compose)
-        .map(|i| LoadedModel::random(cfg.clone(), i as u64, &format!("random model {i}")))
-        .collect::<mcdm::Result<_>>()?;
+        .map(|i| {
+            LoadedModel::random(cfg.clone(), i as u64, &format!("random model {i}"))?
+                .to_device(device, args.dtype.into())
+        })
+        .collect::<mcdm::Result<_>>()
+        .context("uploading the models")?;
     let condition = |i: usize| Condition {
         class: cfg.unet.num_classes.map(|k| (i % k) as i64),
         image: (cfg.unet.in_channels > 3).then(|| Batched {
@@ -337,10 +299,10 @@ fn run_compose(args: &Args, cfg: ResolvedConfig, backend: &Backend) -> Result<()
         width: size,
     };
     let sampler = ComposedSampler::new(&models, &experts, &uncond, spec)?;
-    let gflop = models[0].unet.flops_per_image(size, size) / 1e9;
-    let device = match backend {
-        Backend::Cpu => format!("cpu, {} threads", rayon::current_num_threads()),
-        Backend::Cuda(gpu) => {
+    let gflop = models[0].flops_per_image(size, size) / 1e9;
+    let device_name = match device {
+        Device::Cpu => format!("cpu, {} threads", rayon::current_num_threads()),
+        Device::Cuda(gpu) => {
             gpu.set_cuda_graphs(!args.no_cuda_graph);
             let graphs = if args.no_cuda_graph {
                 "no CUDA graphs"
@@ -351,33 +313,21 @@ fn run_compose(args: &Args, cfg: ResolvedConfig, backend: &Backend) -> Result<()
         }
     };
     eprintln!(
-        "composed DDIM: {} expert(s) + unconditional, {} steps, {gflop:.2} GFLOP per image per forward, {device}",
+        "composed DDIM: {} expert(s) + unconditional, {} steps, {gflop:.2} GFLOP per image per forward, {device_name}",
         args.compose, args.steps
     );
-    // Models go to the GPU once; each timed run then samples with everything resident.
-    let uploaded = match (backend, args.dtype) {
-        (Backend::Cpu, _) => Uploaded::None,
-        (Backend::Cuda(g), Dtype::Bf16) => Uploaded::Bf16(upload_all(g, &models)?),
-        (Backend::Cuda(g), Dtype::F16) => Uploaded::F16(upload_all(g, &models)?),
-        (Backend::Cuda(g), Dtype::F32) => Uploaded::F32(upload_all(g, &models)?),
-    };
     // Returns the batch size that ran: smaller than n when n did not fit in GPU memory.
     let run = |n: usize| -> Result<usize> {
         let mut ran = 0;
         let mut on_step = |p: StepProgress| ran = ran.max(p.batch);
-        match &uploaded {
-            Uploaded::None => sampler.sample(n, n, None, &mut on_step)?,
-            Uploaded::Bf16(m) => sampler.sample_gpu(m, n, n, None, &mut on_step)?,
-            Uploaded::F16(m) => sampler.sample_gpu(m, n, n, None, &mut on_step)?,
-            Uploaded::F32(m) => sampler.sample_gpu(m, n, n, None, &mut on_step)?,
-        };
+        sampler.sample(n, n, None, &mut on_step)?;
         Ok(ran)
     };
     // What the host enqueued in the last timed run: every kernel, or, with CUDA graphs, the
     // first steps' kernels and a graph launch for each later step.
-    let launches = || match backend {
-        Backend::Cpu => (0, 0),
-        Backend::Cuda(g) => (g.kernel_launches(), g.graph_launches()),
+    let launches = || match device {
+        Device::Cpu => (0, 0),
+        Device::Cuda(g) => (g.kernel_launches(), g.graph_launches()),
     };
     println!("| batch | s / run | images / s | GFLOP/s | host launches / run |");
     println!("|---:|---:|---:|---:|---|");
@@ -402,9 +352,9 @@ fn run_compose(args: &Args, cfg: ResolvedConfig, backend: &Backend) -> Result<()
         } else {
             n.to_string()
         };
-        let host = match backend {
-            Backend::Cpu => "n/a".to_string(),
-            Backend::Cuda(_) => format!("{} kernels + {} graphs", per_run.0, per_run.1),
+        let host = match device {
+            Device::Cpu => "n/a".to_string(),
+            Device::Cuda(_) => format!("{} kernels + {} graphs", per_run.0, per_run.1),
         };
         println!(
             "| {batch} | {median:.4} | {:.2} | {:.1} | {host} |",
@@ -413,264 +363,40 @@ fn run_compose(args: &Args, cfg: ResolvedConfig, backend: &Backend) -> Result<()
         );
         rows.push(serde_json::json!({ "batch": n, "batch_ran": ran, "seconds_per_run": median, "images_per_second": n as f64 / median, "times": times, "kernel_launches": per_run.0, "graph_launches": per_run.1 }));
     }
-    if let Backend::Cuda(gpu) = backend {
-        warn_graph_failure(gpu);
-    }
-    write_record(args, &device, &cfg, gflop, rows)
+    warn_graph_failure(device);
+    write_record(args, &device_name, &cfg, gflop, rows)
 }
 
-/// The composed benchmark's models on the GPU, in the chosen storage type.
-enum Uploaded {
-    None,
-    Bf16(Vec<GpuUNet<half::bf16>>),
-    F16(Vec<GpuUNet<half::f16>>),
-    F32(Vec<GpuUNet<f32>>),
-}
-
-fn upload_all<T: GpuFloat>(
-    gpu: &std::sync::Arc<Gpu>,
-    models: &[LoadedModel],
-) -> Result<Vec<GpuUNet<T>>> {
-    Ok(models
-        .iter()
-        .map(|m| GpuUNet::upload(&m.unet, gpu.clone()))
-        .collect::<mcdm::Result<_>>()?)
-}
-
-/// Median GPU seconds of `iters` calls of `f` (after one warm-up): the time of its kernels,
-/// from CUDA events around each launch, so that a kernel of a few microseconds is not
-/// measured as the host's launch and synchronisation latency.
-fn time_gpu(gpu: &Gpu, iters: usize, mut f: impl FnMut() -> mcdm::Result<()>) -> Result<f64> {
-    f()?;
-    gpu.synchronize()?;
-    let mut times = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        gpu.profile_start()?;
-        f()?;
-        let kernels = gpu.profile_finish()?;
-        times.push(kernels.iter().map(|k| k.ms).sum::<f64>() / 1e3);
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
-}
-
-/// Single kernels at the shapes of the ImageNet-64 ADM and 256 face workloads.
-fn bench_kernels<T: GpuFloat>(gpu: &std::sync::Arc<Gpu>, iters: usize) -> Result<()> {
-    use mcdm::ops::attention::attend_gpu;
-    use mcdm::ops::conv::{Conv2d, ConvKernel, Residual};
-    use mcdm::ops::group_norm::{GpuGroupNorm, GroupNorm};
-    use mcdm::ops::linear::Linear;
-    use mcdm::ops::resample::{concat_channels_gpu, upsample_nearest2x_gpu};
-    let g = &**gpu;
-    let fill = |len: usize| {
-        (0..len)
-            .map(|i| ((i * 7919) % 2003) as f32 / 1001.0 - 1.0)
-            .collect::<Vec<f32>>()
-    };
-    let peaks = measure_peaks::<T>(g, iters)?;
-    let share = |rate: f64, peak: f64| format!("{:.0}%", 100.0 * rate / peak);
-    println!("\n| kernel | shape | ms | rate | of peak |");
-    println!("|---|---|---:|---:|---:|");
-    // Convolutions: every kernel variant that can run the shape (`auto` marks the one
-    // `forward` picks), so a GPU run shows which wins where.
-    for &(n, h, w, cin, cout, k) in &[
-        (64, 32, 32, 384, 384, 3),
-        (8, 128, 128, 192, 192, 3),
-        (8, 32, 32, 384, 768, 3),
-        (8, 64, 64, 384, 384, 1),
-        // ImageNet-64 ADM, 64 images x 4 experts: 64x64 at 192, 16x16 at 576, 8x8 at 768.
-        (256, 64, 64, 192, 192, 3),
-        (256, 16, 16, 576, 576, 3),
-        (256, 8, 8, 768, 768, 3),
-        // 256 face model, 8 images x 4 experts, at 256x256.
-        (32, 256, 256, 192, 192, 3),
-        // Small grids, where auto falls back to 64x64 tiles (under 264 large blocks): one
-        // expert's deepest levels, ImageNet-64 ADM at batch 64 and the face model at batch 8.
-        (64, 8, 8, 768, 768, 3),
-        (8, 16, 16, 768, 768, 3),
-        (8, 8, 8, 768, 768, 3),
-    ] {
-        let conv =
-            Conv2d::from_torch(&fill(cout * cin * k * k), vec![0.0; cout], k, 1).upload::<T>(g)?;
-        let x = g.upload::<T>(&fill(n * h * w * cin))?;
-        let mut y = g.zeros::<T>(n * h * w * cout)?;
-        let auto = conv.choose_kernel(g, &x, n, h, w);
-        let flop = 2.0 * (n * h * w * cout * cin * k * k) as f64;
-        for kern in ConvKernel::ALL {
-            if !conv.supports(g, kern, &x) {
-                continue;
-            }
-            let secs = time_gpu(g, iters, || {
-                conv.forward_with(g, kern, &x, n, h, w, &mut y, Residual::None)
-            })?;
-            let tflops = flop / secs / 1e12;
-            println!(
-                "| conv{k}x{k} {}{} | n{n} {h}x{w} {cin}->{cout} | {:.3} | {tflops:.1} TFLOP/s | {} |",
-                kern.name(),
-                if kern == auto { " (auto)" } else { "" },
-                secs * 1e3,
-                share(tflops, peaks.tflops)
-            );
-        }
-    }
-    for &(n, t, c, heads) in &[(64, 256, 768, 12), (8, 1024, 384, 6), (8, 4096, 192, 3)] {
-        let qkv = g.upload::<T>(&fill(n * t * 3 * c))?;
-        let mut out = g.zeros::<T>(n * t * c)?;
-        let secs = time_gpu(g, iters, || attend_gpu(g, &qkv, n, t, c, heads, &mut out))?;
-        let tflops = 4.0 * (n * t * t * c) as f64 / secs / 1e12;
-        println!(
-            "| attention | n{n} t{t} c{c} heads{heads} | {:.3} | {tflops:.1} TFLOP/s | {} |",
-            secs * 1e3,
-            share(tflops, peaks.tflops)
-        );
-    }
-    for &(n, hw, c) in &[
-        (8, 256 * 256, 192),
-        (8, 128 * 128, 192),
-        (256, 64 * 64, 192),
-        (64, 32 * 32, 384),
-        (64, 8 * 8, 1536),
-    ] {
-        let gn = GroupNorm {
-            channels: c,
-            weight: vec![1.0; c],
-            bias: vec![0.0; c],
-        }
-        .upload(g)?;
-        let x = g.upload::<T>(&fill(n * hw * c))?;
-        let mut y = g.zeros::<T>(n * hw * c)?;
-        let mut stats = g.zeros::<f32>(GpuGroupNorm::scratch_len(n, hw))?;
-        let secs = time_gpu(g, iters, || {
-            gn.forward(g, &x, n, hw, &mut y, &mut stats, None, true)
-        })?;
-        // Statistics read x once, the apply pass reads x and writes y.
-        let gbs = 3.0 * (n * hw * c * std::mem::size_of::<T>()) as f64 / secs / 1e9;
-        println!(
-            "| group norm + SiLU | n{n} hw{hw} c{c} | {:.3} | {gbs:.0} GB/s | {} |",
-            secs * 1e3,
-            share(gbs, peaks.gbs)
-        );
-    }
-    // The decoder's upsampling and skip concatenations: bytes read plus written.
-    let elem = std::mem::size_of::<T>();
-    for &(n, h, w, c) in &[(64, 32, 32, 384), (8, 128, 128, 192)] {
-        let x = g.upload::<T>(&fill(n * h * w * c))?;
-        let mut y = g.zeros::<T>(4 * n * h * w * c)?;
-        let secs = time_gpu(g, iters, || {
-            upsample_nearest2x_gpu(g, &x, n, h, w, c, &mut y)
-        })?;
-        let gbs = (5 * n * h * w * c * elem) as f64 / secs / 1e9;
-        println!(
-            "| upsample x2 | n{n} {h}x{w} c{c} | {:.3} | {gbs:.0} GB/s | {} |",
-            secs * 1e3,
-            share(gbs, peaks.gbs)
-        );
-    }
-    for &(n, hw, ca, cb) in &[(64, 64 * 64, 192, 192), (8, 256 * 256, 192, 192)] {
-        let a = g.upload::<T>(&fill(n * hw * ca))?;
-        let b = g.upload::<T>(&fill(n * hw * cb))?;
-        let mut y = g.zeros::<T>(n * hw * (ca + cb))?;
-        let secs = time_gpu(g, iters, || {
-            concat_channels_gpu(g, &a, &b, n, hw, ca, cb, &mut y)
-        })?;
-        let gbs = (2 * n * hw * (ca + cb) * elem) as f64 / secs / 1e9;
-        println!(
-            "| concat | n{n} hw{hw} {ca}+{cb} | {:.3} | {gbs:.0} GB/s | {} |",
-            secs * 1e3,
-            share(gbs, peaks.gbs)
-        );
-    }
-    // A ResBlock's embedding projection (f32, every storage type): ImageNet-64 ADM's widest,
-    // for the 64 images of one expert; weight, input and output bytes.
-    let (n, fin, fout) = (64, 768, 1536);
-    let linear = Linear {
-        in_features: fin,
-        out_features: fout,
-        weight: fill(fin * fout),
-        bias: fill(fout),
-    }
-    .upload(g)?;
-    let x = g.upload::<f32>(&fill(n * fin))?;
-    let mut y = g.zeros::<f32>(n * fout)?;
-    let secs = time_gpu(g, iters, || linear.forward(g, &x, n, &mut y, true))?;
-    let gbs = (4 * (fin * fout + n * fin + n * fout)) as f64 / secs / 1e9;
-    println!(
-        "| linear f32 + SiLU in | n{n} {fin}->{fout} | {:.3} | {gbs:.0} GB/s | {} |",
-        secs * 1e3,
-        share(gbs, peaks.gbs)
-    );
-    Ok(())
-}
-
-/// What this GPU reaches at all (`kernels/peak.cu`), the yardsticks of the kernel table.
-struct Peaks {
-    /// Tensor-core (f16/bf16) or FMA (f32) throughput, TFLOP/s.
-    tflops: f64,
-    /// DRAM bandwidth of a streaming copy, GB/s (bytes read plus bytes written).
-    gbs: f64,
-}
-
-/// Times the compute-peak kernel for `T` (its output checked against the CPU reference, so that
-/// the timed work is known to be done) and a copy between two buffers far larger than the L2
-/// cache, and prints them.
-fn measure_peaks<T: GpuFloat>(g: &Gpu, iters: usize) -> Result<Peaks> {
-    use mcdm::bench::peak::{
-        blocks_to_fill, compute_peak, compute_peak_gpu, compute_reference, copy_gpu, BLOCK,
-        MAX_EXACT_ROUNDS,
-    };
-    let peak = compute_peak::<T>()?;
-    let (kernel, instruction) = (peak.kernel, peak.instruction);
-    let blocks = blocks_to_fill(g);
-    let mut out = g.zeros::<f32>(blocks * BLOCK)?;
-    // Rounds for about 20 ms a launch, from a short probe.
-    let probe = 256;
-    let probe_secs = time_gpu(g, 1, || {
-        compute_peak_gpu::<T>(g, &mut out, blocks, probe).map(drop)
-    })?;
-    let rounds = ((probe as f64 * 0.02 / probe_secs) as usize).clamp(probe, MAX_EXACT_ROUNDS);
-    let mut flop = 0.0;
-    let secs = time_gpu(g, iters, || {
-        flop = compute_peak_gpu::<T>(g, &mut out, blocks, rounds)?;
-        Ok(())
-    })?;
-    let want = compute_reference::<T>(rounds);
-    if let Some(bad) = g.download(&out)?.into_iter().find(|&v| v != want) {
-        bail!("{kernel} returned {bad} where {want} was due: not all the timed work was done");
-    }
-    // Two buffers of up to 1 GiB each (at most a quarter of the free memory each), each at least
-    // 4x the L2 cache, so that the copy streams from and to DRAM.
-    let (free, _) = g.memory()?;
-    let floats = (free / 16).min(1 << 28) / 4 * 4;
-    let l2 = g.info().l2_cache_bytes;
-    if floats * 4 < 4 * l2 {
-        bail!(
-            "measuring DRAM bandwidth needs {} MiB of free GPU memory (two buffers of 4x the L2 \
-             cache, each at most a quarter of the free memory), and {} MiB are free",
-            (16 * l2) >> 20,
-            free >> 20
-        );
-    }
-    let x = g.zeros::<f32>(floats)?;
-    let mut y = g.zeros::<f32>(floats)?;
-    let mut bytes = 0.0;
-    let copy_secs = time_gpu(g, iters, || {
-        bytes = copy_gpu(g, &x, &mut y, blocks)?;
-        Ok(())
-    })?;
-    let peaks = Peaks {
-        tflops: flop / secs / 1e12,
-        gbs: bytes / copy_secs / 1e9,
-    };
+/// The kernel table: the device's peaks, then every kernel as it is timed.
+fn bench_kernels(gpu: &Gpu, dtype: DType, iters: usize) -> Result<()> {
+    use mcdm::bench::kernels::{measure_peaks, time_kernels, Unit};
+    use mcdm::bench::peak::BLOCK;
+    let peaks = measure_peaks(gpu, dtype, iters)?;
     println!("| device peak | measured by | rate |");
     println!("|---|---|---:|");
     println!(
-        "| {instruction} | `{kernel}` kernels/peak.cu, {blocks} blocks x {BLOCK} threads, {rounds} rounds | {:.1} TFLOP/s |",
-        peaks.tflops
+        "| {} | `{}` kernels/peak.cu, {} blocks x {BLOCK} threads, {} rounds | {:.1} TFLOP/s |",
+        peaks.instruction, peaks.kernel, peaks.blocks, peaks.rounds, peaks.tflops
     );
     println!(
         "| DRAM copy | `copy_u4` kernels/peak.cu, 2 x {:.2} GiB | {:.0} GB/s |",
-        (floats * 4) as f64 / (1u64 << 30) as f64,
+        peaks.copy_bytes as f64 / (1u64 << 30) as f64,
         peaks.gbs
     );
-    Ok(peaks)
+    println!("\n| kernel | shape | ms | rate | of peak |");
+    println!("|---|---|---:|---:|---:|");
+    time_kernels(gpu, dtype, iters, &peaks, &mut |row| {
+        let rate = match row.unit {
+            Unit::Tflops => format!("{:.1} TFLOP/s", row.rate),
+            Unit::Gbs => format!("{:.0} GB/s", row.rate),
+        };
+        println!(
+            "| {} | {} | {:.3} | {rate} | {:.0}% |",
+            row.kernel,
+            row.shape,
+            row.ms,
+            100.0 * row.share
+        );
+    })?;
+    Ok(())
 }

@@ -7,11 +7,10 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
 
-use mcdm::cuda::GpuFloat;
-use mcdm::text::{GpuTextEncoder, TextEncoder, MODEL_NAME};
+use mcdm::text::{TextEncoder, MODEL_NAME};
 use mcdm::weights::{write_safetensors, TensorData};
 
-use super::{backend, check_output_file, progress_bar, Backend, Device, Dtype};
+use super::{check_output_file, open_device, progress_bar, DeviceArg, Dtype};
 
 /// Texts encoded per call, so that the progress bar moves on long lists.
 const CHUNK: usize = 64;
@@ -49,9 +48,10 @@ pub struct Args {
     /// The model directory (default: $MCDM_TEXT_MODEL, then models/all-MiniLM-L6-v2).
     #[arg(long, value_name = "DIR")]
     text_model: Option<PathBuf>,
-    /// Where the encoder runs: the CPU in f32, or the GPU through the UNet's kernels.
-    #[arg(long, value_enum, default_value_t = Device::Cpu)]
-    device: Device,
+    /// Where the encoder runs: cpu (f32), cuda (GPU 0), cuda:N or auto; on a GPU through the
+    /// UNet's kernels.
+    #[arg(long, default_value = "cpu", value_parser = super::parse_device, value_name = "DEVICE")]
+    device: DeviceArg,
     /// GPU storage type (the CPU computes in f32). f16 and bf16 round the activations: their
     /// embeddings are within cosine 0.999 of the f32 ones.
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
@@ -90,17 +90,6 @@ fn encode_all(
     Ok(out)
 }
 
-fn encode_on_gpu<T: GpuFloat>(
-    encoder: &TextEncoder,
-    gpu: &std::sync::Arc<mcdm::cuda::Gpu>,
-    texts: &[&str],
-    bar: &ProgressBar,
-) -> Result<Vec<f32>> {
-    let gpu_encoder = GpuTextEncoder::<T>::upload(encoder, gpu.clone())
-        .context("uploading the text model to the GPU")?;
-    encode_all(texts, GPU_CHUNK, bar, |chunk| gpu_encoder.encode(chunk))
-}
-
 pub fn run(args: Args) -> Result<()> {
     check_output_file(&args.output, "--output")?;
     let owned = gather_texts(&args)?;
@@ -109,7 +98,7 @@ pub fn run(args: Args) -> Result<()> {
         .with_context(|| format!("finding the {MODEL_NAME} text model"))?;
     let encoder = TextEncoder::load(&dir)
         .with_context(|| format!("loading the text model from {}", dir.display()))?;
-    let backend = backend(args.device)?;
+    let device = open_device(args.device)?;
     let lengths = texts
         .iter()
         .map(|t| encoder.tokenize(t).map(|tok| tok.ids.len()))
@@ -121,21 +110,12 @@ pub fn run(args: Args) -> Result<()> {
         "{elapsed_precise} [{bar:30}] {pos}/{len} texts ETA {eta}",
     );
     let start = Instant::now();
-    let (embedding, device) = match &backend {
-        Backend::Cpu => (
-            encode_all(&texts, CHUNK, &bar, |chunk| encoder.encode(chunk))?,
-            "cpu".to_string(),
-        ),
-        Backend::Cuda(gpu) => {
-            let run = match args.dtype {
-                Dtype::Bf16 => encode_on_gpu::<half::bf16>,
-                Dtype::F16 => encode_on_gpu::<half::f16>,
-                Dtype::F32 => encode_on_gpu::<f32>,
-            };
-            let device = format!("{} ({:?})", gpu.info().name, args.dtype);
-            (run(&encoder, gpu, &texts, &bar)?, device)
-        }
-    };
+    let encoder = encoder
+        .to_device(&device, args.dtype.into())
+        .context("uploading the text model to the GPU")?;
+    let chunk = if device.is_cpu() { CHUNK } else { GPU_CHUNK };
+    let embedding = encode_all(&texts, chunk, &bar, |chunk| encoder.encode(chunk))?;
+    let device = device.describe(args.dtype.into());
     bar.finish_and_clear();
     let elapsed = start.elapsed();
 

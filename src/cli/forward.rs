@@ -5,13 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 
-use mcdm::model::{load_model, Conditioning, Workspace};
+use mcdm::device::Workspace;
+use mcdm::model::{load_model, Conditioning};
 use mcdm::weights::{write_safetensors, SafetensorsFile, StorageDtype, TensorData};
 
-use mcdm::cuda::GpuFloat;
-use mcdm::model::{GpuUNet, GpuWorkspace, LoadedModel};
-
-use super::{backend, config_arg, Backend, Device, Dtype};
+use super::{config_arg, open_device, DeviceArg, Dtype};
 
 /// Run one forward pass, e.g. to check a converted checkpoint against PyTorch.
 #[derive(clap::Args)]
@@ -35,28 +33,21 @@ pub struct Args {
     /// Where to write `out`.
     #[arg(long)]
     output: PathBuf,
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
-    device: Device,
+    /// Where to run: cpu, cuda (GPU 0), cuda:N (GPU N), or auto (the GPU when one is usable,
+    /// else the CPU).
+    #[arg(long, default_value = "auto", value_parser = super::parse_device, value_name = "DEVICE")]
+    device: DeviceArg,
     /// GPU storage type (the CPU computes in f32).
     #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
     dtype: Dtype,
 }
 
-fn forward_gpu<T: GpuFloat>(
-    gpu: std::sync::Arc<mcdm::cuda::Gpu>,
-    model: &LoadedModel,
-    x: &[f32],
-    shape: [usize; 4],
-    cond: &Conditioning<'_>,
-) -> Result<Vec<f32>> {
-    let dev = GpuUNet::<T>::upload(&model.unet, gpu).context("uploading the model")?;
-    Ok(dev.forward_nchw(&model.unet, x, shape, cond, &mut GpuWorkspace::default())?)
-}
-
 pub fn run(args: Args) -> Result<()> {
-    let backend = backend(args.device)?;
+    let device = open_device(args.device)?;
     let model = load_model(&args.model, config_arg(&args.config)?)
-        .with_context(|| format!("loading model {}", args.model.display()))?;
+        .with_context(|| format!("loading model {}", args.model.display()))?
+        .to_device(&device, args.dtype.into())
+        .context("uploading the model")?;
     let input = SafetensorsFile::open(&args.input)
         .with_context(|| format!("reading input {}", args.input.display()))?;
     let ctx = || format!("input {}", args.input.display());
@@ -96,18 +87,9 @@ pub fn run(args: Args) -> Result<()> {
         embedding: embedding.as_deref(),
     };
     let shape = [n, c, h, w];
-    let out = match backend {
-        Backend::Cpu => model
-            .unet
-            .forward_nchw(&x, shape, &cond, &mut Workspace::new())
-            .map_err(anyhow::Error::from),
-        Backend::Cuda(gpu) => match args.dtype {
-            Dtype::Bf16 => forward_gpu::<half::bf16>(gpu, &model, &x, shape, &cond),
-            Dtype::F16 => forward_gpu::<half::f16>(gpu, &model, &x, shape, &cond),
-            Dtype::F32 => forward_gpu::<f32>(gpu, &model, &x, shape, &cond),
-        },
-    }
-    .context("forward pass")?;
+    let out = model
+        .forward_nchw(&x, shape, &cond, &mut Workspace::new())
+        .context("forward pass")?;
     let non_finite = out.iter().filter(|v| !v.is_finite()).count();
     if non_finite > 0 {
         bail!(
@@ -115,7 +97,7 @@ pub fn run(args: Args) -> Result<()> {
              or the inputs drive the network past the range of its number format; nothing written"
         );
     }
-    let oc = model.unet.config().out_channels();
+    let oc = model.config.unet.out_channels();
     let meta = BTreeMap::from([(
         "producer".to_string(),
         format!("mcdm {}", env!("CARGO_PKG_VERSION")),

@@ -51,7 +51,7 @@ pub fn run(args: Args) -> Result<()> {
             println!("  {key:<24} {:<16} ({source})", value.to_string());
         }
     }
-    let params = model.unet.parameters();
+    let params = model.parameters();
     println!("parameters: {params} ({:.2} M)", params as f64 / 1e6);
     println!("storage:");
     for (dtype, bytes) in model.file.bytes_by_dtype() {
@@ -62,7 +62,7 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let size = cfg.unet.image_size;
-    let gflop = model.unet.flops_per_image(size, size) / 1e9;
+    let gflop = model.flops_per_image(size, size) / 1e9;
     println!("compute: {gflop:.3} GFLOP per image per forward at {size}x{size}");
     Ok(())
 }

@@ -10,12 +10,10 @@ mod sample;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-use std::sync::Arc;
-
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use mcdm::cuda::{unavailable_reason, Gpu};
+use mcdm::{DType, Device};
 
 #[derive(Parser)]
 #[command(
@@ -41,13 +39,26 @@ enum Command {
     Inspect(inspect::Args),
 }
 
-/// Where the network runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Device {
+/// Where networks run: `cpu`, `cuda` (GPU 0), `cuda:N` or `auto` (the GPU when one is usable,
+/// else the CPU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceArg {
     Cpu,
-    Cuda,
-    /// The GPU when one is usable, else the CPU.
+    Cuda(usize),
     Auto,
+}
+
+/// Parses `--device`.
+fn parse_device(s: &str) -> std::result::Result<DeviceArg, String> {
+    match s {
+        "cpu" => Ok(DeviceArg::Cpu),
+        "cuda" => Ok(DeviceArg::Cuda(0)),
+        "auto" => Ok(DeviceArg::Auto),
+        _ => match s.strip_prefix("cuda:").map(str::parse) {
+            Some(Ok(ordinal)) => Ok(DeviceArg::Cuda(ordinal)),
+            _ => Err("expected cpu, cuda, cuda:N (GPU N) or auto".into()),
+        },
+    }
 }
 
 /// Storage and tensor-core precision on the GPU.
@@ -59,10 +70,14 @@ pub enum Dtype {
     F32,
 }
 
-/// Where work runs, once resolved.
-pub enum Backend {
-    Cpu,
-    Cuda(Arc<Gpu>),
+impl From<Dtype> for DType {
+    fn from(d: Dtype) -> DType {
+        match d {
+            Dtype::Bf16 => DType::Bf16,
+            Dtype::F16 => DType::F16,
+            Dtype::F32 => DType::F32,
+        }
+    }
 }
 
 /// A progress bar of `len` units on standard error, drawn only when that is a terminal and
@@ -115,27 +130,32 @@ fn check_output_file(path: &Path, what: &str) -> Result<()> {
 
 /// `auto` takes the GPU when one is usable, else the CPU (saying why when a GPU is present but
 /// cannot be set up: its kernels fail to load, say); `cuda` insists on it with a clear error.
-fn backend(device: Device) -> Result<Backend> {
+fn open_device(device: DeviceArg) -> Result<Device> {
     match device {
-        Device::Cpu => Ok(Backend::Cpu),
-        Device::Auto if unavailable_reason().is_some() => Ok(Backend::Cpu),
-        Device::Auto => match Gpu::new(0) {
-            Ok(gpu) => Ok(Backend::Cuda(gpu)),
-            Err(e) => {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Auto => {
+            let (device, why) = Device::auto();
+            if let Some(e) = why {
                 eprintln!(
                     "warning: --device auto: the GPU cannot be used ({e}); running on the CPU"
                 );
-                Ok(Backend::Cpu)
             }
-        },
-        Device::Cuda => Ok(Backend::Cuda(Gpu::new(0).context("--device cuda")?)),
+            Ok(device)
+        }
+        DeviceArg::Cuda(ordinal) => {
+            let flag = match ordinal {
+                0 => "--device cuda".to_string(),
+                n => format!("--device cuda:{n}"),
+            };
+            Ok(Device::cuda(ordinal).context(flag)?)
+        }
     }
 }
 
 /// Says so when a step's CUDA graph could not be captured (the steps then ran launch by launch,
 /// with the same results, only slower).
-fn warn_graph_failure(gpu: &Gpu) {
-    if let Some(why) = gpu.take_graph_failure() {
+fn warn_graph_failure(device: &Device) {
+    if let Some(why) = device.take_graph_failure() {
         eprintln!(
             "warning: the sampling steps could not be replayed as a CUDA graph ({why}); every \
              kernel was launched from the host instead"

@@ -18,11 +18,10 @@ use mcdm::sample::{
 };
 use mcdm::weights::{write_safetensors, SafetensorsFile, TensorData};
 
-use mcdm::cuda::{Gpu, GpuFloat};
-use mcdm::model::GpuUNet;
 use mcdm::text::TextEncoder;
+use mcdm::Device;
 
-use super::{backend, check_output_file, progress_bar, warn_graph_failure, Backend, Device, Dtype};
+use super::{check_output_file, open_device, progress_bar, warn_graph_failure, DeviceArg, Dtype};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Sampler {
@@ -105,8 +104,10 @@ pub struct Args {
     /// Output directory (default `samples`).
     #[arg(long)]
     out: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
-    device: Device,
+    /// Where to run: cpu, cuda (GPU 0), cuda:N (GPU N), or auto (the GPU when one is usable,
+    /// else the CPU).
+    #[arg(long, default_value = "auto", value_parser = super::parse_device, value_name = "DEVICE")]
+    device: DeviceArg,
     /// GPU storage type.
     #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
     dtype: Dtype,
@@ -118,31 +119,6 @@ pub struct Args {
     /// models/all-MiniLM-L6-v2).
     #[arg(long, value_name = "DIR")]
     text_model: Option<PathBuf>,
-}
-
-/// Uploads the models and samples on the GPU.
-fn sample_on_gpu<T: GpuFloat>(
-    gpu: &std::sync::Arc<Gpu>,
-    loaded: &[LoadedModel],
-    sampler: &ComposedSampler<'_>,
-    num_samples: usize,
-    batch_size: usize,
-    init_noise: Option<&[f32]>,
-    on_step: &mut dyn FnMut(StepProgress),
-) -> Result<Vec<f32>> {
-    let models = loaded
-        .iter()
-        .map(|m| GpuUNet::<T>::upload(&m.unet, gpu.clone()))
-        .collect::<mcdm::Result<Vec<_>>>()
-        .context("uploading the models")?;
-    sampler
-        .sample_gpu(&models, num_samples, batch_size, init_noise, on_step)
-        .map_err(|e| match e {
-            mcdm::Error::OutOfMemory { .. } => {
-                anyhow::Error::new(e).context("even one image at a time does not fit in GPU memory")
-            }
-            e => e.into(),
-        })
 }
 
 /// A term as written by the user, before loading.
@@ -542,7 +518,7 @@ fn sha256_file(path: &Path) -> Result<String> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let backend = backend(args.device)?;
+    let device = open_device(args.device)?;
     let plan = plan(&args)?;
     // Fail on an unwritable output before any sampling work.
     let created: Vec<PathBuf> = plan
@@ -553,7 +529,7 @@ pub fn run(args: Args) -> Result<()> {
         .collect();
     std::fs::create_dir_all(&plan.out)
         .with_context(|| format!("creating output directory {}", plan.out.display()))?;
-    let result = check_outputs(&args, &plan).and_then(|()| sample_plan(&args, &plan, backend));
+    let result = check_outputs(&args, &plan).and_then(|()| sample_plan(&args, &plan, &device));
     if result.is_err() {
         // The directories this run made go again, deepest first, as long as they are empty.
         for dir in &created {
@@ -630,7 +606,7 @@ fn check_outputs(args: &Args, plan: &Plan) -> Result<()> {
     Ok(())
 }
 
-fn sample_plan(args: &Args, plan: &Plan, backend: Backend) -> Result<()> {
+fn sample_plan(args: &Args, plan: &Plan, device: &Device) -> Result<()> {
     let names: Vec<&str> = plan.models.iter().map(|(n, _)| n.as_str()).collect();
     let index = |name: &str| {
         names.iter().position(|n| *n == name).ok_or_else(|| {
@@ -666,7 +642,9 @@ fn sample_plan(args: &Args, plan: &Plan, backend: Backend) -> Result<()> {
         let (name, path) = &plan.models[m];
         loaded.push(
             load_model(path, None)
-                .with_context(|| format!("loading model `{name}` from {}", path.display()))?,
+                .with_context(|| format!("loading model `{name}` from {}", path.display()))?
+                .to_device(device, args.dtype.into())
+                .context("uploading the models")?,
         );
     }
     let slot = |name: &str| -> Result<usize> {
@@ -675,7 +653,7 @@ fn sample_plan(args: &Args, plan: &Plan, backend: Backend) -> Result<()> {
             .position(|&u| u == index(name).expect("checked"))
             .expect("loaded"))
     };
-    let uncond_cfg = loaded[slot(&plan.uncond.model)?].unet.config().clone();
+    let uncond_cfg = loaded[slot(&plan.uncond.model)?].config.unet.clone();
     let (h, w) = (uncond_cfg.image_size, uncond_cfg.image_size);
 
     let n = plan.num_samples;
@@ -709,7 +687,7 @@ fn sample_plan(args: &Args, plan: &Plan, backend: Backend) -> Result<()> {
             .iter()
             .position(|p| p == text)
             .expect("encoded above")];
-        let want = loaded[slot(&t.model)?].unet.config().embed_dim;
+        let want = loaded[slot(&t.model)?].config.unet.embed_dim;
         if want != Some(row.len()) {
             bail!(
                 "`{}`: text= gives a {}-wide sentence embedding, but the model's embed_dim is {}",
@@ -815,9 +793,10 @@ fn sample_plan(args: &Args, plan: &Plan, backend: Backend) -> Result<()> {
         &format!("the output of {n} images of {h}x{w} (samples, 8-bit copies, grid)"),
     )?;
     let steps = sampler.num_steps();
-    let batch_size = plan.batch_size.unwrap_or(match backend {
-        Backend::Cpu => n.min(16),
-        Backend::Cuda(_) => n.min(64),
+    let batch_size = plan.batch_size.unwrap_or(if device.is_cpu() {
+        n.min(16)
+    } else {
+        n.min(64)
     });
     // Counted in image-steps, so that the bar stays right when a GPU batch is split.
     let bar = progress_bar(
@@ -847,26 +826,15 @@ fn sample_plan(args: &Args, plan: &Plan, backend: Backend) -> Result<()> {
         bar.inc(p.batch as u64);
     };
     let init_noise = init_noise.as_deref();
-    let samples = match &backend {
-        Backend::Cpu => sampler.sample(n, batch_size, init_noise, &mut on_step)?,
-        Backend::Cuda(gpu) => {
-            gpu.set_cuda_graphs(!args.no_cuda_graph);
-            let run = match args.dtype {
-                Dtype::Bf16 => sample_on_gpu::<half::bf16>,
-                Dtype::F16 => sample_on_gpu::<half::f16>,
-                Dtype::F32 => sample_on_gpu::<f32>,
-            };
-            run(
-                gpu,
-                &loaded,
-                &sampler,
-                n,
-                batch_size,
-                init_noise,
-                &mut on_step,
-            )?
-        }
-    };
+    device.set_cuda_graphs(!args.no_cuda_graph);
+    let samples = sampler
+        .sample(n, batch_size, init_noise, &mut on_step)
+        .map_err(|e| match e {
+            mcdm::Error::OutOfMemory { .. } => {
+                anyhow::Error::new(e).context("even one image at a time does not fit in GPU memory")
+            }
+            e => e.into(),
+        })?;
     bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
 
@@ -936,7 +904,7 @@ fn sample_plan(args: &Args, plan: &Plan, backend: Backend) -> Result<()> {
         "batch_size": batch_used,
         "image_size": [h, w],
         "init_noise": args.init_noise.as_ref().map(|p| json!({ "path": p.display().to_string(), "sha256": sha256_file(p).ok() })),
-        "device": match &backend { Backend::Cpu => "cpu".to_string(), Backend::Cuda(g) => format!("{} ({:?})", g.info().name, args.dtype) },
+        "device": device.describe(args.dtype.into()),
         "seconds": seconds,
     });
     write_atomic(
@@ -952,13 +920,13 @@ fn sample_plan(args: &Args, plan: &Plan, backend: Backend) -> Result<()> {
             n - 1
         );
     }
-    if let Backend::Cuda(gpu) = &backend {
+    if !device.is_cpu() {
         if batch_used < batch_size.min(n) {
             eprintln!(
                 "batches of {batch_size} did not fit in GPU memory: ran batches of {batch_used}"
             );
         }
-        warn_graph_failure(gpu);
+        warn_graph_failure(device);
     }
     eprintln!(
         "{n} image{} ({h}x{w}, {steps} {} steps, {} expert(s)) in {seconds:.1} s ({:.2} images/s): {}/grid.png",

@@ -1,11 +1,7 @@
-//! Models: the UNet graph, its activation workspace, and loading from model files.
+//! Models: the UNet graph (written once over the backends) and loading from model files.
 
 mod load;
 pub mod unet;
-pub mod unet_gpu;
-pub mod workspace;
 
-pub use load::{load_model, LoadedModel};
+pub use load::{load_model, resolve_config, LoadedModel, UNets, MAX_RANDOM_PARAMETERS};
 pub use unet::{Conditioning, UNet};
-pub use unet_gpu::{GpuConditioning, GpuUNet, GpuWorkspace};
-pub use workspace::Workspace;

@@ -19,6 +19,7 @@ use crate::error::{Error, Result};
 /// Scratch floats per im2col chunk (16 MiB).
 const IM2COL_CHUNK: usize = 1 << 22;
 
+#[derive(Clone)]
 pub struct Conv2d {
     pub cin: usize,
     pub cout: usize,
@@ -423,13 +424,13 @@ fn winograd_weights(weight: &[f32], cin: usize, cout: usize) -> Vec<f32> {
     u
 }
 
-/// The residual added in a convolution's epilogue.
-pub enum Residual<'a, T> {
+/// The residual added in a convolution's epilogue, for output buffers of type `B`.
+pub enum Residual<'a, B> {
     None,
     /// `y += conv(x) + bias`.
     Output,
     /// `y = conv(x) + bias + r`.
-    Buffer(&'a GpuBuffer<T>),
+    Buffer(&'a B),
 }
 
 /// The implicit-GEMM kernel a GPU convolution launches (`kernels/conv.cu`, whose header gives
@@ -635,7 +636,7 @@ impl<T: GpuFloat> GpuConv2d<T> {
         h: usize,
         w: usize,
         y: &mut GpuBuffer<T>,
-        residual: Residual<'_, T>,
+        residual: Residual<'_, GpuBuffer<T>>,
     ) -> Result<()> {
         let kernel = self.choose_kernel(gpu, x, n, h, w);
         self.forward_with(gpu, kernel, x, n, h, w, y, residual)
@@ -652,7 +653,7 @@ impl<T: GpuFloat> GpuConv2d<T> {
         h: usize,
         w: usize,
         y: &mut GpuBuffer<T>,
-        residual: Residual<'_, T>,
+        residual: Residual<'_, GpuBuffer<T>>,
     ) -> Result<()> {
         let (ho, wo) = self.out_size(h, w);
         let out_len = elements("conv output", &[n, ho, wo, self.cout])?;

@@ -15,6 +15,7 @@ pub const EPS: f64 = 1e-5;
 /// The widest group norm the GPU kernel takes (`GN_MAX_CHANNELS` in kernels/group_norm.cu).
 pub const MAX_CHANNELS: usize = 2048;
 
+#[derive(Clone)]
 pub struct GroupNorm {
     pub channels: usize,
     pub weight: Vec<f32>,

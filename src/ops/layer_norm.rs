@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 const LN_THREADS: u32 = 128;
 
 /// LayerNorm over the last axis with biased variance, as `torch.nn.LayerNorm`.
+#[derive(Clone)]
 pub struct LayerNorm {
     pub weight: Vec<f32>,
     pub bias: Vec<f32>,

@@ -11,6 +11,7 @@ use crate::cuda::{grid_1d, Arg, Gpu, GpuBuffer};
 use crate::error::Result;
 
 /// `y = x W^T + b` with PyTorch's weight layout `[out, in]`.
+#[derive(Clone)]
 pub struct Linear {
     pub in_features: usize,
     pub out_features: usize,

@@ -6,14 +6,15 @@
 //! (seed, image index, step), so image k is the same whatever the batch size: `x_T` of image k
 //! uses step key [`INIT_NOISE_STEP`], the update at spaced step i uses key i.
 
-mod gpu;
+mod steps;
 
+use crate::backend::Backend;
 use crate::config::MAX_IMAGE_SIZE;
-use crate::diffusion::{compose, Diffusion, DiffusionConfig, ModelVarType};
+use crate::device::{on_backend, Placement};
+use crate::diffusion::{Diffusion, DiffusionConfig, ModelVarType};
 use crate::error::{Error, Result};
-use crate::memory::check_host_memory;
-use crate::model::{Conditioning, LoadedModel, Workspace};
-use crate::rng::{check_image_keys, fill_normals, MAX_SAMPLES};
+use crate::model::LoadedModel;
+use crate::rng::{fill_normals, MAX_SAMPLES};
 
 /// Philox step key of the initial noise `x_T`.
 pub const INIT_NOISE_STEP: u32 = u32::MAX;
@@ -79,17 +80,11 @@ pub struct SampleSpec {
     pub width: usize,
 }
 
-/// One model group's inputs for a batch, built once and reused by every step.
-struct GroupBatch {
-    model: usize,
-    labels: Option<Vec<i64>>,
-    embedding: Option<Vec<f32>>,
-    timesteps: Vec<f32>,
-}
-
 /// A prepared composition: checked conditions, the shared diffusion, terms grouped per model.
 pub struct ComposedSampler<'a> {
     models: &'a [LoadedModel],
+    /// The unconditional term's model, whose device the others share.
+    uncond_model: usize,
     /// Experts, then the unconditional term last.
     terms: Vec<(usize, &'a Condition)>,
     weights: Vec<f32>,
@@ -137,7 +132,20 @@ impl<'a> ComposedSampler<'a> {
                 .ok_or_else(|| bad(format!("{who}: no model with index {m}")))?;
             check_condition(&who, model, cond, i + 1 == terms.len(), &spec)?;
         }
-        let base = &models[uncond.model].config.diffusion;
+        let home = &models[uncond.model];
+        for &(m, _) in &terms {
+            let model = &models[m];
+            if !model.device().same(home.device()) || model.kind() != home.kind() {
+                return Err(bad(format!(
+                    "the models are on different devices: {} on {}, the unconditional model {}                      on {}",
+                    model.file.path().display(),
+                    model.device().describe(model.dtype()),
+                    home.file.path().display(),
+                    home.device().describe(home.dtype())
+                )));
+            }
+        }
+        let base = &home.config.diffusion;
         for &(m, _) in &terms {
             let d = &models[m].config.diffusion;
             let fields = [
@@ -187,6 +195,7 @@ impl<'a> ComposedSampler<'a> {
         }
         Ok(ComposedSampler {
             models,
+            uncond_model: uncond.model,
             terms,
             weights: experts.iter().map(|e| e.weight).collect(),
             groups,
@@ -217,13 +226,12 @@ impl<'a> ComposedSampler<'a> {
         fill_normals(self.spec.seed, k as u32, INIT_NOISE_STEP, out);
     }
 
-    /// Samples images `first..first + B` from `x_t` (`[B, 3, H, W]`, consumed as x_T); returns
-    /// x_0. `on_step` is called after every step.
+    /// Samples images `first..first + B` from `x` (`[B, 3, H, W]`, x_T) on the models' device;
+    /// returns x_0. `on_step` is called after every step.
     pub fn sample_batch(
         &self,
         first: usize,
-        mut x: Vec<f32>,
-        ws: &mut Workspace,
+        x: Vec<f32>,
         on_step: &mut dyn FnMut(),
     ) -> Result<Vec<f32>> {
         let len = self.image_len();
@@ -235,81 +243,13 @@ impl<'a> ComposedSampler<'a> {
                 self.spec.width
             )));
         }
-        let b = x.len() / len;
-        check_image_keys(first, b)?;
-        self.check_counts(first + b)?;
-        // Every term's eps, the variance, the composed eps, the noise and the next state.
-        let buffers = self.terms.len() + usize::from(self.learned_variance) + 3;
-        check_host_memory(
-            buffers
-                .saturating_mul(x.len())
-                .saturating_mul(std::mem::size_of::<f32>()),
-            &format!("the sampling state of a batch of {b} image(s)"),
-        )?;
-        let mut eps: Vec<Vec<f32>> = vec![vec![0.0; b * len]; self.terms.len()];
-        let mut var = vec![0.0; if self.learned_variance { b * len } else { 0 }];
-        let mut composed = vec![0.0; b * len];
-        let mut noise = vec![0.0; b * len];
-        let mut next = vec![0.0; b * len];
-        let mut groups: Vec<GroupBatch> = self
-            .groups
-            .iter()
-            .map(|(m, rows)| {
-                let (labels, embedding) = self.group_conditions(*m, rows, first, b);
-                GroupBatch {
-                    model: *m,
-                    labels,
-                    embedding,
-                    timesteps: vec![0.0; rows.len() * b],
-                }
-            })
-            .collect();
-        for i in (0..self.num_steps()).rev() {
-            let t = self.diffusion.model_timestep(i);
-            for (group, (_, rows)) in groups.iter_mut().zip(&self.groups) {
-                self.run_group(group, rows, first, &x, b, t, &mut eps, &mut var, ws)?;
-            }
-            let (uncond, experts) = eps.split_last().expect("the unconditional term");
-            let experts: Vec<&[f32]> = experts.iter().map(Vec::as_slice).collect();
-            compose(&experts, &self.weights, uncond, &mut composed);
-            let needs_noise = i > 0
-                && match self.spec.sampler {
-                    SamplerKind::Ddpm => true,
-                    SamplerKind::Ddim { eta } => eta != 0.0,
-                };
-            if needs_noise {
-                for (k, img) in noise.chunks_exact_mut(len).enumerate() {
-                    fill_normals(self.spec.seed, (first + k) as u32, i as u32, img);
-                }
-            }
-            let noise = needs_noise.then_some(noise.as_slice());
-            match self.spec.sampler {
-                SamplerKind::Ddim { eta } => self.diffusion.ddim_step(
-                    i,
-                    &x,
-                    &composed,
-                    eta,
-                    self.spec.clip_denoised,
-                    noise,
-                    &mut next,
-                )?,
-                SamplerKind::Ddpm => {
-                    let v = self.learned_variance.then_some(var.as_slice());
-                    self.diffusion.ddpm_step(
-                        i,
-                        &x,
-                        &composed,
-                        v,
-                        self.spec.clip_denoised,
-                        noise,
-                        &mut next,
-                    )?
-                }
-            }
-            std::mem::swap(&mut x, &mut next);
-            on_step();
-        }
-        Ok(x)
+        let device = self.models[self.uncond_model].device();
+        on_backend!(self.models[self.uncond_model].kind(), B => {
+            let mut be = B::open(device)?;
+            let run = self.run_inputs(&mut be)?;
+            let x = be.upload(&x)?;
+            self.sample_batch_on(&mut be, &run, first, x, on_step)
+        })
     }
 
     /// Per-image conditions must cover images `0..images` (or be shared, count 1).
@@ -339,7 +279,7 @@ impl<'a> ComposedSampler<'a> {
         first: usize,
         b: usize,
     ) -> (Option<Vec<i64>>, Option<Vec<f32>>) {
-        let cfg = self.models[m].unet.config();
+        let cfg = &self.models[m].config.unet;
         let labels = cfg.num_classes.map(|_| {
             rows.iter()
                 .flat_map(|&r| std::iter::repeat_n(self.terms[r].1.class.unwrap_or(0), b))
@@ -357,79 +297,6 @@ impl<'a> ComposedSampler<'a> {
             e
         });
         (labels, embedding)
-    }
-
-    /// One batched forward of model `m` over its terms at timestep `t`: x_t and the image
-    /// conditions packed straight into the NHWC input, eps (and the unconditional term's
-    /// variance channels) scattered from the NHWC output into the per-term NCHW buffers.
-    #[allow(clippy::too_many_arguments)]
-    fn run_group(
-        &self,
-        group: &mut GroupBatch,
-        rows: &[usize],
-        first: usize,
-        x: &[f32],
-        b: usize,
-        t: f32,
-        eps: &mut [Vec<f32>],
-        var: &mut [f32],
-        ws: &mut Workspace,
-    ) -> Result<()> {
-        let model = &self.models[group.model];
-        let cfg = model.unet.config();
-        let (h, w) = (self.spec.height, self.spec.width);
-        let hw = h * w;
-        let cin = cfg.in_channels;
-        let n = rows.len() * b;
-        let mut input = ws.take(n * hw * cin);
-        for (r, &term) in rows.iter().enumerate() {
-            let image = self.terms[term].1.image.as_ref();
-            for k in 0..b {
-                let xk = &x[k * 3 * hw..][..3 * hw];
-                let cond = image.map(|img| img.item(first + k));
-                let dst = &mut input[(r * b + k) * hw * cin..][..hw * cin];
-                for (p, px) in dst.chunks_exact_mut(cin).enumerate() {
-                    for c in 0..3 {
-                        px[c] = xk[c * hw + p];
-                    }
-                    for c in 3..cin {
-                        px[c] = cond.map_or(0.0, |img| img[(c - 3) * hw + p]);
-                    }
-                }
-            }
-        }
-        group.timesteps.fill(t);
-        let cond = Conditioning {
-            timesteps: &group.timesteps,
-            labels: group.labels.as_deref(),
-            embedding: group.embedding.as_deref(),
-        };
-        let out = model.unet.forward_nhwc(&input, [n, h, w, cin], &cond, ws);
-        ws.give(input);
-        let out = out?;
-        let oc = cfg.out_channels();
-        let uncond_term = self.terms.len() - 1;
-        for (r, &term) in rows.iter().enumerate() {
-            for k in 0..b {
-                let src = &out[(r * b + k) * hw * oc..][..hw * oc];
-                let dst = &mut eps[term][k * 3 * hw..][..3 * hw];
-                for (p, px) in src.chunks_exact(oc).enumerate() {
-                    for c in 0..3 {
-                        dst[c * hw + p] = px[c];
-                    }
-                }
-                if term == uncond_term && self.learned_variance {
-                    let v = &mut var[k * 3 * hw..][..3 * hw];
-                    for (p, px) in src.chunks_exact(oc).enumerate() {
-                        for c in 0..3 {
-                            v[c * hw + p] = px[3 + c];
-                        }
-                    }
-                }
-            }
-        }
-        ws.give(out);
-        Ok(())
     }
 
     /// A request's sizes: positive counts, initial noise `[N, 3, H, W]`, conditions for every
@@ -464,8 +331,10 @@ impl<'a> ComposedSampler<'a> {
         self.check_counts(num_samples)
     }
 
-    /// Samples `num_samples` images in batches of `batch_size`. `init_noise` (`[N, 3, H, W]`)
-    /// replaces the seeded x_T. `on_step` is called after every step of every batch.
+    /// Samples `num_samples` images in batches of `batch_size` on the models' device.
+    /// `init_noise` (`[N, 3, H, W]`) replaces the seeded x_T. `on_step` is called after every
+    /// step of every batch. On a GPU, a batch that does not fit in memory is run again at half
+    /// the size (the progress reports show the batch size used).
     pub fn sample(
         &self,
         num_samples: usize,
@@ -473,28 +342,11 @@ impl<'a> ComposedSampler<'a> {
         init_noise: Option<&[f32]>,
         on_step: &mut dyn FnMut(StepProgress),
     ) -> Result<Vec<f32>> {
-        let len = self.image_len();
-        self.check_request(num_samples, batch_size, init_noise)?;
-        let mut ws = Workspace::new();
-        let mut samples = self.samples_buffer(num_samples)?;
-        run_in_batches(num_samples, batch_size, |first, b| {
-            let x = match init_noise {
-                Some(x) => x[first * len..(first + b) * len].to_vec(),
-                None => {
-                    let mut x = vec![0.0; b * len];
-                    for (k, img) in x.chunks_exact_mut(len).enumerate() {
-                        self.initial_noise(first + k, img);
-                    }
-                    x
-                }
-            };
-            let mut progress = StepProgress::new(first, b, self.num_steps());
-            let out = self.sample_batch(first, x, &mut ws, &mut || on_step(progress.next()))?;
-            samples.extend_from_slice(&out);
-            Ok(())
-        })?;
-        check_finite(&samples, len)?;
-        Ok(samples)
+        let device = self.models[self.uncond_model].device();
+        on_backend!(self.models[self.uncond_model].kind(), B => {
+            let mut be = B::open(device)?;
+            self.sample_on(&mut be, num_samples, batch_size, init_noise, on_step)
+        })
     }
 
     /// An empty buffer with room for `num_samples` images, or an error saying what they need
@@ -591,7 +443,7 @@ fn check_condition(
     is_uncond: bool,
     spec: &SampleSpec,
 ) -> Result<()> {
-    let cfg = model.unet.config();
+    let cfg = &model.config.unet;
     let name = model.file.path().display();
     let bad = |m: String| Err(Error::Input(format!("{who} ({name}): {m}")));
     match (cfg.num_classes, cond.class) {
@@ -649,6 +501,9 @@ fn check_condition(
             "the embedding must have {d} values per image, got {}",
             e.data.len() / e.count.max(1)
         )),
+        (Some(_), Some(e)) if e.data.iter().any(|v| !v.is_finite()) => {
+            bad("the embedding holds non-finite values".into())
+        }
         (None, Some(_)) => bad("embedding= given, but the model takes no vector condition".into()),
         (Some(d), None) if !is_uncond => bad(format!(
             "the model takes a {d}-wide embedding: give embedding=PATH"

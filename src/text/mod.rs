@@ -5,24 +5,23 @@
 //! `model/` folder): see [`TextEncoder::locate`] for where it is looked for and
 //! `scripts/fetch-text-model.sh` for how to get it.
 //!
-//! [`TextEncoder`] runs on the CPU; [`GpuTextEncoder`] is the same encoder on the GPU, through
-//! the kernels of the UNet (GEMM, attention) and of `kernels/layer_norm.cu`.
+//! [`TextEncoder`] loads on the CPU and moves to a GPU with [`TextEncoder::to_device`], where
+//! the same encoder runs through the kernels of the UNet (GEMM, attention) and of
+//! `kernels/layer_norm.cu`.
 
 pub mod bert;
-pub mod gpu;
 pub mod tokenize;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::backend::{Backend, Cpu};
+use crate::device::{on_backend, DType, Device, Family, Kind, Placed, Placement};
 use crate::error::{Error, Result};
 use crate::weights::SafetensorsFile;
 use bert::{l2_normalize, mean_pool, Bert, BertConfig};
 use tokenize::{TextTokenizer, Tokens};
-
-pub use gpu::GpuTextEncoder;
 
 /// The model's name, and the folder it is kept in under `models/`.
 pub const MODEL_NAME: &str = "all-MiniLM-L6-v2";
@@ -42,8 +41,9 @@ pub const REQUIRED_FILES: [&str; 5] = [
     "1_Pooling/config.json",
 ];
 
-/// Most sequences per forward pass (sentence-transformers' default batch size).
-const BATCH: usize = 32;
+/// Most tokens per forward pass: texts of one length are batched up to it (the activations of
+/// a pass take about 115 MB at 8192 rows in f32).
+const MAX_ROWS: usize = 8192;
 
 /// How to get the model, for the errors that find it missing.
 pub fn setup_instructions() -> String {
@@ -116,12 +116,20 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
 }
 
-/// A sentence encoder: tokenizer, BERT and pooling, on the CPU.
+/// The BERT encoders, one type per backend.
+pub struct Berts;
+
+impl Family for Berts {
+    type On<B: Backend> = Bert<B>;
+}
+
+/// A sentence encoder: tokenizer, BERT and pooling, its network on a device.
 pub struct TextEncoder {
     dir: PathBuf,
-    /// Shared with the GPU encoders uploaded from this one.
-    tokenizer: Arc<TextTokenizer>,
-    bert: Bert,
+    tokenizer: TextTokenizer,
+    device: Device,
+    dtype: DType,
+    bert: Placed<Berts>,
 }
 
 impl TextEncoder {
@@ -204,19 +212,37 @@ impl TextEncoder {
         let bert = Bert::load(&weights, config)?;
         Ok(TextEncoder {
             dir: dir.to_path_buf(),
-            tokenizer: Arc::new(tokenizer),
+            tokenizer,
+            device: Device::Cpu,
+            dtype: DType::F32,
+            bert: Placed::Cpu(bert),
+        })
+    }
+
+    /// The encoder with its network on `device`, storing activations and weights in `dtype`
+    /// there (norms and biases f32; ignored on the CPU). The tokenizer and the embedding
+    /// tables stay on the host. Needs the encoder on the CPU, as loaded.
+    pub fn to_device(&self, device: &Device, dtype: DType) -> Result<Self> {
+        let Some(cpu) = Cpu::get(&self.bert) else {
+            return Err(Error::Input(
+                "the text encoder is already on a GPU: load it again to move it".into(),
+            ));
+        };
+        let bert = on_backend!(Kind::of(device, dtype), B => {
+            B::wrap(cpu.to_backend(&B::open(device)?)?)
+        });
+        Ok(TextEncoder {
+            dir: self.dir.clone(),
+            tokenizer: self.tokenizer.clone(),
+            device: device.clone(),
+            dtype: if device.is_cpu() { DType::F32 } else { dtype },
             bert,
         })
     }
 
-    /// The tokenizer (for `GpuTextEncoder::upload`).
-    pub(crate) fn tokenizer(&self) -> &Arc<TextTokenizer> {
-        &self.tokenizer
-    }
-
-    /// The network (for `GpuTextEncoder::upload`).
-    pub(crate) fn bert(&self) -> &Bert {
-        &self.bert
+    /// The device the network is on, and its storage type there.
+    pub fn device(&self) -> (&Device, DType) {
+        (&self.device, self.dtype)
     }
 
     /// The directory the model was loaded from.
@@ -224,9 +250,13 @@ impl TextEncoder {
         &self.dir
     }
 
+    fn config(&self) -> &BertConfig {
+        on_backend!(self.bert.kind(), B => B::get(&self.bert).expect("its kind").config())
+    }
+
     /// Width of an embedding (384 for all-MiniLM-L6-v2).
     pub fn dim(&self) -> usize {
-        self.bert.config().hidden_size
+        self.config().hidden_size
     }
 
     /// The most tokens a text is cut to, `[CLS]` and `[SEP]` included (256).
@@ -240,52 +270,61 @@ impl TextEncoder {
     }
 
     /// Unit-length embeddings of `texts`, row-major `[texts.len(), dim()]`. Each text is
-    /// encoded independently of the others in the call (padding is masked out).
+    /// encoded independently of the others in the call: texts of one token count run together.
     pub fn encode(&self, texts: &[&str]) -> Result<Vec<f32>> {
+        on_backend!(self.bert.kind(), B => {
+            let bert = B::get(&self.bert).ok_or_else(|| Error::Input("no encoder".into()))?;
+            self.encode_on(&mut B::open(&self.device)?, bert, texts)
+        })
+    }
+
+    fn encode_on<B: Backend>(
+        &self,
+        be: &mut B,
+        bert: &Bert<B>,
+        texts: &[&str],
+    ) -> Result<Vec<f32>> {
         let tokens = texts
             .iter()
             .map(|t| self.tokenizer.encode(t))
             .collect::<Result<Vec<_>>>()?;
         let h = self.dim();
         let mut out = vec![0.0f32; texts.len() * h];
-        for chunk in batches(&tokens) {
-            let n = chunk.len();
-            let t = tokens[chunk[0]].ids.len();
-            // Padding: id 0 ([PAD]), type 0, mask 0.
-            let mut ids = vec![0u32; n * t];
-            let mut type_ids = vec![0u32; n * t];
-            let mut mask = vec![0u32; n * t];
-            for (b, &i) in chunk.iter().enumerate() {
-                let tok = &tokens[i];
-                let len = tok.ids.len();
-                ids[b * t..][..len].copy_from_slice(&tok.ids);
-                type_ids[b * t..][..len].copy_from_slice(&tok.type_ids);
-                mask[b * t..][..len].fill(1);
-            }
-            let hidden = self.bert.forward(&ids, &type_ids, &mask, n, t)?;
-            let mut pooled = mean_pool(&hidden, &mask, n, t, h);
+        for batch in batches(&tokens) {
+            let (n, t) = (batch.len(), tokens[batch[0]].ids.len());
+            let gather = |field: fn(&Tokens) -> &[u32]| -> Vec<u32> {
+                batch
+                    .iter()
+                    .flat_map(|&i| field(&tokens[i]))
+                    .copied()
+                    .collect()
+            };
+            let ids = gather(|tok| &tok.ids);
+            let type_ids = gather(|tok| &tok.type_ids);
+            let hidden = bert.hidden_states(be, &ids, &type_ids, n, t)?;
+            let mut pooled = mean_pool(&hidden, n, t, h);
             l2_normalize(&mut pooled, h);
-            for (b, &i) in chunk.iter().enumerate() {
-                out[i * h..][..h].copy_from_slice(&pooled[b * h..][..h]);
+            for (&i, row) in batch.iter().zip(pooled.chunks_exact(h)) {
+                out[i * h..][..h].copy_from_slice(row);
             }
         }
         Ok(out)
     }
 }
 
-/// Splits texts into batches to run padded: indices sorted by token count, longest first,
-/// at most [`BATCH`] per batch, and a new batch once a text is under half the batch's longest,
-/// so padding at most doubles the work (a caption never pads to a 256-token text).
+/// Splits texts into batches that run without padding: indices of texts of one token count,
+/// at most [`MAX_ROWS`] tokens a batch (at least one text), shortest texts first.
 fn batches(tokens: &[Tokens]) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..tokens.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(tokens[i].ids.len()));
-    let mut out: Vec<Vec<usize>> = Vec::new();
-    for i in order {
-        let len = tokens[i].ids.len();
-        match out.last_mut() {
-            Some(b) if b.len() < BATCH && 2 * len >= tokens[b[0]].ids.len() => b.push(i),
-            _ => out.push(vec![i]),
-        }
+    order.sort_by_key(|&i| tokens[i].ids.len());
+    let mut out = Vec::new();
+    for same_length in order.chunk_by(|&a, &b| tokens[a].ids.len() == tokens[b].ids.len()) {
+        let t = tokens[same_length[0]].ids.len();
+        out.extend(
+            same_length
+                .chunks((MAX_ROWS / t.max(1)).max(1))
+                .map(<[usize]>::to_vec),
+        );
     }
     out
 }
@@ -295,24 +334,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn batches_bound_padding() {
-        let tokens: Vec<Tokens> = [3, 256, 12, 200, 100, 7, 12]
-            .map(|n| Tokens {
-                ids: vec![1; n],
-                type_ids: vec![0; n],
-            })
-            .into();
+    fn batches_hold_one_length_up_to_the_row_limit() {
+        let text = |n: usize| Tokens {
+            ids: vec![1; n],
+            type_ids: vec![0; n],
+        };
+        let tokens: Vec<Tokens> = [3, 256, 12, 200, 3, 7, 12].map(text).into();
         assert_eq!(
             batches(&tokens),
-            [vec![1, 3], vec![4], vec![2, 6, 5], vec![0]]
+            [vec![0, 4], vec![5], vec![2, 6], vec![3], vec![1]]
         );
-        let many: Vec<Tokens> = (0..70)
-            .map(|_| Tokens {
-                ids: vec![1; 5],
-                type_ids: vec![0; 5],
-            })
-            .collect();
+        // 8192 rows of 100-token texts: 81 a batch.
+        let many: Vec<Tokens> = (0..170).map(|_| text(100)).collect();
         let sizes: Vec<usize> = batches(&many).iter().map(Vec::len).collect();
-        assert_eq!(sizes, [32, 32, 6]);
+        assert_eq!(sizes, [81, 81, 8]);
+        assert!(batches(&[]).is_empty());
     }
 }

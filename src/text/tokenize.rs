@@ -17,6 +17,7 @@ pub struct Tokens {
 }
 
 /// A tokenizer loaded from a `tokenizer.json`, with its own truncation and padding replaced.
+#[derive(Clone)]
 pub struct TextTokenizer {
     inner: Tokenizer,
     max_tokens: usize,

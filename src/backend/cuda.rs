@@ -1,0 +1,345 @@
+//! The CUDA backend: activations and convolution weights in the storage type `T` (f32, f16 or
+//! bf16), norms, the embedding path and the sampler's state in f32 (as the reference keeps
+//! them), every operation one or more launches of `kernels/*.cu` on the device's one stream.
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaSlice;
+
+use super::{Backend, Buffer, Residual};
+use crate::cuda::buffer::GpuPool;
+use crate::cuda::{Gpu, GpuBuffer, GpuFloat, GpuGraph, StreamMark};
+use crate::diffusion::StepParams;
+use crate::error::{Error, Result};
+use crate::ops::attention::attend_gpu;
+use crate::ops::conv::{Conv2d, GpuConv2d};
+use crate::ops::embedding::timestep_embedding_gpu;
+use crate::ops::group_norm::{GpuGroupNorm, GroupNorm};
+use crate::ops::layer_norm::{gelu_gpu, GpuLayerNorm, LayerNorm};
+use crate::ops::layout::{nchw_to_nhwc_gpu, nhwc_to_nchw_gpu, pack_input_gpu, unpack_output_gpu};
+use crate::ops::linear::{add_rows_gpu, silu_gpu, GpuLinear, Linear};
+use crate::ops::resample::{
+    add_channel_bias_gpu, avg_pool2x_gpu, concat_channels_gpu, upsample_nearest2x_gpu,
+};
+use crate::ops::step::{diffusion_step_gpu, fill_normals_gpu};
+
+impl<T: GpuFloat> Buffer for GpuBuffer<T> {
+    fn len(&self) -> usize {
+        GpuBuffer::len(self)
+    }
+}
+
+impl Buffer for CudaSlice<i64> {
+    fn len(&self) -> usize {
+        CudaSlice::len(self)
+    }
+}
+
+/// The CUDA backend on one device handle, storing activations in `T`, with pools of device
+/// buffers recycled across layers, passes and steps.
+pub struct Cuda<T> {
+    gpu: Arc<Gpu>,
+    pool: GpuPool<T>,
+    vectors: GpuPool<f32>,
+    /// Set at the end of alternate sampling steps ([`Backend::step_queued`]).
+    marks: Option<[StreamMark; 2]>,
+}
+
+impl<T: GpuFloat> Cuda<T> {
+    pub fn new(gpu: Arc<Gpu>) -> Self {
+        Cuda {
+            gpu,
+            pool: GpuPool::default(),
+            vectors: GpuPool::default(),
+            marks: None,
+        }
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+}
+
+impl<T: GpuFloat> Backend for Cuda<T> {
+    type Tensor = GpuBuffer<T>;
+    type Vector = GpuBuffer<f32>;
+    type Labels = CudaSlice<i64>;
+    type Conv = GpuConv2d<T>;
+    type GroupNorm = GpuGroupNorm;
+    type Linear = GpuLinear;
+    type LayerNorm = GpuLayerNorm;
+    type Graph = GpuGraph;
+
+    fn conv_params(&self, conv: &Conv2d) -> Result<GpuConv2d<T>> {
+        conv.upload(&self.gpu)
+    }
+    fn group_norm_params(&self, norm: &GroupNorm) -> Result<GpuGroupNorm> {
+        norm.upload(&self.gpu)
+    }
+    fn linear_params(&self, linear: &Linear) -> Result<GpuLinear> {
+        linear.upload(&self.gpu)
+    }
+    fn layer_norm_params(&self, norm: &LayerNorm) -> Result<GpuLayerNorm> {
+        norm.upload(&self.gpu)
+    }
+
+    fn take(&mut self, len: usize) -> Result<GpuBuffer<T>> {
+        self.pool.take(&self.gpu, len)
+    }
+    fn give(&mut self, tensor: GpuBuffer<T>) {
+        self.pool.give(tensor);
+    }
+    fn take_vector(&mut self, len: usize) -> Result<GpuBuffer<f32>> {
+        self.vectors.take(&self.gpu, len)
+    }
+    fn give_vector(&mut self, vector: GpuBuffer<f32>) {
+        self.vectors.give(vector);
+    }
+    fn allocations(&self) -> usize {
+        self.pool.allocations() + self.vectors.allocations()
+    }
+    fn release_buffers(&mut self) {
+        self.pool = GpuPool::default();
+        self.vectors = GpuPool::default();
+    }
+
+    fn upload(&mut self, host: &[f32]) -> Result<GpuBuffer<f32>> {
+        self.gpu.upload(host)
+    }
+    fn upload_labels(&mut self, host: &[i64]) -> Result<CudaSlice<i64>> {
+        self.gpu.upload_raw(host)
+    }
+    fn upload_tensor(&mut self, host: &[f32]) -> Result<GpuBuffer<T>> {
+        self.gpu.upload(host)
+    }
+    fn download(&mut self, vector: &GpuBuffer<f32>) -> Result<Vec<f32>> {
+        self.gpu.download(vector)
+    }
+    fn download_tensor(&mut self, tensor: &GpuBuffer<T>) -> Result<Vec<f32>> {
+        self.gpu.download(tensor)
+    }
+    fn copy(
+        &mut self,
+        src: &GpuBuffer<f32>,
+        offset: usize,
+        dst: &mut GpuBuffer<f32>,
+    ) -> Result<()> {
+        self.gpu.copy(src, offset, dst)
+    }
+
+    fn conv(
+        &mut self,
+        conv: &GpuConv2d<T>,
+        x: &GpuBuffer<T>,
+        [n, h, w]: [usize; 3],
+        y: &mut GpuBuffer<T>,
+        residual: Residual<'_, GpuBuffer<T>>,
+    ) -> Result<()> {
+        conv.forward(&self.gpu, x, n, h, w, y, residual)
+    }
+    fn group_norm(
+        &mut self,
+        norm: &GpuGroupNorm,
+        x: &GpuBuffer<T>,
+        n: usize,
+        hw: usize,
+        y: &mut GpuBuffer<T>,
+        scale_shift: Option<&GpuBuffer<f32>>,
+        silu: bool,
+    ) -> Result<()> {
+        let mut stats = self.take_vector(GpuGroupNorm::scratch_len(n, hw))?;
+        let result = norm.forward(&self.gpu, x, n, hw, y, &mut stats, scale_shift, silu);
+        self.give_vector(stats);
+        result
+    }
+    fn attend(
+        &mut self,
+        qkv: &GpuBuffer<T>,
+        [n, t, c, heads]: [usize; 4],
+        out: &mut GpuBuffer<T>,
+    ) -> Result<()> {
+        attend_gpu(&self.gpu, qkv, n, t, c, heads, out)
+    }
+    fn upsample2x(
+        &mut self,
+        x: &GpuBuffer<T>,
+        [n, h, w, c]: [usize; 4],
+        y: &mut GpuBuffer<T>,
+    ) -> Result<()> {
+        upsample_nearest2x_gpu(&self.gpu, x, n, h, w, c, y)
+    }
+    fn avg_pool2x(
+        &mut self,
+        x: &GpuBuffer<T>,
+        [n, h, w, c]: [usize; 4],
+        y: &mut GpuBuffer<T>,
+    ) -> Result<()> {
+        avg_pool2x_gpu(&self.gpu, x, n, h, w, c, y)
+    }
+    fn concat_channels(
+        &mut self,
+        a: &GpuBuffer<T>,
+        b: &GpuBuffer<T>,
+        [n, hw, ca, cb]: [usize; 4],
+        y: &mut GpuBuffer<T>,
+    ) -> Result<()> {
+        concat_channels_gpu(&self.gpu, a, b, n, hw, ca, cb, y)
+    }
+    fn add_channel_bias(
+        &mut self,
+        x: &mut GpuBuffer<T>,
+        bias: &GpuBuffer<f32>,
+        n: usize,
+        hw: usize,
+        c: usize,
+    ) -> Result<()> {
+        add_channel_bias_gpu(&self.gpu, x, bias, n, hw, c)
+    }
+
+    fn timestep_embedding(
+        &mut self,
+        t: &GpuBuffer<f32>,
+        n: usize,
+        dim: usize,
+        out: &mut GpuBuffer<f32>,
+    ) -> Result<()> {
+        timestep_embedding_gpu(&self.gpu, t, n, dim, out)
+    }
+    fn linear(
+        &mut self,
+        linear: &GpuLinear,
+        x: &GpuBuffer<f32>,
+        n: usize,
+        y: &mut GpuBuffer<f32>,
+        silu_in: bool,
+    ) -> Result<()> {
+        linear.forward(&self.gpu, x, n, y, silu_in)
+    }
+    fn add_rows(
+        &mut self,
+        y: &mut GpuBuffer<f32>,
+        table: &GpuBuffer<f32>,
+        labels: &CudaSlice<i64>,
+        n: usize,
+        dim: usize,
+    ) -> Result<()> {
+        add_rows_gpu(&self.gpu, y, table, labels, n, dim)
+    }
+    fn add(&mut self, y: &mut GpuBuffer<f32>, x: &GpuBuffer<f32>) -> Result<()> {
+        // y [1, 1, len] += x [1, len]: the channel-bias kernel over one pixel.
+        add_channel_bias_gpu(&self.gpu, y, x, 1, 1, x.len())
+    }
+    fn silu(&mut self, x: &mut GpuBuffer<f32>, len: usize) -> Result<()> {
+        silu_gpu(&self.gpu, x, len)
+    }
+
+    fn layer_norm(&mut self, norm: &GpuLayerNorm, x: &mut GpuBuffer<T>, rows: usize) -> Result<()> {
+        norm.forward_in_place(&self.gpu, x, rows)
+    }
+    fn gelu(&mut self, x: &mut GpuBuffer<T>, len: usize) -> Result<()> {
+        gelu_gpu(&self.gpu, x, len)
+    }
+
+    fn nchw_to_nhwc(
+        &mut self,
+        x: &GpuBuffer<f32>,
+        [n, c, hw]: [usize; 3],
+        y: &mut GpuBuffer<T>,
+    ) -> Result<()> {
+        nchw_to_nhwc_gpu(&self.gpu, x, n, c, hw, y)
+    }
+    fn nhwc_to_nchw(
+        &mut self,
+        x: &GpuBuffer<T>,
+        [n, hw, c]: [usize; 3],
+        y: &mut GpuBuffer<f32>,
+    ) -> Result<()> {
+        nhwc_to_nchw_gpu(&self.gpu, x, n, c, hw, y)
+    }
+
+    fn pack_input(
+        &mut self,
+        x: &GpuBuffer<f32>,
+        cond: Option<(&GpuBuffer<f32>, usize)>,
+        first_image: usize,
+        [b, hw, cc]: [usize; 3],
+        y: &mut GpuBuffer<T>,
+        y_offset: usize,
+    ) -> Result<()> {
+        pack_input_gpu(&self.gpu, x, cond, first_image, b, hw, cc, y, y_offset)
+    }
+    fn unpack_output(
+        &mut self,
+        y: &GpuBuffer<T>,
+        offset: usize,
+        oc: usize,
+        eps: &mut GpuBuffer<f32>,
+        eps_offset: usize,
+        var: Option<&mut GpuBuffer<f32>>,
+        [b, hw]: [usize; 2],
+    ) -> Result<()> {
+        unpack_output_gpu(&self.gpu, y, offset, oc, eps, eps_offset, var, b, hw)
+    }
+    fn fill_normals(
+        &mut self,
+        out: &mut GpuBuffer<f32>,
+        [b, len]: [usize; 2],
+        first_image: usize,
+        seed: u64,
+        step: u32,
+    ) -> Result<()> {
+        fill_normals_gpu(&self.gpu, out, b, len, first_image, seed, step)
+    }
+    fn diffusion_step(
+        &mut self,
+        x: &mut GpuBuffer<f32>,
+        eps: &GpuBuffer<f32>,
+        weights: &GpuBuffer<f32>,
+        terms: usize,
+        var: Option<&GpuBuffer<f32>>,
+        [b, len]: [usize; 2],
+        first_image: usize,
+        params: StepParams,
+    ) -> Result<()> {
+        diffusion_step_gpu(
+            &self.gpu,
+            x,
+            eps,
+            weights,
+            terms,
+            var,
+            b,
+            len,
+            first_image,
+            params,
+        )
+    }
+
+    fn can_capture(&self) -> bool {
+        self.gpu.cuda_graphs()
+    }
+    fn capture(&mut self, enqueue: &mut dyn FnMut(&mut Self) -> Result<()>) -> Result<GpuGraph> {
+        let gpu = self.gpu.clone();
+        gpu.capture(|| enqueue(self))
+    }
+    unsafe fn replay(&mut self, graph: &GpuGraph) -> Result<()> {
+        // SAFETY: the caller's contract is launch_graph's.
+        unsafe { self.gpu.launch_graph(graph) }
+    }
+    fn note_capture_failure(&mut self, error: &Error) {
+        self.gpu.note_graph_failure(error);
+    }
+    fn step_queued(&mut self, done: usize) -> Result<usize> {
+        if self.marks.is_none() {
+            self.marks = Some([self.gpu.new_mark()?, self.gpu.new_mark()?]);
+        }
+        let marks = self.marks.as_ref().expect("made above");
+        self.gpu.mark(&marks[done % 2])?;
+        if done == 0 {
+            return Ok(0);
+        }
+        // One step in flight: the host waits for the one before.
+        marks[(done - 1) % 2].wait()?;
+        Ok(done)
+    }
+}

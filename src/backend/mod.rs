@@ -1,0 +1,349 @@
+//! The seam between the networks and the devices: every operation that the UNet, the text
+//! encoder and the sampler's step loop perform, written once per device ([`Cpu`], [`Cuda`]).
+//! The networks (`crate::model`, `crate::text`) and the step loop (`crate::sample`) are written
+//! once against [`Backend`]: the graph says what is computed, the backend how.
+//!
+//! A backend value is an executor: it owns the buffer pools its operations take activations
+//! from, so that after the first forward pass at a given size no layer allocates. A fused
+//! operation (a nearest upsampling folded into the convolution after it, say) is a method whose
+//! default is the plain sequence of operations, overridden by a backend that fuses it.
+//!
+//! Layouts: activations NHWC in the backend's storage type ([`Backend::Tensor`]); conditioning,
+//! embeddings, timesteps and the sampler's state f32 ([`Backend::Vector`]), images of the
+//! sampler's state NCHW.
+
+pub mod cpu;
+pub mod cuda;
+
+pub use cpu::Cpu;
+pub use cuda::Cuda;
+
+use crate::diffusion::StepParams;
+use crate::error::Result;
+use crate::ops::conv::Conv2d;
+use crate::ops::group_norm::GroupNorm;
+use crate::ops::layer_norm::LayerNorm;
+use crate::ops::linear::Linear;
+
+pub use crate::ops::conv::Residual;
+
+/// A buffer of some elements on a backend's device.
+pub trait Buffer {
+    /// Elements in use (an allocation recycled from a pool may be larger).
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A forward pass's conditioning on the device: `[n]` timesteps, `[n]` class labels and
+/// `[n, embed_dim]` vector conditions, each present where the model takes it.
+pub struct Cond<'a, B: Backend> {
+    pub timesteps: &'a B::Vector,
+    pub labels: Option<&'a B::Labels>,
+    pub embedding: Option<&'a B::Vector>,
+}
+
+impl<B: Backend> Clone for Cond<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend> Copy for Cond<'_, B> {}
+
+/// The sizes [`Backend::in_groups`] needs of a forward pass over `n` images, per image.
+#[derive(Clone, Copy, Debug)]
+pub struct PassSizes {
+    pub n: usize,
+    /// Input and output elements.
+    pub input: usize,
+    pub output: usize,
+    /// The widest activation, which the CPU keeps cache-sized.
+    pub widest: usize,
+    /// What the pass holds at once, at most (see `UNet::working_floats_per_image`).
+    pub working: usize,
+    /// The image's height and width, for messages.
+    pub image: [usize; 2],
+}
+
+/// One forward pass over a batch: `pass(backend, x, n, cond)` returns the output of `n` images.
+pub type Pass<'p, B> = dyn FnMut(&mut B, &<B as Backend>::Tensor, usize, Cond<'_, B>) -> Result<<B as Backend>::Tensor>
+    + 'p;
+
+/// The operations of a device. Sizes are in elements; `n` images, `h x w` pixels, `c`
+/// channels. Each operation checks that its buffers hold what it touches.
+pub trait Backend: Sized {
+    /// Activations in the storage type (f32 on the CPU; f32, f16 or bf16 on a GPU).
+    type Tensor: Buffer;
+    /// f32 vectors: embeddings, timesteps, tables, the sampler's state.
+    type Vector: Buffer;
+    /// Class labels.
+    type Labels: Buffer;
+    /// Layer parameters as this device keeps them.
+    type Conv;
+    type GroupNorm;
+    type Linear;
+    type LayerNorm;
+    /// Work recorded once and replayed with one launch (CUDA graphs).
+    type Graph;
+
+    /// A convolution's parameters, from their host form.
+    fn conv_params(&self, conv: &Conv2d) -> Result<Self::Conv>;
+    fn group_norm_params(&self, norm: &GroupNorm) -> Result<Self::GroupNorm>;
+    fn linear_params(&self, linear: &Linear) -> Result<Self::Linear>;
+    fn layer_norm_params(&self, norm: &LayerNorm) -> Result<Self::LayerNorm>;
+
+    /// A tensor of `len` elements from the pool, contents unspecified.
+    fn take(&mut self, len: usize) -> Result<Self::Tensor>;
+    /// Returns a tensor to the pool.
+    fn give(&mut self, tensor: Self::Tensor);
+    fn take_vector(&mut self, len: usize) -> Result<Self::Vector>;
+    fn give_vector(&mut self, vector: Self::Vector);
+    /// Buffers the pools allocated so far: a stretch of work that leaves this unchanged (and
+    /// gives back what it took) allocates nothing when repeated.
+    fn allocations(&self) -> usize;
+    /// Frees the pools' buffers (after running out of memory, before a smaller retry).
+    fn release_buffers(&mut self);
+
+    /// Host values to a new vector (not from the pool).
+    fn upload(&mut self, host: &[f32]) -> Result<Self::Vector>;
+    fn upload_labels(&mut self, host: &[i64]) -> Result<Self::Labels>;
+    /// Host values to a new tensor in the storage type.
+    fn upload_tensor(&mut self, host: &[f32]) -> Result<Self::Tensor>;
+    /// Waits for the work queued before, then copies back.
+    fn download(&mut self, vector: &Self::Vector) -> Result<Vec<f32>>;
+    fn download_tensor(&mut self, tensor: &Self::Tensor) -> Result<Vec<f32>>;
+    /// `dst` = elements `offset .. offset + dst.len()` of `src`.
+    fn copy(&mut self, src: &Self::Vector, offset: usize, dst: &mut Self::Vector) -> Result<()>;
+
+    /// x `[n, h, w, cin]` -> y `[n, ho, wo, cout]`: `y = conv(x) + bias`, plus the residual.
+    fn conv(
+        &mut self,
+        conv: &Self::Conv,
+        x: &Self::Tensor,
+        nhw: [usize; 3],
+        y: &mut Self::Tensor,
+        residual: Residual<'_, Self::Tensor>,
+    ) -> Result<()>;
+    /// A nearest 2x upsampling of x `[n, h, w, c]` then `conv` into y `[n, 2h, 2w, cout]`.
+    fn upsample_conv(
+        &mut self,
+        conv: &Self::Conv,
+        x: &Self::Tensor,
+        [n, h, w, c]: [usize; 4],
+        y: &mut Self::Tensor,
+    ) -> Result<()> {
+        let mut up = self.take(4 * n * h * w * c)?;
+        self.upsample2x(x, [n, h, w, c], &mut up)?;
+        let result = self.conv(conv, &up, [n, 2 * h, 2 * w], y, Residual::None);
+        self.give(up);
+        result
+    }
+    /// GroupNorm(32) of x `[n, hw, c]`, then `* (1 + scale) + shift` with `scale_shift`
+    /// `[n, 2c]` (scale first), then SiLU when `silu`.
+    #[allow(clippy::too_many_arguments)]
+    fn group_norm(
+        &mut self,
+        norm: &Self::GroupNorm,
+        x: &Self::Tensor,
+        n: usize,
+        hw: usize,
+        y: &mut Self::Tensor,
+        scale_shift: Option<&Self::Vector>,
+        silu: bool,
+    ) -> Result<()>;
+    /// Softmax attention per head: qkv `[n, t, 3c]` (all q, then all k, then all v, each
+    /// head-major) -> out `[n, t, c]`; `ntch` is `[n, t, c, heads]`.
+    fn attend(
+        &mut self,
+        qkv: &Self::Tensor,
+        ntch: [usize; 4],
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// Nearest 2x: x `[n, h, w, c]` -> y `[n, 2h, 2w, c]`.
+    fn upsample2x(
+        &mut self,
+        x: &Self::Tensor,
+        nhwc: [usize; 4],
+        y: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// 2x2 average pooling: x `[n, h, w, c]` -> y `[n, h/2, w/2, c]`.
+    fn avg_pool2x(
+        &mut self,
+        x: &Self::Tensor,
+        nhwc: [usize; 4],
+        y: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// `cat([a, b], channels)`: a `[n, hw, ca]`, b `[n, hw, cb]` -> y `[n, hw, ca + cb]`;
+    /// `sizes` is `[n, hw, ca, cb]`.
+    fn concat_channels(
+        &mut self,
+        a: &Self::Tensor,
+        b: &Self::Tensor,
+        sizes: [usize; 4],
+        y: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// x `[n, hw, c]` += bias `[n, c]` at every pixel.
+    fn add_channel_bias(
+        &mut self,
+        x: &mut Self::Tensor,
+        bias: &Self::Vector,
+        n: usize,
+        hw: usize,
+        c: usize,
+    ) -> Result<()>;
+
+    /// guided-diffusion's sinusoidal embedding `[cos | sin]` of `[n]` timesteps: `[n, dim]`.
+    fn timestep_embedding(
+        &mut self,
+        t: &Self::Vector,
+        n: usize,
+        dim: usize,
+        out: &mut Self::Vector,
+    ) -> Result<()>;
+    /// y `[n, out]` = act(x) W^T + b for x `[n, in]`, act = SiLU when `silu_in`.
+    fn linear(
+        &mut self,
+        linear: &Self::Linear,
+        x: &Self::Vector,
+        n: usize,
+        y: &mut Self::Vector,
+        silu_in: bool,
+    ) -> Result<()>;
+    /// y `[n, dim]` += table row `labels[i]` for each row i.
+    fn add_rows(
+        &mut self,
+        y: &mut Self::Vector,
+        table: &Self::Vector,
+        labels: &Self::Labels,
+        n: usize,
+        dim: usize,
+    ) -> Result<()>;
+    /// y += x, elementwise over x's length.
+    fn add(&mut self, y: &mut Self::Vector, x: &Self::Vector) -> Result<()>;
+    /// SiLU in place over the first `len` elements.
+    fn silu(&mut self, x: &mut Self::Vector, len: usize) -> Result<()>;
+
+    /// LayerNorm of each of `rows` rows of x, in place.
+    fn layer_norm(
+        &mut self,
+        norm: &Self::LayerNorm,
+        x: &mut Self::Tensor,
+        rows: usize,
+    ) -> Result<()>;
+    /// Erf GELU in place over the first `len` elements.
+    fn gelu(&mut self, x: &mut Self::Tensor, len: usize) -> Result<()>;
+
+    /// x `[n, c, hw]` (f32) -> y `[n, hw, c]` (storage type).
+    fn nchw_to_nhwc(
+        &mut self,
+        x: &Self::Vector,
+        nchw: [usize; 3],
+        y: &mut Self::Tensor,
+    ) -> Result<()>;
+    /// x `[n, hw, c]` (storage type) -> y `[n, c, hw]` (f32).
+    fn nhwc_to_nchw(
+        &mut self,
+        x: &Self::Tensor,
+        nhwc: [usize; 3],
+        y: &mut Self::Vector,
+    ) -> Result<()>;
+
+    /// A model's input for `b` images at `y[y_offset..]`, NHWC `[b, hw, 3 + cc]`: x_t
+    /// `[b, 3, hw]` then the image condition `[count, cc, hw]` (item `first_image + k` for
+    /// image k, or the one item when `count` is 1; zeros without one); `sizes` is
+    /// `[b, hw, cc]`.
+    #[allow(clippy::too_many_arguments)]
+    fn pack_input(
+        &mut self,
+        x: &Self::Vector,
+        cond: Option<(&Self::Vector, usize)>,
+        first_image: usize,
+        sizes: [usize; 3],
+        y: &mut Self::Tensor,
+        y_offset: usize,
+    ) -> Result<()>;
+    /// From a model's output `[b, hw, oc]` at `y[offset..]`: eps (channels 0..3) into
+    /// `eps[eps_offset..]` and, when `var` is given, channels 3..6 into it, both `[b, 3, hw]`;
+    /// `sizes` is `[b, hw]`.
+    #[allow(clippy::too_many_arguments)]
+    fn unpack_output(
+        &mut self,
+        y: &Self::Tensor,
+        offset: usize,
+        oc: usize,
+        eps: &mut Self::Vector,
+        eps_offset: usize,
+        var: Option<&mut Self::Vector>,
+        sizes: [usize; 2],
+    ) -> Result<()>;
+    /// The Philox normals of [`crate::rng::fill_normals`] for images `first_image ..` of `b`
+    /// images of `len` elements (`sizes` is `[b, len]`).
+    fn fill_normals(
+        &mut self,
+        out: &mut Self::Vector,
+        sizes: [usize; 2],
+        first_image: usize,
+        seed: u64,
+        step: u32,
+    ) -> Result<()>;
+    /// x = update(x, eps_u + sum_i w_i (eps_i - eps_u)) in place for `b` images of `len`:
+    /// `eps` holds `terms` blocks `[b, len]` (`sizes`), the experts then the unconditional
+    /// term.
+    #[allow(clippy::too_many_arguments)]
+    fn diffusion_step(
+        &mut self,
+        x: &mut Self::Vector,
+        eps: &Self::Vector,
+        weights: &Self::Vector,
+        terms: usize,
+        var: Option<&Self::Vector>,
+        sizes: [usize; 2],
+        first_image: usize,
+        params: StepParams,
+    ) -> Result<()>;
+
+    /// Runs `pass` over the batch `x`. A backend may run it over groups of images instead and
+    /// join the outputs (images are independent, so the result is the same); it may refuse a
+    /// pass past its memory.
+    fn in_groups(
+        &mut self,
+        x: &Self::Tensor,
+        sizes: PassSizes,
+        cond: Cond<'_, Self>,
+        pass: &mut Pass<'_, Self>,
+    ) -> Result<Self::Tensor> {
+        let _ = sizes;
+        pass(self, x, sizes.n, cond)
+    }
+    /// An error when `bytes` of working memory are more than the device can give (checked
+    /// before allocating, where allocating too much would not fail cleanly).
+    fn check_memory(&self, bytes: usize, what: &str) -> Result<()> {
+        let _ = (bytes, what);
+        Ok(())
+    }
+
+    /// Whether [`Backend::capture`] can record work.
+    fn can_capture(&self) -> bool {
+        false
+    }
+    /// Records the work `enqueue` would queue, without running it.
+    fn capture(&mut self, enqueue: &mut dyn FnMut(&mut Self) -> Result<()>) -> Result<Self::Graph>;
+    /// Queues the work `graph` recorded.
+    ///
+    /// # Safety
+    /// Every buffer the recorded work touched must still be alive at the address it had, and
+    /// hold what the work expects.
+    unsafe fn replay(&mut self, graph: &Self::Graph) -> Result<()>;
+    /// Keeps why a capture failed (the work then ran unrecorded), for the caller to report.
+    fn note_capture_failure(&mut self, error: &crate::Error) {
+        let _ = error;
+    }
+    /// Called after step `done` (from 0) of a batch was queued; returns how many of the
+    /// batch's steps have finished. A device that runs ahead of the host waits here for all
+    /// but the last step, so that progress follows the device.
+    fn step_queued(&mut self, done: usize) -> Result<usize> {
+        Ok(done + 1)
+    }
+}
