@@ -41,6 +41,9 @@ pub enum Error {
     /// of scale.
     #[error("{0}")]
     Numeric(String),
+    /// A job file or a term spec that cannot be read (the message names the file or flag).
+    #[error("{0}")]
+    Job(String),
     /// An allocation the device could not satisfy; the sampler retries with smaller batches.
     #[error(
         "CUDA: allocating {} on {device} failed: out of device memory ({} free)",

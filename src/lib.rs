@@ -13,6 +13,7 @@ pub mod diffusion;
 pub mod error;
 pub mod files;
 pub mod image;
+pub mod job;
 pub mod memory;
 pub mod model;
 pub mod ops;

@@ -16,6 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["device"],
     &["bench", "model", "text"],
     &["sample"],
+    &["job"],
 ];
 
 /// The crate's top-level modules each file of `dir` belongs to, with the text of its code

@@ -1,32 +1,38 @@
-//! `mcdm sample`: composed sampling from experts and an unconditional model.
+//! `mcdm sample`: composed sampling from experts and an unconditional model. The job file
+//! format and the reading of conditions are the library's (`mcdm::job`); this module merges a
+//! job with the flags, runs it and reports, and `output` writes what it made.
 
-use std::collections::BTreeMap;
-use std::io::Read;
+mod output;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
-use mcdm::files::write_atomic;
-use mcdm::image::{grid, read_png, to_rgb8, write_png};
+use mcdm::job::conditions::term_condition;
+use mcdm::job::{check_model_name, Job, Sampler as JobSampler, TermSpec};
 use mcdm::model::{load_model, LoadedModel};
-use mcdm::sample::{
-    Batched, ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, StepProgress,
-    Unconditional,
-};
-use mcdm::weights::{write_safetensors, SafetensorsFile, TensorData};
-
+use mcdm::sample::{ComposedSampler, Expert, SampleSpec, SamplerKind, StepProgress, Unconditional};
 use mcdm::text::TextEncoder;
+use mcdm::weights::SafetensorsFile;
 use mcdm::Device;
 
 use super::{check_output_file, open_device, progress_bar, warn_graph_failure, DeviceArg, Dtype};
+use output::{image_number, Outputs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Sampler {
     Ddim,
     Ddpm,
+}
+
+impl From<Sampler> for JobSampler {
+    fn from(s: Sampler) -> Self {
+        match s {
+            Sampler::Ddim => JobSampler::Ddim,
+            Sampler::Ddpm => JobSampler::Ddpm,
+        }
+    }
 }
 
 /// Sample images whose every step combines experts with an unconditional model:
@@ -121,146 +127,17 @@ pub struct Args {
     text_model: Option<PathBuf>,
 }
 
-/// A term as written by the user, before loading.
-#[derive(Clone, Debug)]
-struct TermSpec {
-    model: String,
-    class: Option<i64>,
-    image: Option<PathBuf>,
-    embedding: Option<PathBuf>,
-    /// A prompt, encoded with the text encoder into the embedding.
-    text: Option<String>,
-    weight: f32,
-}
-
-fn parse_term(spec: &str, allow_weight: bool) -> Result<TermSpec> {
-    // `text=` comes last and takes the rest, commas included.
-    let (head, text) = match spec.find(",text=") {
-        Some(i) => (
-            &spec[..i],
-            Some(spec[i + 6..].trim().trim_matches('"').to_string()),
-        ),
-        None => (spec, None),
-    };
-    let mut parts = head.split(',');
-    let model = parts.next().unwrap_or_default().trim().to_string();
-    if model.is_empty() || model.contains('=') {
-        bail!("`{spec}`: expected NAME[,key=value...], starting with a model name");
-    }
-    let mut term = TermSpec {
-        model,
-        class: None,
-        image: None,
-        embedding: None,
-        text,
-        weight: 1.0,
-    };
-    let mut seen = Vec::new();
-    for part in parts {
-        let (key, value) = part
-            .split_once('=')
-            .ok_or_else(|| anyhow!("`{spec}`: `{part}` is not key=value"))?;
-        if seen.contains(&key.trim()) {
-            bail!("`{spec}`: `{}` is given twice", key.trim());
-        }
-        seen.push(key.trim());
-        match key.trim() {
-            "class" => {
-                term.class = Some(
-                    value
-                        .trim()
-                        .parse()
-                        .with_context(|| format!("`{spec}`: class must be an integer"))?,
-                )
-            }
-            "image" => term.image = Some(PathBuf::from(value)),
-            "embedding" => term.embedding = Some(PathBuf::from(value)),
-            "weight" if allow_weight => {
-                term.weight = value
-                    .trim()
-                    .parse()
-                    .with_context(|| format!("`{spec}`: weight must be a number"))?;
-                if !term.weight.is_finite() {
-                    bail!("`{spec}`: weight must be finite");
-                }
-            }
-            other => bail!(
-                "`{spec}`: unknown key `{other}` (expected class, image, embedding, text{})",
-                if allow_weight { ", weight" } else { "" }
-            ),
-        }
-    }
-    Ok(term)
-}
-
-/// A term from a job file's JSON object, paths relative to `base`.
-fn term_from_json(v: &Value, base: &Path, allow_weight: bool) -> Result<TermSpec> {
-    let obj = v
-        .as_object()
-        .ok_or_else(|| anyhow!("expected an object, got {v}"))?;
-    for key in obj.keys() {
-        if !["model", "class", "image", "embedding", "text", "weight"].contains(&key.as_str())
-            || (key == "weight" && !allow_weight)
-        {
-            bail!("unknown key `{key}` in {v}");
-        }
-    }
-    let string = |k: &str| -> Result<Option<String>> {
-        obj.get(k)
-            .map(|s| {
-                s.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| anyhow!("`{k}` must be a string in {v}"))
-            })
-            .transpose()
-    };
-    let weight = match obj.get("weight") {
-        None => 1.0,
-        Some(w) => match w.as_f64().map(|w| w as f32) {
-            Some(w) if w.is_finite() => w,
-            _ => bail!("weight must be a finite number in {v}"),
-        },
-    };
-    Ok(TermSpec {
-        model: string("model")?.ok_or_else(|| anyhow!("`model` missing in {v}"))?,
-        class: obj
-            .get("class")
-            .map(|c| {
-                c.as_i64()
-                    .ok_or_else(|| anyhow!("class must be an integer in {v}"))
-            })
-            .transpose()?,
-        image: string("image")?.map(|p| base.join(p)),
-        embedding: string("embedding")?.map(|p| base.join(p)),
-        text: string("text")?,
-        weight,
-    })
-}
-
-/// A job file's value of `key`, when present, read by `read` (None: the wrong type, reported
-/// as "`key` must be `expected`").
-fn job_value<T>(
-    job: &serde_json::Map<String, Value>,
-    key: &str,
-    expected: &str,
-    read: impl Fn(&Value) -> Option<T>,
-) -> Result<Option<T>> {
-    job.get(key)
-        .map(|v| read(v).ok_or_else(|| anyhow!("job file: `{key}` must be {expected}, got {v}")))
-        .transpose()
-}
-
 /// Everything a run needs, from the job file and the flags.
-struct Plan {
+pub(crate) struct Plan {
     models: Vec<(String, PathBuf)>,
     experts: Vec<TermSpec>,
     uncond: TermSpec,
-    sampler: Sampler,
+    sampler: JobSampler,
     eta: f32,
     respacing: Option<String>,
     clip_denoised: bool,
     num_samples: usize,
-    /// None: the backend's default.
+    /// None: the device's default.
     batch_size: Option<usize>,
     seed: u64,
     out: PathBuf,
@@ -276,9 +153,8 @@ fn default_job() -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("no model given and the default job examples/default.json was not found: give --model and --uncond, or --job FILE"))
 }
 
+/// The job file's settings with the flags' over them.
 fn plan(args: &Args) -> Result<Plan> {
-    let mut job = serde_json::Map::new();
-    let mut base = PathBuf::from(".");
     let nothing_given = args.job.is_none()
         && args.models.is_empty()
         && args.uncond.is_none()
@@ -288,60 +164,11 @@ fn plan(args: &Args) -> Result<Plan> {
     } else {
         args.job.clone()
     };
-    if let Some(path) = &job_path {
-        let mut text = String::new();
-        std::fs::File::open(path)
-            .and_then(|mut f| f.read_to_string(&mut text))
-            .with_context(|| format!("reading job file {}", path.display()))?;
-        let v = mcdm::config::parse_json(&text)
-            .with_context(|| format!("job file {}: not valid JSON", path.display()))?;
-        job = v
-            .as_object()
-            .cloned()
-            .ok_or_else(|| anyhow!("job file {}: expected a JSON object", path.display()))?;
-        const KEYS: &[&str] = &[
-            "models",
-            "experts",
-            "uncond",
-            "sampler",
-            "eta",
-            "timestep_respacing",
-            "steps",
-            "clip_denoised",
-            "num_samples",
-            "batch_size",
-            "seed",
-            "out",
-        ];
-        if let Some(k) = job.keys().find(|k| !KEYS.contains(&k.as_str())) {
-            bail!(
-                "job file {}: unknown key `{k}` (known: {})",
-                path.display(),
-                KEYS.join(", ")
-            );
-        }
-        base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    }
-    let ctx = |what: &str| format!("job file: {what}");
-    let mut models: Vec<(String, PathBuf)> = match job.get("models") {
-        Some(Value::Object(m)) => m
-            .iter()
-            .map(|(k, v)| {
-                Ok((
-                    k.clone(),
-                    base.join(
-                        v.as_str()
-                            .ok_or_else(|| anyhow!("{}", ctx("model paths must be strings")))?,
-                    ),
-                ))
-            })
-            .collect::<Result<_>>()?,
-        Some(_) => bail!("{}", ctx("`models` must map names to paths")),
-        None => Vec::new(),
+    let job = match &job_path {
+        Some(path) => Job::load(path)?,
+        None => Job::default(),
     };
-    for (name, _) in &models {
-        check_model_name(name).with_context(|| ctx("models"))?;
-    }
+    let mut models = job.models.clone();
     for (i, m) in args.models.iter().enumerate() {
         let (name, path) = m
             .split_once('=')
@@ -359,40 +186,25 @@ fn plan(args: &Args) -> Result<Plan> {
         models.retain(|(n, _)| n != name);
         models.push((name.to_string(), PathBuf::from(path)));
     }
-    let mut experts = match job.get("experts") {
-        Some(Value::Array(a)) if args.experts.is_empty() => a
-            .iter()
-            .map(|e| term_from_json(e, &base, true))
-            .collect::<Result<_>>()
-            .with_context(|| ctx("experts"))?,
-        Some(Value::Array(_)) | None => Vec::new(),
-        Some(_) => bail!("{}", ctx("`experts` must be a list")),
+    let mut experts = match &job.experts {
+        Some(e) if args.experts.is_empty() => e.clone(),
+        _ => Vec::new(),
     };
     for e in &args.experts {
-        experts.push(parse_term(e, true).context("--expert")?);
+        experts.push(TermSpec::parse(e, true).context("--expert")?);
     }
-    let uncond = match (&args.uncond, job.get("uncond")) {
-        (Some(u), _) => parse_term(u, false).context("--uncond")?,
-        (None, Some(v)) => term_from_json(v, &base, false).with_context(|| ctx("uncond"))?,
+    let uncond = match (&args.uncond, &job.uncond) {
+        (Some(u), _) => TermSpec::parse(u, false).context("--uncond")?,
+        (None, Some(u)) => u.clone(),
         (None, None) if experts.is_empty() => bail!("nothing to sample: give --uncond NAME (and any --expert)"),
         (None, None) => bail!("give --uncond NAME: the composition eps_u + sum_i w_i (eps_i - eps_u) needs an unconditional term (a model, or a conditional model with its null condition)"),
     };
-    let get_str = |k: &str| job_value(&job, k, "a string", |v| v.as_str().map(str::to_string));
-    let get_u = |k: &str| job_value(&job, k, "a non-negative integer", Value::as_u64);
-    let sampler = match (args.sampler, get_str("sampler")?.as_deref()) {
-        (Some(s), _) => s,
-        (None, Some("ddpm")) => Sampler::Ddpm,
-        (None, Some("ddim") | None) => Sampler::Ddim,
-        (None, Some(other)) => bail!(
-            "{}",
-            ctx(&format!("sampler `{other}` is unknown (ddim or ddpm)"))
-        ),
-    };
-    let (job_steps, job_respacing) = (get_u("steps")?, get_str("timestep_respacing")?);
-    if job_steps.is_some() && job_respacing.is_some() {
-        bail!("{}", ctx("give `steps` or `timestep_respacing`, not both"));
-    }
-    let steps = args.steps.or(job_steps.map(|s| s as usize));
+    let sampler = args
+        .sampler
+        .map(JobSampler::from)
+        .or(job.sampler)
+        .unwrap_or(JobSampler::Ddim);
+    let steps = args.steps.or(job.steps);
     if steps == Some(0) {
         bail!("--steps must be positive");
     }
@@ -400,15 +212,9 @@ fn plan(args: &Args) -> Result<Plan> {
         .timestep_respacing
         .clone()
         .or(steps.map(|s| s.to_string()))
-        .or(job_respacing);
-    let num_samples = match args.num_samples {
-        Some(n) => n,
-        None => get_u("num_samples")?.map_or(Ok(4), usize::try_from)?,
-    };
-    let batch_size = match args.batch_size {
-        Some(b) => Some(b),
-        None => get_u("batch_size")?.map(usize::try_from).transpose()?,
-    };
+        .or(job.timestep_respacing.clone());
+    let num_samples = args.num_samples.or(job.num_samples).unwrap_or(4);
+    let batch_size = args.batch_size.or(job.batch_size);
     if num_samples == 0 || batch_size == Some(0) {
         bail!("--num-samples and --batch-size must be positive");
     }
@@ -420,30 +226,21 @@ fn plan(args: &Args) -> Result<Plan> {
     }
     let (eta, eta_from) = match args.eta {
         Some(e) => (Some(e), "--eta"),
-        None => (
-            job_value(&job, "eta", "a number", |v| v.as_f64().map(|e| e as f32))?,
-            "job file: `eta`",
-        ),
+        None => (job.eta, "job file: `eta`"),
     };
     if let Some(e) = eta {
         if !(0.0..=1.0).contains(&e) {
             bail!("{eta_from} must be between 0 (deterministic) and 1, got {e}");
         }
         // A job's DDIM eta is dropped when --sampler ddpm overrides its sampler.
-        if sampler == Sampler::Ddpm && e != 0.0 && (args.eta.is_some() || args.sampler.is_none()) {
+        if sampler == JobSampler::Ddpm && e != 0.0 && (args.eta.is_some() || args.sampler.is_none())
+        {
             bail!("{eta_from} {e} is a DDIM setting: DDPM sampling has no eta");
         }
     }
     let eta = match sampler {
-        Sampler::Ddim => eta.unwrap_or(0.0),
-        Sampler::Ddpm => 0.0,
-    };
-    if get_str("out")?.is_some_and(|o| o.is_empty()) {
-        bail!("{}", ctx("`out` is empty"));
-    }
-    let clip_denoised = match args.clip_denoised {
-        Some(c) => c,
-        None => job_value(&job, "clip_denoised", "true or false", Value::as_bool)?.unwrap_or(true),
+        JobSampler::Ddim => eta.unwrap_or(0.0),
+        JobSampler::Ddpm => 0.0,
     };
     Ok(Plan {
         models,
@@ -452,69 +249,16 @@ fn plan(args: &Args) -> Result<Plan> {
         sampler,
         eta,
         respacing,
-        clip_denoised,
+        clip_denoised: args.clip_denoised.or(job.clip_denoised).unwrap_or(true),
         num_samples,
         batch_size,
-        seed: args.seed.or(get_u("seed")?).unwrap_or(0),
+        seed: args.seed.or(job.seed).unwrap_or(0),
         out: args
             .out
             .clone()
-            .or(get_str("out")?.map(|o| base.join(o)))
+            .or(job.out)
             .unwrap_or_else(|| PathBuf::from("samples")),
     })
-}
-
-/// Reads an image condition: a PNG or safetensors `cond`, as [count, C, H, W].
-fn read_image_condition(path: &Path, n: usize) -> Result<(Batched, [usize; 3])> {
-    let is_png = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
-    if is_png {
-        let (data, c, h, w) = read_png(path)?;
-        return Ok((Batched { data, count: 1 }, [c, h, w]));
-    }
-    let file = SafetensorsFile::open(path)?;
-    let shape = file.shape("cond")?.to_vec();
-    let (count, chw) = match shape[..] {
-        [c, h, w] => (1, [c, h, w]),
-        [k, c, h, w] if k == 1 || k >= n => (k, [c, h, w]),
-        _ => bail!(
-            "{}: `cond` must be [C, H, W] or [1 or at least {n}, C, H, W], got {shape:?}",
-            path.display()
-        ),
-    };
-    Ok((
-        Batched {
-            data: file.f32("cond")?,
-            count,
-        },
-        chw,
-    ))
-}
-
-fn read_embedding(path: &Path, n: usize) -> Result<Batched> {
-    let file = SafetensorsFile::open(path)?;
-    let shape = file.shape("embedding")?.to_vec();
-    let count = match shape[..] {
-        [_] => 1,
-        [k, _] if k == 1 || k >= n => k,
-        _ => bail!(
-            "{}: `embedding` must be [D] or [1 or at least {n}, D], got {shape:?}",
-            path.display()
-        ),
-    };
-    Ok(Batched {
-        data: file.f32("embedding")?,
-        count,
-    })
-}
-
-fn sha256_file(path: &Path) -> Result<String> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("hashing {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher)?;
-    Ok(format!("{:x}", hasher.finalize()))
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -539,32 +283,6 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     result
-}
-
-/// k for an image file name `NNNNNN.png` (six digits).
-fn image_number(name: &str) -> Option<usize> {
-    name.strip_suffix(".png")
-        .filter(|stem| stem.len() == 6)
-        .and_then(|stem| stem.parse().ok())
-}
-
-/// How many `NNNNNN.png` files in `dir` number `n` or more: images an earlier, larger run left.
-fn earlier_images(dir: &Path, n: usize) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|name| image_number(name).is_some_and(|k| k >= n))
-        .count()
-}
-
-/// A model name that terms can refer to: not empty, and free of the separators of a term spec.
-fn check_model_name(name: &str) -> Result<()> {
-    if name.is_empty() || name.contains([',', '=']) {
-        bail!("model name `{name}` must be non-empty, without `,` or `=`");
-    }
-    Ok(())
 }
 
 /// Every file the run writes can be written, and no two of them are the same file.
@@ -678,61 +396,16 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device) -> Result<()> {
             .map(<[f32]>::to_vec)
             .collect()
     };
-    let prompt_embedding = |t: &TermSpec| -> Result<Option<Batched>> {
-        let Some(text) = &t.text else { return Ok(None) };
-        if t.embedding.is_some() {
-            bail!("`{}`: give text= or embedding=, not both", t.model);
-        }
-        let row = &encoded[prompts
-            .iter()
-            .position(|p| p == text)
-            .expect("encoded above")];
-        let want = loaded[slot(&t.model)?].config.unet.embed_dim;
-        if want != Some(row.len()) {
-            bail!(
-                "`{}`: text= gives a {}-wide sentence embedding, but the model's embed_dim is {}",
-                t.model,
-                row.len(),
-                want.map_or("none".to_string(), |d| d.to_string())
-            );
-        }
-        Ok(Some(Batched {
-            data: row.clone(),
-            count: 1,
-        }))
-    };
-    let condition = |t: &TermSpec| -> Result<Condition> {
-        let image = match &t.image {
-            Some(p) => {
-                let (img, [_, ih, iw]) = read_image_condition(p, n)
-                    .with_context(|| format!("image condition of `{}`", t.model))?;
-                if (ih, iw) != (h, w) {
-                    bail!(
-                        "image condition {} of `{}` is {ih}x{iw}, but the samples are {h}x{w}",
-                        p.display(),
-                        t.model
-                    );
-                }
-                Some(img)
-            }
-            None => None,
-        };
-        let embedding = match prompt_embedding(t)? {
-            Some(e) => Some(e),
-            None => t
-                .embedding
-                .as_ref()
-                .map(|p| {
-                    read_embedding(p, n)
-                        .with_context(|| format!("embedding of `{}` from {}", t.model, p.display()))
-                })
-                .transpose()?,
-        };
-        Ok(Condition {
-            class: t.class,
-            image,
-            embedding,
-        })
+    let condition = |t: &TermSpec| {
+        let prompt = t.text.as_ref().map(|text| {
+            let row = prompts
+                .iter()
+                .position(|p| p == text)
+                .expect("encoded above");
+            encoded[row].as_slice()
+        });
+        let embed_dim = loaded[slot(&t.model)?].config.unet.embed_dim;
+        Ok::<_, anyhow::Error>(term_condition(t, n, [h, w], embed_dim, prompt)?)
     };
     let experts: Vec<Expert> = plan
         .experts
@@ -760,8 +433,8 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device) -> Result<()> {
     });
     let spec = SampleSpec {
         sampler: match plan.sampler {
-            Sampler::Ddim => SamplerKind::Ddim { eta: plan.eta },
-            Sampler::Ddpm => SamplerKind::Ddpm,
+            JobSampler::Ddim => SamplerKind::Ddim { eta: plan.eta },
+            JobSampler::Ddpm => SamplerKind::Ddpm,
         },
         timestep_respacing: Some(respacing.clone()),
         clip_denoised: plan.clip_denoised,
@@ -838,88 +511,21 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device) -> Result<()> {
     bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
 
-    let len = 3 * h * w;
-    let mut rgb = Vec::with_capacity(n);
-    for (k, img) in samples.chunks_exact(len).enumerate() {
-        let pixels = to_rgb8(img, h, w);
-        write_png(&plan.out.join(format!("{k:06}.png")), &pixels, h, w)?;
-        rgb.push(pixels);
+    let used_models: Vec<(&(String, PathBuf), &LoadedModel)> =
+        used.iter().map(|&m| &plan.models[m]).zip(&loaded).collect();
+    Outputs {
+        plan,
+        init_noise: args.init_noise.as_deref(),
+        save_tensor: args.save_tensor.as_deref(),
+        models: &used_models,
+        respacing: &respacing,
+        steps,
+        batch_used,
+        size: [h, w],
+        device: device.describe(args.dtype.into()),
+        seconds,
     }
-    let (g, gh, gw) = grid(&rgb, h, w, (n as f64).sqrt().ceil() as usize);
-    write_png(&plan.out.join("grid.png"), &g, gh, gw)?;
-    if let Some(path) = &args.save_tensor {
-        write_safetensors(
-            path,
-            &[("samples", TensorData::F32(vec![n, 3, h, w], &samples))],
-            None,
-        )
-        .with_context(|| format!("--save-tensor {}", path.display()))?;
-    }
-
-    let term_json = |t: &TermSpec, weight: bool| {
-        let mut v = json!({ "model": t.model });
-        if let Some(c) = t.class {
-            v["class"] = c.into();
-        }
-        if let Some(p) = &t.image {
-            v["image"] = json!({ "path": p.display().to_string(), "sha256": sha256_file(p).ok() });
-        }
-        if let Some(text) = &t.text {
-            v["text"] = text.clone().into();
-        }
-        if let Some(p) = &t.embedding {
-            v["embedding"] =
-                json!({ "path": p.display().to_string(), "sha256": sha256_file(p).ok() });
-        }
-        if weight {
-            v["weight"] = t.weight.into();
-        }
-        v
-    };
-    let mut models = BTreeMap::new();
-    for (&m, model) in used.iter().zip(&loaded) {
-        let (name, path) = &plan.models[m];
-        models.insert(
-            name.clone(),
-            json!({
-                "path": path.display().to_string(),
-                "sha256": sha256_file(path)?,
-                "config": model.config.unet.to_json(&model.config.diffusion),
-            }),
-        );
-    }
-    let record = json!({
-        "mcdm_version": env!("CARGO_PKG_VERSION"),
-        "formula": "eps = eps_u + sum_i w_i (eps_i - eps_u)",
-        "models": models,
-        "experts": plan.experts.iter().map(|t| term_json(t, true)).collect::<Vec<_>>(),
-        "uncond": term_json(&plan.uncond, false),
-        "sampler": match plan.sampler { Sampler::Ddim => "ddim", Sampler::Ddpm => "ddpm" },
-        "eta": plan.eta,
-        "timestep_respacing": respacing,
-        "steps": steps,
-        "clip_denoised": plan.clip_denoised,
-        "seed": plan.seed,
-        "num_samples": n,
-        "batch_size": batch_used,
-        "image_size": [h, w],
-        "init_noise": args.init_noise.as_ref().map(|p| json!({ "path": p.display().to_string(), "sha256": sha256_file(p).ok() })),
-        "device": device.describe(args.dtype.into()),
-        "seconds": seconds,
-    });
-    write_atomic(
-        &plan.out.join("record.json"),
-        serde_json::to_string_pretty(&record)?.as_bytes(),
-    )?;
-    let stale = earlier_images(&plan.out, n);
-    if stale > 0 {
-        eprintln!(
-            "note: {} also holds {stale} numbered image(s) past {:06}.png from an earlier run, \
-             not part of this one",
-            plan.out.display(),
-            n - 1
-        );
-    }
+    .write(&samples)?;
     if !device.is_cpu() {
         if batch_used < batch_size.min(n) {
             eprintln!(
@@ -931,7 +537,7 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device) -> Result<()> {
     eprintln!(
         "{n} image{} ({h}x{w}, {steps} {} steps, {} expert(s)) in {seconds:.1} s ({:.2} images/s): {}/grid.png",
         if n == 1 { "" } else { "s" },
-        match plan.sampler { Sampler::Ddim => "DDIM", Sampler::Ddpm => "DDPM" },
+        plan.sampler.name().to_uppercase(),
         plan.experts.len(),
         n as f64 / seconds,
         plan.out.display()
