@@ -1,7 +1,8 @@
 // Multi-head softmax attention of the AttentionBlock, flash style (online softmax, scores never
 // stored beyond one key tile). CPU reference: src/ops/attention.rs (`attend`).
 //
-//   attention_{f32,f16,bf16}(qkv, out, n, t, c, heads), attention_d64_{f16,bf16} (d <= 64)
+//   attention_{f32,f16,bf16}(AttentionArgs's fields), attention_d64_{f16,bf16} (d <= 64):
+//   n images of t pixels, c channels, `heads` heads, and
 //   qkv [n, t, 3c] in the "new" order: q = channels [0, c), k = [c, 2c), v = [2c, 3c); head h
 //       uses channels h*d .. h*d + d - 1 of each (d = c / heads, d <= 128, d % 8 == 0)
 //   out [n, t, c]: out[b, i, h*d + j] = sum_s softmax_s(q_i . k_s / sqrt(d)) v_s[j]
@@ -10,10 +11,22 @@
 // Launch (every type): grid (ceil(t / 64), heads, n), block 128 threads; block (qb, h, b)
 // handles queries 64*qb .. 64*qb + 63 of head h of image b. 16-bit: qkv 16-byte aligned, and
 // ATT_SMEM(DMAX, BKV) bytes of dynamic shared memory (attention_d64_*: DMAX 64, BKV 64, 36 KiB;
-// attention_{f16,bf16}: DMAX 128, BKV 32, 34 KiB). f32: 16 KiB static.
+// attention_{f16,bf16}: DMAX 128, BKV 32, 34 KiB; the ATT_*_DMAX and _BKV constants). f32:
+// 16 KiB static.
 #include "common.cuh"
 
+#define AttentionArgs_FIELDS(F)                                                                     \
+    F(const void* __restrict__, qkv) F(void* __restrict__, out) F(int, n) F(int, t) F(int, c)       \
+    F(int, heads)
+MCDM_ARGS(AttentionArgs)
+
 #define ATT_BQ 64  // queries per block
+#define ATT_THREADS 128
+// The 16-bit kernels: head width and keys per tile of each.
+#define ATT_WIDE_DMAX 128
+#define ATT_WIDE_BKV 32
+#define ATT_D64_DMAX 64
+#define ATT_D64_BKV 64
 // f32 path: largest head dimension, keys staged per tile.
 #define ATT_DMAX 128
 #define ATTF_BKV 16
@@ -304,18 +317,18 @@ MCDM_DEV void attention_simt(const float* __restrict__ qkv, float* __restrict__ 
 
 // ---------------------------------------------------------------------------------------------
 
-extern "C" __global__ void __launch_bounds__(128)
-    attention_f32(const float* __restrict__ qkv, float* __restrict__ out, int n, int t, int c, int heads) {
-    attention_simt(qkv, out, n, t, c, heads);
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_f32(MCDM_PARAMS(AttentionArgs)) {
+    attention_simt((const float*)qkv, (float*)out, n, t, c, heads);
 }
 
-#define MCDM_ATTENTION_MMA(NAME, T, DMAX, BKV, MIN_BLOCKS)                                            \
-    extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS)                                       \
-        NAME(const T* __restrict__ qkv, T* __restrict__ out, int n, int t, int c, int heads) {          \
-        attention_mma<T, DMAX, BKV>(qkv, out, n, t, c, heads);                                          \
+// V names the ATT_*_ constants of one variant.
+#define MCDM_ATTENTION_MMA(NAME, T, V, MIN_BLOCKS)                                                 \
+    extern "C" __global__ void __launch_bounds__(ATT_THREADS, MIN_BLOCKS)                          \
+        NAME(MCDM_PARAMS(AttentionArgs)) {                                                         \
+        attention_mma<T, V##_DMAX, V##_BKV>((const T*)qkv, (T*)out, n, t, c, heads);               \
     }
 
-MCDM_ATTENTION_MMA(attention_f16, __half, 128, 32, 2)
-MCDM_ATTENTION_MMA(attention_bf16, __nv_bfloat16, 128, 32, 2)
-MCDM_ATTENTION_MMA(attention_d64_f16, __half, 64, 64, 3)
-MCDM_ATTENTION_MMA(attention_d64_bf16, __nv_bfloat16, 64, 64, 3)
+MCDM_ATTENTION_MMA(attention_f16, __half, ATT_WIDE, 2)
+MCDM_ATTENTION_MMA(attention_bf16, __nv_bfloat16, ATT_WIDE, 2)
+MCDM_ATTENTION_MMA(attention_d64_f16, __half, ATT_D64, 3)
+MCDM_ATTENTION_MMA(attention_d64_bf16, __nv_bfloat16, ATT_D64, 3)

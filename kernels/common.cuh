@@ -17,6 +17,20 @@
 #include <cuda_bf16.h>
 
 #define MCDM_DEV __device__ __forceinline__
+
+// A kernel's arguments are declared once, as a field list: `NAME_FIELDS(F)` lists
+// `F(type, field)` in order. `MCDM_ARGS(NAME)` defines the struct NAME of those fields, and a
+// kernel declared `kernel(MCDM_PARAMS(NAME))` takes them, in that order, as its parameters
+// (scalar parameters, which the compiler reads from the constant bank as it needs them; a struct
+// parameter was loaded whole, into registers). build.rs mirrors each struct in Rust
+// (`mcdm::cuda::interface`, pointers as u64 device addresses), asserts both layouts, and the
+// launcher passes each field as one parameter.
+#define MCDM_ARG_FIELD(type, name) type name;
+#define MCDM_ARGS(NAME) struct NAME { NAME##_FIELDS(MCDM_ARG_FIELD) };
+#define MCDM_COMMA_PARAM(type, name) , type name
+#define MCDM_DROP_FIRST(first, ...) __VA_ARGS__
+#define MCDM_APPLY(m, args) m args
+#define MCDM_PARAMS(NAME) MCDM_APPLY(MCDM_DROP_FIRST, (~ NAME##_FIELDS(MCDM_COMMA_PARAM)))
 // +infinity (NVRTC has no <math.h> INFINITY).
 #define MCDM_INF __uint_as_float(0x7f800000u)
 

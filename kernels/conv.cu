@@ -1,13 +1,13 @@
 // 2-D convolution, NHWC, as an implicit GEMM, with bias and an optional residual add fused in
 // the epilogue. CPU reference: src/ops/conv.rs (note: the GPU weight layout is OHWI, see below).
 //
-//   conv2d_{f32,f16,bf16}(x, w, bias, residual, y, n, h, w, cin, cout, ksize, stride, ho, wo)
+//   conv2d_{f32,f16,bf16}(ConvArgs's fields):
 //   x        [n, h, w, cin]                      storage T
-//   w        [cout, ksize, ksize, cin]  (OHWI)   storage T
+//   weight   [cout, ksize, ksize, cin]  (OHWI)   storage T
 //   bias     f32 [cout] (NULL: none)
 //   residual [n, ho, wo, cout] or NULL; may alias y (each element is read, then written, by
 //            the same thread)
-//   y        [n, ho, wo, cout] = conv(x, w, padding ksize/2, stride) + bias (+ residual)
+//   y        [n, ho, wo, cout] = conv(x, weight, padding ksize/2, stride) + bias (+ residual)
 //   ksize 1 or 3, stride 1 or 2, any cin, cout >= 1; ho, wo as the caller computed them
 //   ((h + 2*(ksize/2) - ksize) / stride + 1).
 //
@@ -20,7 +20,8 @@
 // computes the 64x64 tile y[m0 .. m0+63][n0 .. n0+63], m0 = 64*blockIdx.x, n0 = 64*blockIdx.y.
 // Static shared memory: 20 KiB (f16/bf16), 8.5 KiB (f32).
 //
-// Large-tile variants (f16/bf16 only), same arguments and results:
+// Large-tile variants (f16/bf16 only), same arguments and results, tiles and blocks as the
+// CONV_M*_ constants below say, dynamic shared CONVB_STAGES * (BM + BN) * CONVB_ROW_BYTES:
 //   conv2d_m128n128_{f16,bf16}: 128x128 tiles, block 256 threads, dynamic shared 65536 bytes
 //   conv2d_m128n64_{f16,bf16}:  128x64 tiles,  block 128 threads, dynamic shared 49152 bytes
 //   conv2d_m256n128_{f16,bf16}: 256x128 tiles, block 256 threads, dynamic shared 98304 bytes
@@ -31,6 +32,12 @@
 // cout % 8 == 0, x and w 16-byte aligned. The launcher raises the function's
 // MAX_DYNAMIC_SHARED_SIZE_BYTES to the dynamic size (64 KiB is over the 48 KiB default).
 #include "common.cuh"
+
+#define ConvArgs_FIELDS(F)                                                                          \
+    F(const void* __restrict__, x) F(const void* __restrict__, weight)                              \
+    F(const float* __restrict__, bias) F(const void*, residual) F(void*, y) F(int, n) F(int, h)     \
+    F(int, w) F(int, cin) F(int, cout) F(int, ksize) F(int, stride) F(int, ho) F(int, wo)
+MCDM_ARGS(ConvArgs)
 
 #define CONV_BM 64        // tile rows (output pixels)
 #define CONV_BN 64        // tile columns (output channels)
@@ -276,6 +283,25 @@ MCDM_DEV void conv2d_mma(const T* x_, const T* w_, const float* __restrict__ bia
 #define CONVB_BK 32
 #define CONVB_STAGES 4
 #define CONVB_ROW_BYTES 64  // CONVB_BK 16-bit values
+// Each variant's tile rows and columns, warp tile columns, threads, and blocks per SM it is
+// compiled for (__launch_bounds__). 128-row tiles: 2 blocks of 256 / 4 blocks of 128 threads per
+// SM, at most 128 registers a thread, which the 64 accumulators + 24 fragment registers fit.
+// 256 x 128 (warp tiles 64x64): one block of 256 threads per SM, for the 128 accumulators.
+#define CONV_M128N128_BM 128
+#define CONV_M128N128_BN 128
+#define CONV_M128N128_WN 32
+#define CONV_M128N128_THREADS 256
+#define CONV_M128N128_MIN_BLOCKS 2
+#define CONV_M128N64_BM 128
+#define CONV_M128N64_BN 64
+#define CONV_M128N64_WN 32
+#define CONV_M128N64_THREADS 128
+#define CONV_M128N64_MIN_BLOCKS 4
+#define CONV_M256N128_BM 256
+#define CONV_M256N128_BN 128
+#define CONV_M256N128_WN 64
+#define CONV_M256N128_THREADS 256
+#define CONV_M256N128_MIN_BLOCKS 1
 
 extern __shared__ __align__(16) unsigned char conv_dyn_smem[];
 
@@ -483,43 +509,29 @@ MCDM_DEV void conv2d_simt(const float* __restrict__ x, const float* __restrict__
 
 // ---------------------------------------------------------------------------------------------
 
-extern "C" __global__ void __launch_bounds__(CONV_THREADS)
-    conv2d_f32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
-               const float* residual, float* y, int n, int h, int w_, int cin, int cout, int ksize,
-               int stride, int ho, int wo) {
-    conv2d_simt(x, w, bias, residual, y, conv_shape(n, h, w_, cin, cout, ksize, stride, ho, wo));
+#define CONV_SHAPE conv_shape(n, h, w, cin, cout, ksize, stride, ho, wo)
+
+extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv2d_f32(MCDM_PARAMS(ConvArgs)) {
+    conv2d_simt((const float*)x, (const float*)weight, bias, (const float*)residual, (float*)y, CONV_SHAPE);
 }
 
-extern "C" __global__ void __launch_bounds__(CONV_THREADS)
-    conv2d_f16(const __half* __restrict__ x, const __half* __restrict__ w, const float* __restrict__ bias,
-               const __half* residual, __half* y, int n, int h, int w_, int cin, int cout, int ksize,
-               int stride, int ho, int wo) {
-    conv2d_mma<__half>(x, w, bias, residual, y, conv_shape(n, h, w_, cin, cout, ksize, stride, ho, wo));
-}
-
-extern "C" __global__ void __launch_bounds__(CONV_THREADS)
-    conv2d_bf16(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
-                const float* __restrict__ bias, const __nv_bfloat16* residual, __nv_bfloat16* y, int n,
-                int h, int w_, int cin, int cout, int ksize, int stride, int ho, int wo) {
-    conv2d_mma<__nv_bfloat16>(x, w, bias, residual, y,
-                              conv_shape(n, h, w_, cin, cout, ksize, stride, ho, wo));
-}
-
-
-// Large-tile variants (header). 128-row tiles: 2 blocks of 256 / 4 blocks of 128 threads per SM,
-// at most 128 registers a thread, which the 64 accumulators + 24 fragment registers fit.
-// 256 x 128 (warp tiles 64x64): one block of 256 threads per SM, for the 128 accumulators.
-#define CONV_BIG_ENTRY(NAME, T, BM, BN, WN, THREADS, MINB)                                         \
-    extern "C" __global__ void __launch_bounds__(THREADS, MINB)                                    \
-        NAME(const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ bias,     \
-             const T* residual, T* y, int n, int h, int w_, int cin, int cout, int ksize,          \
-             int stride, int ho, int wo) {                                                          \
-        conv2d_mma_big<T, BM, BN, WN>(x, w, bias, residual, y,                                     \
-                              conv_shape(n, h, w_, cin, cout, ksize, stride, ho, wo));             \
+#define CONV_SMALL_ENTRY(NAME, T)                                                                   \
+    extern "C" __global__ void __launch_bounds__(CONV_THREADS) NAME(MCDM_PARAMS(ConvArgs)) {        \
+        conv2d_mma<T>((const T*)x, (const T*)weight, bias, (const T*)residual, (T*)y, CONV_SHAPE);  \
     }
-CONV_BIG_ENTRY(conv2d_m128n128_f16, __half, 128, 128, 32, 256, 2)
-CONV_BIG_ENTRY(conv2d_m128n128_bf16, __nv_bfloat16, 128, 128, 32, 256, 2)
-CONV_BIG_ENTRY(conv2d_m128n64_f16, __half, 128, 64, 32, 128, 4)
-CONV_BIG_ENTRY(conv2d_m128n64_bf16, __nv_bfloat16, 128, 64, 32, 128, 4)
-CONV_BIG_ENTRY(conv2d_m256n128_f16, __half, 256, 128, 64, 256, 1)
-CONV_BIG_ENTRY(conv2d_m256n128_bf16, __nv_bfloat16, 256, 128, 64, 256, 1)
+CONV_SMALL_ENTRY(conv2d_f16, __half)
+CONV_SMALL_ENTRY(conv2d_bf16, __nv_bfloat16)
+
+// Large-tile variants: V names the CONV_M*_ constants of one.
+#define CONV_BIG_ENTRY(NAME, T, V)                                                                  \
+    extern "C" __global__ void __launch_bounds__(V##_THREADS, V##_MIN_BLOCKS)                       \
+        NAME(MCDM_PARAMS(ConvArgs)) {                                                               \
+        conv2d_mma_big<T, V##_BM, V##_BN, V##_WN>((const T*)x, (const T*)weight, bias,              \
+                                                  (const T*)residual, (T*)y, CONV_SHAPE);           \
+    }
+CONV_BIG_ENTRY(conv2d_m128n128_f16, __half, CONV_M128N128)
+CONV_BIG_ENTRY(conv2d_m128n128_bf16, __nv_bfloat16, CONV_M128N128)
+CONV_BIG_ENTRY(conv2d_m128n64_f16, __half, CONV_M128N64)
+CONV_BIG_ENTRY(conv2d_m128n64_bf16, __nv_bfloat16, CONV_M128N64)
+CONV_BIG_ENTRY(conv2d_m256n128_f16, __half, CONV_M256N128)
+CONV_BIG_ENTRY(conv2d_m256n128_bf16, __nv_bfloat16, CONV_M256N128)

@@ -4,6 +4,19 @@
 // CPU reference: src/ops/group_norm.rs (which accumulates in f64).
 #include "common.cuh"
 
+// The arguments of each kernel, described below with it.
+#define GroupNormStatsArgs_FIELDS(F)                                                                \
+    F(const void* __restrict__, x) F(float* __restrict__, part) F(int, hw) F(int, c) F(int, rows)
+MCDM_ARGS(GroupNormStatsArgs)
+#define GroupNormMergeArgs_FIELDS(F)                                                                \
+    F(const float* __restrict__, part) F(float* __restrict__, stats) F(int, chunks)
+MCDM_ARGS(GroupNormMergeArgs)
+#define GroupNormApplyArgs_FIELDS(F)                                                                \
+    F(const void*, x) F(const float* __restrict__, stats) F(const float* __restrict__, gamma)       \
+    F(const float* __restrict__, beta) F(const float* __restrict__, scale_shift) F(void*, y)        \
+    F(int, hw) F(int, c) F(int, silu)
+MCDM_ARGS(GroupNormApplyArgs)
+
 #define GN_GROUPS 32
 #define GN_EPS 1e-5f
 
@@ -174,19 +187,16 @@ MCDM_DEV void group_norm_apply(const T* x, const float* __restrict__ stats, cons
 }
 
 #define MCDM_GROUP_NORM(SUFFIX, T)                                                                  \
-    extern "C" __global__ void __launch_bounds__(GN_THREADS) group_norm_partial_##SUFFIX(            \
-        const T* __restrict__ x, float* __restrict__ part, int hw, int c, int rows) {                \
-        group_norm_partial<T>(x, part, hw, c, rows);                                                \
+    extern "C" __global__ void __launch_bounds__(GN_THREADS)                                        \
+        group_norm_partial_##SUFFIX(MCDM_PARAMS(GroupNormStatsArgs)) {                              \
+        group_norm_partial<T>((const T*)x, part, hw, c, rows);                                      \
     }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(GN_APPLY_THREADS, 4) group_norm_apply_##SUFFIX(     \
-        const T* x, const float* __restrict__ stats, const float* __restrict__ gamma,                \
-        const float* __restrict__ beta, const float* __restrict__ scale_shift, T* y, int hw, int c,  \
-        int silu) {                                                                                 \
-        group_norm_apply<T>(x, stats, gamma, beta, scale_shift, y, hw, c, silu);                    \
+    extern "C" __global__ void __launch_bounds__(GN_APPLY_THREADS, 4)                               \
+        group_norm_apply_##SUFFIX(MCDM_PARAMS(GroupNormApplyArgs)) {                                \
+        group_norm_apply<T>((const T*)x, stats, gamma, beta, scale_shift, (T*)y, hw, c, silu);      \
     }
 
-extern "C" __global__ void __launch_bounds__(GN_MERGE_THREADS)
-    group_norm_merge(const float* __restrict__ part, float* __restrict__ stats, int chunks) {
+extern "C" __global__ void __launch_bounds__(GN_MERGE_THREADS) group_norm_merge(MCDM_PARAMS(GroupNormMergeArgs)) {
     group_norm_merge_chunks(part, stats, chunks);
 }
 

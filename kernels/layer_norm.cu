@@ -1,8 +1,8 @@
 // LayerNorm over the last axis and the exact (erf) GELU: the transformer ops of the text encoder
-// (BERT, src/text/gpu.rs). Storage T in {float, __half, __nv_bfloat16}, f32 math.
+// (BERT, src/text/bert.rs). Storage T in {float, __half, __nv_bfloat16}, f32 math.
 // CPU references: src/ops/layer_norm.rs (`LayerNorm::forward`, statistics in f64; `gelu`).
 //
-//   layer_norm_{f32,f16,bf16}(x, gamma, beta, y, rows, width, eps)
+//   layer_norm_{f32,f16,bf16}(LayerNormArgs's fields):
 //   x      [rows, width]  storage T
 //   gamma  f32 [width], beta f32 [width]
 //   y      [rows, width]  storage T; may alias x (each element is read, then written, by the same
@@ -17,13 +17,21 @@
 //   Launch: grid (rows, 1, 1), block (128, 1, 1) (LN_THREADS, also the launch bound), no
 //   dynamic shared memory. Block r normalises row r; any width >= 1 (strided loops).
 //
-//   gelu_{f32,f16,bf16}(x, len)
+//   gelu_{f32,f16,bf16}(GeluArgs's fields)
 //   x [len] storage T, in place: x = 0.5 x (1 + erf(x / sqrt 2)) in f32 (erff), rounded to T.
-//   `len` is a 64-bit count (the Rust side pushes it as an 8-byte value).
-//   Launch: grid (ceil(len / 256), 1, 1), block (256, 1, 1), one element per thread.
+//   Launch: grid (ceil(len / 256), 1, 1), block (256, 1, 1) (GELU_THREADS), one element per
+//   thread.
 #include "common.cuh"
 
+#define LayerNormArgs_FIELDS(F)                                                                     \
+    F(const void*, x) F(const float* __restrict__, gamma) F(const float* __restrict__, beta)        \
+    F(void*, y) F(int, rows) F(int, width) F(float, eps)
+MCDM_ARGS(LayerNormArgs)
+#define GeluArgs_FIELDS(F) F(void*, x) F(long long, len)
+MCDM_ARGS(GeluArgs)
+
 #define LN_THREADS 128
+#define GELU_THREADS 256
 
 template <typename T>
 MCDM_DEV void layer_norm(const T* x, const float* __restrict__ gamma, const float* __restrict__ beta, T* y,
@@ -63,13 +71,12 @@ MCDM_DEV void gelu(T* x, long long len) {
 }
 
 #define MCDM_LAYER_NORM(SUFFIX, T)                                                                  \
-    extern "C" __global__ void __launch_bounds__(LN_THREADS) layer_norm_##SUFFIX(                   \
-        const T* x, const float* __restrict__ gamma, const float* __restrict__ beta, T* y,          \
-        int rows, int width, float eps) {                                                           \
-        layer_norm<T>(x, gamma, beta, y, rows, width, eps);                                         \
+    extern "C" __global__ void __launch_bounds__(LN_THREADS)                                        \
+        layer_norm_##SUFFIX(MCDM_PARAMS(LayerNormArgs)) {                                           \
+        layer_norm<T>((const T*)x, gamma, beta, (T*)y, rows, width, eps);                           \
     }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(256) gelu_##SUFFIX(T* x, long long len) {          \
-        gelu<T>(x, len);                                                                            \
+    extern "C" __global__ void __launch_bounds__(GELU_THREADS) gelu_##SUFFIX(MCDM_PARAMS(GeluArgs)) { \
+        gelu<T>((T*)x, len);                                                                        \
     }
 
 MCDM_LAYER_NORM(f32, float)

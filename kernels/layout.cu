@@ -1,9 +1,24 @@
 // Layout changes between the sampler's f32 NCHW images and the network's NHWC activations,
 // storage T in {float, __half, __nv_bfloat16}.
 //
-// Launch (every kernel here): grid ceil(elements / 256), block 256, one element of the written
-// tensor per thread.
+// Launch (every kernel here): grid ceil(elements / 256), block 256 (LAYOUT_THREADS), one element
+// of the written tensor per thread. Each kernel's arguments are described above it.
 #include "common.cuh"
+
+#define PackArgs_FIELDS(F)                                                                          \
+    F(const float* __restrict__, x) F(const float* __restrict__, cond) F(void* __restrict__, y)     \
+    F(int, cond_count) F(int, first_image) F(int, b) F(int, hw) F(int, cc)
+MCDM_ARGS(PackArgs)
+#define UnpackArgs_FIELDS(F)                                                                        \
+    F(const void* __restrict__, y) F(float* __restrict__, eps) F(float* __restrict__, var)          \
+    F(int, oc) F(int, b) F(int, hw)
+MCDM_ARGS(UnpackArgs)
+// nchw_to_nhwc: x f32, y storage T; nhwc_to_nchw: x storage T, y f32.
+#define TransposeArgs_FIELDS(F)                                                                     \
+    F(const void* __restrict__, x) F(void* __restrict__, y) F(int, n) F(int, c) F(int, hw)
+MCDM_ARGS(TransposeArgs)
+
+#define LAYOUT_THREADS 256
 
 // x f32 NCHW [b, 3, hw] (x_t), cond f32 NCHW [cond_count, cc, hw] or NULL (zeros; cc may be 0)
 // -> y NHWC [b, hw, 3 + cc] (x_t ++ condition channels, e.g. the sketch expert's 6 inputs).
@@ -79,23 +94,21 @@ MCDM_DEV void nhwc_to_nchw(const T* __restrict__ x, float* __restrict__ y, int n
 }
 
 #define MCDM_LAYOUT(SUFFIX, T)                                                                      \
-    extern "C" __global__ void __launch_bounds__(256) pack_input_##SUFFIX(                           \
-        const float* __restrict__ x, const float* __restrict__ cond, int cond_count, int first_image, \
-        T* __restrict__ y, int b, int hw, int cc) {                                                 \
-        pack_input<T>(x, cond, cond_count, first_image, y, b, hw, cc);                              \
+    extern "C" __global__ void __launch_bounds__(LAYOUT_THREADS)                                    \
+        pack_input_##SUFFIX(MCDM_PARAMS(PackArgs)) {                                                \
+        pack_input<T>(x, cond, cond_count, first_image, (T*)y, b, hw, cc);                          \
     }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(256) unpack_output_##SUFFIX(                        \
-        const T* __restrict__ y, int oc, float* __restrict__ eps, float* __restrict__ var, int b,    \
-        int hw) {                                                                                   \
-        unpack_output<T>(y, oc, eps, var, b, hw);                                                   \
+    extern "C" __global__ void __launch_bounds__(LAYOUT_THREADS)                                    \
+        unpack_output_##SUFFIX(MCDM_PARAMS(UnpackArgs)) {                                           \
+        unpack_output<T>((const T*)y, oc, eps, var, b, hw);                                         \
     }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(256)                                               \
-        nchw_to_nhwc_##SUFFIX(const float* __restrict__ x, T* __restrict__ y, int n, int c, int hw) { \
-        nchw_to_nhwc<T>(x, y, n, c, hw);                                                            \
+    extern "C" __global__ void __launch_bounds__(LAYOUT_THREADS)                                    \
+        nchw_to_nhwc_##SUFFIX(MCDM_PARAMS(TransposeArgs)) {                                         \
+        nchw_to_nhwc<T>((const float*)x, (T*)y, n, c, hw);                                         \
     }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(256)                                               \
-        nhwc_to_nchw_##SUFFIX(const T* __restrict__ x, float* __restrict__ y, int n, int c, int hw) { \
-        nhwc_to_nchw<T>(x, y, n, c, hw);                                                            \
+    extern "C" __global__ void __launch_bounds__(LAYOUT_THREADS)                                    \
+        nhwc_to_nchw_##SUFFIX(MCDM_PARAMS(TransposeArgs)) {                                         \
+        nhwc_to_nchw<T>((const T*)x, (float*)y, n, c, hw);                                         \
     }
 
 MCDM_LAYOUT(f32, float)

@@ -8,6 +8,24 @@
 // (64-bit divisions) is done once per thread.
 #include "common.cuh"
 
+// upsample2x, avgpool2x: x [n, h, w, c] -> y.
+#define ResampleArgs_FIELDS(F)                                                                      \
+    F(const void* __restrict__, x) F(void* __restrict__, y) F(int, n) F(int, h) F(int, w) F(int, c) \
+    F(int, vec)
+MCDM_ARGS(ResampleArgs)
+#define ConcatArgs_FIELDS(F)                                                                        \
+    F(const void* __restrict__, a) F(const void* __restrict__, b) F(void* __restrict__, y)          \
+    F(int, n) F(int, hw) F(int, ca) F(int, cb) F(int, vec)
+MCDM_ARGS(ConcatArgs)
+#define BiasArgs_FIELDS(F)                                                                          \
+    F(void* __restrict__, x) F(const float* __restrict__, bias) F(int, n) F(int, hw) F(int, c)      \
+    F(int, vec)
+MCDM_ARGS(BiasArgs)
+
+#define RESAMPLE_THREADS 256
+// Channels a thread moves with `vec`.
+#define RESAMPLE_VEC 8
+
 // x [n, h, w, c] -> y [n, 2h, 2w, c]: y[b, yo, xo, ch] = x[b, yo/2, xo/2, ch].
 template <typename T>
 MCDM_DEV void upsample2x(const T* __restrict__ x, T* __restrict__ y, int n, int h, int w, int c, int vec) {
@@ -101,25 +119,21 @@ MCDM_DEV void add_channel_bias(T* __restrict__ x, const float* __restrict__ bias
 }
 
 #define MCDM_RESAMPLE(SUFFIX, T)                                                                    \
-    extern "C" __global__ void __launch_bounds__(256)                                               \
-        upsample2x_##SUFFIX(const T* __restrict__ x, T* __restrict__ y, int n, int h, int w, int c,   \
-                            int vec) {                                                              \
-        upsample2x<T>(x, y, n, h, w, c, vec);                                                       \
+    extern "C" __global__ void __launch_bounds__(RESAMPLE_THREADS)                                  \
+        upsample2x_##SUFFIX(MCDM_PARAMS(ResampleArgs)) {                                            \
+        upsample2x<T>((const T*)x, (T*)y, n, h, w, c, vec);                                         \
     }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(256)                                               \
-        avgpool2x_##SUFFIX(const T* __restrict__ x, T* __restrict__ y, int n, int h, int w, int c,    \
-                           int vec) {                                                               \
-        avgpool2x<T>(x, y, n, h, w, c, vec);                                                        \
+    extern "C" __global__ void __launch_bounds__(RESAMPLE_THREADS)                                  \
+        avgpool2x_##SUFFIX(MCDM_PARAMS(ResampleArgs)) {                                             \
+        avgpool2x<T>((const T*)x, (T*)y, n, h, w, c, vec);                                          \
     }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(256) concat_channels_##SUFFIX(                      \
-        const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y, int n, int hw, int ca,  \
-        int cb, int vec) {                                                                          \
-        concat_channels<T>(a, b, y, n, hw, ca, cb, vec);                                            \
+    extern "C" __global__ void __launch_bounds__(RESAMPLE_THREADS)                                  \
+        concat_channels_##SUFFIX(MCDM_PARAMS(ConcatArgs)) {                                         \
+        concat_channels<T>((const T*)a, (const T*)b, (T*)y, n, hw, ca, cb, vec);                    \
     }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(256)                                               \
-        add_channel_bias_##SUFFIX(T* __restrict__ x, const float* __restrict__ bias, int n, int hw,  \
-                                  int c, int vec) {                                                 \
-        add_channel_bias<T>(x, bias, n, hw, c, vec);                                                \
+    extern "C" __global__ void __launch_bounds__(RESAMPLE_THREADS)                                  \
+        add_channel_bias_##SUFFIX(MCDM_PARAMS(BiasArgs)) {                                          \
+        add_channel_bias<T>((T*)x, bias, n, hw, c, vec);                                            \
     }
 
 MCDM_RESAMPLE(f32, float)

@@ -31,11 +31,17 @@ MCDM_DEV float pred_xstart(const StepParams& p, float x, float m) {
 //   DDPM step, NULL for the fixed variances (and for DDIM, which ignores it).
 // Noise (when p.add_noise): element e (0 <= e < len) of batch row k is the normal of
 //   rng::fill_normals(seed, image = first_image + k, step = p.step)[e].
-// Launch: grid ceil(b * len / 256), block 256.
-extern "C" __global__ void __launch_bounds__(256)
-    diffusion_step(const float* x, const float* __restrict__ eps, const float* __restrict__ weights,
-                   int terms, const float* __restrict__ var, float* x_out, int b, int len,
-                   int first_image, StepParams p) {
+// StepArgs: these, and p. Launch: grid ceil(b * len / 256), block 256.
+#define StepArgs_FIELDS(F)                                                                          \
+    F(const float*, x) F(const float* __restrict__, eps) F(const float* __restrict__, weights)      \
+    F(const float* __restrict__, var) F(float*, x_out) F(int, terms) F(int, b) F(int, len)          \
+    F(int, first_image) F(StepParams, p)
+MCDM_ARGS(StepArgs)
+#define STEP_THREADS 256
+
+MCDM_DEV void diffusion_step_at(const float* x, const float* __restrict__ eps, const float* __restrict__ weights,
+                                int terms, const float* __restrict__ var, float* x_out, int b, int len,
+                                int first_image, const StepParams& p) {
     const long long i = global_index();
     const long long total = (long long)b * len;
     if (i >= total || terms < 1) return;
@@ -87,12 +93,19 @@ extern "C" __global__ void __launch_bounds__(256)
     x_out[i] = out;
 }
 
+extern "C" __global__ void __launch_bounds__(STEP_THREADS) diffusion_step(MCDM_PARAMS(StepArgs)) {
+    diffusion_step_at(x, eps, weights, terms, var, x_out, b, len, first_image, p);
+}
+
 // out f32 [b, len]: out[k, e] = rng::fill_normals(seed, first_image + k, step)[e], seed =
 // seed_lo | seed_hi << 32 (x_T uses step = 0xFFFFFFFF).
 // Launch: grid ceil(b * len / 256), block 256, one element per thread.
-extern "C" __global__ void __launch_bounds__(256)
-    fill_normals(float* __restrict__ out, int b, int len, int first_image, unsigned seed_lo,
-                 unsigned seed_hi, unsigned step) {
+#define NormalsArgs_FIELDS(F)                                                                       \
+    F(float* __restrict__, out) F(int, b) F(int, len) F(int, first_image) F(unsigned, seed_lo)      \
+    F(unsigned, seed_hi) F(unsigned, step)
+MCDM_ARGS(NormalsArgs)
+
+extern "C" __global__ void __launch_bounds__(STEP_THREADS) fill_normals(MCDM_PARAMS(NormalsArgs)) {
     const long long i = global_index();
     const long long total = (long long)b * len;
     if (i >= total) return;

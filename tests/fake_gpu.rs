@@ -7,7 +7,8 @@
 //! and the sanitizer's runtime preloaded: a kernel or copy that touches memory outside its
 //! allocations aborts the run, as compute-sanitizer's memcheck would fail it on a GPU. The two
 //! slowest tests (composed sampling and the text encoder, ~6 minutes emulated) are left to
-//! `scripts/fake-gpu-test.sh`, which runs everything.
+//! `scripts/fake-gpu-test.sh`, which runs everything; every kernel entry point of the build must
+//! still be launched by the tests that do run here.
 //!
 //! Skipped, with a message, where a real GPU is present (the GPU tests then run on it) or where
 //! g++, its AddressSanitizer runtime or the CUDA headers are missing.
@@ -33,6 +34,26 @@ fn sibling_test(dir: &Path, name: &str) -> Option<PathBuf> {
         })
         .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
         .map(|e| e.path())
+}
+
+#[test]
+fn unlaunched_lists_the_entry_points_not_reached() {
+    if mcdm::cuda::KERNEL_RESOURCES.is_empty() {
+        eprintln!("skipped: built without NVRTC, no entry point list");
+        return;
+    }
+    let all: Vec<&str> = mcdm::cuda::KERNEL_RESOURCES
+        .iter()
+        .map(|r| r.kernel)
+        .collect();
+    assert!(all.contains(&"conv2d_f16") && all.contains(&"diffusion_step"));
+    let reached: String = all
+        .iter()
+        .filter(|k| **k != "silu_f32")
+        .map(|k| format!("{k}\n"))
+        .collect();
+    assert_eq!(unlaunched(&reached), ["silu_f32"]);
+    assert!(unlaunched(&format!("{reached}silu_f32\n")).is_empty());
 }
 
 /// The sanitized fake libcuda, built once per test process; None (after saying why) where it
@@ -118,12 +139,16 @@ fn gpu_tests_pass_on_the_fake_driver() {
         .expect("cargo's deps folder")
         .to_path_buf();
     let mut failed = Vec::new();
+    // The fake driver lists every kernel the runs reach here.
+    let log_dir = tempfile::tempdir().unwrap();
+    let launched = log_dir.path().join("launched.txt");
     for name in ["gpu_ops", "gpu_sample", "gpu_text"] {
         let exe = sibling_test(&deps, name)
             .unwrap_or_else(|| panic!("no {name} test executable in {}", deps.display()));
         // One test at a time: the emulator runs a launch on the calling thread's fibers.
         let out = driver
             .apply(&mut Command::new(&exe))
+            .env("FAKE_CUDA_LAUNCH_LOG", &launched)
             .args([
                 "--test-threads",
                 "1",
@@ -142,6 +167,31 @@ fn gpu_tests_pass_on_the_fake_driver() {
         }
     }
     assert!(failed.is_empty(), "{}", failed.join("\n"));
+    let reached = std::fs::read_to_string(&launched).unwrap_or_default();
+    let missing = unlaunched(&reached);
+    assert!(
+        missing.is_empty(),
+        "kernel entry points no GPU test launches (the build has them; add a test that runs \
+         each against its CPU reference): {missing:?}"
+    );
+}
+
+/// The kernel entry points of the build (ptxas's report of its CUBINs) that `reached`, one
+/// kernel name a line, does not name.
+fn unlaunched(reached: &str) -> Vec<&'static str> {
+    let reached: std::collections::BTreeSet<&str> = reached.lines().collect();
+    let mut missing: Vec<&'static str> = mcdm::cuda::KERNEL_RESOURCES
+        .iter()
+        .map(|r| r.kernel)
+        .filter(|k| !reached.contains(k))
+        .collect();
+    missing.sort_unstable();
+    missing.dedup();
+    assert!(
+        !mcdm::cuda::KERNEL_RESOURCES.is_empty(),
+        "no ptxas report in this build (built without NVRTC?): the entry points are unknown"
+    );
+    missing
 }
 
 /// A process's stdout then stderr, for messages and assertions.

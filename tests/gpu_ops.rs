@@ -14,7 +14,9 @@ use mcdm::cuda::{Gpu, GpuBuffer, GpuFloat};
 use mcdm::ops::attention::{attend, attend_gpu};
 use mcdm::ops::conv::{Conv2d, ConvKernel, Residual};
 use mcdm::ops::group_norm::{GpuGroupNorm, GroupNorm};
-use mcdm::ops::layout::{nchw_to_nhwc, nchw_to_nhwc_gpu};
+use mcdm::ops::layout::{
+    nchw_to_nhwc, nchw_to_nhwc_gpu, pack_input, pack_input_gpu, unpack_output, unpack_output_gpu,
+};
 use mcdm::ops::linear::Linear;
 use mcdm::ops::resample::{
     add_channel_bias_gpu, avg_pool2x, avg_pool2x_gpu, concat_channels_gpu, upsample_nearest2x,
@@ -304,7 +306,60 @@ fn resample_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
             gpu_err(&g.download(&yd).unwrap(), &rounded::<T>(&want)),
             0.0,
         ));
+        out.extend(sampler_layout_cases::<T>(g, n, h * w, i as u32));
     }
+    out
+}
+
+/// The sampler's input packing and output unpacking against their CPU references: x_t with no,
+/// one shared or per-image image conditions (image k takes item `first + k`), written at an
+/// offset into a larger buffer; eps and the variance channels read from one.
+fn sampler_layout_cases<T: GpuFloat>(
+    g: &Gpu,
+    b: usize,
+    hw: usize,
+    seed: u32,
+) -> Vec<(String, f64, f64)> {
+    let mut out = Vec::new();
+    let x = values(b * 3 * hw, 130 + seed);
+    for (cc, count) in [(0, 0), (1, 1), (3, b + 1)] {
+        let cond = (count > 0).then(|| values(count * cc * hw, 140 + seed));
+        let (first, at) = (1, 5);
+        let len = at + b * hw * (3 + cc);
+        let mut want = vec![f32::NAN; len];
+        let host_cond = cond.as_deref().map(|c| (c, count));
+        pack_input(&x, host_cond, first, b, hw, cc, &mut want, at);
+        let xd = g.upload::<f32>(&x).unwrap();
+        let cd = cond.as_ref().map(|c| g.upload::<f32>(c).unwrap());
+        let mut yd = g.upload::<T>(&vec![f32::NAN; len]).unwrap();
+        let dev_cond = cd.as_ref().map(|c| (c, count));
+        pack_input_gpu(g, &xd, dev_cond, first, b, hw, cc, &mut yd, at).unwrap();
+        let got = g.download(&yd).unwrap();
+        out.push((
+            format!("pack_input b{b} hw{hw} cc{cc} items{count}"),
+            gpu_err(&got[at..], &rounded::<T>(&want[at..])),
+            0.0,
+        ));
+    }
+    let (oc, at, eps_at) = (6, 7, 3);
+    let y = rounded::<T>(&values(at + b * hw * oc, 150 + seed));
+    let (mut eps, mut var) = (vec![0.0; eps_at + b * 3 * hw], vec![0.0; b * 3 * hw]);
+    unpack_output(&y, at, oc, &mut eps, eps_at, Some(&mut var), b, hw);
+    let yd = g.upload::<T>(&y).unwrap();
+    let mut eps_d = g.upload::<f32>(&vec![f32::NAN; eps.len()]).unwrap();
+    let mut var_d = g.upload::<f32>(&vec![f32::NAN; var.len()]).unwrap();
+    unpack_output_gpu(g, &yd, at, oc, &mut eps_d, eps_at, Some(&mut var_d), b, hw).unwrap();
+    let got = g.download(&eps_d).unwrap();
+    out.push((
+        format!("unpack_output eps b{b} hw{hw}"),
+        gpu_err(&got[eps_at..], &eps[eps_at..]),
+        0.0,
+    ));
+    out.push((
+        format!("unpack_output var b{b} hw{hw}"),
+        gpu_err(&g.download(&var_d).unwrap(), &var),
+        0.0,
+    ));
     out
 }
 

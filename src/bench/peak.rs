@@ -9,14 +9,15 @@
 
 use cudarc::driver::LaunchConfig;
 
-use crate::cuda::{Arg, Gpu, GpuBuffer, GpuFloat};
+use crate::cuda::interface::{CopyArgs, PeakArgs, PEAK_BLOCK, PEAK_CHAINS};
+use crate::cuda::{Gpu, GpuBuffer, GpuFloat};
 use crate::error::{Error, Result};
 use crate::ops::{check_len, elements};
 
-/// Independent accumulator chains per warp (MMA) or per thread (FMA): `PEAK_CHAINS`.
-pub const CHAINS: usize = 8;
-/// Threads per block: `PEAK_BLOCK`.
-pub const BLOCK: usize = 256;
+/// Independent accumulator chains per warp (MMA) or per thread (FMA).
+pub const CHAINS: usize = PEAK_CHAINS;
+/// Threads per block.
+pub const BLOCK: usize = PEAK_BLOCK;
 /// Blocks per SM for the peak launches: 4 x 256 threads, one wave on every architecture (the
 /// kernels take 43 registers, so 5 blocks are resident at most; sm_86/89 hold 1536 threads), and
 /// 32 warps of independent chains or loads, enough to keep an SM's tensor cores, FMA pipes or
@@ -122,18 +123,15 @@ pub fn compute_peak_gpu<T: GpuFloat>(
     let threads = elements("peak output", &[blocks, BLOCK])?;
     check_len("peak output", out.len(), threads)?;
     let peak = compute_peak::<T>()?;
-    let [b, c] = peak.operands;
-    gpu.launch(
-        "peak",
-        peak.kernel,
-        launch(blocks),
-        &[
-            Arg::Ptr(out.ptr(gpu)),
-            Arg::I32(iters as i32),
-            Arg::F32(b),
-            Arg::F32(c),
-        ],
-    )?;
+    let [u, v] = peak.operands;
+    let args = PeakArgs {
+        out: out.ptr(gpu),
+        iters: iters as i32,
+        u,
+        v,
+        ..Default::default()
+    };
+    gpu.launch("peak", peak.kernel, launch(blocks), &args)?;
     Ok((peak.flop_per_thread_round * threads) as f64 * iters as f64)
 }
 
@@ -157,12 +155,13 @@ pub fn copy_gpu(
     check_len("peak copy output", y.len(), len)?;
     let words = i32::try_from(len / 4)
         .map_err(|_| Error::Cuda(format!("peak copy: {len} floats is too many")))?;
-    gpu.launch(
-        "peak",
-        "copy_u4",
-        launch(blocks),
-        &[Arg::Ptr(x.ptr(gpu)), Arg::Ptr(y.ptr(gpu)), Arg::I32(words)],
-    )?;
+    let args = CopyArgs {
+        x: x.ptr(gpu),
+        y: y.ptr(gpu),
+        n: words,
+        ..Default::default()
+    };
+    gpu.launch("peak", "copy_u4", launch(blocks), &args)?;
     Ok((2 * len * std::mem::size_of::<f32>()) as f64)
 }
 

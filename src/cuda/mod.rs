@@ -30,6 +30,23 @@ mod embedded {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
 
+/// The kernels' argument structs and constants (tile sizes, threads, stages), mirrored by
+/// build.rs from their one declaration in `kernels/` (see `MCDM_ARGS` in common.cuh).
+pub mod interface {
+    include!(concat!(env!("OUT_DIR"), "/kernel_interface.rs"));
+}
+
+/// A kernel's argument struct ([`interface`]): the kernel takes its fields, in order, as its
+/// parameters (`kernel(MCDM_PARAMS(Name))` in `kernels/`).
+///
+/// # Safety
+/// `OFFSETS` are the byte offsets of the fields, in declaration order, each field a value of
+/// the matching kernel parameter's type and size (build.rs generates the impls and asserts the
+/// layout on both sides).
+pub unsafe trait KernelArgs: bytemuck::Pod {
+    const OFFSETS: &'static [usize];
+}
+
 /// Kernel sources and images embedded at build time, and ptxas's report on each CUBIN kernel.
 pub use embedded::{
     KERNEL_HEADERS, KERNEL_IMAGES, KERNEL_OPTIONS, KERNEL_RESOURCES, KERNEL_SOURCES, NVRTC_VERSION,
@@ -375,13 +392,14 @@ impl Gpu {
         Ok(f.clone())
     }
 
-    /// Launches `file::name` with `args`, each pushed by value (device pointers as u64).
-    pub(crate) fn launch(
+    /// Launches `file::name` with its argument struct `args` (`kernels/<file>.cu` declares
+    /// it; [`interface`] mirrors it): each field is one parameter.
+    pub(crate) fn launch<A: KernelArgs>(
         &self,
         file: &str,
         name: &str,
         cfg: LaunchConfig,
-        args: &[Arg],
+        args: &A,
     ) -> Result<()> {
         // No blocks (an empty tensor): nothing to do, and the driver refuses such a grid.
         let (x, y, z) = cfg.grid_dim;
@@ -391,18 +409,10 @@ impl Gpu {
         self.refuse_other_threads_while_capturing("launching a kernel")?;
         let f = self.function(file, name, cfg.shared_mem_bytes)?;
         let mut builder = self.stream.launch_builder(&f);
-        for a in args {
-            match a {
-                Arg::Ptr(p) => builder.arg(p),
-                Arg::I32(v) => builder.arg(v),
-                Arg::U32(v) => builder.arg(v),
-                Arg::F32(v) => builder.arg(v),
-                // The driver copies the parameter's size from where its first byte is.
-                Arg::Struct(bytes) => match bytes.first() {
-                    Some(first) => builder.arg(first),
-                    None => return Err(Error::Cuda(format!("`{name}`: an empty struct argument"))),
-                },
-            };
+        // The driver copies each parameter's size from where its first byte is.
+        let bytes = bytemuck::bytes_of(args);
+        for &offset in A::OFFSETS {
+            builder.arg(&bytes[offset]);
         }
         let mut profile = self.profile_marks()?;
         let record = || -> Result<CudaEvent> {
@@ -508,25 +518,6 @@ fn older_driver_hint(driver: Option<(i32, i32)>, nvrtc: Option<(i32, i32)>) -> S
     }
 }
 
-/// A kernel argument, passed by value.
-#[derive(Clone, Copy)]
-pub(crate) enum Arg<'a> {
-    /// A device pointer (0 is NULL).
-    Ptr(u64),
-    I32(i32),
-    U32(u32),
-    F32(f32),
-    /// A `#[repr(C)]` parameter struct, as its bytes ([`Arg::plain`]).
-    Struct(&'a [u8]),
-}
-
-impl<'a> Arg<'a> {
-    /// A plain-data parameter struct, passed by value: the kernel declares the same struct.
-    pub(crate) fn plain<P: bytemuck::Pod>(params: &'a P) -> Self {
-        Arg::Struct(bytemuck::bytes_of(params))
-    }
-}
-
 /// Raises the release threshold of the device's default memory pool (0 by default), so that
 /// memory freed between steps stays in the pool for the next allocation instead of going back
 /// to the system at every synchronisation.
@@ -558,11 +549,11 @@ fn out_of_memory(gpu: &Gpu, bytes: usize, e: cudarc::driver::DriverError) -> Err
     }
 }
 
-/// 1-D launch over `n` elements, 256 threads a block.
-pub(crate) fn grid_1d(n: usize) -> LaunchConfig {
+/// 1-D launch over `n` elements, one a thread, `threads` threads a block.
+pub(crate) fn grid_1d(n: usize, threads: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (n.div_ceil(256).max(1) as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        grid_dim: (n.div_ceil(threads).max(1) as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
         shared_mem_bytes: 0,
     }
 }

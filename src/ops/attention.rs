@@ -12,7 +12,8 @@ use super::group_norm::{GpuGroupNorm, GroupNorm};
 use super::matmul::{matmul, Mat};
 use super::{check_len, elements};
 use crate::cuda::buffer::GpuPool;
-use crate::cuda::{Arg, Gpu, GpuBuffer, GpuFloat};
+use crate::cuda::interface::{self as k, AttentionArgs};
+use crate::cuda::{Gpu, GpuBuffer, GpuFloat};
 use crate::error::Result;
 
 /// Query rows per task.
@@ -206,8 +207,8 @@ impl<T: GpuFloat> GpuAttention<T> {
 
 /// Dynamic shared memory of the 16-bit attention kernel for heads up to `dmax` wide and tiles
 /// of `keys` keys: two stages of K and V tiles, rows of `dmax + 8` values (`ATT_SMEM`).
-fn mma_shared_bytes(dmax: u32, keys: u32) -> u32 {
-    2 * 2 * keys * (dmax + 8) * 2
+fn mma_shared_bytes(dmax: usize, keys: usize) -> u32 {
+    (2 * 2 * keys * (dmax + 8) * 2) as u32
 }
 
 /// `kernels/attention.cu`: the device counterpart of [`attend`].
@@ -231,17 +232,25 @@ pub fn attend_gpu<T: GpuFloat>(
         elements("attention", &[n, t, c])?,
     )?;
     let d = c.checked_div(heads).unwrap_or(0);
-    if d == 0 || d > 128 || !d.is_multiple_of(8) || !c.is_multiple_of(heads) {
+    if d == 0 || d > k::ATT_DMAX || !d.is_multiple_of(8) || !c.is_multiple_of(heads) {
         return Err(crate::Error::Cuda(format!(
-            "attention head width {c}/{heads} is unsupported on the GPU (needs a multiple of 8, at most 128)"
+            "attention head width {c}/{heads} is unsupported on the GPU (needs a multiple of 8, at \
+             most {})",
+            k::ATT_DMAX
         )));
     }
     // 16-bit types: heads up to 64 wide take the kernel sized for them (fewer registers, wider
     // key tiles); both copy 16-byte rows of qkv with cp.async into dynamic shared memory.
-    let (kernel, shared_mem_bytes) = match (std::mem::size_of::<T>(), d <= 64) {
+    let (kernel, shared_mem_bytes) = match (std::mem::size_of::<T>(), d <= k::ATT_D64_DMAX) {
         (4, _) => ("attention", 0),
-        (_, true) => ("attention_d64", mma_shared_bytes(64, 64)),
-        (_, false) => ("attention", mma_shared_bytes(128, 32)),
+        (_, true) => (
+            "attention_d64",
+            mma_shared_bytes(k::ATT_D64_DMAX, k::ATT_D64_BKV),
+        ),
+        (_, false) => (
+            "attention",
+            mma_shared_bytes(k::ATT_WIDE_DMAX, k::ATT_WIDE_BKV),
+        ),
     };
     if shared_mem_bytes > 0 && !qkv.ptr(gpu).is_multiple_of(16) {
         return Err(crate::Error::Cuda(
@@ -249,22 +258,17 @@ pub fn attend_gpu<T: GpuFloat>(
         ));
     }
     let cfg = LaunchConfig {
-        grid_dim: (t.div_ceil(64) as u32, heads as u32, n as u32),
-        block_dim: (128, 1, 1),
+        grid_dim: (t.div_ceil(k::ATT_BQ) as u32, heads as u32, n as u32),
+        block_dim: (k::ATT_THREADS as u32, 1, 1),
         shared_mem_bytes,
     };
-    let i = |v: usize| Arg::I32(v as i32);
-    gpu.launch(
-        "attention",
-        &format!("{kernel}{}", T::SUFFIX),
-        cfg,
-        &[
-            Arg::Ptr(qkv.ptr(gpu)),
-            Arg::Ptr(out.ptr(gpu)),
-            i(n),
-            i(t),
-            i(c),
-            i(heads),
-        ],
-    )
+    let args = AttentionArgs {
+        qkv: qkv.ptr(gpu),
+        out: out.ptr(gpu),
+        n: n as i32,
+        t: t as i32,
+        c: c as i32,
+        heads: heads as i32,
+    };
+    gpu.launch("attention", &format!("{kernel}{}", T::SUFFIX), cfg, &args)
 }

@@ -13,7 +13,8 @@ use rayon::prelude::*;
 
 use super::matmul::{matmul, Mat};
 use super::{check_len, elements, int_product};
-use crate::cuda::{Arg, Gpu, GpuBuffer, GpuFloat};
+use crate::cuda::interface::{self as k, ConvArgs};
+use crate::cuda::{Gpu, GpuBuffer, GpuFloat};
 use crate::error::{Error, Result};
 
 /// Scratch floats per im2col chunk (16 MiB).
@@ -477,14 +478,31 @@ impl ConvKernel {
         Self::ALL.into_iter().find(|k| k.name() == name)
     }
 
-    /// (tile rows, tile columns, threads a block, dynamic shared bytes): `kernels/conv.cu`.
+    /// (tile rows, tile columns, threads a block, dynamic shared bytes): `kernels/conv.cu`'s
+    /// constants. The large tiles stage CONVB_STAGES x (BM + BN) rows of CONVB_ROW_BYTES (32
+    /// 16-bit k values, swizzled, no padding).
     fn geometry(self) -> (usize, usize, u32, u32) {
+        let big = |bm: usize, bn: usize, threads: usize| {
+            let shared = k::CONVB_STAGES * (bm + bn) * k::CONVB_ROW_BYTES;
+            (bm, bn, threads as u32, shared as u32)
+        };
         match self {
-            ConvKernel::Tile64 => (64, 64, 128, 0),
-            // 4 stages x (128 + BN) rows x 64 bytes (32 16-bit k values, swizzled, no padding).
-            ConvKernel::Tile128 => (128, 128, 256, 4 * 256 * 64),
-            ConvKernel::Tile128x64 => (128, 64, 128, 4 * 192 * 64),
-            ConvKernel::Tile256x128 => (256, 128, 256, 4 * 384 * 64),
+            ConvKernel::Tile64 => (k::CONV_BM, k::CONV_BN, k::CONV_THREADS as u32, 0),
+            ConvKernel::Tile128 => big(
+                k::CONV_M128N128_BM,
+                k::CONV_M128N128_BN,
+                k::CONV_M128N128_THREADS,
+            ),
+            ConvKernel::Tile128x64 => big(
+                k::CONV_M128N64_BM,
+                k::CONV_M128N64_BN,
+                k::CONV_M128N64_THREADS,
+            ),
+            ConvKernel::Tile256x128 => big(
+                k::CONV_M256N128_BM,
+                k::CONV_M256N128_BN,
+                k::CONV_M256N128_THREADS,
+            ),
         }
     }
 
@@ -705,28 +723,25 @@ impl<T: GpuFloat> GpuConv2d<T> {
             block_dim: (threads, 1, 1),
             shared_mem_bytes: smem,
         };
-        let i = |v: usize| Arg::I32(v as i32);
-        gpu.launch(
-            "conv",
-            &name,
-            cfg,
-            &[
-                Arg::Ptr(x.ptr(gpu)),
-                Arg::Ptr(self.weight.ptr(gpu)),
-                Arg::Ptr(self.bias.ptr(gpu)),
-                Arg::Ptr(res),
-                Arg::Ptr(y.ptr(gpu)),
-                i(n),
-                i(h),
-                i(w),
-                i(self.cin),
-                i(self.cout),
-                i(self.kernel),
-                i(self.stride),
-                i(ho),
-                i(wo),
-            ],
-        )
+        let i = |v: usize| v as i32;
+        let args = ConvArgs {
+            x: x.ptr(gpu),
+            weight: self.weight.ptr(gpu),
+            bias: self.bias.ptr(gpu),
+            residual: res,
+            y: y.ptr(gpu),
+            n: i(n),
+            h: i(h),
+            w: i(w),
+            cin: i(self.cin),
+            cout: i(self.cout),
+            ksize: i(self.kernel),
+            stride: i(self.stride),
+            ho: i(ho),
+            wo: i(wo),
+            ..Default::default()
+        };
+        gpu.launch("conv", &name, cfg, &args)
     }
 }
 

@@ -3,7 +3,8 @@
 use cudarc::driver::LaunchConfig;
 
 use super::{check_len, elements};
-use crate::cuda::{Arg, Gpu, GpuBuffer};
+use crate::cuda::interface::{TimestepArgs, EMBEDDING_THREADS};
+use crate::cuda::{Gpu, GpuBuffer};
 use crate::error::Result;
 
 /// Writes `[t.len(), dim]`; the f32 operation order follows the reference so that fractional and
@@ -37,20 +38,16 @@ pub fn timestep_embedding_gpu(
     check_len("timestep embedding", out.len(), len)?;
     let cfg = LaunchConfig {
         grid_dim: (n as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        block_dim: (EMBEDDING_THREADS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    gpu.launch(
-        "linear",
-        "timestep_embedding_f32",
-        cfg,
-        &[
-            Arg::Ptr(t.ptr(gpu)),
-            Arg::Ptr(out.ptr(gpu)),
-            Arg::I32(n as i32),
-            Arg::I32(dim as i32),
-        ],
-    )
+    let args = TimestepArgs {
+        t: t.ptr(gpu),
+        y: out.ptr(gpu),
+        n: n as i32,
+        dim: dim as i32,
+    };
+    gpu.launch("linear", "timestep_embedding_f32", cfg, &args)
 }
 
 #[cfg(test)]

@@ -7,13 +7,16 @@ use rayon::prelude::*;
 
 use super::silu;
 use super::{check_len, elements, int_product};
-use crate::cuda::{Arg, Gpu, GpuBuffer, GpuFloat};
+use crate::cuda::interface::{
+    self as k, GroupNormApplyArgs, GroupNormMergeArgs, GroupNormStatsArgs,
+};
+use crate::cuda::{Gpu, GpuBuffer, GpuFloat};
 use crate::error::Result;
 
-pub const GROUPS: usize = 32;
+pub const GROUPS: usize = k::GN_GROUPS;
 pub const EPS: f64 = 1e-5;
-/// The widest group norm the GPU kernel takes (`GN_MAX_CHANNELS` in kernels/group_norm.cu).
-pub const MAX_CHANNELS: usize = 2048;
+/// The widest group norm the GPU kernel takes.
+pub const MAX_CHANNELS: usize = k::GN_MAX_CHANNELS;
 
 #[derive(Clone)]
 pub struct GroupNorm {
@@ -144,8 +147,8 @@ impl GroupNorm {
     }
 }
 
-/// Elements per block of the apply kernel: 256 threads x 8 channels x `GN_APPLY_ITERS` (4).
-const APPLY_ELEMENTS_PER_BLOCK: usize = 256 * 8 * 4;
+/// Elements per block of the apply kernel: threads x 8 channels x `GN_APPLY_ITERS`.
+const APPLY_ELEMENTS_PER_BLOCK: usize = k::GN_APPLY_THREADS * k::GN_VEC * k::GN_APPLY_ITERS;
 
 /// Pixels per block of the statistics kernel: about 1024 blocks in all, at least 32 rows each.
 fn stats_rows(n: usize, hw: usize) -> usize {
@@ -206,26 +209,39 @@ impl GpuGroupNorm {
         }
         let stats = scratch.ptr(gpu);
         let part = stats + (n * GROUPS * 2 * std::mem::size_of::<f32>()) as u64;
-        let i = |v: usize| Arg::I32(v as i32);
+        let i = |v: usize| v as i32;
+        let block = |threads: usize| (threads as u32, 1, 1);
         gpu.launch(
             "group_norm",
             &format!("group_norm_partial{}", T::SUFFIX),
             LaunchConfig {
                 grid_dim: (chunks as u32, n as u32, 1),
-                block_dim: (256, 1, 1),
+                block_dim: block(k::GN_THREADS),
                 shared_mem_bytes: 0,
             },
-            &[Arg::Ptr(x.ptr(gpu)), Arg::Ptr(part), i(hw), i(c), i(rows)],
+            &GroupNormStatsArgs {
+                x: x.ptr(gpu),
+                part,
+                hw: i(hw),
+                c: i(c),
+                rows: i(rows),
+                ..Default::default()
+            },
         )?;
         gpu.launch(
             "group_norm",
             "group_norm_merge",
             LaunchConfig {
                 grid_dim: (GROUPS as u32, n as u32, 1),
-                block_dim: (128, 1, 1),
+                block_dim: block(k::GN_MERGE_THREADS),
                 shared_mem_bytes: 0,
             },
-            &[Arg::Ptr(part), Arg::Ptr(stats), i(chunks)],
+            &GroupNormMergeArgs {
+                part,
+                stats,
+                chunks: i(chunks),
+                ..Default::default()
+            },
         )?;
         gpu.launch(
             "group_norm",
@@ -236,20 +252,21 @@ impl GpuGroupNorm {
                     n as u32,
                     1,
                 ),
-                block_dim: (256, 1, 1),
+                block_dim: block(k::GN_APPLY_THREADS),
                 shared_mem_bytes: 0,
             },
-            &[
-                Arg::Ptr(x.ptr(gpu)),
-                Arg::Ptr(stats),
-                Arg::Ptr(self.weight.ptr(gpu)),
-                Arg::Ptr(self.bias.ptr(gpu)),
-                Arg::Ptr(ss),
-                Arg::Ptr(y.ptr(gpu)),
-                i(hw),
-                i(c),
-                i(silu_after as usize),
-            ],
+            &GroupNormApplyArgs {
+                x: x.ptr(gpu),
+                stats,
+                gamma: self.weight.ptr(gpu),
+                beta: self.bias.ptr(gpu),
+                scale_shift: ss,
+                y: y.ptr(gpu),
+                hw: i(hw),
+                c: i(c),
+                silu: silu_after as i32,
+                ..Default::default()
+            },
         )
     }
 }

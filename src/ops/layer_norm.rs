@@ -6,11 +6,9 @@ use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::{check_len, elements};
-use crate::cuda::{grid_1d, Arg, Gpu, GpuBuffer, GpuFloat};
+use crate::cuda::interface::{self as k, GeluArgs, LayerNormArgs};
+use crate::cuda::{grid_1d, Gpu, GpuBuffer, GpuFloat};
 use crate::error::{Error, Result};
-
-/// Threads per block of `layer_norm_*` (one block per row); `LN_THREADS` in the kernel file.
-const LN_THREADS: u32 = 128;
 
 /// LayerNorm over the last axis with biased variance, as `torch.nn.LayerNorm`.
 #[derive(Clone)]
@@ -162,22 +160,24 @@ impl GpuLayerNorm {
         // One block of LN_THREADS per row (see the kernel file).
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
-            block_dim: (LN_THREADS, 1, 1),
+            block_dim: (k::LN_THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
+        };
+        let args = LayerNormArgs {
+            x,
+            gamma: self.weight.ptr(gpu),
+            beta: self.bias.ptr(gpu),
+            y,
+            rows: rows_i,
+            width: width_i,
+            eps: self.eps,
+            ..Default::default()
         };
         gpu.launch(
             "layer_norm",
             &format!("layer_norm{}", T::SUFFIX),
             cfg,
-            &[
-                Arg::Ptr(x),
-                Arg::Ptr(self.weight.ptr(gpu)),
-                Arg::Ptr(self.bias.ptr(gpu)),
-                Arg::Ptr(y),
-                Arg::I32(rows_i),
-                Arg::I32(width_i),
-                Arg::F32(self.eps),
-            ],
+            &args,
         )
     }
 }
@@ -188,12 +188,15 @@ pub fn gelu_gpu<T: GpuFloat>(gpu: &Gpu, x: &mut GpuBuffer<T>, len: usize) -> Res
     if len == 0 {
         return Ok(());
     }
+    let args = GeluArgs {
+        x: x.ptr(gpu),
+        len: len as i64,
+    };
     gpu.launch(
         "layer_norm",
         &format!("gelu{}", T::SUFFIX),
-        grid_1d(len),
-        // `long long len`: 8 bytes by value, which Arg::Ptr pushes (a u64).
-        &[Arg::Ptr(x.ptr(gpu)), Arg::Ptr(len as u64)],
+        grid_1d(len, k::GELU_THREADS),
+        &args,
     )
 }
 

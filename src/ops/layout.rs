@@ -2,7 +2,8 @@
 //! the storage type inside; and the sampler's packing of x_t with image conditions.
 
 use super::{check_len, elements};
-use crate::cuda::{grid_1d, Arg, Gpu, GpuBuffer, GpuFloat};
+use crate::cuda::interface::{PackArgs, TransposeArgs, UnpackArgs, LAYOUT_THREADS};
+use crate::cuda::{grid_1d, Gpu, GpuBuffer, GpuFloat, KernelArgs};
 use crate::error::{Error, Result};
 
 /// `[n, c, hw]` -> `[n, hw, c]`.
@@ -90,11 +91,16 @@ pub fn unpack_output(
     }
 }
 
-fn launch<T: GpuFloat>(gpu: &Gpu, kernel: &str, outputs: usize, args: &[Arg]) -> Result<()> {
+fn launch<T: GpuFloat, A: KernelArgs>(
+    gpu: &Gpu,
+    kernel: &str,
+    outputs: usize,
+    args: &A,
+) -> Result<()> {
     gpu.launch(
         "layout",
         &format!("{kernel}{}", T::SUFFIX),
-        grid_1d(outputs),
+        grid_1d(outputs, LAYOUT_THREADS),
         args,
     )
 }
@@ -111,19 +117,15 @@ pub fn nchw_to_nhwc_gpu<T: GpuFloat>(
     let len = elements("nchw to nhwc", &[n, c, hw])?;
     check_len("nchw input", x.len(), len)?;
     check_len("nhwc output", y.len(), len)?;
-    let i = |v: usize| Arg::I32(v as i32);
-    launch::<T>(
-        gpu,
-        "nchw_to_nhwc",
-        len,
-        &[
-            Arg::Ptr(x.ptr(gpu)),
-            Arg::Ptr(y.ptr(gpu)),
-            i(n),
-            i(c),
-            i(hw),
-        ],
-    )
+    let args = TransposeArgs {
+        x: x.ptr(gpu),
+        y: y.ptr(gpu),
+        n: n as i32,
+        c: c as i32,
+        hw: hw as i32,
+        ..Default::default()
+    };
+    launch::<T, _>(gpu, "nchw_to_nhwc", len, &args)
 }
 
 /// `kernels/layout.cu`: `T` `[n, hw, c]` -> f32 `[n, c, hw]`.
@@ -138,19 +140,15 @@ pub fn nhwc_to_nchw_gpu<T: GpuFloat>(
     let len = elements("nhwc to nchw", &[n, c, hw])?;
     check_len("nhwc input", x.len(), len)?;
     check_len("nchw output", y.len(), len)?;
-    let i = |v: usize| Arg::I32(v as i32);
-    launch::<T>(
-        gpu,
-        "nhwc_to_nchw",
-        len,
-        &[
-            Arg::Ptr(x.ptr(gpu)),
-            Arg::Ptr(y.ptr(gpu)),
-            i(n),
-            i(c),
-            i(hw),
-        ],
-    )
+    let args = TransposeArgs {
+        x: x.ptr(gpu),
+        y: y.ptr(gpu),
+        n: n as i32,
+        c: c as i32,
+        hw: hw as i32,
+        ..Default::default()
+    };
+    launch::<T, _>(gpu, "nhwc_to_nchw", len, &args)
 }
 
 /// `kernels/layout.cu`: the network input of one term: x_t f32 `[b, 3, hw]` and the image
@@ -194,22 +192,19 @@ pub fn pack_input_gpu<T: GpuFloat>(
         }
         None => (0, 0),
     };
-    let i = |v: usize| Arg::I32(v as i32);
-    launch::<T>(
-        gpu,
-        "pack_input",
-        packed,
-        &[
-            Arg::Ptr(x.ptr(gpu)),
-            Arg::Ptr(cond_ptr),
-            i(count),
-            i(first_image),
-            Arg::Ptr(y.ptr_at(gpu, y_offset)),
-            i(b),
-            i(hw),
-            i(cc),
-        ],
-    )
+    let i = |v: usize| v as i32;
+    let args = PackArgs {
+        x: x.ptr(gpu),
+        cond: cond_ptr,
+        y: y.ptr_at(gpu, y_offset),
+        cond_count: i(count),
+        first_image: i(first_image),
+        b: i(b),
+        hw: i(hw),
+        cc: i(cc),
+        ..Default::default()
+    };
+    launch::<T, _>(gpu, "pack_input", packed, &args)
 }
 
 /// `kernels/layout.cu`: network output `T` `[b, hw, oc]` -> eps f32 `[b, 3, hw]` and, when
@@ -249,20 +244,17 @@ pub fn unpack_output_gpu<T: GpuFloat>(
         }
         None => 0,
     };
-    let i = |v: usize| Arg::I32(v as i32);
-    launch::<T>(
-        gpu,
-        "unpack_output",
-        len,
-        &[
-            Arg::Ptr(y.ptr_at(gpu, offset)),
-            i(oc),
-            Arg::Ptr(eps.ptr_at(gpu, eps_offset)),
-            Arg::Ptr(var_ptr),
-            i(b),
-            i(hw),
-        ],
-    )
+    let i = |v: usize| v as i32;
+    let args = UnpackArgs {
+        y: y.ptr_at(gpu, offset),
+        eps: eps.ptr_at(gpu, eps_offset),
+        var: var_ptr,
+        oc: i(oc),
+        b: i(b),
+        hw: i(hw),
+        ..Default::default()
+    };
+    launch::<T, _>(gpu, "unpack_output", len, &args)
 }
 
 /// `offset + len`, the end of a tensor at `offset` in its buffer, or an error where it overflows.

@@ -7,7 +7,8 @@ use cudarc::driver::CudaSlice;
 
 use super::matmul::{matmul, Mat};
 use super::{check_len, elements, silu};
-use crate::cuda::{grid_1d, Arg, Gpu, GpuBuffer};
+use crate::cuda::interface::{self as k, LinearArgs, RowsArgs, SiluArgs};
+use crate::cuda::{grid_1d, Gpu, GpuBuffer};
 use crate::error::Result;
 
 /// `y = x W^T + b` with PyTorch's weight layout `[out, in]`.
@@ -110,31 +111,27 @@ impl GpuLinear {
         let out = elements("linear output", &[n, self.out_features])?;
         check_len("linear output", y.len(), out)?;
         let cfg = LaunchConfig {
-            // 32 outputs of 8 rows a block (`LINEAR_ROWS` in kernels/linear.cu).
+            // LINEAR_OUTPUTS outputs of LINEAR_ROWS rows a block.
             grid_dim: (
-                self.out_features.div_ceil(32) as u32,
-                n.div_ceil(8) as u32,
+                self.out_features.div_ceil(k::LINEAR_OUTPUTS) as u32,
+                n.div_ceil(k::LINEAR_ROWS) as u32,
                 1,
             ),
-            block_dim: (128, 1, 1),
+            block_dim: (k::LINEAR_THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let i = |v: usize| Arg::I32(v as i32);
-        gpu.launch(
-            "linear",
-            "linear_f32",
-            cfg,
-            &[
-                Arg::Ptr(x.ptr(gpu)),
-                Arg::Ptr(self.weight.ptr(gpu)),
-                Arg::Ptr(self.bias.ptr(gpu)),
-                Arg::Ptr(y.ptr(gpu)),
-                i(n),
-                i(self.in_features),
-                i(self.out_features),
-                i(silu_in as usize),
-            ],
-        )
+        let i = |v: usize| v as i32;
+        let args = LinearArgs {
+            x: x.ptr(gpu),
+            weight: self.weight.ptr(gpu),
+            bias: self.bias.ptr(gpu),
+            y: y.ptr(gpu),
+            n: i(n),
+            in_features: i(self.in_features),
+            out_features: i(self.out_features),
+            silu_in: silu_in as i32,
+        };
+        gpu.launch("linear", "linear_f32", cfg, &args)
     }
 }
 
@@ -156,35 +153,30 @@ pub fn add_rows_gpu(
     let (lp, _sync) = cudarc::driver::DevicePtr::device_ptr(labels, gpu.stream());
     let cfg = LaunchConfig {
         grid_dim: (n as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        block_dim: (k::EMBEDDING_THREADS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    gpu.launch(
-        "linear",
-        "add_rows_f32",
-        cfg,
-        &[
-            Arg::Ptr(y.ptr(gpu)),
-            Arg::Ptr(table.ptr(gpu)),
-            Arg::Ptr(lp),
-            Arg::I32(n as i32),
-            Arg::I32(dim as i32),
-            // The table's rows: the kernel skips labels past them.
-            Arg::I32((table.len() / dim.max(1)) as i32),
-        ],
-    )
+    let args = RowsArgs {
+        y: y.ptr(gpu),
+        table: table.ptr(gpu),
+        labels: lp,
+        n: n as i32,
+        dim: dim as i32,
+        // The table's rows: the kernel skips labels past them.
+        rows: (table.len() / dim.max(1)) as i32,
+        ..Default::default()
+    };
+    gpu.launch("linear", "add_rows_f32", cfg, &args)
 }
 
 /// `kernels/linear.cu`: SiLU of the first `len` elements of `x`, in place.
 pub fn silu_gpu(gpu: &Gpu, x: &mut GpuBuffer<f32>, len: usize) -> Result<()> {
     check_len("silu", x.len(), len)?;
-    gpu.launch(
-        "linear",
-        "silu_f32",
-        grid_1d(len),
-        &[
-            Arg::Ptr(x.ptr(gpu)),
-            Arg::I32(elements("silu", &[len])? as i32),
-        ],
-    )
+    let args = SiluArgs {
+        x: x.ptr(gpu),
+        len: elements("silu", &[len])? as i32,
+        ..Default::default()
+    };
+    let cfg = grid_1d(len, k::EMBEDDING_THREADS);
+    gpu.launch("linear", "silu_f32", cfg, &args)
 }

@@ -4,7 +4,8 @@
 use rayon::prelude::*;
 
 use super::{check_len, elements};
-use crate::cuda::{grid_1d, Arg, Gpu, GpuBuffer, GpuFloat};
+use crate::cuda::interface::{self as k, BiasArgs, ConcatArgs, ResampleArgs};
+use crate::cuda::{grid_1d, Gpu, GpuBuffer, GpuFloat, KernelArgs};
 use crate::error::Result;
 
 /// x: `[n, h, w, c]` -> out: `[n, 2h, 2w, c]`.
@@ -74,27 +75,27 @@ pub fn add_channel_bias(x: &mut [f32], bias: &[f32], n: usize, hw: usize, c: usi
     }
 }
 
-/// Launches `kernel` over `outputs` elements: eight channels a thread where every channel count
-/// in `channels` is a multiple of 8 and every pointer in `args` 16-byte aligned, else one
-/// element (`vec`, appended to `args`).
-fn launch_elementwise<T: GpuFloat>(
+/// Whether the kernels can move RESAMPLE_VEC channels a thread: every channel count a multiple
+/// of it and every pointer 16-byte aligned (`vec`); else one element a thread.
+fn vectorised(channels: &[usize], pointers: &[u64]) -> bool {
+    channels.iter().all(|c| c.is_multiple_of(k::RESAMPLE_VEC))
+        && pointers.iter().all(|p| p.is_multiple_of(16))
+}
+
+/// Launches `kernel` over `outputs` elements, `vec` as [`vectorised`] decided it.
+fn launch_elementwise<T: GpuFloat, A: KernelArgs>(
     gpu: &Gpu,
     kernel: &str,
     outputs: usize,
-    channels: &[usize],
-    args: &[Arg],
+    vec: bool,
+    args: &A,
 ) -> Result<()> {
-    let vec = channels.iter().all(|c| c.is_multiple_of(8))
-        && args
-            .iter()
-            .all(|a| !matches!(a, Arg::Ptr(p) if !p.is_multiple_of(16)));
-    let mut args = args.to_vec();
-    args.push(Arg::I32(vec as i32));
+    let per_thread = if vec { k::RESAMPLE_VEC } else { 1 };
     gpu.launch(
         "resample",
         &format!("{kernel}{}", T::SUFFIX),
-        grid_1d(outputs.div_ceil(if vec { 8 } else { 1 })),
-        &args,
+        grid_1d(outputs.div_ceil(per_thread), k::RESAMPLE_THREADS),
+        args,
     )
 }
 
@@ -117,21 +118,32 @@ pub fn upsample_nearest2x_gpu<T: GpuFloat>(
     let (h2, w2) = (h.saturating_mul(2), w.saturating_mul(2));
     let out = elements("upsample output", &[n, h2, w2, c])?;
     check_len("upsample output", y.len(), out)?;
-    let i = |v: usize| Arg::I32(v as i32);
-    launch_elementwise::<T>(
-        gpu,
-        "upsample2x",
-        out,
-        &[c],
-        &[
-            Arg::Ptr(x.ptr(gpu)),
-            Arg::Ptr(y.ptr(gpu)),
-            i(n),
-            i(h),
-            i(w),
-            i(c),
-        ],
-    )
+    resample::<T>(gpu, "upsample2x", out, x, y, [n, h, w, c])
+}
+
+/// The upsampling or pooling `kernel` of x `[n, h, w, c]` into y (sizes checked).
+fn resample<T: GpuFloat>(
+    gpu: &Gpu,
+    kernel: &str,
+    outputs: usize,
+    x: &GpuBuffer<T>,
+    y: &mut GpuBuffer<T>,
+    [n, h, w, c]: [usize; 4],
+) -> Result<()> {
+    let (x, y) = (x.ptr(gpu), y.ptr(gpu));
+    let vec = vectorised(&[c], &[x, y]);
+    let i = |v: usize| v as i32;
+    let args = ResampleArgs {
+        x,
+        y,
+        n: i(n),
+        h: i(h),
+        w: i(w),
+        c: i(c),
+        vec: vec as i32,
+        ..Default::default()
+    };
+    launch_elementwise::<T, _>(gpu, kernel, outputs, vec, &args)
 }
 
 /// `kernels/resample.cu`: the device counterpart of [`avg_pool2x`].
@@ -151,21 +163,7 @@ pub fn avg_pool2x_gpu<T: GpuFloat>(
     )?;
     let out = elements("avgpool output", &[n, h / 2, w / 2, c])?;
     check_len("avgpool output", y.len(), out)?;
-    let i = |v: usize| Arg::I32(v as i32);
-    launch_elementwise::<T>(
-        gpu,
-        "avgpool2x",
-        out,
-        &[c],
-        &[
-            Arg::Ptr(x.ptr(gpu)),
-            Arg::Ptr(y.ptr(gpu)),
-            i(n),
-            i(h),
-            i(w),
-            i(c),
-        ],
-    )
+    resample::<T>(gpu, "avgpool2x", out, x, y, [n, h, w, c])
 }
 
 /// `kernels/resample.cu`: `cat([a, b], channels)` in NHWC.
@@ -184,22 +182,21 @@ pub fn concat_channels_gpu<T: GpuFloat>(
     check_len("concat b", b.len(), elements("concat b", &[n, hw, cb])?)?;
     let out = elements("concat output", &[n, hw, ca.saturating_add(cb)])?;
     check_len("concat output", y.len(), out)?;
-    let i = |v: usize| Arg::I32(v as i32);
-    launch_elementwise::<T>(
-        gpu,
-        "concat_channels",
-        out,
-        &[ca, cb],
-        &[
-            Arg::Ptr(a.ptr(gpu)),
-            Arg::Ptr(b.ptr(gpu)),
-            Arg::Ptr(y.ptr(gpu)),
-            i(n),
-            i(hw),
-            i(ca),
-            i(cb),
-        ],
-    )
+    let (a, b, y) = (a.ptr(gpu), b.ptr(gpu), y.ptr(gpu));
+    let vec = vectorised(&[ca, cb], &[a, b, y]);
+    let i = |v: usize| v as i32;
+    let args = ConcatArgs {
+        a,
+        b,
+        y,
+        n: i(n),
+        hw: i(hw),
+        ca: i(ca),
+        cb: i(cb),
+        vec: vec as i32,
+        ..Default::default()
+    };
+    launch_elementwise::<T, _>(gpu, "concat_channels", out, vec, &args)
 }
 
 /// `kernels/resample.cu`: x `[n, hw, c]` += bias `[n, c]` (the embedding without scale-shift).
@@ -214,18 +211,16 @@ pub fn add_channel_bias_gpu<T: GpuFloat>(
     let len = elements("bias target", &[n, hw, c])?;
     check_len("bias target", x.len(), len)?;
     check_len("bias", bias.len(), elements("bias", &[n, c])?)?;
-    let i = |v: usize| Arg::I32(v as i32);
-    launch_elementwise::<T>(
-        gpu,
-        "add_channel_bias",
-        len,
-        &[c],
-        &[
-            Arg::Ptr(x.ptr(gpu)),
-            Arg::Ptr(bias.ptr(gpu)),
-            i(n),
-            i(hw),
-            i(c),
-        ],
-    )
+    let (x, bias) = (x.ptr(gpu), bias.ptr(gpu));
+    let vec = vectorised(&[c], &[x, bias]);
+    let i = |v: usize| v as i32;
+    let args = BiasArgs {
+        x,
+        bias,
+        n: i(n),
+        hw: i(hw),
+        c: i(c),
+        vec: vec as i32,
+    };
+    launch_elementwise::<T, _>(gpu, "add_channel_bias", len, vec, &args)
 }

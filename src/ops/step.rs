@@ -5,7 +5,8 @@
 //! [`StepParams`] (bit for bit).
 
 use super::{check_len, elements};
-use crate::cuda::{grid_1d, Arg, Gpu, GpuBuffer};
+use crate::cuda::interface::{NormalsArgs, StepArgs, STEP_THREADS};
+use crate::cuda::{grid_1d, Gpu, GpuBuffer};
 pub use crate::diffusion::StepParams;
 use crate::error::{Error, Result};
 use crate::rng::{check_image_keys, fill_normals};
@@ -81,25 +82,22 @@ pub fn diffusion_step_gpu(
         }
         None => 0,
     };
-    let i = |v: usize| Arg::I32(v as i32);
-    gpu.launch(
-        "step",
-        "diffusion_step",
-        grid_1d(size),
-        &[
-            // x and x_out: the kernel reads each element before writing it.
-            Arg::Ptr(x.ptr(gpu)),
-            Arg::Ptr(eps.ptr(gpu)),
-            Arg::Ptr(weights.ptr(gpu)),
-            i(terms),
-            Arg::Ptr(var_ptr),
-            Arg::Ptr(x.ptr(gpu)),
-            i(b),
-            i(len),
-            Arg::I32(first_image as u32 as i32),
-            Arg::plain(&params),
-        ],
-    )
+    let i = |v: usize| v as i32;
+    let args = StepArgs {
+        // x and x_out: the kernel reads each element before writing it.
+        x: x.ptr(gpu),
+        eps: eps.ptr(gpu),
+        weights: weights.ptr(gpu),
+        var: var_ptr,
+        x_out: x.ptr(gpu),
+        terms: i(terms),
+        b: i(b),
+        len: i(len),
+        // The image's noise key, as on the CPU: the low 32 bits.
+        first_image: first_image as u32 as i32,
+        p: params,
+    };
+    gpu.launch("step", "diffusion_step", grid_1d(size, STEP_THREADS), &args)
 }
 
 /// The Philox normals of [`crate::rng::fill_normals`] for images `first_image..first_image+b`.
@@ -115,19 +113,15 @@ pub fn fill_normals_gpu(
     let size = elements("normals", &[b, len])?;
     check_image_keys(first_image, b)?;
     check_len("normals", out.len(), size)?;
-    gpu.launch(
-        "step",
-        "fill_normals",
-        grid_1d(size),
-        &[
-            Arg::Ptr(out.ptr(gpu)),
-            Arg::I32(b as i32),
-            Arg::I32(len as i32),
-            // The kernels use the low 32 bits: the image's noise key, as on the CPU.
-            Arg::I32(first_image as u32 as i32),
-            Arg::U32(seed as u32),
-            Arg::U32((seed >> 32) as u32),
-            Arg::U32(step),
-        ],
-    )
+    let args = NormalsArgs {
+        out: out.ptr(gpu),
+        b: b as i32,
+        len: len as i32,
+        // The kernels use the low 32 bits: the image's noise key, as on the CPU.
+        first_image: first_image as u32 as i32,
+        seed_lo: seed as u32,
+        seed_hi: (seed >> 32) as u32,
+        step,
+    };
+    gpu.launch("step", "fill_normals", grid_1d(size, STEP_THREADS), &args)
 }

@@ -142,6 +142,23 @@ size_t memory_limit_from_env() {
     return bytes;
 }
 
+// FAKE_CUDA_LAUNCH_LOG=FILE: the name of every kernel this process runs (directly or in a graph)
+// is appended to FILE once, so that a test can see which entry points its runs reached.
+bool run_kernel(const fake_cuda::KernelEntry* kernel, const fake_cuda::LaunchShape& shape, void** params) {
+    static std::mutex logged_mutex;
+    static std::set<const fake_cuda::KernelEntry*> logged;
+    if (const char* log = getenv("FAKE_CUDA_LAUNCH_LOG"); log != nullptr && *log != '\0') {
+        std::lock_guard<std::mutex> lock(logged_mutex);
+        if (logged.insert(kernel).second) {
+            if (FILE* f = fopen(log, "a")) {
+                fprintf(f, "%s\n", kernel->name);
+                fclose(f);
+            }
+        }
+    }
+    return kernel->run(kernel->name, shape, params);
+}
+
 // FAKE_CUDA_COMPUTE_CAPABILITY=MAJOR.MINOR (default 9.0): an older GPU, for mcdm's refusal of it.
 std::pair<int, int> compute_capability_from_env() {
     const char* text = getenv("FAKE_CUDA_COMPUTE_CAPABILITY");
@@ -952,7 +969,7 @@ FAKE_API CUresult cuLaunchKernel(CUfunction function, unsigned int grid_x, unsig
         }
     }
     std::lock_guard<std::mutex> launch_lock(g_launch_mutex);
-    return kernel->run(kernel->name, shape, params) ? CUDA_SUCCESS : CUDA_ERROR_LAUNCH_FAILED;
+    return run_kernel(kernel, shape, params) ? CUDA_SUCCESS : CUDA_ERROR_LAUNCH_FAILED;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1053,7 +1070,7 @@ FAKE_API CUresult cuGraphLaunch(CUgraphExec exec, CUstream stream) {
                 std::vector<void*> params;
                 for (auto& value : op.args) params.push_back(value.data());
                 std::lock_guard<std::mutex> launch_lock(g_launch_mutex);
-                if (!op.kernel->run(op.kernel->name, op.shape, params.data())) r = CUDA_ERROR_LAUNCH_FAILED;
+                if (!run_kernel(op.kernel, op.shape, params.data())) r = CUDA_ERROR_LAUNCH_FAILED;
                 break;
             }
             case CapturedOp::Kind::DeviceCopy:

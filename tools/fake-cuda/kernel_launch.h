@@ -35,8 +35,8 @@ bool check_argument(const char* kernel, size_t index, const T& value) {
 template <typename... Args, size_t... I>
 bool run_with_arguments(void (*kernel)(Args...), const char* name, const LaunchShape& shape, void** params,
                         std::index_sequence<I...>) {
-    // Each kernelParams entry points at a value of exactly the parameter's type (cudarc pushes
-    // u64 device pointers, i32/u32/f32 and the 72-byte StepParams by value).
+    // Each kernelParams entry points at a value of exactly the parameter's type (mcdm pushes one
+    // field of the kernel's argument struct each: u64 device pointers, i32/u32/f32, StepParams).
     const std::tuple<std::decay_t<Args>...> args{*static_cast<const std::decay_t<Args>*>(params[I])...};
     bool valid = true;
     ((valid &= check_argument(name, I, std::get<I>(args))), ...);

@@ -8,6 +8,12 @@
 #include <type_traits>
 #include <vector>
 
+// Calls `kernel` with the fields of `args`, an argument struct NAME, in order: the parameters
+// of a kernel declared `kernel(MCDM_PARAMS(NAME))`.
+#define MCDM_FIELD_VALUE(type, name) , mcdm_args_.name
+#define MCDM_CALL(kernel, NAME, args)                                                                   \
+    [&](const NAME& mcdm_args_) { kernel(MCDM_APPLY(MCDM_DROP_FIRST, (~ NAME##_FIELDS(MCDM_FIELD_VALUE)))); }(args)
+
 template <typename T> const char* type_name();
 template <> const char* type_name<float>() { return "f32"; }
 template <> const char* type_name<__half>() { return "f16"; }

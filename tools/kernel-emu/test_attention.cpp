@@ -38,10 +38,12 @@ void run(Kernel kernel, size_t smem, int n, int t, int c, int heads) {
                 }
             }
     const auto t0 = std::chrono::steady_clock::now();
-    emu_launch({(unsigned)((t + 63) / 64), (unsigned)heads, (unsigned)n}, {128, 1, 1},
-               [&] { kernel(qkvs.data(), outs.data(), n, t, c, heads); }, smem);
+    const AttentionArgs args{qkvs.data(), outs.data(), n, t, c, heads};
+    emu_launch({(unsigned)((t + ATT_BQ - 1) / ATT_BQ), (unsigned)heads, (unsigned)n}, {ATT_THREADS, 1, 1},
+               [&] { MCDM_CALL(kernel, AttentionArgs, args); }, smem);
     char name[120];
-    snprintf(name, sizeof name, "attention_%s%s n%d t%d c%d heads%d (d%d)", smem == ATT_SMEM(64, 64) ? "d64_" : "",
+    snprintf(name, sizeof name, "attention_%s%s n%d t%d c%d heads%d (d%d)",
+             smem == ATT_SMEM(ATT_D64_DMAX, ATT_D64_BKV) ? "d64_" : "",
              type_name<T>(), n, t, c, heads, d);
     checker.close(name, ref, widen(outs), tolerance<T>(), seconds_since(t0));
 }
@@ -56,7 +58,7 @@ int main(int argc, char** argv) {
             return 2;
         }
     }
-    const size_t wide = ATT_SMEM(128, 32), d64 = ATT_SMEM(64, 64);
+    const size_t wide = ATT_SMEM(ATT_WIDE_DMAX, ATT_WIDE_BKV), d64 = ATT_SMEM(ATT_D64_DMAX, ATT_D64_BKV);
     // t: key tiles (64 or 32) with tails (5, 17, 65, 70, 100, 130); d: 8 .. 128, not always a
     // multiple of 16, with an odd number of 8-wide tiles (d 8, 24, 40, 120). d <= 64 takes the
     // d64 kernel in mcdm; the wide one serves any d and is checked on small ones too.

@@ -24,21 +24,22 @@ struct ConvCase {
     }
 };
 
-template <typename T>
-using ConvKernelFn = void (*)(const T*, const T*, const float*, const T*, T*, int, int, int, int, int, int, int, int,
-                              int);
+using ConvKernelFn = decltype(&conv2d_f32);
 
-// Geometry of src/ops/conv.rs `ConvKernel::geometry` and `forward_with`.
+// Launch geometry as src/ops/conv.rs `ConvKernel::geometry` and `forward_with` make it, from the
+// same constants of conv.cu.
 struct Variant {
     const char* name;
     int bm, bn, threads;
     size_t dynamic_shared;
     bool large;  // 1-D grid, cin % 8 == 0 and cout % 8 == 0 required
 };
-const Variant TILE64{"conv2d", 64, 64, 128, 0, false};
-const Variant TILE128{"conv2d_m128n128", 128, 128, 256, 4 * 256 * 64, true};
-const Variant TILE128X64{"conv2d_m128n64", 128, 64, 128, 4 * 192 * 64, true};
-const Variant TILE256X128{"conv2d_m256n128", 256, 128, 256, 4 * 384 * 64, true};
+#define CONV_VARIANT(NAME, V) \
+    Variant { NAME, V##_BM, V##_BN, V##_THREADS, CONVB_STAGES * (V##_BM + V##_BN) * CONVB_ROW_BYTES, true }
+const Variant TILE64{"conv2d", CONV_BM, CONV_BN, CONV_THREADS, 0, false};
+const Variant TILE128 = CONV_VARIANT("conv2d_m128n128", CONV_M128N128);
+const Variant TILE128X64 = CONV_VARIANT("conv2d_m128n64", CONV_M128N64);
+const Variant TILE256X128 = CONV_VARIANT("conv2d_m256n128", CONV_M256N128);
 
 Checker checker("conv");
 Rng rng(1234);
@@ -47,7 +48,7 @@ Rng rng(1234);
 template <typename T> double tolerance() { return std::is_same<T, float>::value ? 1e-5 : 2.5 * storage_eps<T>(); }
 
 template <typename T>
-void run(const Variant& v, ConvKernelFn<T> kernel, const ConvCase& c) {
+void run(const Variant& v, ConvKernelFn kernel, const ConvCase& c) {
     const int ho = c.ho(), wo = c.wo(), M = c.M(), K = c.K(), pad = c.ks / 2;
     std::vector<double> x, w, res;
     auto xs = uniform_values<T>((size_t)c.n * c.h * c.w * c.cin + c.x_offset, rng, -1, 1, &x);
@@ -81,10 +82,9 @@ void run(const Variant& v, ConvKernelFn<T> kernel, const ConvCase& c) {
     const unsigned row_tiles = (M + v.bm - 1) / v.bm, col_tiles = (c.cout + v.bn - 1) / v.bn;
     const dim3 grid = v.large ? dim3{row_tiles * col_tiles, 1, 1} : dim3{row_tiles, col_tiles, 1};
     const auto t0 = std::chrono::steady_clock::now();
-    emu_launch(grid, {(unsigned)v.threads, 1, 1}, [&] {
-        kernel(xp, ws.data(), c.bias ? bias.data() : nullptr, c.residual ? yp : nullptr, yp, c.n, c.h, c.w, c.cin,
-               c.cout, c.ks, c.stride, ho, wo);
-    }, v.dynamic_shared);
+    const ConvArgs args{xp, ws.data(), c.bias ? bias.data() : nullptr, c.residual ? yp : nullptr, yp, c.n, c.h, c.w,
+                        c.cin, c.cout, c.ks, c.stride, ho, wo};
+    emu_launch(grid, {(unsigned)v.threads, 1, 1}, [&] { MCDM_CALL(kernel, ConvArgs, args); }, v.dynamic_shared);
     const double secs = seconds_since(t0);
     std::vector<double> got = widen(ys);
     got.erase(got.begin(), got.begin() + c.y_offset);

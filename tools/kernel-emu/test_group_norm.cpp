@@ -36,12 +36,15 @@ void run(Partial partial, Apply apply, const GnCase& k) {
     const T* xin = k.in_place ? y : xs.data();
 
     const auto t0 = std::chrono::steady_clock::now();
-    emu_launch({(unsigned)chunks, (unsigned)n, 1}, {GN_THREADS, 1, 1}, [&] { partial(xin, part, hw, c, rows); });
-    emu_launch({GN_GROUPS, (unsigned)n, 1}, {GN_MERGE_THREADS, 1, 1}, [&] { group_norm_merge(part, stats, chunks); });
+    const GroupNormStatsArgs stats_args{xin, part, hw, c, rows};
+    emu_launch({(unsigned)chunks, (unsigned)n, 1}, {GN_THREADS, 1, 1}, [&] { MCDM_CALL(partial, GroupNormStatsArgs, stats_args); });
+    const GroupNormMergeArgs merge_args{part, stats, chunks};
+    emu_launch({GN_GROUPS, (unsigned)n, 1}, {GN_MERGE_THREADS, 1, 1}, [&] { MCDM_CALL(group_norm_merge, GroupNormMergeArgs, merge_args); });
     const int per_block = GN_APPLY_THREADS * GN_VEC * GN_APPLY_ITERS;
-    emu_launch({(unsigned)((hw * c + per_block - 1) / per_block), (unsigned)n, 1}, {GN_APPLY_THREADS, 1, 1}, [&] {
-        apply(xin, stats, gamma.data(), beta.data(), k.scale_shift ? ss.data() : nullptr, y, hw, c, k.silu);
-    });
+    const GroupNormApplyArgs apply_args{
+        xin, stats, gamma.data(), beta.data(), k.scale_shift ? ss.data() : nullptr, y, hw, c, k.silu};
+    emu_launch({(unsigned)((hw * c + per_block - 1) / per_block), (unsigned)n, 1}, {GN_APPLY_THREADS, 1, 1},
+               [&] { MCDM_CALL(apply, GroupNormApplyArgs, apply_args); });
     const double secs = seconds_since(t0);
 
     // Reference statistics in double. The kernels store the mean in f32: y inherits that

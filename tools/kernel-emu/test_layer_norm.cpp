@@ -1,5 +1,5 @@
 // kernels/layer_norm.cu: layer_norm_* (grid rows, block LN_THREADS) and gelu_* (grid
-// ceil(len / 256), block 256), against double references.
+// ceil(len / GELU_THREADS), block GELU_THREADS), against double references.
 #include "layer_norm.cu"
 #include "check.h"
 
@@ -25,7 +25,8 @@ void run_layer_norm(Kernel kernel, int rows, int width, float offset, bool in_pl
     std::vector<T> ys = in_place ? xs : nan_filled<T>(xs.size());
     const T* xin = in_place ? ys.data() : xs.data();
     const auto t0 = std::chrono::steady_clock::now();
-    emu_launch({(unsigned)rows, 1, 1}, {LN_THREADS, 1, 1}, [&] { kernel(xin, gamma.data(), beta.data(), ys.data(), rows, width, eps); });
+    const LayerNormArgs args{xin, gamma.data(), beta.data(), ys.data(), rows, width, eps};
+    emu_launch({(unsigned)rows, 1, 1}, {LN_THREADS, 1, 1}, [&] { MCDM_CALL(kernel, LayerNormArgs, args); });
     char name[100];
     snprintf(name, sizeof name, "layer_norm_%s rows%d width%d offset %g%s", type_name<T>(), rows, width, offset,
              in_place ? " in-place" : "");
@@ -40,7 +41,9 @@ void run_gelu(Kernel kernel, long long len) {
     auto xs = uniform_values<T>((size_t)len, rng, -6, 6, &x);
     std::vector<double> ref(x.size());
     for (size_t i = 0; i < x.size(); ++i) ref[i] = 0.5 * x[i] * (1 + std::erf(x[i] / std::sqrt(2.0)));
-    emu_launch_serial({(unsigned)((len + 255) / 256), 1, 1}, {256, 1, 1}, [&] { kernel(xs.data(), len); });
+    const GeluArgs args{xs.data(), len};
+    emu_launch_serial({(unsigned)((len + GELU_THREADS - 1) / GELU_THREADS), 1, 1}, {GELU_THREADS, 1, 1},
+                      [&] { MCDM_CALL(kernel, GeluArgs, args); });
     const double tol = std::is_same<T, float>::value ? 1e-6 : storage_eps<T>();
     checker.close(std::string("gelu_") + type_name<T>() + " len" + std::to_string(len), ref, widen(xs), tol, 0);
 }

@@ -1,12 +1,13 @@
 // kernels/layout.cu: pack_input, unpack_output, nchw_to_nhwc, nhwc_to_nchw (grid
-// ceil(elements / 256), block 256): pure data movement plus one rounding to T, checked exactly.
+// ceil(elements / LAYOUT_THREADS), block LAYOUT_THREADS): pure data movement plus one rounding to T, checked exactly.
 #include "layout.cu"
 #include "check.h"
 
 Checker checker("layout");
 Rng rng(5);
 
-dim3 grid_for(size_t elements) { return {(unsigned)((elements + 255) / 256), 1, 1}; }
+dim3 grid_for(size_t elements) { return {(unsigned)((elements + LAYOUT_THREADS - 1) / LAYOUT_THREADS), 1, 1}; }
+const dim3 block{LAYOUT_THREADS, 1, 1};
 template <typename T> double rounded(double v) { return to_float(from_float<T>((float)v)); }
 
 template <typename T, typename Pack, typename Unpack, typename ToNhwc, typename ToNchw>
@@ -29,8 +30,8 @@ void run(Pack pack, Unpack unpack, ToNhwc to_nhwc, ToNchw to_nchw, int b, int hw
                     else if (cc && item < cond_count) v = cond[((size_t)item * cc + ch - 3) * hw + p];
                     ref[((size_t)k * hw + p) * cy + ch] = rounded<T>(v);
                 }
-        emu_launch_serial(grid_for(ys.size()), {256, 1, 1},
-                          [&] { pack(x.data(), cc ? cond.data() : nullptr, cond_count, first, ys.data(), b, hw, cc); });
+        const PackArgs args{x.data(), cc ? cond.data() : nullptr, ys.data(), cond_count, first, b, hw, cc};
+        emu_launch_serial(grid_for(ys.size()), block, [&] { MCDM_CALL(pack, PackArgs, args); });
         checker.close(std::string("pack_input") + shape, ref, widen(ys), 0, 0);
     }
     {
@@ -45,7 +46,8 @@ void run(Pack pack, Unpack unpack, ToNhwc to_nhwc, ToNchw to_nchw, int b, int hw
                     ref_eps[((size_t)k * 3 + ch) * hw + p] = y[((size_t)k * hw + p) * oc + ch];
                     ref_var[((size_t)k * 3 + ch) * hw + p] = y[((size_t)k * hw + p) * oc + 3 + ch];
                 }
-        emu_launch_serial(grid_for(eps.size()), {256, 1, 1}, [&] { unpack(ys.data(), oc, eps.data(), var.data(), b, hw); });
+        const UnpackArgs args{ys.data(), eps.data(), var.data(), oc, b, hw};
+        emu_launch_serial(grid_for(eps.size()), block, [&] { MCDM_CALL(unpack, UnpackArgs, args); });
         checker.close(std::string("unpack_output eps") + shape, ref_eps, widen(eps), 0, 0);
         checker.close(std::string("unpack_output var") + shape, ref_var, widen(var), 0, 0);
     }
@@ -61,9 +63,11 @@ void run(Pack pack, Unpack unpack, ToNhwc to_nhwc, ToNchw to_nchw, int b, int hw
                     const size_t nchw = ((size_t)k * c + ch) * hw + p;
                     ref[((size_t)k * hw + p) * c + ch] = ref_back[nchw] = rounded<T>(xs[nchw]);
                 }
-        emu_launch_serial(grid_for(ys.size()), {256, 1, 1}, [&] { to_nhwc(xs.data(), ys.data(), b, c, hw); });
+        const TransposeArgs there{xs.data(), ys.data(), b, c, hw};
+        emu_launch_serial(grid_for(ys.size()), block, [&] { MCDM_CALL(to_nhwc, TransposeArgs, there); });
         checker.close(std::string("nchw_to_nhwc") + shape, ref, widen(ys), 0, 0);
-        emu_launch_serial(grid_for(back.size()), {256, 1, 1}, [&] { to_nchw(ys.data(), back.data(), b, c, hw); });
+        const TransposeArgs back_again{ys.data(), back.data(), b, c, hw};
+        emu_launch_serial(grid_for(back.size()), block, [&] { MCDM_CALL(to_nchw, TransposeArgs, back_again); });
         checker.close(std::string("nhwc_to_nchw") + shape, ref_back, widen(back), 0, 0);
     }
 }

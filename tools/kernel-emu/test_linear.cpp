@@ -1,5 +1,6 @@
-// kernels/linear.cu: linear_f32 (grid (ceil(out / 32), ceil(n / 8)), block 128), timestep_embedding_f32,
-// add_rows_f32 (grid n, block 256) and silu_f32, against double references.
+// kernels/linear.cu: linear_f32 (grid (ceil(out / LINEAR_OUTPUTS), ceil(n / LINEAR_ROWS)), block
+// LINEAR_THREADS), timestep_embedding_f32, add_rows_f32 (grid n, block EMBEDDING_THREADS) and
+// silu_f32, against double references.
 #include "linear.cu"
 #include "check.h"
 
@@ -23,8 +24,9 @@ void run_linear(int n, int in, int out, int silu, bool bias) {
             ref[(size_t)i * out + o] = s;
         }
     const auto t0 = std::chrono::steady_clock::now();
-    emu_launch({(unsigned)((out + 31) / 32), (unsigned)((n + LINEAR_ROWS - 1) / LINEAR_ROWS), 1}, {128, 1, 1},
-               [&] { linear_f32(x.data(), w.data(), bias ? b.data() : nullptr, y.data(), n, in, out, silu); });
+    const LinearArgs args{x.data(), w.data(), bias ? b.data() : nullptr, y.data(), n, in, out, silu};
+    const dim3 grid{(unsigned)((out + LINEAR_OUTPUTS - 1) / LINEAR_OUTPUTS), (unsigned)((n + LINEAR_ROWS - 1) / LINEAR_ROWS), 1};
+    emu_launch(grid, {LINEAR_THREADS, 1, 1}, [&] { MCDM_CALL(linear_f32, LinearArgs, args); });
     char name[100];
     snprintf(name, sizeof name, "linear_f32 n%d in%d out%d%s%s", n, in, out, silu ? " silu" : "", bias ? "" : " nobias");
     checker.close(name, ref, widen(y), 2e-5, seconds_since(t0));
@@ -45,7 +47,8 @@ void run_timestep_embedding(int dim) {
             ref[(size_t)r * dim + i] = std::cos((double)arg);
             ref[(size_t)r * dim + half + i] = std::sin((double)arg);
         }
-    emu_launch_serial({(unsigned)n, 1, 1}, {256, 1, 1}, [&] { timestep_embedding_f32(t.data(), y.data(), n, dim); });
+    const TimestepArgs args{t.data(), y.data(), n, dim};
+    emu_launch_serial({(unsigned)n, 1, 1}, {EMBEDDING_THREADS, 1, 1}, [&] { MCDM_CALL(timestep_embedding_f32, TimestepArgs, args); });
     checker.close("timestep_embedding_f32 dim" + std::to_string(dim), ref, widen(y), 1e-6, 0);
 }
 
@@ -69,11 +72,14 @@ int main() {
         for (int i = 0; i < n; ++i)
             if (labels[i] >= 0 && labels[i] < 5)
                 for (int k = 0; k < dim; ++k) ref[(size_t)i * dim + k] += table[labels[i] * dim + k];
-        emu_launch_serial({(unsigned)n, 1, 1}, {256, 1, 1}, [&] { add_rows_f32(y.data(), table.data(), labels.data(), n, dim, 5); });
+        const RowsArgs rows{y.data(), table.data(), labels.data(), n, dim, 5};
+        emu_launch_serial({(unsigned)n, 1, 1}, {EMBEDDING_THREADS, 1, 1}, [&] { MCDM_CALL(add_rows_f32, RowsArgs, rows); });
         checker.close("add_rows_f32", ref, widen(y), 1e-7, 0);
         std::vector<double> silu_ref(y.size());
         for (size_t i = 0; i < y.size(); ++i) silu_ref[i] = y[i] / (1 + std::exp(-(double)y[i]));
-        emu_launch_serial({(unsigned)((y.size() + 255) / 256), 1, 1}, {256, 1, 1}, [&] { silu_f32(y.data(), (int)y.size()); });
+        const SiluArgs silu{y.data(), (int)y.size()};
+        emu_launch_serial({(unsigned)((y.size() + EMBEDDING_THREADS - 1) / EMBEDDING_THREADS), 1, 1},
+                          {EMBEDDING_THREADS, 1, 1}, [&] { MCDM_CALL(silu_f32, SiluArgs, silu); });
         checker.close("silu_f32", silu_ref, widen(y), 1e-6, 0);
     }
     return checker.finish();

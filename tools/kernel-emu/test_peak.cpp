@@ -1,4 +1,4 @@
-// kernels/peak.cu: peak_mma_{f16,bf16}, peak_fma_f32 (any grid, block 256) and copy_u4, against
+// kernels/peak.cu: peak_mma_{f16,bf16}, peak_fma_f32 (any grid, block PEAK_BLOCK) and copy_u4, against
 // double references. The operands keep every sum exact, so the tolerance is 0.
 #include "peak.cu"
 #include "check.h"
@@ -9,7 +9,7 @@ Rng rng(17);
 // Every accumulator of chain c: c + iters * 16 a b (a, b as rounded to T); per thread the sum
 // over chains, then elements, in the kernel's order.
 template <typename T>
-void run_mma(void (*kernel)(float*, int, float, float), int blocks, int iters, float a, float b) {
+void run_mma(decltype(&peak_mma_f16) kernel, int blocks, int iters, float a, float b) {
     std::vector<float> out((size_t)blocks * PEAK_BLOCK, NAN);
     const double ab = (double)to_float(from_float<T>(a)) * to_float(from_float<T>(b));
     double sum = 0;
@@ -17,7 +17,8 @@ void run_mma(void (*kernel)(float*, int, float, float), int blocks, int iters, f
         for (int e = 0; e < 4; ++e) sum += c + iters * 16 * ab;
     const std::vector<double> ref(out.size(), sum);
     const auto t0 = std::chrono::steady_clock::now();
-    emu_launch({(unsigned)blocks, 1, 1}, {PEAK_BLOCK, 1, 1}, [&] { kernel(out.data(), iters, a, b); });
+    const PeakArgs args{out.data(), iters, a, b};
+    emu_launch({(unsigned)blocks, 1, 1}, {PEAK_BLOCK, 1, 1}, [&] { MCDM_CALL(kernel, PeakArgs, args); });
     char name[100];
     snprintf(name, sizeof name, "peak_mma_%s blocks%d iters%d a%g b%g", type_name<T>(), blocks, iters, a, b);
     checker.close(name, ref, widen(out), 0, seconds_since(t0));
@@ -32,7 +33,8 @@ void run_fma(int blocks, int iters, float b, float c) {
         sum += x;
     }
     const std::vector<double> ref(out.size(), sum);
-    emu_launch_serial({(unsigned)blocks, 1, 1}, {PEAK_BLOCK, 1, 1}, [&] { peak_fma_f32(out.data(), iters, b, c); });
+    const PeakArgs args{out.data(), iters, b, c};
+    emu_launch_serial({(unsigned)blocks, 1, 1}, {PEAK_BLOCK, 1, 1}, [&] { MCDM_CALL(peak_fma_f32, PeakArgs, args); });
     char name[100];
     snprintf(name, sizeof name, "peak_fma_f32 blocks%d iters%d b%g c%g", blocks, iters, b, c);
     checker.close(name, ref, widen(out), 0, 0);
@@ -43,9 +45,8 @@ void run_fma(int blocks, int iters, float b, float c) {
 void run_copy(int blocks, int n) {
     std::vector<float> x = uniform_values<float>((size_t)4 * n, rng, -1, 1);
     std::vector<float> y = nan_filled<float>(x.size());
-    emu_launch_serial({(unsigned)blocks, 1, 1}, {PEAK_BLOCK, 1, 1}, [&] {
-        copy_u4(reinterpret_cast<const uint4*>(x.data()), reinterpret_cast<uint4*>(y.data()), n);
-    });
+    const CopyArgs args{x.data(), y.data(), n};
+    emu_launch_serial({(unsigned)blocks, 1, 1}, {PEAK_BLOCK, 1, 1}, [&] { MCDM_CALL(copy_u4, CopyArgs, args); });
     checker.close("copy_u4 blocks" + std::to_string(blocks) + " words" + std::to_string(n), widen(x), widen(y), 0, 0);
 }
 

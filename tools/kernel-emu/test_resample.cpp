@@ -1,6 +1,7 @@
 // kernels/resample.cu: upsample2x, avgpool2x, concat_channels, add_channel_bias (grid
-// ceil(outputs / V / 256), block 256; V = 8 channels a thread where src/ops/resample.rs sets
-// `vec`: every channel count a multiple of 8), against double references.
+// ceil(outputs / V / RESAMPLE_THREADS), block RESAMPLE_THREADS; V = RESAMPLE_VEC channels a
+// thread where src/ops/resample.rs sets `vec`: every channel count a multiple of it), against
+// double references.
 #include "resample.cu"
 #include "check.h"
 
@@ -8,9 +9,10 @@ Checker checker("resample");
 Rng rng(99);
 
 dim3 grid_for(size_t outputs, int vec) {
-    const size_t threads = vec ? (outputs + 7) / 8 : outputs;
-    return {(unsigned)((threads + 255) / 256), 1, 1};
+    const size_t threads = vec ? (outputs + RESAMPLE_VEC - 1) / RESAMPLE_VEC : outputs;
+    return {(unsigned)((threads + RESAMPLE_THREADS - 1) / RESAMPLE_THREADS), 1, 1};
 }
+const dim3 block{RESAMPLE_THREADS, 1, 1};
 
 template <typename T, typename Up, typename Pool, typename Cat, typename Bias>
 void run(Up up, Pool pool, Cat cat, Bias add_bias, int n, int h, int w, int c) {
@@ -27,7 +29,8 @@ void run(Up up, Pool pool, Cat cat, Bias add_bias, int n, int h, int w, int c) {
             for (int yo = 0; yo < 2 * h; ++yo)
                 for (int xo = 0; xo < 2 * w; ++xo)
                     for (int ch = 0; ch < c; ++ch) ref[(((size_t)b * 2 * h + yo) * 2 * w + xo) * c + ch] = X(b, yo / 2, xo / 2, ch);
-        emu_launch_serial(grid_for(ys.size(), vec), {256, 1, 1}, [&] { up(xs.data(), ys.data(), n, h, w, c, vec); });
+        const ResampleArgs args{xs.data(), ys.data(), n, h, w, c, vec};
+        emu_launch_serial(grid_for(ys.size(), vec), block, [&] { MCDM_CALL(up, ResampleArgs, args); });
         checker.close(std::string("upsample2x") + shape, ref, widen(ys), 0, 0);
     }
     {
@@ -41,7 +44,8 @@ void run(Up up, Pool pool, Cat cat, Bias add_bias, int n, int h, int w, int c) {
                         ref[(((size_t)b * ho + yo) * wo + xo) * c + ch] =
                             (X(b, 2 * yo, 2 * xo, ch) + X(b, 2 * yo, 2 * xo + 1, ch) + X(b, 2 * yo + 1, 2 * xo, ch) +
                              X(b, 2 * yo + 1, 2 * xo + 1, ch)) * 0.25;
-        emu_launch_serial(grid_for(ys.size(), vec), {256, 1, 1}, [&] { pool(xs.data(), ys.data(), n, h, w, c, vec); });
+        const ResampleArgs args{xs.data(), ys.data(), n, h, w, c, vec};
+        emu_launch_serial(grid_for(ys.size(), vec), block, [&] { MCDM_CALL(pool, ResampleArgs, args); });
         checker.close(std::string("avgpool2x") + shape, ref, widen(ys), 2 * storage_eps<T>(), 0);
     }
     {
@@ -54,7 +58,8 @@ void run(Up up, Pool pool, Cat cat, Bias add_bias, int n, int h, int w, int c) {
             for (int ch = 0; ch < c; ++ch) ref[p * (c + cb) + ch] = x[p * c + ch];
             for (int ch = 0; ch < cb; ++ch) ref[p * (c + cb) + c + ch] = skip[p * cb + ch];
         }
-        emu_launch_serial(grid_for(ys.size(), vec), {256, 1, 1}, [&] { cat(xs.data(), skips.data(), ys.data(), n, h * w, c, cb, vec); });
+        const ConcatArgs args{xs.data(), skips.data(), ys.data(), n, h * w, c, cb, vec};
+        emu_launch_serial(grid_for(ys.size(), vec), block, [&] { MCDM_CALL(cat, ConcatArgs, args); });
         checker.close(std::string("concat_channels") + shape, ref, widen(ys), 0, 0);
     }
     {
@@ -63,7 +68,8 @@ void run(Up up, Pool pool, Cat cat, Bias add_bias, int n, int h, int w, int c) {
         std::vector<T> ys = xs;  // in place
         std::vector<double> ref(ys.size());
         for (size_t i = 0; i < ys.size(); ++i) ref[i] = x[i] + bias[(i / ((size_t)h * w * c)) * c + i % c];
-        emu_launch_serial(grid_for(ys.size(), vec), {256, 1, 1}, [&] { add_bias(ys.data(), bias.data(), n, h * w, c, vec); });
+        const BiasArgs args{ys.data(), bias.data(), n, h * w, c, vec};
+        emu_launch_serial(grid_for(ys.size(), vec), block, [&] { MCDM_CALL(add_bias, BiasArgs, args); });
         checker.close(std::string("add_channel_bias") + shape, ref, widen(ys), storage_eps<T>(), 0);
     }
 }

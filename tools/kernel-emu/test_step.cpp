@@ -55,7 +55,8 @@ void check_philox_known_answers() {
     checker.record("philox reference of this test, Random123 known answers", reference_ok, reference_ok ? "3 of 3" : "mismatch", 0);
 }
 
-dim3 grid_for(long long elements) { return {(unsigned)((elements + 255) / 256), 1, 1}; }
+dim3 grid_for(long long elements) { return {(unsigned)((elements + STEP_THREADS - 1) / STEP_THREADS), 1, 1}; }
+const dim3 block{STEP_THREADS, 1, 1};
 
 void check_fill_normals(int b, int len, int first, unsigned long long seed, unsigned step) {
     std::vector<float> out((size_t)b * len, NAN);
@@ -63,8 +64,8 @@ void check_fill_normals(int b, int len, int first, unsigned long long seed, unsi
     for (int k = 0; k < b; ++k)
         for (int e = 0; e < len; ++e) ref[(size_t)k * len + e] = normal_reference(e, first + k, step, seed);
     const auto t0 = std::chrono::steady_clock::now();
-    emu_launch_serial(grid_for(out.size()), {256, 1, 1},
-                      [&] { fill_normals(out.data(), b, len, first, (unsigned)seed, (unsigned)(seed >> 32), step); });
+    const NormalsArgs args{out.data(), b, len, first, (unsigned)seed, (unsigned)(seed >> 32), step};
+    emu_launch_serial(grid_for(out.size()), block, [&] { MCDM_CALL(fill_normals, NormalsArgs, args); });
     char name[100];
     snprintf(name, sizeof name, "fill_normals b%d len%d first%d step %08x", b, len, first, step);
     checker.close(name, ref, widen(out), 2e-6, seconds_since(t0));  // f32 ln / sincos polynomials
@@ -134,10 +135,9 @@ void check_step(const StepCase& c) {
         }
     }
     float* dst = c.in_place ? x.data() : out.data();
-    emu_launch_serial(grid_for(total), {256, 1, 1}, [&] {
-        diffusion_step(x.data(), eps.data(), c.terms > 1 ? weights.data() : nullptr, c.terms,
-                       c.learned ? var.data() : nullptr, dst, b, len, first, p);
-    });
+    const StepArgs args{x.data(), eps.data(), c.terms > 1 ? weights.data() : nullptr, c.learned ? var.data() : nullptr,
+                        dst, c.terms, b, len, first, p};
+    emu_launch_serial(grid_for(total), block, [&] { MCDM_CALL(diffusion_step, StepArgs, args); });
     char name[120];
     snprintf(name, sizeof name, "diffusion_step %s xstart%d clip%d noise%d learned%d terms%d%s", c.mode ? "DDPM" : "DDIM",
              c.predict_xstart, c.clip, p.add_noise, (int)c.learned, c.terms, c.in_place ? " in-place" : "");
