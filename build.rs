@@ -11,7 +11,8 @@
 //! Every `kernels/*.cu` file is one translation unit (it includes `common.cuh`, given to NVRTC as
 //! a header, and the CUDA headers through `--include-path`), compiled to a CUBIN for each of
 //! `CUBIN_ARCHS` and to PTX for `PTX_ARCH` (newer GPUs JIT it). A compile error fails the build
-//! with NVRTC's log. `MCDM_REQUIRE_NVRTC=1` turns a missing NVRTC into an error too (CI).
+//! with NVRTC's log. `MCDM_REQUIRE_NVRTC=1` turns a missing NVRTC into an error too, and
+//! `MCDM_REQUIRE_ALL_CHECKS=1` (CI) also an NVRTC that gives no ptxas report.
 //!
 //! Output: `$OUT_DIR/kernels.rs`, for `include!(concat!(env!("OUT_DIR"), "/kernels.rs"))`:
 //! - `KERNEL_SOURCES: &[(&str, &str)]`: (file stem, source text) of every kernel file;
@@ -22,8 +23,8 @@
 //! - `KERNEL_IMAGES: &[(&str, &str, &[u8])]`: (file stem, "sm_80".."sm_90" for a CUBIN or
 //!   "compute_90" for PTX, image bytes; PTX is NUL-terminated text); empty without NVRTC;
 //! - `KERNEL_RESOURCES: &[KernelResources]`: registers, static shared memory, stack and spills of
-//!   every kernel of every CUBIN, from ptxas's report (`--ptxas-options=-v`); the including
-//!   module defines `KernelResources`;
+//!   every kernel of every CUBIN, from ptxas's report (`--ptxas-options=-v`, read by
+//!   `src/cuda/ptxas_report.rs`); the including module defines `KernelResources`;
 //! - `NVRTC_VERSION: Option<(i32, i32)>`: the NVRTC that built the images.
 //!
 //! And `$OUT_DIR/kernel_interface.rs`, whatever NVRTC (see [`kernel_interface`]): the kernels'
@@ -33,6 +34,9 @@ use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+
+#[path = "src/cuda/ptxas_report.rs"]
+mod ptxas_report;
 
 /// Real GPU architectures that get a CUBIN (A100, A10/RTX 30, L4/RTX 40, H100/H200).
 const CUBIN_ARCHS: &[&str] = &["sm_80", "sm_86", "sm_89", "sm_90"];
@@ -310,57 +314,6 @@ fn locate(repo: &Path) -> Result<(PathBuf, PathBuf), String> {
 }
 
 /// Rust string literal of a path (for include_str!/include_bytes!).
-/// One kernel's resources as ptxas reports them (`--ptxas-options=-v`).
-struct Resources {
-    kernel: String,
-    registers: u32,
-    static_shared_bytes: u32,
-    stack_bytes: u32,
-    spill_store_bytes: u32,
-    spill_load_bytes: u32,
-}
-
-/// The entry functions of a ptxas `-v` report, in its order. Stack and spill lines count for the
-/// entry being compiled (also those of device functions it calls that were not inlined).
-fn parse_ptxas_report(log: &str) -> Vec<Resources> {
-    // The number before `unit` in `text` ("... 128 registers, ..., 20480 bytes smem").
-    fn number_before(text: &str, unit: &str) -> Option<u32> {
-        let end = text.find(unit)?;
-        text[..end]
-            .split([' ', ','])
-            .rev()
-            .find(|w| !w.is_empty())?
-            .parse()
-            .ok()
-    }
-    let mut kernels: Vec<Resources> = Vec::new();
-    for line in log.lines() {
-        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
-            kernels.push(Resources {
-                kernel: rest.split('\'').next().unwrap_or_default().to_string(),
-                registers: 0,
-                static_shared_bytes: 0,
-                stack_bytes: 0,
-                spill_store_bytes: 0,
-                spill_load_bytes: 0,
-            });
-            continue;
-        }
-        let Some(k) = kernels.last_mut() else {
-            continue;
-        };
-        if line.contains("bytes stack frame") {
-            k.stack_bytes += number_before(line, " bytes stack frame").unwrap_or(0);
-            k.spill_store_bytes += number_before(line, " bytes spill stores").unwrap_or(0);
-            k.spill_load_bytes += number_before(line, " bytes spill loads").unwrap_or(0);
-        } else if line.contains(" registers") {
-            k.registers = number_before(line, " registers").unwrap_or(0);
-            k.static_shared_bytes = number_before(line, " bytes smem").unwrap_or(0);
-        }
-    }
-    kernels
-}
-
 fn lit(p: &Path) -> String {
     format!("{:?}", p.to_str().expect("non-UTF-8 path"))
 }
@@ -371,7 +324,13 @@ fn main() {
     let kernel_dir = repo.join("kernels");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=kernels");
-    for var in ["MCDM_NVRTC_LIB", "MCDM_CUDA_INCLUDE", "MCDM_REQUIRE_NVRTC"] {
+    let all_checks_required = std::env::var_os("MCDM_REQUIRE_ALL_CHECKS").is_some_and(|v| v == "1");
+    for var in [
+        "MCDM_NVRTC_LIB",
+        "MCDM_CUDA_INCLUDE",
+        "MCDM_REQUIRE_NVRTC",
+        "MCDM_REQUIRE_ALL_CHECKS",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
@@ -447,8 +406,13 @@ fn main() {
     let (nvrtc, version, include) = match nvrtc {
         Ok(found) => found,
         Err(why) => {
-            if std::env::var_os("MCDM_REQUIRE_NVRTC").is_some_and(|v| v == "1") {
-                eprintln!("error: MCDM_REQUIRE_NVRTC=1 but {why}: {INSTALL_HINT}");
+            if std::env::var_os("MCDM_REQUIRE_NVRTC").is_some_and(|v| v == "1")
+                || all_checks_required
+            {
+                eprintln!(
+                    "error: MCDM_REQUIRE_NVRTC=1 or MCDM_REQUIRE_ALL_CHECKS=1, but {why}: \
+                     {INSTALL_HINT}"
+                );
                 std::process::exit(1);
             }
             println!("cargo:warning=CUDA kernels not precompiled ({why}): {INSTALL_HINT}");
@@ -469,7 +433,7 @@ fn main() {
         .flat_map(|f| archs.iter().map(move |&a| (f, a)))
         .collect();
     let next = Mutex::new(0usize);
-    type JobResult = Result<(PathBuf, Vec<Resources>), String>;
+    type JobResult = Result<(PathBuf, Vec<ptxas_report::Resources>), String>;
     let results: Mutex<Vec<Option<JobResult>>> =
         Mutex::new((0..jobs.len()).map(|_| None).collect());
     let threads = std::thread::available_parallelism()
@@ -505,7 +469,16 @@ fn main() {
                     let mut verbose = options.clone();
                     verbose.push("--ptxas-options=-v".into());
                     match nvrtc.compile(&name, &source, &headers, &verbose) {
-                        Err(e) if e.contains("NVRTC_ERROR_INVALID_OPTION") => plain(),
+                        Err(e) if e.contains("NVRTC_ERROR_INVALID_OPTION") => {
+                            if all_checks_required {
+                                Err(format!(
+                                    "this NVRTC refuses --ptxas-options=-v, so the register \
+                                     spill check cannot run (MCDM_REQUIRE_ALL_CHECKS=1): {e}"
+                                ))
+                            } else {
+                                plain()
+                            }
+                        }
                         result => result,
                     }
                 } else {
@@ -516,7 +489,12 @@ fn main() {
                     let out = image_dir.join(format!("{stem}.{arch}.{ext}"));
                     std::fs::write(&out, image)
                         .map_err(|e| format!("writing {}: {e}", out.display()))?;
-                    Ok((out, parse_ptxas_report(&log)))
+                    let kernels = if cubin {
+                        ptxas_report::parse(&log)?
+                    } else {
+                        Vec::new()
+                    };
+                    Ok((out, kernels))
                 });
                 results.lock().unwrap()[j] = Some(result);
             });

@@ -44,6 +44,11 @@ for line in sys.stdin:
     mkdir -p "$stage/py" && tar -xzf "$stage"/sdist/guided_diffusion_sdk-1.0.0.tar.gz -C "$stage/py" \
         --strip-components=1 guided_diffusion_sdk-1.0.0/guided_diffusion && rm -r "$stage/sdist"
     python3 tools/pack_text_model.py models/all-MiniLM-L6-v2 tests/fixtures/text/sentences.json "$stage/text-model"
+    # What the parity tests will vouch for: this build's entry points, at this commit.
+    { echo -e "commit\t$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- || echo -dirty)"
+      python3 tools/gpu_parity.py entries target/release/mcdm | sed 's/^/entry\t/'; } >"$stage/parity.tsv"
+    echo "entry points a GPU has not checked as they are now (benches/results/gpu-parity.tsv):"
+    python3 tools/gpu_parity.py stale target/release/mcdm | sed 's/^/  /'
     # The test executables run here (skipping their GPU parts): they are runnable x86-64 programs.
     for t in "$stage"/tests/*; do "$t" --test-threads 1 >/dev/null 2>&1 || { echo "device-check: $t fails here" >&2; exit 1; }; done
     tar -C "$stage" -cf - . | xz -T0 -6 >"$PACK/pack.tar.xz"
@@ -60,7 +65,7 @@ fi
 
 # Only 8 files come back from $OUT: logs go to $LOG, and $OUT gets summary.txt, report.md
 # (tools/bench_report.py: the page for benches/results/) and logs.tar.gz, all three kept current
-# as the check goes.
+# as the check goes, and parity.tsv when every GPU test passed.
 OUT=${OUT:-/tmp/device-check-out}
 LOG=/tmp/device-check
 rm -rf "$LOG" && mkdir -p "$OUT" "$LOG"
@@ -101,13 +106,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"
 { nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv; "$BIN" info --kernels; } \
     2>&1 | tee "$LOG/info.log" || true
 
-# 1. Kernel, forward, sampling and text-encoder parity against the CPU.
+# 1. Kernel, forward, sampling and text-encoder parity against the CPU: together they launch
+#    every entry point of the build (tests/fake_gpu.rs checks that), so when all pass,
+#    $OUT/parity.tsv says which entry points this GPU checked at which commit (record it here
+#    with `python3 tools/gpu_parity.py record parity.tsv`).
+parity_ok=1
 for t in "$ROOT"/tests/*; do
     name=$(basename "$t")
     rc=0
     step "test $name" 150 "test-$name.log" "$t" --nocapture --test-threads 1 || rc=$?
+    skipped=$(grep -c 'skipped, no GPU' "$LOG/test-$name.log" || true)
+    [ $rc -eq 0 ] && [ "$skipped" -eq 0 ] || parity_ok=0
     if [ $rc -eq 0 ]; then
-        skipped=$(grep -c 'skipped, no GPU' "$LOG/test-$name.log" || true)
         record "test $name" "$([ "$skipped" -gt 0 ] && echo "SKIPPED $skipped (no GPU)" || echo ok) (${LAST_SECONDS} s)"
     elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
         record "test $name" "STOPPED at its time limit (${LAST_SECONDS} s; see test-$name.log)"
@@ -115,6 +125,16 @@ for t in "$ROOT"/tests/*; do
         record "test $name" "FAILED: $(grep -E '^test .*FAILED|panicked' "$LOG/test-$name.log" | head -3 | tr '\n' ' ')"
     fi
 done
+
+if [ $parity_ok = 1 ]; then
+    { grep '^commit' "$ROOT/parity.tsv"
+      echo -e "date\t$(date -u +%F)"
+      echo -e "gpu\t$(cut -d, -f1 "$LOG/gpu.txt")"
+      grep '^entry' "$ROOT/parity.tsv"; } >"$OUT/parity.tsv"
+    record "parity" "$(grep -c '^entry' "$OUT/parity.tsv") entry points checked at $(cut -f2 <(grep '^commit' "$ROOT/parity.tsv"))"
+else
+    record "parity" "NOT RECORDED: a GPU test failed or was skipped"
+fi
 
 # 2. compute-sanitizer memcheck on a forward pass, the conv variants and a short sampling run (it
 #    refuses the device on gVisor machines: recorded as unavailable, not as a failure).

@@ -24,6 +24,9 @@ if echo 'int main() { return 0; }' | ${CXX:-g++} $sanitizers -x c++ -o /dev/null
     cxx="$cxx $sanitizers"
     # Memory errors only: LeakSanitizer needs ptrace, which sandboxes (gVisor) may refuse.
     export ASAN_OPTIONS=detect_leaks=0
+elif [[ "${MCDM_REQUIRE_ALL_CHECKS:-}" == 1 ]]; then
+    echo "emulate-kernels: ${CXX:-g++} has no AddressSanitizer (libasan), and MCDM_REQUIRE_ALL_CHECKS=1 requires the bounds check" >&2
+    exit 1
 else
     echo "emulate-kernels: ${CXX:-g++} has no AddressSanitizer: out-of-bounds accesses go unchecked" >&2
 fi
@@ -33,6 +36,8 @@ runs=("conv delayed" "conv immediate" group_norm "attention delayed" "attention 
 # EMU_SCHEDULE values (emu.h): the orders in which threads, warps and blocks run; a missing
 # barrier or a dependence between blocks shows in some of them only.
 schedules=(forward reverse shuffle forward-by-warp reverse-by-warp shuffle-by-warp)
+# A run (one driver, one schedule) takes under 15 s here: past this it is a kernel that spins.
+run_timeout=${EMU_RUN_TIMEOUT:-300}
 
 rm -rf "$out/logs"
 mkdir -p "$out/bin" "$out/logs"
@@ -54,10 +59,14 @@ for run in "${runs[@]}"; do
         log="$out/logs/${run// /_}.$schedule.log"
         status=0
         # shellcheck disable=SC2086  # args: zero or more words
-        EMU_SCHEDULE=$schedule "$out/bin/test_$driver" $args >"$log" 2>&1 || status=$?
+        EMU_SCHEDULE=$schedule timeout -k 5 "$run_timeout" "$out/bin/test_$driver" $args >"$log" 2>&1 \
+            || status=$?
         summary=$(grep '^SUMMARY' "$log" || true)
         field() { sed -n "s/.* $1=\([0-9]*\).*/\1/p" <<<"$summary"; }
-        if [[ -z "$summary" ]]; then
+        if [[ $status -eq 124 || $status -eq 137 ]]; then
+            bad+=("$schedule: timed out after ${run_timeout} s, $(grep -o 'running kernel .*' "$log" || echo 'killed') (see $log)")
+            continue
+        elif [[ -z "$summary" ]]; then
             bad+=("$schedule: CRASHED (exit $status, see $log)")
             continue
         fi

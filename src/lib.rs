@@ -29,3 +29,15 @@ pub use error::{Error, Result};
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// Says that the unit test `check` cannot run here and why: a skip message, or a failure under
+/// `MCDM_REQUIRE_ALL_CHECKS=1` (`.ci/run`), as `tests/common`'s `skip` does for the
+/// integration tests.
+#[cfg(test)]
+pub(crate) fn skip_check(check: &str, why: &str) {
+    assert!(
+        std::env::var("MCDM_REQUIRE_ALL_CHECKS").map_or(true, |v| v != "1"),
+        "{check}: cannot run: {why} (MCDM_REQUIRE_ALL_CHECKS=1 requires every check)"
+    );
+    eprintln!("{check}: skipped, {why}");
+}

@@ -386,7 +386,10 @@ fn forward_refuses_what_memory_cannot_hold() {
         .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
         .unwrap_or(u64::MAX / 1024);
     if need <= total_kib * 1024 {
-        eprintln!("skipped: the pass needs {need} bytes, not more than this machine's memory");
+        common::skip(
+            "refusing a pass past memory",
+            &format!("the pass needs {need} bytes, not more than this machine's memory"),
+        );
         return;
     }
     let x: Vec<f32> = (0..side * side * 3)

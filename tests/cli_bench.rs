@@ -1,6 +1,8 @@
 //! `mcdm bench` on the CPU: its table and its JSON record agree with each other and with the
 //! times measured (median of the sorted runs), for forward passes and composed sampling.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -32,13 +34,13 @@ fn bench_with(config: &str, args: &[&str]) -> (String, String, Value) {
     let dir = tempfile::tempdir().unwrap();
     let record = dir.path().join("record.json");
     let config = write_config(dir.path(), config);
-    let out = Command::new(env!("CARGO_BIN_EXE_mcdm"))
-        .args(["bench", "--device", "cpu", "--config", &config])
-        .args(args)
-        .arg("--output")
-        .arg(&record)
-        .output()
-        .unwrap();
+    let out = common::output(
+        Command::new(env!("CARGO_BIN_EXE_mcdm"))
+            .args(["bench", "--device", "cpu", "--config", &config])
+            .args(args)
+            .arg("--output")
+            .arg(&record),
+    );
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -201,11 +203,11 @@ fn benchmark_bounds() {
             "--profile times the kernels of a forward pass",
         ),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_mcdm"))
-            .args(["bench", "--device", "cpu", "--config", &config])
-            .args(args)
-            .output()
-            .unwrap();
+        let out = common::output(
+            Command::new(env!("CARGO_BIN_EXE_mcdm"))
+                .args(["bench", "--device", "cpu", "--config", &config])
+                .args(args),
+        );
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");

@@ -43,10 +43,7 @@ struct Run {
 }
 
 fn mcdm(args: &[&str]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_mcdm"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = common::output(Command::new(env!("CARGO_BIN_EXE_mcdm")).args(args));
     Run {
         code: out.status.code(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -125,11 +122,11 @@ impl Setup {
     }
     /// `mcdm inspect model.safetensors ARGS`'s output; it must succeed.
     fn inspect(&self, args: &[&str]) -> String {
-        let out = Command::new(env!("CARGO_BIN_EXE_mcdm"))
-            .args(["inspect", &self.s("model.safetensors")])
-            .args(args)
-            .output()
-            .unwrap();
+        let out = common::output(
+            Command::new(env!("CARGO_BIN_EXE_mcdm"))
+                .args(["inspect", &self.s("model.safetensors")])
+                .args(args),
+        );
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{stderr}");
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -174,7 +171,8 @@ fn good_input_writes_output() {
     let out = mcdm::weights::SafetensorsFile::open(&s.path("out.safetensors")).unwrap();
     let io = mcdm::weights::SafetensorsFile::open(&s.path("input.safetensors")).unwrap();
     let err = common::rel_l2(&out.f32("out").unwrap(), &io.f32("out").unwrap());
-    assert!(err <= 1e-4, "rel L2 {err}");
+    // Measured 1.0e-6, 2026-12-06.
+    common::within("mcdm forward vs guided-diffusion, rel L2", err, 1e-5);
 }
 
 #[test]
@@ -518,17 +516,18 @@ fn a_directory_or_fifo_as_model() {
     std::fs::create_dir(s.path("dir.safetensors")).unwrap();
     fails(&["inspect", &s.s("dir.safetensors")], "it is a directory");
     let fifo = s.path("fifo.safetensors");
-    if Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .is_ok_and(|st| st.success())
+    if !common::output(Command::new("mkfifo").arg(&fifo))
+        .status
+        .success()
     {
-        // Opening a FIFO for reading would block until a writer comes: it must not be opened.
-        fails(
-            &["inspect", &fifo.display().to_string()],
-            "not a regular file",
-        );
+        common::skip("a FIFO as model", "mkfifo could not make one here");
+        return;
     }
+    // Opening a FIFO for reading would block until a writer comes: it must not be opened.
+    fails(
+        &["inspect", &fifo.display().to_string()],
+        "not a regular file",
+    );
 }
 
 /// `fails` for `mcdm bench` on the CPU with the setup's config and `extra` arguments.

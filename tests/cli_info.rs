@@ -2,14 +2,18 @@
 //! has kernel images, and ends quietly when its reader goes away. Like every command, it warns
 //! of an unknown `MCDM_CONV_KERNEL`.
 
+mod common;
+
 use std::process::{Command, Stdio};
 
 #[test]
 fn info_lists_every_kernel_with_its_registers() {
-    let out = Command::new(env!("CARGO_BIN_EXE_mcdm"))
-        .args(["info", "--kernels", "--arch", "sm_80"])
-        .output()
-        .unwrap();
+    let out = common::output(Command::new(env!("CARGO_BIN_EXE_mcdm")).args([
+        "info",
+        "--kernels",
+        "--arch",
+        "sm_80",
+    ]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -17,7 +21,10 @@ fn info_lists_every_kernel_with_its_registers() {
         String::from_utf8_lossy(&out.stderr)
     );
     if text.contains("built without NVRTC") {
-        eprintln!("skipped the kernel list: this build has no kernel images");
+        common::skip(
+            "the kernel list",
+            "this build has no kernel images (no NVRTC)",
+        );
         return;
     }
     // The summary line agrees with the table below it.
@@ -74,12 +81,13 @@ fn info_lists_every_kernel_with_its_registers() {
 fn a_closed_pipe_ends_info_without_a_panic() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_mcdm"))
         .args(["info", "--kernels"])
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     drop(child.stdout.take()); // the reader goes away (as with `| head -1`)
-    let out = child.wait_with_output().unwrap();
+    let out = common::process::wait_within(child, common::process::LIMIT, "mcdm info --kernels");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
@@ -88,11 +96,11 @@ fn a_closed_pipe_ends_info_without_a_panic() {
 #[test]
 fn conv_kernel_override_is_checked() {
     let info = |value: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_mcdm"))
-            .arg("info")
-            .env("MCDM_CONV_KERNEL", value)
-            .output()
-            .unwrap();
+        let out = common::output(
+            Command::new(env!("CARGO_BIN_EXE_mcdm"))
+                .arg("info")
+                .env("MCDM_CONV_KERNEL", value),
+        );
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(out.status.success(), "{value}: {stderr}");
         stderr

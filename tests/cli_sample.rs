@@ -8,12 +8,10 @@ use std::process::Command;
 
 use common::{fixtures, rel_l2};
 use mcdm::weights::{write_safetensors, SafetensorsFile, TensorData};
+use serde_json::json;
 
 fn mcdm(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mcdm"))
-        .args(args)
-        .output()
-        .unwrap();
+    let out = common::output(Command::new(env!("CARGO_BIN_EXE_mcdm")).args(args));
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -92,33 +90,230 @@ fn cli_reproduces_reference_composition() {
         "2",
         "--init-noise",
         &p("noise.safetensors"),
+        "--seed",
+        "9",
         "--save-tensor",
         &p("samples.safetensors"),
         "--out",
         &p("out"),
     ]);
     assert_eq!(code, Some(0), "{err}");
-    let ours = SafetensorsFile::open(&dir.path().join("samples.safetensors")).unwrap();
-    let err = rel_l2(&ours.f32("samples").unwrap(), &case.f32("samples").unwrap());
-    assert!(err <= 1e-3, "rel L2 {err:.3e}");
-    for f in [
-        "000000.png",
-        "000001.png",
-        "000002.png",
-        "grid.png",
-        "record.json",
-    ] {
-        assert!(dir.path().join("out").join(f).is_file(), "{f} missing");
-    }
-    let record: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/record.json")).unwrap())
-            .unwrap();
-    assert_eq!(record["experts"][1]["weight"], -0.5);
+    let ours = SafetensorsFile::open(&dir.path().join("samples.safetensors"))
+        .unwrap()
+        .f32("samples")
+        .unwrap();
+    let err = rel_l2(&ours, &case.f32("samples").unwrap());
+    // Measured 6.0e-7, 2026-12-06.
+    common::within("CLI composed DDIM vs guided-diffusion", err, 5e-6);
+    let out = dir.path().join("out");
+    images_decode_to_the_samples(&out, &ours, 3, [16, 16]);
+
+    // Every field of the record, and no other.
+    let record = read_record(&out);
+    let keys: Vec<&str> = record
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
     assert_eq!(
-        record["models"]["sketch"]["sha256"].as_str().unwrap().len(),
-        64
+        keys,
+        [
+            "batch_size",
+            "clip_denoised",
+            "device",
+            "eta",
+            "experts",
+            "formula",
+            "image_size",
+            "init_noise",
+            "mcdm_version",
+            "models",
+            "num_samples",
+            "sampler",
+            "seconds",
+            "seed",
+            "steps",
+            "timestep_respacing",
+            "uncond"
+        ]
     );
+    let file = |path: &str| json!({ "path": path, "sha256": sha256(Path::new(path)) });
+    let model_entry = |name: &str| {
+        let path = fixtures(&format!("sample/models/{name}.safetensors"));
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path.with_extension("json")).unwrap())
+                .unwrap();
+        let entry = &record["models"][name];
+        assert_eq!(entry["path"], path.display().to_string(), "{name}");
+        assert_eq!(entry["sha256"], sha256(&path), "{name}");
+        // The config as read, in guided-diffusion's keys: those of the fixture's file that
+        // reach sampling hold the file's values (use_checkpoint, say, is not recorded).
+        let recorded = entry["config"].as_object().unwrap();
+        for key in [
+            "image_size",
+            "num_channels",
+            "channel_mult",
+            "learn_sigma",
+            "diffusion_steps",
+        ] {
+            assert!(
+                recorded.contains_key(key),
+                "{name}: no {key} in {recorded:?}"
+            );
+        }
+        for (key, value) in recorded {
+            if let Some(want) = config.get(key) {
+                assert_eq!(value, want, "{name}: config key {key}");
+            }
+        }
+    };
+    for name in ["uncond", "classes", "sketch", "text"] {
+        model_entry(name);
+    }
+    assert_eq!(record["models"].as_object().unwrap().len(), 4);
+    assert_eq!(
+        record["experts"],
+        json!([
+            { "model": "classes", "class": 3, "weight": 1.5 },
+            { "model": "sketch", "image": file(&p("sketch.safetensors")), "weight": -0.5 },
+            { "model": "text", "embedding": file(&p("text.safetensors")), "weight": 0.7 },
+        ])
+    );
+    assert_eq!(record["uncond"], json!({ "model": "uncond" }));
+    assert_eq!(record["formula"], "eps = eps_u + sum_i w_i (eps_i - eps_u)");
+    assert_eq!(record["mcdm_version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(record["sampler"], "ddim");
+    assert_eq!(record["eta"], 0.0);
+    assert_eq!(record["timestep_respacing"], "10");
     assert_eq!(record["steps"], 10);
+    assert_eq!(record["clip_denoised"], false);
+    assert_eq!(record["seed"], 9);
+    assert_eq!(record["num_samples"], 3);
+    assert_eq!(record["batch_size"], 2);
+    assert_eq!(record["image_size"], json!([16, 16]));
+    assert_eq!(record["init_noise"], file(&p("noise.safetensors")));
+    assert_eq!(record["device"], "cpu");
+    let seconds = record["seconds"].as_f64().unwrap();
+    assert!(seconds > 0.0 && seconds < 600.0, "{seconds}");
+}
+
+/// The hex SHA-256 of a file.
+fn sha256(path: &Path) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+/// Decodes an 8-bit RGB PNG: (height, width, pixels row by row).
+fn decode_png(path: &Path) -> (usize, usize, Vec<u8>) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let frame = reader.next_frame(&mut pixels).unwrap();
+    assert_eq!(
+        (frame.color_type, frame.bit_depth),
+        (png::ColorType::Rgb, png::BitDepth::Eight),
+        "{}",
+        path.display()
+    );
+    pixels.truncate(frame.buffer_size());
+    (frame.height as usize, frame.width as usize, pixels)
+}
+
+/// The PNGs in `out` hold the `n` samples `[n, 3, h, w]` quantised as guided-diffusion's
+/// scripts do (`((x + 1) * 127.5).clamp(0, 255).to(uint8)`, truncating), and the grid holds
+/// them row by row, ceil(sqrt(n)) to a row, between white gaps of 2 pixels.
+fn images_decode_to_the_samples(out: &Path, samples: &[f32], n: usize, [h, w]: [usize; 2]) {
+    assert_eq!(samples.len(), n * 3 * h * w);
+    let quantised = |k: usize, y: usize, x: usize, c: usize| {
+        let v = samples[((k * 3 + c) * h + y) * w + x];
+        ((v + 1.0) * 127.5).clamp(0.0, 255.0) as u8
+    };
+    for k in 0..n {
+        let (ph, pw, pixels) = decode_png(&out.join(format!("{k:06}.png")));
+        assert_eq!((ph, pw), (h, w), "image {k}");
+        for (i, &v) in pixels.iter().enumerate() {
+            let (y, x, c) = (i / (3 * w), i / 3 % w, i % 3);
+            assert_eq!(
+                v,
+                quantised(k, y, x, c),
+                "image {k} at ({y}, {x}) channel {c}"
+            );
+        }
+    }
+    assert!(!out.join(format!("{n:06}.png")).exists());
+    let cols = (n as f64).sqrt().ceil() as usize;
+    let rows = n.div_ceil(cols);
+    let (gh, gw, grid) = decode_png(&out.join("grid.png"));
+    assert_eq!((gh, gw), (rows * (h + 2) + 2, cols * (w + 2) + 2));
+    for gy in 0..gh {
+        for gx in 0..gw {
+            let (row, y) = ((gy.max(2) - 2) / (h + 2), (gy.max(2) - 2) % (h + 2));
+            let (col, x) = ((gx.max(2) - 2) / (w + 2), (gx.max(2) - 2) % (w + 2));
+            let k = row * cols + col;
+            let inside = gy >= 2 && gx >= 2 && y < h && x < w && k < n;
+            for c in 0..3 {
+                let want = if inside { quantised(k, y, x, c) } else { 255 };
+                assert_eq!(
+                    grid[(gy * gw + gx) * 3 + c],
+                    want,
+                    "grid ({gy}, {gx}) channel {c}"
+                );
+            }
+        }
+    }
+}
+
+/// Without `--steps`, a run takes the unconditional model's `timestep_respacing`, and 50
+/// evenly spaced steps when its config gives none.
+#[test]
+fn default_step_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (code, err) = mcdm(&[
+        "sample",
+        "--model",
+        &model("uncond"),
+        "--uncond",
+        "uncond",
+        "--num-samples",
+        "1",
+        "--out",
+        &out.display().to_string(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let record = read_record(&out);
+    assert_eq!(
+        (&record["steps"], &record["timestep_respacing"]),
+        (&json!(50), &json!("50"))
+    );
+
+    // The same model with a respacing in its config.
+    let source = fixtures("sample/models/uncond.safetensors");
+    let copy = dir.path().join("respaced.safetensors");
+    std::fs::copy(&source, &copy).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source.with_extension("json")).unwrap())
+            .unwrap();
+    config["timestep_respacing"] = json!("4,3");
+    std::fs::write(copy.with_extension("json"), config.to_string()).unwrap();
+    let (code, err) = mcdm(&[
+        "sample",
+        "--model",
+        &format!("u={}", copy.display()),
+        "--uncond",
+        "u",
+        "--num-samples",
+        "1",
+        "--out",
+        &out.display().to_string(),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let record = read_record(&out);
+    assert_eq!(
+        (&record["steps"], &record["timestep_respacing"]),
+        (&json!(7), &json!("4,3"))
+    );
 }
 
 /// Runs `sample` with `args` (plus `--out`, `--steps 2` and `--num-samples 1` where `args`
@@ -154,7 +349,7 @@ fn fails(args: &[&str], needle: &str) {
 /// `extra`'s keys over those. Returns the job's path and its output directory.
 fn write_job(dir: &Path, extra: &serde_json::Value) -> (String, std::path::PathBuf) {
     let out = dir.join("out");
-    let mut job = serde_json::json!({
+    let mut job = json!({
         "models": { "uncond": fixtures("sample/models/uncond.safetensors").display().to_string() },
         "uncond": { "model": "uncond" },
         "steps": 2,
@@ -187,10 +382,10 @@ fn job_fails(extra: serde_json::Value, needle: &str) {
 #[test]
 fn job_file_conflicts_and_empty_out() {
     job_fails(
-        serde_json::json!({ "timestep_respacing": "2" }),
+        json!({ "timestep_respacing": "2" }),
         "give `steps` or `timestep_respacing`, not both",
     );
-    job_fails(serde_json::json!({ "out": "" }), "`out` is empty");
+    job_fails(json!({ "out": "" }), "`out` is empty");
 }
 
 #[test]
@@ -368,19 +563,18 @@ fn bad_term_syntax() {
         );
     }
     job_fails(
-        serde_json::json!({ "uncond": { "model": "uncond", "weight": 0.5 } }),
+        json!({ "uncond": { "model": "uncond", "weight": 0.5 } }),
         "unknown key `weight`",
     );
     job_fails(
-        serde_json::json!({ "experts": [{ "model": "uncond", "colour": 1 }] }),
+        json!({ "experts": [{ "model": "uncond", "colour": 1 }] }),
         "unknown key `colour`",
     );
 }
 
 #[test]
 fn text_prompt_needs_a_384_wide_model() {
-    if common::text_tests_skipped() {
-        eprintln!("MCDM_SKIP_TEXT_TESTS=1: skipping a test that needs the text model");
+    if common::text_tests_skipped("text-conditioned sampling") {
         return;
     }
     // The fixture text model takes a 16-wide embedding, not MiniLM's 384.
@@ -423,8 +617,7 @@ fn default_job_runs_without_arguments() {
 /// A prompt given as text= samples exactly as its embedding from `mcdm encode-text` does.
 #[test]
 fn text_prompt_equals_its_encoded_embedding() {
-    if common::text_tests_skipped() {
-        eprintln!("MCDM_SKIP_TEXT_TESTS=1: skipping a test that needs the text model");
+    if common::text_tests_skipped("text-conditioned sampling") {
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -547,10 +740,7 @@ fn eta_outside_0_1_or_with_ddpm() {
 #[test]
 fn ddpm_flag_over_a_ddim_job_with_eta() {
     let dir = tempfile::tempdir().unwrap();
-    let (path, out) = write_job(
-        dir.path(),
-        &serde_json::json!({"sampler": "ddim", "eta": 0.5}),
-    );
+    let (path, out) = write_job(dir.path(), &json!({"sampler": "ddim", "eta": 0.5}));
     let (code, err) = mcdm(&["sample", "--job", &path, "--sampler", "ddpm"]);
     assert_eq!(code, Some(0), "{err}");
     let record = read_record(&out);
@@ -565,7 +755,7 @@ fn ddpm_flag_over_a_ddim_job_with_eta() {
 #[test]
 fn expert_flags_replace_the_jobs_experts() {
     let dir = tempfile::tempdir().unwrap();
-    let experts = serde_json::json!({ "experts": [
+    let experts = json!({ "experts": [
         { "model": "uncond", "weight": 0.5 }, { "model": "uncond", "weight": 0.25 },
     ] });
     let (job, out) = write_job(dir.path(), &experts);
@@ -669,13 +859,13 @@ fn record_holds_the_batch_size() {
 #[test]
 fn relative_output_paths() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_mcdm"))
-        .current_dir(dir.path())
-        .args(["sample", "--model", &model("uncond"), "--uncond", "uncond"])
-        .args(["--steps", "2", "--num-samples", "1", "--out", "out"])
-        .args(["--save-tensor", "x.safetensors"])
-        .output()
-        .unwrap();
+    let out = common::output(
+        Command::new(env!("CARGO_BIN_EXE_mcdm"))
+            .current_dir(dir.path())
+            .args(["sample", "--model", &model("uncond"), "--uncond", "uncond"])
+            .args(["--steps", "2", "--num-samples", "1", "--out", "out"])
+            .args(["--save-tensor", "x.safetensors"]),
+    );
     assert!(
         out.status.success(),
         "{}",

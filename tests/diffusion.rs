@@ -144,6 +144,9 @@ fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
     (num / den).sqrt()
 }
 
+/// f32 rel L2 of one step and its predicted x_0: measured at most 1.2e-7 (2026-12-06).
+const STEP_BOUND: f64 = 1e-6;
+
 #[test]
 fn steps_match_reference() {
     let fx = Fixture::open(&fixture_dir().join("steps.safetensors"));
@@ -186,18 +189,22 @@ fn steps_match_reference() {
             other => panic!("unknown case kind {other}"),
         }
         let e = rel_l2(&out, &fx.f32s(&format!("{name}.sample")));
-        assert!(e <= 1e-5, "{name}: sample rel L2 {e:e}");
+        assert!(e <= STEP_BOUND, "{name}: sample rel L2 {e:e}");
         worst = worst.max(e);
         d.predict_xstart(i, &x, &m, clip, &mut out).unwrap();
         let e = rel_l2(&out, &fx.f32s(&format!("{name}.pred_xstart")));
-        assert!(e <= 1e-5, "{name}: pred_xstart rel L2 {e:e}");
+        assert!(e <= STEP_BOUND, "{name}: pred_xstart rel L2 {e:e}");
+        worst = worst.max(e);
         *kinds.entry(kind.to_owned()).or_insert(0) += 1;
     }
     assert!(
         kinds["ddpm"] >= 16 && kinds["ddim"] >= 32,
         "cases: {kinds:?}"
     );
-    assert!(worst <= 1e-5);
+    eprintln!(
+        "{} steps vs guided-diffusion: worst rel L2 {worst:.2e} (bound {STEP_BOUND:.0e})",
+        cases.len()
+    );
 }
 
 #[test]

@@ -209,20 +209,17 @@ fn on_gpu(g: &std::sync::Arc<Gpu>, models: Vec<LoadedModel>, dtype: DType) -> Ve
         .collect()
 }
 
-fn compare<T: GpuFloat>(g: &std::sync::Arc<Gpu>, sampler: SamplerKind, tol: f64) -> f64 {
+/// Rel L2 of composed sampling on the GPU storing `T` against the CPU: 3 images in GPU
+/// batches of 2 (a short last batch), 4 steps (kept few: the fake driver emulates every launch).
+fn compare<T: GpuFloat>(g: &std::sync::Arc<Gpu>, sampler: SamplerKind) -> f64 {
     let (models, experts, uncond) = reference_case();
-    let spec = spec_16x16(sampler, 10, 5);
+    let spec = spec_16x16(sampler, 4, 5);
     let s = ComposedSampler::new(&models, &experts, &uncond, spec.clone()).unwrap();
-    let want = s.sample(5, 5, None, &mut |_| {}).unwrap();
+    let want = s.sample(3, 3, None, &mut |_| {}).unwrap();
     let dev = on_gpu(g, models, dtype::<T>());
     let s = ComposedSampler::new(&dev, &experts, &uncond, spec).unwrap();
-    let got = s.sample(5, 2, None, &mut |_| {}).unwrap();
-    let err = rel_l2(&got, &want);
-    eprintln!(
-        "{}{sampler:?}: rel L2 {err:.2e} (tolerance {tol:.0e})",
-        T::SUFFIX
-    );
-    err
+    let got = s.sample(3, 2, None, &mut |_| {}).unwrap();
+    rel_l2(&got, &want)
 }
 
 #[test]
@@ -231,14 +228,17 @@ fn composed_sampling_matches_cpu() {
         return;
     };
     let mut failures = Vec::new();
+    // Bounds: measured at most 3.6e-6 (f32), 2.8e-3 (f16), 2.8e-2 (bf16) on the fake driver,
+    // 2026-12-06.
     for sampler in [SamplerKind::Ddim { eta: 0.0 }, SamplerKind::Ddpm] {
-        for (name, err, tol) in [
-            ("f32", compare::<f32>(&g, sampler, 1e-4), 1e-4),
-            ("f16", compare::<half::f16>(&g, sampler, 2e-2), 2e-2),
-            ("bf16", compare::<half::bf16>(&g, sampler, 5e-2), 5e-2),
+        for (name, err, bound) in [
+            ("f32", compare::<f32>(&g, sampler), 3e-5),
+            ("f16", compare::<half::f16>(&g, sampler), 2e-2),
+            ("bf16", compare::<half::bf16>(&g, sampler), 5e-2),
         ] {
-            if err.is_nan() || err > tol {
-                failures.push(format!("{name} {sampler:?}: {err:.3e} > {tol:.0e}"));
+            eprintln!("composed {sampler:?} {name}: rel L2 {err:.2e} (bound {bound:.0e})");
+            if err.is_nan() || err > bound {
+                failures.push(format!("{name} {sampler:?}: {err:.3e} > {bound:.0e}"));
             }
         }
     }

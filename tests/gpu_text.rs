@@ -13,7 +13,7 @@ use common::gpu::{for_each_dtype, gpu, gpu_err, rounded, tolerance, values};
 
 use std::sync::Arc;
 
-use common::fixtures;
+use common::{fixtures, rel_l2};
 use mcdm::cuda::{Gpu, GpuFloat};
 use mcdm::ops::layer_norm::{gelu, gelu_gpu, LayerNorm};
 use mcdm::text::TextEncoder;
@@ -60,7 +60,8 @@ fn layer_norm_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
         out.push((
             case.clone(),
             gpu_err(&g.download(&yd).unwrap(), &want),
-            tolerance::<T>(),
+            // f32 measured at most 1.5e-7 (2026-12-06).
+            tolerance::<T>(1e-6),
         ));
         // In place (y aliases x): the same values.
         let mut xd = g.upload::<T>(&x).unwrap();
@@ -68,7 +69,7 @@ fn layer_norm_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
         out.push((
             format!("{case} in place"),
             gpu_err(&g.download(&xd).unwrap(), &want),
-            tolerance::<T>(),
+            tolerance::<T>(1e-6),
         ));
     }
     out
@@ -117,7 +118,8 @@ fn gelu_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
         let got = g.download(&xd).unwrap();
         let case = format!("gelu len {len} scale {scale}");
         assert_eq!(got[len], 7.0, "{case}: wrote past len");
-        out.push((case, gpu_err(&got[..len], &want), tolerance::<T>()));
+        // f32 measured at most 2.3e-8 (2026-12-06).
+        out.push((case, gpu_err(&got[..len], &want), tolerance::<T>(2e-7)));
     }
     out
 }
@@ -145,14 +147,8 @@ fn fixture_texts() -> Vec<String> {
         .collect()
 }
 
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
-    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    dot / (na * nb)
-}
-
-/// Per text: the cosine of the GPU embedding with the CPU one, and the GPU embedding's norm.
+/// Per text: the rel L2 error of the GPU embedding against the CPU's (itself checked against
+/// sentence-transformers), and the GPU embedding's norm.
 fn compare<T: GpuFloat>(
     g: &Arc<Gpu>,
     cpu: &TextEncoder,
@@ -174,15 +170,14 @@ fn compare<T: GpuFloat>(
     let d = cpu.dim();
     got.chunks_exact(d)
         .zip(want.chunks_exact(d))
-        .map(|(g, w)| (cosine(g, w), g.iter().map(|v| v * v).sum::<f32>().sqrt()))
+        .map(|(g, w)| (rel_l2(g, w), g.iter().map(|v| v * v).sum::<f32>().sqrt()))
         .collect()
 }
 
 #[test]
 fn encoder_matches_cpu() {
     let Some(g) = gpu("text encoder") else { return };
-    if common::text_tests_skipped() {
-        eprintln!("MCDM_SKIP_TEXT_TESTS=1: skipping the GPU text encoder test");
+    if common::text_tests_skipped("GPU text encoder") {
         return;
     }
     let cpu = TextEncoder::locate(None)
@@ -194,7 +189,8 @@ fn encoder_matches_cpu() {
             )
         });
     let owned = fixture_texts();
-    let mut texts: Vec<&str> = owned.iter().map(String::as_str).collect();
+    // Eight of the fixture's texts (the fake driver emulates every launch), from blank to long.
+    let mut texts: Vec<&str> = owned.iter().take(8).map(String::as_str).collect();
     assert!(texts.len() >= 4);
     // Texts of one token count run as one batch: equal lengths with different words, and
     // repeats of earlier texts.
@@ -208,27 +204,25 @@ fn encoder_matches_cpu() {
     ]);
     let want = cpu.encode(&texts).unwrap();
     let mut failures = Vec::new();
-    for (name, min_cos, results) in [
-        ("f32", 0.9999, compare::<f32>(&g, &cpu, &texts, &want)),
-        ("f16", 0.999, compare::<half::f16>(&g, &cpu, &texts, &want)),
-        (
-            "bf16",
-            0.999,
-            compare::<half::bf16>(&g, &cpu, &texts, &want),
-        ),
+    // Bounds per storage type, rel L2 per text: measured at most 1.9e-6 (f32), 1.4e-3 (f16),
+    // 1.1e-2 (bf16) on the fake driver, 2026-12-06.
+    for (name, bound, results) in [
+        ("f32", 1e-5, compare::<f32>(&g, &cpu, &texts, &want)),
+        ("f16", 1e-2, compare::<half::f16>(&g, &cpu, &texts, &want)),
+        ("bf16", 5e-2, compare::<half::bf16>(&g, &cpu, &texts, &want)),
     ] {
-        let mut worst = 1.0f64;
-        for (text, &(cos, norm)) in texts.iter().zip(&results) {
-            worst = worst.min(cos);
-            if cos.is_nan() || cos < min_cos || norm.is_nan() || (norm - 1.0).abs() >= 1e-4 {
+        let mut worst = 0f64;
+        for (text, &(err, norm)) in texts.iter().zip(&results) {
+            worst = if err.is_nan() { err } else { worst.max(err) };
+            if err.is_nan() || err > bound || norm.is_nan() || (norm - 1.0).abs() >= 1e-4 {
                 failures.push(format!(
-                    "{name} {:?}: cosine {cos:.7} (needs {min_cos}), norm {norm}",
+                    "{name} {:?}: rel L2 {err:.2e} (bound {bound:.0e}), norm {norm}",
                     text.chars().take(60).collect::<String>()
                 ));
             }
         }
         eprintln!(
-            "text encoder {name}: {} texts, min cosine {worst:.7} (needs {min_cos})",
+            "text encoder {name}: {} texts, worst rel L2 {worst:.2e} (bound {bound:.0e})",
             texts.len()
         );
     }

@@ -1,10 +1,13 @@
 //! Composed sampling against guided-diffusion's `ddim_sample_loop` and `p_sample_loop` driven
 //! by a reference composition (fixtures by `tools/make_sampling_fixtures.py`, which gives the
-//! reference mcdm's step noise where a step adds some): rel L2 <= 1e-3.
+//! reference mcdm's step noise where a step adds some).
 
 mod common;
 
-use common::{fixtures, rel_l2};
+use common::{fixtures, rel_l2, within};
+
+/// f32 rel L2 of a composed run against guided-diffusion: measured at most 1.8e-6 (2026-12-06).
+const SAMPLING_BOUND: f64 = 1e-5;
 use mcdm::model::{load_model, LoadedModel};
 use mcdm::sample::{
     Batched, ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, Unconditional,
@@ -129,11 +132,11 @@ fn composed_sampling_matches_reference() {
         let want: Vec<usize> = (1..=sampler.num_steps()).collect();
         assert_eq!(done, want, "{name}: progress");
         let err = rel_l2(&out, &case.samples);
-        eprintln!(
-            "{name}: rel L2 {err:.2e} over {} steps",
+        let what = format!(
+            "{name} ({} steps): rel L2 vs guided-diffusion",
             sampler.num_steps()
         );
-        assert!(err <= 1e-3, "{name}: rel L2 {err:.3e} > 1e-3");
+        within(&what, err, SAMPLING_BOUND);
     }
 }
 
@@ -160,8 +163,9 @@ fn batch_size_does_not_change_images() {
     );
     let one_by_one = sampler.sample(case.n, 1, None, &mut |_| {}).unwrap();
     let err = rel_l2(&one_by_one, &all);
-    // GEMM blocking depends on the batch, so rounding may differ; nothing else may.
-    assert!(err <= 1e-5, "batch 1 vs batch {}: rel L2 {err:.3e}", case.n);
+    // GEMM blocking depends on the batch, so rounding may differ; nothing else may (measured
+    // 4.9e-7, 2026-12-06).
+    within(&format!("batch 1 vs batch {}, rel L2", case.n), err, 4e-6);
     // And a different seed gives different images.
     let mut spec = case.spec.clone();
     spec.sampler = SamplerKind::Ddpm;
@@ -194,8 +198,9 @@ fn zero_weight_expert_is_inert() {
             .sample(case.n, case.n, Some(&case.x_t), &mut |_| {})
             .unwrap();
     let err = rel_l2(&with_zero, &base);
-    // Batching the two terms of one model changes only float rounding in the GEMMs.
-    assert!(err <= 1e-5, "rel L2 {err:.3e}");
+    // Batching the two terms of one model changes only float rounding in the GEMMs (measured
+    // 1.8e-6, 2026-12-06).
+    within("a zero-weight expert added, rel L2", err, 1e-5);
 }
 
 /// The library refuses a DDIM eta outside [0, 1] (past 1 the update takes the square root of a

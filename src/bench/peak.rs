@@ -186,7 +186,7 @@ mod tests {
             .iter()
             .find(|(file, arch, _)| *file == "peak" && *arch == "compute_90")
         else {
-            eprintln!("peak PTX check: skipped, built without NVRTC");
+            crate::skip_check("peak PTX check", "built without NVRTC");
             return;
         };
         let ptx = String::from_utf8_lossy(ptx);

@@ -2,6 +2,10 @@
 #![allow(dead_code)]
 
 pub mod gpu;
+pub mod process;
+
+#[allow(unused_imports)]
+pub use process::{output, output_within};
 
 use std::path::{Path, PathBuf};
 
@@ -17,14 +21,51 @@ pub fn fixtures(sub: &str) -> PathBuf {
         .join(sub)
 }
 
-/// `MCDM_SKIP_TEXT_TESTS=1`: the tests that need the MiniLM model skip instead of failing.
-pub fn text_tests_skipped() -> bool {
-    std::env::var("MCDM_SKIP_TEXT_TESTS").is_ok_and(|v| v == "1")
+/// `MCDM_REQUIRE_ALL_CHECKS=1` (set by `.ci/run`): a check that cannot run here fails instead of
+/// skipping, so that a machine missing a tool cannot pass CI with that check unrun.
+pub fn all_checks_required() -> bool {
+    std::env::var("MCDM_REQUIRE_ALL_CHECKS").is_ok_and(|v| v == "1")
 }
 
-/// ||a - b|| / ||b||.
+/// Says that `check` cannot run here and why: a skip message, or a failure under
+/// `MCDM_REQUIRE_ALL_CHECKS=1`.
+pub fn skip(check: &str, why: &str) {
+    assert!(
+        !all_checks_required(),
+        "{check}: cannot run: {why} (MCDM_REQUIRE_ALL_CHECKS=1 requires every check)"
+    );
+    eprintln!("{check}: skipped, {why}");
+}
+
+/// `MCDM_SKIP_TEXT_TESTS=1`: whether `check`, which needs the MiniLM model, is skipped (after
+/// saying so; a failure under `MCDM_REQUIRE_ALL_CHECKS=1`).
+pub fn text_tests_skipped(check: &str) -> bool {
+    let skipped = std::env::var("MCDM_SKIP_TEXT_TESTS").is_ok_and(|v| v == "1");
+    if skipped {
+        skip(check, "MCDM_SKIP_TEXT_TESTS=1");
+    }
+    skipped
+}
+
+/// A measured error against a reference, printed with its bound (`cargo test -- --nocapture`
+/// shows them all); fails above the bound or on NaN. Bounds are set at a stated multiple (at
+/// most 10x) of the error measured when they were set, so that a kernel or formula gone
+/// slightly wrong still fails.
+pub fn within(what: &str, err: f64, bound: f64) {
+    eprintln!("{what}: {err:.2e} (bound {bound:.0e})");
+    assert!(
+        err <= bound,
+        "{what}: {err:.3e} is over its bound {bound:.0e}"
+    );
+}
+
+/// ||a - b|| / ||b||; NaN when `a` holds a NaN.
 pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
+    assert!(
+        b.iter().all(|v| v.is_finite()),
+        "the reference is not finite"
+    );
     let (mut num, mut den) = (0f64, 0f64);
     for (x, y) in a.iter().zip(b) {
         num += (*x as f64 - *y as f64).powi(2);

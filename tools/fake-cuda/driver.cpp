@@ -9,7 +9,11 @@
 // against the real header.
 #include <cuda.h>
 
+#include <signal.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdarg>
 #include <cstdio>
@@ -142,6 +146,22 @@ size_t memory_limit_from_env() {
     return bytes;
 }
 
+// The kernel now running, for the SIGTERM handler: a test that times a hung run out
+// (tests/common's run_with_timeout) terminates it first, so that its message names the kernel.
+std::atomic<const char*> g_running_kernel{nullptr};
+
+void name_running_kernel_and_exit(int) {
+    const char* name = g_running_kernel.load();
+    if (name == nullptr) name = "(none: host code)";
+    const char prefix[] = "fake-cuda: terminated while running kernel ";
+    // Only async-signal-safe calls here.
+    ssize_t ignored = write(2, prefix, sizeof prefix - 1);
+    ignored = write(2, name, strlen(name));
+    ignored = write(2, "\n", 1);
+    (void)ignored;
+    _exit(128 + SIGTERM);
+}
+
 // FAKE_CUDA_LAUNCH_LOG=FILE: the name of every kernel this process runs (directly or in a graph)
 // is appended to FILE once, so that a test can see which entry points its runs reached.
 bool run_kernel(const fake_cuda::KernelEntry* kernel, const fake_cuda::LaunchShape& shape, void** params) {
@@ -156,7 +176,10 @@ bool run_kernel(const fake_cuda::KernelEntry* kernel, const fake_cuda::LaunchSha
             }
         }
     }
-    return kernel->run(kernel->name, shape, params);
+    g_running_kernel.store(kernel->name);
+    const bool ok = kernel->run(kernel->name, shape, params);
+    g_running_kernel.store(nullptr);
+    return ok;
 }
 
 // FAKE_CUDA_COMPUTE_CAPABILITY=MAJOR.MINOR (default 9.0): an older GPU, for mcdm's refusal of it.
@@ -405,6 +428,9 @@ FAKE_API CUresult cuInit(unsigned int flags) {
     if (!d.initialized) {
         d.total_memory = memory_limit_from_env();
         d.initialized = true;
+        struct sigaction current {};
+        if (sigaction(SIGTERM, nullptr, &current) == 0 && current.sa_handler == SIG_DFL)
+            signal(SIGTERM, name_running_kernel_and_exit);
     }
     return CUDA_SUCCESS;
 }

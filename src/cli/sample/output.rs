@@ -92,7 +92,7 @@ impl Outputs<'_> {
                 v["embedding"] = file(p);
             }
             if weight {
-                v["weight"] = t.weight.into();
+                v["weight"] = decimal(t.weight);
             }
             v
         };
@@ -114,7 +114,7 @@ impl Outputs<'_> {
             "experts": plan.experts.iter().map(|t| term_json(t, true)).collect::<Vec<_>>(),
             "uncond": term_json(&plan.uncond, false),
             "sampler": plan.sampler.name(),
-            "eta": plan.eta,
+            "eta": decimal(plan.eta),
             "timestep_respacing": self.respacing,
             "steps": self.steps,
             "clip_denoised": plan.clip_denoised,
@@ -127,6 +127,13 @@ impl Outputs<'_> {
             "seconds": self.seconds,
         }))
     }
+}
+
+/// An f32 setting as it was written (0.7, not 0.699999988079071, its exact value as an f64).
+fn decimal(v: f32) -> serde_json::Value {
+    v.to_string()
+        .parse::<f64>()
+        .map_or(serde_json::Value::Null, Into::into)
 }
 
 /// k for an image file name `NNNNNN.png` (six digits).
