@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "asan.h"
+#include "running_kernel.h"
 
 #include "kernel_registry.h"
 
@@ -144,22 +145,6 @@ size_t memory_limit_from_env() {
         return kDefaultMemoryBytes;
     }
     return bytes;
-}
-
-// The kernel now running, for the SIGTERM handler: a test that times a hung run out
-// (tests/common's run_with_timeout) terminates it first, so that its message names the kernel.
-std::atomic<const char*> g_running_kernel{nullptr};
-
-void name_running_kernel_and_exit(int) {
-    const char* name = g_running_kernel.load();
-    if (name == nullptr) name = "(none: host code)";
-    const char prefix[] = "fake-cuda: terminated while running kernel ";
-    // Only async-signal-safe calls here.
-    ssize_t ignored = write(2, prefix, sizeof prefix - 1);
-    ignored = write(2, name, strlen(name));
-    ignored = write(2, "\n", 1);
-    (void)ignored;
-    _exit(128 + SIGTERM);
 }
 
 // FAKE_CUDA_LAUNCH_LOG=FILE: the name of every kernel this process runs (directly or in a graph)
@@ -428,9 +413,8 @@ FAKE_API CUresult cuInit(unsigned int flags) {
     if (!d.initialized) {
         d.total_memory = memory_limit_from_env();
         d.initialized = true;
-        struct sigaction current {};
-        if (sigaction(SIGTERM, nullptr, &current) == 0 && current.sa_handler == SIG_DFL)
-            signal(SIGTERM, name_running_kernel_and_exit);
+        name_running_kernel_on_sigterm(2, "fake-cuda: terminated while running kernel ",
+                                       "(none: host code)");
     }
     return CUDA_SUCCESS;
 }

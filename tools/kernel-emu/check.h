@@ -2,42 +2,23 @@
 // references, one line per case, and a summary line that scripts/emulate-kernels.sh parses.
 // Include after the kernel sources (it uses their to_float / from_float).
 #pragma once
-#include <signal.h>
-#include <unistd.h>
-
-#include <atomic>
 #include <chrono>
-#include <cstring>
 #include <random>
 #include <string>
 #include <type_traits>
 #include <vector>
 
+#include "running_kernel.h"
+
 // Calls `kernel` with the fields of `args`, an argument struct NAME, in order: the parameters
 // of a kernel declared `kernel(MCDM_PARAMS(NAME))`.
-// Also notes the kernel's name for the SIGTERM handler below.
+// Also notes the kernel's name for the SIGTERM handler (running_kernel.h).
 #define MCDM_FIELD_VALUE(type, name) , mcdm_args_.name
 #define MCDM_CALL(kernel, NAME, args)                                                                   \
     [&](const NAME& mcdm_args_) {                                                                       \
         g_running_kernel = #kernel;                                                                     \
         kernel(MCDM_APPLY(MCDM_DROP_FIRST, (~ NAME##_FIELDS(MCDM_FIELD_VALUE))));                       \
     }(args)
-
-// The kernel last called: scripts/emulate-kernels.sh times a hung driver out with SIGTERM, and
-// the handler names the kernel in the driver's log.
-inline std::atomic<const char*> g_running_kernel{nullptr};
-
-inline void name_running_kernel_and_exit(int) {
-    const char* name = g_running_kernel.load();
-    if (name == nullptr) name = "(none)";
-    const char prefix[] = "HUNG: terminated while running kernel ";
-    // Only async-signal-safe calls here.
-    ssize_t ignored = write(1, prefix, sizeof prefix - 1);
-    ignored = write(1, name, strlen(name));
-    ignored = write(1, "\n", 1);
-    (void)ignored;
-    _exit(128 + SIGTERM);
-}
 
 template <typename T> const char* type_name();
 template <> const char* type_name<float>() { return "f32"; }
@@ -86,7 +67,7 @@ class Checker {
   public:
     explicit Checker(const char* suite) : suite_(suite) {
         setvbuf(stdout, nullptr, _IOLBF, 0);
-        signal(SIGTERM, name_running_kernel_and_exit);
+        name_running_kernel_on_sigterm(1, "HUNG: terminated while running kernel ", "(none)");
     }
 
     // Passes when every element has |got - ref| - slack <= tol (1 + |ref|) (slack: an optional
