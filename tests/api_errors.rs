@@ -170,7 +170,9 @@ fn sampler_refuses_conditions_its_models_cannot_take() {
             needle,
         );
     }
-    // The unconditional term may leave an image or embedding out (zeros stand in for it).
+    // The unconditional term may leave an image or embedding out (zeros stand in for it; the
+    // images that makes are checked against guided-diffusion by the sampling fixture
+    // j_sketch_zero_uncond in tests/sample_reference.rs).
     for model in [2, 3] {
         let uncond = Unconditional {
             model,

@@ -117,6 +117,11 @@ CASES = {
         experts=[dict(model="segment", image=N, weight=1.0),
                  dict(model="sketch", image=1, weight=0.5)],
         uncond=dict(model="uncond"), respacing="6", clip=True, seed=29, sampler="ddpm"),
+    # (j) an image-conditioned model as its own unconditional term: no condition, so zeros
+    # stand in for the image (the null condition the experts were trained with)
+    "j_sketch_zero_uncond": dict(
+        experts=[dict(model="sketch", image=N, weight=1.5)],
+        uncond=dict(model="sketch"), respacing="ddim6", clip=True, seed=30),
 }
 
 # mcdm's step noise (src/rng.rs): element e of image k at spaced step i is normal e % 4 of
@@ -217,6 +222,9 @@ def run_case(name, case, models, out_dir):
         if "weight" in spec:
             desc["weight"] = spec["weight"]
 
+        if image is None and cfg["in_channels"] > 3:
+            image = th.zeros(1, cfg["in_channels"] - 3, SIZE, SIZE)
+
         def call(x, t):
             inp = x if image is None else th.cat([x, image.expand(x.shape[0], -1, -1, -1)], dim=1)
             e = None if emb is None else emb.expand(x.shape[0], -1)
@@ -227,6 +235,7 @@ def run_case(name, case, models, out_dir):
     experts = [term(s, i) for i, s in enumerate(case["experts"])]
     u_desc, u_call, _ = term(case["uncond"], "u")
     assert "image" not in case["uncond"] and "embedding" not in case["uncond"]
+    assert models[case["uncond"]["model"]][1].get("embed_dim") is None, "zero embeddings: untested"
     u_cfg = models[case["uncond"]["model"]][1]
     seen_t = []
 
@@ -312,6 +321,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ap.add_argument("--out", default=os.path.join(root, "tests", "fixtures", "sample"))
+    ap.add_argument("--case", action="append", choices=sorted(CASES),
+                    help="make only this case (repeatable; default: all)")
     args = ap.parse_args()
     th.set_num_threads(max(1, os.cpu_count() or 1))
     os.makedirs(args.out, exist_ok=True)
@@ -319,6 +330,8 @@ def main():
         print(f"model {name:8} params {params:7d} bytes {size}")
     models = load_models(args.out)  # the float32 models with the stored (f16-rounded) weights
     for name, case in CASES.items():
+        if args.case and name not in args.case:
+            continue
         r = run_case(name, case, models, args.out)
         print(f"case {r['case']:24} steps {r['steps']:2d} t {r['timesteps']} bytes {r['bytes']} "
               f"|samples|max {r['absmax']:.3f} std {r['std']:.3f}")
