@@ -121,6 +121,37 @@ pub struct ResolvedConfig {
     pub sources: BTreeMap<&'static str, Source>,
 }
 
+impl ResolvedConfig {
+    /// A warning naming the fields that change the images a model makes (image size and noise
+    /// schedule) that no source gave, with the default each took: it may not be what the model
+    /// was trained with. None when the config gives them all.
+    pub fn default_warning(&self) -> Option<String> {
+        let fields = [
+            ("image_size", self.unet.image_size.to_string()),
+            (
+                "noise_schedule",
+                self.diffusion.noise_schedule.name().to_string(),
+            ),
+            (
+                "diffusion_steps",
+                self.diffusion.diffusion_steps.to_string(),
+            ),
+        ];
+        let defaulted: Vec<String> = fields
+            .iter()
+            .filter(|(key, _)| self.sources.get(key) == Some(&Source::Default))
+            .map(|(key, value)| format!("{key} {value}"))
+            .collect();
+        (!defaulted.is_empty()).then(|| {
+            format!(
+                "not in its config, so defaulted: {} (the images depend on them; give them in \
+                 its config if the model was trained otherwise)",
+                defaulted.join(", ")
+            )
+        })
+    }
+}
+
 /// Every key a config may hold. `use_checkpoint` is accepted and has no effect at inference.
 pub const CONFIG_KEYS: &[&str] = &[
     "image_size",
@@ -155,59 +186,9 @@ pub const CONFIG_KEYS: &[&str] = &[
 /// Parses JSON like `serde_json::from_str`, but a key given twice in one object is an error
 /// (serde_json keeps the last one silently, so a stray duplicate would change a setting unseen).
 pub fn parse_json(text: &str) -> std::result::Result<Value, serde_json::Error> {
-    use serde::de::{Deserialize, Deserializer, Error as _, MapAccess, SeqAccess, Visitor};
-
-    struct Strict(Value);
-    impl<'de> Deserialize<'de> for Strict {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-            d.deserialize_any(StrictVisitor)
-        }
-    }
-    struct StrictVisitor;
-    impl<'de> Visitor<'de> for StrictVisitor {
-        type Value = Strict;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("JSON")
-        }
-        fn visit_bool<E>(self, v: bool) -> std::result::Result<Strict, E> {
-            Ok(Strict(v.into()))
-        }
-        fn visit_i64<E>(self, v: i64) -> std::result::Result<Strict, E> {
-            Ok(Strict(v.into()))
-        }
-        fn visit_u64<E>(self, v: u64) -> std::result::Result<Strict, E> {
-            Ok(Strict(v.into()))
-        }
-        fn visit_f64<E>(self, v: f64) -> std::result::Result<Strict, E> {
-            Ok(Strict(v.into()))
-        }
-        fn visit_str<E>(self, v: &str) -> std::result::Result<Strict, E> {
-            Ok(Strict(v.into()))
-        }
-        fn visit_unit<E>(self) -> std::result::Result<Strict, E> {
-            Ok(Strict(Value::Null))
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Strict, A::Error> {
-            let mut items = Vec::new();
-            while let Some(Strict(v)) = seq.next_element()? {
-                items.push(v);
-            }
-            Ok(Strict(Value::Array(items)))
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Strict, A::Error> {
-            let mut object = serde_json::Map::new();
-            while let Some(key) = map.next_key::<String>()? {
-                if object.contains_key(&key) {
-                    return Err(A::Error::custom(format!("key `{key}` is given twice")));
-                }
-                let Strict(v) = map.next_value()?;
-                object.insert(key, v);
-            }
-            Ok(Strict(Value::Object(object)))
-        }
-    }
+    use serde::Deserialize;
     let mut de = serde_json::Deserializer::from_str(text);
-    let Strict(value) = Strict::deserialize(&mut de)?;
+    let crate::files::StrictJson(value) = crate::files::StrictJson::deserialize(&mut de)?;
     de.end()?;
     Ok(value)
 }
@@ -614,10 +595,7 @@ pub fn resolve(
     let embed_dim: Option<usize> = match given("embed_dim") {
         Some((v, src)) => {
             origin.insert("embed_dim", src.clone());
-            match parse_usize("embed_dim", v)? {
-                0 => None,
-                d => Some(d),
-            }
+            Some(parse_usize("embed_dim", v)?)
         }
         None => {
             origin.insert("embed_dim", Source::Inferred);
@@ -692,6 +670,20 @@ impl UNetConfig {
         let bad = |m: String| Err(Error::Config(m));
         if self.num_channels == 0 || self.in_channels == 0 || self.num_res_blocks == 0 {
             return bad("num_channels, in_channels and num_res_blocks must be positive".into());
+        }
+        if self.embed_dim == Some(0) {
+            return bad(
+                "embed_dim must be positive, got 0 (leave it out for a model without a vector \
+                 condition)"
+                    .into(),
+            );
+        }
+        // Dropout is inactive at inference, but a value outside [0, 1) is no model's.
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad(format!(
+                "dropout must be in [0, 1) (a probability), got {}",
+                self.dropout
+            ));
         }
         // Bounds far past any real model, so that sizes derived from them cannot overflow.
         if self.channel_mult.is_empty() {
@@ -1067,6 +1059,22 @@ mod tests {
                 r#"{"num_res_blocks": 0}"#,
                 "num_channels, in_channels and num_res_blocks must be positive",
             ),
+            (
+                r#"{"embed_dim": 0}"#,
+                "embed_dim must be positive, got 0 (leave it out",
+            ),
+            (
+                r#"{"dropout": 5.0}"#,
+                "dropout must be in [0, 1) (a probability), got 5",
+            ),
+            (
+                r#"{"dropout": 1}"#,
+                "dropout must be in [0, 1) (a probability), got 1",
+            ),
+            (
+                r#"{"dropout": -0.1}"#,
+                "dropout must be in [0, 1) (a probability), got -0.1",
+            ),
         ] {
             let err = resolve_json(json).unwrap_err().to_string();
             assert!(err.contains(needle), "{json}: {err}");
@@ -1116,6 +1124,33 @@ mod tests {
             let err = resolve_json(&json(MAX_WIDTH + 1)).unwrap_err();
             assert!(err.to_string().contains("must be at most"), "{key}: {err}");
         }
+    }
+
+    /// Image size and schedule given by no source are named in the warning, with their
+    /// defaults; fields a source gives are not.
+    #[test]
+    fn defaulted_image_fields_are_warned_of() {
+        let cfg = resolve_json(r#"{"channel_mult": "1,2"}"#).unwrap();
+        assert_eq!(
+            cfg.default_warning().unwrap(),
+            "not in its config, so defaulted: image_size 64, noise_schedule linear, \
+             diffusion_steps 1000 (the images depend on them; give them in its config if the \
+             model was trained otherwise)"
+        );
+        let cfg =
+            resolve_json(r#"{"image_size": 32, "channel_mult": "1,2", "diffusion_steps": 50}"#)
+                .unwrap();
+        let warning = cfg.default_warning().unwrap();
+        assert!(
+            warning.contains("defaulted: noise_schedule linear ("),
+            "{warning}"
+        );
+        let cfg = resolve_json(
+            r#"{"image_size": 32, "channel_mult": "1,2", "diffusion_steps": 50,
+                "noise_schedule": "cosine"}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.default_warning(), None);
     }
 
     /// Without duplicates it reads what serde_json reads, numbers and nesting included.

@@ -3,12 +3,25 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::files::write_atomic;
+use crate::files::{open_limited, write_atomic, PNG_LIMIT};
+
+/// A PNG read as a tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Png {
+    /// `[C, H, W]`, scaled to [-1, 1].
+    pub data: Vec<f32>,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    /// Whether the file had an alpha channel, which was dropped.
+    pub alpha_dropped: bool,
+}
 
 /// A PNG as a `[C, H, W]` tensor scaled to [-1, 1]: gray gives 1 channel, RGB 3; an alpha
-/// channel is dropped. Returns (data, channels, height, width).
-pub fn read_png(path: &Path) -> Result<(Vec<f32>, usize, usize, usize)> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+/// channel is dropped (and said so in [`Png::alpha_dropped`]). The file must be a regular file
+/// within [`PNG_LIMIT`].
+pub fn read_png(path: &Path) -> Result<Png> {
+    let (file, _) = open_limited(path, PNG_LIMIT, "PNG file")?;
     let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
     decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
     let bad = |e: String| Error::Input(format!("{}: not a readable PNG: {e}", path.display()));
@@ -40,7 +53,13 @@ pub fn read_png(path: &Path) -> Result<(Vec<f32>, usize, usize, usize)> {
             data[c * h * w + p] = buf[p * stride + c] as f32 / 127.5 - 1.0;
         }
     }
-    Ok((data, channels, h, w))
+    Ok(Png {
+        data,
+        channels,
+        height: h,
+        width: w,
+        alpha_dropped: stride > channels,
+    })
 }
 
 /// Quantises a `[3, H, W]` image in [-1, 1] to 8-bit RGB as the reference scripts do:
@@ -121,8 +140,11 @@ mod tests {
         let value = |p: usize, c: usize| (p * 40 + c * 7 + 3) as u8;
         let scaled = |v: u8| v as f32 / 127.5 - 1.0;
         let check = |name: &str, want_channels: usize, want: &dyn Fn(usize, usize) -> u8| {
-            let (got, c, gh, gw) = read_png(&dir.path().join(name)).unwrap();
+            let png = read_png(&dir.path().join(name)).unwrap();
+            let (got, c, gh, gw) = (png.data, png.channels, png.height, png.width);
             assert_eq!((c, gh, gw), (want_channels, h, w), "{name}");
+            let alpha = name.starts_with("GrayscaleAlpha") || name.starts_with("Rgba");
+            assert_eq!(png.alpha_dropped, alpha, "{name}");
             for ch in 0..c {
                 for p in 0..h * w {
                     assert_eq!(got[ch * h * w + p], scaled(want(p, ch)), "{name} {ch} {p}");
@@ -200,9 +222,12 @@ mod tests {
                 &pixels,
             );
             if w.max(h) == max {
-                let (data, c, gh, gw) = read_png(&path).unwrap();
-                assert_eq!((c, gh, gw), (1, h as usize, w as usize));
-                assert_eq!(data[250], 250.0 / 127.5 - 1.0);
+                let png = read_png(&path).unwrap();
+                assert_eq!(
+                    (png.channels, png.height, png.width),
+                    (1, h as usize, w as usize)
+                );
+                assert_eq!(png.data[250], 250.0 / 127.5 - 1.0);
             } else {
                 let err = read_png(&path).unwrap_err().to_string();
                 assert!(

@@ -218,7 +218,10 @@ fn inconsistent_byte_ranges() {
     };
     // Two floats in 4 bytes.
     write(&format!("{{{}}}", tensor("out.2.bias", "[2]", 0, 4)), 4);
-    s.forward_fails("a tensor's byte range does not hold its shape and dtype");
+    s.forward_fails(
+        "tensor `out.2.bias`: its byte range [0, 4] (4 bytes) does not hold its shape [2] of F32 \
+         (8 bytes)",
+    );
     // A gap between two tensors.
     let gap = format!(
         "{{{},{}}}",

@@ -126,6 +126,7 @@ fn cli_reproduces_reference_composition() {
             "experts",
             "formula",
             "image_size",
+            "images",
             "init_noise",
             "mcdm_version",
             "models",
@@ -133,11 +134,14 @@ fn cli_reproduces_reference_composition() {
             "sampler",
             "seconds",
             "seed",
+            "status",
             "steps",
             "timestep_respacing",
             "uncond"
         ]
     );
+    assert_eq!(record["status"], "complete");
+    assert_eq!(record["images"], 3);
     let file = |path: &str| json!({ "path": path, "sha256": sha256(Path::new(path)) });
     let model_entry = |name: &str| {
         let path = fixtures(&format!("sample/models/{name}.safetensors"));
@@ -270,26 +274,30 @@ fn images_decode_to_the_samples(out: &Path, samples: &[f32], n: usize, [h, w]: [
 fn default_step_count() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let (code, err) = mcdm(&[
-        "sample",
-        "--model",
-        &model("uncond"),
-        "--uncond",
-        "uncond",
-        "--num-samples",
-        "1",
-        "--out",
-        &out.display().to_string(),
-    ]);
-    assert_eq!(code, Some(0), "{err}");
-    let record = read_record(&out);
-    assert_eq!(
-        (&record["steps"], &record["timestep_respacing"]),
-        (&json!(50), &json!("50"))
-    );
+    // (steps, respacing) of a run of the model at `path` with no step flag.
+    let steps_of = |path: &Path| {
+        let (code, err) = mcdm(&[
+            "sample",
+            "--model",
+            &format!("u={}", path.display()),
+            "--uncond",
+            "u",
+            "--num-samples",
+            "1",
+            "--out",
+            &out.display().to_string(),
+        ]);
+        assert_eq!(code, Some(0), "{err}");
+        let record = read_record(&out);
+        (
+            record["steps"].clone(),
+            record["timestep_respacing"].clone(),
+        )
+    };
+    let source = fixtures("sample/models/uncond.safetensors");
+    assert_eq!(steps_of(&source), (json!(50), json!("50")));
 
     // The same model with a respacing in its config.
-    let source = fixtures("sample/models/uncond.safetensors");
     let copy = dir.path().join("respaced.safetensors");
     std::fs::copy(&source, &copy).unwrap();
     let mut config: serde_json::Value =
@@ -297,23 +305,7 @@ fn default_step_count() {
             .unwrap();
     config["timestep_respacing"] = json!("4,3");
     std::fs::write(copy.with_extension("json"), config.to_string()).unwrap();
-    let (code, err) = mcdm(&[
-        "sample",
-        "--model",
-        &format!("u={}", copy.display()),
-        "--uncond",
-        "u",
-        "--num-samples",
-        "1",
-        "--out",
-        &out.display().to_string(),
-    ]);
-    assert_eq!(code, Some(0), "{err}");
-    let record = read_record(&out);
-    assert_eq!(
-        (&record["steps"], &record["timestep_respacing"]),
-        (&json!(7), &json!("4,3"))
-    );
+    assert_eq!(steps_of(&copy), (json!(7), json!("4,3")));
 }
 
 /// Runs `sample` with `args` (plus `--out`, `--steps 2` and `--num-samples 1` where `args`
@@ -517,6 +509,19 @@ fn unwritable_output_directory() {
         ],
         "creating output directory",
     );
+    // --out naming a file.
+    fails(
+        &[
+            "--model",
+            &model("uncond"),
+            "--uncond",
+            "uncond",
+            "--out",
+            &file.display().to_string(),
+        ],
+        "a-file: is a file, not a folder",
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"x");
 }
 
 #[test]
@@ -942,10 +947,11 @@ fn impossible_sample_counts() {
         "18446744073709551615",
         "more than the 4294967296 images one run draws",
     );
-    // 2^32 images of 3x16x16, 4 bytes each value for the samples, 1 for the PNGs, 1 the grid.
+    // 2^32 images of 3x16x16, 1 byte each value for the PNGs, 1 for the grid.
     run(
         "4294967296",
-        "16x16 (samples, 8-bit copies, grid) needs about 18432.0 GiB of memory, more than the",
+        "16x16 (8-bit copies, grid, any --save-tensor) needs about 6144.0 GiB of memory, more \
+         than the",
     );
     run("0", "--num-samples and --batch-size must be positive");
     fails(
@@ -1018,7 +1024,7 @@ fn output_files_are_checked_before_sampling() {
     let run = |extra: &[&str]| sample_uncond(&out, "2", extra);
     let (code, err) = run(&[]);
     assert_eq!(code, Some(1), "{err}");
-    assert!(err.contains("000001.png is a directory"), "{err}");
+    assert!(err.contains("000001.png: is a directory"), "{err}");
     std::fs::remove_dir(out.join("000001.png")).unwrap();
     for name in ["grid.png", "record.json", "000001.png"] {
         let tensor = out.join(name).display().to_string();
@@ -1028,8 +1034,13 @@ fn output_files_are_checked_before_sampling() {
     }
     assert!(!out.join("000000.png").exists(), "an image was written");
 
-    // Past the run's numbers a directory is no obstacle, and the tensor may go beside the images.
+    // Past the run's numbers too: an earlier run's images there are removed at the end.
     std::fs::create_dir(out.join("000002.png")).unwrap();
+    let (code, err) = run(&[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("000002.png: is a directory"), "{err}");
+    std::fs::remove_dir(out.join("000002.png")).unwrap();
+    // The tensor may go beside the images.
     let tensor = out.join("samples.safetensors");
     let (code, err) = run(&["--save-tensor", &tensor.display().to_string()]);
     assert_eq!(code, Some(0), "{err}");
@@ -1098,7 +1109,7 @@ fn oversized_png_condition() {
 
 /// Images an earlier, larger run left in --out are pointed out, not silently mixed in.
 #[test]
-fn earlier_images_in_the_output_directory_are_noted() {
+fn a_smaller_run_replaces_a_larger_earlier_one() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().display().to_string();
     let run = |n: &str| {
@@ -1124,7 +1135,13 @@ fn earlier_images_in_the_output_directory_are_noted() {
     let (code, err) = run("1");
     assert_eq!(code, Some(0), "{err}");
     assert!(
-        err.contains("holds 2 numbered image(s) past 000000.png"),
+        err.contains("held a larger earlier run: removed its 2 image(s) past 000000.png"),
         "{err}"
     );
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["000000.png", "grid.png", "record.json"]);
 }

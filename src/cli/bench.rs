@@ -8,11 +8,12 @@ use anyhow::{bail, Context, Result};
 use mcdm::config::{resolve, PartialConfig, ResolvedConfig, Source};
 use mcdm::cuda::{Gpu, KernelTime};
 use mcdm::device::Workspace;
+use mcdm::files::{read_string_limited, JSON_LIMIT};
 use mcdm::memory::check_host_memory;
 use mcdm::model::{Conditioning, LoadedModel};
 use mcdm::sample::{
     Batched, ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, StepProgress,
-    Unconditional,
+    Unconditional, MAX_EXPERTS,
 };
 use mcdm::{DType, Device};
 
@@ -71,7 +72,6 @@ pub struct Args {
 
 /// Bounds that keep an impossible request from exhausting memory before it can fail clearly.
 const MAX_BATCH: usize = 4096;
-const MAX_COMPOSE: usize = 64;
 const MAX_STEPS: usize = 10_000;
 
 pub fn run(args: Args) -> Result<()> {
@@ -82,14 +82,15 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(n) = args.batch.iter().find(|&&n| n > MAX_BATCH) {
         bail!("--batch {n}: a benchmark batch is at most {MAX_BATCH} images");
     }
-    if args.compose > MAX_COMPOSE {
-        bail!("--compose {}: at most {MAX_COMPOSE} experts", args.compose);
+    if args.compose > MAX_EXPERTS {
+        bail!("--compose {}: at most {MAX_EXPERTS} experts", args.compose);
     }
     if args.steps > MAX_STEPS {
         bail!("--steps {}: at most {MAX_STEPS}", args.steps);
     }
     if let Some(path) = &args.output {
-        check_output_file(path, "--output")?;
+        let config = args.config.as_deref().map(|p| ("--config", p));
+        check_output_file(path, "--output", config.as_slice())?;
     }
     if args.profile && (device.is_cpu() || args.kernels || args.compose > 0) {
         bail!("--profile times the kernels of a forward pass: use it with --config on a GPU, without --kernels or --compose");
@@ -102,7 +103,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let config = config_arg(&args.config)?.expect("clap requires --config without --kernels");
     let text =
-        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+        read_string_limited(config, JSON_LIMIT, "config file").context("reading --config")?;
     let partial =
         PartialConfig::from_json(&text).with_context(|| format!("config {}", config.display()))?;
     let source = Source::File(config.display().to_string());
@@ -127,13 +128,13 @@ pub fn run(args: Args) -> Result<()> {
     };
     let size = cfg.unet.image_size;
     let gflop = model.flops_per_image(size, size) / 1e9;
-    eprintln!(
+    report!(
         "config {} ({:.1} M parameters, {gflop:.2} GFLOP per image at {size}x{size}), {device_name}",
         config.display(),
         model.parameters() as f64 / 1e6
     );
-    println!("| batch | s / forward | ms / image | images / s | GFLOP/s |");
-    println!("|---:|---:|---:|---:|---:|");
+    say!("| batch | s / forward | ms / image | images / s | GFLOP/s |");
+    say!("|---:|---:|---:|---:|---:|");
     let mut rows = Vec::new();
     let mut profiles = Vec::new();
     for &n in &args.batch {
@@ -165,7 +166,7 @@ pub fn run(args: Args) -> Result<()> {
         }
         times.sort_by(f64::total_cmp);
         let median = times[times.len() / 2];
-        println!(
+        say!(
             "| {n} | {median:.4} | {:.2} | {:.2} | {:.1} |",
             median * 1e3 / n as f64,
             n as f64 / median,
@@ -190,17 +191,17 @@ pub fn run(args: Args) -> Result<()> {
         rows.push(row);
     }
     for (n, seconds, kernels) in &profiles {
-        print_profile(*n, *seconds, kernels);
+        print_profile(*n, *seconds, kernels)?;
     }
     write_record(&args, &device_name, &cfg, gflop, rows)
 }
 
 /// Where one forward pass of `n` images spends its GPU time: per kernel family (the file under
 /// `kernels/`), then the kernels that take the most.
-fn print_profile(n: usize, seconds: f64, kernels: &[KernelTime]) {
+fn print_profile(n: usize, seconds: f64, kernels: &[KernelTime]) -> Result<()> {
     let total: f64 = kernels.iter().map(|k| k.ms).sum();
     let share = |ms: f64| 100.0 * ms / total.max(1e-12);
-    println!(
+    say!(
         "\nbatch {n}: the kernels of one forward pass took {total:.2} ms (each from just before \
          its launch to its end); the timed forward pass, with uploads and downloads, {:.2} ms\n",
         seconds * 1e3
@@ -216,15 +217,15 @@ fn print_profile(n: usize, seconds: f64, kernels: &[KernelTime]) {
         }
     }
     families.sort_by(|a, b| b.2.total_cmp(&a.2));
-    println!("| kernels/ | launches | ms | share |");
-    println!("|---|---:|---:|---:|");
+    say!("| kernels/ | launches | ms | share |");
+    say!("|---|---:|---:|---:|");
     for (file, launches, ms) in &families {
-        println!("| {file}.cu | {launches} | {ms:.3} | {:.1}% |", share(*ms));
+        say!("| {file}.cu | {launches} | {ms:.3} | {:.1}% |", share(*ms));
     }
-    println!("\n| kernel | launches | ms | share |");
-    println!("|---|---:|---:|---:|");
+    say!("\n| kernel | launches | ms | share |");
+    say!("|---|---:|---:|---:|");
     for k in kernels.iter().take(12) {
-        println!(
+        say!(
             "| {} | {} | {:.3} | {:.1}% |",
             k.name,
             k.launches,
@@ -232,6 +233,7 @@ fn print_profile(n: usize, seconds: f64, kernels: &[KernelTime]) {
             share(k.ms)
         );
     }
+    Ok(())
 }
 
 fn write_record(
@@ -312,7 +314,7 @@ fn run_compose(args: &Args, cfg: ResolvedConfig, device: &Device) -> Result<()> 
             format!("{}, {:?}, {graphs}", gpu.info().name, args.dtype)
         }
     };
-    eprintln!(
+    report!(
         "composed DDIM: {} expert(s) + unconditional, {} steps, {gflop:.2} GFLOP per image per forward, {device_name}",
         args.compose, args.steps
     );
@@ -329,8 +331,8 @@ fn run_compose(args: &Args, cfg: ResolvedConfig, device: &Device) -> Result<()> 
         Device::Cpu => (0, 0),
         Device::Cuda(g) => (g.kernel_launches(), g.graph_launches()),
     };
-    println!("| batch | s / run | images / s | GFLOP/s | host launches / run |");
-    println!("|---:|---:|---:|---:|---|");
+    say!("| batch | s / run | images / s | GFLOP/s | host launches / run |");
+    say!("|---:|---:|---:|---:|---|");
     let mut rows = Vec::new();
     for &n in &args.batch {
         let ran = run(n)?;
@@ -356,7 +358,7 @@ fn run_compose(args: &Args, cfg: ResolvedConfig, device: &Device) -> Result<()> 
             Device::Cpu => "n/a".to_string(),
             Device::Cuda(_) => format!("{} kernels + {} graphs", per_run.0, per_run.1),
         };
-        println!(
+        say!(
             "| {batch} | {median:.4} | {:.2} | {:.1} | {host} |",
             n as f64 / median,
             gflop * forwards as f64 / median
@@ -372,31 +374,42 @@ fn bench_kernels(gpu: &Gpu, dtype: DType, iters: usize) -> Result<()> {
     use mcdm::bench::kernels::{measure_peaks, time_kernels, Unit};
     use mcdm::bench::peak::BLOCK;
     let peaks = measure_peaks(gpu, dtype, iters)?;
-    println!("| device peak | measured by | rate |");
-    println!("|---|---|---:|");
-    println!(
+    say!("| device peak | measured by | rate |");
+    say!("|---|---|---:|");
+    say!(
         "| {} | `{}` kernels/peak.cu, {} blocks x {BLOCK} threads, {} rounds | {:.1} TFLOP/s |",
-        peaks.instruction, peaks.kernel, peaks.blocks, peaks.rounds, peaks.tflops
+        peaks.instruction,
+        peaks.kernel,
+        peaks.blocks,
+        peaks.rounds,
+        peaks.tflops
     );
-    println!(
+    say!(
         "| DRAM copy | `copy_u4` kernels/peak.cu, 2 x {:.2} GiB | {:.0} GB/s |",
         peaks.copy_bytes as f64 / (1u64 << 30) as f64,
         peaks.gbs
     );
-    println!("\n| kernel | shape | ms | rate | of peak |");
-    println!("|---|---|---:|---:|---:|");
+    say!("\n| kernel | shape | ms | rate | of peak |");
+    say!("|---|---|---:|---:|---:|");
+    // Rows are printed as they are timed; the first failed write ends the command after.
+    let mut written = Ok(());
     time_kernels(gpu, dtype, iters, &peaks, &mut |row| {
         let rate = match row.unit {
             Unit::Tflops => format!("{:.1} TFLOP/s", row.rate),
             Unit::Gbs => format!("{:.0} GB/s", row.rate),
         };
-        println!(
-            "| {} | {} | {:.3} | {rate} | {:.0}% |",
-            row.kernel,
-            row.shape,
-            row.ms,
-            100.0 * row.share
-        );
+        if written.is_ok() {
+            written = super::write_line(
+                &mut std::io::stdout().lock(),
+                format_args!(
+                    "| {} | {} | {:.3} | {rate} | {:.0}% |",
+                    row.kernel,
+                    row.shape,
+                    row.ms,
+                    100.0 * row.share
+                ),
+            );
+        }
     })?;
-    Ok(())
+    written.context("writing to standard output")
 }

@@ -5,12 +5,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use indicatif::ProgressBar;
 
+use mcdm::files::{read_string_limited, TEXT_LIMIT};
 use mcdm::text::{TextEncoder, MODEL_NAME};
 use mcdm::weights::{write_safetensors, TensorData};
 
-use super::{check_output_file, open_device, progress_bar, DeviceArg, Dtype};
+use super::{check_output_file, open_device, DeviceArg, Dtype, Progress};
 
 /// Texts encoded per call, so that the progress bar moves on long lists.
 const CHUNK: usize = 64;
@@ -62,9 +62,8 @@ pub struct Args {
 fn gather_texts(args: &Args) -> Result<Vec<String>> {
     let mut texts = args.texts.clone();
     if let Some(path) = &args.text_file {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let content = String::from_utf8(bytes)
-            .with_context(|| format!("{} is not UTF-8 text", path.display()))?;
+        let content =
+            read_string_limited(path, TEXT_LIMIT, "text file").context("reading --text-file")?;
         // Editors may start a UTF-8 file with a byte-order mark; it is not part of the text.
         let content = content.strip_prefix('\u{feff}').unwrap_or(&content);
         if content.trim().is_empty() {
@@ -75,23 +74,28 @@ fn gather_texts(args: &Args) -> Result<Vec<String>> {
     Ok(texts)
 }
 
-/// Encodes chunk by chunk through `encode`, reporting each chunk to `bar`.
+/// Encodes chunk by chunk through `encode`, reporting each chunk to `progress`.
 fn encode_all(
     texts: &[&str],
     chunk_len: usize,
-    bar: &ProgressBar,
+    progress: &mut Progress,
     mut encode: impl FnMut(&[&str]) -> mcdm::Result<Vec<f32>>,
 ) -> Result<Vec<f32>> {
     let mut out = Vec::new();
+    let mut done = 0;
     for chunk in texts.chunks(chunk_len) {
         out.extend(encode(chunk).context("encoding the texts")?);
-        bar.inc(chunk.len() as u64);
+        done += chunk.len();
+        progress.advance(chunk.len() as u64, || {
+            format!("{done}/{} texts", texts.len())
+        });
     }
     Ok(out)
 }
 
 pub fn run(args: Args) -> Result<()> {
-    check_output_file(&args.output, "--output")?;
+    let text_file = args.text_file.as_deref().map(|p| ("--text-file", p));
+    check_output_file(&args.output, "--output", text_file.as_slice())?;
     let owned = gather_texts(&args)?;
     let texts: Vec<&str> = owned.iter().map(String::as_str).collect();
     let dir = TextEncoder::locate(args.text_model.as_deref())
@@ -104,7 +108,7 @@ pub fn run(args: Args) -> Result<()> {
         .map(|t| encoder.tokenize(t).map(|tok| tok.ids.len()))
         .collect::<mcdm::Result<Vec<_>>>()?;
 
-    let bar = progress_bar(
+    let mut progress = Progress::new(
         texts.len(),
         texts.len() > CHUNK,
         "{elapsed_precise} [{bar:30}] {pos}/{len} texts ETA {eta}",
@@ -114,9 +118,9 @@ pub fn run(args: Args) -> Result<()> {
         .to_device(&device, args.dtype.into())
         .context("uploading the text model to the GPU")?;
     let chunk = if device.is_cpu() { CHUNK } else { GPU_CHUNK };
-    let embedding = encode_all(&texts, chunk, &bar, |chunk| encoder.encode(chunk))?;
+    let embedding = encode_all(&texts, chunk, &mut progress, |chunk| encoder.encode(chunk))?;
     let device = device.describe(args.dtype.into());
-    bar.finish_and_clear();
+    progress.finish();
     let elapsed = start.elapsed();
 
     let (n, d) = (texts.len(), encoder.dim());
@@ -147,7 +151,7 @@ pub fn run(args: Args) -> Result<()> {
             lengths.iter().max().copied().unwrap_or(0)
         )
     };
-    eprintln!(
+    report!(
         "encoded {n} text(s) with {MODEL_NAME} from {} on {device} in {:.1} ms ({tokens}{})",
         dir.display(),
         elapsed.as_secs_f64() * 1e3,
@@ -159,8 +163,8 @@ pub fn run(args: Args) -> Result<()> {
     );
     let empty = texts.iter().filter(|t| t.trim().is_empty()).count();
     if empty > 0 {
-        eprintln!("note: {empty} of the texts are empty or blank (each still has its row)");
+        report!("note: {empty} of the texts are empty or blank (each still has its row)");
     }
-    eprintln!("wrote `embedding` [{n}, {d}] to {}", args.output.display());
+    report!("wrote `embedding` [{n}, {d}] to {}", args.output.display());
     Ok(())
 }

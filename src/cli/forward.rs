@@ -9,7 +9,7 @@ use mcdm::device::Workspace;
 use mcdm::model::{load_model, Conditioning};
 use mcdm::weights::{write_safetensors, SafetensorsFile, StorageDtype, TensorData};
 
-use super::{config_arg, open_device, DeviceArg, Dtype};
+use super::{check_output_file, config_arg, open_device, DeviceArg, Dtype};
 
 /// Run one forward pass, e.g. to check a converted checkpoint against PyTorch.
 #[derive(clap::Args)]
@@ -42,7 +42,16 @@ pub struct Args {
     dtype: Dtype,
 }
 
+/// The tensors forward reads from its input file.
+const INPUTS: [&str; 4] = ["x", "t", "y", "emb"];
+
 pub fn run(args: Args) -> Result<()> {
+    let mut inputs = vec![
+        ("--model", args.model.as_path()),
+        ("--input", args.input.as_path()),
+    ];
+    inputs.extend(args.config.as_deref().map(|p| ("--config", p)));
+    check_output_file(&args.output, "--output", &inputs)?;
     let device = open_device(args.device)?;
     let model = load_model(&args.model, config_arg(&args.config)?)
         .with_context(|| format!("loading model {}", args.model.display()))?
@@ -51,6 +60,16 @@ pub fn run(args: Args) -> Result<()> {
     let input = SafetensorsFile::open(&args.input)
         .with_context(|| format!("reading input {}", args.input.display()))?;
     let ctx = || format!("input {}", args.input.display());
+    // A misspelt name (`emb` as `embedding`) would otherwise change the pass unseen. `out`,
+    // the name of what forward writes, is a reference output kept beside the inputs (as in
+    // tests/fixtures/unet), not a mistake.
+    for name in input.names().filter(|n| !INPUTS.contains(n) && *n != "out") {
+        report!(
+            "warning: {}: tensor `{name}` is not one forward reads ({}): ignored",
+            ctx(),
+            INPUTS.join(", ")
+        );
+    }
 
     let shape = input.shape("x").with_context(ctx)?.to_vec();
     let [n, c, h, w] = shape[..] else {
@@ -108,7 +127,7 @@ pub fn run(args: Args) -> Result<()> {
         Some(meta),
     )
     .with_context(|| format!("writing {}", args.output.display()))?;
-    eprintln!(
+    report!(
         "wrote `out` [{n}, {oc}, {h}, {w}] to {}",
         args.output.display()
     );

@@ -21,12 +21,12 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    println!("mcdm {}", env!("CARGO_PKG_VERSION"));
-    println!("cpu: {} threads (rayon)", rayon::current_num_threads());
+    say!("mcdm {}", env!("CARGO_PKG_VERSION"));
+    say!("cpu: {} threads (rayon)", rayon::current_num_threads());
     let mut archs: Vec<&str> = KERNEL_IMAGES.iter().map(|(_, arch, _)| *arch).collect();
     archs.sort();
     archs.dedup();
-    println!(
+    say!(
         "kernels: {} source file(s) embedded; images for {}",
         KERNEL_SOURCES.len(),
         if archs.is_empty() {
@@ -36,8 +36,8 @@ pub fn run(args: Args) -> Result<()> {
         }
     );
     match NVRTC_VERSION {
-        Some((major, minor)) => println!("nvrtc at build time: {major}.{minor}"),
-        None => println!("nvrtc at build time: not found"),
+        Some((major, minor)) => say!("nvrtc at build time: {major}.{minor}"),
+        None => say!("nvrtc at build time: not found"),
     }
     // The CUBIN the GPU runs (sm_86 on an sm_87), else --arch.
     let unusable = unavailable_reason();
@@ -54,7 +54,7 @@ pub fn run(args: Args) -> Result<()> {
             .iter()
             .filter(|r| r.spill_store_bytes + r.spill_load_bytes > 0)
             .count();
-        println!(
+        say!(
             "ptxas ({arch}): {} kernels, at most {} registers a thread ({}), {}",
             resources.len(),
             most.registers,
@@ -67,13 +67,13 @@ pub fn run(args: Args) -> Result<()> {
     }
     let driver = driver_version();
     match driver {
-        Some((major, minor)) => println!("cuda driver: {major}.{minor}"),
-        None => println!("cuda driver: none"),
+        Some((major, minor)) => say!("cuda driver: {major}.{minor}"),
+        None => say!("cuda driver: none"),
     }
     // Every GPU the driver reports, also one too old for the kernels (the reason says so).
     if driver.is_some() {
         for d in devices()? {
-            println!(
+            say!(
                 "gpu {}: {}, {:.1} GiB, compute capability {}.{}, {} SMs",
                 d.ordinal,
                 d.name,
@@ -85,11 +85,11 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     if let Some(reason) = &unusable {
-        println!("gpus: none usable ({reason}); --device auto uses the CPU");
+        say!("gpus: none usable ({reason}); --device auto uses the CPU");
     }
     if args.kernels {
         if resources.is_empty() {
-            println!(
+            say!(
                 "no ptxas report for {arch}: {}",
                 if KERNEL_IMAGES.is_empty() {
                     "built without NVRTC"
@@ -99,13 +99,19 @@ pub fn run(args: Args) -> Result<()> {
             );
             return Ok(());
         }
-        let row = |cells: [&str; 6]| {
-            println!(
+        let row = |cells: [&str; 6]| -> Result<()> {
+            say!(
                 "{:<14} {:<24} {:>9} {:>13} {:>7} {:>13}",
-                cells[0], cells[1], cells[2], cells[3], cells[4], cells[5]
-            )
+                cells[0],
+                cells[1],
+                cells[2],
+                cells[3],
+                cells[4],
+                cells[5]
+            );
+            Ok(())
         };
-        println!();
+        say!("");
         row([
             "file",
             "kernel",
@@ -113,7 +119,7 @@ pub fn run(args: Args) -> Result<()> {
             "static smem B",
             "stack B",
             "spill st/ld B",
-        ]);
+        ])?;
         for r in &resources {
             row([
                 &format!("{}.cu", r.file),
@@ -122,7 +128,7 @@ pub fn run(args: Args) -> Result<()> {
                 &r.static_shared_bytes.to_string(),
                 &r.stack_bytes.to_string(),
                 &format!("{}/{}", r.spill_store_bytes, r.spill_load_bytes),
-            ]);
+            ])?;
         }
     }
     Ok(())

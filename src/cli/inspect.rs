@@ -24,7 +24,7 @@ pub fn run(args: Args) -> Result<()> {
     let model = load_model(&args.model, config_arg(&args.config)?)
         .with_context(|| format!("loading model {}", args.model.display()))?;
     let cfg = &model.config;
-    println!("model: {}", args.model.display());
+    say!("model: {}", args.model.display());
     let files: std::collections::BTreeSet<&str> = cfg
         .sources
         .values()
@@ -34,11 +34,9 @@ pub fn run(args: Args) -> Result<()> {
         })
         .collect();
     for file in &files {
-        println!("config file: {file}");
+        say!("config file: {file}");
     }
-    println!(
-        "config (source of each field: file, metadata, inferred from the weights, or default):"
-    );
+    say!("config (source of each field: file, metadata, inferred from the weights, or default):");
     let json = cfg.unet.to_json(&cfg.diffusion);
     if let Some(map) = json.as_object() {
         for (key, value) in map {
@@ -48,14 +46,14 @@ pub fn run(args: Args) -> Result<()> {
                 Some(source) => source.to_string(),
                 None => "derived".into(),
             };
-            println!("  {key:<24} {:<16} ({source})", value.to_string());
+            say!("  {key:<24} {:<16} ({source})", value.to_string());
         }
     }
     let params = model.parameters();
-    println!("parameters: {params} ({:.2} M)", params as f64 / 1e6);
-    println!("storage:");
+    say!("parameters: {params} ({:.2} M)", params as f64 / 1e6);
+    say!("storage:");
     for (dtype, bytes) in model.file.bytes_by_dtype() {
-        println!(
+        say!(
             "  {:<5} {bytes} bytes ({:.2} MiB)",
             dtype.name(),
             bytes as f64 / (1 << 20) as f64
@@ -63,6 +61,6 @@ pub fn run(args: Args) -> Result<()> {
     }
     let size = cfg.unet.image_size;
     let gflop = model.flops_per_image(size, size) / 1e9;
-    println!("compute: {gflop:.3} GFLOP per image per forward at {size}x{size}");
+    say!("compute: {gflop:.3} GFLOP per image per forward at {size}x{size}");
     Ok(())
 }

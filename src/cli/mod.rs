@@ -1,14 +1,33 @@
 //! Subcommands. The library never prints; this module reports.
 
+/// A line on standard output, the command's result: failing to write it (a full disk, a closed
+/// descriptor) is the command's error. A closed pipe ends the process quietly (see `main`).
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::cli::write_line(&mut std::io::stdout().lock(), format_args!($($arg)*))
+            .map_err(|e| anyhow::anyhow!("writing to standard output: {e}"))?
+    };
+}
+
+/// A line on standard error (a warning, a note, a summary): lost, never fatal, when standard
+/// error cannot take it, since there is nowhere left to say so.
+macro_rules! report {
+    ($($arg:tt)*) => {
+        let _ = $crate::cli::write_line(&mut std::io::stderr().lock(), format_args!($($arg)*));
+    };
+}
+
 mod bench;
 mod encode_text;
 mod forward;
 mod info;
 mod inspect;
+mod interrupt;
 mod sample;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -80,30 +99,86 @@ impl From<Dtype> for DType {
     }
 }
 
-/// A progress bar of `len` units on standard error, drawn only when that is a terminal and
-/// `shown`; `template` is indicatif's (the bar is `[{bar:30}]`).
-fn progress_bar(len: usize, shown: bool, template: &str) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(
-        Some(len as u64),
-        if shown && std::io::stderr().is_terminal() {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        },
-    );
-    bar.set_style(
-        ProgressStyle::with_template(template)
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    bar
+/// Progress of long work on standard error: on a terminal, a bar that fits its width; elsewhere
+/// (a log file, a batch job's output) a line every [`Progress::LINE_EVERY`], so that a log shows
+/// the work moving. Nothing at all unless `shown`.
+pub struct Progress {
+    bar: ProgressBar,
+    /// When the last line was written, where lines stand in for the bar.
+    last_line: Option<Instant>,
+    shown: bool,
+}
+
+impl Progress {
+    const LINE_EVERY: Duration = Duration::from_secs(30);
+
+    /// `len` units; `template` is indicatif's, its message last (`{wide_msg}`) so that it is
+    /// cut to the terminal's width rather than wrapped.
+    fn new(len: usize, shown: bool, template: &str) -> Self {
+        let terminal = shown && std::io::stderr().is_terminal();
+        let bar = ProgressBar::with_draw_target(
+            Some(len as u64),
+            if terminal {
+                ProgressDrawTarget::stderr()
+            } else {
+                ProgressDrawTarget::hidden()
+            },
+        );
+        bar.set_style(
+            ProgressStyle::with_template(template)
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        Progress {
+            bar,
+            last_line: (!terminal).then(Instant::now),
+            shown,
+        }
+    }
+
+    /// `units` more done; `message` says where the work stands.
+    fn advance(&mut self, units: u64, message: impl FnOnce() -> String) {
+        self.bar.inc(units);
+        match &mut self.last_line {
+            None => self.bar.set_message(message()),
+            Some(last) if self.shown && last.elapsed() >= Self::LINE_EVERY => {
+                *last = Instant::now();
+                let elapsed = self.bar.elapsed().as_secs();
+                report!("[{:02}:{:02}] {}", elapsed / 60, elapsed % 60, message());
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
 }
 
 /// Fails unless a file can be written at `path`: its directory exists and takes new files, and
-/// `path` is not a directory. Checked before long work, so that it does not fail at the end.
-fn check_output_file(path: &Path, what: &str) -> Result<()> {
-    if path.is_dir() {
-        bail!("{what} {}: is a directory", path.display());
+/// `path` is neither something other than a regular file (a directory, a device, a FIFO) nor
+/// one of the files the command reads (`inputs`, each with the flag that named it). Checked
+/// before long work, so that it does not fail at the end.
+fn check_output_file(path: &Path, what: &str, inputs: &[(&str, &Path)]) -> Result<()> {
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.is_dir() {
+            bail!("{what} {}: is a directory", path.display());
+        }
+        if !meta.is_file() {
+            bail!(
+                "{what} {}: is not a regular file (a device, FIFO or socket); mcdm only \
+                 writes regular files",
+                path.display()
+            );
+        }
+        if let Some((flag, input)) = inputs.iter().find(|(_, p)| same_file(p, path)) {
+            bail!(
+                "{what} {}: is the file given to {flag} ({}), which this command reads; \
+                 choose another output",
+                path.display(),
+                input.display()
+            );
+        }
     }
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -128,6 +203,24 @@ fn check_output_file(path: &Path, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether `path` names the file `file` has open.
+fn same_file_as_open(file: &std::fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
+/// Whether `a` and `b` name the same existing file (links and `..` included).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
 /// `auto` takes the GPU when one is usable, else the CPU (saying why when a GPU is present but
 /// cannot be set up: its kernels fail to load, say); `cuda` insists on it with a clear error.
 fn open_device(device: DeviceArg) -> Result<Device> {
@@ -136,9 +229,7 @@ fn open_device(device: DeviceArg) -> Result<Device> {
         DeviceArg::Auto => {
             let (device, why) = Device::auto();
             if let Some(e) = why {
-                eprintln!(
-                    "warning: --device auto: the GPU cannot be used ({e}); running on the CPU"
-                );
+                report!("warning: --device auto: the GPU cannot be used ({e}); running on the CPU");
             }
             Ok(device)
         }
@@ -156,7 +247,7 @@ fn open_device(device: DeviceArg) -> Result<Device> {
 /// with the same results, only slower).
 fn warn_graph_failure(device: &Device) {
     if let Some(why) = device.take_graph_failure() {
-        eprintln!(
+        report!(
             "warning: the sampling steps could not be replayed as a CUDA graph ({why}); every \
              kernel was launched from the host instead"
         );
@@ -173,9 +264,21 @@ fn config_arg(path: &Option<PathBuf>) -> Result<Option<&std::path::Path>> {
     }
 }
 
+/// Writes one line; unlike `say!`, a failed write is an error, not a panic.
+pub fn write_line(out: &mut impl std::io::Write, line: std::fmt::Arguments) -> std::io::Result<()> {
+    writeln!(out, "{line}").and_then(|()| out.flush())
+}
+
+/// The exit status for a command that failed with `e`: the shell's for the signal that stopped
+/// an interrupted run, else 1.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    e.downcast_ref::<interrupt::Interrupted>()
+        .map_or(1, interrupt::Interrupted::exit_code)
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     if let Err(warning) = mcdm::ops::conv::conv_kernel_setting() {
-        eprintln!("warning: {warning}");
+        report!("warning: {warning}");
     }
     match cli.command {
         Command::Sample(args) => sample::run(args),

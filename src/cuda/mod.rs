@@ -621,7 +621,10 @@ fn compile_at_runtime(file: &str, source: &str, cc: (i32, i32)) -> Result<Ptx> {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .map(|d| d.join("mcdm").join(format!("{file}-{arch}-{key:016x}.ptx")));
-    if let Some(text) = cache.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
+    let cached = |p: &PathBuf| {
+        crate::files::read_string_limited(p, crate::files::TEXT_LIMIT, "kernel cache").ok()
+    };
+    if let Some(text) = cache.as_ref().and_then(cached) {
         return Ok(Ptx::from_src(text));
     }
     let how = "build mcdm with NVRTC present (scripts/install-nvrtc.sh, then cargo build --release), \

@@ -1,5 +1,7 @@
 //! Reading the conditions a term names: an image condition (a PNG, or safetensors `cond`) and
-//! a vector condition (safetensors `embedding`, or a prompt already encoded).
+//! a vector condition (safetensors `embedding`, or a prompt already encoded). What is legal but
+//! most likely a mistake (a huge weight or value, an empty prompt, a dropped alpha channel) is
+//! returned as warnings for the caller to show.
 
 use std::path::Path;
 
@@ -9,6 +11,32 @@ use crate::image::read_png;
 use crate::sample::{Batched, Condition};
 use crate::weights::SafetensorsFile;
 
+/// Past this |weight| an expert swamps every other term: far past the guidance scales in use.
+pub const WEIGHT_WARNING: f32 = 20.0;
+/// Image conditions are images scaled to [-1, 1]: values past this are not one.
+pub const IMAGE_VALUE_WARNING: f32 = 10.0;
+/// Embeddings (unit-length sentence embeddings, learned vectors) are nowhere near this.
+pub const EMBEDDING_VALUE_WARNING: f32 = 1e4;
+/// Initial noise is standard normal: a million draws stay within 6.
+pub const NOISE_VALUE_WARNING: f32 = 100.0;
+
+/// The largest |value|, when it is past `bound`.
+fn largest_past(values: &[f32], bound: f32) -> Option<f32> {
+    let largest = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    (largest > bound).then_some(largest)
+}
+
+/// A warning when initial noise read from `path` holds values far past standard normal ones.
+pub fn init_noise_warning(path: &Path, values: &[f32]) -> Option<String> {
+    largest_past(values, NOISE_VALUE_WARNING).map(|v| {
+        format!(
+            "initial noise {}: values reach {v:e}, far past standard normal noise (more than \
+             {NOISE_VALUE_WARNING})",
+            path.display()
+        )
+    })
+}
+
 /// `what: cause`, as the CLI shows an error with its context.
 fn within(what: String) -> impl FnOnce(Error) -> Error {
     move |e| Error::Job(format!("{what}: {e}"))
@@ -16,14 +44,28 @@ fn within(what: String) -> impl FnOnce(Error) -> Error {
 
 /// Reads an image condition for `n` images: a PNG (scaled to [-1, 1]; gray gives 1 channel,
 /// RGB 3), or safetensors `cond` `[C, H, W]` or `[1 or >= n, C, H, W]` (image k takes item k).
-/// Returns it with its `[C, H, W]`.
-pub fn read_image_condition(path: &Path, n: usize) -> Result<(Batched, [usize; 3])> {
+/// Returns it with its `[C, H, W]`; a PNG's dropped alpha channel is added to `warnings`.
+pub fn read_image_condition(
+    path: &Path,
+    n: usize,
+    warnings: &mut Vec<String>,
+) -> Result<(Batched, [usize; 3])> {
     let is_png = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("png"));
     if is_png {
-        let (data, c, h, w) = read_png(path)?;
-        return Ok((Batched { data, count: 1 }, [c, h, w]));
+        let png = read_png(path)?;
+        if png.alpha_dropped {
+            warnings.push(format!(
+                "{}: the PNG's alpha channel is dropped (only its gray or RGB values are read)",
+                path.display()
+            ));
+        }
+        let data = Batched {
+            data: png.data,
+            count: 1,
+        };
+        return Ok((data, [png.channels, png.height, png.width]));
     }
     let file = SafetensorsFile::open(path)?;
     let shape = file.shape("cond")?.to_vec();
@@ -69,18 +111,45 @@ pub fn read_embedding(path: &Path, n: usize) -> Result<Batched> {
 /// The condition of `term` for `n` images of `size` (height, width) on a model taking
 /// `embed_dim`-wide vector conditions: its class, its image condition read from its file, and
 /// its embedding read from its file or, for a `text=` term, `prompt` (the text encoded).
+/// Adds to `warnings` what is legal but likely a mistake: a |weight| past [`WEIGHT_WARNING`],
+/// an empty prompt, values far out of their usual range, a dropped alpha channel.
 pub fn term_condition(
     term: &TermSpec,
     n: usize,
     [h, w]: [usize; 2],
     embed_dim: Option<usize>,
     prompt: Option<&[f32]>,
+    warnings: &mut Vec<String>,
 ) -> Result<Condition> {
     let model = &term.model;
+    if term.weight.abs() > WEIGHT_WARNING {
+        warnings.push(format!(
+            "expert `{model}` has weight {}: past ±{WEIGHT_WARNING} one expert swamps the \
+             other terms",
+            term.weight
+        ));
+    }
+    if term.text.as_ref().is_some_and(|t| t.trim().is_empty()) {
+        warnings.push(format!(
+            "`{model}`: its text= prompt is empty: the embedding of no words conditions it"
+        ));
+    }
     let image = match &term.image {
         Some(p) => {
-            let (img, [_, ih, iw]) = read_image_condition(p, n)
+            let mut read = Vec::new();
+            let (img, [_, ih, iw]) = read_image_condition(p, n, &mut read)
                 .map_err(within(format!("image condition of `{model}`")))?;
+            warnings.extend(
+                read.into_iter()
+                    .map(|w| format!("image condition of `{model}`: {w}")),
+            );
+            if let Some(v) = largest_past(&img.data, IMAGE_VALUE_WARNING) {
+                warnings.push(format!(
+                    "image condition of `{model}` ({}): values reach {v:e}, far outside the \
+                     [-1, 1] images are scaled to",
+                    p.display()
+                ));
+            }
             if (ih, iw) != (h, w) {
                 return Err(Error::Job(format!(
                     "image condition {} of `{model}` is {ih}x{iw}, but the samples are {h}x{w}",
@@ -114,10 +183,20 @@ pub fn term_condition(
                 count: 1,
             })
         }
-        (None, Some(p)) => Some(read_embedding(p, n).map_err(within(format!(
-            "embedding of `{model}` from {}",
-            p.display()
-        )))?),
+        (None, Some(p)) => {
+            let embedding = read_embedding(p, n).map_err(within(format!(
+                "embedding of `{model}` from {}",
+                p.display()
+            )))?;
+            if let Some(v) = largest_past(&embedding.data, EMBEDDING_VALUE_WARNING) {
+                warnings.push(format!(
+                    "embedding of `{model}` ({}): values reach {v:e}, an absurd magnitude for \
+                     an embedding (more than {EMBEDDING_VALUE_WARNING:e})",
+                    p.display()
+                ));
+            }
+            Some(embedding)
+        }
         (None, None) => None,
     };
     Ok(Condition {

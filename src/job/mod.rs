@@ -18,6 +18,8 @@ use serde_json::Value;
 
 use crate::config::parse_json;
 use crate::error::{Error, Result};
+use crate::files::{read_string_limited, JSON_LIMIT};
+pub use crate::sample::MAX_EXPERTS;
 
 /// The keys a job file may hold.
 pub const KEYS: &[&str] = &[
@@ -34,6 +36,17 @@ pub const KEYS: &[&str] = &[
     "seed",
     "out",
 ];
+
+/// Refuses more than [`MAX_EXPERTS`] experts (`count`, given by `what`) before any is read.
+pub fn check_expert_count(count: usize, what: &str) -> Result<()> {
+    if count > MAX_EXPERTS {
+        return Err(bad(format!(
+            "{what}: {count} experts, more than the {MAX_EXPERTS} one run composes (each costs \
+             a forward pass per step)"
+        )));
+    }
+    Ok(())
+}
 
 /// The samplers a job names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,8 +114,8 @@ pub fn check_model_name(name: &str) -> Result<()> {
 impl Job {
     /// Reads the job file at `path`; its paths are taken relative to the file's folder.
     pub fn load(path: &Path) -> Result<Job> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| bad(format!("reading job file {}: {e}", path.display())))?;
+        let text = read_string_limited(path, JSON_LIMIT, "job file")
+            .map_err(|e| bad(format!("reading the job file: {e}")))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Job::parse_from(&text, &base, Some(path))
     }
@@ -170,12 +183,15 @@ impl Job {
             None => Vec::new(),
         };
         let experts = match job.get("experts") {
-            Some(Value::Array(a)) => Some(
-                a.iter()
-                    .map(|e| TermSpec::from_json(e, base, true))
-                    .collect::<Result<_>>()
-                    .map_err(|e| field(&format!("experts: {e}")))?,
-            ),
+            Some(Value::Array(a)) => {
+                check_expert_count(a.len(), "job file: `experts`")?;
+                Some(
+                    a.iter()
+                        .map(|e| TermSpec::from_json(e, base, true))
+                        .collect::<Result<_>>()
+                        .map_err(|e| field(&format!("experts: {e}")))?,
+                )
+            }
             Some(_) => return Err(field("`experts` must be a list")),
             None => None,
         };

@@ -11,6 +11,7 @@ use crate::backend::Cpu;
 use crate::config::{resolve, PartialConfig, ResolvedConfig, Source, UNetConfig};
 use crate::device::{on_backend, DType, Device, Family, Kind, Placed, Placement, Workspace};
 use crate::error::{Error, Result};
+use crate::files::{read_string_limited, JSON_LIMIT};
 use crate::ops::attention::legacy_qkv_to_new_order;
 use crate::ops::conv::Conv2d;
 use crate::ops::group_norm::GroupNorm;
@@ -28,6 +29,9 @@ impl Family for UNets {
 pub struct LoadedModel {
     pub file: SafetensorsFile,
     pub config: ResolvedConfig,
+    /// The SHA-256 (hex) of the file's bytes the weights were read from; None for random
+    /// weights.
+    sha256: Option<String>,
     device: Device,
     dtype: DType,
     net: Placed<UNets>,
@@ -39,7 +43,7 @@ pub struct LoadedModel {
 /// documented defaults.
 pub fn resolve_config(file: &SafetensorsFile, config: Option<&Path>) -> Result<ResolvedConfig> {
     let read = |path: &Path| -> Result<(Source, PartialConfig)> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = read_string_limited(path, JSON_LIMIT, "config file")?;
         let partial = PartialConfig::from_json(&text)
             .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         Ok((Source::File(path.display().to_string()), partial))
@@ -69,9 +73,15 @@ impl LoadedModel {
             file: SafetensorsFile::empty(label)?,
             net: Placed::Cpu(UNet::random(&config.unet, seed)?),
             config,
+            sha256: None,
             device: Device::Cpu,
             dtype: DType::F32,
         })
+    }
+
+    /// The SHA-256 (hex) of the model file's bytes as loaded (None for random weights).
+    pub fn sha256(&self) -> Option<&str> {
+        self.sha256.as_deref()
     }
 
     /// The device the network is on.
@@ -123,6 +133,7 @@ impl LoadedModel {
         Ok(LoadedModel {
             file: self.file,
             config: self.config,
+            sha256: self.sha256,
             device: device.clone(),
             dtype: if device.is_cpu() { DType::F32 } else { dtype },
             net,
@@ -155,14 +166,17 @@ impl LoadedModel {
     }
 }
 
-/// Opens `weights`, resolves its config and builds the UNet on the CPU.
+/// Opens `weights`, resolves its config and builds the UNet on the CPU. The file is hashed
+/// once its weights are copied out, and refused if it changed meanwhile.
 pub fn load_model(weights: &Path, config: Option<&Path>) -> Result<LoadedModel> {
     let file = SafetensorsFile::open(weights)?;
     let config = resolve_config(&file, config)?;
     let unet = UNet::load(&file, &config.unet)?;
+    let sha256 = Some(file.sha256()?);
     Ok(LoadedModel {
         file,
         config,
+        sha256,
         device: Device::Cpu,
         dtype: DType::F32,
         net: Placed::Cpu(unet),

@@ -8,6 +8,8 @@
 
 mod steps;
 
+use std::ops::ControlFlow;
+
 use crate::backend::Backend;
 use crate::config::MAX_IMAGE_SIZE;
 use crate::device::{on_backend, Placement};
@@ -96,6 +98,10 @@ pub struct ComposedSampler<'a> {
     learned_variance: bool,
 }
 
+/// The most experts one run composes: each costs a forward pass per step, and a composition
+/// of more is far more likely a generated mistake than a model.
+pub const MAX_EXPERTS: usize = 64;
+
 impl<'a> ComposedSampler<'a> {
     /// Checks the composition: model indices, conditions against each model's inputs and the
     /// sample size, and that all models share one diffusion schedule.
@@ -110,6 +116,12 @@ impl<'a> ComposedSampler<'a> {
         if !(1..=MAX_IMAGE_SIZE).contains(&h) || !(1..=MAX_IMAGE_SIZE).contains(&w) {
             return Err(bad(format!(
                 "the image size {h}x{w} must be between 1 and {MAX_IMAGE_SIZE} on each side"
+            )));
+        }
+        if experts.len() > MAX_EXPERTS {
+            return Err(bad(format!(
+                "{} experts: at most {MAX_EXPERTS} are composed in one run",
+                experts.len()
             )));
         }
         if let SamplerKind::Ddim { eta } = spec.sampler {
@@ -248,7 +260,12 @@ impl<'a> ComposedSampler<'a> {
             let mut be = B::open(device)?;
             let run = self.run_inputs(&mut be)?;
             let x = be.upload(&x)?;
-            self.sample_batch_on(&mut be, &run, first, x, on_step)
+            let mut step = || {
+                on_step();
+                ControlFlow::Continue(())
+            };
+            let out = self.sample_batch_on(&mut be, &run, first, x, &mut step)?;
+            Ok(out.expect("a batch whose steps never break is finished"))
         })
     }
 
@@ -342,10 +359,41 @@ impl<'a> ComposedSampler<'a> {
         init_noise: Option<&[f32]>,
         on_step: &mut dyn FnMut(StepProgress),
     ) -> Result<Vec<f32>> {
+        // The request first: an impossible one is named as such, not as too large.
+        self.check_request(num_samples, batch_size, init_noise)?;
+        let mut samples = self.samples_buffer(num_samples)?;
+        self.sample_each(
+            num_samples,
+            batch_size,
+            init_noise,
+            &mut |p| {
+                on_step(p);
+                ControlFlow::Continue(())
+            },
+            &mut |_, batch| {
+                samples.extend_from_slice(batch);
+                Ok(())
+            },
+        )?;
+        Ok(samples)
+    }
+
+    /// [`ComposedSampler::sample`], handing each finished batch to `on_batch(first, x_0)` (images
+    /// `first..`, in order) instead of holding them all. When `on_step` breaks, sampling stops
+    /// after that step, the unfinished batch is dropped, and the result is the number of images
+    /// finished (`num_samples` when none broke); an error from `on_batch` ends the run.
+    pub fn sample_each(
+        &self,
+        num_samples: usize,
+        batch_size: usize,
+        init_noise: Option<&[f32]>,
+        on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
+        on_batch: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
+    ) -> Result<usize> {
         let device = self.models[self.uncond_model].device();
         on_backend!(self.models[self.uncond_model].kind(), B => {
             let mut be = B::open(device)?;
-            self.sample_on(&mut be, num_samples, batch_size, init_noise, on_step)
+            self.sample_each_on(&mut be, num_samples, batch_size, init_noise, on_step, on_batch)
         })
     }
 
@@ -372,9 +420,9 @@ impl<'a> ComposedSampler<'a> {
     }
 }
 
-/// An error when any sample is NaN or infinite (a model or a condition drove the network past
-/// the range of its number format), naming the first image affected.
-fn check_finite(samples: &[f32], image_len: usize) -> Result<()> {
+/// An error when any sample of images `first..` is NaN or infinite (a model or a condition
+/// drove the network past the range of its number format), naming the first image affected.
+fn check_finite(samples: &[f32], image_len: usize, first: usize) -> Result<()> {
     let bad = samples.iter().filter(|v| !v.is_finite()).count();
     match samples.iter().position(|v| !v.is_finite()) {
         None => Ok(()),
@@ -382,7 +430,7 @@ fn check_finite(samples: &[f32], image_len: usize) -> Result<()> {
             "sampling produced {bad} non-finite value(s) (NaN or inf), from image {} on: a model, \
              a condition or the initial noise drove the network past the range of its number \
              format (f32 on the CPU, the storage type on a GPU)",
-            i / image_len
+            first + i / image_len
         ))),
     }
 }

@@ -5,6 +5,8 @@
 //! has run without allocating (usually the second), the models' work of each later step is one
 //! CUDA graph launch.
 
+use std::ops::ControlFlow;
+
 use super::{check_finite, run_in_batches, ComposedSampler, SamplerKind, INIT_NOISE_STEP};
 use crate::backend::{Backend, Buffer, Cond};
 use crate::device::Placement;
@@ -75,21 +77,27 @@ impl ComposedSampler<'_> {
         Ok(RunInputs { images, weights })
     }
 
-    /// [`ComposedSampler::sample`] on backend `B`. A batch that does not fit in the device's
-    /// memory is run again at half the size (the progress reports show the batch size used).
-    pub(super) fn sample_on<B: Placement>(
+    /// [`ComposedSampler::sample_each`] on backend `B`. A batch that does not fit in the
+    /// device's memory is run again at half the size (the progress reports show the batch size
+    /// used).
+    pub(super) fn sample_each_on<B: Placement>(
         &self,
         be: &mut B,
         num_samples: usize,
         batch_size: usize,
         init_noise: Option<&[f32]>,
-        on_step: &mut dyn FnMut(super::StepProgress),
-    ) -> Result<Vec<f32>> {
+        on_step: &mut dyn FnMut(super::StepProgress) -> ControlFlow<()>,
+        on_batch: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
+    ) -> Result<usize> {
         let len = self.image_len();
         self.check_request(num_samples, batch_size, init_noise)?;
         let run = self.run_inputs(be)?;
-        let mut samples = self.samples_buffer(num_samples)?;
+        let mut done = 0;
+        let mut stopped = false;
         run_in_batches(num_samples, batch_size, |first, b| {
+            if stopped {
+                return Ok(());
+            }
             let x = match init_noise {
                 Some(x) => be.upload(&x[first * len..(first + b) * len])?,
                 None => {
@@ -100,19 +108,27 @@ impl ComposedSampler<'_> {
                 }
             };
             let mut progress = super::StepProgress::new(first, b, self.num_steps());
+            let mut step = || {
+                let flow = on_step(progress.next());
+                stopped |= flow.is_break();
+                flow
+            };
             let out = self
-                .sample_batch_on(be, &run, first, x, &mut || on_step(progress.next()))
+                .sample_batch_on(be, &run, first, x, &mut step)
                 .inspect_err(|e| {
                     // Frees the buffers sized for the batch that did not fit before the retry.
                     if matches!(e, Error::OutOfMemory { .. }) {
                         be.release_buffers();
                     }
                 })?;
-            samples.extend_from_slice(&out);
+            if let Some(out) = out {
+                check_finite(&out, len, first)?;
+                on_batch(first, &out)?;
+                done = first + b;
+            }
             Ok(())
         })?;
-        check_finite(&samples, len)?;
-        Ok(samples)
+        Ok(done)
     }
 
     /// One batch, images `first..first + b` from `x` (x_T, `[b, 3, H, W]`), every step: launch
@@ -120,14 +136,15 @@ impl ComposedSampler<'_> {
     /// a second), then, where the backend records graphs, by replaying the models' work of the
     /// next step, recorded once. The buffers that work touches keep their addresses: the state
     /// is updated in place and each step's timesteps are copied into one buffer per group.
+    /// None when `on_step` asked to stop before the last step.
     pub(super) fn sample_batch_on<B: Placement>(
         &self,
         be: &mut B,
         run: &RunInputs<B>,
         first: usize,
         x: B::Vector,
-        on_step: &mut dyn FnMut(),
-    ) -> Result<Vec<f32>> {
+        on_step: &mut dyn FnMut() -> ControlFlow<()>,
+    ) -> Result<Option<Vec<f32>>> {
         let nets = self.nets::<B>()?;
         let len = self.image_len();
         let b = x.len() / len;
@@ -189,6 +206,7 @@ impl ComposedSampler<'_> {
         let mut may_capture = be.can_capture();
         let mut capture_next = false;
         let mut reported = 0;
+        let mut stop = false;
         for (done, i) in (0..steps).rev().enumerate() {
             for (now, all) in state.timesteps.iter_mut().zip(&timesteps) {
                 let rows = now.len();
@@ -232,15 +250,24 @@ impl ComposedSampler<'_> {
             be.diffusion_step(x, eps, &run.weights, terms, var, [b, len], first, params)?;
             let finished = be.step_queued(done)?;
             while reported < finished {
-                on_step();
+                stop |= on_step().is_break();
                 reported += 1;
             }
+            if stop {
+                break;
+            }
         }
-        let samples = be.download(&state.x)?;
-        while reported < steps {
-            on_step();
-            reported += 1;
-        }
+        let samples = if stop {
+            None
+        } else {
+            let samples = be.download(&state.x)?;
+            // The batch is finished whatever these last reports ask.
+            while reported < steps {
+                let _ = on_step();
+                reported += 1;
+            }
+            Some(samples)
+        };
         drop(graph);
         be.give_vector(state.x);
         be.give_vector(state.eps);

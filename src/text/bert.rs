@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use crate::backend::{Backend, Cpu, Residual};
 use crate::error::{Error, Result};
+use crate::files::{read_string_limited, JSON_LIMIT};
 use crate::ops::conv::Conv2d;
 use crate::weights::SafetensorsFile;
 
@@ -53,7 +54,7 @@ struct HfConfig {
 impl BertConfig {
     /// Reads and checks a Hugging Face BERT `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = read_string_limited(path, JSON_LIMIT, "config file")?;
         let bad = |msg: String| Error::Config(format!("{}: {msg}", path.display()));
         let hf: HfConfig = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         if let Some(t) = hf.model_type.as_deref().filter(|t| *t != "bert") {

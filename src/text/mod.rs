@@ -19,6 +19,7 @@ use serde::Deserialize;
 use crate::backend::{Backend, Cpu};
 use crate::device::{on_backend, DType, Device, Family, Kind, Placed, Placement};
 use crate::error::{Error, Result};
+use crate::files::{read_string_limited, JSON_LIMIT};
 use crate::weights::SafetensorsFile;
 use bert::{l2_normalize, mean_pool, Bert, BertConfig};
 use tokenize::{TextTokenizer, Tokens};
@@ -112,7 +113,7 @@ struct PoolingConfig {
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = read_string_limited(path, JSON_LIMIT, "config file")?;
     serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
 }
 
@@ -267,6 +268,26 @@ impl TextEncoder {
     /// The tokens of `text` as the encoder sees them (truncated, with special tokens).
     pub fn tokenize(&self, text: &str) -> Result<Tokens> {
         self.tokenizer.encode(text)
+    }
+
+    /// A warning when `text` is longer than the encoder reads: the text (its start, quoted)
+    /// and how many of its tokens are cut.
+    pub fn cut_warning(&self, text: &str) -> Result<Option<String>> {
+        const SHOWN: usize = 40;
+        let (count, max) = (self.tokenizer.count(text)?, self.max_tokens());
+        Ok((count > max).then(|| {
+            let start: String = text.chars().take(SHOWN).collect();
+            let more = if text.chars().nth(SHOWN).is_some() {
+                "..."
+            } else {
+                ""
+            };
+            format!(
+                "{start:?}{more} is {count} tokens, cut at the encoder's {max}: its last {} \
+                 tokens are ignored",
+                count - max
+            )
+        }))
     }
 
     /// Unit-length embeddings of `texts`, row-major `[texts.len(), dim()]`. Each text is

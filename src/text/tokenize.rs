@@ -6,6 +6,7 @@ use std::path::Path;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
 use crate::error::{Error, Result};
+use crate::files::{read_limited, JSON_LIMIT};
 
 /// The tokens of one text.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,6 +21,8 @@ pub struct Tokens {
 #[derive(Clone)]
 pub struct TextTokenizer {
     inner: Tokenizer,
+    /// The same tokenizer without truncation, to count what a text loses to it.
+    whole: Tokenizer,
     max_tokens: usize,
 }
 
@@ -33,17 +36,14 @@ impl TextTokenizer {
             )));
         }
         let bad = |e: tokenizers::Error| Error::Config(format!("{}: {e}", path.display()));
-        if !path.is_file() {
-            return Err(Error::io(
-                path,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
-            ));
-        }
-        let mut inner = Tokenizer::from_file(path).map_err(bad)?;
+        let bytes = read_limited(path, JSON_LIMIT, "tokenizer file")?;
+        let mut inner = Tokenizer::from_bytes(bytes).map_err(bad)?;
         // all-MiniLM-L6-v2's tokenizer.json pads to and truncates at 128; sentence-transformers
         // overrides both (256, pad to the longest in a batch). Padding is done by the encoder
         // with an attention mask, so the tokenizer does none.
         inner.with_padding(None);
+        let mut whole = inner.clone();
+        whole.with_truncation(None).map_err(bad)?;
         inner
             .with_truncation(Some(TruncationParams {
                 max_length: max_tokens,
@@ -52,12 +52,24 @@ impl TextTokenizer {
                 direction: TruncationDirection::Right,
             }))
             .map_err(bad)?;
-        Ok(TextTokenizer { inner, max_tokens })
+        Ok(TextTokenizer {
+            inner,
+            whole,
+            max_tokens,
+        })
     }
 
     /// The longest token sequence produced, special tokens included.
     pub fn max_tokens(&self) -> usize {
         self.max_tokens
+    }
+
+    /// The tokens of `text` before truncation, special tokens included.
+    pub fn count(&self, text: &str) -> Result<usize> {
+        self.whole
+            .encode(text, true)
+            .map(|enc| enc.get_ids().len())
+            .map_err(|e| Error::Input(format!("tokenising {text:?}: {e}")))
     }
 
     /// Tokenises one text, with special tokens.

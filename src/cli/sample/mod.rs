@@ -2,23 +2,31 @@
 //! format and the reading of conditions are the library's (`mcdm::job`); this module merges a
 //! job with the flags, runs it and reports, and `output` writes what it made.
 
+mod folder;
 mod output;
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use mcdm::job::conditions::term_condition;
-use mcdm::job::{check_model_name, Job, Sampler as JobSampler, TermSpec};
+use mcdm::job::conditions::{init_noise_warning, term_condition};
+use mcdm::job::{check_expert_count, check_model_name, Job, Sampler as JobSampler, TermSpec};
 use mcdm::model::{load_model, LoadedModel};
 use mcdm::sample::{ComposedSampler, Expert, SampleSpec, SamplerKind, StepProgress, Unconditional};
 use mcdm::text::TextEncoder;
 use mcdm::weights::SafetensorsFile;
 use mcdm::Device;
 
-use super::{check_output_file, open_device, progress_bar, warn_graph_failure, DeviceArg, Dtype};
-use output::{image_number, Outputs};
+use super::interrupt::{self, Interrupted};
+use super::{
+    check_output_file, open_device, same_file, warn_graph_failure, DeviceArg, Dtype, Progress,
+};
+use folder::{RunFolder, GRID, RECORD};
+use mcdm::image::{grid, to_rgb8};
+use mcdm::weights::{write_safetensors, TensorData};
+use output::{hash_inputs, image_number, RunRecord};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Sampler {
@@ -129,6 +137,8 @@ pub struct Args {
 
 /// Everything a run needs, from the job file and the flags.
 pub(crate) struct Plan {
+    /// The job file read, if any.
+    job: Option<PathBuf>,
     models: Vec<(String, PathBuf)>,
     experts: Vec<TermSpec>,
     uncond: TermSpec,
@@ -190,6 +200,7 @@ fn plan(args: &Args) -> Result<Plan> {
         Some(e) if args.experts.is_empty() => e.clone(),
         _ => Vec::new(),
     };
+    check_expert_count(args.experts.len(), "--expert")?;
     for e in &args.experts {
         experts.push(TermSpec::parse(e, true).context("--expert")?);
     }
@@ -243,6 +254,7 @@ fn plan(args: &Args) -> Result<Plan> {
         JobSampler::Ddpm => 0.0,
     };
     Ok(Plan {
+        job: job_path,
         models,
         experts,
         uncond,
@@ -262,18 +274,29 @@ fn plan(args: &Args) -> Result<Plan> {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    // Before anything is written: a signal from here on stops the run with its folder in order.
+    interrupt::catch()?;
     let device = open_device(args.device)?;
     let plan = plan(&args)?;
-    // Fail on an unwritable output before any sampling work.
     let created: Vec<PathBuf> = plan
         .out
         .ancestors()
         .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
         .map(Path::to_path_buf)
         .collect();
+    if plan.out.exists() && !plan.out.is_dir() {
+        bail!(
+            "--out {}: is a file, not a folder (--out names the folder the images go to)",
+            plan.out.display()
+        );
+    }
     std::fs::create_dir_all(&plan.out)
         .with_context(|| format!("creating output directory {}", plan.out.display()))?;
-    let result = check_outputs(&args, &plan).and_then(|()| sample_plan(&args, &plan, &device));
+    // The lock first, then every check on the folder, all before any sampling work.
+    let result = RunFolder::open(&plan.out).and_then(|folder| {
+        check_outputs(&args, &plan)?;
+        sample_plan(&args, &plan, &device, folder)
+    });
     if result.is_err() {
         // The directories this run made go again, deepest first, as long as they are empty.
         for dir in &created {
@@ -285,34 +308,48 @@ pub fn run(args: Args) -> Result<()> {
     result
 }
 
-/// Every file the run writes can be written, and no two of them are the same file.
-fn check_outputs(args: &Args, plan: &Plan) -> Result<()> {
-    for name in ["grid.png", "record.json"] {
-        check_output_file(&plan.out.join(name), "--out")?;
+/// Every file the run reads, with the flag (or job field) that named it.
+fn inputs(args: &Args, plan: &Plan) -> Vec<(&'static str, PathBuf)> {
+    let mut inputs: Vec<(&str, PathBuf)> = Vec::new();
+    inputs.extend(plan.job.iter().map(|p| ("--job", p.clone())));
+    inputs.extend(plan.models.iter().map(|(_, p)| ("--model", p.clone())));
+    for t in plan.experts.iter().chain([&plan.uncond]) {
+        inputs.extend(t.image.iter().map(|p| ("image=", p.clone())));
+        inputs.extend(t.embedding.iter().map(|p| ("embedding=", p.clone())));
     }
-    // The numbered images are written after sampling: one that cannot be would lose the run.
-    let ours = |name: &str| image_number(name).is_some_and(|k| k < plan.num_samples);
+    inputs.extend(args.init_noise.iter().map(|p| ("--init-noise", p.clone())));
+    inputs
+}
+
+/// Every file the run writes can be written, is not a file it reads, and no two of them are
+/// the same file.
+fn check_outputs(args: &Args, plan: &Plan) -> Result<()> {
+    let owned = inputs(args, plan);
+    let inputs: Vec<(&str, &Path)> = owned.iter().map(|(f, p)| (*f, p.as_path())).collect();
+    for name in [GRID, RECORD] {
+        check_output_file(&plan.out.join(name), "--out", &inputs)?;
+    }
+    // The numbered images of an earlier run are replaced or removed when this one ends.
     let entries =
         std::fs::read_dir(&plan.out).with_context(|| format!("--out {}", plan.out.display()))?;
     for entry in entries.filter_map(|e| e.ok()) {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if ours(&name) && entry.path().is_dir() {
-            bail!("--out: {} is a directory", entry.path().display());
+        if image_number(&name).is_some() {
+            check_output_file(&entry.path(), "--out", &inputs)?;
         }
     }
     if let Some(path) = &args.save_tensor {
-        check_output_file(path, "--save-tensor")?;
+        check_output_file(path, "--save-tensor", &inputs)?;
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let numbered = ours(name);
         let in_out = |dir: &Path| {
             let dir = if dir.as_os_str().is_empty() {
                 Path::new(".")
             } else {
                 dir
             };
-            dir.canonicalize().ok() == plan.out.canonicalize().ok()
+            same_file(dir, &plan.out)
         };
-        if (numbered || name == "grid.png" || name == "record.json")
+        if (image_number(name).is_some() || name == GRID || name == RECORD)
             && path.parent().is_some_and(in_out)
         {
             bail!(
@@ -324,7 +361,7 @@ fn check_outputs(args: &Args, plan: &Plan) -> Result<()> {
     Ok(())
 }
 
-fn sample_plan(args: &Args, plan: &Plan, device: &Device) -> Result<()> {
+fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> Result<()> {
     let names: Vec<&str> = plan.models.iter().map(|(n, _)| n.as_str()).collect();
     let index = |name: &str| {
         names.iter().position(|n| *n == name).ok_or_else(|| {
@@ -349,7 +386,7 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device) -> Result<()> {
     used.dedup();
     for (m, (name, path)) in plan.models.iter().enumerate() {
         if !used.contains(&m) {
-            eprintln!(
+            report!(
                 "warning: model `{name}` ({}) is not used by --uncond or any --expert: not loaded",
                 path.display()
             );
@@ -364,6 +401,12 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device) -> Result<()> {
                 .to_device(device, args.dtype.into())
                 .context("uploading the models")?,
         );
+        if let Some(w) = loaded.last().and_then(|m| m.config.default_warning()) {
+            report!(
+                "warning: model `{name}` ({}): {w} (see mcdm inspect {0})",
+                path.display()
+            );
+        }
     }
     let slot = |name: &str| -> Result<usize> {
         Ok(used
@@ -391,12 +434,21 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device) -> Result<()> {
             .context("text= needs the text encoder")?;
         let encoder = TextEncoder::load(&dir)
             .with_context(|| format!("loading the text model from {}", dir.display()))?;
+        for prompt in &prompts {
+            if let Some(w) = encoder
+                .cut_warning(prompt)
+                .context("encoding the prompts")?
+            {
+                report!("warning: text= prompt {w}");
+            }
+        }
         let flat = encoder.encode(&prompts).context("encoding the prompts")?;
         flat.chunks_exact(encoder.dim())
             .map(<[f32]>::to_vec)
             .collect()
     };
-    let condition = |t: &TermSpec| {
+    let mut warnings = Vec::new();
+    let mut condition = |t: &TermSpec| {
         let prompt = t.text.as_ref().map(|text| {
             let row = prompts
                 .iter()
@@ -405,7 +457,8 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device) -> Result<()> {
             encoded[row].as_slice()
         });
         let embed_dim = loaded[slot(&t.model)?].config.unet.embed_dim;
-        Ok::<_, anyhow::Error>(term_condition(t, n, [h, w], embed_dim, prompt)?)
+        let condition = term_condition(t, n, [h, w], embed_dim, prompt, &mut warnings)?;
+        Ok::<_, anyhow::Error>(condition)
     };
     let experts: Vec<Expert> = plan
         .experts
@@ -422,6 +475,9 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device) -> Result<()> {
         model: slot(&plan.uncond.model)?,
         condition: condition(&plan.uncond)?,
     };
+    for w in warnings {
+        report!("warning: {w}");
+    }
 
     let model_respacing = &loaded[uncond.model].config.diffusion.timestep_respacing;
     let respacing = plan.respacing.clone().unwrap_or_else(|| {
@@ -454,16 +510,39 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device) -> Result<()> {
             if shape != [n, 3, h, w] {
                 bail!("--init-noise {}: `x_T` is {shape:?}, expected [{n}, 3, {h}, {w}] (--num-samples {n})", path.display());
             }
-            Some(file.f32("x_T")?)
+            let noise = file.f32("x_T")?;
+            if let Some(w) = init_noise_warning(path, &noise) {
+                report!("warning: --init-noise: {w}");
+            }
+            Some(noise)
         }
         None => None,
     };
+    let input_paths = plan
+        .experts
+        .iter()
+        .chain([&plan.uncond])
+        .flat_map(|t| t.image.iter().chain(&t.embedding))
+        .chain(&args.init_noise)
+        .map(PathBuf::as_path);
+    let input_hashes = hash_inputs(input_paths)?;
 
-    // The samples (f32), then their 8-bit images and the grid, all held at the end of the run.
+    if let Some(signal) = interrupt::requested() {
+        return Err(Interrupted {
+            signal,
+            message: format!(
+                "stopped before sampling; {} is unchanged",
+                plan.out.display()
+            ),
+        }
+        .into());
+    }
+    // The 8-bit images (for the grid) and, for --save-tensor, the samples, held to the end.
     let values = n.saturating_mul(3 * h * w);
+    let per_value = 2 + if args.save_tensor.is_some() { 4 } else { 0 };
     mcdm::memory::check_host_memory(
-        values.saturating_mul(std::mem::size_of::<f32>() + 2),
-        &format!("the output of {n} images of {h}x{w} (samples, 8-bit copies, grid)"),
+        values.saturating_mul(per_value),
+        &format!("the output of {n} images of {h}x{w} (8-bit copies, grid, any --save-tensor)"),
     )?;
     let steps = sampler.num_steps();
     let batch_size = plan.batch_size.unwrap_or(if device.is_cpu() {
@@ -472,10 +551,10 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device) -> Result<()> {
         n.min(64)
     });
     // Counted in image-steps, so that the bar stays right when a GPU batch is split.
-    let bar = progress_bar(
+    let mut progress = Progress::new(
         n.saturating_mul(steps),
         true,
-        "{elapsed_precise} [{bar:30}] {msg} ETA {eta}",
+        "{elapsed_precise} [{bar:30}] ETA {eta} {wide_msg}",
     );
     let start = Instant::now();
     let mut image_steps = 0usize;
@@ -492,31 +571,74 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device) -> Result<()> {
             1 => format!("image {}", p.first + 1),
             b => format!("images {}-{}", p.first + 1, p.first + b),
         };
-        bar.set_message(format!(
-            "{images} of {n}, step {}/{}, {images_per_s:.2} images/s",
-            p.step, p.steps
-        ));
-        bar.inc(p.batch as u64);
+        progress.advance(p.batch as u64, || {
+            format!(
+                "{images} of {n}, step {}/{}, {images_per_s:.2} images/s",
+                p.step, p.steps
+            )
+        });
+        match interrupt::requested() {
+            Some(_) => ControlFlow::Break(()),
+            None => ControlFlow::Continue(()),
+        }
     };
-    let init_noise = init_noise.as_deref();
+    // Each finished batch's images go to the staging folder at once, so a stopped run keeps them.
+    let mut rgb: Vec<Vec<u8>> = Vec::new();
+    let mut kept: Vec<f32> = Vec::new();
+    let mut on_batch = |first: usize, x0: &[f32]| -> mcdm::Result<()> {
+        for (k, img) in x0.chunks_exact(3 * h * w).enumerate() {
+            let pixels = to_rgb8(img, h, w);
+            folder
+                .stage_image(first + k, &pixels, h, w)
+                .map_err(|e| mcdm::Error::Input(format!("writing image {}: {e:#}", first + k)))?;
+            rgb.push(pixels);
+        }
+        if args.save_tensor.is_some() {
+            kept.extend_from_slice(x0);
+        }
+        Ok(())
+    };
     device.set_cuda_graphs(!args.no_cuda_graph);
-    let samples = sampler
-        .sample(n, batch_size, init_noise, &mut on_step)
+    let done = sampler
+        .sample_each(
+            n,
+            batch_size,
+            init_noise.as_deref(),
+            &mut on_step,
+            &mut on_batch,
+        )
         .map_err(|e| match e {
             mcdm::Error::OutOfMemory { .. } => {
                 anyhow::Error::new(e).context("even one image at a time does not fit in GPU memory")
             }
             e => e.into(),
         })?;
-    bar.finish_and_clear();
+    progress.finish();
     let seconds = start.elapsed().as_secs_f64();
+    if done == 0 {
+        let signal = interrupt::requested().unwrap_or(libc::SIGINT);
+        return Err(Interrupted {
+            signal,
+            message: format!("no image was finished; {} is unchanged", plan.out.display()),
+        }
+        .into());
+    }
 
+    let (g, gh, gw) = grid(&rgb, h, w, (done as f64).sqrt().ceil() as usize);
+    folder.stage_grid(&g, gh, gw)?;
+    if let Some(path) = &args.save_tensor {
+        write_safetensors(
+            path,
+            &[("samples", TensorData::F32(vec![done, 3, h, w], &kept))],
+            None,
+        )
+        .with_context(|| format!("--save-tensor {}", path.display()))?;
+    }
     let used_models: Vec<(&(String, PathBuf), &LoadedModel)> =
         used.iter().map(|&m| &plan.models[m]).zip(&loaded).collect();
-    Outputs {
+    let mut record = RunRecord {
         plan,
         init_noise: args.init_noise.as_deref(),
-        save_tensor: args.save_tensor.as_deref(),
         models: &used_models,
         respacing: &respacing,
         steps,
@@ -524,17 +646,39 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device) -> Result<()> {
         size: [h, w],
         device: device.describe(args.dtype.into()),
         seconds,
+        input_hashes: &input_hashes,
     }
-    .write(&samples)?;
+    .record(done)?;
+    let status = if done < n { "partial" } else { "complete" };
+    let removed = folder.commit(done, &mut record, status)?;
+    if removed > 0 {
+        report!(
+            "note: {} held a larger earlier run: removed its {removed} image(s) past {}",
+            plan.out.display(),
+            folder::image_name(done - 1)
+        );
+    }
+    if done < n {
+        let signal = interrupt::requested().unwrap_or(libc::SIGINT);
+        return Err(Interrupted {
+            signal,
+            message: format!(
+                "kept the {done} finished image(s) of {n} in {} (its record.json says \"partial\"); \
+                 image k depends only on the seed and k, so the same command makes them again",
+                plan.out.display()
+            ),
+        }
+        .into());
+    }
     if !device.is_cpu() {
         if batch_used < batch_size.min(n) {
-            eprintln!(
+            report!(
                 "batches of {batch_size} did not fit in GPU memory: ran batches of {batch_used}"
             );
         }
         warn_graph_failure(device);
     }
-    eprintln!(
+    report!(
         "{n} image{} ({h}x{w}, {steps} {} steps, {} expert(s)) in {seconds:.1} s ({:.2} images/s): {}/grid.png",
         if n == 1 { "" } else { "s" },
         plan.sampler.name().to_uppercase(),

@@ -1,5 +1,4 @@
-//! What `mcdm sample` writes: one PNG per image, the grid, the optional tensor, and
-//! `record.json` with everything to reproduce the run.
+//! `record.json`, what `mcdm sample` writes beside its images: everything to reproduce the run.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,19 +7,16 @@ use anyhow::{Context, Result};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use mcdm::files::write_atomic;
-use mcdm::image::{grid, to_rgb8, write_png};
+use mcdm::files::{open_limited, SAFETENSORS_LIMIT};
 use mcdm::job::TermSpec;
 use mcdm::model::LoadedModel;
-use mcdm::weights::{write_safetensors, TensorData};
 
 use super::Plan;
 
-/// A finished run, to write out.
-pub(super) struct Outputs<'a> {
+/// A run, to record.
+pub(super) struct RunRecord<'a> {
     pub plan: &'a Plan,
     pub init_noise: Option<&'a Path>,
-    pub save_tensor: Option<&'a Path>,
     /// The models the run used: their names and paths, and the models loaded.
     pub models: &'a [(&'a (String, PathBuf), &'a LoadedModel)],
     pub respacing: &'a str,
@@ -30,53 +26,16 @@ pub(super) struct Outputs<'a> {
     pub size: [usize; 2],
     pub device: String,
     pub seconds: f64,
+    /// The conditions' and initial noise's hashes, taken as they were read (see [`hash_inputs`]).
+    pub input_hashes: &'a BTreeMap<PathBuf, String>,
 }
 
-impl Outputs<'_> {
-    /// Writes the images, the grid, the tensor when asked for and the record, then says when
-    /// the folder holds numbered images of an earlier, larger run.
-    pub fn write(&self, samples: &[f32]) -> Result<()> {
+impl RunRecord<'_> {
+    /// `record.json` of a run that finished `images` images (0..images): the models with their
+    /// hashes and configs, the terms, the settings. Its `status` is the output folder's to set.
+    pub fn record(&self, images: usize) -> Result<serde_json::Value> {
         let plan = self.plan;
-        let [h, w] = self.size;
-        let n = plan.num_samples;
-        let len = 3 * h * w;
-        let mut rgb = Vec::with_capacity(n);
-        for (k, img) in samples.chunks_exact(len).enumerate() {
-            let pixels = to_rgb8(img, h, w);
-            write_png(&plan.out.join(format!("{k:06}.png")), &pixels, h, w)?;
-            rgb.push(pixels);
-        }
-        let (g, gh, gw) = grid(&rgb, h, w, (n as f64).sqrt().ceil() as usize);
-        write_png(&plan.out.join("grid.png"), &g, gh, gw)?;
-        if let Some(path) = self.save_tensor {
-            write_safetensors(
-                path,
-                &[("samples", TensorData::F32(vec![n, 3, h, w], samples))],
-                None,
-            )
-            .with_context(|| format!("--save-tensor {}", path.display()))?;
-        }
-        write_atomic(
-            &plan.out.join("record.json"),
-            serde_json::to_string_pretty(&self.record()?)?.as_bytes(),
-        )?;
-        let stale = earlier_images(&plan.out, n);
-        if stale > 0 {
-            eprintln!(
-                "note: {} also holds {stale} numbered image(s) past {:06}.png from an earlier \
-                 run, not part of this one",
-                plan.out.display(),
-                n - 1
-            );
-        }
-        Ok(())
-    }
-
-    /// `record.json`: the models with their hashes and configs, the terms, the settings.
-    fn record(&self) -> Result<serde_json::Value> {
-        let plan = self.plan;
-        let file =
-            |p: &Path| json!({ "path": p.display().to_string(), "sha256": sha256_file(p).ok() });
+        let file = |p: &Path| json!({ "path": p.display().to_string(), "sha256": self.input_hashes.get(p) });
         let term_json = |t: &TermSpec, weight: bool| {
             let mut v = json!({ "model": t.model });
             if let Some(c) = t.class {
@@ -102,7 +61,7 @@ impl Outputs<'_> {
                 name.clone(),
                 json!({
                     "path": path.display().to_string(),
-                    "sha256": sha256_file(path)?,
+                    "sha256": model.sha256(),
                     "config": model.config.unet.to_json(&model.config.diffusion),
                 }),
             );
@@ -120,6 +79,7 @@ impl Outputs<'_> {
             "clip_denoised": plan.clip_denoised,
             "seed": plan.seed,
             "num_samples": plan.num_samples,
+            "images": images,
             "batch_size": self.batch_used,
             "image_size": self.size,
             "init_noise": self.init_noise.map(file),
@@ -143,21 +103,18 @@ pub(super) fn image_number(name: &str) -> Option<usize> {
         .and_then(|stem| stem.parse().ok())
 }
 
-/// How many `NNNNNN.png` files in `dir` number `n` or more: images an earlier, larger run left.
-fn earlier_images(dir: &Path, n: usize) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|name| image_number(name).is_some_and(|k| k >= n))
-        .count()
-}
-
-fn sha256_file(path: &Path) -> Result<String> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("hashing {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher)?;
-    Ok(format!("{:x}", hasher.finalize()))
+/// The SHA-256 of each of `paths`, hashed when called: just after the run read them, so that
+/// the record holds the bytes it used.
+pub(super) fn hash_inputs<'p>(
+    paths: impl IntoIterator<Item = &'p Path>,
+) -> Result<BTreeMap<PathBuf, String>> {
+    let mut hashes = BTreeMap::new();
+    for path in paths {
+        let (mut file, _) = open_limited(path, SAFETENSORS_LIMIT, "input")?;
+        let mut hasher = Sha256::new();
+        std::io::copy(&mut file, &mut hasher)
+            .with_context(|| format!("hashing {}", path.display()))?;
+        hashes.insert(path.to_path_buf(), format!("{:x}", hasher.finalize()));
+    }
+    Ok(hashes)
 }
