@@ -460,6 +460,23 @@ fn non_finite_output() {
     s.forward_fails("non-finite value(s) (NaN or inf)");
 }
 
+/// Weights holding a NaN or an infinity are refused when loaded, naming the tensor.
+#[test]
+fn non_finite_weights() {
+    let s = Setup::new();
+    s.edit_weights(|raw| {
+        let (name, dtype, _, bytes) = raw.iter_mut().find(|t| t.0.ends_with(".weight")).unwrap();
+        let nan: Vec<u8> = match dtype {
+            Dtype::F32 => f32::NAN.to_le_bytes().to_vec(),
+            Dtype::F16 => half::f16::NAN.to_le_bytes().to_vec(),
+            Dtype::BF16 => half::bf16::NAN.to_le_bytes().to_vec(),
+            other => panic!("{name}: {other:?}"),
+        };
+        bytes[..nan.len()].copy_from_slice(&nan);
+    });
+    s.forward_fails("tensor `input_blocks.0.0.weight` holds 1 non-finite value(s) (NaN or inf)");
+}
+
 /// Configs guided-diffusion rejects, and sizes no machine holds, fail before anything is built.
 #[test]
 fn impossible_configs() {
