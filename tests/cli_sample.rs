@@ -121,6 +121,7 @@ fn cli_reproduces_reference_composition() {
         [
             "batch_size",
             "clip_denoised",
+            "command",
             "device",
             "eta",
             "experts",
@@ -136,10 +137,19 @@ fn cli_reproduces_reference_composition() {
             "seed",
             "status",
             "steps",
+            "text_model",
             "timestep_respacing",
             "uncond"
         ]
     );
+    let command = record["command"].as_str().unwrap();
+    for part in [
+        " sample --model ",
+        " --expert classes,class=3,weight=1.5 ",
+        " --seed 9 ",
+    ] {
+        assert!(command.contains(part), "`{part}` not in {command}");
+    }
     assert_eq!(record["status"], "complete");
     assert_eq!(record["images"], 3);
     let file = |path: &str| json!({ "path": path, "sha256": sha256(Path::new(path)) });
@@ -200,6 +210,56 @@ fn cli_reproduces_reference_composition() {
     assert_eq!(record["device"], "cpu");
     let seconds = record["seconds"].as_f64().unwrap();
     assert!(seconds > 0.0 && seconds < 600.0, "{seconds}");
+    assert_eq!(record["text_model"], json!(null));
+
+    // The record replays the run as a job file, from another folder: the same samples, and a
+    // record that differs only in what describes the run itself.
+    let replay = |out: &str| {
+        let job = dir.path().join("out/record.json").display().to_string();
+        let (code, err) = mcdm(&[
+            "sample",
+            "--job",
+            &job,
+            "--out",
+            &p(out),
+            "--save-tensor",
+            &p(&format!("{out}.safetensors")),
+        ]);
+        assert_eq!(code, Some(0), "{err}");
+        let samples = SafetensorsFile::open(&dir.path().join(format!("{out}.safetensors")))
+            .unwrap()
+            .f32("samples")
+            .unwrap();
+        (samples, read_record(&dir.path().join(out)), err)
+    };
+    let (again, mut replayed, err) = replay("replay");
+    assert_eq!(again, ours);
+    assert!(!err.contains("warning"), "{err}");
+    for key in ["command", "seconds"] {
+        replayed[key] = record[key].clone();
+    }
+    assert_eq!(replayed, record);
+
+    // A condition file changed since: the replay says the bytes differ from the record's.
+    let sketch =
+        SafetensorsFile::open(&fixtures("sample/b_class_notsketch_text.safetensors")).unwrap();
+    let cond = sketch.f32("cond.1").unwrap();
+    let shape = sketch.shape("cond.1").unwrap().to_vec();
+    let changed: Vec<f32> = cond.iter().map(|v| -v).collect();
+    write_safetensors(
+        &dir.path().join("sketch.safetensors"),
+        &[("cond", TensorData::F32(shape, &changed))],
+        None,
+    )
+    .unwrap();
+    let (_, _, err) = replay("changed");
+    assert!(
+        err.contains(&format!(
+            "warning: input {}: not the file the recorded run read",
+            p("sketch.safetensors")
+        )),
+        "{err}"
+    );
 }
 
 /// The hex SHA-256 of a file.
@@ -617,6 +677,55 @@ fn default_job_runs_without_arguments() {
     let record = read_record(&out);
     assert_eq!(record["experts"].as_array().unwrap().len(), 3, "{record}");
     assert!(out.join("grid.png").is_file() && out.join("000001.png").is_file());
+}
+
+/// Without a job, the shipped models answer to their names: a term may name one with no
+/// --model, the others are not loaded and go unmentioned, and --model overrides a name.
+#[test]
+fn shipped_models_answer_to_their_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out").display().to_string();
+    let sketch = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/sketch.safetensors");
+    let sketch = format!("sketch,image={}", sketch.display());
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "sample",
+            "--device",
+            "cpu",
+            "--steps",
+            "2",
+            "--num-samples",
+            "1",
+            "--out",
+            &out,
+            "--uncond",
+            "uncond",
+            "--expert",
+            &sketch,
+        ];
+        args.extend_from_slice(extra);
+        let (code, err) = mcdm(&args);
+        assert_eq!(code, Some(0), "{err}");
+        assert!(!err.contains("warning"), "{err}");
+        read_record(Path::new(&out))
+    };
+    let record = run(&[]);
+    let models = record["models"].as_object().unwrap();
+    assert_eq!(models.keys().collect::<Vec<_>>(), ["sketch", "uncond"]);
+    assert!(models["uncond"]["path"]
+        .as_str()
+        .unwrap()
+        .ends_with("weights/uncond.safetensors"));
+    // A copy in place of the shipped unconditional model.
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("weights/uncond.safetensors");
+    let copy = dir.path().join("mine.safetensors");
+    std::fs::copy(&shipped, &copy).unwrap();
+    std::fs::copy(shipped.with_extension("json"), copy.with_extension("json")).unwrap();
+    let record = run(&["--model", &format!("uncond={}", copy.display())]);
+    assert_eq!(
+        record["models"]["uncond"]["path"],
+        copy.display().to_string()
+    );
 }
 
 /// A prompt given as text= samples exactly as its embedding from `mcdm encode-text` does.

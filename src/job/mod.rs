@@ -1,7 +1,8 @@
 //! Job files: a composed sampling run as JSON (`examples/default.json`), and the term syntax of
 //! `mcdm sample --expert` / `--uncond`. A job names its models, its experts and unconditional
 //! term, and any of the sampling settings; paths are relative to the file. [`conditions`]
-//! reads the condition files the terms name.
+//! reads the condition files the terms name. A run's `record.json` is a job too: it replays
+//! the run, and the hashes it holds let the caller check that the files are the ones it used.
 //!
 //! ```json
 //! {"models": {"u": "uncond.safetensors", "s": "sketch.safetensors"},
@@ -34,8 +35,28 @@ pub const KEYS: &[&str] = &[
     "num_samples",
     "batch_size",
     "seed",
+    "init_noise",
     "out",
 ];
+
+/// The keys of a run's `record.json` that only describe the run (a record is replayed as a
+/// job, these aside). A job holding `mcdm_version` is taken for a record.
+pub const RECORD_KEYS: &[&str] = &[
+    "mcdm_version",
+    "formula",
+    "command",
+    "text_model",
+    "images",
+    "status",
+    "image_size",
+    "device",
+    "seconds",
+];
+
+/// A file a job names: its path, or in a record `{"path": ..., "sha256": ...}`.
+fn file_path(v: &Value) -> Option<&str> {
+    v.as_str().or_else(|| v.get("path")?.as_str())
+}
 
 /// Refuses more than [`MAX_EXPERTS`] experts (`count`, given by `what`) before any is read.
 pub fn check_expert_count(count: usize, what: &str) -> Result<()> {
@@ -94,7 +115,11 @@ pub struct Job {
     pub num_samples: Option<usize>,
     pub batch_size: Option<usize>,
     pub seed: Option<u64>,
+    /// Initial noise: safetensors with `x_T`.
+    pub init_noise: Option<PathBuf>,
     pub out: Option<PathBuf>,
+    /// The SHA-256 a record gives for each file it names (models, conditions, initial noise).
+    pub hashes: Vec<(PathBuf, String)>,
 }
 
 fn bad(message: String) -> Error {
@@ -136,12 +161,23 @@ impl Job {
         let job = v
             .as_object()
             .ok_or_else(|| whole("expected a JSON object".into()))?;
-        if let Some(k) = job.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        let record = job.contains_key("mcdm_version");
+        let known = |k: &str| KEYS.contains(&k) || (record && RECORD_KEYS.contains(&k));
+        if let Some(k) = job.keys().find(|k| !known(k)) {
             return Err(whole(format!(
                 "unknown key `{k}` (known: {})",
                 KEYS.join(", ")
             )));
         }
+        // Files with the hash a record gives them, and their paths relative to `base`.
+        let mut hashes = Vec::new();
+        let mut file = |v: &Value| {
+            let path = base.join(file_path(v)?);
+            if let Some(h) = v.get("sha256").and_then(Value::as_str) {
+                hashes.push((path.clone(), h.to_string()));
+            }
+            Some(path)
+        };
         let field = |what: &str| bad(format!("job file: {what}"));
         let value = |key: &str, expected: &str, v: &Value| {
             field(&format!("`{key}` must be {expected}, got {v}"))
@@ -173,10 +209,8 @@ impl Job {
                 .iter()
                 .map(|(k, v)| {
                     check_model_name(k).map_err(|e| field(&format!("models: {e}")))?;
-                    let path = v
-                        .as_str()
-                        .ok_or_else(|| field("model paths must be strings"))?;
-                    Ok((k.clone(), base.join(path)))
+                    let path = file(v).ok_or_else(|| field("model paths must be strings"))?;
+                    Ok((k.clone(), path))
                 })
                 .collect::<Result<_>>()?,
             Some(_) => return Err(field("`models` must map names to paths")),
@@ -187,7 +221,7 @@ impl Job {
                 check_expert_count(a.len(), "job file: `experts`")?;
                 Some(
                     a.iter()
-                        .map(|e| TermSpec::from_json(e, base, true))
+                        .map(|e| TermSpec::from_json(e, &mut file, true))
                         .collect::<Result<_>>()
                         .map_err(|e| field(&format!("experts: {e}")))?,
                 )
@@ -197,7 +231,7 @@ impl Job {
         };
         let uncond = job
             .get("uncond")
-            .map(|v| TermSpec::from_json(v, base, false))
+            .map(|v| TermSpec::from_json(v, &mut file, false))
             .transpose()
             .map_err(|e| field(&format!("uncond: {e}")))?;
         let sampler = match string("sampler")?.as_deref() {
@@ -210,7 +244,11 @@ impl Job {
                 )))
             }
         };
-        let (steps, timestep_respacing) = (count("steps")?, string("timestep_respacing")?);
+        let (mut steps, timestep_respacing) = (count("steps")?, string("timestep_respacing")?);
+        // A record gives both: the respacing, and the number of steps it makes.
+        if record && timestep_respacing.is_some() {
+            steps = None;
+        }
         if steps.is_some() && timestep_respacing.is_some() {
             return Err(field("give `steps` or `timestep_respacing`, not both"));
         }
@@ -229,6 +267,10 @@ impl Job {
                     .ok_or_else(|| value("clip_denoised", "true or false", v))
             })
             .transpose()?;
+        let init_noise = match job.get("init_noise") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(file(v).ok_or_else(|| value("init_noise", "a path (a string)", v))?),
+        };
         let out = match string("out")? {
             Some(o) if o.is_empty() => return Err(field("`out` is empty")),
             o => o.map(|o| base.join(o)),
@@ -245,7 +287,9 @@ impl Job {
             num_samples: count("num_samples")?,
             batch_size: count("batch_size")?,
             seed: unsigned("seed")?,
+            init_noise,
             out,
+            hashes,
         })
     }
 }
@@ -319,7 +363,13 @@ impl TermSpec {
     }
 
     /// A term from a job file's JSON object, paths relative to `base`.
-    fn from_json(v: &Value, base: &Path, allow_weight: bool) -> Result<TermSpec> {
+    /// A term of a job file; `file` resolves the path of a condition file (a string, or a
+    /// record's `{"path", "sha256"}`).
+    fn from_json(
+        v: &Value,
+        file: &mut impl FnMut(&Value) -> Option<PathBuf>,
+        allow_weight: bool,
+    ) -> Result<TermSpec> {
         let obj = v
             .as_object()
             .ok_or_else(|| bad(format!("expected an object, got {v}")))?;
@@ -339,6 +389,11 @@ impl TermSpec {
                 })
                 .transpose()
         };
+        let mut path = |k: &str| -> Result<Option<PathBuf>> {
+            obj.get(k)
+                .map(|p| file(p).ok_or_else(|| bad(format!("`{k}` must be a path in {v}"))))
+                .transpose()
+        };
         let weight = match obj.get("weight") {
             None => 1.0,
             Some(w) => match w.as_f64().map(|w| w as f32) {
@@ -355,8 +410,8 @@ impl TermSpec {
                         .ok_or_else(|| bad(format!("class must be an integer in {v}")))
                 })
                 .transpose()?,
-            image: string("image")?.map(|p| base.join(p)),
-            embedding: string("embedding")?.map(|p| base.join(p)),
+            image: path("image")?,
+            embedding: path("embedding")?,
             text: string("text")?,
             weight,
         })

@@ -109,7 +109,8 @@ pub struct Args {
     /// Seed of all noise (default 0): image k is the same whatever the batch size.
     #[arg(long)]
     seed: Option<u64>,
-    /// Initial noise: safetensors with `x_T` [N, 3, H, W], N = --num-samples.
+    /// Initial noise: safetensors with `x_T` [N, 3, H, W], N = --num-samples (default: the
+    /// job's `init_noise`, else drawn from the seed).
     #[arg(long)]
     init_noise: Option<PathBuf>,
     /// Also save the final samples (before quantisation) as `samples` [N, 3, H, W] f32.
@@ -139,6 +140,11 @@ pub struct Args {
 pub(crate) struct Plan {
     /// The job file read, if any.
     job: Option<PathBuf>,
+    /// The names of the shipped models among `models` (given by neither a flag nor a job).
+    shipped: Vec<String>,
+    init_noise: Option<PathBuf>,
+    /// The hashes a run's record (given as the job) holds for its files.
+    recorded_hashes: Vec<(PathBuf, String)>,
     models: Vec<(String, PathBuf)>,
     experts: Vec<TermSpec>,
     uncond: TermSpec,
@@ -179,6 +185,12 @@ fn plan(args: &Args) -> Result<Plan> {
         None => Job::default(),
     };
     let mut models = job.models.clone();
+    // Without a job the shipped models answer to their names (uncond, sketch, segment, text).
+    let shipped = match (&job_path, default_job()) {
+        (None, Ok(path)) => Job::load(&path)?.models,
+        _ => Vec::new(),
+    };
+    models.extend(shipped.iter().cloned());
     for (i, m) in args.models.iter().enumerate() {
         let (name, path) = m
             .split_once('=')
@@ -196,6 +208,12 @@ fn plan(args: &Args) -> Result<Plan> {
         models.retain(|(n, _)| n != name);
         models.push((name.to_string(), PathBuf::from(path)));
     }
+    // Shipped models a term does not use are left out without a word.
+    let shipped: Vec<String> = models
+        .iter()
+        .filter(|m| shipped.contains(m))
+        .map(|(n, _)| n.clone())
+        .collect();
     let mut experts = match &job.experts {
         Some(e) if args.experts.is_empty() => e.clone(),
         _ => Vec::new(),
@@ -255,6 +273,9 @@ fn plan(args: &Args) -> Result<Plan> {
     };
     Ok(Plan {
         job: job_path,
+        shipped,
+        init_noise: args.init_noise.clone().or(job.init_noise.clone()),
+        recorded_hashes: job.hashes.clone(),
         models,
         experts,
         uncond,
@@ -309,7 +330,7 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// Every file the run reads, with the flag (or job field) that named it.
-fn inputs(args: &Args, plan: &Plan) -> Vec<(&'static str, PathBuf)> {
+fn inputs(plan: &Plan) -> Vec<(&'static str, PathBuf)> {
     let mut inputs: Vec<(&str, PathBuf)> = Vec::new();
     inputs.extend(plan.job.iter().map(|p| ("--job", p.clone())));
     inputs.extend(plan.models.iter().map(|(_, p)| ("--model", p.clone())));
@@ -317,14 +338,14 @@ fn inputs(args: &Args, plan: &Plan) -> Vec<(&'static str, PathBuf)> {
         inputs.extend(t.image.iter().map(|p| ("image=", p.clone())));
         inputs.extend(t.embedding.iter().map(|p| ("embedding=", p.clone())));
     }
-    inputs.extend(args.init_noise.iter().map(|p| ("--init-noise", p.clone())));
+    inputs.extend(plan.init_noise.iter().map(|p| ("--init-noise", p.clone())));
     inputs
 }
 
 /// Every file the run writes can be written, is not a file it reads, and no two of them are
 /// the same file.
 fn check_outputs(args: &Args, plan: &Plan) -> Result<()> {
-    let owned = inputs(args, plan);
+    let owned = inputs(plan);
     let inputs: Vec<(&str, &Path)> = owned.iter().map(|(f, p)| (*f, p.as_path())).collect();
     for name in [GRID, RECORD] {
         check_output_file(&plan.out.join(name), "--out", &inputs)?;
@@ -361,6 +382,21 @@ fn check_outputs(args: &Args, plan: &Plan) -> Result<()> {
     Ok(())
 }
 
+/// Says so when the record replayed as the job gives `path` another hash than `hash`: the run
+/// then reads other bytes than the recorded one did.
+fn warn_if_not_recorded(plan: &Plan, path: &Path, hash: Option<&str>, what: &str) {
+    let recorded = plan.recorded_hashes.iter().find(|(p, _)| p == path);
+    if let (Some((_, want)), Some(got)) = (recorded, hash) {
+        if want != got {
+            report!(
+                "warning: {what} {}: not the file the recorded run read (sha256 {got}, the \
+                 record says {want})",
+                path.display()
+            );
+        }
+    }
+}
+
 fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> Result<()> {
     let names: Vec<&str> = plan.models.iter().map(|(n, _)| n.as_str()).collect();
     let index = |name: &str| {
@@ -385,7 +421,7 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
     used.sort();
     used.dedup();
     for (m, (name, path)) in plan.models.iter().enumerate() {
-        if !used.contains(&m) {
+        if !used.contains(&m) && !plan.shipped.contains(name) {
             report!(
                 "warning: model `{name}` ({}) is not used by --uncond or any --expert: not loaded",
                 path.display()
@@ -401,6 +437,8 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
                 .to_device(device, args.dtype.into())
                 .context("uploading the models")?,
         );
+        let hash = loaded.last().and_then(LoadedModel::sha256);
+        warn_if_not_recorded(plan, path, hash, &format!("model `{name}`"));
         if let Some(w) = loaded.last().and_then(|m| m.config.default_warning()) {
             report!(
                 "warning: model `{name}` ({}): {w} (see mcdm inspect {0})",
@@ -427,11 +465,13 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
         .collect();
     // On the CPU in f32 whatever --device: a few prompts take milliseconds, and a prompt gets
     // the same embedding (so the same images) on every device.
+    let mut text_model = None;
     let encoded: Vec<Vec<f32>> = if prompts.is_empty() {
         Vec::new()
     } else {
         let dir = TextEncoder::locate(args.text_model.as_deref())
             .context("text= needs the text encoder")?;
+        text_model = Some(dir.clone());
         let encoder = TextEncoder::load(&dir)
             .with_context(|| format!("loading the text model from {}", dir.display()))?;
         for prompt in &prompts {
@@ -500,7 +540,7 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
     };
     let sampler = ComposedSampler::new(&loaded, &experts, &uncond, spec).context("composition")?;
 
-    let init_noise = match &args.init_noise {
+    let init_noise = match &plan.init_noise {
         Some(path) => {
             let file = SafetensorsFile::open(path)
                 .with_context(|| format!("--init-noise {}", path.display()))?;
@@ -523,9 +563,12 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
         .iter()
         .chain([&plan.uncond])
         .flat_map(|t| t.image.iter().chain(&t.embedding))
-        .chain(&args.init_noise)
+        .chain(&plan.init_noise)
         .map(PathBuf::as_path);
     let input_hashes = hash_inputs(input_paths)?;
+    for (path, hash) in &input_hashes {
+        warn_if_not_recorded(plan, path, Some(hash), "input");
+    }
 
     if let Some(signal) = interrupt::requested() {
         return Err(Interrupted {
@@ -638,7 +681,7 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
         used.iter().map(|&m| &plan.models[m]).zip(&loaded).collect();
     let mut record = RunRecord {
         plan,
-        init_noise: args.init_noise.as_deref(),
+        init_noise: plan.init_noise.as_deref(),
         models: &used_models,
         respacing: &respacing,
         steps,
@@ -647,6 +690,7 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
         device: device.describe(args.dtype.into()),
         seconds,
         input_hashes: &input_hashes,
+        text_model: text_model.as_deref(),
     }
     .record(done)?;
     let status = if done < n { "partial" } else { "complete" };

@@ -28,6 +28,8 @@ pub(super) struct RunRecord<'a> {
     pub seconds: f64,
     /// The conditions' and initial noise's hashes, taken as they were read (see [`hash_inputs`]).
     pub input_hashes: &'a BTreeMap<PathBuf, String>,
+    /// The text encoder's folder, when a term had a prompt.
+    pub text_model: Option<&'a Path>,
 }
 
 impl RunRecord<'_> {
@@ -35,7 +37,7 @@ impl RunRecord<'_> {
     /// hashes and configs, the terms, the settings. Its `status` is the output folder's to set.
     pub fn record(&self, images: usize) -> Result<serde_json::Value> {
         let plan = self.plan;
-        let file = |p: &Path| json!({ "path": p.display().to_string(), "sha256": self.input_hashes.get(p) });
+        let file = |p: &Path| json!({ "path": absolute(p), "sha256": self.input_hashes.get(p) });
         let term_json = |t: &TermSpec, weight: bool| {
             let mut v = json!({ "model": t.model });
             if let Some(c) = t.class {
@@ -60,7 +62,7 @@ impl RunRecord<'_> {
             models.insert(
                 name.clone(),
                 json!({
-                    "path": path.display().to_string(),
+                    "path": absolute(path),
                     "sha256": model.sha256(),
                     "config": model.config.unet.to_json(&model.config.diffusion),
                 }),
@@ -68,6 +70,8 @@ impl RunRecord<'_> {
         }
         Ok(json!({
             "mcdm_version": env!("CARGO_PKG_VERSION"),
+            "command": command_line(),
+            "text_model": self.text_model.map(absolute),
             "formula": "eps = eps_u + sum_i w_i (eps_i - eps_u)",
             "models": models,
             "experts": plan.experts.iter().map(|t| term_json(t, true)).collect::<Vec<_>>(),
@@ -87,6 +91,31 @@ impl RunRecord<'_> {
             "seconds": self.seconds,
         }))
     }
+}
+
+/// `path` as an absolute path, so that the record replays as a job from any folder.
+fn absolute(path: &Path) -> String {
+    std::path::absolute(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// The command line of this run, quoted for a POSIX shell where needed.
+fn command_line() -> String {
+    let quote = |arg: std::ffi::OsString| {
+        let arg = arg.to_string_lossy().into_owned();
+        let plain = !arg.is_empty()
+            && arg
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-./=,:@%+".contains(c));
+        if plain {
+            arg
+        } else {
+            format!("'{}'", arg.replace('\'', "'\\''"))
+        }
+    };
+    std::env::args_os().map(quote).collect::<Vec<_>>().join(" ")
 }
 
 /// An f32 setting as it was written (0.7, not 0.699999988079071, its exact value as an f64).
