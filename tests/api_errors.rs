@@ -142,11 +142,13 @@ fn sampler_refuses_conditions_its_models_cannot_take() {
         ),
         (
             expert(2, image(0, 0)),
-            "the image condition must be [1, 16, 16] per image (256 values), got 0",
+            "the model takes a 1-channel image condition ([1, 16, 16] per image, 256 values), got \
+             no values",
         ),
         (
             expert(2, image(2, 511)),
-            "the image condition must be [1, 16, 16] per image (256 values), got 255",
+            "the model takes a 1-channel image condition ([1, 16, 16] per image, 256 values), got \
+             255 values",
         ),
         (
             expert(3, Condition::default()),

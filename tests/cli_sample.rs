@@ -471,6 +471,86 @@ fn sketch_condition_fails(image: &Path, extra: &[&str], needle: &str) {
     fails(&args, needle);
 }
 
+/// An RGB PNG for a 1-channel condition is read as its luma, with a warning: with R = G = B the
+/// samples are those of the gray PNG.
+#[test]
+fn an_rgb_png_for_a_gray_condition_is_converted() {
+    let dir = tempfile::tempdir().unwrap();
+    let gray: Vec<u8> = (0..256).map(|i| ((i * 37) % 256) as u8).collect();
+    let gray_png = dir.path().join("gray.png");
+    let mut encoder = png::Encoder::new(std::fs::File::create(&gray_png).unwrap(), 16, 16);
+    encoder.set_color(png::ColorType::Grayscale);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().unwrap();
+    writer.write_image_data(&gray).unwrap();
+    writer.finish().unwrap();
+    let rgb: Vec<u8> = gray.iter().flat_map(|&g| [g, g, g]).collect();
+    let rgb_png = dir.path().join("rgb.png");
+    mcdm::image::write_png(&rgb_png, &rgb, 16, 16).unwrap();
+    let run = |image: &Path| {
+        let tensor = image.with_extension("safetensors");
+        let (code, err) = sample_uncond(
+            &dir.path().join("out"),
+            "2",
+            &[
+                "--model",
+                &model("sketch"),
+                "--expert",
+                &format!("sketch,image={}", image.display()),
+                "--save-tensor",
+                &tensor.display().to_string(),
+            ],
+        );
+        assert_eq!(code, Some(0), "{err}");
+        let samples = SafetensorsFile::open(&tensor)
+            .unwrap()
+            .f32("samples")
+            .unwrap();
+        (samples, err)
+    };
+    let (from_gray, err) = run(&gray_png);
+    assert!(!err.contains("warning"), "{err}");
+    let (from_rgb, err) = run(&rgb_png);
+    assert_eq!(
+        err.matches("an RGB PNG for a 1-channel condition: converted to gray")
+            .count(),
+        1,
+        "{err}"
+    );
+    // Measured 2.2e-6, 2026-12-06: the luma weights sum to 1 within an f32 rounding.
+    common::within(
+        "RGB (R = G = B) against gray PNG",
+        rel_l2(&from_rgb, &from_gray),
+        1e-5,
+    );
+}
+
+/// A storage type the CPU ignores, and a `,key=` swallowed by a text= prompt, are warned of.
+#[test]
+fn flags_that_do_not_do_what_they_say_are_warned_of() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) = sample_uncond(
+        &dir.path().join("out"),
+        "1",
+        &["--dtype", "f16", "--device", "cpu"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("warning: --dtype f16: the CPU computes in f32 whatever the storage type"),
+        "{err}"
+    );
+    // The warning comes before the run fails on the prompt (the model takes no text).
+    let (_, err) = sample_uncond(
+        &dir.path().join("out"),
+        "1",
+        &["--expert", "uncond,text=a face,weight=2"],
+    );
+    assert!(
+        err.contains("`,weight=` is part of the prompt, since text= takes the rest of the spec"),
+        "{err}"
+    );
+}
+
 #[test]
 fn image_condition_of_wrong_size_or_channels() {
     let dir = tempfile::tempdir().unwrap();
@@ -479,7 +559,8 @@ fn image_condition_of_wrong_size_or_channels() {
         (
             "rgb",
             [3, 16, 16],
-            "the image condition must be [1, 16, 16]",
+            "the model takes a 1-channel image condition ([1, 16, 16] per image, 256 values), got \
+             3 channel(s) of 16x16",
         ),
     ] {
         let path = dir.path().join(format!("{name}.safetensors"));
@@ -818,7 +899,7 @@ fn job_file_values_of_the_wrong_type() {
     job_fails(json!({"out": 5}), "`out` must be a string");
     job_fails(
         json!({"uncond": {"model": "uncond", "image": 5}}),
-        "`image` must be a string",
+        "`image` must be a path",
     );
     job_fails(
         json!({"experts": [{"model": "uncond", "weight": 1e300}]}),

@@ -48,9 +48,9 @@ pub struct Args {
     /// else the CPU).
     #[arg(long, default_value = "auto", value_parser = super::parse_device, value_name = "DEVICE")]
     device: DeviceArg,
-    /// GPU storage type.
-    #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
-    dtype: Dtype,
+    /// GPU storage type [default: bf16].
+    #[arg(long, value_enum, value_name = "DTYPE")]
+    dtype: Option<Dtype>,
     /// Time composed sampling instead: this many experts (random models of the config) plus an
     /// unconditional model, every step evaluating all of them.
     #[arg(long, default_value_t = 0)]
@@ -76,6 +76,7 @@ const MAX_STEPS: usize = 10_000;
 
 pub fn run(args: Args) -> Result<()> {
     let device = open_device(args.device)?;
+    let dtype = super::storage_dtype(args.dtype, Dtype::Bf16, &device);
     if args.iters == 0 || args.batch.contains(&0) {
         bail!("--iters and every --batch must be positive");
     }
@@ -99,7 +100,7 @@ pub fn run(args: Args) -> Result<()> {
         let Some(gpu) = device.gpu() else {
             bail!("--kernels times GPU kernels: use --device cuda on a machine with a GPU");
         };
-        return bench_kernels(gpu, args.dtype.into(), args.iters);
+        return bench_kernels(gpu, dtype.into(), args.iters);
     }
     let config = config_arg(&args.config)?.expect("clap requires --config without --kernels");
     let text =
@@ -109,14 +110,14 @@ pub fn run(args: Args) -> Result<()> {
     let source = Source::File(config.display().to_string());
     let cfg = resolve(&[(source, partial)], &Default::default())?;
     if args.compose > 0 {
-        return run_compose(&args, cfg, &device);
+        return run_compose(&args, cfg, &device, dtype);
     }
     let model = LoadedModel::random(cfg.clone(), 0, "random model")?
-        .to_device(&device, args.dtype.into())
+        .to_device(&device, dtype.into())
         .context("uploading the model")?;
     let device_name = match &device {
         Device::Cpu => format!("cpu, {} threads", rayon::current_num_threads()),
-        Device::Cuda(gpu) => format!("{}, {:?}", gpu.info().name, args.dtype),
+        Device::Cuda(gpu) => format!("{}, {:?}", gpu.info().name, dtype),
     };
     let mut ws = Workspace::new();
     let mut forward = |x: &[f32], shape: [usize; 4], cond: &Conditioning<'_>| -> Result<()> {
@@ -260,13 +261,13 @@ fn write_record(
 }
 
 /// Composed DDIM sampling with `--compose` random experts plus an unconditional model.
-fn run_compose(args: &Args, cfg: ResolvedConfig, device: &Device) -> Result<()> {
+fn run_compose(args: &Args, cfg: ResolvedConfig, device: &Device, dtype: Dtype) -> Result<()> {
     let size = cfg.unet.image_size;
     // Models go to the device once; each timed run then samples with everything resident.
     let models: Vec<LoadedModel> = (0..=args.compose)
         .map(|i| {
             LoadedModel::random(cfg.clone(), i as u64, &format!("random model {i}"))?
-                .to_device(device, args.dtype.into())
+                .to_device(device, dtype.into())
         })
         .collect::<mcdm::Result<_>>()
         .context("uploading the models")?;
@@ -311,7 +312,7 @@ fn run_compose(args: &Args, cfg: ResolvedConfig, device: &Device) -> Result<()> 
             } else {
                 "CUDA graphs"
             };
-            format!("{}, {:?}, {graphs}", gpu.info().name, args.dtype)
+            format!("{}, {:?}, {graphs}", gpu.info().name, dtype)
         }
     };
     report!(

@@ -37,9 +37,9 @@ pub struct Args {
     /// else the CPU).
     #[arg(long, default_value = "auto", value_parser = super::parse_device, value_name = "DEVICE")]
     device: DeviceArg,
-    /// GPU storage type (the CPU computes in f32).
-    #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
-    dtype: Dtype,
+    /// GPU storage type (the CPU computes in f32) [default: bf16].
+    #[arg(long, value_enum, value_name = "DTYPE")]
+    dtype: Option<Dtype>,
 }
 
 /// The tensors forward reads from its input file.
@@ -53,9 +53,10 @@ pub fn run(args: Args) -> Result<()> {
     inputs.extend(args.config.as_deref().map(|p| ("--config", p)));
     check_output_file(&args.output, "--output", &inputs)?;
     let device = open_device(args.device)?;
+    let dtype = super::storage_dtype(args.dtype, Dtype::Bf16, &device);
     let model = load_model(&args.model, config_arg(&args.config)?)
         .with_context(|| format!("loading model {}", args.model.display()))?
-        .to_device(&device, args.dtype.into())
+        .to_device(&device, dtype.into())
         .context("uploading the model")?;
     let input = SafetensorsFile::open(&args.input)
         .with_context(|| format!("reading input {}", args.input.display()))?;

@@ -155,6 +155,23 @@ impl Progress {
     }
 }
 
+/// The storage type `--dtype` asks for, else `default`; given on the CPU, which computes in f32
+/// whatever it is told, anything but f32 is named in a warning rather than silently ignored.
+fn storage_dtype(given: Option<Dtype>, default: Dtype, device: &Device) -> Dtype {
+    match given {
+        Some(d) if device.is_cpu() && d != Dtype::F32 => {
+            report!(
+                "warning: --dtype {}: the CPU computes in f32 whatever the storage type; it \
+                 applies on a GPU",
+                format!("{d:?}").to_lowercase()
+            );
+            Dtype::F32
+        }
+        Some(d) => d,
+        None => default,
+    }
+}
+
 /// Fails unless a file can be written at `path`: its directory exists and takes new files, and
 /// `path` is neither something other than a regular file (a directory, a device, a FIFO) nor
 /// one of the files the command reads (`inputs`, each with the flag that named it). Checked

@@ -44,10 +44,14 @@ fn within(what: String) -> impl FnOnce(Error) -> Error {
 
 /// Reads an image condition for `n` images: a PNG (scaled to [-1, 1]; gray gives 1 channel,
 /// RGB 3), or safetensors `cond` `[C, H, W]` or `[1 or >= n, C, H, W]` (image k takes item k).
-/// Returns it with its `[C, H, W]`; a PNG's dropped alpha channel is added to `warnings`.
+/// A PNG is converted to the `channels` the model takes where it is RGB for a 1-channel model
+/// (Rec. 601 luma: 0.299 R + 0.587 G + 0.114 B) or gray for a 3-channel one (the gray copied to
+/// each channel). Returns it with its `[C, H, W]`; a conversion or a PNG's dropped alpha
+/// channel is added to `warnings`.
 pub fn read_image_condition(
     path: &Path,
     n: usize,
+    channels: usize,
     warnings: &mut Vec<String>,
 ) -> Result<(Batched, [usize; 3])> {
     let is_png = path
@@ -61,11 +65,32 @@ pub fn read_image_condition(
                 path.display()
             ));
         }
-        let data = Batched {
-            data: png.data,
-            count: 1,
+        let hw = png.height * png.width;
+        let (data, c) = match (png.channels, channels) {
+            (3, 1) => {
+                warnings.push(format!(
+                    "{}: an RGB PNG for a 1-channel condition: converted to gray (0.299 R + \
+                     0.587 G + 0.114 B)",
+                    path.display()
+                ));
+                let (r, rest) = png.data.split_at(hw);
+                let (g, b) = rest.split_at(hw);
+                let gray = (0..hw)
+                    .map(|p| 0.299 * r[p] + 0.587 * g[p] + 0.114 * b[p])
+                    .collect();
+                (gray, 1)
+            }
+            (1, 3) => {
+                warnings.push(format!(
+                    "{}: a gray PNG for a 3-channel condition: its gray is used for R, G and B",
+                    path.display()
+                ));
+                (png.data.repeat(3), 3)
+            }
+            (c, _) => (png.data, c),
         };
-        return Ok((data, [png.channels, png.height, png.width]));
+        let data = Batched { data, count: 1 };
+        return Ok((data, [c, png.height, png.width]));
     }
     let file = SafetensorsFile::open(path)?;
     let shape = file.shape("cond")?.to_vec();
@@ -109,7 +134,7 @@ pub fn read_embedding(path: &Path, n: usize) -> Result<Batched> {
 }
 
 /// The condition of `term` for `n` images of `size` (height, width) on a model taking
-/// `embed_dim`-wide vector conditions: its class, its image condition read from its file, and
+/// `embed_dim`-wide vector conditions and `image_channels`-channel images: its class, its image condition read from its file, and
 /// its embedding read from its file or, for a `text=` term, `prompt` (the text encoded).
 /// Adds to `warnings` what is legal but likely a mistake: a |weight| past [`WEIGHT_WARNING`],
 /// an empty prompt, values far out of their usual range, a dropped alpha channel.
@@ -118,6 +143,7 @@ pub fn term_condition(
     n: usize,
     [h, w]: [usize; 2],
     embed_dim: Option<usize>,
+    image_channels: usize,
     prompt: Option<&[f32]>,
     warnings: &mut Vec<String>,
 ) -> Result<Condition> {
@@ -137,7 +163,7 @@ pub fn term_condition(
     let image = match &term.image {
         Some(p) => {
             let mut read = Vec::new();
-            let (img, [_, ih, iw]) = read_image_condition(p, n, &mut read)
+            let (img, [_, ih, iw]) = read_image_condition(p, n, image_channels, &mut read)
                 .map_err(within(format!("image condition of `{model}`")))?;
             warnings.extend(
                 read.into_iter()

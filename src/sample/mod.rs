@@ -526,14 +526,26 @@ fn check_condition(
                     "image= given, but the model takes no image condition (in_channels 3)".into(),
                 );
             }
-            let want = image_ch * spec.height * spec.width;
+            let hw = spec.height * spec.width;
+            let want = image_ch * hw;
             if img.count == 0 || img.data.len() != img.count * want {
+                let per_image = img.data.len() / img.count.max(1);
+                let got = if per_image == 0 {
+                    "no values".to_string()
+                } else if per_image % hw == 0 {
+                    format!(
+                        "{} channel(s) of {}x{}",
+                        per_image / hw,
+                        spec.height,
+                        spec.width
+                    )
+                } else {
+                    format!("{per_image} values")
+                };
                 return bad(format!(
-                    "the image condition must be [{image_ch}, {}, {}] per image ({} values), got {}",
-                    spec.height,
-                    spec.width,
-                    want,
-                    img.data.len() / img.count.max(1)
+                    "the model takes a {image_ch}-channel image condition ([{image_ch}, {}, {}] \
+                     per image, {want} values), got {got}",
+                    spec.height, spec.width,
                 ));
             }
         }

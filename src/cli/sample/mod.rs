@@ -123,9 +123,9 @@ pub struct Args {
     /// else the CPU).
     #[arg(long, default_value = "auto", value_parser = super::parse_device, value_name = "DEVICE")]
     device: DeviceArg,
-    /// GPU storage type.
-    #[arg(long, value_enum, default_value_t = Dtype::Bf16)]
-    dtype: Dtype,
+    /// GPU storage type [default: bf16].
+    #[arg(long, value_enum, value_name = "DTYPE")]
+    dtype: Option<Dtype>,
     /// Enqueue every kernel of every step from the host, instead of replaying each step's model
     /// passes as one CUDA graph (the results are the same; for comparison and diagnosis).
     #[arg(long)]
@@ -167,6 +167,22 @@ fn default_job() -> Result<PathBuf> {
         .map(|d| d.join(rel))
         .find(|p| p.is_file())
         .ok_or_else(|| anyhow!("no model given and the default job examples/default.json was not found: give --model and --uncond, or --job FILE"))
+}
+
+/// text= takes the rest of a term spec, commas included: a `,key=` after it is part of the
+/// prompt, which is rarely what was meant.
+fn warn_of_keys_in_prompt(flag: &str, spec: &str) {
+    let Some((_, prompt)) = spec.split_once(",text=") else {
+        return;
+    };
+    for key in ["class", "image", "embedding", "weight"] {
+        if prompt.contains(&format!(",{key}=")) {
+            report!(
+                "warning: {flag} {spec}: `,{key}=` is part of the prompt, since text= takes the \
+                 rest of the spec; put text= last to give {key}"
+            );
+        }
+    }
 }
 
 /// The job file's settings with the flags' over them.
@@ -221,6 +237,14 @@ fn plan(args: &Args) -> Result<Plan> {
     check_expert_count(args.experts.len(), "--expert")?;
     for e in &args.experts {
         experts.push(TermSpec::parse(e, true).context("--expert")?);
+    }
+    for (flag, spec) in args
+        .experts
+        .iter()
+        .map(|e| ("--expert", e))
+        .chain(args.uncond.iter().map(|u| ("--uncond", u)))
+    {
+        warn_of_keys_in_prompt(flag, spec);
     }
     let uncond = match (&args.uncond, &job.uncond) {
         (Some(u), _) => TermSpec::parse(u, false).context("--uncond")?,
@@ -398,6 +422,7 @@ fn warn_if_not_recorded(plan: &Plan, path: &Path, hash: Option<&str>, what: &str
 }
 
 fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> Result<()> {
+    let dtype = super::storage_dtype(args.dtype, Dtype::Bf16, device);
     let names: Vec<&str> = plan.models.iter().map(|(n, _)| n.as_str()).collect();
     let index = |name: &str| {
         names.iter().position(|n| *n == name).ok_or_else(|| {
@@ -434,7 +459,7 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
         loaded.push(
             load_model(path, None)
                 .with_context(|| format!("loading model `{name}` from {}", path.display()))?
-                .to_device(device, args.dtype.into())
+                .to_device(device, dtype.into())
                 .context("uploading the models")?,
         );
         let hash = loaded.last().and_then(LoadedModel::sha256);
@@ -496,8 +521,17 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
                 .expect("encoded above");
             encoded[row].as_slice()
         });
-        let embed_dim = loaded[slot(&t.model)?].config.unet.embed_dim;
-        let condition = term_condition(t, n, [h, w], embed_dim, prompt, &mut warnings)?;
+        let cfg = &loaded[slot(&t.model)?].config.unet;
+        let image_channels = cfg.in_channels.saturating_sub(3);
+        let condition = term_condition(
+            t,
+            n,
+            [h, w],
+            cfg.embed_dim,
+            image_channels,
+            prompt,
+            &mut warnings,
+        )?;
         Ok::<_, anyhow::Error>(condition)
     };
     let experts: Vec<Expert> = plan
@@ -687,7 +721,7 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
         steps,
         batch_used,
         size: [h, w],
-        device: device.describe(args.dtype.into()),
+        device: device.describe(dtype.into()),
         seconds,
         input_hashes: &input_hashes,
         text_model: text_model.as_deref(),
