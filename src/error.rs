@@ -25,8 +25,13 @@ pub enum Error {
         name: String,
         count: usize,
     },
-    #[error("tensor `{0}` is missing")]
-    MissingTensor(String),
+    /// `present` lists the tensors the file has, for the message.
+    #[error("{path}: no tensor `{name}` (the file holds {present})")]
+    MissingTensor {
+        path: PathBuf,
+        name: String,
+        present: String,
+    },
     #[error("invalid config: {0}")]
     Config(String),
     #[error("weights do not fit the config:\n{0}")]

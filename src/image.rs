@@ -96,6 +96,25 @@ pub fn write_png(path: &Path, rgb: &[u8], h: usize, w: usize) -> Result<()> {
     write_atomic(path, &bytes)
 }
 
+/// The largest `--png-scale`: a 256x256 sample becomes 4096x4096.
+pub const MAX_PNG_SCALE: usize = 16;
+
+/// 8-bit RGB pixels (`h x w`) enlarged `scale` times by repeating each pixel (nearest
+/// neighbour, so that every sample value stays visible as it is).
+pub fn upscale(rgb: &[u8], h: usize, w: usize, scale: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rgb.len() * scale * scale);
+    for row in rgb.chunks_exact(3 * w).take(h) {
+        let wide: Vec<u8> = row
+            .chunks_exact(3)
+            .flat_map(|px| std::iter::repeat_n(px, scale).flatten().copied())
+            .collect();
+        for _ in 0..scale {
+            out.extend_from_slice(&wide);
+        }
+    }
+    out
+}
+
 /// Tiles RGB images (each `h x w`) into a grid with `cols` columns and a 2-pixel white gap.
 /// Panics if an image holds fewer than `3 h w` bytes.
 pub fn grid(images: &[Vec<u8>], h: usize, w: usize, cols: usize) -> (Vec<u8>, usize, usize) {
@@ -130,6 +149,21 @@ mod tests {
         }
         let mut writer = enc.write_header().unwrap();
         writer.write_image_data(data).unwrap();
+    }
+
+    #[test]
+    fn upscale_repeats_each_pixel() {
+        // 2x1 image: red, then a blue-green, scaled 3 times: a 6x3 image.
+        let rgb = [200, 10, 20, 0, 90, 250];
+        let big = upscale(&rgb, 1, 2, 3);
+        assert_eq!(big.len(), 3 * 6 * 3);
+        for y in 0..3 {
+            for x in 0..6 {
+                let px = &big[(y * 6 + x) * 3..][..3];
+                assert_eq!(px, &rgb[(x / 3) * 3..][..3], "({y}, {x})");
+            }
+        }
+        assert_eq!(upscale(&rgb, 1, 2, 1), rgb);
     }
 
     /// `read_png` on every colour type: channel-first, `v / 127.5 - 1`, alpha dropped.

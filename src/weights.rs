@@ -399,10 +399,28 @@ impl SafetensorsFile {
         out
     }
 
+    /// The tensor names, the first few of a long list, to say what a file holds.
+    pub fn names_for_message(&self) -> String {
+        const SHOWN: usize = 8;
+        let names: Vec<String> = self
+            .entries
+            .keys()
+            .take(SHOWN)
+            .map(|n| format!("`{n}`"))
+            .collect();
+        match self.entries.len() {
+            0 => "no tensors".into(),
+            n if n > SHOWN => format!("{n} tensors: {}, ...", names.join(", ")),
+            _ => names.join(", "),
+        }
+    }
+
     fn entry(&self, name: &str) -> Result<&Entry> {
-        self.entries
-            .get(name)
-            .ok_or_else(|| Error::MissingTensor(format!("{name}` in `{}", self.path.display())))
+        self.entries.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            name: name.to_string(),
+            present: self.names_for_message(),
+        })
     }
 
     /// A float tensor upcast to f32. Non-finite values are an error naming the tensor.

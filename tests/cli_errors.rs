@@ -625,3 +625,50 @@ fn impossible_bench_sizes() {
         &format!("--config {missing}: no such file"),
     );
 }
+
+/// A file that is not a UNet, given as a model, is named as such (with what it holds), and a
+/// condition file lacking its tensor lists the tensors it has.
+#[test]
+fn files_of_the_wrong_kind_say_what_they_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cond.safetensors");
+    let data = vec![0.25f32; 256];
+    mcdm::weights::write_safetensors(
+        &path,
+        &[(
+            "sketch",
+            mcdm::weights::TensorData::F32(vec![1, 16, 16], &data),
+        )],
+        None,
+    )
+    .unwrap();
+    let p = path.display().to_string();
+    fails(
+        &["inspect", &p],
+        "not a guided-diffusion UNet: it holds `sketch`, and no `time_embed.*`",
+    );
+    let model = |name: &str| {
+        format!(
+            "{name}={}",
+            fixtures(&format!("sample/models/{name}.safetensors")).display()
+        )
+    };
+    fails(
+        &[
+            "sample",
+            "--device",
+            "cpu",
+            "--model",
+            &model("uncond"),
+            "--model",
+            &model("sketch"),
+            "--uncond",
+            "uncond",
+            "--expert",
+            &format!("sketch,image={p}"),
+            "--out",
+            &dir.path().join("out").display().to_string(),
+        ],
+        &format!("{p}: no tensor `cond` (the file holds `sketch`)"),
+    );
+}

@@ -132,6 +132,7 @@ fn cli_reproduces_reference_composition() {
             "mcdm_version",
             "models",
             "num_samples",
+            "png_scale",
             "sampler",
             "seconds",
             "seed",
@@ -523,6 +524,41 @@ fn an_rgb_png_for_a_gray_condition_is_converted() {
         rel_l2(&from_rgb, &from_gray),
         1e-5,
     );
+}
+
+/// --png-scale N writes every image and the grid N times larger, each pixel an N x N square
+/// of the scale-1 image's; the scale is recorded, and out of 1..=16 it is an error.
+#[test]
+fn png_scale_enlarges_images_pixel_by_pixel() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, three) = (dir.path().join("one"), dir.path().join("three"));
+    let (code, err) = sample_uncond(&one, "2", &[]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, err) = sample_uncond(&three, "2", &["--png-scale", "3"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(read_record(&three)["png_scale"], 3);
+    for name in ["000001.png", "grid.png"] {
+        let (h, w, small) = decode_png(&one.join(name));
+        let (bh, bw, big) = decode_png(&three.join(name));
+        assert_eq!((bh, bw), (3 * h, 3 * w), "{name}");
+        for y in 0..bh {
+            for x in 0..bw {
+                assert_eq!(
+                    big[(y * bw + x) * 3..][..3],
+                    small[((y / 3) * w + x / 3) * 3..][..3],
+                    "{name} ({y}, {x})"
+                );
+            }
+        }
+    }
+    for bad in ["0", "17"] {
+        let (code, err) = sample_uncond(&dir.path().join("bad"), "1", &["--png-scale", bad]);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(
+            err.contains(&format!("--png-scale {bad}: from 1 to 16")),
+            "{err}"
+        );
+    }
 }
 
 /// A storage type the CPU ignores, and a `,key=` swallowed by a text= prompt, are warned of.

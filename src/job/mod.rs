@@ -36,6 +36,7 @@ pub const KEYS: &[&str] = &[
     "batch_size",
     "seed",
     "init_noise",
+    "png_scale",
     "out",
 ];
 
@@ -117,6 +118,8 @@ pub struct Job {
     pub seed: Option<u64>,
     /// Initial noise: safetensors with `x_T`.
     pub init_noise: Option<PathBuf>,
+    /// Each PNG enlarged this many times.
+    pub png_scale: Option<usize>,
     pub out: Option<PathBuf>,
     /// The SHA-256 a record gives for each file it names (models, conditions, initial noise).
     pub hashes: Vec<(PathBuf, String)>,
@@ -288,6 +291,7 @@ impl Job {
             batch_size: count("batch_size")?,
             seed: unsigned("seed")?,
             init_noise,
+            png_scale: count("png_scale")?,
             out,
             hashes,
         })

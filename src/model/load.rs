@@ -170,6 +170,16 @@ impl LoadedModel {
 /// once its weights are copied out, and refused if it changed meanwhile.
 pub fn load_model(weights: &Path, config: Option<&Path>) -> Result<LoadedModel> {
     let file = SafetensorsFile::open(weights)?;
+    // A condition or an embedding file given as a model: say what it is not, rather than which
+    // config field its shapes cannot give.
+    if !file.names().any(|n| n.starts_with("time_embed.")) {
+        return Err(Error::Input(format!(
+            "{}: not a guided-diffusion UNet: it holds {}, and no `time_embed.*` (nor \
+             `input_blocks.*`) weights",
+            weights.display(),
+            file.names_for_message()
+        )));
+    }
     let config = resolve_config(&file, config)?;
     let unet = UNet::load(&file, &config.unet)?;
     let sha256 = Some(file.sha256()?);

@@ -24,7 +24,7 @@ use super::{
     check_output_file, open_device, same_file, warn_graph_failure, DeviceArg, Dtype, Progress,
 };
 use folder::{RunFolder, GRID, RECORD};
-use mcdm::image::{grid, to_rgb8};
+use mcdm::image::{grid, to_rgb8, upscale, MAX_PNG_SCALE};
 use mcdm::weights::{write_safetensors, TensorData};
 use output::{hash_inputs, image_number, RunRecord};
 
@@ -106,7 +106,7 @@ pub struct Args {
     /// that does not fit in memory is halved until it does.
     #[arg(long)]
     batch_size: Option<usize>,
-    /// Seed of all noise (default 0): image k is the same whatever the batch size.
+    /// Seed of all noise (default 0): image k draws the same noise whatever the batch size.
     #[arg(long)]
     seed: Option<u64>,
     /// Initial noise: safetensors with `x_T` [N, 3, H, W], N = --num-samples (default: the
@@ -116,6 +116,10 @@ pub struct Args {
     /// Also save the final samples (before quantisation) as `samples` [N, 3, H, W] f32.
     #[arg(long)]
     save_tensor: Option<PathBuf>,
+    /// Write each PNG (and the grid) this many times larger, each pixel a square of that side
+    /// (default: the job's, else 1; at most 16). The samples are unchanged.
+    #[arg(long, value_name = "N")]
+    png_scale: Option<usize>,
     /// Output directory (default `samples`).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -156,6 +160,7 @@ pub(crate) struct Plan {
     /// None: the device's default.
     batch_size: Option<usize>,
     seed: u64,
+    png_scale: usize,
     out: PathBuf,
 }
 
@@ -277,6 +282,10 @@ fn plan(args: &Args) -> Result<Plan> {
             mcdm::rng::MAX_SAMPLES
         );
     }
+    let png_scale = args.png_scale.or(job.png_scale).unwrap_or(1);
+    if !(1..=MAX_PNG_SCALE).contains(&png_scale) {
+        bail!("--png-scale {png_scale}: from 1 to {MAX_PNG_SCALE}");
+    }
     let (eta, eta_from) = match args.eta {
         Some(e) => (Some(e), "--eta"),
         None => (job.eta, "job file: `eta`"),
@@ -310,6 +319,7 @@ fn plan(args: &Args) -> Result<Plan> {
         num_samples,
         batch_size,
         seed: args.seed.or(job.seed).unwrap_or(0),
+        png_scale,
         out: args
             .out
             .clone()
@@ -572,7 +582,16 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
         height: h,
         width: w,
     };
-    let sampler = ComposedSampler::new(&loaded, &experts, &uncond, spec).context("composition")?;
+    // The library numbers the terms; the context gives the names they were given by.
+    let terms: Vec<String> = plan
+        .experts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| format!("expert {i} is `{}`", t.model))
+        .chain([format!("the unconditional term `{}`", plan.uncond.model)])
+        .collect();
+    let sampler = ComposedSampler::new(&loaded, &experts, &uncond, spec)
+        .with_context(|| format!("composition ({})", terms.join(", ")))?;
 
     let init_noise = match &plan.init_noise {
         Some(path) => {
@@ -665,8 +684,9 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
     let mut on_batch = |first: usize, x0: &[f32]| -> mcdm::Result<()> {
         for (k, img) in x0.chunks_exact(3 * h * w).enumerate() {
             let pixels = to_rgb8(img, h, w);
+            let s = plan.png_scale;
             folder
-                .stage_image(first + k, &pixels, h, w)
+                .stage_image(first + k, &upscale(&pixels, h, w, s), s * h, s * w)
                 .map_err(|e| mcdm::Error::Input(format!("writing image {}: {e:#}", first + k)))?;
             rgb.push(pixels);
         }
@@ -702,7 +722,8 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
     }
 
     let (g, gh, gw) = grid(&rgb, h, w, (done as f64).sqrt().ceil() as usize);
-    folder.stage_grid(&g, gh, gw)?;
+    let s = plan.png_scale;
+    folder.stage_grid(&upscale(&g, gh, gw, s), s * gh, s * gw)?;
     if let Some(path) = &args.save_tensor {
         write_safetensors(
             path,

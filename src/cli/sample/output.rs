@@ -86,6 +86,7 @@ impl RunRecord<'_> {
             "images": images,
             "batch_size": self.batch_used,
             "image_size": self.size,
+            "png_scale": plan.png_scale,
             "init_noise": self.init_noise.map(file),
             "device": self.device,
             "seconds": self.seconds,
