@@ -19,6 +19,12 @@ Steps (all CPU; mcdm does the sampling):
   python tools/score.py conds --n 256                # conditions + 8 job files -> /tmp/mcdm-score
   python tools/score.py sample                       # runs `mcdm sample --job ...` for each job
   python tools/score.py eval                         # table + grid
+
+Image quality, with no condition: the Frechet distance between the judge classifier's 128-wide
+penultimate features of samples and of held-back real faces (indices >= 2_100_000; the same
+FID formula, on features of a network trained on SynthFaces, not Inception). It is biased
+upwards for small sets, so compare sets of equal size:
+  python tools/score.py fd A.safetensors B.safetensors ...   # `mcdm sample --save-tensor` files
 """
 
 import argparse
@@ -41,6 +47,8 @@ import synthfaces  # noqa: E402
 
 JUDGE_PATH = "weights/judge.pt"
 HELD_OUT = 2_000_000
+# Real faces for the Frechet distance: held back, and apart from the judge's test faces.
+FD_REAL_START = 2_100_000
 COND_START = 1_100_000
 ATTRS = [("hair_color", 5), ("hair_long", 2), ("glasses", 2), ("smile", 2)]
 
@@ -75,6 +83,8 @@ LABELS = {
 
 
 class Classifier(nn.Module):
+    """Attribute heads on a 128-wide feature (`features`), also the Frechet distance's."""
+
     def __init__(self):
         super().__init__()
 
@@ -86,8 +96,11 @@ class Classifier(nn.Module):
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(64 * 16, 128), nn.ReLU())
         self.heads = nn.ModuleList([nn.Linear(128, k) for _, k in ATTRS])
 
+    def features(self, x):
+        return self.fc(self.body(x))
+
     def forward(self, x):
-        h = self.fc(self.body(x))
+        h = self.features(x)
         return [hd(h) for hd in self.heads]
 
 
@@ -272,6 +285,52 @@ def score_samples(samples, conds, clf, sgm):
     s["_mentions"] = count
     s["_preds"] = preds
     return s
+
+
+def feature_stats(clf, images):
+    """Mean and covariance of the judge features of `images` (float [N,3,32,32] in [-1, 1])."""
+    x = th.from_numpy(np.clip(images, -1, 1).astype(np.float32))
+    with th.no_grad():
+        f = th.cat([clf.features(b) for b in x.split(256)]).double().numpy()
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(a, b):
+    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of two (mean, covariance) pairs.
+    tr (S_a S_b)^(1/2) is the sum of the square roots of the eigenvalues of the symmetric
+    S_a^(1/2) S_b S_a^(1/2), which has the same spectrum."""
+    (mu_a, s_a), (mu_b, s_b) = a, b
+    w, v = np.linalg.eigh(s_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    cross = np.linalg.eigvalsh(root_a @ s_b @ root_a)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b)
+                 - 2 * np.sqrt(np.clip(cross, 0, None)).sum())
+
+
+def real_stats(clf, n):
+    faces = synthfaces.batch(range(FD_REAL_START, FD_REAL_START + n))
+    return feature_stats(clf, synthfaces.image_cond(faces["image"]))
+
+
+def cmd_fd(args):
+    th.set_num_threads(args.threads)
+    clf, _, _ = load_judge(args.judge)
+    real = real_stats(clf, args.n_real)
+    # The floor: real faces against other real faces, at the sample sets' size.
+    sizes = {}
+    print(f"| samples | images | Frechet distance to {args.n_real} real faces |")
+    print("|---|---:|---:|")
+    for path in args.samples:
+        x = load_samples(path)
+        if len(x) not in sizes:
+            other = synthfaces.batch(range(FD_REAL_START + args.n_real,
+                                           FD_REAL_START + args.n_real + len(x)))
+            sizes[len(x)] = frechet_distance(
+                feature_stats(clf, synthfaces.image_cond(other["image"])), real)
+        print(f"| {path} | {len(x)} | {frechet_distance(feature_stats(clf, x), real):.2f} |",
+              flush=True)
+    for n, d in sorted(sizes.items()):
+        print(f"| (other real faces) | {n} | {d:.2f} |")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,12 +602,16 @@ def main():
     e.add_argument("--grid-rows", type=int, default=6)
     e.add_argument("--note", default="", help="a paragraph added after the main table")
     e.add_argument("--bin", default="target/release/mcdm")
-    for p in (j, c, s, e):
+    f = sub.add_parser("fd", help="Frechet distance of sample sets to held-back real faces")
+    f.add_argument("samples", nargs="+", help="safetensors files with `samples` [N,3,32,32]")
+    f.add_argument("--n-real", type=int, default=2048)
+    for p in (j, c, s, e, f):
         p.add_argument("--dir", default="/tmp/mcdm-score")
         p.add_argument("--judge", default=JUDGE_PATH)
         p.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    {"judge": train_judge, "conds": cmd_conds, "sample": cmd_sample, "eval": cmd_eval}[args.cmd](args)
+    {"judge": train_judge, "conds": cmd_conds, "sample": cmd_sample, "eval": cmd_eval,
+     "fd": cmd_fd}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -192,6 +192,15 @@ def previous_card(out):
     return cmd, float(m.group(1)) if m else None
 
 
+def previous_steps(weights):
+    """The step count an exported model's card gives (0 without a card)."""
+    import re
+
+    card = os.path.splitext(weights)[0] + ".md"
+    m = re.search(r"^- Steps: (\d+)", open(card).read(), re.M) if os.path.exists(card) else None
+    return int(m.group(1)) if m else 0
+
+
 def write_card(path, args, cfg, info):
     stem = os.path.splitext(os.path.basename(path))[0]
     cond = {
@@ -207,6 +216,9 @@ def write_card(path, args, cfg, info):
     }[args.kind]
     status = "finished" if info["done"] else "IN PROGRESS (checkpoint export)"
     note_line = f"- Note: {args.card_note}\n" if args.card_note else ""
+    schedule = (f" ({args.warmup} warm-up steps)" if args.warmup else "") + (
+        f", cosine decay to {args.lr_min} over the run" if args.lr_schedule == "cosine" else "")
+    ema_warmup = " warmed up as min(rate, (1 + n) / (10 + n)) from its start"
     if args.export_weights == "ema":
         weights_note = f"the EMA (rate {args.ema}) of the weights."
     else:
@@ -235,7 +247,7 @@ def write_card(path, args, cfg, info):
 - Architecture: {arch}.
 - Diffusion: {cfg['diffusion_steps']} steps, {cfg['noise_schedule']} schedule, predicts eps,
   learn_sigma false, loss MSE (`GaussianDiffusion.training_losses`), uniform timestep sampling.
-- Optimiser: AdamW lr {args.lr}, weight decay 0, batch {args.batch}, EMA rate {args.ema}, seed {args.seed}.
+- Optimiser: AdamW lr {args.lr}{schedule}, weight decay 0, batch {args.batch}, EMA rate {args.ema}{ema_warmup}, seed {args.seed}.
 - Exported weights: {weights_note}
 - Steps: {info['step']} (the run stops at --steps or when --time-limit seconds have passed, whichever
   comes first; other jobs shared the 2 cores, so the step count depends on the machine's load); final loss (mean of the last {args.log_every} steps): {info['loss']:.4f};
@@ -263,7 +275,13 @@ def main():
     ap.add_argument("--time-limit", type=float, default=0, help="stop after this many seconds (0: none)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--ema", type=float, default=0.999,
+                    help="EMA rate, warmed up as min(rate, (1 + n) / (10 + n)) over the n steps since "
+                    "the EMA started, so that a short run's EMA is not stale")
+    ap.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                    help="cosine: from --lr down to --lr-min over the steps of this run")
+    ap.add_argument("--lr-min", type=float, default=0.0)
+    ap.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num_channels", type=int, default=32)
     ap.add_argument("--num_res_blocks", type=int, default=1)
@@ -279,6 +297,9 @@ def main():
     ap.add_argument("--ckpt-every", type=float, default=300, help="seconds between checkpoints")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--card-note", default="", help="a paragraph added to the model card")
+    ap.add_argument("--init-weights",
+                    help="continue from exported weights (a .safetensors model with its card): their step "
+                    "count and training commands carry over; fresh optimiser and EMA")
     ap.add_argument("--init-from", help="continue from this checkpoint's raw weights (and step count, "
                     "wall time, command list) with a fresh optimiser, e.g. to change --emb-lr-mult")
     ap.add_argument("--emb-lr-mult", type=float, default=1.0,
@@ -337,6 +358,13 @@ def main():
         losses_hist = st.get("losses", [])
         prior = st.get("commands") or ([st["command"]] if st.get("command") else previous_card(args.out)[0])
         print(f"continuing from {args.init_from} at step {step} (fresh optimiser, EMA restarted)", flush=True)
+    elif args.init_weights:
+        unet.load_state_dict(gd_model.load_weights(args.init_weights, cfg)[0].state_dict())
+        ema = [p.detach().clone() for p in unet.parameters()]
+        prior, _ = previous_card(args.init_weights)
+        step = previous_steps(args.init_weights)
+        print(f"continuing from {args.init_weights} at step {step} (fresh optimiser, EMA restarted)",
+              flush=True)
     elif args.resume and os.path.exists(ckpt_path):
         st = th.load(ckpt_path, weights_only=False)
         unet.load_state_dict(st["model"])
@@ -409,8 +437,24 @@ def main():
     t0 = time.time()
     last_ckpt = t0
     run_losses = []
-    total = args.bench or args.steps
+    first_step = step
+    total = step + args.bench if args.bench else args.steps
+    # Steps since the EMA started: a resumed run's EMA carries on, a fresh one starts now.
+    ema_start = 0 if args.resume and not (args.init_from or args.init_weights) else step
+
+    def lr_at(s):
+        """The learning rate of step s of this run (warm-up, then constant or cosine)."""
+        done = s - first_step
+        lr = args.lr * min(1.0, (done + 1) / args.warmup) if args.warmup else args.lr
+        if args.lr_schedule == "cosine":
+            frac = min(1.0, done / max(total - first_step, 1))
+            lr = args.lr_min + (lr - args.lr_min) * 0.5 * (1 + np.cos(np.pi * frac))
+        return lr
+
+    base_lrs = [g["lr"] / args.lr for g in opt.param_groups]
     while step < total:
+        for g, mult in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr_at(step) * mult
         x, kw = batcher(args.batch)
         t, weights = sampler.sample(args.batch, "cpu")
         out = diffusion.training_losses(model, x, t, model_kwargs=kw)
@@ -419,13 +463,15 @@ def main():
         loss.backward()
         opt.step()
         with th.no_grad():
+            n = step - ema_start
+            rate = min(args.ema, (1 + n) / (10 + n))
             for e, p in zip(ema, unet.parameters()):
-                e.mul_(args.ema).add_(p.detach(), alpha=1 - args.ema)
+                e.mul_(rate).add_(p.detach(), alpha=1 - rate)
         step += 1
         run_losses.append(loss.item())
         now = time.time()
         if args.bench:
-            if step == 3:
+            if step == first_step + 3:
                 tb = now
             continue
         if step % args.log_every == 0:
@@ -440,7 +486,7 @@ def main():
             print(f"time limit reached at step {step}", flush=True)
             break
     if args.bench:
-        dt = (time.time() - tb) / max(step - 3, 1)
+        dt = (time.time() - tb) / max(step - first_step - 3, 1)
         print(f"BENCH {args.kind} ch{args.num_channels} rb{args.num_res_blocks} mult {args.channel_mult} "
               f"attn '{args.attention_resolutions}' batch {args.batch}: {params:,} params, {dt:.3f} s/step, "
               f"loss {np.mean(run_losses):.3f}", flush=True)
