@@ -561,6 +561,33 @@ fn png_scale_enlarges_images_pixel_by_pixel() {
     }
 }
 
+/// Dark lines drawn on white, given to a sketch expert (which takes light lines on dark), are
+/// warned of; the shipped sketches are not (`shipped_models_answer_to_their_names`).
+#[test]
+fn a_dark_on_light_sketch_is_warned_of() {
+    let dir = tempfile::tempdir().unwrap();
+    let drawing: Vec<u8> = (0..256 * 3)
+        .map(|i| if (i / 3) % 17 == 0 { 0 } else { 255 })
+        .collect();
+    let path = dir.path().join("drawing.png");
+    mcdm::image::write_png(&path, &drawing, 16, 16).unwrap();
+    let (code, err) = sample_uncond(
+        &dir.path().join("out"),
+        "1",
+        &[
+            "--model",
+            &model("sketch"),
+            "--expert",
+            &format!("sketch,image={}", path.display()),
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("mostly light (mean 0.88 in [-1, 1]): a sketch is light lines on a dark"),
+        "{err}"
+    );
+}
+
 /// A storage type the CPU ignores, and a `,key=` swallowed by a text= prompt, are warned of.
 #[test]
 fn flags_that_do_not_do_what_they_say_are_warned_of() {

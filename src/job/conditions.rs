@@ -134,10 +134,11 @@ pub fn read_embedding(path: &Path, n: usize) -> Result<Batched> {
 }
 
 /// The condition of `term` for `n` images of `size` (height, width) on a model taking
-/// `embed_dim`-wide vector conditions and `image_channels`-channel images: its class, its image condition read from its file, and
-/// its embedding read from its file or, for a `text=` term, `prompt` (the text encoded).
-/// Adds to `warnings` what is legal but likely a mistake: a |weight| past [`WEIGHT_WARNING`],
-/// an empty prompt, values far out of their usual range, a dropped alpha channel.
+/// `embed_dim`-wide vector conditions and `image_channels`-channel images: its class, its
+/// image condition read from its file, and its embedding read from its file or, for a `text=`
+/// term, `prompt` (the text encoded). Adds to `warnings` what is legal but likely a mistake:
+/// a |weight| past [`WEIGHT_WARNING`], an empty prompt, values far out of their usual range, a
+/// dropped alpha channel, a 1-channel condition (a sketch) that is mostly light.
 pub fn term_condition(
     term: &TermSpec,
     n: usize,
@@ -175,6 +176,19 @@ pub fn term_condition(
                      [-1, 1] images are scaled to",
                     p.display()
                 ));
+            } else if image_channels == 1 && !img.data.is_empty() {
+                // Sketches are sparse light lines on a dark ground: mostly light (three
+                // quarters or more) is most likely dark lines drawn on white, which such an
+                // expert reads as a scribble.
+                let mean = img.data.iter().sum::<f32>() / img.data.len() as f32;
+                if mean > 0.5 {
+                    warnings.push(format!(
+                        "image condition of `{model}` ({}): mostly light (mean {mean:.2} in [-1, \
+                         1]): a sketch is light lines on a dark ground (line +1, none -1); dark \
+                         lines drawn on white need inverting first",
+                        p.display()
+                    ));
+                }
             }
             if (ih, iw) != (h, w) {
                 return Err(Error::Job(format!(
