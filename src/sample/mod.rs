@@ -21,7 +21,9 @@ use crate::rng::{fill_normals, MAX_SAMPLES};
 /// Philox step key of the initial noise `x_T`.
 pub const INIT_NOISE_STEP: u32 = u32::MAX;
 
-/// Per-image conditions of one kind: `count` is 1 (shared by all images) or the number of images.
+/// Per-image conditions of one kind: `count` items one after the other in `data`, each of the
+/// same length; `count` is 1 (one item shared by all images) or at least the number of images
+/// (image k takes item k).
 #[derive(Clone, Debug)]
 pub struct Batched {
     pub data: Vec<f32>,
@@ -40,33 +42,43 @@ impl Batched {
 /// them (zero image, zero embedding); class labels have no implicit null.
 #[derive(Clone, Debug, Default)]
 pub struct Condition {
+    /// A class label, for a class-conditional model (`num_classes`); required there.
     pub class: Option<i64>,
-    /// `[count, C, H, W]`, concatenated after x_t on the channel axis.
+    /// `[count, C, H, W]`, values in [-1, 1] as images are scaled, concatenated after x_t on
+    /// the channel axis (C = the model's `in_channels` - 3).
     pub image: Option<Batched>,
-    /// `[count, D]`.
+    /// `[count, D]`, D the model's `embed_dim` (384 for all-MiniLM-L6-v2 prompts).
     pub embedding: Option<Batched>,
 }
 
-/// One expert of the product: a model (index into the models), its condition and weight.
+/// One expert of the product: a model, its condition and its weight w_i in
+/// `eps = eps_u + sum_i w_i (eps_i - eps_u)`.
 #[derive(Clone, Debug)]
 pub struct Expert {
+    /// Index into the models given to [`ComposedSampler::new`].
     pub model: usize,
     pub condition: Condition,
+    /// 1 for the paper's product of experts; negative for "not this".
     pub weight: f32,
 }
 
-/// The unconditional term: a model given its null condition.
+/// The unconditional term eps_u: a model given its null condition (an unconditional model,
+/// or a conditional one with, say, its null class; image and embedding parts left out are
+/// zeros).
 #[derive(Clone, Debug)]
 pub struct Unconditional {
+    /// Index into the models given to [`ComposedSampler::new`]; its diffusion (schedule,
+    /// variance) is the run's.
     pub model: usize,
     pub condition: Condition,
 }
 
+/// The update applied to the composed eps at each step, as guided-diffusion's.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum SamplerKind {
-    /// `ddim_sample` with the given eta.
+    /// `ddim_sample` with the given eta: 0 is deterministic, 1 DDPM-like noise.
     Ddim { eta: f32 },
-    /// `p_sample` (ancestral).
+    /// `p_sample` (ancestral), with the unconditional model's variance (learned or fixed).
     Ddpm,
 }
 
@@ -74,10 +86,14 @@ pub enum SamplerKind {
 #[derive(Clone, Debug)]
 pub struct SampleSpec {
     pub sampler: SamplerKind,
-    /// Overrides the unconditional model's `timestep_respacing` ("50", "10,10,5", "ddim25").
+    /// The steps: "50" (50 evenly spaced), sections "10,10,5", or "ddim25"; None takes the
+    /// unconditional model's `timestep_respacing` (its full schedule when that is empty).
     pub timestep_respacing: Option<String>,
+    /// Clip each predicted x_0 to [-1, 1] (guided-diffusion's `clip_denoised`).
     pub clip_denoised: bool,
+    /// Keys all noise: image k's is the same whatever the batch (see the module doc).
     pub seed: u64,
+    /// The sample size, in pixels (the models' `image_size`).
     pub height: usize,
     pub width: usize,
 }
@@ -348,9 +364,11 @@ impl<'a> ComposedSampler<'a> {
         self.check_counts(num_samples)
     }
 
-    /// Samples `num_samples` images in batches of `batch_size` on the models' device.
-    /// `init_noise` (`[N, 3, H, W]`) replaces the seeded x_T. `on_step` is called after every
-    /// step of every batch. On a GPU, a batch that does not fit in memory is run again at half
+    /// Samples `num_samples` images in batches of `batch_size` on the models' device, and
+    /// returns them as `[N, 3, H, W]` f32 (RGB, channel-first, roughly in [-1, 1]: exactly there
+    /// with `clip_denoised`; `mcdm::image::to_rgb8` quantises an image as the reference scripts
+    /// do). `init_noise` (`[N, 3, H, W]`) replaces the seeded x_T. `on_step` is called after
+    /// every step of every batch. On a GPU, a batch that does not fit in memory is run again at half
     /// the size (the progress reports show the batch size used).
     pub fn sample(
         &self,
