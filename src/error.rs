@@ -12,6 +12,8 @@ pub enum Error {
     },
     #[error("{path}: not a valid safetensors file: {reason}")]
     Safetensors { path: PathBuf, reason: String },
+    #[error("{path}: a PyTorch checkpoint mcdm cannot read: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
     #[error("{path}: tensor `{name}` has dtype {dtype}, expected {expected}")]
     UnsupportedDtype {
         path: PathBuf,

@@ -68,7 +68,8 @@ An unconditional term on a class-conditional model needs class=K (the null class
 or embedding model, a condition it is not given is zeros.\n\n\
 Output: OUT/000000.png ..., OUT/grid.png, OUT/record.json (everything to reproduce the run).")]
 pub struct Args {
-    /// A model: NAME=PATH to safetensors weights (config: <stem>.json, then metadata, then inferred).
+    /// A model: NAME=PATH to safetensors weights or a PyTorch .pt state_dict (config:
+    /// <stem>.json, then metadata, then inferred).
     #[arg(long = "model", value_name = "NAME=PATH")]
     models: Vec<String>,
     /// An expert: NAME[,class=K][,image=PATH][,embedding=PATH][,weight=W][,text=PROMPT]

@@ -1,4 +1,5 @@
-//! Memory-mapped safetensors files: tensor lookup, dtype upcast to f32, and checks.
+//! Memory-mapped weights files: safetensors, and PyTorch checkpoints read as safetensors are
+//! (`pt`): tensor lookup, dtype upcast to f32, and checks.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -10,6 +11,8 @@ use safetensors::tensor::Dtype;
 
 use crate::error::{Error, Result};
 use crate::files::{open_limited, write_atomic, StrictJson, SAFETENSORS_LIMIT};
+
+mod pt;
 
 /// Storage type of a tensor in a weights file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -310,7 +313,19 @@ impl SafetensorsFile {
         // SAFETY: the file is only read; a concurrent change by another process is the usual
         // mmap caveat: `sha256` tells when one happened while the file was in use.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let (entries, metadata) = parse_header(path, &map)?;
+        let (entries, metadata) = if map.starts_with(pt::ZIP_MAGIC) {
+            (pt::parse(path, &map)?, BTreeMap::new())
+        } else if map.starts_with(b"\x80\x02\x8a") {
+            // What torch.save wrote before 1.6: a pickled magic number, then the tensors.
+            return Err(Error::Checkpoint {
+                path: path.to_path_buf(),
+                reason: "it is in the legacy format of torch < 1.6: convert it with \
+                         tools/convert_pt.py (or re-save it with a newer torch)"
+                    .into(),
+            });
+        } else {
+            parse_header(path, &map)?
+        };
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
             map,
