@@ -165,3 +165,55 @@ fn bad_checkpoints_are_refused_by_name() {
     assert_eq!(code, Some(1), "{err}");
     assert!(!err.contains("must never run"), "{err}");
 }
+
+/// `mcdm convert` writes a checkpoint as safetensors: the same tensors in the storage type
+/// asked, and a config that loads it as the original loads.
+#[test]
+fn convert_writes_the_checkpoint_as_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = fixtures("sample/models/uncond.json").display().to_string();
+    let source = SafetensorsFile::open(&fixtures("sample/models/uncond.safetensors")).unwrap();
+    for dtype in ["f16", "bf16", "f32"] {
+        let out = dir.path().join(format!("u-{dtype}.safetensors"));
+        let (code, err) = mcdm(&[
+            "convert",
+            &pt("uncond_wrapped.pt").display().to_string(),
+            &out.display().to_string(),
+            "--dtype",
+            dtype,
+            "--config",
+            &config,
+        ]);
+        assert_eq!(code, Some(0), "{err}");
+        let converted = SafetensorsFile::open(&out).unwrap();
+        // f16 and f32 hold the f16 weights exactly; bf16 rounds them.
+        if dtype != "bf16" {
+            let names: Vec<&str> = converted.names().collect();
+            for name in names {
+                assert_eq!(
+                    converted.f32(name).unwrap(),
+                    source.f32(name).unwrap(),
+                    "{name}"
+                );
+            }
+        } else {
+            assert_eq!(converted.dtype("out.2.weight").unwrap(), StorageDtype::BF16);
+        }
+        // Its config (in the metadata and beside it) loads it as the original's loads it.
+        let a = mcdm::model::load_model(&out, None).unwrap();
+        let b =
+            mcdm::model::load_model(&fixtures("sample/models/uncond.safetensors"), None).unwrap();
+        assert_eq!(
+            a.config.unet.to_json(&a.config.diffusion),
+            b.config.unet.to_json(&b.config.diffusion)
+        );
+        assert!(out.with_extension("json").is_file());
+    }
+    // Over its own input: refused before anything is written.
+    let input = dir.path().join("in.pt");
+    std::fs::copy(pt("uncond_f16.pt"), &input).unwrap();
+    let s = input.display().to_string();
+    let (code, err) = mcdm(&["convert", &s, &s]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("is the file given to INPUT"), "{err}");
+}

@@ -18,6 +18,7 @@ macro_rules! report {
 }
 
 mod bench;
+mod convert;
 mod encode_text;
 mod forward;
 mod info;
@@ -58,6 +59,7 @@ enum Command {
     Info(info::Args),
     EncodeText(encode_text::Args),
     Inspect(inspect::Args),
+    Convert(convert::Args),
 }
 
 /// Where networks run: `cpu`, `cuda` (GPU 0), `cuda:N` or `auto` (the GPU when one is usable,
@@ -306,5 +308,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Info(args) => info::run(args),
         Command::EncodeText(args) => encode_text::run(args),
+        Command::Convert(args) => convert::run(args),
     }
 }

@@ -493,7 +493,8 @@ impl SafetensorsFile {
     }
 }
 
-/// Writes f32 / i64 tensors to `path` atomically (a temporary file beside it, then rename).
+/// Writes f32 / f16 / bf16 / i64 tensors to `path` atomically (a temporary file beside it, then
+/// rename).
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(&str, TensorData<'_>)],
@@ -509,6 +510,10 @@ pub fn write_safetensors(
             }
             let (dtype, bytes, shape, len) = match t {
                 TensorData::F32(shape, v) => (Dtype::F32, bytemuck::cast_slice(v), shape, v.len()),
+                TensorData::F16(shape, v) => (Dtype::F16, bytemuck::cast_slice(v), shape, v.len()),
+                TensorData::BF16(shape, v) => {
+                    (Dtype::BF16, bytemuck::cast_slice(v), shape, v.len())
+                }
                 TensorData::I64(shape, v) => (Dtype::I64, bytemuck::cast_slice(v), shape, v.len()),
             };
             // Checked here: safetensors multiplies the shape with wrapping arithmetic.
@@ -534,6 +539,8 @@ pub fn write_safetensors(
 /// Tensor contents for [`write_safetensors`].
 pub enum TensorData<'a> {
     F32(Vec<usize>, &'a [f32]),
+    F16(Vec<usize>, &'a [f16]),
+    BF16(Vec<usize>, &'a [bf16]),
     I64(Vec<usize>, &'a [i64]),
 }
 

@@ -446,6 +446,7 @@ fn full_or_closed_standard_streams_never_panic() {
         .display()
         .to_string();
     let forward_out = dir.path().join("f.safetensors").display().to_string();
+    let convert_out = dir.path().join("c.safetensors").display().to_string();
     let model = format!("u={uncond}");
     // Each command, and whether it writes its result to standard output.
     let commands: Vec<(Vec<&str>, bool)> = vec![
@@ -490,6 +491,10 @@ fn full_or_closed_standard_streams_never_panic() {
                 "--output",
                 &forward_out,
             ],
+            false,
+        ),
+        (
+            vec!["convert", &uncond, &convert_out, "--dtype", "f16"],
             false,
         ),
         // Errors, reported on standard error.
