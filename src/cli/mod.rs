@@ -24,6 +24,7 @@ mod forward;
 mod info;
 mod inspect;
 mod interrupt;
+mod merge;
 mod sample;
 
 use std::io::IsTerminal;
@@ -60,6 +61,7 @@ enum Command {
     EncodeText(encode_text::Args),
     Inspect(inspect::Args),
     Convert(convert::Args),
+    Merge(merge::Args),
 }
 
 /// Where networks run: `cpu`, `cuda` (GPU 0), `cuda:N` or `auto` (the GPU when one is usable,
@@ -309,5 +311,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(args) => info::run(args),
         Command::EncodeText(args) => encode_text::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Merge(args) => merge::run(args),
     }
 }

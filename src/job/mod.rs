@@ -48,6 +48,8 @@ pub const RECORD_KEYS: &[&str] = &[
     "command",
     "text_model",
     "images",
+    "first_image",
+    "shard",
     "status",
     "image_size",
     "device",

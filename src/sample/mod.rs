@@ -381,7 +381,7 @@ impl<'a> ComposedSampler<'a> {
         self.check_request(num_samples, batch_size, init_noise)?;
         let mut samples = self.samples_buffer(num_samples)?;
         self.sample_each(
-            num_samples,
+            0..num_samples,
             batch_size,
             init_noise,
             &mut |p| {
@@ -396,13 +396,16 @@ impl<'a> ComposedSampler<'a> {
         Ok(samples)
     }
 
-    /// [`ComposedSampler::sample`], handing each finished batch to `on_batch(first, x_0)` (images
-    /// `first..`, in order) instead of holding them all. When `on_step` breaks, sampling stops
-    /// after that step, the unfinished batch is dropped, and the result is the number of images
-    /// finished (`num_samples` when none broke); an error from `on_batch` ends the run.
+    /// [`ComposedSampler::sample`] of `images` only (of a run of `images.end` or more: a shard
+    /// of it, each image as the whole run makes it), handing each finished batch to
+    /// `on_batch(first, x_0)` (images `first..`, in order) instead of holding them all;
+    /// `init_noise`, when given, holds x_T of images `0..images.end`. When `on_step` breaks,
+    /// sampling stops after that step, the unfinished batch is dropped, and the result is the
+    /// number of images finished from `images.start` (all of them when none broke); an error
+    /// from `on_batch` ends the run.
     pub fn sample_each(
         &self,
-        num_samples: usize,
+        images: std::ops::Range<usize>,
         batch_size: usize,
         init_noise: Option<&[f32]>,
         on_step: &mut dyn FnMut(StepProgress) -> ControlFlow<()>,
@@ -411,7 +414,7 @@ impl<'a> ComposedSampler<'a> {
         let device = self.models[self.uncond_model].device();
         on_backend!(self.models[self.uncond_model].kind(), B => {
             let mut be = B::open(device)?;
-            self.sample_each_on(&mut be, num_samples, batch_size, init_noise, on_step, on_batch)
+            self.sample_each_on(&mut be, images, batch_size, init_noise, on_step, on_batch)
         })
     }
 

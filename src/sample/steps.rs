@@ -83,21 +83,22 @@ impl ComposedSampler<'_> {
     pub(super) fn sample_each_on<B: Placement>(
         &self,
         be: &mut B,
-        num_samples: usize,
+        images: std::ops::Range<usize>,
         batch_size: usize,
         init_noise: Option<&[f32]>,
         on_step: &mut dyn FnMut(super::StepProgress) -> ControlFlow<()>,
         on_batch: &mut dyn FnMut(usize, &[f32]) -> Result<()>,
     ) -> Result<usize> {
         let len = self.image_len();
-        self.check_request(num_samples, batch_size, init_noise)?;
+        self.check_request(images.end, batch_size, init_noise)?;
         let run = self.run_inputs(be)?;
         let mut done = 0;
         let mut stopped = false;
-        run_in_batches(num_samples, batch_size, |first, b| {
+        run_in_batches(images.len(), batch_size, |i, b| {
             if stopped {
                 return Ok(());
             }
+            let first = images.start + i;
             let x = match init_noise {
                 Some(x) => be.upload(&x[first * len..(first + b) * len])?,
                 None => {
@@ -124,7 +125,7 @@ impl ComposedSampler<'_> {
             if let Some(out) = out {
                 check_finite(&out, len, first)?;
                 on_batch(first, &out)?;
-                done = first + b;
+                done = i + b;
             }
             Ok(())
         })?;

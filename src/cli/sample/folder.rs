@@ -19,15 +19,15 @@ use super::output::image_number;
 
 const LOCK: &str = ".mcdm.lock";
 const STAGING: &str = ".mcdm-staging-";
-pub(super) const RECORD: &str = "record.json";
-pub(super) const GRID: &str = "grid.png";
+pub(crate) const RECORD: &str = "record.json";
+pub(crate) const GRID: &str = "grid.png";
 
 /// `NNNNNN.png`: image k's file name.
-pub(super) fn image_name(k: usize) -> String {
+pub(crate) fn image_name(k: usize) -> String {
     format!("{k:06}.png")
 }
 
-pub(super) struct RunFolder {
+pub(crate) struct RunFolder {
     out: PathBuf,
     staging: PathBuf,
     lock_path: PathBuf,
@@ -97,17 +97,26 @@ impl RunFolder {
         Ok(write_png(&self.staging.join(image_name(k)), rgb, h, w)?)
     }
 
+    /// Stages image k as the file `from` (a finished image of another folder): linked where the
+    /// file system allows, else copied.
+    pub fn stage_file(&self, k: usize, from: &Path) -> Result<()> {
+        let to = self.staging.join(image_name(k));
+        std::fs::hard_link(from, &to)
+            .or_else(|_| std::fs::copy(from, &to).map(|_| ()))
+            .with_context(|| format!("copying {} to {}", from.display(), to.display()))
+    }
+
     /// Writes the grid to the staging folder.
     pub fn stage_grid(&self, rgb: &[u8], h: usize, w: usize) -> Result<()> {
         Ok(write_png(&self.staging.join(GRID), rgb, h, w)?)
     }
 
-    /// Replaces the earlier run's files with the staged images `0..images` and grid, then
-    /// writes `record` (its `status` set to `status`) last. Returns how many numbered images of
-    /// an earlier run were removed.
+    /// Replaces the earlier run's files with the staged `images` and grid, then writes `record`
+    /// (its `status` set to `status`) last. Returns how many numbered images of an earlier run
+    /// were removed.
     pub fn commit(
         self,
-        images: usize,
+        images: std::ops::Range<usize>,
         record: &mut serde_json::Value,
         status: &str,
     ) -> Result<usize> {
@@ -123,14 +132,14 @@ impl RunFolder {
         write_record(record)?;
         let mut removed = 0;
         for name in self.entries()? {
-            if image_number(&name).is_some_and(|k| k >= images) {
+            if image_number(&name).is_some_and(|k| !images.contains(&k)) {
                 let path = self.out.join(&name);
                 std::fs::remove_file(&path)
                     .with_context(|| format!("removing {} of an earlier run", path.display()))?;
                 removed += 1;
             }
         }
-        let names = (0..images).map(image_name).chain([GRID.to_string()]);
+        let names = images.map(image_name).chain([GRID.to_string()]);
         for name in names {
             let (from, to) = (self.staging.join(&name), self.out.join(&name));
             std::fs::rename(&from, &to)

@@ -2,8 +2,9 @@
 //! format and the reading of conditions are the library's (`mcdm::job`); this module merges a
 //! job with the flags, runs it and reports, and `output` writes what it made.
 
-mod folder;
-mod output;
+pub(super) mod folder;
+pub(super) mod output;
+mod shard;
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -121,6 +122,14 @@ pub struct Args {
     /// (default: the job's, else 1; at most 16). The samples are unchanged.
     #[arg(long, value_name = "N")]
     png_scale: Option<usize>,
+    /// Make only shard I of N of the images (from 0: images I n / N to (I + 1) n / N), into
+    /// OUT/shard-I-of-N; `mcdm merge` joins the shards. Default: from RANK/WORLD_SIZE,
+    /// SLURM_PROCID/SLURM_NTASKS, a Slurm job array, or JOB_COMPLETION_INDEX with --num-shards.
+    #[arg(long, value_name = "I/N")]
+    shard: Option<String>,
+    /// The number of shards of a Kubernetes Indexed Job (JOB_COMPLETION_INDEX gives the index).
+    #[arg(long, value_name = "N")]
+    num_shards: Option<usize>,
     /// Output directory (default `samples`).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -162,6 +171,9 @@ pub(crate) struct Plan {
     batch_size: Option<usize>,
     seed: u64,
     png_scale: usize,
+    /// This process's part of the run, if it is sharded.
+    shard: Option<shard::Shard>,
+    /// The folder this process writes: `--out`, or its shard's folder in it.
     out: PathBuf,
 }
 
@@ -283,6 +295,9 @@ fn plan(args: &Args) -> Result<Plan> {
             mcdm::rng::MAX_SAMPLES
         );
     }
+    let shard = shard::find(args.shard.as_deref(), args.num_shards, &|name| {
+        std::env::var(name).ok()
+    })?;
     let png_scale = args.png_scale.or(job.png_scale).unwrap_or(1);
     if !(1..=MAX_PNG_SCALE).contains(&png_scale) {
         bail!("--png-scale {png_scale}: from 1 to {MAX_PNG_SCALE}");
@@ -321,11 +336,18 @@ fn plan(args: &Args) -> Result<Plan> {
         batch_size,
         seed: args.seed.or(job.seed).unwrap_or(0),
         png_scale,
-        out: args
-            .out
-            .clone()
-            .or(job.out)
-            .unwrap_or_else(|| PathBuf::from("samples")),
+        out: {
+            let out = args
+                .out
+                .clone()
+                .or(job.out)
+                .unwrap_or_else(|| PathBuf::from("samples"));
+            match &shard {
+                Some(s) => out.join(s.folder()),
+                None => out,
+            }
+        },
+        shard,
     })
 }
 
@@ -334,6 +356,23 @@ pub fn run(args: Args) -> Result<()> {
     interrupt::catch()?;
     let device = open_device(args.device)?;
     let plan = plan(&args)?;
+    if let Some(s) = &plan.shard {
+        let images = s.images(plan.num_samples);
+        report!(
+            "shard {} of {} (from {}): images {}..{} of {}, into {}",
+            s.index,
+            s.count,
+            s.from,
+            images.start,
+            images.end,
+            plan.num_samples,
+            plan.out.display()
+        );
+        if images.is_empty() {
+            report!("this shard has no image to make: nothing to do");
+            return Ok(());
+        }
+    }
     let created: Vec<PathBuf> = plan
         .out
         .ancestors()
@@ -642,14 +681,17 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
         &format!("the output of {n} images of {h}x{w} (8-bit copies, grid, any --save-tensor)"),
     )?;
     let steps = sampler.num_steps();
+    // This process's images: all, or its shard's.
+    let images = plan.shard.as_ref().map_or(0..n, |s| s.images(n));
+    let mine = images.len();
     let batch_size = plan.batch_size.unwrap_or(if device.is_cpu() {
-        n.min(16)
+        mine.min(16)
     } else {
-        n.min(64)
+        mine.min(64)
     });
     // Counted in image-steps, so that the bar stays right when a GPU batch is split.
     let mut progress = Progress::new(
-        n.saturating_mul(steps),
+        mine.saturating_mul(steps),
         true,
         "{elapsed_precise} [{bar:30}] ETA {eta} {wide_msg}",
     );
@@ -659,7 +701,7 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
     let mut batch_used = batch_size;
     let mut on_step = |p: StepProgress| {
         image_steps += p.batch;
-        if p.first == 0 {
+        if p.first == images.start {
             batch_used = p.batch;
         }
         let images_per_s =
@@ -699,7 +741,7 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
     device.set_cuda_graphs(!args.no_cuda_graph);
     let done = sampler
         .sample_each(
-            n,
+            images.clone(),
             batch_size,
             init_noise.as_deref(),
             &mut on_step,
@@ -748,22 +790,22 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
         input_hashes: &input_hashes,
         text_model: text_model.as_deref(),
     }
-    .record(done)?;
-    let status = if done < n { "partial" } else { "complete" };
-    let removed = folder.commit(done, &mut record, status)?;
+    .record(images.start, done)?;
+    let status = if done < mine { "partial" } else { "complete" };
+    let removed = folder.commit(images.start..images.start + done, &mut record, status)?;
     if removed > 0 {
         report!(
-            "note: {} held a larger earlier run: removed its {removed} image(s) past {}",
-            plan.out.display(),
-            folder::image_name(done - 1)
+            "note: {} held an earlier run: removed its {removed} image(s) that this one does not \
+             make",
+            plan.out.display()
         );
     }
-    if done < n {
+    if done < mine {
         let signal = interrupt::requested().unwrap_or(libc::SIGINT);
         return Err(Interrupted {
             signal,
             message: format!(
-                "kept the {done} finished image(s) of {n} in {} (its record.json says \"partial\"); \
+                "kept the {done} finished image(s) of {mine} in {} (its record.json says \"partial\"); \
                  image k depends only on the seed and k, so the same command makes them again",
                 plan.out.display()
             ),
@@ -771,7 +813,7 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
         .into());
     }
     if !device.is_cpu() {
-        if batch_used < batch_size.min(n) {
+        if batch_used < batch_size.min(mine) {
             report!(
                 "batches of {batch_size} did not fit in GPU memory: ran batches of {batch_used}"
             );
@@ -779,11 +821,11 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
         warn_graph_failure(device);
     }
     report!(
-        "{n} image{} ({h}x{w}, {steps} {} steps, {} expert(s)) in {seconds:.1} s ({:.2} images/s): {}/grid.png",
-        if n == 1 { "" } else { "s" },
+        "{mine} image{} ({h}x{w}, {steps} {} steps, {} expert(s)) in {seconds:.1} s ({:.2} images/s): {}/grid.png",
+        if mine == 1 { "" } else { "s" },
         plan.sampler.name().to_uppercase(),
         plan.experts.len(),
-        n as f64 / seconds,
+        mine as f64 / seconds,
         plan.out.display()
     );
     Ok(())

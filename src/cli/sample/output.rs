@@ -33,9 +33,10 @@ pub(super) struct RunRecord<'a> {
 }
 
 impl RunRecord<'_> {
-    /// `record.json` of a run that finished `images` images (0..images): the models with their
-    /// hashes and configs, the terms, the settings. Its `status` is the output folder's to set.
-    pub fn record(&self, images: usize) -> Result<serde_json::Value> {
+    /// `record.json` of a run that finished `images` images from `first`: the models with
+    /// their hashes and configs, the terms, the settings, the shard. Its `status` is the output
+    /// folder's to set.
+    pub fn record(&self, first: usize, images: usize) -> Result<serde_json::Value> {
         let plan = self.plan;
         let file = |p: &Path| json!({ "path": absolute(p), "sha256": self.input_hashes.get(p) });
         let term_json = |t: &TermSpec, weight: bool| {
@@ -83,7 +84,11 @@ impl RunRecord<'_> {
             "clip_denoised": plan.clip_denoised,
             "seed": plan.seed,
             "num_samples": plan.num_samples,
+            "first_image": first,
             "images": images,
+            "shard": plan.shard.as_ref().map(|s| json!({
+                "index": s.index, "count": s.count, "from": s.from,
+            })),
             "batch_size": self.batch_used,
             "image_size": self.size,
             "png_scale": plan.png_scale,
@@ -103,7 +108,7 @@ fn absolute(path: &Path) -> String {
 }
 
 /// The command line of this run, quoted for a POSIX shell where needed.
-fn command_line() -> String {
+pub(crate) fn command_line() -> String {
     let quote = |arg: std::ffi::OsString| {
         let arg = arg.to_string_lossy().into_owned();
         let plain = !arg.is_empty()
@@ -127,7 +132,7 @@ fn decimal(v: f32) -> serde_json::Value {
 }
 
 /// k for an image file name `NNNNNN.png` (six digits).
-pub(super) fn image_number(name: &str) -> Option<usize> {
+pub(crate) fn image_number(name: &str) -> Option<usize> {
     name.strip_suffix(".png")
         .filter(|stem| stem.len() == 6)
         .and_then(|stem| stem.parse().ok())

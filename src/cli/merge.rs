@@ -1,0 +1,274 @@
+//! `mcdm merge`: the shards of one sharded `mcdm sample` run joined into one folder, as one
+//! process would have written it (the same images and grid, one record), after checking that
+//! they come from one job and cover every image exactly once.
+
+use std::io::{Cursor, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use mcdm::files::{read_string_limited, write_atomic, JSON_LIMIT};
+use mcdm::image::{grid, upscale};
+
+use super::sample::folder::{image_name, RunFolder, GRID, RECORD};
+use super::{check_output_file, same_file};
+
+/// Join the shard folders of one sharded run (`mcdm sample --shard I/N`) into one.
+#[derive(clap::Args)]
+#[command(after_help = "Example:\n  \
+    mcdm merge out/shard-*-of-4 --out out/all --npz out/all.npz\n\n\
+The shards must be complete runs of one job (the same models by hash, conditions, sampler, \
+seed and sizes) that together cover images 0..num_samples exactly once.")]
+pub struct Args {
+    /// The shard folders, each with its record.json.
+    #[arg(required = true)]
+    shards: Vec<PathBuf>,
+    /// The folder to write: every image, the grid and one record.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write the images as guided-diffusion's evaluation suite reads them: an .npz with
+    /// `arr_0`, uint8 [N, H, W, 3].
+    #[arg(long, value_name = "FILE")]
+    npz: Option<PathBuf>,
+}
+
+/// Record fields that describe one process's part of the run, not the job.
+const RUN_FIELDS: &[&str] = &[
+    "command",
+    "seconds",
+    "device",
+    "batch_size",
+    "images",
+    "first_image",
+    "shard",
+    "status",
+    "text_model",
+];
+
+struct Part {
+    dir: PathBuf,
+    record: Value,
+    first: usize,
+    images: usize,
+}
+
+fn read_part(dir: &Path) -> Result<Part> {
+    let path = dir.join(RECORD);
+    let text = read_string_limited(&path, JSON_LIMIT, "record")
+        .with_context(|| format!("{}: not the folder of a run", dir.display()))?;
+    let record: Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+    let number = |key: &str| {
+        record[key]
+            .as_u64()
+            .map(|v| v as usize)
+            .with_context(|| format!("{}: no `{key}`", path.display()))
+    };
+    let (first, images) = (number("first_image")?, number("images")?);
+    match record["status"].as_str() {
+        Some("complete") => {}
+        status => bail!(
+            "{}: its run is {} ({images} image(s) from {first}): finish that shard first",
+            dir.display(),
+            status.unwrap_or("of unknown status")
+        ),
+    }
+    Ok(Part {
+        dir: dir.to_path_buf(),
+        record,
+        first,
+        images,
+    })
+}
+
+/// The record without what differs between the processes of one job.
+fn job_of(record: &Value) -> Value {
+    let mut job = record.clone();
+    if let Some(map) = job.as_object_mut() {
+        for key in RUN_FIELDS {
+            map.remove(*key);
+        }
+    }
+    job
+}
+
+/// An image file as 8-bit RGB: (pixels, height, width).
+fn read_rgb8(path: &Path) -> Result<(Vec<u8>, usize, usize)> {
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .with_context(|| format!("{}: not a PNG", path.display()))?;
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let frame = reader
+        .next_frame(&mut pixels)
+        .with_context(|| format!("{}: not a whole PNG", path.display()))?;
+    if (frame.color_type, frame.bit_depth) != (png::ColorType::Rgb, png::BitDepth::Eight) {
+        bail!("{}: not an 8-bit RGB image of mcdm's", path.display());
+    }
+    pixels.truncate(frame.buffer_size());
+    Ok((pixels, frame.height as usize, frame.width as usize))
+}
+
+/// Every `scale`-th pixel of each row and column: the image before `upscale`.
+fn downscale(rgb: &[u8], h: usize, w: usize, scale: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rgb.len() / (scale * scale));
+    for y in (0..h).step_by(scale) {
+        for x in (0..w).step_by(scale) {
+            out.extend_from_slice(&rgb[(y * w + x) * 3..][..3]);
+        }
+    }
+    out
+}
+
+/// An .npz (a zip of .npy files) holding `arr_0`, uint8 `shape`.
+fn npz(pixels: &[u8], shape: [usize; 4]) -> Result<Vec<u8>> {
+    let dims = shape.map(|d| d.to_string()).join(", ");
+    let mut header = format!("{{'descr': '|u1', 'fortran_order': False, 'shape': ({dims}), }}");
+    // Magic (6), version (2), header length (2), then the header padded to 64 bytes, in '\n'.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    npy.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    npy.extend_from_slice(header.as_bytes());
+    npy.extend_from_slice(pixels);
+    let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .large_file(npy.len() as u64 >= u32::MAX as u64);
+    zip.start_file("arr_0.npy", options)?;
+    zip.write_all(&npy)?;
+    Ok(zip.finish()?.into_inner())
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let mut parts = args
+        .shards
+        .iter()
+        .map(|d| read_part(d))
+        .collect::<Result<Vec<_>>>()?;
+    let job = job_of(&parts[0].record);
+    for part in &parts[1..] {
+        let other = job_of(&part.record);
+        if other != job {
+            let differs: Vec<&String> = job
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, v)| other.get(k.as_str()) != Some(v))
+                .map(|(k, _)| k)
+                .chain(
+                    other
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .filter(|(k, _)| job.get(k.as_str()).is_none())
+                        .map(|(k, _)| k),
+                )
+                .collect();
+            bail!(
+                "{} and {} are not shards of one job: their records differ in {}",
+                parts[0].dir.display(),
+                part.dir.display(),
+                differs
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    let n = job["num_samples"]
+        .as_u64()
+        .context("the records give no `num_samples`")? as usize;
+    // Every image exactly once.
+    parts.sort_by_key(|p| p.first);
+    let mut next = 0;
+    for part in &parts {
+        if part.first > next {
+            bail!(
+                "no shard holds images {next}..{}: give the shard that made them",
+                part.first
+            );
+        }
+        if part.first < next {
+            bail!(
+                "{} holds images {}..{}, which an earlier shard holds too (from {}): give each \
+                 shard once",
+                part.dir.display(),
+                part.first,
+                part.first + part.images,
+                part.first
+            );
+        }
+        next = part.first + part.images;
+    }
+    if next != n {
+        bail!("no shard holds images {next}..{n} (the run has {n})");
+    }
+
+    if args.shards.iter().any(|d| same_file(d, &args.out)) {
+        bail!(
+            "--out {}: is one of the shards; choose another folder",
+            args.out.display()
+        );
+    }
+    if let Some(path) = &args.npz {
+        check_output_file(path, "--npz", &[])?;
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating output directory {}", args.out.display()))?;
+    let folder = RunFolder::open(&args.out)?;
+    let scale = job["png_scale"].as_u64().unwrap_or(1) as usize;
+    let mut rgb = Vec::with_capacity(n);
+    let mut size = [0, 0];
+    for part in &parts {
+        for k in part.first..part.first + part.images {
+            let path = part.dir.join(image_name(k));
+            let (pixels, h, w) = read_rgb8(&path)?;
+            size = [h / scale, w / scale];
+            rgb.push(downscale(&pixels, h, w, scale));
+            folder.stage_file(k, &path)?;
+        }
+    }
+    let [h, w] = size;
+    let (g, gh, gw) = grid(&rgb, h, w, (n as f64).sqrt().ceil() as usize);
+    folder.stage_grid(&upscale(&g, gh, gw, scale), scale * gh, scale * gw)?;
+    if let Some(path) = &args.npz {
+        write_atomic(path, &npz(&rgb.concat(), [n, h, w, 3])?)?;
+    }
+    // The first shard's record (its device, its text model) for the whole.
+    let mut record = parts[0].record.clone();
+    record["images"] = n.into();
+    record["first_image"] = 0.into();
+    record["shard"] = Value::Null;
+    record["command"] = super::sample::output::command_line().into();
+    record["seconds"] = parts
+        .iter()
+        .filter_map(|p| p.record["seconds"].as_f64())
+        .sum::<f64>()
+        .into();
+    record["merged_from"] = parts
+        .iter()
+        .map(|p| {
+            std::path::absolute(&p.dir)
+                .unwrap_or_else(|_| p.dir.clone())
+                .display()
+                .to_string()
+        })
+        .collect::<Vec<_>>()
+        .into();
+    folder.commit(0..n, &mut record, "complete")?;
+    report!(
+        "merged {} shard(s) into {} images: {}/{GRID}{}",
+        parts.len(),
+        n,
+        args.out.display(),
+        args.npz
+            .as_ref()
+            .map_or(String::new(), |p| format!(" and {}", p.display()))
+    );
+    Ok(())
+}
