@@ -115,6 +115,37 @@ pub fn upscale(rgb: &[u8], h: usize, w: usize, scale: usize) -> Vec<u8> {
     out
 }
 
+/// A PNG of mcdm's (8-bit RGB, as [`write_png`] writes) as its pixels: (pixels, height,
+/// width). Any other PNG is an error.
+pub fn read_rgb8(path: &Path) -> Result<(Vec<u8>, usize, usize)> {
+    let (file, _) = open_limited(path, PNG_LIMIT, "PNG file")?;
+    let bad = |e: String| Error::Input(format!("{}: not a readable PNG: {e}", path.display()));
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .map_err(|e| bad(e.to_string()))?;
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    let frame = reader
+        .next_frame(&mut pixels)
+        .map_err(|e| bad(e.to_string()))?;
+    if (frame.color_type, frame.bit_depth) != (png::ColorType::Rgb, png::BitDepth::Eight) {
+        return Err(bad("not 8-bit RGB, as mcdm writes its images".into()));
+    }
+    pixels.truncate(frame.buffer_size());
+    Ok((pixels, frame.height as usize, frame.width as usize))
+}
+
+/// Every `scale`-th pixel of each row and column of `h x w` RGB pixels: an image before
+/// [`upscale`].
+pub fn downscale(rgb: &[u8], h: usize, w: usize, scale: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rgb.len() / (scale * scale));
+    for y in (0..h).step_by(scale) {
+        for x in (0..w).step_by(scale) {
+            out.extend_from_slice(&rgb[(y * w + x) * 3..][..3]);
+        }
+    }
+    out
+}
+
 /// Tiles RGB images (each `h x w`) into a grid with `cols` columns and a 2-pixel white gap.
 /// Panics if an image holds fewer than `3 h w` bytes.
 pub fn grid(images: &[Vec<u8>], h: usize, w: usize, cols: usize) -> (Vec<u8>, usize, usize) {
@@ -164,6 +195,7 @@ mod tests {
             }
         }
         assert_eq!(upscale(&rgb, 1, 2, 1), rgb);
+        assert_eq!(downscale(&big, 3, 6, 3), rgb);
     }
 
     /// `read_png` on every colour type: channel-first, `v / 127.5 - 1`, alpha dropped.

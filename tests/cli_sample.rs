@@ -125,6 +125,7 @@ fn cli_reproduces_reference_composition() {
             "device",
             "eta",
             "experts",
+            "first_image",
             "formula",
             "image_size",
             "images",
@@ -136,6 +137,7 @@ fn cli_reproduces_reference_composition() {
             "sampler",
             "seconds",
             "seed",
+            "shard",
             "status",
             "steps",
             "text_model",
@@ -1388,7 +1390,7 @@ fn a_smaller_run_replaces_a_larger_earlier_one() {
     let (code, err) = run("1");
     assert_eq!(code, Some(0), "{err}");
     assert!(
-        err.contains("held a larger earlier run: removed its 2 image(s) past 000000.png"),
+        err.contains("held an earlier run: removed its 2 image(s) that this one does not make"),
         "{err}"
     );
     let mut names: Vec<String> = std::fs::read_dir(dir.path())

@@ -9,9 +9,10 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use mcdm::files::{read_string_limited, write_atomic, JSON_LIMIT};
-use mcdm::image::{grid, upscale};
+use mcdm::image::{downscale, grid, read_rgb8, upscale};
 
 use super::sample::folder::{image_name, RunFolder, GRID, RECORD};
+use super::sample::output::{command_line, differing_keys, job_of};
 use super::{check_output_file, same_file};
 
 /// Join the shard folders of one sharded run (`mcdm sample --shard I/N`) into one.
@@ -32,19 +33,6 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     npz: Option<PathBuf>,
 }
-
-/// Record fields that describe one process's part of the run, not the job.
-const RUN_FIELDS: &[&str] = &[
-    "command",
-    "seconds",
-    "device",
-    "batch_size",
-    "images",
-    "first_image",
-    "shard",
-    "status",
-    "text_model",
-];
 
 struct Part {
     dir: PathBuf,
@@ -82,45 +70,6 @@ fn read_part(dir: &Path) -> Result<Part> {
     })
 }
 
-/// The record without what differs between the processes of one job.
-fn job_of(record: &Value) -> Value {
-    let mut job = record.clone();
-    if let Some(map) = job.as_object_mut() {
-        for key in RUN_FIELDS {
-            map.remove(*key);
-        }
-    }
-    job
-}
-
-/// An image file as 8-bit RGB: (pixels, height, width).
-fn read_rgb8(path: &Path) -> Result<(Vec<u8>, usize, usize)> {
-    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
-        .read_info()
-        .with_context(|| format!("{}: not a PNG", path.display()))?;
-    let mut pixels = vec![0; reader.output_buffer_size()];
-    let frame = reader
-        .next_frame(&mut pixels)
-        .with_context(|| format!("{}: not a whole PNG", path.display()))?;
-    if (frame.color_type, frame.bit_depth) != (png::ColorType::Rgb, png::BitDepth::Eight) {
-        bail!("{}: not an 8-bit RGB image of mcdm's", path.display());
-    }
-    pixels.truncate(frame.buffer_size());
-    Ok((pixels, frame.height as usize, frame.width as usize))
-}
-
-/// Every `scale`-th pixel of each row and column: the image before `upscale`.
-fn downscale(rgb: &[u8], h: usize, w: usize, scale: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(rgb.len() / (scale * scale));
-    for y in (0..h).step_by(scale) {
-        for x in (0..w).step_by(scale) {
-            out.extend_from_slice(&rgb[(y * w + x) * 3..][..3]);
-        }
-    }
-    out
-}
-
 /// An .npz (a zip of .npy files) holding `arr_0`, uint8 `shape`.
 fn npz(pixels: &[u8], shape: [usize; 4]) -> Result<Vec<u8>> {
     let dims = shape.map(|d| d.to_string()).join(", ");
@@ -153,30 +102,12 @@ pub fn run(args: Args) -> Result<()> {
     for part in &parts[1..] {
         let other = job_of(&part.record);
         if other != job {
-            let differs: Vec<&String> = job
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter(|(k, v)| other.get(k.as_str()) != Some(v))
-                .map(|(k, _)| k)
-                .chain(
-                    other
-                        .as_object()
-                        .into_iter()
-                        .flatten()
-                        .filter(|(k, _)| job.get(k.as_str()).is_none())
-                        .map(|(k, _)| k),
-                )
-                .collect();
+            let differs = differing_keys(&job, &other);
             bail!(
                 "{} and {} are not shards of one job: their records differ in {}",
                 parts[0].dir.display(),
                 part.dir.display(),
-                differs
-                    .iter()
-                    .map(|k| format!("`{k}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                differs.join(", ")
             );
         }
     }
@@ -244,7 +175,7 @@ pub fn run(args: Args) -> Result<()> {
     record["images"] = n.into();
     record["first_image"] = 0.into();
     record["shard"] = Value::Null;
-    record["command"] = super::sample::output::command_line().into();
+    record["command"] = command_line().into();
     record["seconds"] = parts
         .iter()
         .filter_map(|p| p.record["seconds"].as_f64())

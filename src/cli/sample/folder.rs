@@ -120,6 +120,21 @@ impl RunFolder {
         record: &mut serde_json::Value,
         status: &str,
     ) -> Result<usize> {
+        self.publish(images, record, status, true)
+    }
+
+    /// [`RunFolder::commit`] of the images finished so far, while the run goes on: the folder
+    /// then holds them with a `partial` record, so that a run killed (even by SIGKILL) keeps
+    /// every batch it published, for `--resume`. Images of `images` not staged are already in
+    /// the folder (published before, or kept by `--resume`); without `grid`, an earlier grid
+    /// goes, as it shows other images.
+    pub fn publish(
+        &self,
+        images: std::ops::Range<usize>,
+        record: &mut serde_json::Value,
+        status: &str,
+        grid: bool,
+    ) -> Result<usize> {
         let record_path = self.out.join(RECORD);
         let write_record = |record: &serde_json::Value| -> Result<()> {
             Ok(write_atomic(
@@ -139,11 +154,23 @@ impl RunFolder {
                 removed += 1;
             }
         }
-        let names = images.map(image_name).chain([GRID.to_string()]);
+        if !grid {
+            match std::fs::remove_file(self.out.join(GRID)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).context("removing the grid of an earlier run")
+                }
+                _ => {}
+            }
+        }
+        let names = images.map(image_name).chain(grid.then(|| GRID.to_string()));
         for name in names {
             let (from, to) = (self.staging.join(&name), self.out.join(&name));
-            std::fs::rename(&from, &to)
-                .with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
+            if from.exists() {
+                std::fs::rename(&from, &to)
+                    .with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
+            } else if !to.exists() {
+                bail!("{}: neither staged nor in {}", name, self.out.display());
+            }
         }
         record["status"] = status.into();
         write_record(record)?;

@@ -25,7 +25,7 @@ use super::{
     check_output_file, open_device, same_file, warn_graph_failure, DeviceArg, Dtype, Progress,
 };
 use folder::{RunFolder, GRID, RECORD};
-use mcdm::image::{grid, to_rgb8, upscale, MAX_PNG_SCALE};
+use mcdm::image::{downscale, grid, to_rgb8, upscale, MAX_PNG_SCALE};
 use mcdm::weights::{write_safetensors, TensorData};
 use output::{hash_inputs, image_number, RunRecord};
 
@@ -127,6 +127,11 @@ pub struct Args {
     /// SLURM_PROCID/SLURM_NTASKS, a Slurm job array, or JOB_COMPLETION_INDEX with --num-shards.
     #[arg(long, value_name = "I/N")]
     shard: Option<String>,
+    /// Keep the images a stopped run of this same job (same models by hash, conditions,
+    /// sampler, seed, sizes, shard) left in the output folder, and make only the rest; a folder
+    /// of another job is an error.
+    #[arg(long, conflicts_with = "save_tensor")]
+    resume: bool,
     /// The number of shards of a Kubernetes Indexed Job (JOB_COMPLETION_INDEX gives the index).
     #[arg(long, value_name = "N")]
     num_shards: Option<usize>,
@@ -456,6 +461,44 @@ fn check_outputs(args: &Args, plan: &Plan) -> Result<()> {
     Ok(())
 }
 
+/// What the folder holds of a run of the job whose (new) record is `record`.
+enum Resumable {
+    /// No record, or one of a run that left no image whole.
+    Nothing,
+    /// This many images of this job's run from its first image, each whole.
+    Images(usize),
+    /// A run of another job: the record fields that differ.
+    OtherJob(String),
+}
+
+/// Reads the record in `out`: a partial or complete run of the same job (same models by hash,
+/// conditions, sampler, seed, sizes and shard) keeps its images, as far as they are all there.
+fn resumable(out: &Path, record: &serde_json::Value) -> Result<Resumable> {
+    let Ok(text) = std::fs::read_to_string(out.join(folder::RECORD)) else {
+        return Ok(Resumable::Nothing);
+    };
+    let Ok(old) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Ok(Resumable::Nothing);
+    };
+    let (a, b) = (output::job_of(&old), output::job_of(record));
+    if a != b || old["first_image"] != record["first_image"] {
+        let differs = output::differing_keys(&a, &b).join(", ");
+        return Ok(Resumable::OtherJob(format!(
+            "its record differs in {differs}"
+        )));
+    }
+    // A run killed while moving its images in (`writing`) may hold a mix: nothing is kept.
+    if !matches!(old["status"].as_str(), Some("partial" | "complete")) {
+        return Ok(Resumable::Nothing);
+    }
+    let first = old["first_image"].as_u64().unwrap_or(0) as usize;
+    let images = old["images"].as_u64().unwrap_or(0) as usize;
+    let whole = (first..first + images)
+        .take_while(|&k| out.join(folder::image_name(k)).is_file())
+        .count();
+    Ok(Resumable::Images(whole))
+}
+
 /// Says so when the record replayed as the job gives `path` another hash than `hash`: the run
 /// then reads other bytes than the recorded one did.
 fn warn_if_not_recorded(plan: &Plan, path: &Path, hash: Option<&str>, what: &str) {
@@ -683,26 +726,72 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
     let steps = sampler.num_steps();
     // This process's images: all, or its shard's.
     let images = plan.shard.as_ref().map_or(0..n, |s| s.images(n));
+    let used_models: Vec<(&(String, PathBuf), &LoadedModel)> =
+        used.iter().map(|&m| &plan.models[m]).zip(&loaded).collect();
+    let device_name = device.describe(dtype.into());
+    let record_of = |done: usize, batch_used: usize, seconds: f64| {
+        RunRecord {
+            plan,
+            init_noise: plan.init_noise.as_deref(),
+            models: &used_models,
+            respacing: &respacing,
+            steps,
+            batch_used,
+            size: [h, w],
+            device: device_name.clone(),
+            seconds,
+            input_hashes: &input_hashes,
+            text_model: text_model.as_deref(),
+        }
+        .record(images.start, done)
+    };
+    // What a stopped run of this same job left in the folder, kept with --resume.
+    let kept = resumable(&plan.out, &record_of(0, 0, 0.0)?)?;
+    let kept = match (args.resume, kept) {
+        (true, Resumable::Images(k)) => k,
+        (true, Resumable::OtherJob(why)) => bail!(
+            "--resume: {} holds a run of another job ({why}); without --resume this run \
+             replaces it",
+            plan.out.display()
+        ),
+        (true, Resumable::Nothing) => {
+            report!(
+                "--resume: {} holds no run of this job: making every image",
+                plan.out.display()
+            );
+            0
+        }
+        (false, Resumable::Images(k)) if k > 0 => {
+            report!(
+                "note: {} holds {k} image(s) of this job from a stopped run: this run makes them \
+                 again (--resume keeps them)",
+                plan.out.display()
+            );
+            0
+        }
+        (false, _) => 0,
+    };
+    let todo = images.start + kept..images.end;
     let mine = images.len();
     let batch_size = plan.batch_size.unwrap_or(if device.is_cpu() {
-        mine.min(16)
+        todo.len().clamp(1, 16)
     } else {
-        mine.min(64)
+        todo.len().clamp(1, 64)
     });
     // Counted in image-steps, so that the bar stays right when a GPU batch is split.
     let mut progress = Progress::new(
-        mine.saturating_mul(steps),
+        todo.len().saturating_mul(steps),
         true,
         "{elapsed_precise} [{bar:30}] ETA {eta} {wide_msg}",
     );
     let start = Instant::now();
     let mut image_steps = 0usize;
     // The size the first batch ran at: the requested one unless it did not fit on the GPU.
-    let mut batch_used = batch_size;
+    let batch_used = std::cell::Cell::new(batch_size);
     let mut on_step = |p: StepProgress| {
         image_steps += p.batch;
-        if p.first == images.start {
-            batch_used = p.batch;
+        if p.first == todo.start {
+            batch_used.set(p.batch);
         }
         let images_per_s =
             image_steps as f64 / steps as f64 / start.elapsed().as_secs_f64().max(1e-9);
@@ -721,41 +810,69 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
             None => ControlFlow::Continue(()),
         }
     };
-    // Each finished batch's images go to the staging folder at once, so a stopped run keeps them.
+    // Each finished batch's images are staged, then published with a partial record, so that
+    // a run stopped in any way keeps them.
     let mut rgb: Vec<Vec<u8>> = Vec::new();
-    let mut kept: Vec<f32> = Vec::new();
-    let mut on_batch = |first: usize, x0: &[f32]| -> mcdm::Result<()> {
+    // The kept images, read back for the grid.
+    for k in images.start..todo.start {
+        let (pixels, ph, pw) = mcdm::image::read_rgb8(&plan.out.join(folder::image_name(k)))?;
+        rgb.push(downscale(&pixels, ph, pw, plan.png_scale));
+    }
+    let mut samples: Vec<f32> = Vec::new();
+    let mut removed = 0;
+    let mut on_batch = |first: usize, x0: &[f32]| -> Result<()> {
+        let s = plan.png_scale;
         for (k, img) in x0.chunks_exact(3 * h * w).enumerate() {
             let pixels = to_rgb8(img, h, w);
-            let s = plan.png_scale;
             folder
                 .stage_image(first + k, &upscale(&pixels, h, w, s), s * h, s * w)
-                .map_err(|e| mcdm::Error::Input(format!("writing image {}: {e:#}", first + k)))?;
+                .with_context(|| format!("writing image {}", first + k))?;
             rgb.push(pixels);
         }
         if args.save_tensor.is_some() {
-            kept.extend_from_slice(x0);
+            samples.extend_from_slice(x0);
         }
+        let done = first + x0.len() / (3 * h * w) - images.start;
+        let seconds = start.elapsed().as_secs_f64();
+        let mut record = record_of(done, batch_used.get(), seconds)?;
+        removed += folder.publish(
+            images.start..images.start + done,
+            &mut record,
+            "partial",
+            false,
+        )?;
         Ok(())
     };
     device.set_cuda_graphs(!args.no_cuda_graph);
-    let done = sampler
-        .sample_each(
-            images.clone(),
-            batch_size,
-            init_noise.as_deref(),
-            &mut on_step,
-            &mut on_batch,
-        )
-        .map_err(|e| match e {
-            mcdm::Error::OutOfMemory { .. } => {
-                anyhow::Error::new(e).context("even one image at a time does not fit in GPU memory")
-            }
-            e => e.into(),
-        })?;
+    let mut failure = None;
+    let done = if todo.is_empty() {
+        0
+    } else {
+        sampler
+            .sample_each(
+                todo.clone(),
+                batch_size,
+                init_noise.as_deref(),
+                &mut on_step,
+                &mut |first, x0| {
+                    on_batch(first, x0).map_err(|e| {
+                        let message = format!("{e:#}");
+                        failure = Some(e);
+                        mcdm::Error::Input(message)
+                    })
+                },
+            )
+            .map_err(|e| match (failure.take(), e) {
+                (Some(cause), _) => cause,
+                (None, e @ mcdm::Error::OutOfMemory { .. }) => anyhow::Error::new(e)
+                    .context("even one image at a time does not fit in GPU memory"),
+                (None, e) => e.into(),
+            })?
+    };
     progress.finish();
     let seconds = start.elapsed().as_secs_f64();
-    if done == 0 {
+    let finished = kept + done;
+    if finished == 0 {
         let signal = interrupt::requested().unwrap_or(libc::SIGINT);
         return Err(Interrupted {
             signal,
@@ -764,35 +881,24 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
         .into());
     }
 
-    let (g, gh, gw) = grid(&rgb, h, w, (done as f64).sqrt().ceil() as usize);
+    let (g, gh, gw) = grid(&rgb, h, w, (finished as f64).sqrt().ceil() as usize);
     let s = plan.png_scale;
     folder.stage_grid(&upscale(&g, gh, gw, s), s * gh, s * gw)?;
     if let Some(path) = &args.save_tensor {
         write_safetensors(
             path,
-            &[("samples", TensorData::F32(vec![done, 3, h, w], &kept))],
+            &[("samples", TensorData::F32(vec![done, 3, h, w], &samples))],
             None,
         )
         .with_context(|| format!("--save-tensor {}", path.display()))?;
     }
-    let used_models: Vec<(&(String, PathBuf), &LoadedModel)> =
-        used.iter().map(|&m| &plan.models[m]).zip(&loaded).collect();
-    let mut record = RunRecord {
-        plan,
-        init_noise: plan.init_noise.as_deref(),
-        models: &used_models,
-        respacing: &respacing,
-        steps,
-        batch_used,
-        size: [h, w],
-        device: device.describe(dtype.into()),
-        seconds,
-        input_hashes: &input_hashes,
-        text_model: text_model.as_deref(),
-    }
-    .record(images.start, done)?;
-    let status = if done < mine { "partial" } else { "complete" };
-    let removed = folder.commit(images.start..images.start + done, &mut record, status)?;
+    let mut record = record_of(finished, batch_used.get(), seconds)?;
+    let status = if finished < mine {
+        "partial"
+    } else {
+        "complete"
+    };
+    removed += folder.commit(images.start..images.start + finished, &mut record, status)?;
     if removed > 0 {
         report!(
             "note: {} held an earlier run: removed its {removed} image(s) that this one does not \
@@ -800,18 +906,19 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
             plan.out.display()
         );
     }
-    if done < mine {
+    if finished < mine {
         let signal = interrupt::requested().unwrap_or(libc::SIGINT);
         return Err(Interrupted {
             signal,
             message: format!(
-                "kept the {done} finished image(s) of {mine} in {} (its record.json says \"partial\"); \
-                 image k depends only on the seed and k, so the same command makes them again",
+                "kept the {finished} finished image(s) of {mine} in {} (its record.json says \
+                 \"partial\"); the same command with --resume makes the rest",
                 plan.out.display()
             ),
         }
         .into());
     }
+    let batch_used = batch_used.get();
     if !device.is_cpu() {
         if batch_used < batch_size.min(mine) {
             report!(
@@ -821,11 +928,12 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
         warn_graph_failure(device);
     }
     report!(
-        "{mine} image{} ({h}x{w}, {steps} {} steps, {} expert(s)) in {seconds:.1} s ({:.2} images/s): {}/grid.png",
-        if mine == 1 { "" } else { "s" },
+        "{done} image{} ({h}x{w}, {steps} {} steps, {} expert(s)) in {seconds:.1} s ({:.2} images/s){}: {}/grid.png",
+        if done == 1 { "" } else { "s" },
         plan.sampler.name().to_uppercase(),
         plan.experts.len(),
-        mine as f64 / seconds,
+        done as f64 / seconds,
+        if kept > 0 { format!(", {kept} kept from the stopped run") } else { String::new() },
         plan.out.display()
     );
     Ok(())

@@ -99,6 +99,51 @@ impl RunRecord<'_> {
     }
 }
 
+/// Record fields that describe one process's part of a run, not its job.
+const RUN_FIELDS: &[&str] = &[
+    "command",
+    "seconds",
+    "device",
+    "batch_size",
+    "images",
+    "first_image",
+    "shard",
+    "status",
+    "text_model",
+];
+
+/// A record without what differs between the processes of one job (shards, resumed parts).
+pub(crate) fn job_of(record: &serde_json::Value) -> serde_json::Value {
+    let mut job = record.clone();
+    if let Some(map) = job.as_object_mut() {
+        for key in RUN_FIELDS {
+            map.remove(*key);
+        }
+    }
+    job
+}
+
+/// The keys whose values differ between two records (or that one of them lacks), quoted.
+pub(crate) fn differing_keys(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
+    let empty = serde_json::Map::new();
+    let (a, b) = (
+        a.as_object().unwrap_or(&empty),
+        b.as_object().unwrap_or(&empty),
+    );
+    let mut keys: Vec<String> = a
+        .iter()
+        .filter(|(k, v)| b.get(k.as_str()) != Some(v))
+        .map(|(k, _)| format!("`{k}`"))
+        .chain(
+            b.keys()
+                .filter(|k| !a.contains_key(k.as_str()))
+                .map(|k| format!("`{k}`")),
+        )
+        .collect();
+    keys.dedup();
+    keys
+}
+
 /// `path` as an absolute path, so that the record replays as a job from any folder.
 fn absolute(path: &Path) -> String {
     std::path::absolute(path)
