@@ -146,6 +146,31 @@ pub fn downscale(rgb: &[u8], h: usize, w: usize, scale: usize) -> Vec<u8> {
     out
 }
 
+/// 8-bit RGB images `[N, H, W, 3]` as the .npz guided-diffusion's evaluation suite reads: a zip
+/// holding `arr_0.npy`, uint8 `shape`.
+pub fn images_npz(pixels: &[u8], shape: [usize; 4]) -> Result<Vec<u8>> {
+    let dims = shape.map(|d| d.to_string()).join(", ");
+    let mut header = format!("{{'descr': '|u1', 'fortran_order': False, 'shape': ({dims}), }}");
+    // Magic (6), version (2), header length (2), then the header padded to 64 bytes, in '\n'.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    npy.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    npy.extend_from_slice(header.as_bytes());
+    npy.extend_from_slice(pixels);
+    let zip_err = |e: zip::result::ZipError| Error::Input(format!("writing the .npz: {e}"));
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .large_file(npy.len() as u64 >= u32::MAX as u64);
+    zip.start_file("arr_0.npy", options).map_err(zip_err)?;
+    std::io::Write::write_all(&mut zip, &npy)
+        .map_err(|e| Error::Input(format!("writing the .npz: {e}")))?;
+    Ok(zip.finish().map_err(zip_err)?.into_inner())
+}
+
 /// Tiles RGB images (each `h x w`) into a grid with `cols` columns and a 2-pixel white gap.
 /// Panics if an image holds fewer than `3 h w` bytes.
 pub fn grid(images: &[Vec<u8>], h: usize, w: usize, cols: usize) -> (Vec<u8>, usize, usize) {

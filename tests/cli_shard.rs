@@ -83,7 +83,13 @@ fn files(dir: &Path) -> Vec<String> {
 fn shards_from_every_source_merge_into_the_whole_run() {
     let dir = tempfile::tempdir().unwrap();
     let whole = dir.path().join("whole");
-    sample(&whole, "7", &[], &[]);
+    let whole_npz = dir.path().join("whole.npz");
+    sample(
+        &whole,
+        "7",
+        &["--npz", &whole_npz.display().to_string()],
+        &[],
+    );
     let parts = dir.path().join("parts");
     // Four shards, each told its place another way: the flag, torchrun, srun, a Slurm array.
     let said = [
@@ -161,10 +167,15 @@ fn shards_from_every_source_merge_into_the_whole_run() {
     assert_eq!(a, b);
     // The .npz guided-diffusion's evaluation reads: arr_0 uint8 [7, 16, 16, 3], the images at
     // their sampled size.
-    let npz = std::fs::read(&npz).unwrap();
-    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(npz)).unwrap();
-    let mut npy = Vec::new();
-    std::io::Read::read_to_end(&mut zip.by_name("arr_0.npy").unwrap(), &mut npy).unwrap();
+    let npy_of = |path: &Path| {
+        let mut zip = zip::ZipArchive::new(std::fs::File::open(path).unwrap()).unwrap();
+        let mut npy = Vec::new();
+        std::io::Read::read_to_end(&mut zip.by_name("arr_0.npy").unwrap(), &mut npy).unwrap();
+        npy
+    };
+    let npy = npy_of(&npz);
+    // `mcdm sample --npz` of the whole run holds the same array.
+    assert_eq!(npy_of(&whole_npz), npy);
     let header_len = u16::from_le_bytes([npy[8], npy[9]]) as usize;
     let header = std::str::from_utf8(&npy[10..10 + header_len]).unwrap();
     assert!(
@@ -232,6 +243,15 @@ fn shards_that_do_not_fit_together_are_refused() {
     assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("--shard: shard 4 of 4 does not exist"),
+        "{err}"
+    );
+    let (code, err) = mcdm(
+        &["sample", "--npz", "x.npz"],
+        &[("RANK", "0"), ("WORLD_SIZE", "2")],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("`mcdm merge --npz` writes the whole run's"),
         "{err}"
     );
 }

@@ -2,14 +2,13 @@
 //! process would have written it (the same images and grid, one record), after checking that
 //! they come from one job and cover every image exactly once.
 
-use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use mcdm::files::{read_string_limited, write_atomic, JSON_LIMIT};
-use mcdm::image::{downscale, grid, read_rgb8, upscale};
+use mcdm::image::{downscale, grid, images_npz, read_rgb8, upscale};
 
 use super::sample::folder::{image_name, RunFolder, GRID, RECORD};
 use super::sample::output::{command_line, differing_keys, job_of};
@@ -68,28 +67,6 @@ fn read_part(dir: &Path) -> Result<Part> {
         first,
         images,
     })
-}
-
-/// An .npz (a zip of .npy files) holding `arr_0`, uint8 `shape`.
-fn npz(pixels: &[u8], shape: [usize; 4]) -> Result<Vec<u8>> {
-    let dims = shape.map(|d| d.to_string()).join(", ");
-    let mut header = format!("{{'descr': '|u1', 'fortran_order': False, 'shape': ({dims}), }}");
-    // Magic (6), version (2), header length (2), then the header padded to 64 bytes, in '\n'.
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
-    npy.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    npy.extend_from_slice(header.as_bytes());
-    npy.extend_from_slice(pixels);
-    let mut zip = zip::ZipWriter::new(Cursor::new(Vec::new()));
-    let options = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Stored)
-        .large_file(npy.len() as u64 >= u32::MAX as u64);
-    zip.start_file("arr_0.npy", options)?;
-    zip.write_all(&npy)?;
-    Ok(zip.finish()?.into_inner())
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -168,7 +145,7 @@ pub fn run(args: Args) -> Result<()> {
     let (g, gh, gw) = grid(&rgb, h, w, (n as f64).sqrt().ceil() as usize);
     folder.stage_grid(&upscale(&g, gh, gw, scale), scale * gh, scale * gw)?;
     if let Some(path) = &args.npz {
-        write_atomic(path, &npz(&rgb.concat(), [n, h, w, 3])?)?;
+        write_atomic(path, &images_npz(&rgb.concat(), [n, h, w, 3])?)?;
     }
     // The first shard's record (its device, its text model) for the whole.
     let mut record = parts[0].record.clone();

@@ -25,7 +25,8 @@ use super::{
     check_output_file, open_device, same_file, warn_graph_failure, DeviceArg, Dtype, Progress,
 };
 use folder::{RunFolder, GRID, RECORD};
-use mcdm::image::{downscale, grid, to_rgb8, upscale, MAX_PNG_SCALE};
+use mcdm::files::write_atomic;
+use mcdm::image::{downscale, grid, images_npz, to_rgb8, upscale, MAX_PNG_SCALE};
 use mcdm::weights::{write_safetensors, TensorData};
 use output::{hash_inputs, image_number, RunRecord};
 
@@ -115,6 +116,10 @@ pub struct Args {
     /// job's `init_noise`, else drawn from the seed).
     #[arg(long)]
     init_noise: Option<PathBuf>,
+    /// Also write the images as guided-diffusion's evaluation suite reads them: an .npz with
+    /// `arr_0`, uint8 [N, H, W, 3] (for a sharded run, `mcdm merge --npz` writes it).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["shard", "num_shards"])]
+    npz: Option<PathBuf>,
     /// Also save the final samples (before quantisation) as `samples` [N, 3, H, W] f32.
     #[arg(long)]
     save_tensor: Option<PathBuf>,
@@ -361,6 +366,14 @@ pub fn run(args: Args) -> Result<()> {
     interrupt::catch()?;
     let device = open_device(args.device)?;
     let plan = plan(&args)?;
+    if let (Some(s), Some(_)) = (&plan.shard, &args.npz) {
+        bail!(
+            "--npz with shard {} of {} (from {}): `mcdm merge --npz` writes the whole run's",
+            s.index,
+            s.count,
+            s.from
+        );
+    }
     if let Some(s) = &plan.shard {
         let images = s.images(plan.num_samples);
         report!(
@@ -437,6 +450,9 @@ fn check_outputs(args: &Args, plan: &Plan) -> Result<()> {
         if image_number(&name).is_some() {
             check_output_file(&entry.path(), "--out", &inputs)?;
         }
+    }
+    if let Some(path) = &args.npz {
+        check_output_file(path, "--npz", &inputs)?;
     }
     if let Some(path) = &args.save_tensor {
         check_output_file(path, "--save-tensor", &inputs)?;
@@ -919,6 +935,10 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
         .into());
     }
     let batch_used = batch_used.get();
+    if let Some(path) = &args.npz {
+        write_atomic(path, &images_npz(&rgb.concat(), [n, h, w, 3])?)
+            .with_context(|| format!("--npz {}", path.display()))?;
+    }
     if !device.is_cpu() {
         if batch_used < batch_size.min(mine) {
             report!(
