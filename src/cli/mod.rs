@@ -228,17 +228,20 @@ fn check_output_file(path: &Path, what: &str, inputs: &[(&str, &Path)]) -> Resul
 
 /// Whether `path` names the file `file` has open.
 fn same_file_as_open(file: &std::fs::File, path: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (file.metadata(), std::fs::metadata(path)) {
-        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
-        _ => false,
-    }
+    same_inode(file.metadata(), std::fs::metadata(path))
 }
 
 /// Whether `a` and `b` name the same existing file (links and `..` included).
 fn same_file(a: &Path, b: &Path) -> bool {
+    same_inode(std::fs::metadata(a), std::fs::metadata(b))
+}
+
+fn same_inode(
+    a: std::io::Result<std::fs::Metadata>,
+    b: std::io::Result<std::fs::Metadata>,
+) -> bool {
     use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
+    match (a, b) {
         (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
         _ => false,
     }

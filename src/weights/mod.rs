@@ -32,6 +32,15 @@ impl StorageDtype {
             StorageDtype::I64 => "i64",
         }
     }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            StorageDtype::F32 => 4,
+            StorageDtype::F16 | StorageDtype::BF16 => 2,
+            StorageDtype::I64 => 8,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -239,11 +248,7 @@ fn parse_header(
                 )))
             }
         };
-        let size = match dtype {
-            StorageDtype::F32 => 4,
-            StorageDtype::F16 | StorageDtype::BF16 => 2,
-            StorageDtype::I64 => 8,
-        };
+        let size = dtype.size();
         let bytes_needed = shape.iter().try_fold(size, |p: usize, &d| p.checked_mul(d));
         if bytes_needed != Some(end - begin) {
             return Err(bad(format!(

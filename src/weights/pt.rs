@@ -69,14 +69,6 @@ fn storage_dtype(global: &str) -> Option<StorageDtype> {
     }
 }
 
-fn bytes_of(dtype: StorageDtype) -> usize {
-    match dtype {
-        StorageDtype::F32 => 4,
-        StorageDtype::F16 | StorageDtype::BF16 => 2,
-        StorageDtype::I64 => 8,
-    }
-}
-
 /// Runs the pickle `data` with only the operations above; returns the object it builds.
 fn unpickle(data: &[u8]) -> std::result::Result<Value, String> {
     let mut stack: Vec<Value> = Vec::new();
@@ -399,7 +391,7 @@ pub(super) fn parse(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, Entry>
     let top = unpickle(&bytes[start..start + len]).map_err(&bad)?;
     let mut entries = BTreeMap::new();
     for (name, t) in state_dict(top).map_err(&bad)? {
-        let size = bytes_of(t.dtype);
+        let size = t.dtype.size();
         let (file_start, file_len) = *files
             .get(&t.key)
             .ok_or_else(|| bad(format!("`{name}`: its storage data/{} is missing", t.key)))?;

@@ -31,6 +31,18 @@ pub fn uncond_path() -> PathBuf {
     common::fixtures("sample/models/uncond.safetensors")
 }
 
+/// A copy of the fixture model (with its config) in `dir`, to change or replace.
+pub fn uncond_copy(dir: &Path) -> PathBuf {
+    let model = dir.join("u.safetensors");
+    std::fs::copy(uncond_path(), &model).unwrap();
+    std::fs::copy(
+        uncond_path().with_extension("json"),
+        model.with_extension("json"),
+    )
+    .unwrap();
+    model
+}
+
 /// `--model u=PATH` and `--uncond u` for the fixture model at `path`, on the CPU, `steps` steps.
 pub fn sample_args(path: &Path, out: &Path, n: usize, steps: usize) -> Vec<String> {
     [

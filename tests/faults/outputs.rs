@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::{self, fixtures};
-use crate::{mcdm, sample_args, uncond_path};
+use crate::{mcdm, sample_args, uncond_copy, uncond_path};
 
 fn sha256(path: &Path) -> String {
     use sha2::Digest;
@@ -254,13 +254,7 @@ fn one_run_at_a_time_per_folder() {
 #[test]
 fn a_model_replaced_during_the_run_is_recorded_as_loaded() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("u.safetensors");
-    std::fs::copy(uncond_path(), &model).unwrap();
-    std::fs::copy(
-        uncond_path().with_extension("json"),
-        model.with_extension("json"),
-    )
-    .unwrap();
+    let model = uncond_copy(dir.path());
     let loaded = sha256(&model);
     let out = dir.path().join("out");
     let mut args = sample_args(&model, &out, 6, 20);
@@ -299,13 +293,7 @@ fn a_model_replaced_during_the_run_is_recorded_as_loaded() {
 #[test]
 fn outputs_aimed_at_inputs_or_devices_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("u.safetensors");
-    std::fs::copy(uncond_path(), &model).unwrap();
-    std::fs::copy(
-        uncond_path().with_extension("json"),
-        model.with_extension("json"),
-    )
-    .unwrap();
+    let model = uncond_copy(dir.path());
     let hash = sha256(&model);
     let out = dir.path().join("out");
     let base = sample_args(&model, &out, 1, 2);
@@ -445,7 +433,7 @@ enum Stream {
 fn full_or_closed_standard_streams_never_panic() {
     let dir = tempfile::tempdir().unwrap();
     let uncond = uncond_path().display().to_string();
-    let out = dir.path().join("out").display().to_string();
+    let sample = sample_args(&uncond_path(), &dir.path().join("out"), 1, 2);
     let config = uncond_path().with_extension("json").display().to_string();
     let unet = fixtures("unet/attn_ds1_dropout.safetensors")
         .display()
@@ -455,7 +443,6 @@ fn full_or_closed_standard_streams_never_panic() {
         .to_string();
     let forward_out = dir.path().join("f.safetensors").display().to_string();
     let convert_out = dir.path().join("c.safetensors").display().to_string();
-    let model = format!("u={uncond}");
     // Each command, and whether it writes its result to standard output.
     let commands: Vec<(Vec<&str>, bool)> = vec![
         (vec!["--help"], true),
@@ -469,24 +456,7 @@ fn full_or_closed_standard_streams_never_panic() {
             ],
             true,
         ),
-        (
-            vec![
-                "sample",
-                "--device",
-                "cpu",
-                "--model",
-                &model,
-                "--uncond",
-                "u",
-                "--steps",
-                "2",
-                "--num-samples",
-                "1",
-                "--out",
-                &out,
-            ],
-            false,
-        ),
+        (sample.iter().map(String::as_str).collect(), false),
         (
             vec![
                 "forward",

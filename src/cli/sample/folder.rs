@@ -33,6 +33,9 @@ pub(crate) struct RunFolder {
     lock_path: PathBuf,
     /// Held, not read: the lock lasts as long as the file is open.
     _lock: File,
+    /// Whether the earlier run's files that this run does not make are gone (done by the first
+    /// publish: the lock keeps any other run from adding more).
+    earlier_removed: std::cell::Cell<bool>,
 }
 
 impl RunFolder {
@@ -89,6 +92,7 @@ impl RunFolder {
             staging,
             lock_path,
             _lock: lock,
+            earlier_removed: std::cell::Cell::new(false),
         })
     }
 
@@ -146,43 +150,38 @@ impl RunFolder {
         record["status"] = "writing".into();
         write_record(record)?;
         let mut removed = 0;
-        for name in self.entries()? {
-            if image_number(&name).is_some_and(|k| !images.contains(&k)) {
-                let path = self.out.join(&name);
-                std::fs::remove_file(&path)
-                    .with_context(|| format!("removing {} of an earlier run", path.display()))?;
-                removed += 1;
-            }
-        }
-        if !grid {
-            match std::fs::remove_file(self.out.join(GRID)) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(e).context("removing the grid of an earlier run")
+        if !self.earlier_removed.get() {
+            for name in entries(&self.out)? {
+                if image_number(&name).is_some_and(|k| !images.contains(&k)) {
+                    let path = self.out.join(&name);
+                    std::fs::remove_file(&path).with_context(|| {
+                        format!("removing {} of an earlier run", path.display())
+                    })?;
+                    removed += 1;
                 }
-                _ => {}
             }
+            if !grid {
+                match std::fs::remove_file(self.out.join(GRID)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(e).context("removing the grid of an earlier run")
+                    }
+                    _ => {}
+                }
+            }
+            self.earlier_removed.set(true);
         }
-        let names = images.map(image_name).chain(grid.then(|| GRID.to_string()));
-        for name in names {
-            let (from, to) = (self.staging.join(&name), self.out.join(&name));
-            if from.exists() {
+        // Only what is staged moves: the images published before are in place already.
+        for name in entries(&self.staging)? {
+            let ours = image_number(&name).is_some_and(|k| images.contains(&k));
+            if ours || (grid && name == GRID) {
+                let (from, to) = (self.staging.join(&name), self.out.join(&name));
                 std::fs::rename(&from, &to)
                     .with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
-            } else if !to.exists() {
-                bail!("{}: neither staged nor in {}", name, self.out.display());
             }
         }
         record["status"] = status.into();
         write_record(record)?;
         Ok(removed)
-    }
-
-    fn entries(&self) -> Result<Vec<String>> {
-        let read = std::fs::read_dir(&self.out)
-            .with_context(|| format!("--out: listing {}", self.out.display()))?;
-        Ok(read
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .collect())
     }
 }
 
@@ -195,15 +194,20 @@ impl Drop for RunFolder {
     }
 }
 
+/// The names in `dir`.
+fn entries(dir: &Path) -> Result<Vec<String>> {
+    let read = std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))?;
+    Ok(read
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect())
+}
+
 /// Removes what runs killed before they could clean up left in `out` (the lock is held, so no
 /// live run owns them): staging folders, and the temporary files of atomic writes whose process
 /// is gone.
 fn clear_leftovers(out: &Path) -> Result<()> {
-    let read =
-        std::fs::read_dir(out).with_context(|| format!("--out: listing {}", out.display()))?;
-    for entry in read.filter_map(|e| e.ok()) {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let path = entry.path();
+    for name in entries(out)? {
+        let path = out.join(&name);
         let removed = if name.starts_with(STAGING) {
             std::fs::remove_dir_all(&path)
         } else if temporary_of_dead_process(&name) {

@@ -28,7 +28,7 @@ use folder::{RunFolder, GRID, RECORD};
 use mcdm::files::write_atomic;
 use mcdm::image::{downscale, grid, images_npz, to_rgb8, upscale, MAX_PNG_SCALE};
 use mcdm::weights::{write_safetensors, TensorData};
-use output::{hash_inputs, image_number, RunRecord};
+use output::{hash_inputs, image_number, resumable, Resumable, RunRecord};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Sampler {
@@ -475,44 +475,6 @@ fn check_outputs(args: &Args, plan: &Plan) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// What the folder holds of a run of the job whose (new) record is `record`.
-enum Resumable {
-    /// No record, or one of a run that left no image whole.
-    Nothing,
-    /// This many images of this job's run from its first image, each whole.
-    Images(usize),
-    /// A run of another job: the record fields that differ.
-    OtherJob(String),
-}
-
-/// Reads the record in `out`: a partial or complete run of the same job (same models by hash,
-/// conditions, sampler, seed, sizes and shard) keeps its images, as far as they are all there.
-fn resumable(out: &Path, record: &serde_json::Value) -> Result<Resumable> {
-    let Ok(text) = std::fs::read_to_string(out.join(folder::RECORD)) else {
-        return Ok(Resumable::Nothing);
-    };
-    let Ok(old) = serde_json::from_str::<serde_json::Value>(&text) else {
-        return Ok(Resumable::Nothing);
-    };
-    let (a, b) = (output::job_of(&old), output::job_of(record));
-    if a != b || old["first_image"] != record["first_image"] {
-        let differs = output::differing_keys(&a, &b).join(", ");
-        return Ok(Resumable::OtherJob(format!(
-            "its record differs in {differs}"
-        )));
-    }
-    // A run killed while moving its images in (`writing`) may hold a mix: nothing is kept.
-    if !matches!(old["status"].as_str(), Some("partial" | "complete")) {
-        return Ok(Resumable::Nothing);
-    }
-    let first = old["first_image"].as_u64().unwrap_or(0) as usize;
-    let images = old["images"].as_u64().unwrap_or(0) as usize;
-    let whole = (first..first + images)
-        .take_while(|&k| out.join(folder::image_name(k)).is_file())
-        .count();
-    Ok(Resumable::Images(whole))
 }
 
 /// Says so when the record replayed as the job gives `path` another hash than `hash`: the run

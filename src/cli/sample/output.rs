@@ -1,4 +1,5 @@
-//! `record.json`, what `mcdm sample` writes beside its images: everything to reproduce the run.
+//! `record.json`: what `mcdm sample` writes beside its images (everything to reproduce the run),
+//! and what `--resume` reads back from a stopped run.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -130,8 +131,7 @@ pub(crate) fn differing_keys(a: &serde_json::Value, b: &serde_json::Value) -> Ve
         a.as_object().unwrap_or(&empty),
         b.as_object().unwrap_or(&empty),
     );
-    let mut keys: Vec<String> = a
-        .iter()
+    a.iter()
         .filter(|(k, v)| b.get(k.as_str()) != Some(v))
         .map(|(k, _)| format!("`{k}`"))
         .chain(
@@ -139,9 +139,45 @@ pub(crate) fn differing_keys(a: &serde_json::Value, b: &serde_json::Value) -> Ve
                 .filter(|k| !a.contains_key(k.as_str()))
                 .map(|k| format!("`{k}`")),
         )
-        .collect();
-    keys.dedup();
-    keys
+        .collect()
+}
+
+/// What the folder holds of a run of the job whose (new) record is `record`.
+pub(super) enum Resumable {
+    /// No record, or one of a run that left no image whole.
+    Nothing,
+    /// This many images of this job's run from its first image, each whole.
+    Images(usize),
+    /// A run of another job: the record fields that differ.
+    OtherJob(String),
+}
+
+/// Reads the record in `out`: a partial or complete run of the same job (same models by hash,
+/// conditions, sampler, seed, sizes and shard) keeps its images, as far as they are all there.
+pub(super) fn resumable(out: &Path, record: &serde_json::Value) -> Result<Resumable> {
+    let Ok(text) = std::fs::read_to_string(out.join(super::folder::RECORD)) else {
+        return Ok(Resumable::Nothing);
+    };
+    let Ok(old) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Ok(Resumable::Nothing);
+    };
+    let (a, b) = (job_of(&old), job_of(record));
+    if a != b || old["first_image"] != record["first_image"] {
+        let differs = differing_keys(&a, &b).join(", ");
+        return Ok(Resumable::OtherJob(format!(
+            "its record differs in {differs}"
+        )));
+    }
+    // A run killed while moving its images in (`writing`) may hold a mix: nothing is kept.
+    if !matches!(old["status"].as_str(), Some("partial" | "complete")) {
+        return Ok(Resumable::Nothing);
+    }
+    let first = old["first_image"].as_u64().unwrap_or(0) as usize;
+    let images = old["images"].as_u64().unwrap_or(0) as usize;
+    let whole = (first..first + images)
+        .take_while(|&k| out.join(super::folder::image_name(k)).is_file())
+        .count();
+    Ok(Resumable::Images(whole))
 }
 
 /// `path` as an absolute path, so that the record replays as a job from any folder.
