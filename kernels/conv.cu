@@ -10,6 +10,14 @@
 //   y        [n, ho, wo, cout] = conv(x, weight, padding ksize/2, stride) + bias (+ residual)
 //   ksize 1 or 3, stride 1 or 2, any cin, cout >= 1; ho, wo as the caller computed them
 //   ((h + 2*(ksize/2) - ksize) / stride + 1).
+// The copies a UNet would otherwise make before a conv are folded into its addressing:
+//   x2       NULL, or the channels cin1 .. cin-1 of the input: the input is then the channel
+//            concatenation cat([x, x2]) (the decoder's skip), x [.., cin1] and x2 [.., cin - cin1]
+//            (0 < cin1 < cin; ignored when x2 is NULL)
+//   up       1: x (and x2) hold an [n, h/2, w/2, ..] image (h, w even) read as its nearest 2x
+//            upsampling (the UNet's Upsample before a conv)
+//   res_up   1: residual holds [n, ho/2, wo/2, cout] (ho, wo even), added nearest-2x-upsampled
+//            (an upsampling ResBlock's identity skip); it does not alias y then
 //
 // GEMM view: M = n*ho*wo output pixels (row m = (b*ho + oy)*wo + ox, i.e. y's row order),
 // N = cout, K = ksize*ksize*cin with k = (ky*ksize + kx)*cin + ci, which is exactly the order of
@@ -29,14 +37,15 @@
 // m0 = BM * (b / ceil(cout / BN)), n0 = BN * (b % ceil(cout / BN)) (the column tiles of one row
 // block run back to back, so its input rows are fetched from DRAM once and then hit L2).
 // Preconditions (the launcher checks them, else it uses conv2d_{f16,bf16}): cin % 8 == 0,
-// cout % 8 == 0, x and w 16-byte aligned. The launcher raises the function's
+// cout % 8 == 0, x, x2 and w 16-byte aligned, cin1 % 8 == 0 with x2. The launcher raises the function's
 // MAX_DYNAMIC_SHARED_SIZE_BYTES to the dynamic size (64 KiB is over the 48 KiB default).
 #include "common.cuh"
 
 #define ConvArgs_FIELDS(F)                                                                          \
     F(const void* __restrict__, x) F(const void* __restrict__, weight)                              \
     F(const float* __restrict__, bias) F(const void*, residual) F(void*, y) F(int, n) F(int, h)     \
-    F(int, w) F(int, cin) F(int, cout) F(int, ksize) F(int, stride) F(int, ho) F(int, wo)
+    F(int, w) F(int, cin) F(int, cout) F(int, ksize) F(int, stride) F(int, ho) F(int, wo)            \
+    F(const void* __restrict__, x2) F(int, cin1) F(int, up) F(int, res_up)
 MCDM_ARGS(ConvArgs)
 
 #define CONV_BM 64        // tile rows (output pixels)
@@ -57,9 +66,14 @@ struct ConvShape {
     int hwo;  // ho * wo
     int M;    // n * ho * wo
     int K;    // ks * ks * cin
+    int cin1, cin2;  // channels read from x and from x2 (cin2 = 0: x holds them all)
+    int up;          // x holds [n, sh, sw, ..] = [n, h/2, w/2, ..], upsampled on read
+    int sh, sw;      // the stored input's height and width
+    int res_up;      // the residual holds [n, ho/2, wo/2, cout]
 };
 
-MCDM_DEV ConvShape conv_shape(int n, int h, int w, int cin, int cout, int ks, int stride, int ho, int wo) {
+MCDM_DEV ConvShape conv_shape(int n, int h, int w, int cin, int cout, int ks, int stride, int ho, int wo,
+                              bool two_sources, int cin1, int up, int res_up) {
     ConvShape s;
     s.n = n; s.h = h; s.w = w; s.cin = cin; s.cout = cout; s.ks = ks; s.stride = stride;
     s.ho = ho; s.wo = wo;
@@ -67,12 +81,30 @@ MCDM_DEV ConvShape conv_shape(int n, int h, int w, int cin, int cout, int ks, in
     s.hwo = ho * wo;
     s.M = n * ho * wo;
     s.K = ks * ks * cin;
+    s.cin1 = two_sources ? cin1 : cin;
+    s.cin2 = cin - s.cin1;
+    s.up = up;
+    s.sh = up ? h >> 1 : h;
+    s.sw = up ? w >> 1 : w;
+    s.res_up = res_up;
     return s;
+}
+
+// Input channel ci of the (logical) pixel (b, iy, ix), which is inside the image: in x, or in x2
+// past x's cin1 channels; at (iy/2, ix/2) of the stored image when it is upsampled on read.
+template <typename E>
+MCDM_DEV const E* conv_input_at(const E* x, const E* x2, const ConvShape& s, int b, int iy, int ix, int ci) {
+    if (s.up) {
+        iy >>= 1;
+        ix >>= 1;
+    }
+    const long long pixel = ((long long)b * s.sh + iy) * s.sw + ix;
+    return ci < s.cin1 ? x + pixel * s.cin1 + ci : x2 + pixel * s.cin2 + (ci - s.cin1);
 }
 
 // A[m][k] (see the header), or 0 outside the GEMM or the image. E: the raw element type.
 template <typename E>
-MCDM_DEV E load_a(const E* __restrict__ x, const ConvShape& s, int m, int k) {
+MCDM_DEV E load_a(const E* __restrict__ x, const E* __restrict__ x2, const ConvShape& s, int m, int k) {
     if (m >= s.M || k >= s.K) return E(0);
     const int b = m / s.hwo;
     const int r = m - b * s.hwo;
@@ -83,7 +115,7 @@ MCDM_DEV E load_a(const E* __restrict__ x, const ConvShape& s, int m, int k) {
     const int iy = oy * s.stride + ky - s.pad;
     const int ix = ox * s.stride + kx - s.pad;
     if (iy < 0 || iy >= s.h || ix < 0 || ix >= s.w) return E(0);
-    return x[(((long long)b * s.h + iy) * s.w + ix) * s.cin + ci];
+    return *conv_input_at(x, x2, s, b, iy, ix, ci);
 }
 
 // GEMM row m (an output pixel): its image b and the input coordinates (iy0, ix0) of its top-left
@@ -116,6 +148,16 @@ MCDM_DEV E load_b(const E* __restrict__ w, const ConvShape& s, int co, int k) {
     return w[(long long)co * s.K + k];
 }
 
+// The residual's element for output row (pixel) `row`, channel `col`: the same index as y's, or
+// that of pixel (oy/2, ox/2) of the half-size residual when it is upsampled.
+MCDM_DEV long long conv_residual_index(const ConvShape& s, int row, int col) {
+    if (!s.res_up) return (long long)row * s.cout + col;
+    const int b = row / s.hwo;
+    const int r = row - b * s.hwo;
+    const int oy = r / s.wo, ox = r - oy * s.wo;
+    return (((long long)b * (s.ho >> 1) + (oy >> 1)) * (s.wo >> 1) + (ox >> 1)) * s.cout + col;
+}
+
 // Epilogue for one output element: y = acc + bias (+ residual).
 template <typename T>
 MCDM_DEV void conv_store(const ConvShape& s, const float* __restrict__ bias, const T* residual, T* y,
@@ -123,7 +165,7 @@ MCDM_DEV void conv_store(const ConvShape& s, const float* __restrict__ bias, con
     if (row >= s.M || col >= s.cout) return;
     const long long idx = (long long)row * s.cout + col;
     float v = acc + (bias != nullptr ? bias[col] : 0.0f);
-    if (residual != nullptr) v += to_float(residual[idx]);
+    if (residual != nullptr) v += to_float(residual[conv_residual_index(s, row, col)]);
     y[idx] = from_float<T>(v);
 }
 
@@ -144,11 +186,12 @@ MCDM_DEV void conv_store(const ConvShape& s, const float* __restrict__ bias, con
 // and K % 8 == 0 keeps a chunk either wholly inside or wholly outside K. Otherwise (e.g. the
 // 3- or 6-channel input conv) every element is loaded on its own.
 template <typename T>
-MCDM_DEV void conv2d_mma(const T* x_, const T* w_, const float* __restrict__ bias, const T* residual, T* y,
-                         const ConvShape s) {
+MCDM_DEV void conv2d_mma(const T* x_, const T* x2_, const T* w_, const float* __restrict__ bias, const T* residual,
+                         T* y, const ConvShape s) {
     __shared__ __align__(16) unsigned short As[2][CONV_BM][CONV_SK];
     __shared__ __align__(16) unsigned short Bs[2][CONV_BN][CONV_SK];
     const unsigned short* __restrict__ x = reinterpret_cast<const unsigned short*>(x_);
+    const unsigned short* __restrict__ x2 = reinterpret_cast<const unsigned short*>(x2_);
     const unsigned short* __restrict__ w = reinterpret_cast<const unsigned short*>(w_);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -156,7 +199,7 @@ MCDM_DEV void conv2d_mma(const T* x_, const T* w_, const float* __restrict__ bia
     const int g = lane >> 2, q = lane & 3;     // mma fragment coordinates
     const int m0 = blockIdx.x * CONV_BM, n0 = blockIdx.y * CONV_BN;
     const int KT = (s.K + CONV_BK - 1) / CONV_BK;
-    const bool vec = (s.cin % 8 == 0) && aligned16(x_) && aligned16(w_);  // uniform
+    const bool vec = s.cin % 8 == 0 && s.cin1 % 8 == 0 && aligned16(x_) && aligned16(x2_) && aligned16(w_);  // uniform
 
     // Fast path: this thread's two A rows (pixels) and their top-left input coordinates.
     const int kc = (tid & 3) * 8;  // k offset of this thread's chunks within the stage
@@ -179,8 +222,7 @@ MCDM_DEV void conv2d_mma(const T* x_, const T* w_, const float* __restrict__ bia
                 // A chunk: 8 channels ci..ci+7 of input pixel (a_b, a_iy0 + ky, a_ix0 + kx).
                 const int iy = a_iy0[c] + ky, ix = a_ix0[c] + kx;
                 const bool ok = a_ok[c] && k_ok && iy >= 0 && iy < s.h && ix >= 0 && ix < s.w;
-                const unsigned short* src =
-                    ok ? x + (((long long)a_b[c] * s.h + iy) * s.w + ix) * s.cin + ci : x;
+                const unsigned short* src = ok ? conv_input_at(x, x2, s, a_b[c], iy, ix, ci) : x;
                 cp_async16(&As[st][row][kc], src, ok);
                 // B chunk: w[n0 + row][k .. k+7].
                 const int co = n0 + row;
@@ -194,7 +236,7 @@ MCDM_DEV void conv2d_mma(const T* x_, const T* w_, const float* __restrict__ bia
             for (int e = 0; e < (CONV_BM * CONV_BK) / CONV_THREADS; ++e) {
                 const int id = tid + CONV_THREADS * e;
                 const int row = id >> 5, kk = id & 31;
-                As[st][row][kk] = load_a<unsigned short>(x, s, m0 + row, k0 + kk);
+                As[st][row][kk] = load_a<unsigned short>(x, x2, s, m0 + row, k0 + kk);
                 Bs[st][row][kk] = load_b<unsigned short>(w, s, n0 + row, k0 + kk);
             }
         }
@@ -326,7 +368,7 @@ MCDM_DEV void conv_store2(const ConvShape& s, const float* __restrict__ bias, co
         v1 += bias[col + 1];
     }
     if (residual != nullptr) {
-        const unsigned r = *reinterpret_cast<const unsigned*>(residual + idx);
+        const unsigned r = *reinterpret_cast<const unsigned*>(residual + conv_residual_index(s, row, col));
         v0 += bits_to_float<T>((unsigned short)(r & 0xffffu));
         v1 += bits_to_float<T>((unsigned short)(r >> 16));
     }
@@ -334,8 +376,8 @@ MCDM_DEV void conv_store2(const ConvShape& s, const float* __restrict__ bias, co
 }
 
 template <typename T, int BM, int BN, int WN>
-MCDM_DEV void conv2d_mma_big(const T* x_, const T* w_, const float* __restrict__ bias, const T* residual,
-                             T* y, const ConvShape s) {
+MCDM_DEV void conv2d_mma_big(const T* x_, const T* x2_, const T* w_, const float* __restrict__ bias,
+                             const T* residual, T* y, const ConvShape s) {
     constexpr int BK = CONVB_BK, S = CONVB_STAGES;
     constexpr int WARPS_M = BM / 64, NT = WN / 8;  // warps along m; n8 tiles of a warp
     constexpr int THREADS = WARPS_M * (BN / WN) * 32;
@@ -345,6 +387,7 @@ MCDM_DEV void conv2d_mma_big(const T* x_, const T* w_, const float* __restrict__
     constexpr int STAGE_BYTES = (BM + BN) * CONVB_ROW_BYTES;
     static_assert((BM == 128 || BM == 256) && (BN == 64 || BN == 128) && (WN == 32 || WN == 64), "tile");
     const unsigned short* __restrict__ x = reinterpret_cast<const unsigned short*>(x_);
+    const unsigned short* __restrict__ x2 = reinterpret_cast<const unsigned short*>(x2_);
     const unsigned short* __restrict__ w = reinterpret_cast<const unsigned short*>(w_);
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -375,8 +418,7 @@ MCDM_DEV void conv2d_mma_big(const T* x_, const T* w_, const float* __restrict__
         for (int c = 0; c < A_PASSES; ++c) {
             const int iy = a_iy0[c] + ky, ix = a_ix0[c] + kx;
             const bool ok = a_ok[c] && k_ok && iy >= 0 && iy < s.h && ix >= 0 && ix < s.w;
-            const unsigned short* src =
-                ok ? x + (((long long)a_b[c] * s.h + iy) * s.w + ix) * s.cin + ci : x;
+            const unsigned short* src = ok ? conv_input_at(x, x2, s, a_b[c], iy, ix, ci) : x;
             cp_async16(As + st_off + RPP * CONVB_ROW_BYTES * c, src, ok);
         }
 #pragma unroll
@@ -462,7 +504,7 @@ MCDM_DEV void conv2d_mma_big(const T* x_, const T* w_, const float* __restrict__
 // 8*tr .. 8*tr+7 and columns 4*tc .. 4*tc+3 of the tile (8 x 4 accumulators).
 // Loads: element id = tid + 128*e, tile row id / 16, k id % 16 (consecutive threads read
 // consecutive channels).
-MCDM_DEV void conv2d_simt(const float* __restrict__ x, const float* __restrict__ w,
+MCDM_DEV void conv2d_simt(const float* __restrict__ x, const float* __restrict__ x2, const float* __restrict__ w,
                           const float* __restrict__ bias, const float* residual, float* y, const ConvShape s) {
     __shared__ __align__(16) float As[CONVF_BK][CONVF_SM];
     __shared__ __align__(16) float Bs[CONVF_BK][CONVF_SM];
@@ -481,7 +523,7 @@ MCDM_DEV void conv2d_simt(const float* __restrict__ x, const float* __restrict__
         for (int e = 0; e < (CONV_BM * CONVF_BK) / CONV_THREADS; ++e) {
             const int id = tid + CONV_THREADS * e;
             const int row = id >> 4, kk = id & 15;
-            As[kk][row] = load_a<float>(x, s, m0 + row, k0 + kk);
+            As[kk][row] = load_a<float>(x, x2, s, m0 + row, k0 + kk);
             Bs[kk][row] = load_b<float>(w, s, n0 + row, k0 + kk);
         }
         __syncthreads();
@@ -509,15 +551,17 @@ MCDM_DEV void conv2d_simt(const float* __restrict__ x, const float* __restrict__
 
 // ---------------------------------------------------------------------------------------------
 
-#define CONV_SHAPE conv_shape(n, h, w, cin, cout, ksize, stride, ho, wo)
+#define CONV_SHAPE conv_shape(n, h, w, cin, cout, ksize, stride, ho, wo, x2 != nullptr, cin1, up, res_up)
 
 extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv2d_f32(MCDM_PARAMS(ConvArgs)) {
-    conv2d_simt((const float*)x, (const float*)weight, bias, (const float*)residual, (float*)y, CONV_SHAPE);
+    conv2d_simt((const float*)x, (const float*)x2, (const float*)weight, bias, (const float*)residual, (float*)y,
+                CONV_SHAPE);
 }
 
 #define CONV_SMALL_ENTRY(NAME, T)                                                                   \
     extern "C" __global__ void __launch_bounds__(CONV_THREADS) NAME(MCDM_PARAMS(ConvArgs)) {        \
-        conv2d_mma<T>((const T*)x, (const T*)weight, bias, (const T*)residual, (T*)y, CONV_SHAPE);  \
+        conv2d_mma<T>((const T*)x, (const T*)x2, (const T*)weight, bias, (const T*)residual, (T*)y,   \
+                      CONV_SHAPE);                                                                  \
     }
 CONV_SMALL_ENTRY(conv2d_f16, __half)
 CONV_SMALL_ENTRY(conv2d_bf16, __nv_bfloat16)
@@ -526,7 +570,7 @@ CONV_SMALL_ENTRY(conv2d_bf16, __nv_bfloat16)
 #define CONV_BIG_ENTRY(NAME, T, V)                                                                  \
     extern "C" __global__ void __launch_bounds__(V##_THREADS, V##_MIN_BLOCKS)                       \
         NAME(MCDM_PARAMS(ConvArgs)) {                                                               \
-        conv2d_mma_big<T, V##_BM, V##_BN, V##_WN>((const T*)x, (const T*)weight, bias,              \
+        conv2d_mma_big<T, V##_BM, V##_BN, V##_WN>((const T*)x, (const T*)x2, (const T*)weight, bias, \
                                                   (const T*)residual, (T*)y, CONV_SHAPE);           \
     }
 CONV_BIG_ENTRY(conv2d_m128n128_f16, __half, CONV_M128N128)

@@ -2,11 +2,16 @@
 // kernels, then the elementwise affine map fused with the optional scale-shift of
 // use_scale_shift_norm and SiLU. Storage T in {float, __half, __nv_bfloat16}, f32 math.
 // CPU reference: src/ops/group_norm.rs (which accumulates in f64).
+// Every kernel that reads x takes it as one tensor, or as the channel concatenation of two (the
+// decoder's skip, normalised without being copied first): x2 NULL, or x holds channels
+// 0 .. c1-1 ([n, hw, c1]) and x2 channels c1 .. c-1 ([n, hw, c - c1]); c1 % 8 == 0, x2 16-byte
+// aligned.
 #include "common.cuh"
 
 // The arguments of each kernel, described below with it.
 #define GroupNormStatsArgs_FIELDS(F)                                                                \
-    F(const void* __restrict__, x) F(float* __restrict__, part) F(int, hw) F(int, c) F(int, rows)
+    F(const void* __restrict__, x) F(float* __restrict__, part) F(int, hw) F(int, c) F(int, rows)     \
+    F(const void* __restrict__, x2) F(int, c1)
 MCDM_ARGS(GroupNormStatsArgs)
 #define GroupNormMergeArgs_FIELDS(F)                                                                \
     F(const float* __restrict__, part) F(float* __restrict__, stats) F(int, chunks)
@@ -14,7 +19,7 @@ MCDM_ARGS(GroupNormMergeArgs)
 #define GroupNormApplyArgs_FIELDS(F)                                                                \
     F(const void*, x) F(const float* __restrict__, stats) F(const float* __restrict__, gamma)       \
     F(const float* __restrict__, beta) F(const float* __restrict__, scale_shift) F(void*, y)        \
-    F(int, hw) F(int, c) F(int, silu)
+    F(int, hw) F(int, c) F(int, silu) F(const void*, x2) F(int, c1)
 MCDM_ARGS(GroupNormApplyArgs)
 
 #define GN_GROUPS 32
@@ -37,6 +42,22 @@ MCDM_ARGS(GroupNormApplyArgs)
 #define GN_MERGE_THREADS 128
 #define GN_VEC 8  // channels per thread and access
 
+// Where the eight channels ch0 .. ch0+7 (ch0 % 8 == 0) of pixel 0 of image b lie, and the
+// stride between pixels there: in x, or in x2 past x's c1 channels (x2 NULL: all in x).
+template <typename T>
+struct Source {
+    const T* at;
+    int stride;
+};
+template <typename T>
+MCDM_DEV Source<T> gn_source(const T* x, const T* x2, int hw, int c, int c1, int b, int ch0) {
+    if (x2 == nullptr || ch0 < c1) {
+        const int cx = x2 == nullptr ? c : c1;
+        return {x + (long long)b * hw * cx + ch0, cx};
+    }
+    return {x2 + (long long)b * hw * (c - c1) + (ch0 - c1), c - c1};
+}
+
 struct Moments {
     float n, mean, m2;
 };
@@ -56,17 +77,18 @@ MCDM_DEV Moments merge_moments(Moments a, Moments b) {
 }
 
 template <typename T>
-MCDM_DEV void group_norm_partial(const T* __restrict__ x, float* __restrict__ part, int hw, int c, int rows) {
+MCDM_DEV void group_norm_partial(const T* __restrict__ x, const T* __restrict__ x2, float* __restrict__ part, int hw,
+                                 int c, int c1, int rows) {
     __shared__ Moments slot[GN_MAX_CHANNELS];  // 24 KiB: one per (channel, parallel row)
     const int chunk = blockIdx.x, chunks = gridDim.x, b = blockIdx.y, t = threadIdx.x;
     const int p0 = chunk * rows, p1 = min(hw, p0 + rows);
     const int L = c / GN_VEC, R = GN_THREADS / L;  // R * c <= 2048 slots
     if (t < R * L) {
         const int ch0 = (t % L) * GN_VEC, r0 = p0 + t / L;
-        const T* src = x + (long long)b * hw * c + ch0;
+        const Source<T> src = gn_source(x, x2, hw, c, c1, b, ch0);
         float shift[GN_VEC], s1[GN_VEC], s2[GN_VEC], cnt = 0.0f;
         if (r0 < p1) {
-            const Pack8<T> first = *reinterpret_cast<const Pack8<T>*>(src + (long long)r0 * c);
+            const Pack8<T> first = *reinterpret_cast<const Pack8<T>*>(src.at + (long long)r0 * src.stride);
 #pragma unroll
             for (int e = 0; e < GN_VEC; ++e) {
                 shift[e] = to_float(first.v[e]);
@@ -75,7 +97,7 @@ MCDM_DEV void group_norm_partial(const T* __restrict__ x, float* __restrict__ pa
             // Four loads in flight (two for f32, whose packs take twice the registers: no spills).
 #pragma unroll(sizeof(T) == 4 ? 2 : 4)
             for (int p = r0; p < p1; p += R) {
-                const Pack8<T> in = *reinterpret_cast<const Pack8<T>*>(src + (long long)p * c);
+                const Pack8<T> in = *reinterpret_cast<const Pack8<T>*>(src.at + (long long)p * src.stride);
 #pragma unroll
                 for (int e = 0; e < GN_VEC; ++e) {
                     const float d = to_float(in.v[e]) - shift[e];
@@ -132,16 +154,16 @@ MCDM_DEV void group_norm_merge_chunks(const float* __restrict__ part, float* __r
 // y = (x - mean[ch]) * mul[ch] + add[ch] for every channel of its image (shared memory: no
 // division or parameter load per element), while each thread's GN_APPLY_ITERS packs of eight
 // channels are loading; all are loaded before any is stored: y may alias x (a thread writes
-// only what it read).
+// only what it read) when x2 is NULL.
 // x and y 16-byte aligned (pool buffers are).
 // Launch: grid (ceil(hw*c / (256 * 8 * GN_APPLY_ITERS)), n), block 256.
 #define GN_APPLY_THREADS 256
 #define GN_APPLY_ITERS 4
 
 template <typename T>
-MCDM_DEV void group_norm_apply(const T* x, const float* __restrict__ stats, const float* __restrict__ gamma,
-                               const float* __restrict__ beta, const float* __restrict__ scale_shift, T* y,
-                               int hw, int c, int silu) {
+MCDM_DEV void group_norm_apply(const T* x, const T* x2, const float* __restrict__ stats,
+                               const float* __restrict__ gamma, const float* __restrict__ beta,
+                               const float* __restrict__ scale_shift, T* y, int hw, int c, int c1, int silu) {
     __shared__ float ch_mean[GN_MAX_CHANNELS];  // 3 x 8 KiB
     __shared__ float ch_mul[GN_MAX_CHANNELS];
     __shared__ float ch_add[GN_MAX_CHANNELS];
@@ -154,7 +176,15 @@ MCDM_DEV void group_norm_apply(const T* x, const float* __restrict__ stats, cons
 #pragma unroll
     for (int it = 0; it < GN_APPLY_ITERS; ++it) {
         const long long j = first + (long long)it * GN_APPLY_THREADS * GN_VEC;
-        if (j < per_image) in[it] = *reinterpret_cast<const Pack8<T>*>(x + base + j);
+        if (j < per_image) {
+            if (x2 == nullptr) {
+                in[it] = *reinterpret_cast<const Pack8<T>*>(x + base + j);
+            } else {
+                const int p = (int)(j / c), ch0 = (int)(j - (long long)p * c);
+                const Source<T> src = gn_source(x, x2, hw, c, c1, b, ch0);
+                in[it] = *reinterpret_cast<const Pack8<T>*>(src.at + (long long)p * src.stride);
+            }
+        }
     }
     for (int ch = t; ch < c; ch += GN_APPLY_THREADS) {
         const float* st = stats + ((long long)b * GN_GROUPS + ch / cg) * 2;
@@ -189,11 +219,12 @@ MCDM_DEV void group_norm_apply(const T* x, const float* __restrict__ stats, cons
 #define MCDM_GROUP_NORM(SUFFIX, T)                                                                  \
     extern "C" __global__ void __launch_bounds__(GN_THREADS)                                        \
         group_norm_partial_##SUFFIX(MCDM_PARAMS(GroupNormStatsArgs)) {                              \
-        group_norm_partial<T>((const T*)x, part, hw, c, rows);                                      \
+        group_norm_partial<T>((const T*)x, (const T*)x2, part, hw, c, c1, rows);                    \
     }                                                                                               \
     extern "C" __global__ void __launch_bounds__(GN_APPLY_THREADS, 4)                               \
         group_norm_apply_##SUFFIX(MCDM_PARAMS(GroupNormApplyArgs)) {                                \
-        group_norm_apply<T>((const T*)x, stats, gamma, beta, scale_shift, (T*)y, hw, c, silu);      \
+        group_norm_apply<T>((const T*)x, (const T*)x2, stats, gamma, beta, scale_shift, (T*)y, hw, c, c1,  \
+                            silu);                                                                  \
     }
 
 extern "C" __global__ void __launch_bounds__(GN_MERGE_THREADS) group_norm_merge(MCDM_PARAMS(GroupNormMergeArgs)) {

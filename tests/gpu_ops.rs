@@ -12,15 +12,15 @@ use common::{rel_l2, unet_case_names, UnetCase};
 use mcdm::backend::{Cpu, Cuda};
 use mcdm::cuda::{Gpu, GpuBuffer, GpuFloat};
 use mcdm::ops::attention::{attend, attend_gpu};
-use mcdm::ops::conv::{Conv2d, ConvKernel, Residual};
+use mcdm::ops::conv::{Conv2d, ConvInput, ConvKernel, Residual};
 use mcdm::ops::group_norm::{GpuGroupNorm, GroupNorm};
 use mcdm::ops::layout::{
     nchw_to_nhwc, nchw_to_nhwc_gpu, pack_input, pack_input_gpu, unpack_output, unpack_output_gpu,
 };
 use mcdm::ops::linear::Linear;
 use mcdm::ops::resample::{
-    add_channel_bias_gpu, avg_pool2x, avg_pool2x_gpu, concat_channels_gpu, upsample_nearest2x,
-    upsample_nearest2x_gpu,
+    add_channel_bias_gpu, avg_pool2x, avg_pool2x_gpu, concat_channels, concat_channels_gpu,
+    upsample_nearest2x, upsample_nearest2x_gpu,
 };
 
 /// Every conv case through every kernel variant that can run it (each forced explicitly), with
@@ -117,6 +117,143 @@ fn conv_matches_cpu() {
         "f32" => conv_cases::<f32>(g),
         "f16" => conv_cases::<half::f16>(g),
         _ => conv_cases::<half::bf16>(g),
+    });
+}
+
+/// The copies folded into the conv's addressing (`ConvInput`, `Residual::Upsampled`) through
+/// every kernel that can run them, against the CPU conv of the copies made.
+fn folded_conv_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
+    let mut out = Vec::new();
+    // (n, h, w, ca, cb, cout, k, upsampled input, upsampled residual): h, w as the conv sees
+    // them; cb > 0 reads the last cb input channels from a second tensor.
+    for (i, &(n, h, w, ca, cb, cout, k, up, res_up)) in [
+        (2, 8, 8, 32, 64, 64, 3, false, false),
+        (1, 6, 10, 24, 40, 48, 1, false, false),
+        (2, 5, 7, 3, 5, 16, 3, false, false), // ca 3: element by element, the 64x64 tile only
+        (1, 16, 12, 64, 0, 64, 3, true, false),
+        (2, 8, 8, 32, 0, 32, 3, false, true),
+        (1, 8, 8, 16, 8, 32, 3, true, true),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let cin = ca + cb;
+        let weight: Vec<f32> = values(cout * cin * k * k, 300 + i as u32)
+            .iter()
+            .map(|v| v / (cin * k * k) as f32)
+            .collect();
+        let conv = Conv2d::from_torch(&rounded::<T>(&weight), values(cout, 310 + i as u32), k, 1);
+        let (sh, sw) = if up { (h / 2, w / 2) } else { (h, w) };
+        let a = rounded::<T>(&values(n * sh * sw * ca, 320 + i as u32));
+        let b = rounded::<T>(&values(n * sh * sw * cb, 330 + i as u32));
+        let (rh, rw) = if res_up { (h / 2, w / 2) } else { (h, w) };
+        let r = rounded::<T>(&values(n * rh * rw * cout, 340 + i as u32));
+        // The reference: the copies made, then the CPU conv accumulating into the residual.
+        let mut stored = a.clone();
+        if cb > 0 {
+            stored = vec![0.0; n * sh * sw * cin];
+            concat_channels(&a, &b, n, sh * sw, ca, cb, &mut stored);
+        }
+        let mut x = vec![0.0; n * h * w * cin];
+        if up {
+            upsample_nearest2x(&stored, n, sh, sw, cin, &mut x);
+        } else {
+            x = stored;
+        }
+        let mut want = vec![0.0; n * h * w * cout];
+        if res_up {
+            upsample_nearest2x(&r, n, rh, rw, cout, &mut want);
+        } else {
+            want.copy_from_slice(&r);
+        }
+        conv.forward(&x, n, h, w, &mut want, true, &mut Vec::new());
+
+        let dev = conv.upload::<T>(g).unwrap();
+        let (ad, bd, rd) = (
+            g.upload::<T>(&a).unwrap(),
+            g.upload::<T>(&b).unwrap(),
+            g.upload::<T>(&r).unwrap(),
+        );
+        let input = ConvInput {
+            x: &ad,
+            second: (cb > 0).then_some((&bd, cb)),
+            upsampled: up,
+        };
+        for kern in ConvKernel::ALL {
+            if !dev.supports(g, kern, input) {
+                continue;
+            }
+            let mut yd = g.upload::<T>(&vec![f32::NAN; want.len()]).unwrap();
+            let res = if res_up {
+                Residual::Upsampled(&rd)
+            } else {
+                Residual::Buffer(&rd)
+            };
+            dev.forward_with(g, kern, input, n, h, w, &mut yd, res)
+                .unwrap();
+            let name = format!(
+                "folded conv {} n{n} {h}x{w} {ca}+{cb}->{cout} k{k} up {up} res_up {res_up}",
+                kern.name()
+            );
+            out.push((
+                name,
+                gpu_err(&g.download(&yd).unwrap(), &want),
+                tolerance::<T>(5e-7),
+            ));
+        }
+    }
+    // The decoder's concatenation under group norm (+ scale-shift, SiLU), a group straddling
+    // the two tensors (ca 40 of groups of 3 channels).
+    for (i, &(n, hw, ca, cb)) in [(2, 37, 40, 56), (1, 300, 128, 64)].iter().enumerate() {
+        let c = ca + cb;
+        let gn = GroupNorm {
+            channels: c,
+            weight: values(c, 360 + i as u32)
+                .iter()
+                .map(|v| 1.0 + 0.2 * v)
+                .collect(),
+            bias: values(c, 370 + i as u32),
+        };
+        let a = rounded::<T>(&values(n * hw * ca, 380 + i as u32));
+        let b = rounded::<T>(&values(n * hw * cb, 390 + i as u32));
+        let ss = values(n * 2 * c, 400 + i as u32);
+        let mut cat = vec![0.0; n * hw * c];
+        concat_channels(&a, &b, n, hw, ca, cb, &mut cat);
+        let mut want = vec![0.0; cat.len()];
+        gn.forward(&cat, n, hw, &mut want, Some(&ss), true);
+        let dev = gn.upload(g).unwrap();
+        let (ad, bd) = (g.upload::<T>(&a).unwrap(), g.upload::<T>(&b).unwrap());
+        assert!(dev.takes_concat(g, &bd, ca), "group norm concat case {i}");
+        let ssd = g.upload::<f32>(&ss).unwrap();
+        let mut yd = g.upload::<T>(&vec![f32::NAN; cat.len()]).unwrap();
+        let mut stats = g.zeros::<f32>(GpuGroupNorm::scratch_len(n, hw)).unwrap();
+        dev.forward_concat(
+            g,
+            [&ad, &bd],
+            ca,
+            n,
+            hw,
+            &mut yd,
+            &mut stats,
+            Some(&ssd),
+            true,
+        )
+        .unwrap();
+        out.push((
+            format!("group norm of a concatenation n{n} hw{hw} c{ca}+{cb}"),
+            gpu_err(&g.download(&yd).unwrap(), &want),
+            tolerance::<T>(1e-6),
+        ));
+    }
+    out
+}
+
+#[test]
+fn folded_copies_match_cpu() {
+    for_each_dtype("folded copies", |g, name| match name {
+        "f32" => folded_conv_cases::<f32>(g),
+        "f16" => folded_conv_cases::<half::f16>(g),
+        _ => folded_conv_cases::<half::bf16>(g),
     });
 }
 

@@ -162,6 +162,16 @@ impl Backend for Cpu {
                 y[..len].copy_from_slice(&r[..len]);
                 true
             }
+            Residual::Upsampled(r) => {
+                let (ho, wo) = conv.out_size(h, w);
+                if !ho.is_multiple_of(2) || !wo.is_multiple_of(2) {
+                    return Err(Error::Input(format!(
+                        "an upsampled residual for an output of odd size {ho}x{wo}"
+                    )));
+                }
+                upsample_nearest2x(r, n, ho / 2, wo / 2, conv.cout, y);
+                true
+            }
         };
         conv.forward(x, n, h, w, y, accumulate, &mut self.scratch);
         Ok(())

@@ -6,13 +6,13 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 
-use super::{Backend, Buffer, Residual};
+use super::{copying, Backend, Buffer, Residual};
 use crate::cuda::buffer::GpuPool;
 use crate::cuda::{Gpu, GpuBuffer, GpuFloat, GpuGraph, StreamMark};
 use crate::diffusion::StepParams;
 use crate::error::{Error, Result};
 use crate::ops::attention::attend_gpu;
-use crate::ops::conv::{Conv2d, GpuConv2d};
+use crate::ops::conv::{Conv2d, ConvInput, GpuConv2d};
 use crate::ops::embedding::timestep_embedding_gpu;
 use crate::ops::group_norm::{GpuGroupNorm, GroupNorm};
 use crate::ops::layer_norm::{gelu_gpu, GpuLayerNorm, LayerNorm};
@@ -22,6 +22,14 @@ use crate::ops::resample::{
     add_channel_bias_gpu, avg_pool2x_gpu, concat_channels_gpu, upsample_nearest2x_gpu,
 };
 use crate::ops::step::{diffusion_step_gpu, fill_normals_gpu};
+
+/// `MCDM_FOLD_COPIES=0` makes the decoder's concatenations and the upsamplings before a conv
+/// as copies again, as the CPU backend does (to time what folding them into the kernels'
+/// addressing saves); unset or any other value folds them. Read once.
+pub fn fold_copies() -> bool {
+    static FOLD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FOLD.get_or_init(|| std::env::var("MCDM_FOLD_COPIES").map_or(true, |v| v != "0"))
+}
 
 impl<T: GpuFloat> Buffer for GpuBuffer<T> {
     fn len(&self) -> usize {
@@ -135,7 +143,75 @@ impl<T: GpuFloat> Backend for Cuda<T> {
         y: &mut GpuBuffer<T>,
         residual: Residual<'_, GpuBuffer<T>>,
     ) -> Result<()> {
+        if let (Residual::Upsampled(r), false) = (&residual, fold_copies()) {
+            let (ho, wo) = conv.out_size(h, w);
+            let out = [ho, wo, conv.cout];
+            return copying::conv_upsampled_residual(self, conv, x, [n, h, w], y, r, out);
+        }
         conv.forward(&self.gpu, x, n, h, w, y, residual)
+    }
+    fn upsample_conv(
+        &mut self,
+        conv: &GpuConv2d<T>,
+        x: &GpuBuffer<T>,
+        [n, h, w, c]: [usize; 4],
+        y: &mut GpuBuffer<T>,
+    ) -> Result<()> {
+        if !fold_copies() {
+            return copying::upsample_conv(self, conv, x, [n, h, w, c], y);
+        }
+        let input = ConvInput {
+            x,
+            second: None,
+            upsampled: true,
+        };
+        conv.forward(&self.gpu, input, n, 2 * h, 2 * w, y, Residual::None)
+    }
+    fn concat_conv(
+        &mut self,
+        conv: &GpuConv2d<T>,
+        [a, b]: [&GpuBuffer<T>; 2],
+        [n, h, w, ca, cb]: [usize; 5],
+        y: &mut GpuBuffer<T>,
+        residual: Residual<'_, GpuBuffer<T>>,
+    ) -> Result<()> {
+        if !fold_copies() {
+            return copying::concat_conv(self, conv, [a, b], [n, h, w, ca, cb], y, residual);
+        }
+        let input = ConvInput {
+            x: a,
+            second: Some((b, cb)),
+            upsampled: false,
+        };
+        conv.forward(&self.gpu, input, n, h, w, y, residual)
+    }
+    fn concat_group_norm(
+        &mut self,
+        norm: &GpuGroupNorm,
+        [a, b]: [&GpuBuffer<T>; 2],
+        [n, hw, ca, cb]: [usize; 4],
+        y: &mut GpuBuffer<T>,
+        scale_shift: Option<&GpuBuffer<f32>>,
+        silu: bool,
+    ) -> Result<()> {
+        if !fold_copies() || !norm.takes_concat(&self.gpu, b, ca) {
+            let sizes = [n, hw, ca, cb];
+            return copying::concat_group_norm(self, norm, [a, b], sizes, y, scale_shift, silu);
+        }
+        let mut stats = self.take_vector(GpuGroupNorm::scratch_len(n, hw))?;
+        let result = norm.forward_concat(
+            &self.gpu,
+            [a, b],
+            ca,
+            n,
+            hw,
+            y,
+            &mut stats,
+            scale_shift,
+            silu,
+        );
+        self.give_vector(stats);
+        result
     }
     fn group_norm(
         &mut self,

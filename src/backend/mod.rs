@@ -127,18 +127,42 @@ pub trait Backend: Sized {
         residual: Residual<'_, Self::Tensor>,
     ) -> Result<()>;
     /// A nearest 2x upsampling of x `[n, h, w, c]` then `conv` into y `[n, 2h, 2w, cout]`.
+    /// This default makes the upsampled copy; a backend may read x upsampled instead.
     fn upsample_conv(
         &mut self,
         conv: &Self::Conv,
         x: &Self::Tensor,
-        [n, h, w, c]: [usize; 4],
+        nhwc: [usize; 4],
         y: &mut Self::Tensor,
     ) -> Result<()> {
-        let mut up = self.take(4 * n * h * w * c)?;
-        self.upsample2x(x, [n, h, w, c], &mut up)?;
-        let result = self.conv(conv, &up, [n, 2 * h, 2 * w], y, Residual::None);
-        self.give(up);
-        result
+        copying::upsample_conv(self, conv, x, nhwc, y)
+    }
+    /// `conv` of the channel concatenation `cat([a, b])`, a `[n, h, w, ca]` and b
+    /// `[n, h, w, cb]` (the decoder's skip). This default makes the concatenation; a backend
+    /// may read the two tensors instead.
+    fn concat_conv(
+        &mut self,
+        conv: &Self::Conv,
+        ab: [&Self::Tensor; 2],
+        sizes: [usize; 5],
+        y: &mut Self::Tensor,
+        residual: Residual<'_, Self::Tensor>,
+    ) -> Result<()> {
+        copying::concat_conv(self, conv, ab, sizes, y, residual)
+    }
+    /// `group_norm` of the channel concatenation `cat([a, b])`, a `[n, hw, ca]` and b
+    /// `[n, hw, cb]`, into y `[n, hw, ca + cb]`. This default makes the concatenation.
+    #[allow(clippy::too_many_arguments)]
+    fn concat_group_norm(
+        &mut self,
+        norm: &Self::GroupNorm,
+        ab: [&Self::Tensor; 2],
+        sizes: [usize; 4],
+        y: &mut Self::Tensor,
+        scale_shift: Option<&Self::Vector>,
+        silu: bool,
+    ) -> Result<()> {
+        copying::concat_group_norm(self, norm, ab, sizes, y, scale_shift, silu)
     }
     /// GroupNorm(32) of x `[n, hw, c]`, then `* (1 + scale) + shift` with `scale_shift`
     /// `[n, 2c]` (scale first), then SiLU when `silu`.
@@ -345,5 +369,83 @@ pub trait Backend: Sized {
     /// but the last step, so that progress follows the device.
     fn step_queued(&mut self, done: usize) -> Result<usize> {
         Ok(done + 1)
+    }
+}
+
+/// The copies [`Backend::upsample_conv`], [`Backend::concat_conv`] and
+/// [`Backend::concat_group_norm`] let a backend avoid, made: their defaults, and a backend's
+/// fallback where it cannot avoid them.
+pub mod copying {
+    use super::{Backend, Residual};
+    use crate::error::Result;
+
+    pub fn upsample_conv<B: Backend>(
+        be: &mut B,
+        conv: &B::Conv,
+        x: &B::Tensor,
+        [n, h, w, c]: [usize; 4],
+        y: &mut B::Tensor,
+    ) -> Result<()> {
+        let mut up = be.take(4 * n * h * w * c)?;
+        let result = be
+            .upsample2x(x, [n, h, w, c], &mut up)
+            .and_then(|()| be.conv(conv, &up, [n, 2 * h, 2 * w], y, Residual::None));
+        be.give(up);
+        result
+    }
+
+    pub fn concat_conv<B: Backend>(
+        be: &mut B,
+        conv: &B::Conv,
+        [a, b]: [&B::Tensor; 2],
+        [n, h, w, ca, cb]: [usize; 5],
+        y: &mut B::Tensor,
+        residual: Residual<'_, B::Tensor>,
+    ) -> Result<()> {
+        let mut cat = be.take(n * h * w * (ca + cb))?;
+        let result = be
+            .concat_channels(a, b, [n, h * w, ca, cb], &mut cat)
+            .and_then(|()| be.conv(conv, &cat, [n, h, w], y, residual));
+        be.give(cat);
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn concat_group_norm<B: Backend>(
+        be: &mut B,
+        norm: &B::GroupNorm,
+        [a, b]: [&B::Tensor; 2],
+        [n, hw, ca, cb]: [usize; 4],
+        y: &mut B::Tensor,
+        scale_shift: Option<&B::Vector>,
+        silu: bool,
+    ) -> Result<()> {
+        let mut cat = be.take(n * hw * (ca + cb))?;
+        let result = be
+            .concat_channels(a, b, [n, hw, ca, cb], &mut cat)
+            .and_then(|()| be.group_norm(norm, &cat, n, hw, y, scale_shift, silu));
+        be.give(cat);
+        result
+    }
+
+    /// `conv` with `y = conv(x) + bias + upsample2x(r)` (y `[n, ho, wo, cout]`), the
+    /// upsampled residual copied first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv_upsampled_residual<B: Backend>(
+        be: &mut B,
+        conv: &B::Conv,
+        x: &B::Tensor,
+        nhw: [usize; 3],
+        y: &mut B::Tensor,
+        r: &B::Tensor,
+        [ho, wo, cout]: [usize; 3],
+    ) -> Result<()> {
+        let n = nhw[0];
+        let mut up = be.take(n * ho * wo * cout)?;
+        let result = be
+            .upsample2x(r, [n, ho / 2, wo / 2, cout], &mut up)
+            .and_then(|()| be.conv(conv, x, nhw, y, Residual::Buffer(&up)));
+        be.give(up);
+        result
     }
 }

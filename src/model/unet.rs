@@ -376,28 +376,20 @@ impl<B: Backend> UNet<B> {
         let mut skips: Vec<Act<B>> = Vec::with_capacity(self.input_blocks.len());
         for block in &self.input_blocks {
             let from = skips.last().map_or(input, Act::view);
-            let out = self.run_block(be, block, from, n, &emb)?;
+            let out = self.run_block(be, block, from, None, n, &emb)?;
             skips.push(out);
         }
         let deepest = skips.last().map_or(input, Act::view);
-        let mut act = self.run_block(be, &self.middle_block, deepest, n, &emb)?;
+        let mut act = self.run_block(be, &self.middle_block, deepest, None, n, &emb)?;
         for block in &self.output_blocks {
             let skip = skips
                 .pop()
                 .ok_or_else(|| Error::Input("a decoder block without its skip".into()))?;
-            let hw = act.h * act.w;
-            let mut cat = be.take(n * hw * (act.c + skip.c))?;
-            be.concat_channels(&act.data, &skip.data, [n, hw, act.c, skip.c], &mut cat)?;
-            let cat = Act {
-                data: cat,
-                h: act.h,
-                w: act.w,
-                c: act.c + skip.c,
-            };
+            // The block's input is cat([act, skip], channels), which it reads from the two.
+            let out = self.run_block(be, block, act.view(), Some(skip.view()), n, &emb)?;
             be.give(act.data);
             be.give(skip.data);
-            act = self.run_block(be, block, cat.view(), n, &emb)?;
-            be.give(cat.data);
+            act = out;
         }
         let hw = act.h * act.w;
         let mut normed = be.take(n * hw * act.c)?;
@@ -434,19 +426,31 @@ impl<B: Backend> UNet<B> {
         Ok(emb)
     }
 
+    /// The layers of one block on `input`, or on `cat([input, skip], channels)` (a decoder
+    /// block), which only a first ResBlock reads without the copy.
     fn run_block(
         &self,
         be: &mut B,
         layers: &[Layer<B>],
         input: ActRef<'_, B>,
+        skip: Option<ActRef<'_, B>>,
         n: usize,
         emb: &B::Vector,
     ) -> Result<Act<B>> {
+        let reads_concat = matches!(layers.first(), Some(Layer::Res(r)) if r.reads_concat());
+        if let (Some(skip), false) = (skip, reads_concat) {
+            let cat = concat(be, input, skip, n)?;
+            let out = self.run_block(be, layers, cat.view(), None, n, emb);
+            be.give(cat.data);
+            return out;
+        }
         // The block's input is borrowed (it may be a skip); each layer's output is owned and
         // goes back to the pool once the next layer has read it.
         let mut owned: Option<Act<B>> = None;
         for layer in layers {
             let act = owned.as_ref().map_or(input, Act::view);
+            // Only the first layer sees the skip.
+            let skip = if owned.is_none() { skip } else { None };
             let next = match layer {
                 Layer::Conv(conv) => {
                     let (ho, wo) = conv.out_size(act.h, act.w);
@@ -472,7 +476,7 @@ impl<B: Backend> UNet<B> {
                         c: conv.cout,
                     }
                 }
-                Layer::Res(block) => block.forward(be, act, n, emb)?,
+                Layer::Res(block) => block.forward(be, act, skip, n, emb)?,
                 Layer::Attn(attn) => attn.forward(be, act, n)?,
             };
             if let Some(prev) = owned.replace(next) {
@@ -545,45 +549,79 @@ impl<B: Backend> UNet<B> {
     }
 }
 
+/// `cat([a, b], channels)` as a new activation.
+fn concat<B: Backend>(be: &mut B, a: ActRef<'_, B>, b: ActRef<'_, B>, n: usize) -> Result<Act<B>> {
+    let hw = a.h * a.w;
+    let mut cat = be.take(n * hw * (a.c + b.c))?;
+    be.concat_channels(a.data, b.data, [n, hw, a.c, b.c], &mut cat)?;
+    Ok(Act {
+        data: cat,
+        h: a.h,
+        w: a.w,
+        c: a.c + b.c,
+    })
+}
+
 impl<B: Backend> ResBlock<B> {
-    fn forward(&self, be: &mut B, x: ActRef<'_, B>, n: usize, emb: &B::Vector) -> Result<Act<B>> {
+    /// Whether [`ResBlock::forward`] takes its input as two tensors: its norm and its skip
+    /// convolution read the concatenation (a resampling block or an identity skip would need
+    /// it whole).
+    fn reads_concat(&self) -> bool {
+        self.updown == UpDown::None && self.skip.is_some()
+    }
+
+    /// The block on x, or on `cat([x, extra], channels)` where [`ResBlock::reads_concat`].
+    fn forward(
+        &self,
+        be: &mut B,
+        x: ActRef<'_, B>,
+        extra: Option<ActRef<'_, B>>,
+        n: usize,
+        emb: &B::Vector,
+    ) -> Result<Act<B>> {
         let oc = self.out_conv.cout;
-        let mut a = be.take(n * x.h * x.w * x.c)?;
-        be.group_norm(&self.in_norm, x.data, n, x.h * x.w, &mut a, None, true)?;
-        // Up/down applies to both the normalised branch and the skip input.
-        let (h, w, resampled) = match self.updown {
-            UpDown::None => (x.h, x.w, None),
-            UpDown::Up | UpDown::Down => {
+        let xhw = x.h * x.w;
+        let cin = x.c + extra.map_or(0, |e| e.c);
+        let mut a = be.take(n * xhw * cin)?;
+        match extra {
+            Some(e) => {
+                let sizes = [n, xhw, x.c, e.c];
+                be.concat_group_norm(&self.in_norm, [x.data, e.data], sizes, &mut a, None, true)?
+            }
+            None => be.group_norm(&self.in_norm, x.data, n, xhw, &mut a, None, true)?,
+        }
+        // Up/down applies to both the normalised branch and the skip input: upsampling is read
+        // by the convolutions (and the residual add) from the half-size tensors, pooling is made.
+        let mut hidden;
+        let (h, w, pooled) = match self.updown {
+            UpDown::None | UpDown::Up => {
                 let up = self.updown == UpDown::Up;
-                let (h, w) = if up {
-                    (2 * x.h, 2 * x.w)
+                let (h, w) = if up { (2 * x.h, 2 * x.w) } else { (x.h, x.w) };
+                hidden = be.take(n * h * w * oc)?;
+                let conv = &self.in_conv.params;
+                if up {
+                    be.upsample_conv(conv, &a, [n, x.h, x.w, cin], &mut hidden)?;
                 } else {
-                    (x.h / 2, x.w / 2)
-                };
+                    be.conv(conv, &a, [n, h, w], &mut hidden, Residual::None)?;
+                }
+                (h, w, None)
+            }
+            UpDown::Down => {
+                let (h, w) = (x.h / 2, x.w / 2);
                 let mut a2 = be.take(n * h * w * x.c)?;
                 let mut x2 = be.take(n * h * w * x.c)?;
                 let nhwc = [n, x.h, x.w, x.c];
-                if up {
-                    be.upsample2x(&a, nhwc, &mut a2)?;
-                    be.upsample2x(x.data, nhwc, &mut x2)?;
-                } else {
-                    be.avg_pool2x(&a, nhwc, &mut a2)?;
-                    be.avg_pool2x(x.data, nhwc, &mut x2)?;
-                }
-                be.give(std::mem::replace(&mut a, a2));
+                be.avg_pool2x(&a, nhwc, &mut a2)?;
+                be.avg_pool2x(x.data, nhwc, &mut x2)?;
+                hidden = be.take(n * h * w * oc)?;
+                let conv = &self.in_conv.params;
+                be.conv(conv, &a2, [n, h, w], &mut hidden, Residual::None)?;
+                be.give(a2);
                 (h, w, Some(x2))
             }
         };
-        let hw = h * w;
-        let mut hidden = be.take(n * hw * oc)?;
-        be.conv(
-            &self.in_conv.params,
-            &a,
-            [n, h, w],
-            &mut hidden,
-            Residual::None,
-        )?;
         be.give(a);
+        let hw = h * w;
         let mut e = be.take_vector(n * self.emb_proj.out_features)?;
         be.linear(&self.emb_proj.params, emb, n, &mut e, false)?;
         let mut normed = be.take(n * hw * oc)?;
@@ -595,25 +633,42 @@ impl<B: Backend> ResBlock<B> {
         }
         be.give_vector(e);
         // out = skip(x) + out_conv(normed), the residual added in the conv's epilogue.
-        let skip_in = resampled.as_ref().unwrap_or(x.data);
         let mut out = hidden;
         let out_conv = &self.out_conv.params;
-        match &self.skip {
-            Some(conv) => {
-                be.conv(&conv.params, skip_in, [n, h, w], &mut out, Residual::None)?;
-                be.conv(out_conv, &normed, [n, h, w], &mut out, Residual::Output)?;
+        let nhw = [n, h, w];
+        let up = self.updown == UpDown::Up;
+        match (&self.skip, &pooled, extra) {
+            (Some(conv), Some(x2), _) => {
+                be.conv(&conv.params, x2, nhw, &mut out, Residual::None)?
             }
-            None => be.conv(
-                out_conv,
-                &normed,
-                [n, h, w],
-                &mut out,
-                Residual::Buffer(skip_in),
-            )?,
+            (Some(conv), None, Some(e)) => {
+                let sizes = [n, h, w, x.c, e.c];
+                be.concat_conv(
+                    &conv.params,
+                    [x.data, e.data],
+                    sizes,
+                    &mut out,
+                    Residual::None,
+                )?
+            }
+            (Some(conv), None, None) if up => {
+                be.upsample_conv(&conv.params, x.data, [n, x.h, x.w, x.c], &mut out)?
+            }
+            (Some(conv), None, None) => {
+                be.conv(&conv.params, x.data, nhw, &mut out, Residual::None)?
+            }
+            (None, _, _) => {}
         }
+        let residual = match (&self.skip, &pooled) {
+            (Some(_), _) => Residual::Output,
+            (None, Some(x2)) => Residual::Buffer(x2),
+            (None, None) if up => Residual::Upsampled(x.data),
+            (None, None) => Residual::Buffer(x.data),
+        };
+        be.conv(out_conv, &normed, nhw, &mut out, residual)?;
         be.give(normed);
-        if let Some(r) = resampled {
-            be.give(r);
+        if let Some(x2) = pooled {
+            be.give(x2);
         }
         Ok(Act {
             data: out,

@@ -432,6 +432,38 @@ pub enum Residual<'a, B> {
     Output,
     /// `y = conv(x) + bias + r`.
     Buffer(&'a B),
+    /// `y = conv(x) + bias + upsample2x(r)`: r `[n, ho/2, wo/2, cout]` (ho, wo even), nearest
+    /// 2x (an upsampling ResBlock's identity skip).
+    Upsampled(&'a B),
+}
+
+/// Where a GPU convolution reads its input from: one tensor, or the channel concatenation of
+/// two (the decoder's skip), either stored at half size and upsampled (nearest 2x) on read. The
+/// kernels fold these copies into their addressing (`kernels/conv.cu`'s header).
+pub struct ConvInput<'a, T> {
+    /// The first channels: `[n, h, w, cin - c2]`, or `[n, h/2, w/2, ..]` when `upsampled`.
+    pub x: &'a GpuBuffer<T>,
+    /// The last `c2` channels, laid out as `x`.
+    pub second: Option<(&'a GpuBuffer<T>, usize)>,
+    pub upsampled: bool,
+}
+
+impl<T> Clone for ConvInput<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for ConvInput<'_, T> {}
+
+impl<'a, T> From<&'a GpuBuffer<T>> for ConvInput<'a, T> {
+    fn from(x: &'a GpuBuffer<T>) -> Self {
+        ConvInput {
+            x,
+            second: None,
+            upsampled: false,
+        }
+    }
 }
 
 /// The implicit-GEMM kernel a GPU convolution launches (`kernels/conv.cu`, whose header gives
@@ -597,12 +629,26 @@ impl<T: GpuFloat> GpuConv2d<T> {
     }
 
     /// Whether `kernel` can run this convolution on `x`. Tile64 always can; the large tiles
-    /// take only their fast path: 16-bit storage, cin and cout multiples of 8, x and the weight
-    /// 16-byte aligned (whole 16-byte cp.async chunks of one filter tap, paired stores).
-    pub fn supports(&self, gpu: &Gpu, kernel: ConvKernel, x: &GpuBuffer<T>) -> bool {
+    /// take only their fast path: 16-bit storage, cin and cout multiples of 8, x (both its
+    /// tensors, split at a multiple of 8 channels) and the weight 16-byte aligned (whole 16-byte
+    /// cp.async chunks of one filter tap, paired stores).
+    pub fn supports<'a>(
+        &self,
+        gpu: &Gpu,
+        kernel: ConvKernel,
+        x: impl Into<ConvInput<'a, T>>,
+    ) -> bool
+    where
+        T: 'a,
+    {
+        let x = x.into();
+        let second_ok = x.second.is_none_or(|(x2, c2)| {
+            x2.ptr(gpu).is_multiple_of(16) && (self.cin - c2.min(self.cin)).is_multiple_of(8)
+        });
         kernel == ConvKernel::Tile64
             || (self.large_tiles_apply()
-                && x.ptr(gpu).is_multiple_of(16)
+                && second_ok
+                && x.x.ptr(gpu).is_multiple_of(16)
                 && self.weight.ptr(gpu).is_multiple_of(16))
     }
 
@@ -615,14 +661,18 @@ impl<T: GpuFloat> GpuConv2d<T> {
     /// applies, else the large tiles when they apply and still give `LARGE_TILE_MIN_BLOCKS`
     /// blocks: 128x128, unless 64-wide column tiles pad cout less (cout 192 or 576 fill 64-wide
     /// tiles exactly but waste 25% / 10% of 128-wide ones).
-    pub fn choose_kernel(
+    pub fn choose_kernel<'a>(
         &self,
         gpu: &Gpu,
-        x: &GpuBuffer<T>,
+        x: impl Into<ConvInput<'a, T>>,
         n: usize,
         h: usize,
         w: usize,
-    ) -> ConvKernel {
+    ) -> ConvKernel
+    where
+        T: 'a,
+    {
+        let x = x.into();
         if let Some(k) = env_kernel().filter(|&k| self.supports(gpu, k, x)) {
             return k;
         }
@@ -646,44 +696,70 @@ impl<T: GpuFloat> GpuConv2d<T> {
     /// `kernels/conv.cu`: x `[n, h, w, cin]` -> y `[n, ho, wo, cout]`, with the kernel
     /// `choose_kernel` picks.
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(
+    pub fn forward<'a>(
         &self,
         gpu: &Gpu,
-        x: &GpuBuffer<T>,
+        x: impl Into<ConvInput<'a, T>>,
         n: usize,
         h: usize,
         w: usize,
         y: &mut GpuBuffer<T>,
         residual: Residual<'_, GpuBuffer<T>>,
-    ) -> Result<()> {
+    ) -> Result<()>
+    where
+        T: 'a,
+    {
+        let x = x.into();
         let kernel = self.choose_kernel(gpu, x, n, h, w);
         self.forward_with(gpu, kernel, x, n, h, w, y, residual)
     }
 
     /// `forward` with the given kernel (tests, benchmarks): an error where it does not apply.
+    /// `h` and `w` are the size the convolution sees (twice the stored one when upsampled).
     #[allow(clippy::too_many_arguments)]
-    pub fn forward_with(
+    pub fn forward_with<'a>(
         &self,
         gpu: &Gpu,
         kernel: ConvKernel,
-        x: &GpuBuffer<T>,
+        x: impl Into<ConvInput<'a, T>>,
         n: usize,
         h: usize,
         w: usize,
         y: &mut GpuBuffer<T>,
         residual: Residual<'_, GpuBuffer<T>>,
-    ) -> Result<()> {
+    ) -> Result<()>
+    where
+        T: 'a,
+    {
+        let input = x.into();
         let (ho, wo) = self.out_size(h, w);
         let out_len = elements("conv output", &[n, ho, wo, self.cout])?;
         // The kernels count output pixels (their GEMM rows) in 32 bits.
         int_product("conv output pixels", &[n, ho, wo])?;
-        check_len(
-            "conv input",
-            x.len(),
-            elements("conv input", &[n, h, w, self.cin])?,
-        )?;
+        let (sh, sw) = if input.upsampled {
+            if !h.is_multiple_of(2) || !w.is_multiple_of(2) {
+                return Err(Error::Input(format!(
+                    "an upsampled conv input of odd size {h}x{w}"
+                )));
+            }
+            (h / 2, w / 2)
+        } else {
+            (h, w)
+        };
+        let c2 = input.second.map_or(0, |(_, c2)| c2);
+        if input.second.is_some() && (c2 == 0 || c2 >= self.cin) {
+            return Err(Error::Input(format!(
+                "a conv over {} channels cannot take {c2} of them from a second tensor",
+                self.cin
+            )));
+        }
+        let stored = |c: usize| elements("conv input", &[n, sh, sw, c]);
+        check_len("conv input", input.x.len(), stored(self.cin - c2)?)?;
+        if let Some((x2, _)) = input.second {
+            check_len("conv input (second tensor)", x2.len(), stored(c2)?)?;
+        }
         check_len("conv output", y.len(), out_len)?;
-        if !self.supports(gpu, kernel, x) {
+        if !self.supports(gpu, kernel, input) {
             return Err(crate::Error::Cuda(format!(
                 "conv kernel {} cannot run {}x{} cin {} cout {} in {}",
                 kernel.name(),
@@ -694,11 +770,22 @@ impl<T: GpuFloat> GpuConv2d<T> {
                 T::SUFFIX
             )));
         }
+        let res_up = matches!(residual, Residual::Upsampled(_));
         let res = match residual {
             Residual::None => 0,
             Residual::Output => y.ptr(gpu),
             Residual::Buffer(r) => {
                 check_len("conv residual", r.len(), out_len)?;
+                r.ptr(gpu)
+            }
+            Residual::Upsampled(r) => {
+                if !ho.is_multiple_of(2) || !wo.is_multiple_of(2) {
+                    return Err(Error::Input(format!(
+                        "an upsampled residual for an output of odd size {ho}x{wo}"
+                    )));
+                }
+                let len = elements("conv residual", &[n, ho / 2, wo / 2, self.cout])?;
+                check_len("conv residual (half size)", r.len(), len)?;
                 r.ptr(gpu)
             }
         };
@@ -725,7 +812,7 @@ impl<T: GpuFloat> GpuConv2d<T> {
         };
         let i = |v: usize| v as i32;
         let args = ConvArgs {
-            x: x.ptr(gpu),
+            x: input.x.ptr(gpu),
             weight: self.weight.ptr(gpu),
             bias: self.bias.ptr(gpu),
             residual: res,
@@ -739,6 +826,10 @@ impl<T: GpuFloat> GpuConv2d<T> {
             stride: i(self.stride),
             ho: i(ho),
             wo: i(wo),
+            x2: input.second.map_or(0, |(x2, _)| x2.ptr(gpu)),
+            cin1: i(self.cin - c2),
+            up: input.upsampled as i32,
+            res_up: res_up as i32,
             ..Default::default()
         };
         gpu.launch("conv", &name, cfg, &args)

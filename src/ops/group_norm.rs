@@ -180,11 +180,80 @@ impl GpuGroupNorm {
         scale_shift: Option<&GpuBuffer<f32>>,
         silu_after: bool,
     ) -> Result<()> {
+        self.run(gpu, x, None, n, hw, y, scratch, scale_shift, silu_after)
+    }
+
+    /// Whether [`GpuGroupNorm::forward_concat`] takes a concatenation whose first tensor has
+    /// `ca` channels (whole 16-byte packs of eight channels in each tensor).
+    pub fn takes_concat<T: GpuFloat>(&self, gpu: &Gpu, b: &GpuBuffer<T>, ca: usize) -> bool {
+        ca > 0
+            && ca < self.channels
+            && ca.is_multiple_of(k::GN_VEC)
+            && b.ptr(gpu).is_multiple_of(16)
+    }
+
+    /// [`GpuGroupNorm::forward`] of the channel concatenation `cat([a, b])` (a `[n, hw, ca]`,
+    /// b the other channels), read from the two tensors (see [`GpuGroupNorm::takes_concat`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_concat<T: GpuFloat>(
+        &self,
+        gpu: &Gpu,
+        [a, b]: [&GpuBuffer<T>; 2],
+        ca: usize,
+        n: usize,
+        hw: usize,
+        y: &mut GpuBuffer<T>,
+        scratch: &mut GpuBuffer<f32>,
+        scale_shift: Option<&GpuBuffer<f32>>,
+        silu_after: bool,
+    ) -> Result<()> {
+        if !self.takes_concat(gpu, b, ca) {
+            return Err(crate::Error::Cuda(format!(
+                "group norm over {} channels cannot read them as {ca} + {} from two tensors",
+                self.channels,
+                self.channels.saturating_sub(ca)
+            )));
+        }
+        self.run(
+            gpu,
+            a,
+            Some((b, ca)),
+            n,
+            hw,
+            y,
+            scratch,
+            scale_shift,
+            silu_after,
+        )
+    }
+
+    /// The launches; `second`: the tensor holding the channels past the first `ca`.
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: GpuFloat>(
+        &self,
+        gpu: &Gpu,
+        x: &GpuBuffer<T>,
+        second: Option<(&GpuBuffer<T>, usize)>,
+        n: usize,
+        hw: usize,
+        y: &mut GpuBuffer<T>,
+        scratch: &mut GpuBuffer<f32>,
+        scale_shift: Option<&GpuBuffer<f32>>,
+        silu_after: bool,
+    ) -> Result<()> {
         let c = self.channels;
         let len = elements("group norm", &[n, hw, c])?;
         // The apply kernel indexes one image in 32 bits.
         int_product("group norm image", &[hw, c])?;
-        check_len("group norm input", x.len(), len)?;
+        let ca = second.map_or(c, |(_, ca)| ca);
+        check_len("group norm input", x.len(), n * hw * ca)?;
+        if let Some((b, _)) = second {
+            check_len(
+                "group norm input (second tensor)",
+                b.len(),
+                n * hw * (c - ca),
+            )?;
+        }
         check_len("group norm output", y.len(), len)?;
         let rows = stats_rows(n, hw);
         let chunks = hw.div_ceil(rows);
@@ -207,6 +276,7 @@ impl GpuGroupNorm {
                 "group norm: x and y must be {align}-byte aligned"
             )));
         }
+        let (x2, c1) = second.map_or((0, 0), |(b, ca)| (b.ptr(gpu), ca as i32));
         let stats = scratch.ptr(gpu);
         let part = stats + (n * GROUPS * 2 * std::mem::size_of::<f32>()) as u64;
         let i = |v: usize| v as i32;
@@ -225,6 +295,8 @@ impl GpuGroupNorm {
                 hw: i(hw),
                 c: i(c),
                 rows: i(rows),
+                x2,
+                c1,
                 ..Default::default()
             },
         )?;
@@ -265,6 +337,8 @@ impl GpuGroupNorm {
                 hw: i(hw),
                 c: i(c),
                 silu: silu_after as i32,
+                x2,
+                c1,
                 ..Default::default()
             },
         )

@@ -50,6 +50,21 @@ MUTANTS = {
         "        __syncthreads();  // stage `cur` is refilled in the next iteration\n",
         "",
     ),
+    # The copies folded into the conv's addressing: the second source read with the first's
+    # channel stride, the upsampled input read at full size in y, the half-size residual read at
+    # y's index, 16-byte copies across the two sources when cin1 is not a multiple of 8.
+    "concat_second_source_stride": (
+        "conv.cu",
+        "x2 + pixel * s.cin2 + (ci - s.cin1)",
+        "x2 + pixel * s.cin1 + (ci - s.cin1)",
+    ),
+    "upsample_rows_not_halved": ("conv.cu", "        iy >>= 1;\n", ""),
+    "residual_not_upsampled": (
+        "conv.cu",
+        "if (!s.res_up) return (long long)row * s.cout + col;",
+        "if (s.res_up >= 0) return (long long)row * s.cout + col;",
+    ),
+    "vector_copies_across_sources": ("conv.cu", " && s.cin1 % 8 == 0 && aligned16(x_)", " && aligned16(x_)"),
     # Reads weight rows past the last output channel, whose products are never stored: the values
     # cannot show it, only AddressSanitizer.
     "b_rows_past_cout": (
@@ -77,6 +92,12 @@ MUTANTS = {
         "attention.cu",
         "ldsm_x4_trans(vb, vrow + (2 * dp + (mi >> 1)) * 16);",
         "ldsm_x4(vb, vrow + (2 * dp + (mi >> 1)) * 16);",
+    ),
+    # Group norm reads the concatenation's second tensor with the whole concatenation's stride.
+    "group_norm_second_source_stride": (
+        "group_norm.cu",
+        "return {x2 + (long long)b * hw * (c - c1) + (ch0 - c1), c - c1};",
+        "return {x2 + (long long)b * hw * (c - c1) + (ch0 - c1), c};",
     ),
     # Group norm's apply kernel uses the per-channel table before every thread has written it.
     "group_norm_apply_no_barrier": (

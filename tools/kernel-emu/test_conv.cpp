@@ -2,7 +2,7 @@
 // double reference on the same (rounded) inputs.
 //   test_conv [delayed|immediate] [quick]
 // delayed (default): cp.async data lands at the wait_group that completes it, the destination
-// poisoned until then; immediate: it lands at once. quick: the two shapes of the mutation check.
+// poisoned until then; immediate: it lands at once. quick: the shapes of the mutation check.
 #include "conv.cu"
 #include "check.h"
 
@@ -12,14 +12,19 @@ struct ConvCase {
     bool bias;
     int x_offset = 0;  // elements: 1 misaligns x (the 64x64 kernel's scalar load path)
     int y_offset = 0;  // elements: 1 misaligns y (the large tiles' unpaired epilogue)
+    int cin2 = 0;      // > 0: the last cin2 input channels come from a second tensor (x2)
+    bool up = false;   // the input is stored at half size and upsampled on read
+    bool res_up = false;  // the residual is stored at half size (then in its own buffer)
+    int cin1() const { return cin - cin2; }
     int ho() const { return (h + 2 * (ks / 2) - ks) / stride + 1; }
     int wo() const { return (w + 2 * (ks / 2) - ks) / stride + 1; }
     int M() const { return n * ho() * wo(); }
     int K() const { return ks * ks * cin; }
     std::string describe() const {
-        char s[120];
-        snprintf(s, sizeof s, "n%d %dx%d cin%d cout%d k%d s%d M%d%s%s%s%s", n, h, w, cin, cout, ks, stride, M(),
-                 residual ? " +res=y" : "", bias ? "" : " nobias", x_offset ? " x+1" : "", y_offset ? " y+1" : "");
+        char s[160];
+        snprintf(s, sizeof s, "n%d %dx%d cin%d cout%d k%d s%d M%d%s%s%s%s%s%s", n, h, w, cin, cout, ks, stride, M(),
+                 residual ? (res_up ? " +res_up" : " +res=y") : "", bias ? "" : " nobias", x_offset ? " x+1" : "",
+                 y_offset ? " y+1" : "", cin2 ? (" x2 cin" + std::to_string(cin2)).c_str() : "", up ? " up" : "");
         return s;
     }
 };
@@ -50,14 +55,26 @@ template <typename T> double tolerance() { return std::is_same<T, float>::value 
 template <typename T>
 void run(const Variant& v, ConvKernelFn kernel, const ConvCase& c) {
     const int ho = c.ho(), wo = c.wo(), M = c.M(), K = c.K(), pad = c.ks / 2;
-    std::vector<double> x, w, res;
-    auto xs = uniform_values<T>((size_t)c.n * c.h * c.w * c.cin + c.x_offset, rng, -1, 1, &x);
+    const int cin1 = c.cin1(), sh = c.up ? c.h / 2 : c.h, sw = c.up ? c.w / 2 : c.w;
+    std::vector<double> x, x2, w, res;
+    auto xs = uniform_values<T>((size_t)c.n * sh * sw * cin1 + c.x_offset, rng, -1, 1, &x);
+    auto x2s = uniform_values<T>((size_t)c.n * sh * sw * c.cin2, rng, -1, 1, &x2);
+    // Channel ci of the logical input pixel (b, iy, ix): cat([x, x2]), upsampled when c.up.
+    auto input = [&](int b, int iy, int ix, int ci) {
+        if (c.up) iy /= 2, ix /= 2;
+        const size_t pixel = (size_t)(b * sh + iy) * sw + ix;
+        return ci < cin1 ? x[c.x_offset + pixel * cin1 + ci] : x2[pixel * c.cin2 + ci - cin1];
+    };
     const float wscale = 2.0f / std::sqrt((float)K);
     auto ws = uniform_values<T>((size_t)c.cout * K, rng, -wscale, wscale, &w);
     std::vector<float> bias(c.cout);
     for (auto& b : bias) b = rng.uniform();
     const size_t out = (size_t)M * c.cout;
-    std::vector<T> ys = c.residual ? uniform_values<T>(out + c.y_offset, rng, -1, 1, &res) : nan_filled<T>(out + c.y_offset);
+    // The residual is y itself (the UNet's aliasing), or with res_up its own half-size buffer.
+    const size_t res_len = c.res_up ? (size_t)c.n * (ho / 2) * (wo / 2) * c.cout : out;
+    std::vector<T> ys = c.residual && !c.res_up ? uniform_values<T>(out + c.y_offset, rng, -1, 1, &res)
+                                                 : nan_filled<T>(out + c.y_offset);
+    std::vector<T> rs = c.res_up ? uniform_values<T>(res_len, rng, -1, 1, &res) : std::vector<T>();
 
     std::vector<double> ref(out);
     for (int b = 0; b < c.n; ++b)
@@ -69,12 +86,13 @@ void run(const Variant& v, ConvKernelFn kernel, const ConvCase& c) {
                         for (int kx = 0; kx < c.ks; ++kx) {
                             const int iy = oy * c.stride + ky - pad, ix = ox * c.stride + kx - pad;
                             if (iy < 0 || ix < 0 || iy >= c.h || ix >= c.w) continue;
-                            const double* xp = &x[c.x_offset + ((size_t)(b * c.h + iy) * c.w + ix) * c.cin];
                             const double* wp = &w[((size_t)co * c.ks * c.ks + ky * c.ks + kx) * c.cin];  // OHWI
-                            for (int ci = 0; ci < c.cin; ++ci) s += xp[ci] * wp[ci];
+                            for (int ci = 0; ci < c.cin; ++ci) s += input(b, iy, ix, ci) * wp[ci];
                         }
                     const size_t o = ((size_t)(b * ho + oy) * wo + ox) * c.cout + co;
-                    ref[o] = s + (c.residual ? res[c.y_offset + o] : 0.0);
+                    const size_t ro = c.res_up ? ((size_t)(b * (ho / 2) + oy / 2) * (wo / 2) + ox / 2) * c.cout + co
+                                               : c.y_offset + o;
+                    ref[o] = s + (c.residual ? res[ro] : 0.0);
                 }
 
     const T* xp = xs.data() + c.x_offset;
@@ -82,8 +100,9 @@ void run(const Variant& v, ConvKernelFn kernel, const ConvCase& c) {
     const unsigned row_tiles = (M + v.bm - 1) / v.bm, col_tiles = (c.cout + v.bn - 1) / v.bn;
     const dim3 grid = v.large ? dim3{row_tiles * col_tiles, 1, 1} : dim3{row_tiles, col_tiles, 1};
     const auto t0 = std::chrono::steady_clock::now();
-    const ConvArgs args{xp, ws.data(), c.bias ? bias.data() : nullptr, c.residual ? yp : nullptr, yp, c.n, c.h, c.w,
-                        c.cin, c.cout, c.ks, c.stride, ho, wo};
+    const T* rp = !c.residual ? nullptr : c.res_up ? rs.data() : yp;
+    const ConvArgs args{xp,   ws.data(), c.bias ? bias.data() : nullptr, rp, yp, c.n, c.h, c.w, c.cin, c.cout, c.ks,
+                        c.stride, ho, wo, c.cin2 ? x2s.data() : nullptr, cin1, c.up, c.res_up};
     emu_launch(grid, {(unsigned)v.threads, 1, 1}, [&] { MCDM_CALL(kernel, ConvArgs, args); }, v.dynamic_shared);
     const double secs = seconds_since(t0);
     std::vector<double> got = widen(ys);
@@ -109,6 +128,7 @@ int main(int argc, char** argv) {
     // n, h, w, cin, cout, ks, stride, residual, bias, x_offset, y_offset
     const ConvCase m198{2, 9, 11, 16, 72, 3, 1, true, true};  // M tail (198), cout 72, 5 K steps
     const ConvCase stride2{2, 9, 10, 40, 136, 3, 2, true, true};  // K steps straddle taps (cin 40)
+    const ConvCase folded{1, 12, 12, 40, 16, 3, 2, true, true, 0, 0, 24, true, true};  // x2, up, res_up
     // Shapes every kernel supports (cin, cout multiples of 8).
     std::vector<ConvCase> common = {
         {1, 5, 7, 8, 8, 3, 1, true, true},      // tiny: M 35, cout 8, cin 8 (K 72: 3 K steps)
@@ -120,22 +140,34 @@ int main(int argc, char** argv) {
         {1, 3, 3, 8, 16, 3, 2, true, true},      // stride 2 on 3x3 -> 2x2, mostly padding
         {1, 5, 6, 24, 48, 3, 1, true, true, 0, 1},  // y misaligned by one element
         {1, 16, 21, 16, 136, 3, 1, true, true},  // M 336: a full and a partial 256-row tile
+        // The copies folded into the conv: the decoder's concatenation (cin1 16 + cin2 32, and
+        // a 1x1 skip conv over 24 + 40), a 2x upsampled input, an upsampled residual, and all
+        // three at once (stride 2 on an upsampled input: the addressing allows it).
+        {2, 6, 7, 48, 40, 3, 1, true, true, 0, 0, 32},
+        {2, 8, 8, 64, 72, 1, 1, true, true, 0, 0, 40},
+        {1, 10, 12, 16, 64, 3, 1, false, true, 0, 0, 0, true},
+        {2, 8, 6, 16, 24, 3, 1, true, true, 0, 0, 0, false, true},
+        folded,
     };
+    // cin 8 but cin1 3: the concatenation element by element (64x64 only).
+    const ConvCase concat_scalar{1, 5, 6, 8, 16, 3, 1, true, true, 0, 0, 5};
     const ConvCase cin264{1, 4, 5, 264, 24, 3, 1, false, true};  // K 2376: 75 K steps
     // 64x64 only: cin not a multiple of 8, cout not a multiple of 8, misaligned x.
     const std::vector<ConvCase> scalar_loads = {
         {1, 9, 6, 3, 5, 3, 2, false, true},    // the 3-channel input conv, stride 2
         {1, 3, 3, 6, 64, 3, 1, false, true},
         {1, 6, 5, 16, 33, 3, 1, false, true, 1},
+        concat_scalar,
     };
 
     if (quick) {
-        for (const ConvCase& c : {m198, stride2}) {
+        for (const ConvCase& c : {m198, stride2, folded}) {
             run<__half>(TILE128, conv2d_m128n128_f16, c);
             run<__half>(TILE128X64, conv2d_m128n64_f16, c);
             run<__half>(TILE256X128, conv2d_m256n128_f16, c);
             run<__half>(TILE64, conv2d_f16, c);
         }
+        run<__half>(TILE64, conv2d_f16, concat_scalar);
         return checker.finish();
     }
     if (!g_cp_async_delayed) common = {m198, stride2};  // the pipeline's ordering is what differs

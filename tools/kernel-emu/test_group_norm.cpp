@@ -15,6 +15,7 @@ struct GnCase {
     bool scale_shift;
     int silu;
     bool in_place = false;  // y aliases x
+    int c2 = 0;  // > 0: x is read as the concatenation of two tensors, the second of c2 channels
 };
 
 template <typename T, typename Partial, typename Apply>
@@ -34,15 +35,26 @@ void run(Partial partial, Apply apply, const GnCase& k) {
     std::vector<T> ys = k.in_place ? xs : nan_filled<T>(xs.size());
     T* y = ys.data();
     const T* xin = k.in_place ? y : xs.data();
+    // The split: the first c - c2 channels of each pixel in one tensor, the others in a second.
+    const int c1 = c - k.c2;
+    std::vector<T> first, second;
+    if (k.c2 > 0) {
+        for (size_t px = 0; px < (size_t)n * hw; ++px) {
+            first.insert(first.end(), xs.begin() + px * c, xs.begin() + px * c + c1);
+            second.insert(second.end(), xs.begin() + px * c + c1, xs.begin() + (px + 1) * c);
+        }
+        xin = first.data();
+    }
+    const T* x2in = k.c2 > 0 ? second.data() : nullptr;
 
     const auto t0 = std::chrono::steady_clock::now();
-    const GroupNormStatsArgs stats_args{xin, part, hw, c, rows};
+    const GroupNormStatsArgs stats_args{xin, part, hw, c, rows, x2in, c1};
     emu_launch({(unsigned)chunks, (unsigned)n, 1}, {GN_THREADS, 1, 1}, [&] { MCDM_CALL(partial, GroupNormStatsArgs, stats_args); });
     const GroupNormMergeArgs merge_args{part, stats, chunks};
     emu_launch({GN_GROUPS, (unsigned)n, 1}, {GN_MERGE_THREADS, 1, 1}, [&] { MCDM_CALL(group_norm_merge, GroupNormMergeArgs, merge_args); });
     const int per_block = GN_APPLY_THREADS * GN_VEC * GN_APPLY_ITERS;
     const GroupNormApplyArgs apply_args{
-        xin, stats, gamma.data(), beta.data(), k.scale_shift ? ss.data() : nullptr, y, hw, c, k.silu};
+        xin, stats, gamma.data(), beta.data(), k.scale_shift ? ss.data() : nullptr, y, hw, c, k.silu, x2in, c1};
     emu_launch({(unsigned)((hw * c + per_block - 1) / per_block), (unsigned)n, 1}, {GN_APPLY_THREADS, 1, 1},
                [&] { MCDM_CALL(apply, GroupNormApplyArgs, apply_args); });
     const double secs = seconds_since(t0);
@@ -83,9 +95,10 @@ void run(Partial partial, Apply apply, const GnCase& k) {
                     slack[i] = 1.1 * gain * mean_storage;
                 }
         }
-    char name[160];
-    snprintf(name, sizeof name, "n%d hw%d c%d offset %g spread %g rows %d chunks %d%s%s%s", n, hw, c, k.offset,
-             k.spread, rows, chunks, k.scale_shift ? " ss" : "", k.silu ? " silu" : "", k.in_place ? " in-place" : "");
+    char name[200];
+    snprintf(name, sizeof name, "n%d hw%d c%d offset %g spread %g rows %d chunks %d%s%s%s%s", n, hw, c, k.offset,
+             k.spread, rows, chunks, k.scale_shift ? " ss" : "", k.silu ? " silu" : "", k.in_place ? " in-place" : "",
+             k.c2 ? (" x2 c" + std::to_string(k.c2)).c_str() : "");
     zeros.assign(mean_err.size(), 0.0);
     checker.close(std::string("group_norm stats (mean) ") + type_name<T>() + " " + name, zeros, mean_err, 1e-5, secs);
     checker.close(std::string("group_norm stats (rstd) ") + type_name<T>() + " " + name, zeros, rstd_err, 1e-5, 0);
@@ -113,5 +126,10 @@ int main() {
     run<__half>(group_norm_partial_f16, group_norm_apply_f16, {1, 100, 2048, 0, 1, true, 0});
     run<__nv_bfloat16>(group_norm_partial_bf16, group_norm_apply_bf16, {1, 200, 192, 0, 2, true, 1});
     run<__nv_bfloat16>(group_norm_partial_bf16, group_norm_apply_bf16, {2, 50, 640, 20, 1, false, 0});
+    // The decoder's concatenation read from its two tensors (c1 = c - c2): in each case one
+    // group has channels in both (c1 56 of groups of 3, 128 of 6, 256 of 12).
+    run<float>(group_norm_partial_f32, group_norm_apply_f32, {2, 37, 96, 0, 1, true, 1, false, 40});
+    run<__half>(group_norm_partial_f16, group_norm_apply_f16, {1, 300, 192, 1, 1, false, 1, false, 64});
+    run<__nv_bfloat16>(group_norm_partial_bf16, group_norm_apply_bf16, {2, 64, 384, 0, 1, true, 1, false, 128});
     return checker.finish();
 }
