@@ -176,6 +176,12 @@ export PYTHONPATH=$ROOT/py:${PYTHONPATH:-}
 if step "kernels bf16" 90 bench-kernels.log "$BIN" bench --device cuda --dtype bf16 --kernels --iters 20; then
     record "kernels bf16" "ok (${LAST_SECONDS} s, table below)"
 elif [ $? -ne 125 ]; then record "kernels bf16" "FAILED or stopped"; fi
+# The same shapes in PyTorch: cuDNN conv2d (channels_last, cudnn.benchmark), cat / interpolate +
+# conv where mcdm folds the copy, scaled_dot_product_attention.
+if [ -s "$LOG/bench-kernels.log" ] && step "torch kernels bf16" 90 bench-torch-kernels.log python3 \
+    tools/bench_torch_kernels.py "$LOG/bench-kernels.log" --dtype bf16 --iters 20 --json "$LOG/torch-kernels.json"; then
+    record "torch kernels bf16" "ok (${LAST_SECONDS} s, table below)"
+elif [ $? -ne 125 ]; then record "torch kernels bf16" "FAILED, stopped or no kernel table"; fi
 batch_of() { [ "$1" = face256 ] && echo 8 || echo 64; }
 for cfg in imagenet64-adm face256; do
     b=$(batch_of $cfg)
@@ -184,6 +190,13 @@ for cfg in imagenet64-adm face256; do
         record "mcdm bf16 $cfg b$b" "$(tail -1 "$LOG/bench-mcdm-$cfg.log")"
     elif [ $? -ne 125 ]; then record "mcdm bf16 $cfg b$b" "FAILED or stopped"; fi
 done
+# What folding the decoder's concatenations and the upsamplings into the convolutions' and group
+# norms' addressing saves: the ADM run again with those copies made (MCDM_FOLD_COPIES=0).
+if step "mcdm bf16 imagenet64-adm b64 copies" 90 bench-mcdm-copies.log env MCDM_FOLD_COPIES=0 "$BIN" bench \
+    --device cuda --dtype bf16 --config tools/configs/imagenet64-adm.json --compose 3 --steps 10 --batch 64 \
+    --iters 3 --output "$LOG/mcdm-imagenet64-adm-copies.json"; then
+    record "mcdm bf16 imagenet64-adm b64 copies" "$(tail -1 "$LOG/bench-mcdm-copies.log")"
+elif [ $? -ne 125 ]; then record "mcdm bf16 imagenet64-adm b64 copies" "FAILED or stopped"; fi
 # What replaying each step as a CUDA graph saves where launches dominate: the SynthFaces models'
 # size (32x32, 32 channels), the default composition's 3 experts, batch 8, 50 steps.
 [ "$QUICK" = 1 ] && graph_modes="" || graph_modes="graph nograph"
@@ -197,8 +210,7 @@ for graphs in $graph_modes; do
     elif [ $? -ne 125 ]; then record "mcdm bf16 synthfaces b8 $graphs" "FAILED or stopped"; fi
 done
 torch_bench() {
-    local mode=$1 tag cfg b
-    tag=$(echo "$mode" | tr -d ' -')
+    local tag=$1 mode=$2 cfg b
     for cfg in imagenet64-adm face256; do
         b=$(batch_of $cfg)
         if step "torch $tag $cfg b$b" 150 "bench-torch-$cfg-$tag.log" python3 tools/bench_torch.py \
@@ -208,7 +220,8 @@ torch_bench() {
         elif [ $? -ne 125 ]; then record "torch $tag $cfg b$b" "FAILED or stopped"; fi
     done
 }
-[ "$QUICK" = 1 ] || torch_bench "--fp16"
+# PyTorch at its best without compiling: fp16, channels_last, cuDNN's autotuner.
+[ "$QUICK" = 1 ] || torch_bench fp16 "--fp16 --channels-last --cudnn-benchmark"
 # Where one forward pass of each config spends its GPU time, kernel by kernel (CUDA events).
 for cfg in imagenet64-adm face256; do
     b=$(batch_of $cfg)
@@ -220,7 +233,9 @@ done
 if [ "$QUICK" = 1 ]; then
     sanitize racecheck attention 120 "$ROOT/tests/gpu_ops" --nocapture --test-threads 1 attention_matches_cpu
 else
-    torch_bench "--fp16 --compile"
+    # TORCH_COMPILE_MODE: default unless set (max-autotune compiles for minutes per model).
+    torch_bench fp16compile \
+        "--fp16 --channels-last --cudnn-benchmark --compile --compile-mode ${TORCH_COMPILE_MODE:-default}"
     # 4. With the time left: racecheck on every conv variant (cp.async pipelines, ldmatrix reads).
     sanitize racecheck conv-variants 90 "$ROOT/tests/gpu_ops" --nocapture --test-threads 1 conv_matches_cpu
 fi
@@ -229,4 +244,5 @@ snapshot
 echo
 echo "== device check ($SECONDS s) =="
 cat "$LOG/bench-kernels.log" 2>/dev/null || true
+cat "$LOG/bench-torch-kernels.log" 2>/dev/null || true
 cat "$LOG/summary.txt"

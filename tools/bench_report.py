@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 CONFIGS = ["imagenet64-adm", "face256"]
-TORCH_MODES = [("fp16", "PyTorch fp16 eager"), ("fp16compile", "PyTorch fp16 torch.compile")]
+TORCH_MODES = [("fp16", "PyTorch fp16 eager (channels_last, cudnn.benchmark)"),
+               ("fp16compile", "PyTorch fp16 torch.compile (channels_last, cudnn.benchmark)")]
 
 
 def load(path):
@@ -71,7 +72,8 @@ def main():
         print("Command: `bash scripts/device-check.sh --run` (prepared by `scripts/device-check.sh`);")
         print("composed runs: DDIM 10 steps, 3 experts + unconditional model, random weights, mcdm")
         print("`--dtype bf16` against guided-diffusion in PyTorch (`tools/bench_torch.py --fp16")
-        print("[--compile] --compose 3`), both in this run.")
+        print("--channels-last --cudnn-benchmark [--compile --compile-mode M] --compose 3`), both in")
+        print("this run; torch.compile's mode M is in torch-<config>-fp16compile.json (`compile_mode`).")
     print()
     print("## Composed sampling")
     print()
@@ -116,6 +118,12 @@ def main():
         print("## Single kernels (`mcdm bench --device cuda --dtype bf16 --kernels --iters 20`)")
         print()
         print(spaced_tables(kernels))
+        print()
+    torch_kernels = read("bench-torch-kernels.log").strip()
+    if torch_kernels:
+        print("## The same shapes in PyTorch (`tools/bench_torch_kernels.py`: cuDNN conv2d, SDPA)")
+        print()
+        print(spaced_tables(torch_kernels))
         print()
     for cfg in CONFIGS:
         profile = read(f"profile-{cfg}.log").strip()

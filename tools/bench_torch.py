@@ -2,7 +2,8 @@
 
 Usage:
     /opt/gdenv/bin/python tools/bench_torch.py [CONFIG] [--batch 1 16] [--warmup 2] [--runs 5]
-        [--device cpu|cuda] [--fp16] [--compile] [--threads N] [--json results.json]
+        [--device cpu|cuda] [--fp16] [--channels-last] [--cudnn-benchmark]
+        [--compile [--compile-mode MODE]] [--threads N] [--json results.json]
     /opt/gdenv/bin/python tools/bench_torch.py --list            # presets
     /opt/gdenv/bin/python tools/bench_torch.py --write-configs   # (re)writes tools/configs/*.json
 
@@ -15,11 +16,16 @@ ones (torch.cuda.synchronize() around each on CUDA); the median is reported.
   --fp16     the reference fp16 path: model.convert_to_fp16() (torso convs in float16; Linear,
              GroupNorm, time embedding and `out` stay float32), as the reference scripts do
              with --use_fp16 True. Meant for --device cuda.
-  --compile  torch.compile(model) (the compile time is part of the warm-up, not of the timing).
+  --compile  torch.compile(model) (the compile time is part of the warm-up, not of the timing),
+             in --compile-mode (default, reduce-overhead, max-autotune, ...).
+  --channels-last   the models' weights and inputs in channels_last (NHWC) memory format, as
+             cuDNN's fastest convolutions want.
+  --cudnn-benchmark torch.backends.cudnn.benchmark = True (cuDNN picks its fastest algorithms
+             during the warm-up).
 
 Printed and (with --json) written as a JSON list, one record per batch size:
   {preset, config, batch, seconds_per_forward (median), seconds_min, images_per_second, times, torch, threads, cpu,
-   device, gpu, fp16, compile, params}
+   device, gpu, fp16, compile, compile_mode, channels_last, cudnn_benchmark, params}
 
 Presets (also written to tools/configs/<name>.json):
   bench-cpu       64x64, 64 ch, 2 res blocks, mult 1,2,3,4, attention 16,8, 32 head channels,
@@ -107,6 +113,11 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--fp16", action="store_true", help="reference convert_to_fp16() (GPU)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--compile-mode", default="default",
+                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                    help="torch.compile's mode (with --compile)")
+    ap.add_argument("--channels-last", action="store_true", help="weights and inputs in channels_last")
+    ap.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compose", type=int, default=0,
@@ -127,6 +138,7 @@ def main():
         return
 
     th.set_num_threads(args.threads)
+    th.backends.cudnn.benchmark = args.cudnn_benchmark
     dev = th.device(args.device)
     name, cfg = load_config(args.config)
     model = gd_model.randomize(gd_model.build_model(cfg), args.seed)
@@ -135,8 +147,8 @@ def main():
         half = gd_model.build_model(cfg, fp16=True)
         half.load_state_dict(model.state_dict())
         model = half
-    model = model.to(dev).eval()
-    run = th.compile(model) if args.compile else model
+    model = prepare(model.to(dev).eval(), args)
+    run = compiled(model, args)
     cuda = dev.type == "cuda"
     gpu = th.cuda.get_device_name(dev) if cuda else None
 
@@ -150,7 +162,8 @@ def main():
     results = []
     g = th.Generator().manual_seed(args.seed + 1)
     for batch in args.batch:
-        x = th.randn(batch, cfg["in_channels"], cfg["image_size"], cfg["image_size"], generator=g).to(dev)
+        x = layout(th.randn(batch, cfg["in_channels"], cfg["image_size"], cfg["image_size"], generator=g).to(dev),
+                   args)
         t = th.randint(0, cfg["diffusion_steps"], (batch,), generator=g).to(dev)
         y = th.randint(0, cfg["num_classes"], (batch,), generator=g).to(dev) if cfg.get("num_classes") else None
         emb = th.randn(batch, cfg["embed_dim"], generator=g).to(dev) if cfg.get("embed_dim") else None
@@ -170,15 +183,39 @@ def main():
                    seconds_min=min(times),
                    images_per_second=batch / med, times=times, torch=th.__version__,
                    threads=th.get_num_threads(), cpu=cpu_name(), device=str(dev), gpu=gpu,
-                   fp16=args.fp16, compile=args.compile, params=params)
+                   fp16=args.fp16, params=params, **setup_record(args))
         results.append(rec)
         print(f"{name} batch {batch:3d}: {med * 1e3:10.2f} ms/forward  {batch / med:9.2f} images/s  "
-              f"(median of {args.runs}, {args.device}{' fp16' if args.fp16 else ''}"
-              f"{' compile' if args.compile else ''}, {th.get_num_threads()} threads, torch {th.__version__})",
+              f"(median of {args.runs}, {args.device}{setup_tag(args)}, {th.get_num_threads()} threads, "
+              f"torch {th.__version__})",
               flush=True)
     if args.json:
         gd_model.atomic_write_bytes(args.json, (json.dumps(results, indent=2) + "\n").encode())
         print(f"wrote {args.json}")
+
+
+def prepare(model, args):
+    return model.to(memory_format=th.channels_last) if args.channels_last else model
+
+
+def layout(x, args):
+    return x.contiguous(memory_format=th.channels_last) if args.channels_last else x
+
+
+def compiled(model, args):
+    return th.compile(model, mode=args.compile_mode) if args.compile else model
+
+
+def setup_record(args):
+    return dict(compile=args.compile, compile_mode=args.compile_mode if args.compile else None,
+                channels_last=args.channels_last, cudnn_benchmark=args.cudnn_benchmark)
+
+
+def setup_tag(args):
+    """How PyTorch ran, for the printed line: ' fp16 channels_last cudnn.benchmark compile(mode)'."""
+    return "".join([" fp16" if args.fp16 else "", " channels_last" if args.channels_last else "",
+                    " cudnn.benchmark" if args.cudnn_benchmark else "",
+                    f" compile({args.compile_mode})" if args.compile else ""])
 
 
 def bench_compose(args, name, cfg, first, dev, sync, gpu, params):
@@ -193,8 +230,8 @@ def bench_compose(args, name, cfg, first, dev, sync, gpu, params):
             half = gd_model.build_model(cfg, fp16=True)
             half.load_state_dict(m.state_dict())
             m = half
-        models.append(m.to(dev).eval())
-    runs = [th.compile(m) for m in models] if args.compile else models
+        models.append(prepare(m.to(dev).eval(), args))
+    runs = [compiled(m, args) for m in models]
     diffusion = create_gaussian_diffusion(
         steps=cfg["diffusion_steps"], learn_sigma=cfg["learn_sigma"], noise_schedule=cfg["noise_schedule"],
         timestep_respacing=str(args.steps))
@@ -205,7 +242,7 @@ def bench_compose(args, name, cfg, first, dev, sync, gpu, params):
         emb = th.full((batch, cfg["embed_dim"]), 0.1, device=dev) if cfg.get("embed_dim") else None
 
         def model_fn(x, t):
-            inp = th.cat([x, image], 1) if image is not None else x
+            inp = layout(th.cat([x, image], 1) if image is not None else x, args)
             outs = []
             for i, m in enumerate(runs):
                 y = th.full((batch,), i % cfg["num_classes"], device=dev, dtype=th.long) if cfg.get("num_classes") else None
@@ -235,10 +272,10 @@ def bench_compose(args, name, cfg, first, dev, sync, gpu, params):
         results.append(dict(preset=name, config=cfg, batch=batch, compose_experts=args.compose, steps=args.steps,
                             seconds_per_run=med, seconds_min=min(times), images_per_second=batch / med,
                             times=times, torch=th.__version__, device=str(dev), gpu=gpu, fp16=args.fp16,
-                            compile=args.compile, params=params))
+                            params=params, **setup_record(args)))
         print(f"{name} composed ({args.compose} experts + uncond, {args.steps} steps) batch {batch:3d}: "
               f"{med:8.3f} s/run  {batch / med:9.2f} images/s  (median of {args.runs}, {args.device}"
-              f"{' fp16' if args.fp16 else ''}{' compile' if args.compile else ''}, torch {th.__version__})",
+              f"{setup_tag(args)}, torch {th.__version__})",
               flush=True)
     if args.json:
         gd_model.atomic_write_bytes(args.json, (json.dumps(results, indent=2) + "\n").encode())

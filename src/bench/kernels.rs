@@ -155,7 +155,7 @@ fn kernels<T: GpuFloat>(
     on_row: &mut dyn FnMut(KernelRow),
 ) -> Result<()> {
     use crate::ops::attention::attend_gpu;
-    use crate::ops::conv::{Conv2d, ConvKernel, Residual};
+    use crate::ops::conv::{Conv2d, ConvInput, ConvKernel, Residual};
     use crate::ops::group_norm::{GpuGroupNorm, GroupNorm};
     use crate::ops::linear::Linear;
     use crate::ops::resample::{concat_channels_gpu, upsample_nearest2x_gpu};
@@ -219,6 +219,40 @@ fn kernels<T: GpuFloat>(
                 Unit::Tflops,
             );
         }
+    }
+    // The copies folded into a conv's addressing, beside the copy kernels below: the decoder's
+    // 3x3 conv reading its concatenation from two tensors (ImageNet-64 ADM, 64 images x 4
+    // experts, 32x32 at 384 + 384), and one reading a 2x upsampling of a 16x16 input.
+    for &(n, h, w, ca, cb, cout, up) in &[
+        (256, 32, 32, 384, 384, 384, false),
+        (256, 32, 32, 384, 0, 384, true),
+    ] {
+        let conv = Conv2d::from_torch(&fill(cout * (ca + cb) * 9), vec![0.0; cout], 3, 1)
+            .upload::<T>(g)?;
+        let (sh, sw) = if up { (h / 2, w / 2) } else { (h, w) };
+        let a = g.upload::<T>(&fill(n * sh * sw * ca))?;
+        let b = g.upload::<T>(&fill(n * sh * sw * cb.max(1)))?;
+        let input = ConvInput {
+            x: &a,
+            second: (cb > 0).then_some((&b, cb)),
+            upsampled: up,
+        };
+        let mut y = g.zeros::<T>(n * h * w * cout)?;
+        let kern = conv.choose_kernel(g, input, n, h, w);
+        let secs = time_gpu(g, iters, || {
+            conv.forward_with(g, kern, input, n, h, w, &mut y, Residual::None)
+        })?;
+        let (what, shape) = if up {
+            (
+                "upsample-read",
+                format!("n{n} {sh}x{sw}->{h}x{w} {ca}->{cout}"),
+            )
+        } else {
+            ("concat-read", format!("n{n} {h}x{w} {ca}+{cb}->{cout}"))
+        };
+        let flop = 2.0 * (n * h * w * cout * (ca + cb) * 9) as f64;
+        let name = format!("conv3x3 {what} {} (auto)", kern.name());
+        row(name, shape, secs, flop, Unit::Tflops);
     }
     for &(n, t, c, heads) in &[(64, 256, 768, 12), (8, 1024, 384, 6), (8, 4096, 192, 3)] {
         let qkv = g.upload::<T>(&fill(n * t * 3 * c))?;
