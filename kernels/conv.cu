@@ -90,16 +90,28 @@ MCDM_DEV ConvShape conv_shape(int n, int h, int w, int cin, int cout, int ks, in
     return s;
 }
 
-// Input channel ci of the (logical) pixel (b, iy, ix), which is inside the image: in x, or in x2
-// past x's cin1 channels; at (iy/2, ix/2) of the stored image when it is upsampled on read.
+// Where input channel ci lies: in x, or in x2 past x's cin1 channels; the pixel stride there,
+// and the channel within that tensor.
 template <typename E>
-MCDM_DEV const E* conv_input_at(const E* x, const E* x2, const ConvShape& s, int b, int iy, int ix, int ci) {
+struct ConvChannel {
+    const E* base;
+    int stride;
+    int c;
+};
+template <typename E>
+MCDM_DEV ConvChannel<E> conv_channel(const E* x, const E* x2, const ConvShape& s, int ci) {
+    const bool second = ci >= s.cin1;
+    return {second ? x2 : x, second ? s.cin2 : s.cin1, second ? ci - s.cin1 : ci};
+}
+
+// The stored pixel of the (logical, inside the image) input pixel (b, iy, ix): (iy/2, ix/2) of
+// the half-size tensor when it is upsampled on read.
+MCDM_DEV long long conv_pixel(const ConvShape& s, int b, int iy, int ix) {
     if (s.up) {
         iy >>= 1;
         ix >>= 1;
     }
-    const long long pixel = ((long long)b * s.sh + iy) * s.sw + ix;
-    return ci < s.cin1 ? x + pixel * s.cin1 + ci : x2 + pixel * s.cin2 + (ci - s.cin1);
+    return ((long long)b * s.sh + iy) * s.sw + ix;
 }
 
 // A[m][k] (see the header), or 0 outside the GEMM or the image. E: the raw element type.
@@ -115,20 +127,21 @@ MCDM_DEV E load_a(const E* __restrict__ x, const E* __restrict__ x2, const ConvS
     const int iy = oy * s.stride + ky - s.pad;
     const int ix = ox * s.stride + kx - s.pad;
     if (iy < 0 || iy >= s.h || ix < 0 || ix >= s.w) return E(0);
-    return *conv_input_at(x, x2, s, b, iy, ix, ci);
+    const ConvChannel<E> ch = conv_channel(x, x2, s, ci);
+    return ch.base[conv_pixel(s, b, iy, ix) * ch.stride + ch.c];
 }
 
 // GEMM row m (an output pixel): its image b and the input coordinates (iy0, ix0) of its top-left
-// filter tap; false, with pixel 0's values, when m is past the last row.
-MCDM_DEV bool conv_row_origin(const ConvShape& s, int m, int& b, int& iy0, int& ix0) {
+// filter tap. Past the last row, iy0 is far below the image, so that every tap of the row is
+// padding (no separate flag to keep: the large tiles are at their register limit on sm_86).
+MCDM_DEV void conv_row_origin(const ConvShape& s, int m, int& b, int& iy0, int& ix0) {
     const bool inside = m < s.M;
     const int mm = inside ? m : 0;
     b = mm / s.hwo;
     const int r = mm - b * s.hwo;
     const int oy = r / s.wo, ox = r - oy * s.wo;
-    iy0 = oy * s.stride - s.pad;
+    iy0 = inside ? oy * s.stride - s.pad : -(1 << 28);
     ix0 = ox * s.stride - s.pad;
-    return inside;
 }
 
 // GEMM column k: its input channel ci and filter tap (ky, kx); false, with zeros, past K.
@@ -204,10 +217,9 @@ MCDM_DEV void conv2d_mma(const T* x_, const T* x2_, const T* w_, const float* __
     // Fast path: this thread's two A rows (pixels) and their top-left input coordinates.
     const int kc = (tid & 3) * 8;  // k offset of this thread's chunks within the stage
     int a_b[2], a_iy0[2], a_ix0[2];
-    bool a_ok[2];
 #pragma unroll
     for (int c = 0; c < 2; ++c)
-        a_ok[c] = conv_row_origin(s, m0 + (tid >> 2) + 32 * c, a_b[c], a_iy0[c], a_ix0[c]);
+        conv_row_origin(s, m0 + (tid >> 2) + 32 * c, a_b[c], a_iy0[c], a_ix0[c]);
 
     // Fills stage `st` with the K step kt (k0 = 32*kt).
     auto load_stage = [&](int st, int kt) {
@@ -216,13 +228,14 @@ MCDM_DEV void conv2d_mma(const T* x_, const T* x2_, const T* w_, const float* __
             const int k = k0 + kc;
             int ci, ky, kx;
             const bool k_ok = conv_k_tap(s, k, ci, ky, kx);
+            const ConvChannel<unsigned short> ch = conv_channel(x, x2, s, ci);
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
                 const int row = (tid >> 2) + 32 * c;
                 // A chunk: 8 channels ci..ci+7 of input pixel (a_b, a_iy0 + ky, a_ix0 + kx).
                 const int iy = a_iy0[c] + ky, ix = a_ix0[c] + kx;
-                const bool ok = a_ok[c] && k_ok && iy >= 0 && iy < s.h && ix >= 0 && ix < s.w;
-                const unsigned short* src = ok ? conv_input_at(x, x2, s, a_b[c], iy, ix, ci) : x;
+                const bool ok = k_ok && iy >= 0 && iy < s.h && ix >= 0 && ix < s.w;
+                const unsigned short* src = ok ? ch.base + conv_pixel(s, a_b[c], iy, ix) * ch.stride + ch.c : x;
                 cp_async16(&As[st][row][kc], src, ok);
                 // B chunk: w[n0 + row][k .. k+7].
                 const int co = n0 + row;
@@ -402,10 +415,9 @@ MCDM_DEV void conv2d_mma_big(const T* x_, const T* x2_, const T* w_, const float
     const int kc = tid & 3;
     const int st_off = convb_off(tid >> 2, kc);
     int a_b[A_PASSES], a_iy0[A_PASSES], a_ix0[A_PASSES];
-    bool a_ok[A_PASSES];
 #pragma unroll
     for (int c = 0; c < A_PASSES; ++c)
-        a_ok[c] = conv_row_origin(s, m0 + (tid >> 2) + RPP * c, a_b[c], a_iy0[c], a_ix0[c]);
+        conv_row_origin(s, m0 + (tid >> 2) + RPP * c, a_b[c], a_iy0[c], a_ix0[c]);
 
     // Issues the copies of K step kt into stage st (zero-filled outside the image / GEMM).
     auto load_stage = [&](int st, int kt) {
@@ -414,11 +426,12 @@ MCDM_DEV void conv2d_mma_big(const T* x_, const T* x2_, const T* w_, const float
         const int k = kt * BK + kc * 8;
         int ci, ky, kx;
         const bool k_ok = conv_k_tap(s, k, ci, ky, kx);
+        const ConvChannel<unsigned short> ch = conv_channel(x, x2, s, ci);
 #pragma unroll
         for (int c = 0; c < A_PASSES; ++c) {
             const int iy = a_iy0[c] + ky, ix = a_ix0[c] + kx;
-            const bool ok = a_ok[c] && k_ok && iy >= 0 && iy < s.h && ix >= 0 && ix < s.w;
-            const unsigned short* src = ok ? conv_input_at(x, x2, s, a_b[c], iy, ix, ci) : x;
+            const bool ok = k_ok && iy >= 0 && iy < s.h && ix >= 0 && ix < s.w;
+            const unsigned short* src = ok ? ch.base + conv_pixel(s, a_b[c], iy, ix) * ch.stride + ch.c : x;
             cp_async16(As + st_off + RPP * CONVB_ROW_BYTES * c, src, ok);
         }
 #pragma unroll

@@ -42,20 +42,18 @@ MCDM_ARGS(GroupNormApplyArgs)
 #define GN_MERGE_THREADS 128
 #define GN_VEC 8  // channels per thread and access
 
-// Where the eight channels ch0 .. ch0+7 (ch0 % 8 == 0) of pixel 0 of image b lie, and the
-// stride between pixels there: in x, or in x2 past x's c1 channels (x2 NULL: all in x).
+// The stride between pixels of channel ch of one image: in x, or in x2 past x's c1 channels
+// (x2 NULL: all in x).
+MCDM_DEV int gn_stride(const void* x2, int c, int c1, int ch) {
+    return x2 == nullptr ? c : (ch < c1 ? c1 : c - c1);
+}
+
+// Channel ch (the first of eight, ch % 8 == 0) of pixel 0 of image b: see gn_stride.
 template <typename T>
-struct Source {
-    const T* at;
-    int stride;
-};
-template <typename T>
-MCDM_DEV Source<T> gn_source(const T* x, const T* x2, int hw, int c, int c1, int b, int ch0) {
-    if (x2 == nullptr || ch0 < c1) {
-        const int cx = x2 == nullptr ? c : c1;
-        return {x + (long long)b * hw * cx + ch0, cx};
-    }
-    return {x2 + (long long)b * hw * (c - c1) + (ch0 - c1), c - c1};
+MCDM_DEV const T* gn_at(const T* x, const T* x2, int hw, int c, int c1, int b, int ch) {
+    const int stride = gn_stride(x2, c, c1, ch);
+    const bool second = x2 != nullptr && ch >= c1;
+    return (second ? x2 + (ch - c1) : x + ch) + (long long)b * hw * stride;
 }
 
 struct Moments {
@@ -85,19 +83,22 @@ MCDM_DEV void group_norm_partial(const T* __restrict__ x, const T* __restrict__ 
     const int L = c / GN_VEC, R = GN_THREADS / L;  // R * c <= 2048 slots
     if (t < R * L) {
         const int ch0 = (t % L) * GN_VEC, r0 = p0 + t / L;
-        const Source<T> src = gn_source(x, x2, hw, c, c1, b, ch0);
+        const T* src = gn_at(x, x2, hw, c, c1, b, ch0);
+        const int stride = gn_stride(x2, c, c1, ch0);
         float shift[GN_VEC], s1[GN_VEC], s2[GN_VEC], cnt = 0.0f;
         if (r0 < p1) {
-            const Pack8<T> first = *reinterpret_cast<const Pack8<T>*>(src.at + (long long)r0 * src.stride);
+            const Pack8<T> first = *reinterpret_cast<const Pack8<T>*>(src + (long long)r0 * stride);
 #pragma unroll
             for (int e = 0; e < GN_VEC; ++e) {
                 shift[e] = to_float(first.v[e]);
                 s1[e] = s2[e] = 0.0f;
             }
             // Four loads in flight (two for f32, whose packs take twice the registers: no spills).
+            const T* at = src + (long long)r0 * stride;
+            const long long step = (long long)R * stride;
 #pragma unroll(sizeof(T) == 4 ? 2 : 4)
-            for (int p = r0; p < p1; p += R) {
-                const Pack8<T> in = *reinterpret_cast<const Pack8<T>*>(src.at + (long long)p * src.stride);
+            for (int p = r0; p < p1; p += R, at += step) {
+                const Pack8<T> in = *reinterpret_cast<const Pack8<T>*>(at);
 #pragma unroll
                 for (int e = 0; e < GN_VEC; ++e) {
                     const float d = to_float(in.v[e]) - shift[e];
@@ -180,9 +181,10 @@ MCDM_DEV void group_norm_apply(const T* x, const T* x2, const float* __restrict_
             if (x2 == nullptr) {
                 in[it] = *reinterpret_cast<const Pack8<T>*>(x + base + j);
             } else {
-                const int p = (int)(j / c), ch0 = (int)(j - (long long)p * c);
-                const Source<T> src = gn_source(x, x2, hw, c, c1, b, ch0);
-                in[it] = *reinterpret_cast<const Pack8<T>*>(src.at + (long long)p * src.stride);
+                // One image's index fits in 32 bits (the launcher checks): a 32-bit division.
+                const int p = (int)j / c, ch0 = (int)j - p * c;
+                const T* src = gn_at(x, x2, hw, c, c1, b, ch0);
+                in[it] = *reinterpret_cast<const Pack8<T>*>(src + (long long)p * gn_stride(x2, c, c1, ch0));
             }
         }
     }

@@ -55,8 +55,8 @@ MUTANTS = {
     # y's index, 16-byte copies across the two sources when cin1 is not a multiple of 8.
     "concat_second_source_stride": (
         "conv.cu",
-        "x2 + pixel * s.cin2 + (ci - s.cin1)",
-        "x2 + pixel * s.cin1 + (ci - s.cin1)",
+        "second ? s.cin2 : s.cin1",
+        "s.cin1",
     ),
     "upsample_rows_not_halved": ("conv.cu", "        iy >>= 1;\n", ""),
     "residual_not_upsampled": (
@@ -96,8 +96,8 @@ MUTANTS = {
     # Group norm reads the concatenation's second tensor with the whole concatenation's stride.
     "group_norm_second_source_stride": (
         "group_norm.cu",
-        "return {x2 + (long long)b * hw * (c - c1) + (ch0 - c1), c - c1};",
-        "return {x2 + (long long)b * hw * (c - c1) + (ch0 - c1), c};",
+        "return x2 == nullptr ? c : (ch < c1 ? c1 : c - c1);",
+        "return x2 == nullptr ? c : (ch < c1 ? c1 : c);",
     ),
     # Group norm's apply kernel uses the per-channel table before every thread has written it.
     "group_norm_apply_no_barrier": (
