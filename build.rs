@@ -581,7 +581,7 @@ fn field_type(c: &str) -> Option<(&'static str, usize, usize)> {
         "float" => ("f32", 4, 4),
         "long long" => ("i64", 8, 8),
         // common.cuh's fused-step scalars, mirrored by hand with the same size check.
-        "StepParams" => ("crate::diffusion::StepParams", 72, 4),
+        "StepParams" => ("crate::diffusion::StepParams", 112, 4),
         _ => return None,
     })
 }

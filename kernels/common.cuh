@@ -346,4 +346,10 @@ struct StepParams {
     unsigned seed_hi;
     unsigned step;
     unsigned reserved;
+    // Mode 2, the multistep solvers (src/diffusion/solver.rs): xc = corrector ? ca last + c0 x0 +
+    // c1 h1 + c2 h2 : x; x' = pa xc + p0 x0 + p1 h1 + p2 h2.
+    int corrector;
+    float ca, c0, c1, c2;
+    float pa, p0, p1, p2;
+    unsigned reserved2;
 };

@@ -1,6 +1,6 @@
-// The fused sampler step: composition of the expert predictions, the DDIM or DDPM update and
-// the Philox noise, one element per thread, bit-identical to the CPU path
-// (src/diffusion/compose.rs, src/diffusion/step.rs, src/rng.rs) except where noted.
+// The fused sampler step: composition of the expert predictions, the DDIM or DDPM update (or a
+// multistep solver's, mode 2) and the Philox noise, one element per thread, bit-identical to the
+// CPU path (src/diffusion/compose.rs, src/diffusion/step.rs, src/rng.rs) except where noted.
 //
 // Every f32 operation is written as an explicit correctly rounded intrinsic in the CPU's order
 // (__fadd_rn, __fsub_rn, __fmul_rn, __fdiv_rn, __fsqrt_rn: never contracted into an FMA), and
@@ -31,17 +31,25 @@ MCDM_DEV float pred_xstart(const StepParams& p, float x, float m) {
 //   DDPM step, NULL for the fixed variances (and for DDIM, which ignores it).
 // Noise (when p.add_noise): element e (0 <= e < len) of batch row k is the normal of
 //   rng::fill_normals(seed, image = first_image + k, step = p.step)[e].
+// history: f32 [3, b, len] for mode 2 (the multistep solvers; NULL otherwise): the two previous
+//   x_0 (h1, h2) and the previous step's start (last), each element read and rewritten by its
+//   own thread (StepParams::update_multistep).
 // StepArgs: these, and p. Launch: grid ceil(b * len / 256), block 256.
 #define StepArgs_FIELDS(F)                                                                          \
     F(const float*, x) F(const float* __restrict__, eps) F(const float* __restrict__, weights)      \
     F(const float* __restrict__, var) F(float*, x_out) F(int, terms) F(int, b) F(int, len)          \
-    F(int, first_image) F(StepParams, p)
+    F(int, first_image) F(StepParams, p) F(float*, history)
 MCDM_ARGS(StepArgs)
 #define STEP_THREADS 256
 
+// a*u + b*v + c*w + d*z, rounded after each operation in that order (the CPU's f32 expression).
+MCDM_DEV float combine4(float a, float u, float b, float v, float c, float w, float d, float z) {
+    return __fadd_rn(__fadd_rn(__fadd_rn(__fmul_rn(a, u), __fmul_rn(b, v)), __fmul_rn(c, w)), __fmul_rn(d, z));
+}
+
 MCDM_DEV void diffusion_step_at(const float* x, const float* __restrict__ eps, const float* __restrict__ weights,
                                 int terms, const float* __restrict__ var, float* x_out, int b, int len,
-                                int first_image, const StepParams& p) {
+                                int first_image, const StepParams& p, float* history) {
     const long long i = global_index();
     const long long total = (long long)b * len;
     if (i >= total || terms < 1) return;
@@ -63,7 +71,17 @@ MCDM_DEV void diffusion_step_at(const float* x, const float* __restrict__ eps, c
     }
 
     float out;
-    if (p.mode == 0) {
+    if (p.mode == 2) {
+        float* h1 = history + i;
+        float* h2 = history + total + i;
+        float* last = history + 2 * total + i;
+        const float x0 = pred_xstart(p, xv, m);
+        const float xc = p.corrector ? combine4(p.ca, *last, p.c0, x0, p.c1, *h1, p.c2, *h2) : xv;
+        out = combine4(p.pa, xc, p.p0, x0, p.p1, *h1, p.p2, *h2);
+        *last = xc;
+        *h2 = *h1;
+        *h1 = x0;
+    } else if (p.mode == 0) {
         // ddim_step: x0 = pred_xstart; eps = (sqrt_recip * x - x0) / sqrt_recipm1;
         // mean = x0 * sqrt_alpha_bar_prev + eps_coef * eps; out = mean (+ sigma * noise).
         const float x0 = pred_xstart(p, xv, m);
@@ -94,7 +112,7 @@ MCDM_DEV void diffusion_step_at(const float* x, const float* __restrict__ eps, c
 }
 
 extern "C" __global__ void __launch_bounds__(STEP_THREADS) diffusion_step(MCDM_PARAMS(StepArgs)) {
-    diffusion_step_at(x, eps, weights, terms, var, x_out, b, len, first_image, p);
+    diffusion_step_at(x, eps, weights, terms, var, x_out, b, len, first_image, p, history);
 }
 
 // out f32 [b, len]: out[k, e] = rng::fill_normals(seed, first_image + k, step)[e], seed =

@@ -130,6 +130,7 @@ fn cli_reproduces_reference_composition() {
             "image_size",
             "images",
             "init_noise",
+            "karras",
             "mcdm_version",
             "models",
             "num_samples",
@@ -372,7 +373,8 @@ fn default_step_count() {
 }
 
 /// Runs `sample` with `args` (plus `--out`, `--steps 2` and `--num-samples 1` where `args`
-/// lacks them), expecting exit 1 with `needle` in the message and no images.
+/// lacks them; no `--steps` beside a `--timestep-respacing`), expecting exit 1 with `needle` in
+/// the message and no images.
 fn fails(args: &[&str], needle: &str) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
@@ -384,7 +386,8 @@ fn fails(args: &[&str], needle: &str) {
         ("--steps", "2"),
         ("--num-samples", "1"),
     ] {
-        if !args.contains(&flag) {
+        let respaced = flag == "--steps" && args.contains(&"--timestep-respacing");
+        if !args.contains(&flag) && !respaced {
             all.extend_from_slice(&[flag, value]);
         }
     }
@@ -994,6 +997,133 @@ fn eta_outside_0_1_or_with_ddpm() {
     let mut args = base.to_vec();
     args.extend_from_slice(&["--sampler", "ddpm", "--eta", "0.5"]);
     fails(&args, "is a DDIM setting");
+}
+
+/// A solver run from the command line reproduces diffusers' scheduler (fixture l: DPM-Solver++
+/// 3M on Karras sigmas, a class term against a null class and NOT a sketch), and its record
+/// replays it.
+#[test]
+fn cli_solver_reproduces_diffusers_and_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    let case = SafetensorsFile::open(&fixtures("sample/l_dpmpp3m_karras_cfg.safetensors")).unwrap();
+    let p = |f: &str| dir.path().join(f).display().to_string();
+    for (file, name, src) in [
+        ("sketch.safetensors", "cond", "cond.1"),
+        ("noise.safetensors", "x_T", "x_T"),
+    ] {
+        let shape = case.shape(src).unwrap().to_vec();
+        let data = case.f32(src).unwrap();
+        write_safetensors(
+            &dir.path().join(file),
+            &[(name, TensorData::F32(shape, &data))],
+            None,
+        )
+        .unwrap();
+    }
+    let sketch = format!("sketch,image={},weight=-0.5", p("sketch.safetensors"));
+    let (code, err) = mcdm(&[
+        "sample",
+        "--model",
+        &model("classes"),
+        "--model",
+        &model("sketch"),
+        "--uncond",
+        "classes,class=4",
+        "--expert",
+        "classes,class=1,weight=2",
+        "--expert",
+        &sketch,
+        "--sampler",
+        "dpmpp-3m",
+        "--karras",
+        "--steps",
+        "12",
+        "--clip-denoised",
+        "false",
+        "--num-samples",
+        "3",
+        "--init-noise",
+        &p("noise.safetensors"),
+        "--save-tensor",
+        &p("samples.safetensors"),
+        "--out",
+        &p("out"),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let samples = |f: &str| {
+        SafetensorsFile::open(&dir.path().join(f))
+            .unwrap()
+            .f32("samples")
+            .unwrap()
+    };
+    let ours = samples("samples.safetensors");
+    let err = rel_l2(&ours, &case.f32("samples").unwrap());
+    common::within("CLI DPM-Solver++ 3M (Karras) vs diffusers", err, 1e-5);
+    let record = read_record(&dir.path().join("out"));
+    assert_eq!(
+        (record["sampler"].as_str(), record["karras"].as_bool()),
+        (Some("dpmpp-3m"), Some(true))
+    );
+    let replay = dir
+        .path()
+        .join("out")
+        .join("record.json")
+        .display()
+        .to_string();
+    let (code, err) = mcdm(&[
+        "sample",
+        "--job",
+        &replay,
+        "--save-tensor",
+        &p("again.safetensors"),
+        "--out",
+        &p("again"),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        samples("again.safetensors"),
+        ours,
+        "the record's replay differs"
+    );
+}
+
+/// Settings that belong to other samplers, impossible step counts and unknown names.
+#[test]
+fn solver_settings_that_do_not_apply_are_refused() {
+    let base = ["--model", &model("uncond"), "--uncond", "uncond"];
+    let with = |extra: &[&'static str]| {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        args
+    };
+    fails(
+        &with(&["--sampler", "dpmpp-2m", "--eta", "0.3"]),
+        "is a DDIM setting: dpmpp-2m sampling has no eta",
+    );
+    fails(&with(&["--karras"]), "--karras chooses a solver's sigmas");
+    fails(
+        &with(&["--sampler", "ddpm", "--karras"]),
+        "use it with --sampler dpmpp-2m, dpmpp-3m or unipc, not ddpm",
+    );
+    fails(
+        &with(&["--sampler", "unipc", "--steps", "101"]),
+        "unipc takes 1 to 100 steps (the model's diffusion steps), not 101",
+    );
+    fails(
+        &with(&["--sampler", "dpmpp-3m", "--timestep-respacing", "ddim5"]),
+        "dpmpp-3m takes a number of steps, not the respacing `ddim5`",
+    );
+    job_fails(
+        json!({"sampler": "heun"}),
+        "sampler `heun` is unknown (ddim, ddpm, dpmpp-2m, dpmpp-3m, unipc)",
+    );
+    job_fails(json!({"karras": "yes"}), "`karras` must be true or false");
+    // An unknown --sampler is clap's usage error (exit 2), naming the valid ones.
+    let mut args = vec!["sample"];
+    args.extend(with(&["--sampler", "euler"]));
+    let (code, err) = mcdm(&args);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("dpmpp-2m") && err.contains("unipc"), "{err}");
 }
 
 /// `--sampler ddpm` over a DDIM job drops the job's eta (the user did not give one).

@@ -753,7 +753,7 @@ fn bad_sizes_are_errors() {
     .unwrap();
     fails(
         "a step with no terms",
-        diffusion_step_gpu(&g, &mut x, &eps, &weights, 0, None, 1, 12, 0, step),
+        diffusion_step_gpu(&g, &mut x, &eps, &weights, 0, None, 1, 12, 0, step, None),
         "at least the unconditional term",
     );
 

@@ -7,7 +7,7 @@ use common::gpu::{gpu, gpu_err};
 
 use common::{fixtures, rel_l2};
 use mcdm::cuda::{Gpu, GpuFloat};
-use mcdm::diffusion::{compose, Diffusion, DiffusionConfig};
+use mcdm::diffusion::{compose, Diffusion, DiffusionConfig, SolverKind};
 use mcdm::model::{load_model, LoadedModel};
 use mcdm::ops::step::{diffusion_step_gpu, fill_normals_gpu};
 use mcdm::rng::fill_normals;
@@ -114,6 +114,7 @@ fn fused_step_matches_cpu() {
                     len,
                     first,
                     params.with_noise_key(seed, i as u32),
+                    None,
                 )
                 .unwrap();
                 let err = gpu_err(&g.download(&xd).unwrap(), &want);
@@ -230,7 +231,12 @@ fn composed_sampling_matches_cpu() {
     let mut failures = Vec::new();
     // Bounds: measured at most 3.6e-6 (f32), 2.8e-3 (f16), 2.8e-2 (bf16) on the fake driver,
     // 2026-12-06.
-    for sampler in [SamplerKind::Ddim { eta: 0.0 }, SamplerKind::Ddpm] {
+    // UniPC on Karras sigmas: the solvers' step, its corrector and per-image history.
+    let unipc = SamplerKind::Solver {
+        kind: SolverKind::UniPc,
+        karras: true,
+    };
+    for sampler in [SamplerKind::Ddim { eta: 0.0 }, SamplerKind::Ddpm, unipc] {
         for (name, err, bound) in [
             ("f32", compare::<f32>(&g, sampler), 3e-5),
             ("f16", compare::<half::f16>(&g, sampler), 2e-2),

@@ -8,6 +8,7 @@ use common::{fixtures, rel_l2, within};
 
 /// f32 rel L2 of a composed run against guided-diffusion: measured at most 1.8e-6 (2026-12-06).
 const SAMPLING_BOUND: f64 = 1e-5;
+use mcdm::diffusion::SolverKind;
 use mcdm::model::{load_model, LoadedModel};
 use mcdm::sample::{
     Batched, ComposedSampler, Condition, Expert, SampleSpec, SamplerKind, Unconditional,
@@ -68,7 +69,11 @@ fn load_case(name: &str) -> Case {
             "ddim" => SamplerKind::Ddim {
                 eta: job["eta"].as_f64().unwrap() as f32,
             },
-            _ => SamplerKind::Ddpm,
+            "ddpm" => SamplerKind::Ddpm,
+            solver => SamplerKind::Solver {
+                kind: SolverKind::parse(solver).unwrap(),
+                karras: job["karras"].as_bool().unwrap(),
+            },
         },
         timestep_respacing: Some(job["timestep_respacing"].as_str().unwrap().to_string()),
         clip_denoised: job["clip_denoised"].as_bool().unwrap(),

@@ -11,12 +11,19 @@ block, attention at 8x8, diffusion_steps 100, linear schedule for all), in model
   sketch   image-conditioned: in_channels 4 = x_t ++ a 1-channel condition, learn_sigma
   text     vector-conditioned: embed_dim 16, 3 output channels
   segment  image-conditioned: in_channels 6 = x_t ++ a 3-channel condition, 3 output channels
+  uncond_cosine  unconditional, cosine schedule, 3 output channels
 
 Each case runs guided_diffusion's sampler:
     diffusion = create_gaussian_diffusion(steps, learn_sigma=<uncond model's>, noise_schedule, ...,
                                           timestep_respacing=<case>)
     samples = diffusion.ddim_sample_loop(model_fn, shape, noise=x_T, clip_denoised=..., eta=...)
            or diffusion.p_sample_loop(model_fn, shape, noise=x_T, clip_denoised=...)   (DDPM)
+The solver cases (sampler dpmpp-2m, dpmpp-3m, unipc; `respacing` is their number of steps)
+run diffusers' DPMSolverMultistepScheduler / UniPCMultistepScheduler instead, configured as
+`mcdm sample --help` states (trained_betas = the models' betas, epsilon prediction, linspace
+timesteps, lower_order_final, final sigma 0, Karras sigmas when `karras`, thresholding at 1 =
+clip_denoised), on the composed eps (the variance channels dropped):
+    sched.set_timesteps(steps); for t in sched.timesteps: x = sched.step(eps(x, t), t, x).prev_sample
 Where a step adds noise (DDPM, DDIM with eta > 0), the reference's th.randn_like is replaced by
 mcdm's noise for the case's seed (Philox4x32-10 and Box-Muller as documented in src/rng.rs,
 written out here in numpy with f64 transcendentals: within 1e-6 of mcdm's f32 values), so that
@@ -34,8 +41,8 @@ Case files:
       trajectory [S, N, 3, 16, 16] f32 (x after each of the S sampling steps; the last is samples),
       timesteps [S] i64 (the original timestep given to the models at each step, in order)
   <case>.json: {"models": {name: "models/name.safetensors"}, "experts": [{"model", "class"?,
-      "image"?, "embedding"?, "weight"}], "uncond": {"model", "class"?}, "sampler": "ddim" | "ddpm",
-      "eta": float, "seed": int (of the step noise), "timestep_respacing": "...",
+      "image"?, "embedding"?, "weight"}], "uncond": {"model", "class"?}, "sampler": "ddim" | "ddpm" | "dpmpp-2m" | "dpmpp-3m" | "unipc",
+      "eta": float, "karras": bool, "seed": int (of the step noise), "timestep_respacing": "...",
       "clip_denoised": bool}
 """
 
@@ -71,6 +78,8 @@ MODELS = {
                   num_heads=2), 14),
     "segment": (dict(BASE, in_channels=6, learn_sigma=False, use_scale_shift_norm=True,
                      num_heads=2), 15),
+    "uncond_cosine": (dict(BASE, noise_schedule="cosine", learn_sigma=False, use_scale_shift_norm=True,
+                           num_heads=2), 16),
 }
 
 # Conditions are described as (kind, batch): batch N = one per sample, 1 = shared (broadcast).
@@ -122,7 +131,39 @@ CASES = {
     "j_sketch_zero_uncond": dict(
         experts=[dict(model="sketch", image=N, weight=1.5)],
         uncond=dict(model="sketch"), respacing="ddim6", clip=True, seed=30),
+    # The multistep solvers, driven by diffusers' schedulers (respacing: the number of steps):
+    # (k) DPM-Solver++(2M), eq. 12 with a learned-sigma unconditional model, clipped
+    "k_dpmpp2m_sketch_text": dict(
+        experts=[dict(model="sketch", image=N, weight=1.0),
+                 dict(model="text", embedding=1, weight=0.8)],
+        uncond=dict(model="uncond"), respacing="10", clip=True, seed=31, sampler="dpmpp-2m"),
+    # (l) DPM-Solver++(3M) on Karras sigmas: a class term against a null class, NOT sketch
+    "l_dpmpp3m_karras_cfg": dict(
+        experts=[dict(model="classes", cls=1, weight=2.0),
+                 dict(model="sketch", image=1, weight=-0.5)],
+        uncond=dict(model="classes", cls=4), respacing="12", clip=False, seed=32, sampler="dpmpp-3m",
+        karras=True),
+    # (m) UniPC: text AND NOT text, clipped
+    "m_unipc_text_not_text": dict(
+        experts=[dict(model="text", embedding=N, weight=1.0),
+                 dict(model="text", embedding=1, weight=-0.6)],
+        uncond=dict(model="uncond"), respacing="8", clip=True, seed=33, sampler="unipc"),
+    # (n) UniPC on a cosine schedule, not clipped (Karras sigmas of this 100-step cosine chain
+    # round their first two timesteps to the same one, where diffusers starts at step 1)
+    "n_unipc_cosine": dict(
+        experts=[], uncond=dict(model="uncond_cosine"), respacing="7", clip=False, seed=34,
+        sampler="unipc"),
+    # (p) UniPC on Karras sigmas, a learned-sigma unconditional model and a segment expert
+    "p_unipc_karras_segment": dict(
+        experts=[dict(model="segment", image=N, weight=1.2)],
+        uncond=dict(model="uncond"), respacing="6", clip=True, seed=36, sampler="unipc", karras=True),
+    # (o) DPM-Solver++(3M), 16 steps of a cosine schedule: third order without the last steps'
+    # lower orders of short runs
+    "o_dpmpp3m_cosine_16": dict(
+        experts=[], uncond=dict(model="uncond_cosine"), respacing="16", clip=True, seed=35,
+        sampler="dpmpp-3m"),
 }
+SOLVERS = ("dpmpp-2m", "dpmpp-3m", "unipc")
 
 # mcdm's step noise (src/rng.rs): element e of image k at spaced step i is normal e % 4 of
 # Philox4x32-10 block [e / 4, k, i, 0] under key [seed low, seed high]; words (w0, w1) and
@@ -262,9 +303,14 @@ def run_case(name, case, models, out_dir):
         rescale_learned_sigmas=u_cfg["rescale_learned_sigmas"],
         timestep_respacing=case["respacing"],
     )
-    for _, (c, _s) in MODELS.items():  # one schedule for all models
+    for _, (c, _s) in MODELS.items():  # one length for all models
         assert c["diffusion_steps"] == u_cfg["diffusion_steps"]
     sampler, eta = case.get("sampler", "ddim"), case.get("eta", 0.0)
+    if sampler in SOLVERS:
+        traj, seen_t = run_solver(case, u_cfg, diffusion, model_fn, x_T)
+        samples = traj[-1]
+        steps = len(traj)
+        return finish(name, case, tensors, traj, seen_t, samples, experts, u_desc, sampler, eta, out_dir)
     noisy = sampler == "ddpm" or eta != 0.0
     kwargs = dict(clip_denoised=case["clip"], device=th.device("cpu"), progress=False)
     if sampler == "ddim":
@@ -287,13 +333,47 @@ def run_case(name, case, models, out_dir):
         assert calls == list(range(diffusion.num_timesteps))[::-1] or not noisy, calls
         with step_noise():
             samples = loop(model_fn, (N, 3, SIZE, SIZE), noise=x_T.clone(), **kwargs)
-    steps = len(traj)
-    assert len(seen_t) == 2 * steps
+    assert len(seen_t) == 2 * len(traj)
     assert th.equal(samples, traj[-1]), "ddim_sample_loop and its progressive form disagree"
+    return finish(name, case, tensors, traj, seen_t[:len(traj)], samples, experts, u_desc, sampler, eta,
+                  out_dir)
+
+
+def run_solver(case, u_cfg, diffusion, model_fn, x_T):
+    """diffusers' DPMSolverMultistepScheduler / UniPCMultistepScheduler as mcdm's contract names
+    them (README, `mcdm sample --help`), with the model's betas, on the composed eps."""
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+    from guided_diffusion.gaussian_diffusion import get_named_beta_schedule
+
+    betas = get_named_beta_schedule(u_cfg["noise_schedule"], u_cfg["diffusion_steps"])
+    common = dict(num_train_timesteps=u_cfg["diffusion_steps"], trained_betas=betas.tolist(),
+                  prediction_type="epsilon", timestep_spacing="linspace", lower_order_final=True,
+                  final_sigmas_type="zero", use_karras_sigmas=case.get("karras", False),
+                  thresholding=case["clip"], sample_max_value=1.0)
+    sampler = case["sampler"]
+    if sampler == "unipc":
+        sched = UniPCMultistepScheduler(**common, solver_order=2, solver_type="bh2", predict_x0=True)
+    else:
+        sched = DPMSolverMultistepScheduler(**common, solver_order=2 if sampler == "dpmpp-2m" else 3,
+                                            algorithm_type="dpmsolver++", solver_type="midpoint")
+    sched.set_timesteps(int(case["respacing"]))
+    x = x_T.clone() * sched.init_noise_sigma
+    traj, seen_t = [], []
+    with th.no_grad():
+        for t in sched.timesteps:
+            seen_t.append(int(t))
+            eps = model_fn(x, t.expand(x.shape[0]))[:, :3]
+            x = sched.step(eps, t, x).prev_sample
+            traj.append(x)
+    return traj, seen_t
+
+
+def finish(name, case, tensors, traj, seen_t, samples, experts, u_desc, sampler, eta, out_dir):
+    steps = len(traj)
     assert th.isfinite(samples).all()
     tensors["samples"] = samples
     tensors["trajectory"] = th.stack(traj)
-    tensors["timesteps"] = th.tensor(seen_t[:steps], dtype=th.int64)
+    tensors["timesteps"] = th.tensor(seen_t, dtype=th.int64)
 
     used = [case["uncond"]["model"]] + [s["model"] for s in case["experts"]]
     desc = {
@@ -302,6 +382,7 @@ def run_case(name, case, models, out_dir):
         "uncond": u_desc,
         "sampler": sampler,
         "eta": eta,
+        "karras": case.get("karras", False),
         "seed": case["seed"],
         "timestep_respacing": case["respacing"],
         "clip_denoised": case["clip"],
@@ -312,7 +393,7 @@ def run_case(name, case, models, out_dir):
                                 (json.dumps(desc, indent=2) + "\n").encode())
     back = load_file(path)
     assert all(th.equal(back[k], v) for k, v in tensors.items())
-    return dict(case=name, steps=steps, timesteps=seen_t[:steps], bytes=os.path.getsize(path),
+    return dict(case=name, steps=steps, timesteps=seen_t, bytes=os.path.getsize(path),
                 absmax=float(samples.abs().max()), std=float(samples.std()),
                 keys={k: tuple(v.shape) for k, v in tensors.items()})
 

@@ -366,10 +366,33 @@ impl Backend for Cpu {
         [b, len]: [usize; 2],
         first_image: usize,
         params: StepParams,
+        history: Option<&mut Vec<f32>>,
     ) -> Result<()> {
         crate::rng::check_image_keys(first_image, b)?;
         let var = var.map(Vec::as_slice);
-        diffusion_step(x, eps, weights, terms, var, b, len, first_image, params);
+        let history = match (history, params.mode) {
+            (Some(h), 2) if h.len() == 3 * b * len => Some(h.as_mut_slice()),
+            (None, m) if m != 2 => None,
+            (h, _) => {
+                return Err(Error::Input(format!(
+                    "a multistep solver step needs a history of {} values, and only it; got {:?}",
+                    3 * b * len,
+                    h.map(|h| h.len())
+                )))
+            }
+        };
+        diffusion_step(
+            x,
+            eps,
+            weights,
+            terms,
+            var,
+            b,
+            len,
+            first_image,
+            params,
+            history,
+        );
         Ok(())
     }
 

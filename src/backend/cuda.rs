@@ -376,6 +376,7 @@ impl<T: GpuFloat> Backend for Cuda<T> {
         [b, len]: [usize; 2],
         first_image: usize,
         params: StepParams,
+        history: Option<&mut GpuBuffer<f32>>,
     ) -> Result<()> {
         diffusion_step_gpu(
             &self.gpu,
@@ -388,6 +389,7 @@ impl<T: GpuFloat> Backend for Cuda<T> {
             len,
             first_image,
             params,
+            history,
         )
     }
 

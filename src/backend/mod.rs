@@ -314,7 +314,7 @@ pub trait Backend: Sized {
     ) -> Result<()>;
     /// x = update(x, eps_u + sum_i w_i (eps_i - eps_u)) in place for `b` images of `len`:
     /// `eps` holds `terms` blocks `[b, len]` (`sizes`), the experts then the unconditional
-    /// term.
+    /// term. A multistep solver's step (mode 2) needs `history` `[3, b, len]`, which it updates.
     #[allow(clippy::too_many_arguments)]
     fn diffusion_step(
         &mut self,
@@ -326,6 +326,7 @@ pub trait Backend: Sized {
         sizes: [usize; 2],
         first_image: usize,
         params: StepParams,
+        history: Option<&mut Self::Vector>,
     ) -> Result<()>;
 
     /// Runs `pass` over the batch `x`. A backend may run it over groups of images instead and

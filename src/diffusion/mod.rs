@@ -9,12 +9,14 @@ mod compose;
 mod config;
 mod respace;
 mod schedule;
+mod solver;
 mod step;
 
 pub use compose::compose;
 pub use config::{check_diffusion_steps, DiffusionConfig, NoiseSchedule, MAX_DIFFUSION_STEPS};
 pub use respace::space_timesteps;
 pub use schedule::beta_schedule;
+pub use solver::{Solver, SolverKind};
 pub use step::StepParams;
 
 use crate::error::{Error, Result};

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct StepParams {
-    /// 0 DDIM, 1 DDPM.
+    /// 0 DDIM, 1 DDPM, 2 a multistep solver (see `corrector` below).
     pub mode: i32,
     pub predict_xstart: i32,
     pub clip: i32,
@@ -37,10 +37,23 @@ pub struct StepParams {
     pub seed_hi: u32,
     pub step: u32,
     pub reserved: u32,
+    /// Mode 2 (the multistep solvers, `solver.rs`): whether UniPC's corrector runs first,
+    /// `xc = ca last + c0 x_0 + c1 h1 + c2 h2` (else `xc = x`), then
+    /// `x' = pa xc + p0 x_0 + p1 h1 + p2 h2`; h1, h2 the two previous x_0.
+    pub corrector: i32,
+    pub ca: f32,
+    pub c0: f32,
+    pub c1: f32,
+    pub c2: f32,
+    pub pa: f32,
+    pub p0: f32,
+    pub p1: f32,
+    pub p2: f32,
+    pub reserved2: u32,
 }
 
-// The kernel reads the struct by value: any change of size here must be made in step.cu too.
-const _: () = assert!(std::mem::size_of::<StepParams>() == 72);
+// The kernel reads the struct by value: any change of size here must be made in common.cuh too.
+const _: () = assert!(std::mem::size_of::<StepParams>() == 112);
 
 impl StepParams {
     /// The noise of this step is Philox normals keyed by `seed` and `step`.
@@ -80,6 +93,25 @@ impl StepParams {
             }
             None => mean + self.noise_std * z,
         }
+    }
+
+    /// One element's multistep update (mode 2): x_t `x`, the composed model output `m`, and
+    /// its history `[h1, h2, last]` (the two previous x_0 and the previous step's start),
+    /// updated in place. The CPU step and `kernels/step.cu` compute exactly this.
+    #[inline]
+    pub fn update_multistep(&self, x: f32, m: f32, history: [&mut f32; 3]) -> f32 {
+        let [h1, h2, last] = history;
+        let x0 = self.xstart().pred_xstart(x, m);
+        let xc = if self.corrector != 0 {
+            self.ca * *last + self.c0 * x0 + self.c1 * *h1 + self.c2 * *h2
+        } else {
+            x
+        };
+        let out = self.pa * xc + self.p0 * x0 + self.p1 * *h1 + self.p2 * *h2;
+        *last = xc;
+        *h2 = *h1;
+        *h1 = x0;
+        out
     }
 
     fn xstart(&self) -> XstartCoefs {

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::config::parse_json;
+use crate::diffusion::SolverKind;
 use crate::error::{Error, Result};
 use crate::files::{read_string_limited, JSON_LIMIT};
 pub use crate::sample::MAX_EXPERTS;
@@ -29,6 +30,7 @@ pub const KEYS: &[&str] = &[
     "uncond",
     "sampler",
     "eta",
+    "karras",
     "timestep_respacing",
     "steps",
     "clip_denoised",
@@ -77,6 +79,8 @@ pub fn check_expert_count(count: usize, what: &str) -> Result<()> {
 pub enum Sampler {
     Ddim,
     Ddpm,
+    /// A multistep solver (`dpmpp-2m`, `dpmpp-3m`, `unipc`).
+    Solver(SolverKind),
 }
 
 impl Sampler {
@@ -84,7 +88,24 @@ impl Sampler {
         match self {
             Sampler::Ddim => "ddim",
             Sampler::Ddpm => "ddpm",
+            Sampler::Solver(kind) => kind.name(),
         }
+    }
+
+    /// The sampler of this name.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "ddim" => Some(Sampler::Ddim),
+            "ddpm" => Some(Sampler::Ddpm),
+            _ => SolverKind::parse(name).map(Sampler::Solver),
+        }
+    }
+
+    /// Every name, for messages.
+    pub fn names() -> String {
+        let mut names = vec!["ddim", "ddpm"];
+        names.extend(SolverKind::ALL.map(SolverKind::name));
+        names.join(", ")
     }
 }
 
@@ -112,6 +133,8 @@ pub struct Job {
     pub uncond: Option<TermSpec>,
     pub sampler: Option<Sampler>,
     pub eta: Option<f32>,
+    /// Karras sigmas for a solver.
+    pub karras: Option<bool>,
     pub timestep_respacing: Option<String>,
     pub steps: Option<usize>,
     pub clip_denoised: Option<bool>,
@@ -241,13 +264,12 @@ impl Job {
             .map_err(|e| field(&format!("uncond: {e}")))?;
         let sampler = match string("sampler")?.as_deref() {
             None => None,
-            Some("ddim") => Some(Sampler::Ddim),
-            Some("ddpm") => Some(Sampler::Ddpm),
-            Some(other) => {
-                return Err(field(&format!(
-                    "sampler `{other}` is unknown (ddim or ddpm)"
-                )))
-            }
+            Some(name) => Some(Sampler::parse(name).ok_or_else(|| {
+                field(&format!(
+                    "sampler `{name}` is unknown ({})",
+                    Sampler::names()
+                ))
+            })?),
         };
         let (mut steps, timestep_respacing) = (count("steps")?, string("timestep_respacing")?);
         // A record gives both: the respacing, and the number of steps it makes.
@@ -265,13 +287,13 @@ impl Job {
                     .ok_or_else(|| value("eta", "a number", v))
             })
             .transpose()?;
-        let clip_denoised = job
-            .get("clip_denoised")
-            .map(|v| {
-                v.as_bool()
-                    .ok_or_else(|| value("clip_denoised", "true or false", v))
-            })
-            .transpose()?;
+        let flag = |key: &str| {
+            job.get(key)
+                .map(|v| v.as_bool().ok_or_else(|| value(key, "true or false", v)))
+                .transpose()
+        };
+        let clip_denoised = flag("clip_denoised")?;
+        let karras = flag("karras")?;
         let init_noise = match job.get("init_noise") {
             None | Some(Value::Null) => None,
             Some(v) => Some(file(v).ok_or_else(|| value("init_noise", "a path (a string)", v))?),
@@ -286,6 +308,7 @@ impl Job {
             uncond,
             sampler,
             eta,
+            karras,
             timestep_respacing,
             steps,
             clip_denoised,

@@ -14,7 +14,9 @@ use crate::rng::{check_image_keys, fill_normals};
 /// x = update(x, composed eps) in place for `b` images of `len` elements: `eps` holds `terms`
 /// blocks of `[b, len]` (the experts first, the unconditional term last), `weights` the
 /// experts' weights, `var` the learned-variance channels of a learned-range DDPM step. The
-/// noise of image k is `fill_normals(seed, first_image + k, step)`.
+/// noise of image k is `fill_normals(seed, first_image + k, step)`. A multistep solver's step
+/// (mode 2) takes its `history` `[3, b, len]` (see [`StepParams::update_multistep`]) and
+/// updates it; other modes take none.
 #[allow(clippy::too_many_arguments)]
 pub fn diffusion_step(
     x: &mut [f32],
@@ -26,6 +28,7 @@ pub fn diffusion_step(
     len: usize,
     first_image: usize,
     params: StepParams,
+    mut history: Option<&mut [f32]>,
 ) {
     let total = b * len;
     let (experts, uncond) = eps[..terms * total].split_at((terms - 1) * total);
@@ -42,6 +45,12 @@ pub fn diffusion_step(
             let mut m = u;
             for (t, &w) in weights[..terms - 1].iter().enumerate() {
                 m += w * (experts[t * total + i] - u);
+            }
+            if let Some(h) = history.as_deref_mut() {
+                let (h1, rest) = h.split_at_mut(total);
+                let (h2, last) = rest.split_at_mut(total);
+                *xv = params.update_multistep(*xv, m, [&mut h1[i], &mut h2[i], &mut last[i]]);
+                continue;
             }
             let z = noise.get(e).copied().unwrap_or(0.0);
             *xv = params.update(*xv, m, var.map(|v| v[i]), z);
@@ -64,6 +73,7 @@ pub fn diffusion_step_gpu(
     len: usize,
     first_image: usize,
     params: StepParams,
+    history: Option<&mut GpuBuffer<f32>>,
 ) -> Result<()> {
     if terms == 0 {
         return Err(Error::Input(
@@ -82,6 +92,18 @@ pub fn diffusion_step_gpu(
         }
         None => 0,
     };
+    let history_ptr = match (history, params.mode) {
+        (Some(h), 2) => {
+            check_len("solver history", h.len(), 3 * size)?;
+            h.ptr(gpu)
+        }
+        (None, 2) => {
+            return Err(Error::Input(
+                "a multistep solver step needs its history buffers".into(),
+            ))
+        }
+        _ => 0,
+    };
     let i = |v: usize| v as i32;
     let args = StepArgs {
         // x and x_out: the kernel reads each element before writing it.
@@ -96,6 +118,7 @@ pub fn diffusion_step_gpu(
         // The image's noise key, as on the CPU: the low 32 bits.
         first_image: first_image as u32 as i32,
         p: params,
+        history: history_ptr,
     };
     gpu.launch("step", "diffusion_step", grid_1d(size, STEP_THREADS), &args)
 }

@@ -13,7 +13,7 @@ use std::ops::ControlFlow;
 use crate::backend::Backend;
 use crate::config::MAX_IMAGE_SIZE;
 use crate::device::{on_backend, Placement};
-use crate::diffusion::{Diffusion, DiffusionConfig, ModelVarType};
+use crate::diffusion::{Diffusion, DiffusionConfig, ModelVarType, Solver, SolverKind, StepParams};
 use crate::error::{Error, Result};
 use crate::model::LoadedModel;
 use crate::rng::{fill_normals, MAX_SAMPLES};
@@ -73,13 +73,28 @@ pub struct Unconditional {
     pub condition: Condition,
 }
 
-/// The update applied to the composed eps at each step, as guided-diffusion's.
+/// The update applied to the composed eps at each step: guided-diffusion's DDIM and DDPM, or
+/// one of diffusers' multistep solvers.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum SamplerKind {
     /// `ddim_sample` with the given eta: 0 is deterministic, 1 DDPM-like noise.
     Ddim { eta: f32 },
     /// `p_sample` (ancestral), with the unconditional model's variance (learned or fixed).
     Ddpm,
+    /// DPM-Solver++ or UniPC as diffusers' schedulers run them ([`Solver`]), over evenly spaced
+    /// timesteps or Karras sigmas; deterministic.
+    Solver { kind: SolverKind, karras: bool },
+}
+
+impl SamplerKind {
+    /// The name of the CLI and job files: `ddim`, `ddpm`, `dpmpp-2m`, `dpmpp-3m`, `unipc`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SamplerKind::Ddim { .. } => "ddim",
+            SamplerKind::Ddpm => "ddpm",
+            SamplerKind::Solver { kind, .. } => kind.name(),
+        }
+    }
 }
 
 /// How to sample.
@@ -87,7 +102,8 @@ pub enum SamplerKind {
 pub struct SampleSpec {
     pub sampler: SamplerKind,
     /// The steps: "50" (50 evenly spaced), sections "10,10,5", or "ddim25"; None takes the
-    /// unconditional model's `timestep_respacing` (its full schedule when that is empty).
+    /// unconditional model's `timestep_respacing` (its full schedule when that is empty). The
+    /// solvers take a number of steps only.
     pub timestep_respacing: Option<String>,
     /// Clip each predicted x_0 to [-1, 1] (guided-diffusion's `clip_denoised`).
     pub clip_denoised: bool,
@@ -109,6 +125,8 @@ pub struct ComposedSampler<'a> {
     /// Per model used: (model, indices into `terms`).
     groups: Vec<(usize, Vec<usize>)>,
     diffusion: Diffusion,
+    /// The schedule of a multistep solver, which then replaces `diffusion`'s steps.
+    solver: Option<Solver>,
     diffusion_config: DiffusionConfig,
     spec: SampleSpec,
     learned_variance: bool,
@@ -213,7 +231,32 @@ impl<'a> ComposedSampler<'a> {
         if let Some(r) = &spec.timestep_respacing {
             diffusion_config.timestep_respacing = r.clone();
         }
-        let diffusion = Diffusion::from_config(&diffusion_config)?;
+        let solver = match spec.sampler {
+            SamplerKind::Solver { kind, karras } => {
+                let r = diffusion_config.timestep_respacing.trim();
+                let steps = if r.is_empty() {
+                    diffusion_config.diffusion_steps
+                } else {
+                    r.parse().map_err(|_| {
+                        bad(format!(
+                            "{} takes a number of steps, not the respacing `{r}`",
+                            kind.name()
+                        ))
+                    })?
+                };
+                Some(Solver::new(kind, &diffusion_config, steps, karras)?)
+            }
+            _ => None,
+        };
+        let diffusion = match &solver {
+            // The solver has its own timesteps; the diffusion (its variance type) is the full
+            // chain's.
+            Some(_) => Diffusion::from_config(&DiffusionConfig {
+                timestep_respacing: String::new(),
+                ..diffusion_config.clone()
+            })?,
+            None => Diffusion::from_config(&diffusion_config)?,
+        };
         let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
         for (i, &(m, _)) in terms.iter().enumerate() {
             match groups.iter_mut().find(|(gm, _)| *gm == m) {
@@ -229,6 +272,7 @@ impl<'a> ComposedSampler<'a> {
             groups,
             learned_variance: diffusion.var_type() == ModelVarType::LearnedRange,
             diffusion,
+            solver,
             diffusion_config,
             spec,
         })
@@ -236,7 +280,34 @@ impl<'a> ComposedSampler<'a> {
 
     /// Number of sampling steps.
     pub fn num_steps(&self) -> usize {
-        self.diffusion.num_steps()
+        match &self.solver {
+            Some(s) => s.num_steps(),
+            None => self.diffusion.num_steps(),
+        }
+    }
+
+    /// The model timestep of the step at position `i` of the schedule (sampling runs `i` from
+    /// `num_steps() - 1` down to 0).
+    fn model_timestep(&self, i: usize) -> f32 {
+        match &self.solver {
+            Some(s) => s.model_timestep(s.num_steps() - 1 - i),
+            None => self.diffusion.model_timestep(i),
+        }
+    }
+
+    /// The update of the step at position `i` (see [`ComposedSampler::model_timestep`]).
+    fn step_params(&self, i: usize) -> Result<StepParams> {
+        let clip = self.spec.clip_denoised;
+        let params = match (&self.solver, self.spec.sampler) {
+            (Some(s), _) => {
+                let predict_xstart = self.diffusion_config.predict_xstart;
+                s.params(s.num_steps() - 1 - i, clip, predict_xstart)
+            }
+            (None, SamplerKind::Ddpm) => self.diffusion.ddpm_params(i, clip)?,
+            (None, SamplerKind::Ddim { eta }) => self.diffusion.ddim_params(i, eta, clip)?,
+            (None, SamplerKind::Solver { .. }) => unreachable!("a solver run has its schedule"),
+        };
+        Ok(params.with_noise_key(self.spec.seed, i as u32))
     }
 
     /// The diffusion settings sampled with (the unconditional model's, respacing applied).

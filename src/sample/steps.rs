@@ -28,6 +28,9 @@ struct BatchState<B: Backend> {
     eps: B::Vector,
     /// The unconditional model's variance channels, `[b, len]`, for a learned variance.
     var: Option<B::Vector>,
+    /// A multistep solver's history, `[3, b, len]`: the two previous x_0 and the previous
+    /// step's start (zeros before the first step, whose update gives them no weight).
+    history: Option<B::Vector>,
     /// Per model group: its packed NHWC input, its rows' timesteps for the current step, and
     /// its rows' labels and embeddings.
     inputs: Vec<B::Tensor>,
@@ -153,8 +156,10 @@ impl ComposedSampler<'_> {
         let terms = self.terms.len();
         check_image_keys(first, b)?;
         self.check_counts(first + b)?;
-        // Every term's eps, the variance, the packed inputs and the state, about.
-        let buffers = terms + usize::from(self.learned_variance) + 3;
+        // Every term's eps, the variance, a solver's history, the packed inputs and the state,
+        // about.
+        let buffers =
+            terms + usize::from(self.learned_variance) + 3 * usize::from(self.solver.is_some()) + 3;
         be.check_memory(
             buffers
                 .saturating_mul(b * len)
@@ -175,7 +180,7 @@ impl ComposedSampler<'_> {
         let mut timesteps = Vec::with_capacity(self.groups.len());
         for (_, rows) in &self.groups {
             let per_step: Vec<f32> = (0..steps)
-                .flat_map(|i| std::iter::repeat_n(self.diffusion.model_timestep(i), rows.len() * b))
+                .flat_map(|i| std::iter::repeat_n(self.model_timestep(i), rows.len() * b))
                 .collect();
             timesteps.push(be.upload(&per_step)?);
         }
@@ -191,6 +196,11 @@ impl ComposedSampler<'_> {
             eps: be.take_vector(terms * b * len)?,
             var: if self.learned_variance {
                 Some(be.take_vector(b * len)?)
+            } else {
+                None
+            },
+            history: if self.solver.is_some() {
+                Some(be.upload(&vec![0.0; 3 * b * len])?)
             } else {
                 None
             },
@@ -235,20 +245,23 @@ impl ComposedSampler<'_> {
                         may_capture && done + 1 < steps && be.allocations() == allocations;
                 }
             }
-            let params = match self.spec.sampler {
-                SamplerKind::Ddim { eta } => {
-                    self.diffusion
-                        .ddim_params(i, eta, self.spec.clip_denoised)?
-                }
-                SamplerKind::Ddpm => self.diffusion.ddpm_params(i, self.spec.clip_denoised)?,
-            }
-            .with_noise_key(self.spec.seed, i as u32);
+            let params = self.step_params(i)?;
             let var = match self.spec.sampler {
                 SamplerKind::Ddpm => state.var.as_ref(),
-                SamplerKind::Ddim { .. } => None,
+                SamplerKind::Ddim { .. } | SamplerKind::Solver { .. } => None,
             };
-            let (x, eps) = (&mut state.x, &state.eps);
-            be.diffusion_step(x, eps, &run.weights, terms, var, [b, len], first, params)?;
+            let (x, eps, history) = (&mut state.x, &state.eps, state.history.as_mut());
+            be.diffusion_step(
+                x,
+                eps,
+                &run.weights,
+                terms,
+                var,
+                [b, len],
+                first,
+                params,
+                history,
+            )?;
             let finished = be.step_queued(done)?;
             while reported < finished {
                 stop |= on_step().is_break();
@@ -274,6 +287,9 @@ impl ComposedSampler<'_> {
         be.give_vector(state.eps);
         if let Some(v) = state.var {
             be.give_vector(v);
+        }
+        if let Some(h) = state.history {
+            be.give_vector(h);
         }
         for (input, now) in state.inputs.into_iter().zip(state.timesteps) {
             be.give(input);

@@ -93,6 +93,8 @@ MUTANTS = {
         "ldsm_x4_trans(vb, vrow + (2 * dp + (mi >> 1)) * 16);",
         "ldsm_x4(vb, vrow + (2 * dp + (mi >> 1)) * 16);",
     ),
+    # A solver step that does not shift its history: h2 keeps the x_0 of two steps back.
+    "solver_history_not_shifted": ("step.cu", "        *h2 = *h1;\n", ""),
     # Group norm reads the concatenation's second tensor with the whole concatenation's stride.
     "group_norm_second_source_stride": (
         "group_norm.cu",

@@ -1,8 +1,8 @@
 // kernels/step.cu: fill_normals and diffusion_step (grid ceil(b * len / 256), block 256). The
 // kernels are specified bit for bit against src/rng.rs and src/diffusion/step.rs; that is the
 // GPU tests' job. Here: Philox4x32-10 of common.cuh against the Random123 known answers, the
-// normals against an independent Philox + double Box-Muller, and every DDIM / DDPM branch
-// against a double evaluation of the same update on the same StepParams.
+// normals against an independent Philox + double Box-Muller, and every DDIM / DDPM / solver
+// branch against a double evaluation of the same update on the same StepParams.
 #include "step.cu"
 #include "check.h"
 
@@ -144,6 +144,49 @@ void check_step(const StepCase& c) {
     checker.close(name, ref, widen(c.in_place ? x : out), 1e-5, 0);
 }
 
+// Mode 2 (the multistep solvers): x_0, UniPC's corrector when `corrector`, the predictor, and
+// the history [h1, h2, last] rewritten, against a double evaluation on the same StepParams.
+void check_multistep(int corrector, int predict_xstart, int clip, bool in_place) {
+    const int b = 3, len = 3 * 5 * 4, first = 2, terms = 3;
+    const long long total = (long long)b * len;
+    StepParams p{};
+    p.mode = 2;
+    p.predict_xstart = predict_xstart;
+    p.clip = clip;
+    p.sqrt_recip = 1.7f;
+    p.sqrt_recipm1 = 1.37f;
+    p.corrector = corrector;
+    float* coefs[8] = {&p.ca, &p.c0, &p.c1, &p.c2, &p.pa, &p.p0, &p.p1, &p.p2};
+    for (float* f : coefs) *f = rng.uniform(-1.5f, 1.5f);
+    std::vector<float> x(total), eps((size_t)terms * total), hist(3 * total), out(total, NAN);
+    const std::vector<float> weights = {1.5f, -0.5f};
+    for (auto& v : x) v = rng.uniform(-3, 3);
+    for (auto& v : eps) v = rng.uniform(-2, 2);
+    for (auto& v : hist) v = rng.uniform(-1, 1);
+    std::vector<double> ref(total), ref_hist(3 * total);
+    for (long long i = 0; i < total; ++i) {
+        const double u = eps[(size_t)(terms - 1) * total + i], xv = x[i];
+        double m = u;
+        for (int t = 0; t + 1 < terms; ++t) m += weights[t] * (eps[(size_t)t * total + i] - u);
+        double x0 = predict_xstart ? m : p.sqrt_recip * xv - p.sqrt_recipm1 * m;
+        if (clip) x0 = std::min(1.0, std::max(-1.0, x0));
+        const double h1 = hist[i], h2 = hist[total + i], last = hist[2 * total + i];
+        const double xc = corrector ? p.ca * last + p.c0 * x0 + p.c1 * h1 + p.c2 * h2 : xv;
+        ref[i] = p.pa * xc + p.p0 * x0 + p.p1 * h1 + p.p2 * h2;
+        ref_hist[i] = x0;
+        ref_hist[total + i] = h1;
+        ref_hist[2 * total + i] = xc;
+    }
+    float* dst = in_place ? x.data() : out.data();
+    const StepArgs args{x.data(), eps.data(), weights.data(), nullptr, dst, terms, b, len, first, p, hist.data()};
+    emu_launch_serial(grid_for(total), block, [&] { MCDM_CALL(diffusion_step, StepArgs, args); });
+    char name[120];
+    snprintf(name, sizeof name, "diffusion_step solver corrector%d xstart%d clip%d%s", corrector, predict_xstart, clip,
+             in_place ? " in-place" : "");
+    checker.close(name, ref, widen(in_place ? x : out), 1e-5, 0);
+    checker.close(std::string(name) + " history", ref_hist, widen(hist), 1e-5, 0);
+}
+
 int main() {
     check_philox_known_answers();
     check_fill_normals(3, 100003, 5, 0x123456789abcdef0ull, 0xFFFFFFFFu);  // x_T's step word
@@ -157,5 +200,9 @@ int main() {
     check_step({1, 0, 0, true, 0.0f, 4, 3, true});
     check_step({1, 1, 1, true, 0.0f, 2, 1, false});
     check_step({1, 0, 1, true, 0.0f, 0, 3, false});
+    // corrector, predict_xstart, clip, in_place
+    check_multistep(0, 0, 1, true);
+    check_multistep(1, 0, 0, true);
+    check_multistep(1, 1, 1, false);
     return checker.finish();
 }

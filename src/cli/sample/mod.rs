@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use mcdm::diffusion::SolverKind;
 use mcdm::job::conditions::{init_noise_warning, term_condition};
 use mcdm::job::{check_expert_count, check_model_name, Job, Sampler as JobSampler, TermSpec};
 use mcdm::model::{load_model, LoadedModel};
@@ -32,8 +33,18 @@ use output::{hash_inputs, image_number, resumable, Resumable, RunRecord};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Sampler {
+    /// guided-diffusion's ddim_sample (deterministic unless --eta)
     Ddim,
+    /// guided-diffusion's p_sample, ancestral
     Ddpm,
+    /// diffusers' DPMSolverMultistepScheduler, DPM-Solver++ order 2 (midpoint)
+    #[value(name = "dpmpp-2m")]
+    DpmPp2M,
+    /// DPM-Solver++ order 3
+    #[value(name = "dpmpp-3m")]
+    DpmPp3M,
+    /// diffusers' UniPCMultistepScheduler, bh2, order 2, corrector on
+    Unipc,
 }
 
 impl From<Sampler> for JobSampler {
@@ -41,6 +52,9 @@ impl From<Sampler> for JobSampler {
         match s {
             Sampler::Ddim => JobSampler::Ddim,
             Sampler::Ddpm => JobSampler::Ddpm,
+            Sampler::DpmPp2M => JobSampler::Solver(SolverKind::DpmPp2M),
+            Sampler::DpmPp3M => JobSampler::Solver(SolverKind::DpmPp3M),
+            Sampler::Unipc => JobSampler::Solver(SolverKind::UniPc),
         }
     }
 }
@@ -87,12 +101,17 @@ pub struct Args {
     /// the default job examples/default.json runs.
     #[arg(long)]
     job: Option<PathBuf>,
-    /// The sampler (default: the job's, else ddim).
+    /// The sampler (default: the job's, else ddim). The solvers follow diffusers' schedulers
+    /// configured with the model's betas, epsilon prediction, "linspace" timesteps,
+    /// lower_order_final and final sigma 0; --clip-denoised is their thresholding at 1.
     #[arg(long, value_enum)]
     sampler: Option<Sampler>,
     /// DDIM eta, from 0 (deterministic, the default) to 1 (DDPM-like noise); DDIM only.
     #[arg(long)]
     eta: Option<f32>,
+    /// Karras sigmas (rho 7) instead of evenly spaced timesteps; the solvers only.
+    #[arg(long)]
+    karras: bool,
     /// Respacing: "N", sections "10,10,5" or "ddimN" (default: the unconditional model's, else 50).
     #[arg(long, conflicts_with = "steps")]
     timestep_respacing: Option<String>,
@@ -174,6 +193,8 @@ pub(crate) struct Plan {
     uncond: TermSpec,
     sampler: JobSampler,
     eta: f32,
+    /// Karras sigmas (a solver only).
+    karras: bool,
     respacing: Option<String>,
     clip_denoised: bool,
     num_samples: usize,
@@ -321,15 +342,25 @@ fn plan(args: &Args) -> Result<Plan> {
             bail!("{eta_from} must be between 0 (deterministic) and 1, got {e}");
         }
         // A job's DDIM eta is dropped when --sampler ddpm overrides its sampler.
-        if sampler == JobSampler::Ddpm && e != 0.0 && (args.eta.is_some() || args.sampler.is_none())
+        if sampler != JobSampler::Ddim && e != 0.0 && (args.eta.is_some() || args.sampler.is_none())
         {
-            bail!("{eta_from} {e} is a DDIM setting: DDPM sampling has no eta");
+            bail!(
+                "{eta_from} {e} is a DDIM setting: {} sampling has no eta",
+                sampler.name()
+            );
         }
     }
     let eta = match sampler {
         JobSampler::Ddim => eta.unwrap_or(0.0),
-        JobSampler::Ddpm => 0.0,
+        JobSampler::Ddpm | JobSampler::Solver(_) => 0.0,
     };
+    let karras = args.karras || job.karras.unwrap_or(false);
+    if karras && !matches!(sampler, JobSampler::Solver(_)) {
+        bail!(
+            "--karras chooses a solver's sigmas: use it with --sampler dpmpp-2m, dpmpp-3m or unipc, not {}",
+            sampler.name()
+        );
+    }
     Ok(Plan {
         job: job_path,
         shipped,
@@ -340,6 +371,7 @@ fn plan(args: &Args) -> Result<Plan> {
         uncond,
         sampler,
         eta,
+        karras,
         respacing,
         clip_denoised: args.clip_denoised.or(job.clip_denoised).unwrap_or(true),
         num_samples,
@@ -636,6 +668,10 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
         sampler: match plan.sampler {
             JobSampler::Ddim => SamplerKind::Ddim { eta: plan.eta },
             JobSampler::Ddpm => SamplerKind::Ddpm,
+            JobSampler::Solver(kind) => SamplerKind::Solver {
+                kind,
+                karras: plan.karras,
+            },
         },
         timestep_respacing: Some(respacing.clone()),
         clip_denoised: plan.clip_denoised,

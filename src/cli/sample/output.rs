@@ -80,6 +80,7 @@ impl RunRecord<'_> {
             "uncond": term_json(&plan.uncond, false),
             "sampler": plan.sampler.name(),
             "eta": decimal(plan.eta),
+            "karras": plan.karras,
             "timestep_respacing": self.respacing,
             "steps": self.steps,
             "clip_denoised": plan.clip_denoised,
