@@ -230,17 +230,20 @@ fn composed_sampling_matches_cpu() {
     };
     let mut failures = Vec::new();
     // Bounds: measured at most 3.6e-6 (f32), 2.8e-3 (f16), 2.8e-2 (bf16) on the fake driver,
-    // 2026-12-06.
+    // 2026-12-06; UniPC on Karras sigmas 1.3e-5, 1.1e-2, 5.2e-2: its higher-order terms take
+    // differences of successive x_0 predictions, which amplify the storage type's rounding, and
+    // Karras sigmas spend more steps at large sigma (bf16 bound 1e-1 there).
     // UniPC on Karras sigmas: the solvers' step, its corrector and per-image history.
     let unipc = SamplerKind::Solver {
         kind: SolverKind::UniPc,
         karras: true,
     };
     for sampler in [SamplerKind::Ddim { eta: 0.0 }, SamplerKind::Ddpm, unipc] {
+        let bf16_bound = if sampler == unipc { 1e-1 } else { 5e-2 };
         for (name, err, bound) in [
             ("f32", compare::<f32>(&g, sampler), 3e-5),
             ("f16", compare::<half::f16>(&g, sampler), 2e-2),
-            ("bf16", compare::<half::bf16>(&g, sampler), 5e-2),
+            ("bf16", compare::<half::bf16>(&g, sampler), bf16_bound),
         ] {
             eprintln!("composed {sampler:?} {name}: rel L2 {err:.2e} (bound {bound:.0e})");
             if err.is_nan() || err > bound {

@@ -12,6 +12,7 @@ block, attention at 8x8, diffusion_steps 100, linear schedule for all), in model
   text     vector-conditioned: embed_dim 16, 3 output channels
   segment  image-conditioned: in_channels 6 = x_t ++ a 3-channel condition, 3 output channels
   uncond_cosine  unconditional, cosine schedule, 3 output channels
+  xstart   unconditional, predicts x_0 (predict_xstart), 3 output channels
 
 Each case runs guided_diffusion's sampler:
     diffusion = create_gaussian_diffusion(steps, learn_sigma=<uncond model's>, noise_schedule, ...,
@@ -20,7 +21,8 @@ Each case runs guided_diffusion's sampler:
            or diffusion.p_sample_loop(model_fn, shape, noise=x_T, clip_denoised=...)   (DDPM)
 The solver cases (sampler dpmpp-2m, dpmpp-3m, unipc; `respacing` is their number of steps)
 run diffusers' DPMSolverMultistepScheduler / UniPCMultistepScheduler instead, configured as
-`mcdm sample --help` states (trained_betas = the models' betas, epsilon prediction, linspace
+`mcdm sample --help` states (trained_betas = the models' betas, epsilon prediction ("sample" for
+a predict_xstart model), linspace
 timesteps, lower_order_final, final sigma 0, Karras sigmas when `karras`, thresholding at 1 =
 clip_denoised), on the composed eps (the variance channels dropped):
     sched.set_timesteps(steps); for t in sched.timesteps: x = sched.step(eps(x, t), t, x).prev_sample
@@ -80,6 +82,7 @@ MODELS = {
                      num_heads=2), 15),
     "uncond_cosine": (dict(BASE, noise_schedule="cosine", learn_sigma=False, use_scale_shift_norm=True,
                            num_heads=2), 16),
+    "xstart": (dict(BASE, predict_xstart=True, learn_sigma=False, use_scale_shift_norm=True, num_heads=2), 17),
 }
 
 # Conditions are described as (kind, batch): batch N = one per sample, 1 = shared (broadcast).
@@ -162,6 +165,9 @@ CASES = {
     "o_dpmpp3m_cosine_16": dict(
         experts=[], uncond=dict(model="uncond_cosine"), respacing="16", clip=True, seed=35,
         sampler="dpmpp-3m"),
+    # (q) UniPC with a model that predicts x_0 (diffusers' prediction_type "sample")
+    "q_unipc_predict_xstart": dict(
+        experts=[], uncond=dict(model="xstart"), respacing="6", clip=True, seed=37, sampler="unipc"),
 }
 SOLVERS = ("dpmpp-2m", "dpmpp-3m", "unipc")
 
@@ -347,7 +353,8 @@ def run_solver(case, u_cfg, diffusion, model_fn, x_T):
 
     betas = get_named_beta_schedule(u_cfg["noise_schedule"], u_cfg["diffusion_steps"])
     common = dict(num_train_timesteps=u_cfg["diffusion_steps"], trained_betas=betas.tolist(),
-                  prediction_type="epsilon", timestep_spacing="linspace", lower_order_final=True,
+                  prediction_type="sample" if u_cfg["predict_xstart"] else "epsilon",
+                  timestep_spacing="linspace", lower_order_final=True,
                   final_sigmas_type="zero", use_karras_sigmas=case.get("karras", False),
                   thresholding=case["clip"], sample_max_value=1.0)
     sampler = case["sampler"]
