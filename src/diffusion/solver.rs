@@ -110,17 +110,8 @@ impl Solver {
         })
     }
 
-    pub fn kind(&self) -> SolverKind {
-        self.kind
-    }
-
     pub fn num_steps(&self) -> usize {
         self.timesteps.len()
-    }
-
-    /// The model timestep of each step, in sampling order.
-    pub fn timesteps(&self) -> &[usize] {
-        &self.timesteps
     }
 
     /// The timestep the network is fed at step `k` (0 first), rescaled like
@@ -367,7 +358,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            s.timesteps(),
+            s.timesteps,
             [999, 899, 799, 699, 599, 500, 400, 300, 200, 100]
         );
         assert_eq!(s.sigmas.len(), 11);

@@ -86,17 +86,6 @@ pub enum SamplerKind {
     Solver { kind: SolverKind, karras: bool },
 }
 
-impl SamplerKind {
-    /// The name of the CLI and job files: `ddim`, `ddpm`, `dpmpp-2m`, `dpmpp-3m`, `unipc`.
-    pub fn name(self) -> &'static str {
-        match self {
-            SamplerKind::Ddim { .. } => "ddim",
-            SamplerKind::Ddpm => "ddpm",
-            SamplerKind::Solver { kind, .. } => kind.name(),
-        }
-    }
-}
-
 /// How to sample.
 #[derive(Clone, Debug)]
 pub struct SampleSpec {
