@@ -218,6 +218,10 @@ def write_card(path, args, cfg, info):
     note_line = f"- Note: {args.card_note}\n" if args.card_note else ""
     schedule = (f" ({args.warmup} warm-up steps)" if args.warmup else "") + (
         f", cosine decay to {args.lr_min} over the run" if args.lr_schedule == "cosine" else "")
+    t_sampling = "uniform timestep sampling" + (
+        f"; in the commands with --t-high-frac, a fraction {args.t_high_frac} of each batch unweighted "
+        f"from t >= {args.t_high_from}"
+        if args.t_high_frac else "")
     ema_warmup = " warmed up as min(rate, (1 + n) / (10 + n)) from its start"
     if args.export_weights == "ema":
         weights_note = f"the EMA (rate {args.ema}) of the weights."
@@ -246,7 +250,7 @@ def write_card(path, args, cfg, info):
   held-back indices >= {synthfaces.EVAL_BASE} are used only for examples and evaluation.
 - Architecture: {arch}.
 - Diffusion: {cfg['diffusion_steps']} steps, {cfg['noise_schedule']} schedule, predicts eps,
-  learn_sigma false, loss MSE (`GaussianDiffusion.training_losses`), uniform timestep sampling.
+  learn_sigma false, loss MSE (`GaussianDiffusion.training_losses`), {t_sampling}.
 - Optimiser: AdamW lr {args.lr}{schedule}, weight decay 0, batch {args.batch}, EMA rate {args.ema}{ema_warmup}, seed {args.seed}.
 - Exported weights: {weights_note}
 - Steps: {info['step']} (the run stops at --steps or when --time-limit seconds have passed, whichever
@@ -283,6 +287,10 @@ def main():
     ap.add_argument("--lr-min", type=float, default=0.0)
     ap.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warm-up")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--t-high-frac", type=float, default=0.0,
+                    help="this fraction of each batch draws t uniformly from [--t-high-from, T) instead of "
+                    "[0, T), unweighted: more training where DDIM's first steps amplify eps errors")
+    ap.add_argument("--t-high-from", type=int, default=850)
     ap.add_argument("--num_channels", type=int, default=32)
     ap.add_argument("--num_res_blocks", type=int, default=1)
     ap.add_argument("--channel_mult", default="1,2,2")
@@ -457,6 +465,9 @@ def main():
             g["lr"] = lr_at(step) * mult
         x, kw = batcher(args.batch)
         t, weights = sampler.sample(args.batch, "cpu")
+        n_high = round(args.t_high_frac * args.batch)
+        if n_high:
+            t[:n_high] = th.randint(args.t_high_from, diffusion.num_timesteps, (n_high,))
         out = diffusion.training_losses(model, x, t, model_kwargs=kw)
         loss = (out["loss"] * weights).mean()
         opt.zero_grad(set_to_none=True)

@@ -11,6 +11,7 @@
 //!  "sampler": "ddpm", "steps": 50, "num_samples": 8, "seed": 1, "out": "out"}
 //! ```
 
+pub mod compose;
 pub mod conditions;
 
 use std::path::{Path, PathBuf};

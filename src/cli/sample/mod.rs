@@ -13,11 +13,11 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 
 use mcdm::diffusion::SolverKind;
-use mcdm::job::conditions::{init_noise_warning, term_condition};
+use mcdm::job::compose::{Composition, Settings, Terms};
+use mcdm::job::conditions::init_noise_warning;
 use mcdm::job::{check_expert_count, check_model_name, Job, Sampler as JobSampler, TermSpec};
-use mcdm::model::{load_model, LoadedModel};
-use mcdm::sample::{ComposedSampler, Expert, SampleSpec, SamplerKind, StepProgress, Unconditional};
-use mcdm::text::TextEncoder;
+use mcdm::model::LoadedModel;
+use mcdm::sample::StepProgress;
 use mcdm::weights::SafetensorsFile;
 use mcdm::Device;
 
@@ -526,169 +526,45 @@ fn warn_if_not_recorded(plan: &Plan, path: &Path, hash: Option<&str>, what: &str
 
 fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> Result<()> {
     let dtype = super::storage_dtype(args.dtype, Dtype::Bf16, device);
-    let names: Vec<&str> = plan.models.iter().map(|(n, _)| n.as_str()).collect();
-    let index = |name: &str| {
-        names.iter().position(|n| *n == name).ok_or_else(|| {
-            anyhow!(
-                "unknown model `{name}`: the models are {} (give --model {name}=PATH)",
-                if names.is_empty() {
-                    "none".to_string()
-                } else {
-                    names.join(", ")
-                }
-            )
-        })
+    let terms = Terms {
+        models: &plan.models,
+        experts: &plan.experts,
+        uncond: &plan.uncond,
     };
-    // Only models that a term uses are loaded.
-    let mut used: Vec<usize> = plan
-        .experts
-        .iter()
-        .chain([&plan.uncond])
-        .map(|t| index(&t.model))
-        .collect::<Result<_>>()?;
-    used.sort();
-    used.dedup();
-    for (m, (name, path)) in plan.models.iter().enumerate() {
-        if !used.contains(&m) && !plan.shipped.contains(name) {
+    let n = plan.num_samples;
+    let composition =
+        Composition::load(terms, n, device, dtype.into(), args.text_model.as_deref())?;
+    for name in &composition.unused {
+        if !plan.shipped.contains(name) {
+            let (_, path) = plan
+                .models
+                .iter()
+                .find(|(n, _)| n == name)
+                .expect("a model");
             report!(
                 "warning: model `{name}` ({}) is not used by --uncond or any --expert: not loaded",
                 path.display()
             );
         }
     }
-    let mut loaded: Vec<LoadedModel> = Vec::new();
-    for &m in &used {
-        let (name, path) = &plan.models[m];
-        loaded.push(
-            load_model(path, None)
-                .with_context(|| format!("loading model `{name}` from {}", path.display()))?
-                .to_device(device, dtype.into())
-                .context("uploading the models")?,
-        );
-        let hash = loaded.last().and_then(LoadedModel::sha256);
-        warn_if_not_recorded(plan, path, hash, &format!("model `{name}`"));
-        if let Some(w) = loaded.last().and_then(|m| m.config.default_warning()) {
-            report!(
-                "warning: model `{name}` ({}): {w} (see mcdm inspect {0})",
-                path.display()
-            );
-        }
+    for ((name, path), model) in composition.sources.iter().zip(&composition.models) {
+        warn_if_not_recorded(plan, path, model.sha256(), &format!("model `{name}`"));
     }
-    let slot = |name: &str| -> Result<usize> {
-        Ok(used
-            .iter()
-            .position(|&u| u == index(name).expect("checked"))
-            .expect("loaded"))
-    };
-    let uncond_cfg = loaded[slot(&plan.uncond.model)?].config.unet.clone();
-    let (h, w) = (uncond_cfg.image_size, uncond_cfg.image_size);
-
-    let n = plan.num_samples;
-    // Prompts are encoded once, all together.
-    let prompts: Vec<&str> = plan
-        .experts
-        .iter()
-        .chain([&plan.uncond])
-        .filter_map(|t| t.text.as_deref())
-        .collect();
-    // On the CPU in f32 whatever --device: a few prompts take milliseconds, and a prompt gets
-    // the same embedding (so the same images) on every device.
-    let mut text_model = None;
-    let encoded: Vec<Vec<f32>> = if prompts.is_empty() {
-        Vec::new()
-    } else {
-        let dir = TextEncoder::locate(args.text_model.as_deref())
-            .context("text= needs the text encoder")?;
-        text_model = Some(dir.clone());
-        let encoder = TextEncoder::load(&dir)
-            .with_context(|| format!("loading the text model from {}", dir.display()))?;
-        for prompt in &prompts {
-            if let Some(w) = encoder
-                .cut_warning(prompt)
-                .context("encoding the prompts")?
-            {
-                report!("warning: text= prompt {w}");
-            }
-        }
-        let flat = encoder.encode(&prompts).context("encoding the prompts")?;
-        flat.chunks_exact(encoder.dim())
-            .map(<[f32]>::to_vec)
-            .collect()
-    };
-    let mut warnings = Vec::new();
-    let mut condition = |t: &TermSpec| {
-        let prompt = t.text.as_ref().map(|text| {
-            let row = prompts
-                .iter()
-                .position(|p| p == text)
-                .expect("encoded above");
-            encoded[row].as_slice()
-        });
-        let cfg = &loaded[slot(&t.model)?].config.unet;
-        let image_channels = cfg.in_channels.saturating_sub(3);
-        let condition = term_condition(
-            t,
-            n,
-            [h, w],
-            cfg.embed_dim,
-            image_channels,
-            prompt,
-            &mut warnings,
-        )?;
-        Ok::<_, anyhow::Error>(condition)
-    };
-    let experts: Vec<Expert> = plan
-        .experts
-        .iter()
-        .map(|t| {
-            Ok(Expert {
-                model: slot(&t.model)?,
-                condition: condition(t)?,
-                weight: t.weight,
-            })
-        })
-        .collect::<Result<_>>()?;
-    let uncond = Unconditional {
-        model: slot(&plan.uncond.model)?,
-        condition: condition(&plan.uncond)?,
-    };
-    for w in warnings {
+    for w in &composition.warnings {
         report!("warning: {w}");
     }
-
-    let model_respacing = &loaded[uncond.model].config.diffusion.timestep_respacing;
-    let respacing = plan.respacing.clone().unwrap_or_else(|| {
-        if model_respacing.is_empty() {
-            "50".into()
-        } else {
-            model_respacing.clone()
-        }
-    });
-    let spec = SampleSpec {
-        sampler: match plan.sampler {
-            JobSampler::Ddim => SamplerKind::Ddim { eta: plan.eta },
-            JobSampler::Ddpm => SamplerKind::Ddpm,
-            JobSampler::Solver(kind) => SamplerKind::Solver {
-                kind,
-                karras: plan.karras,
-            },
-        },
-        timestep_respacing: Some(respacing.clone()),
+    let [h, w] = composition.size;
+    let spec = composition.spec(&Settings {
+        sampler: plan.sampler,
+        eta: plan.eta,
+        karras: plan.karras,
+        timestep_respacing: plan.respacing.clone(),
         clip_denoised: plan.clip_denoised,
         seed: plan.seed,
-        height: h,
-        width: w,
-    };
-    // The library numbers the terms; the context gives the names they were given by.
-    let terms: Vec<String> = plan
-        .experts
-        .iter()
-        .enumerate()
-        .map(|(i, t)| format!("expert {i} is `{}`", t.model))
-        .chain([format!("the unconditional term `{}`", plan.uncond.model)])
-        .collect();
-    let sampler = ComposedSampler::new(&loaded, &experts, &uncond, spec)
-        .with_context(|| format!("composition ({})", terms.join(", ")))?;
+    });
+    let respacing = spec.timestep_respacing.clone().expect("resolved");
+    let sampler = composition.sampler(spec)?;
+    let text_model = composition.text_model.clone();
 
     let init_noise = match &plan.init_noise {
         Some(path) => {
@@ -740,8 +616,11 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
     let steps = sampler.num_steps();
     // This process's images: all, or its shard's.
     let images = plan.shard.as_ref().map_or(0..n, |s| s.images(n));
-    let used_models: Vec<(&(String, PathBuf), &LoadedModel)> =
-        used.iter().map(|&m| &plan.models[m]).zip(&loaded).collect();
+    let used_models: Vec<(&(String, PathBuf), &LoadedModel)> = composition
+        .sources
+        .iter()
+        .zip(&composition.models)
+        .collect();
     let device_name = device.describe(dtype.into());
     let record_of = |done: usize, batch_used: usize, seconds: f64| {
         RunRecord {
