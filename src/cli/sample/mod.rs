@@ -156,7 +156,9 @@ pub struct Args {
     /// of another job is an error.
     #[arg(long, conflicts_with = "save_tensor")]
     resume: bool,
-    /// The number of shards of a Kubernetes Indexed Job (JOB_COMPLETION_INDEX gives the index).
+    /// The number of shards of a Kubernetes Indexed Job (JOB_COMPLETION_INDEX gives the index)
+    /// or of a Slurm job array numbered from 0 (SLURM_ARRAY_TASK_ID gives the index, so that
+    /// one task resubmitted alone, `sbatch --array=3`, is still shard 3).
     #[arg(long, value_name = "N")]
     num_shards: Option<usize>,
     /// Output directory (default `samples`).

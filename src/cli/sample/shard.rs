@@ -52,11 +52,14 @@ fn parse_flag(text: &str) -> Result<Shard> {
     Shard::new(index, count, "--shard")
 }
 
-/// The shard from `--shard`, else from the first of these the environment sets: `RANK` /
-/// `WORLD_SIZE` (torchrun), `SLURM_PROCID` / `SLURM_NTASKS` (an `srun` step),
-/// `SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN` / `SLURM_ARRAY_TASK_COUNT` (a job array),
-/// `JOB_COMPLETION_INDEX` / `--num-shards` (a Kubernetes Indexed Job, which sets no count).
-/// None: the whole run. A shard of one is the whole run too.
+/// The shard from `--shard`, else from the first of these the environment sets with more than
+/// one process: `RANK` / `WORLD_SIZE` (torchrun), `SLURM_PROCID` / `SLURM_NTASKS` (an `srun`
+/// step; a batch script has `SLURM_PROCID=0` too), a Slurm job array, `JOB_COMPLETION_INDEX` /
+/// `--num-shards` (a Kubernetes Indexed Job, which sets no count). A job array's task is shard
+/// `SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN` of `SLURM_ARRAY_TASK_COUNT`, or with
+/// `--num-shards N` shard `SLURM_ARRAY_TASK_ID` of N, which stays right when one task is
+/// resubmitted alone (`sbatch --array=3`). None: the whole run. A shard of one is the whole
+/// run too.
 pub(crate) fn find(
     flag: Option<&str>,
     num_shards: Option<usize>,
@@ -71,22 +74,34 @@ pub(crate) fn find(
             })
             .transpose()
     };
+    // An (index, count) pair of the environment, when it says there are several processes.
+    let several = |index: &str, count: &str| -> Result<Option<(usize, usize)>> {
+        Ok(match (number(index)?, number(count)?) {
+            (Some(i), Some(n)) if n > 1 => Some((i, n)),
+            _ => None,
+        })
+    };
     let shard = if let Some(text) = flag {
         Some(parse_flag(text)?)
-    } else if let (Some(i), Some(n)) = (number("RANK")?, number("WORLD_SIZE")?) {
+    } else if let Some((i, n)) = several("RANK", "WORLD_SIZE")? {
         Some(Shard::new(i, n, "RANK/WORLD_SIZE")?)
-    } else if let (Some(i), Some(n)) = (number("SLURM_PROCID")?, number("SLURM_NTASKS")?) {
+    } else if let Some((i, n)) = several("SLURM_PROCID", "SLURM_NTASKS")? {
         Some(Shard::new(i, n, "SLURM_PROCID/SLURM_NTASKS")?)
     } else if let (Some(id), Some(n)) = (
         number("SLURM_ARRAY_TASK_ID")?,
         number("SLURM_ARRAY_TASK_COUNT")?,
     ) {
-        let min = number("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
-        let from = "SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN / SLURM_ARRAY_TASK_COUNT";
-        let Some(index) = id.checked_sub(min) else {
-            bail!("{from}: task {id} is below the array's first task {min}");
-        };
-        Some(Shard::new(index, n, from)?)
+        match num_shards {
+            Some(count) => Some(Shard::new(id, count, "SLURM_ARRAY_TASK_ID/--num-shards")?),
+            None => {
+                let min = number("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+                let from = "SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN / SLURM_ARRAY_TASK_COUNT";
+                let Some(index) = id.checked_sub(min) else {
+                    bail!("{from}: task {id} is below the array's first task {min}");
+                };
+                Some(Shard::new(index, n, from)?)
+            }
+        }
     } else if let Some(i) = number("JOB_COMPLETION_INDEX")? {
         let Some(n) = num_shards else {
             bail!(
@@ -97,7 +112,10 @@ pub(crate) fn find(
         Some(Shard::new(i, n, "JOB_COMPLETION_INDEX/--num-shards")?)
     } else {
         if let Some(n) = num_shards {
-            bail!("--num-shards {n} without JOB_COMPLETION_INDEX: give --shard I/{n}");
+            bail!(
+                "--num-shards {n} without JOB_COMPLETION_INDEX or a Slurm job array: give \
+                 --shard I/{n}"
+            );
         }
         None
     };
@@ -161,6 +179,20 @@ mod tests {
             ("SLURM_ARRAY_TASK_COUNT", "4"),
         ];
         assert_eq!(found(None, None, &array).unwrap().unwrap().0, 2);
+        // A batch script's SLURM_PROCID=0 (with SLURM_NTASKS=1) does not hide the array.
+        let task = [&array[..], &[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1")]].concat();
+        assert_eq!(found(None, None, &task).unwrap().unwrap().0, 2);
+        // With --num-shards the task id is the index: task 3 resubmitted alone is shard 3.
+        let alone = [
+            ("SLURM_ARRAY_TASK_ID", "3"),
+            ("SLURM_ARRAY_TASK_MIN", "3"),
+            ("SLURM_ARRAY_TASK_COUNT", "1"),
+        ];
+        assert_eq!(
+            found(None, Some(4), &alone).unwrap(),
+            Some((3, 4, "SLURM_ARRAY_TASK_ID/--num-shards".into()))
+        );
+        assert_eq!(found(None, None, &alone).unwrap(), None);
         let torch = [("RANK", "1"), ("WORLD_SIZE", "2"), ("SLURM_PROCID", "0")];
         assert_eq!(
             found(None, None, &torch).unwrap().unwrap().2,
@@ -198,7 +230,7 @@ mod tests {
             None,
             Some(3),
             &[],
-            "--num-shards 3 without JOB_COMPLETION_INDEX",
+            "--num-shards 3 without JOB_COMPLETION_INDEX or a Slurm job array",
         );
         fails(
             Some("1/4"),
