@@ -260,6 +260,23 @@ fn sample(
     memory: Option<usize>,
     out: &Path,
 ) -> Result<Vec<f32>, String> {
+    let memory = memory.map(|bytes| bytes.to_string());
+    let env: Vec<(&str, &str)> = memory
+        .iter()
+        .map(|m| ("FAKE_CUDA_MEMORY_BYTES", m.as_str()))
+        .collect();
+    sample_with(driver, device, flags, &env, out)
+}
+
+/// [`sample`] with the fake driver's environment `env`; with `--resume` in `flags` (which
+/// cannot save a tensor) the samples are empty.
+fn sample_with(
+    driver: &FakeDriver,
+    device: &str,
+    flags: &[&str],
+    env: &[(&str, &str)],
+    out: &Path,
+) -> Result<Vec<f32>, String> {
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sample/models");
     let tensor = out.join("samples.safetensors");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcdm"));
@@ -278,11 +295,11 @@ fn sample(
         .args(["--num-samples", "4", "--steps", "3", "--seed", "7"])
         .arg("--out")
         .arg(out)
-        .arg("--save-tensor")
-        .arg(&tensor)
-        .args(flags);
-    if let Some(bytes) = memory {
-        cmd.env("FAKE_CUDA_MEMORY_BYTES", bytes.to_string());
+        .args(flags)
+        .envs(env.iter().copied());
+    let resume = flags.contains(&"--resume");
+    if !resume {
+        cmd.arg("--save-tensor").arg(&tensor);
     }
     let run = common::output(&mut cmd);
     let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
@@ -290,6 +307,9 @@ fn sample(
         return Err(stderr);
     }
     assert!(!stderr.contains("warning"), "{stderr}");
+    if resume {
+        return Ok(Vec::new());
+    }
     let file = mcdm::weights::SafetensorsFile::open(&tensor).unwrap();
     Ok(file.f32("samples").unwrap())
 }
@@ -350,6 +370,83 @@ fn cli_samples_on_the_fake_gpu_as_on_the_cpu() {
         }
     }
     assert!(split > 0, "no memory size made the sampler split its batch");
+}
+
+/// The PNGs of a run folder, by name.
+fn pngs(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .map(|p| {
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// `--device cuda:all` on a fake machine of 3 GPUs makes the one-GPU images bit for bit, and
+/// so does `cuda:0,2`. When a GPU fails mid-run, the run stops with an error naming it and
+/// keeps every image finished before (another GPU makes the failed batch); `--resume` on one
+/// GPU completes the folder to the one-GPU images. A GPU that does not exist is named.
+#[test]
+fn several_gpus_make_the_one_gpu_images() {
+    let Some(driver) = fake_driver() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let batches = ["--batch-size", "1"];
+    let three = [("FAKE_CUDA_DEVICES", "3")];
+    let one = sample_with(driver, "cuda", &batches, &[], &dir.path().join("one")).unwrap();
+    let one_pngs = pngs(&dir.path().join("one"));
+    for device in ["cuda:all", "cuda:0,2"] {
+        let out = dir.path().join(device.replace([':', ','], "-"));
+        let images = sample_with(driver, device, &batches, &three, &out).unwrap();
+        assert!(images == one, "--device {device} changed the samples");
+        assert_eq!(pngs(&out), one_pngs, "--device {device} changed the PNGs");
+        let record = std::fs::read_to_string(out.join("record.json")).unwrap();
+        let gpus = if device == "cuda:all" { "3 x " } else { "2 x " };
+        assert!(record.contains(gpus), "{record}");
+    }
+
+    let failed = dir.path().join("failed");
+    let failing = [
+        ("FAKE_CUDA_DEVICES", "2"),
+        ("FAKE_CUDA_FAIL_DEVICE", "1"),
+        ("FAKE_CUDA_FAIL_AFTER", "12"),
+    ];
+    let err = sample_with(driver, "cuda:all", &batches, &failing, &failed).unwrap_err();
+    assert!(
+        err.contains("GPU 1 (") && err.contains("failed at the batch from image"),
+        "{err}"
+    );
+    let record = std::fs::read_to_string(failed.join("record.json")).unwrap();
+    assert!(record.contains("\"partial\""), "{record}");
+    let kept = pngs(&failed);
+    assert!(
+        !kept.is_empty(),
+        "the images finished before the failure were lost"
+    );
+    for (name, png) in &kept {
+        assert_eq!(
+            Some(png),
+            one_pngs.get(name),
+            "{name} differs from the one-GPU run"
+        );
+    }
+    let resumed = [&batches[..], &["--resume"]].concat();
+    sample_with(driver, "cuda", &resumed, &[], &failed).unwrap();
+    assert_eq!(
+        pngs(&failed),
+        one_pngs,
+        "the resumed run differs from the one-GPU run"
+    );
+
+    let err = sample_with(driver, "cuda:0,5", &batches, &three, &dir.path().join("x")).unwrap_err();
+    assert!(
+        err.contains("there is no GPU 5 (this machine has 3: 0 to 2)"),
+        "{err}"
+    );
 }
 
 /// A GPU older than the kernels need (the fake set to compute capability 7.5, a T4) is named

@@ -86,6 +86,81 @@ fn parse_device(s: &str) -> std::result::Result<DeviceArg, String> {
     }
 }
 
+/// `--device` of `mcdm sample`: one device, or several GPUs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DevicesArg {
+    One(DeviceArg),
+    /// `cuda:all`
+    AllCuda,
+    /// `cuda:0,2,3`
+    Cuda(Vec<usize>),
+}
+
+/// Parses `mcdm sample --device`.
+fn parse_devices(s: &str) -> std::result::Result<DevicesArg, String> {
+    let expected =
+        "expected cpu, cuda, cuda:N (GPU N), auto, cuda:all or cuda:N,M,... (those GPUs)";
+    match s.strip_prefix("cuda:") {
+        Some("all") => Ok(DevicesArg::AllCuda),
+        Some(list) if list.contains(',') => {
+            let ordinals: Vec<usize> = list
+                .split(',')
+                .map(|n| n.trim().parse().map_err(|_| expected.to_string()))
+                .collect::<std::result::Result<_, _>>()?;
+            if let Some(twice) = ordinals
+                .iter()
+                .enumerate()
+                .find_map(|(i, o)| ordinals[..i].contains(o).then_some(o))
+            {
+                return Err(format!("GPU {twice} is named twice"));
+            }
+            Ok(DevicesArg::Cuda(ordinals))
+        }
+        _ => parse_device(s)
+            .map(DevicesArg::One)
+            .map_err(|_| expected.to_string()),
+    }
+}
+
+/// Opens the devices of `mcdm sample --device`.
+fn open_devices(arg: &DevicesArg) -> Result<Vec<Device>> {
+    let ordinals = match arg {
+        DevicesArg::One(one) => return Ok(vec![open_device(*one)?]),
+        DevicesArg::AllCuda => {
+            let count = mcdm::cuda::devices().context("--device cuda:all")?.len();
+            if count == 0 {
+                bail!("--device cuda:all: the driver reports no GPU");
+            }
+            (0..count).collect()
+        }
+        DevicesArg::Cuda(ordinals) => {
+            let count = mcdm::cuda::devices()
+                .with_context(|| format!("--device cuda:{}", join(ordinals)))?
+                .len();
+            if let Some(missing) = ordinals.iter().find(|&&o| o >= count) {
+                bail!(
+                    "--device cuda:{}: there is no GPU {missing} (this machine has {count}: 0 to {})",
+                    join(ordinals),
+                    count.saturating_sub(1)
+                );
+            }
+            ordinals.clone()
+        }
+    };
+    ordinals
+        .into_iter()
+        .map(|o| Device::cuda(o).with_context(|| format!("--device: GPU {o}")))
+        .collect()
+}
+
+fn join(ordinals: &[usize]) -> String {
+    ordinals
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Storage and tensor-core precision on the GPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Dtype {

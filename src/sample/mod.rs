@@ -6,13 +6,16 @@
 //! (seed, image index, step), so image k is the same whatever the batch size: `x_T` of image k
 //! uses step key [`INIT_NOISE_STEP`], the update at spaced step i uses key i.
 
+mod across;
 mod steps;
+
+pub use across::sample_each_across;
 
 use std::ops::ControlFlow;
 
 use crate::backend::Backend;
 use crate::config::MAX_IMAGE_SIZE;
-use crate::device::{on_backend, Placement};
+use crate::device::{on_backend, Device, Placement};
 use crate::diffusion::{Diffusion, DiffusionConfig, ModelVarType, Solver, SolverKind, StepParams};
 use crate::error::{Error, Result};
 use crate::model::LoadedModel;
@@ -265,6 +268,11 @@ impl<'a> ComposedSampler<'a> {
             diffusion_config,
             spec,
         })
+    }
+
+    /// The device the models run on.
+    pub fn device(&self) -> &Device {
+        self.models[self.uncond_model].device()
     }
 
     /// Number of sampling steps.

@@ -46,6 +46,7 @@ constexpr int kMaxThreadsPerBlock = 1024;
 constexpr int kDefaultDynamicSharedBytes = 48 * 1024;  // without cuFuncSetAttribute
 constexpr int kMaxDynamicSharedBytes = 227 * 1024;     // sm_90 opt-in limit
 constexpr unsigned char kUninitializedByte = 0xff;     // NaN in f32, f16 and bf16
+constexpr int kMaxDevices = 16;
 }  // namespace
 
 // The objects behind the handle types of <cuda.h> (declared there, at global scope).
@@ -53,6 +54,7 @@ using Clock = std::chrono::steady_clock;
 
 struct CUctx_st {
     int retain_count = 0;
+    int device = 0;
 };
 // One operation recorded by stream capture, run when its graph is launched.
 struct CapturedOp {
@@ -115,9 +117,16 @@ struct Driver {
     std::mutex mutex;
     bool initialized = false;
     size_t total_memory = kDefaultMemoryBytes;
-    size_t allocated = 0;
+    int device_count = 1;
+    size_t allocated[kMaxDevices] = {};       // per device
     std::map<uintptr_t, size_t> allocations;  // base -> requested size
-    CUctx_st primary_context;
+    std::map<uintptr_t, int> allocation_device;
+    CUctx_st primary_contexts[kMaxDevices];
+    // FAKE_CUDA_FAIL_DEVICE / FAKE_CUDA_FAIL_AFTER: that device's launches fail (and keep failing,
+    // as a GPU's do after a fault) once it has run this many.
+    int fail_device = -1;
+    long fail_after = 0;
+    long launches[kMaxDevices] = {};
     CUmemPoolHandle_st default_pool;
     std::set<CUstream> streams;
     std::set<CUevent> events;
@@ -134,6 +143,18 @@ thread_local CUcontext t_current_context = nullptr;
 
 // The emulator keeps its state in globals: one launch at a time, across all host threads.
 std::mutex g_launch_mutex;
+
+// FAKE_CUDA_DEVICES=N: a machine of N identical devices (default 1).
+int device_count_from_env() {
+    const char* text = getenv("FAKE_CUDA_DEVICES");
+    if (text == nullptr || *text == '\0') return 1;
+    const int n = atoi(text);
+    if (n < 1 || n > kMaxDevices) {
+        fprintf(stderr, "fake-cuda: FAKE_CUDA_DEVICES=%s is not 1..%d; using 1\n", text, kMaxDevices);
+        return 1;
+    }
+    return n;
+}
 
 size_t memory_limit_from_env() {
     const char* text = getenv("FAKE_CUDA_MEMORY_BYTES");
@@ -190,7 +211,19 @@ CUresult require_context(const Driver& d, const char* call) {
     return CUDA_SUCCESS;
 }
 CUresult require_device(CUdevice device) {
-    return device == 0 ? CUDA_SUCCESS : fail(CUDA_ERROR_INVALID_DEVICE, "no device %d (the fake has one)", device);
+    const int count = driver().device_count;
+    return device >= 0 && device < count
+               ? CUDA_SUCCESS
+               : fail(CUDA_ERROR_INVALID_DEVICE, "no device %d (the fake has %d: FAKE_CUDA_DEVICES)", device, count);
+}
+// The device of this thread's current context (require_context first).
+int current_device() { return t_current_context->device; }
+// A launch on the current device, or its failure when FAKE_CUDA_FAIL_DEVICE says it has failed.
+CUresult count_launch(Driver& d, const char* call) {
+    const int device = current_device();
+    if (device != d.fail_device || ++d.launches[device] <= d.fail_after) return CUDA_SUCCESS;
+    return fail(CUDA_ERROR_LAUNCH_FAILED, "%s: device %d failed (FAKE_CUDA_FAIL_DEVICE, after %ld launches)", call,
+                device, d.fail_after);
 }
 // The null stream, the legacy and per-thread default streams, or one created here.
 CUresult require_stream(const Driver& d, CUstream stream) {
@@ -256,7 +289,8 @@ CUresult allocate(CUdeviceptr* out, size_t bytes, CUstream stream, const char* c
         if (CUresult r = refuse_if_capturing(d, call)) return r;
     if (out == nullptr) return fail(CUDA_ERROR_INVALID_VALUE, "%s: NULL result pointer", call);
     if (bytes == 0) return fail(CUDA_ERROR_INVALID_VALUE, "%s of 0 bytes", call);
-    if (bytes > d.total_memory - d.allocated)
+    const int device = current_device();
+    if (bytes > d.total_memory - d.allocated[device])
         return CUDA_ERROR_OUT_OF_MEMORY;  // mcdm handles this one itself (smaller batches)
     const size_t rounded = padded(bytes);
     void* memory = aligned_alloc(kAllocationAlignment, rounded);
@@ -268,7 +302,8 @@ CUresult allocate(CUdeviceptr* out, size_t bytes, CUstream stream, const char* c
     ASAN_POISON_MEMORY_REGION(static_cast<char*>(memory) + bytes, rounded - bytes);
     *out = reinterpret_cast<CUdeviceptr>(memory);
     d.allocations[*out] = bytes;
-    d.allocated += bytes;
+    d.allocation_device[*out] = device;
+    d.allocated[device] += bytes;
     return CUDA_SUCCESS;
 }
 
@@ -285,7 +320,8 @@ CUresult release(CUdeviceptr address, CUstream stream, const char* call) {
     if (it == d.allocations.end())
         return fail(CUDA_ERROR_INVALID_VALUE, "%s(0x%llx): not a live allocation (double free?)", call,
                     (unsigned long long)address);
-    d.allocated -= it->second;
+    d.allocated[d.allocation_device[address]] -= it->second;
+    d.allocation_device.erase(address);
     ASAN_UNPOISON_MEMORY_REGION(reinterpret_cast<void*>(address), padded(it->second));
     d.allocations.erase(it);
     free(reinterpret_cast<void*>(address));
@@ -412,6 +448,13 @@ FAKE_API CUresult cuInit(unsigned int flags) {
     std::lock_guard<std::mutex> lock(d.mutex);
     if (!d.initialized) {
         d.total_memory = memory_limit_from_env();
+        d.device_count = device_count_from_env();
+        for (int i = 0; i < kMaxDevices; ++i) d.primary_contexts[i].device = i;
+        if (const char* failing = getenv("FAKE_CUDA_FAIL_DEVICE")) {
+            d.fail_device = atoi(failing);
+            const char* after = getenv("FAKE_CUDA_FAIL_AFTER");
+            d.fail_after = after ? atol(after) : 0;
+        }
         d.initialized = true;
         name_running_kernel_on_sigterm(2, "fake-cuda: terminated while running kernel ",
                                        "(none: host code)");
@@ -486,14 +529,15 @@ FAKE_API CUresult cuGetErrorString(CUresult error, const char** text) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The device: one sm_90 GPU, so that mcdm loads its embedded sm_90 CUBIN (never NVRTC).
+// The devices: FAKE_CUDA_DEVICES (default 1) identical sm_90 GPUs, so that mcdm loads its embedded
+// sm_90 CUBIN (never NVRTC). Each has its own memory count; their memory is all host memory.
 
 FAKE_API CUresult cuDeviceGetCount(int* count) {
     Driver& d = driver();
     std::lock_guard<std::mutex> lock(d.mutex);
     if (CUresult r = require_initialized(d)) return r;
     if (count == nullptr) return CUDA_ERROR_INVALID_VALUE;
-    *count = 1;
+    *count = d.device_count;
     return CUDA_SUCCESS;
 }
 
@@ -563,7 +607,7 @@ FAKE_API CUresult cuDeviceGetAttribute(int* value, CUdevice_attribute attribute,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Contexts: the primary context of device 0, current per host thread.
+// Contexts: each device's primary context, current per host thread.
 
 FAKE_API CUresult cuDevicePrimaryCtxRetain(CUcontext* context, CUdevice device) {
     Driver& d = driver();
@@ -571,8 +615,8 @@ FAKE_API CUresult cuDevicePrimaryCtxRetain(CUcontext* context, CUdevice device) 
     if (CUresult r = require_initialized(d)) return r;
     if (CUresult r = require_device(device)) return r;
     if (context == nullptr) return CUDA_ERROR_INVALID_VALUE;
-    ++d.primary_context.retain_count;
-    *context = &d.primary_context;
+    ++d.primary_contexts[device].retain_count;
+    *context = &d.primary_contexts[device];
     return CUDA_SUCCESS;
 }
 
@@ -581,9 +625,9 @@ FAKE_API CUresult cuDevicePrimaryCtxRelease(CUdevice device) {
     std::lock_guard<std::mutex> lock(d.mutex);
     if (CUresult r = require_initialized(d)) return r;
     if (CUresult r = require_device(device)) return r;
-    if (d.primary_context.retain_count == 0)
+    if (d.primary_contexts[device].retain_count == 0)
         return fail(CUDA_ERROR_INVALID_CONTEXT, "cuDevicePrimaryCtxRelease without a matching retain");
-    --d.primary_context.retain_count;
+    --d.primary_contexts[device].retain_count;
     return CUDA_SUCCESS;
 }
 
@@ -591,7 +635,8 @@ FAKE_API CUresult cuCtxSetCurrent(CUcontext context) {
     Driver& d = driver();
     std::lock_guard<std::mutex> lock(d.mutex);
     if (CUresult r = require_initialized(d)) return r;
-    if (context != nullptr && context != &d.primary_context)
+    const bool primary = context >= &d.primary_contexts[0] && context < &d.primary_contexts[d.device_count];
+    if (context != nullptr && !primary)
         return fail(CUDA_ERROR_INVALID_CONTEXT, "cuCtxSetCurrent: unknown context %p", (void*)context);
     t_current_context = context;
     return CUDA_SUCCESS;
@@ -611,7 +656,7 @@ FAKE_API CUresult cuCtxGetDevice(CUdevice* device) {
     std::lock_guard<std::mutex> lock(d.mutex);
     if (CUresult r = require_context(d, "cuCtxGetDevice")) return r;
     if (device == nullptr) return CUDA_ERROR_INVALID_VALUE;
-    *device = 0;
+    *device = current_device();
     return CUDA_SUCCESS;
 }
 
@@ -756,7 +801,7 @@ FAKE_API CUresult cuMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
     std::lock_guard<std::mutex> lock(d.mutex);
     if (CUresult r = require_context(d, "cuMemGetInfo")) return r;
     if (free_bytes == nullptr || total_bytes == nullptr) return CUDA_ERROR_INVALID_VALUE;
-    *free_bytes = d.total_memory - d.allocated;
+    *free_bytes = d.total_memory - d.allocated[current_device()];
     *total_bytes = d.total_memory;
     return CUDA_SUCCESS;
 }
@@ -835,7 +880,12 @@ FAKE_API CUresult cuMemPoolGetAttribute(CUmemoryPool pool, CUmemPool_attribute a
             *static_cast<int*>(value) = pool->reuse_allow_internal_dependencies;
             break;
         case CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT:
-        case CU_MEMPOOL_ATTR_USED_MEM_CURRENT: *static_cast<cuuint64_t*>(value) = d.allocated; break;
+        case CU_MEMPOOL_ATTR_USED_MEM_CURRENT: {
+            size_t used = 0;
+            for (size_t bytes : d.allocated) used += bytes;
+            *static_cast<cuuint64_t*>(value) = used;  // one pool object stands for every device's
+            break;
+        }
         default: return fail(CUDA_ERROR_INVALID_VALUE, "cuMemPoolGetAttribute: attribute %d not modelled", attribute);
     }
     return CUDA_SUCCESS;
@@ -977,6 +1027,7 @@ FAKE_API CUresult cuLaunchKernel(CUfunction function, unsigned int grid_x, unsig
             stream->captured.push_back(std::move(op));
             return CUDA_SUCCESS;
         }
+        if (CUresult r = count_launch(d, "cuLaunchKernel")) return r;
     }
     std::lock_guard<std::mutex> launch_lock(g_launch_mutex);
     return run_kernel(kernel, shape, params) ? CUDA_SUCCESS : CUDA_ERROR_LAUNCH_FAILED;
@@ -1072,6 +1123,7 @@ FAKE_API CUresult cuGraphLaunch(CUgraphExec exec, CUstream stream) {
         if (is_builtin_stream(stream))
             if (CUresult r = refuse_if_capturing(d, "cuGraphLaunch")) return r;
         ops = exec->ops;
+        if (CUresult r = count_launch(d, "cuGraphLaunch")) return r;
     }
     for (CapturedOp& op : ops) {
         CUresult r = CUDA_SUCCESS;

@@ -1,12 +1,14 @@
 // Checks the fake driver's own behaviour where the GPU tests cannot: the errors it must give like
 // a real driver (no context, unknown kernel, launch limits, bad copies, double free, a host
 // pointer as a kernel argument, calls a stream capture forbids), one real kernel launch and a
-// captured graph replayed twice. Linked against the fake libcuda.so
+// captured graph replayed twice, a second device with its own context and memory count, whose
+// launches fail from the second on (FAKE_CUDA_FAIL_DEVICE). Linked against the fake libcuda.so
 // by scripts/fake-gpu-test.sh, which runs it before the tests; exit status 1 on any mismatch.
 #include <cuda.h>
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 
 namespace {
 
@@ -25,6 +27,10 @@ int main() {
     CUdevice dev;
     CUcontext ctx;
     CUdeviceptr x;
+    // Two devices; device 1 fails after one launch.
+    setenv("FAKE_CUDA_DEVICES", "2", 1);
+    setenv("FAKE_CUDA_FAIL_DEVICE", "1", 1);
+    setenv("FAKE_CUDA_FAIL_AFTER", "1", 1);
     EXPECT(cuInit(0), CUDA_SUCCESS);
     EXPECT(cuDeviceGet(&dev, 0), CUDA_SUCCESS);
     EXPECT(cuMemAlloc(&x, 16), CUDA_ERROR_INVALID_CONTEXT);
@@ -126,6 +132,36 @@ int main() {
 
     EXPECT(cuMemFree(x), CUDA_SUCCESS);
     EXPECT(cuMemFree(x), CUDA_ERROR_INVALID_VALUE);
+
+    // A second device: its own primary context, memory count and (injected) failure.
+    int count = 0;
+    EXPECT(cuDeviceGetCount(&count), CUDA_SUCCESS);
+    CUdevice dev1, device_of_context;
+    EXPECT(cuDeviceGet(&dev1, 2), CUDA_ERROR_INVALID_DEVICE);
+    EXPECT(cuDeviceGet(&dev1, 1), CUDA_SUCCESS);
+    CUcontext ctx1;
+    EXPECT(cuDevicePrimaryCtxRetain(&ctx1, dev1), CUDA_SUCCESS);
+    EXPECT(cuCtxSetCurrent(ctx1), CUDA_SUCCESS);
+    EXPECT(cuCtxGetDevice(&device_of_context), CUDA_SUCCESS);
+    size_t free0, free1, total;
+    EXPECT(cuMemAlloc(&x, 1 << 20), CUDA_SUCCESS);
+    EXPECT(cuMemGetInfo(&free1, &total), CUDA_SUCCESS);
+    EXPECT(cuCtxSetCurrent(ctx), CUDA_SUCCESS);
+    EXPECT(cuMemGetInfo(&free0, &total), CUDA_SUCCESS);
+    if (count != 2 || ctx1 == ctx || device_of_context != 1 || free0 - free1 != (1 << 20)) {
+        fprintf(stderr, "self_test: 2 devices: count %d, context of device 1 %s, its device %d, free %zu vs %zu\n",
+                count, ctx1 == ctx ? "shared" : "own", (int)device_of_context, free0, free1);
+        ++failures;
+    }
+    EXPECT(cuCtxSetCurrent(ctx1), CUDA_SUCCESS);
+    EXPECT(cuMemcpyHtoD(x, values, sizeof values), CUDA_SUCCESS);
+    EXPECT(cuLaunchKernel(silu, 1, 1, 1, 256, 1, 1, 0, nullptr, silu_args, nullptr), CUDA_SUCCESS);
+    EXPECT(cuLaunchKernel(silu, 1, 1, 1, 256, 1, 1, 0, nullptr, silu_args, nullptr), CUDA_ERROR_LAUNCH_FAILED);
+    EXPECT(cuLaunchKernel(silu, 1, 1, 1, 256, 1, 1, 0, nullptr, silu_args, nullptr), CUDA_ERROR_LAUNCH_FAILED);
+    EXPECT(cuMemFree(x), CUDA_SUCCESS);
+    EXPECT(cuCtxSetCurrent(ctx), CUDA_SUCCESS);
+    EXPECT(cuDevicePrimaryCtxRelease(dev1), CUDA_SUCCESS);
+
     EXPECT(cuModuleUnload(mod), CUDA_SUCCESS);
     EXPECT(cuModuleGetFunction(&silu, mod, "silu_f32"), CUDA_ERROR_INVALID_HANDLE);
     EXPECT(cuDevicePrimaryCtxRelease(dev), CUDA_SUCCESS);

@@ -8,6 +8,8 @@ mod shard;
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -17,13 +19,13 @@ use mcdm::job::compose::{Composition, Settings, Terms};
 use mcdm::job::conditions::init_noise_warning;
 use mcdm::job::{check_expert_count, check_model_name, Job, Sampler as JobSampler, TermSpec};
 use mcdm::model::LoadedModel;
-use mcdm::sample::StepProgress;
+use mcdm::sample::{sample_each_across, ComposedSampler, StepProgress};
 use mcdm::weights::SafetensorsFile;
 use mcdm::Device;
 
 use super::interrupt::{self, Interrupted};
 use super::{
-    check_output_file, open_device, same_file, warn_graph_failure, DeviceArg, Dtype, Progress,
+    check_output_file, open_devices, same_file, warn_graph_failure, DevicesArg, Dtype, Progress,
 };
 use folder::{RunFolder, GRID, RECORD};
 use mcdm::files::write_atomic;
@@ -164,10 +166,11 @@ pub struct Args {
     /// Output directory (default `samples`).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Where to run: cpu, cuda (GPU 0), cuda:N (GPU N), or auto (the GPU when one is usable,
-    /// else the CPU).
-    #[arg(long, default_value = "auto", value_parser = super::parse_device, value_name = "DEVICE")]
-    device: DeviceArg,
+    /// Where to run: cpu, cuda (GPU 0), cuda:N (GPU N), auto (the GPU when one is usable, else
+    /// the CPU), or several GPUs: cuda:all (every GPU) or cuda:0,2,3 (those). Several GPUs each
+    /// load the models and take whole batches in turn; the images are a one-GPU run's.
+    #[arg(long, default_value = "auto", value_parser = super::parse_devices, value_name = "DEVICE")]
+    device: DevicesArg,
     /// GPU storage type [default: bf16].
     #[arg(long, value_enum, value_name = "DTYPE")]
     dtype: Option<Dtype>,
@@ -398,7 +401,7 @@ fn plan(args: &Args) -> Result<Plan> {
 pub fn run(args: Args) -> Result<()> {
     // Before anything is written: a signal from here on stops the run with its folder in order.
     interrupt::catch()?;
-    let device = open_device(args.device)?;
+    let devices = open_devices(&args.device)?;
     let plan = plan(&args)?;
     if let (Some(s), Some(_)) = (&plan.shard, &args.npz) {
         bail!(
@@ -442,7 +445,7 @@ pub fn run(args: Args) -> Result<()> {
     // The lock first, then every check on the folder, all before any sampling work.
     let result = RunFolder::open(&plan.out).and_then(|folder| {
         check_outputs(&args, &plan)?;
-        sample_plan(&args, &plan, &device, folder)
+        sample_plan(&args, &plan, &devices, folder)
     });
     if result.is_err() {
         // The directories this run made go again, deepest first, as long as they are empty.
@@ -526,7 +529,8 @@ fn warn_if_not_recorded(plan: &Plan, path: &Path, hash: Option<&str>, what: &str
     }
 }
 
-fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> Result<()> {
+fn sample_plan(args: &Args, plan: &Plan, devices: &[Device], folder: RunFolder) -> Result<()> {
+    let device = &devices[0];
     let dtype = super::storage_dtype(args.dtype, Dtype::Bf16, device);
     let terms = Terms {
         models: &plan.models,
@@ -534,8 +538,12 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
         uncond: &plan.uncond,
     };
     let n = plan.num_samples;
-    let composition =
-        Composition::load(terms, n, device, dtype.into(), args.text_model.as_deref())?;
+    // Each device has its own models; the first one's warnings stand for all.
+    let compositions: Vec<Composition> = devices
+        .iter()
+        .map(|d| Composition::load(terms, n, d, dtype.into(), args.text_model.as_deref()))
+        .collect::<mcdm::Result<_>>()?;
+    let composition = &compositions[0];
     for name in &composition.unused {
         if !plan.shipped.contains(name) {
             let (_, path) = plan
@@ -565,7 +573,11 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
         seed: plan.seed,
     });
     let respacing = spec.timestep_respacing.clone().expect("resolved");
-    let sampler = composition.sampler(spec)?;
+    let samplers: Vec<ComposedSampler> = compositions
+        .iter()
+        .map(|c| c.sampler(spec.clone()))
+        .collect::<mcdm::Result<_>>()?;
+    let sampler = &samplers[0];
     let text_model = composition.text_model.clone();
 
     let init_noise = match &plan.init_noise {
@@ -623,7 +635,10 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
         .iter()
         .zip(&composition.models)
         .collect();
-    let device_name = device.describe(dtype.into());
+    let device_name = match devices.len() {
+        1 => device.describe(dtype.into()),
+        k => format!("{k} x {}", device.describe(dtype.into())),
+    };
     let record_of = |done: usize, batch_used: usize, seconds: f64| {
         RunRecord {
             plan,
@@ -673,23 +688,28 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
     } else {
         todo.len().clamp(1, 64)
     });
-    // Counted in image-steps, so that the bar stays right when a GPU batch is split.
-    let mut progress = Progress::new(
-        todo.len().saturating_mul(steps),
-        true,
-        "{elapsed_precise} [{bar:30}] ETA {eta} {wide_msg}",
-    );
+    // Counted in image-steps, so that the bar stays right when a GPU batch is split. Several
+    // devices report their steps from their own threads.
+    let progress = Mutex::new((
+        Progress::new(
+            todo.len().saturating_mul(steps),
+            true,
+            "{elapsed_precise} [{bar:30}] ETA {eta} {wide_msg}",
+        ),
+        0usize,
+    ));
     let start = Instant::now();
-    let mut image_steps = 0usize;
     // The size the first batch ran at: the requested one unless it did not fit on the GPU.
-    let batch_used = std::cell::Cell::new(batch_size);
-    let mut on_step = |p: StepProgress| {
-        image_steps += p.batch;
+    let batch_used = AtomicUsize::new(batch_size);
+    let on_step = |_device: usize, p: StepProgress| {
+        let mut guard = progress.lock().expect("the progress bar");
+        let (progress, image_steps) = &mut *guard;
+        *image_steps += p.batch;
         if p.first == todo.start {
-            batch_used.set(p.batch);
+            batch_used.store(p.batch, Ordering::Relaxed);
         }
         let images_per_s =
-            image_steps as f64 / steps as f64 / start.elapsed().as_secs_f64().max(1e-9);
+            *image_steps as f64 / steps as f64 / start.elapsed().as_secs_f64().max(1e-9);
         let images = match p.batch {
             1 => format!("image {}", p.first + 1),
             b => format!("images {}-{}", p.first + 1, p.first + b),
@@ -729,7 +749,7 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
         }
         let done = first + x0.len() / (3 * h * w) - images.start;
         let seconds = start.elapsed().as_secs_f64();
-        let mut record = record_of(done, batch_used.get(), seconds)?;
+        let mut record = record_of(done, batch_used.load(Ordering::Relaxed), seconds)?;
         removed += folder.publish(
             images.start..images.start + done,
             &mut record,
@@ -738,33 +758,36 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
         )?;
         Ok(())
     };
-    device.set_cuda_graphs(!args.no_cuda_graph);
+    for d in devices {
+        d.set_cuda_graphs(!args.no_cuda_graph);
+    }
     let mut failure = None;
     let done = if todo.is_empty() {
         0
     } else {
-        sampler
-            .sample_each(
-                todo.clone(),
-                batch_size,
-                init_noise.as_deref(),
-                &mut on_step,
-                &mut |first, x0| {
-                    on_batch(first, x0).map_err(|e| {
-                        let message = format!("{e:#}");
-                        failure = Some(e);
-                        mcdm::Error::Input(message)
-                    })
-                },
-            )
-            .map_err(|e| match (failure.take(), e) {
-                (Some(cause), _) => cause,
-                (None, e @ mcdm::Error::OutOfMemory { .. }) => anyhow::Error::new(e)
-                    .context("even one image at a time does not fit in GPU memory"),
-                (None, e) => e.into(),
-            })?
+        sample_each_across(
+            &samplers,
+            todo.clone(),
+            batch_size,
+            init_noise.as_deref(),
+            &on_step,
+            &mut |first, x0| {
+                on_batch(first, x0).map_err(|e| {
+                    let message = format!("{e:#}");
+                    failure = Some(e);
+                    mcdm::Error::Input(message)
+                })
+            },
+        )
+        .map_err(|e| match (failure.take(), e) {
+            (Some(cause), _) => cause,
+            (None, e @ mcdm::Error::OutOfMemory { .. }) => {
+                anyhow::Error::new(e).context("even one image at a time does not fit in GPU memory")
+            }
+            (None, e) => e.into(),
+        })?
     };
-    progress.finish();
+    progress.into_inner().expect("the progress bar").0.finish();
     let seconds = start.elapsed().as_secs_f64();
     let finished = kept + done;
     if finished == 0 {
@@ -787,7 +810,7 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
         )
         .with_context(|| format!("--save-tensor {}", path.display()))?;
     }
-    let mut record = record_of(finished, batch_used.get(), seconds)?;
+    let mut record = record_of(finished, batch_used.load(Ordering::Relaxed), seconds)?;
     let status = if finished < mine {
         "partial"
     } else {
@@ -813,7 +836,7 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
         }
         .into());
     }
-    let batch_used = batch_used.get();
+    let batch_used = batch_used.load(Ordering::Relaxed);
     if let Some(path) = &args.npz {
         write_atomic(path, &images_npz(&rgb.concat(), [n, h, w, 3])?)
             .with_context(|| format!("--npz {}", path.display()))?;
@@ -824,7 +847,9 @@ fn sample_plan(args: &Args, plan: &Plan, device: &Device, folder: RunFolder) -> 
                 "batches of {batch_size} did not fit in GPU memory: ran batches of {batch_used}"
             );
         }
-        warn_graph_failure(device);
+        for d in devices {
+            warn_graph_failure(d);
+        }
     }
     report!(
         "{done} image{} ({h}x{w}, {steps} {} steps, {} expert(s)) in {seconds:.1} s ({:.2} images/s){}: {}/grid.png",
