@@ -21,7 +21,8 @@ The model must load with its config (from --config, <stem>.json beside it, or in
 the weights), so that a config that does not fit is caught here. OUTPUT gets the config in its \
 metadata and <OUTPUT stem>.json beside it.")]
 pub struct Args {
-    /// The model to convert (safetensors, or a PyTorch .pt state_dict).
+    /// The model to convert (safetensors, a PyTorch .pt state_dict, or a diffusers UNet2DModel
+    /// folder).
     input: PathBuf,
     /// The safetensors file to write.
     output: PathBuf,

@@ -20,7 +20,8 @@ use super::{check_output_file, config_arg, open_device, DeviceArg, Dtype};
     optional `y` [B] i64 class labels and optional `emb` [B, D] f32.\n\
     OUT holds `out` [B, out_channels, H, W] f32.")]
 pub struct Args {
-    /// Model weights (safetensors or a PyTorch .pt state_dict, guided-diffusion key names).
+    /// Model weights (safetensors or a PyTorch .pt state_dict, guided-diffusion key names), or a
+    /// diffusers UNet2DModel folder.
     #[arg(long)]
     model: PathBuf,
     /// Model config (JSON). Each field comes from the first of this file, <model stem>.json and

@@ -12,7 +12,7 @@ use super::config_arg;
 #[derive(clap::Args)]
 #[command(after_help = "Example:\n  mcdm inspect weights/uncond.safetensors")]
 pub struct Args {
-    /// Model weights (safetensors or a PyTorch .pt state_dict).
+    /// Model weights (safetensors or a PyTorch .pt state_dict), or a diffusers UNet2DModel folder.
     model: PathBuf,
     /// Model config (JSON). Each field comes from the first of this file, <model stem>.json and
     /// the file's `config` metadata that gives it; the rest are inferred from the weights.

@@ -169,6 +169,9 @@ impl LoadedModel {
 /// Opens `weights`, resolves its config and builds the UNet on the CPU. The file is hashed
 /// once its weights are copied out, and refused if it changed meanwhile.
 pub fn load_model(weights: &Path, config: Option<&Path>) -> Result<LoadedModel> {
+    if weights.is_dir() {
+        return load_diffusers(weights, config);
+    }
     let file = SafetensorsFile::open(weights)?;
     // A condition or an embedding file given as a model: say what it is not, rather than which
     // config field its shapes cannot give.
@@ -181,6 +184,30 @@ pub fn load_model(weights: &Path, config: Option<&Path>) -> Result<LoadedModel> 
         )));
     }
     let config = resolve_config(&file, config)?;
+    let unet = UNet::load(&file, &config.unet)?;
+    let sha256 = Some(file.sha256()?);
+    Ok(LoadedModel {
+        file,
+        config,
+        sha256,
+        device: Device::Cpu,
+        dtype: DType::F32,
+        net: Placed::Cpu(unet),
+    })
+}
+
+/// A diffusers `UNet2DModel` folder (see [`super::diffusers`]); `--config` fields come first.
+fn load_diffusers(dir: &Path, config: Option<&Path>) -> Result<LoadedModel> {
+    let (file, partial, config_json) = super::diffusers::open(dir)?;
+    let mut sources = Vec::new();
+    if let Some(path) = config {
+        let text = read_string_limited(path, JSON_LIMIT, "config file")?;
+        let explicit = PartialConfig::from_json(&text)
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        sources.push((Source::File(path.display().to_string()), explicit));
+    }
+    sources.push((Source::File(config_json.display().to_string()), partial));
+    let config = resolve(&sources, &file.shapes())?;
     let unet = UNet::load(&file, &config.unet)?;
     let sha256 = Some(file.sha256()?);
     Ok(LoadedModel {

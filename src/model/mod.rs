@@ -1,5 +1,6 @@
 //! Models: the UNet graph (written once over the backends) and loading from model files.
 
+mod diffusers;
 mod load;
 pub mod unet;
 

@@ -52,6 +52,10 @@ struct Entry {
     end: usize,
 }
 
+/// A tensor of a [`SafetensorsFile::derived`] file: its name, the source tensors it joins, and
+/// its shape.
+pub type Derived = (String, Vec<String>, Vec<usize>);
+
 /// A safetensors file, memory-mapped; tensors are read on demand.
 pub struct SafetensorsFile {
     path: PathBuf,
@@ -61,6 +65,8 @@ pub struct SafetensorsFile {
     /// The file as opened, with its length and modification time then, to tell whether it has
     /// changed since (None for a file made in memory).
     opened: Option<(File, Stamp)>,
+    /// For a file derived from another ([`SafetensorsFile::derived`]): that file's hash.
+    source_hash: Option<String>,
 }
 
 /// A file's length and modification time.
@@ -337,6 +343,7 @@ impl SafetensorsFile {
             entries,
             metadata,
             opened: Some((file, opened)),
+            source_hash: None,
         })
     }
 
@@ -345,6 +352,9 @@ impl SafetensorsFile {
     /// may then differ from what was hashed. Call it once the tensors needed are read.
     pub fn sha256(&self) -> Result<String> {
         use sha2::Digest;
+        if let Some(hash) = &self.source_hash {
+            return Ok(hash.clone());
+        }
         let digest = sha2::Sha256::digest(&self.map[..]);
         if let Some((file, then)) = &self.opened {
             let now = stamp(file).map_err(|e| Error::io(&self.path, e))?;
@@ -374,6 +384,74 @@ impl SafetensorsFile {
             entries: BTreeMap::new(),
             metadata: BTreeMap::new(),
             opened: None,
+            source_hash: None,
+        })
+    }
+
+    /// A file made in memory from this one's tensors: each `(name, parts, shape)` of `layout`
+    /// is the concatenation of the tensors `parts` (one dtype, together `shape`'s size), given
+    /// `shape`. Its path is `label`; its hash is this file's, checked as [`Self::sha256`] does.
+    pub fn derived(
+        &self,
+        label: &Path,
+        layout: &[(String, Vec<String>, Vec<usize>)],
+    ) -> Result<Self> {
+        let mut entries = BTreeMap::new();
+        let mut total = 0usize;
+        for (name, parts, shape) in layout {
+            let dtypes: Vec<StorageDtype> = parts
+                .iter()
+                .map(|p| self.entry(p).map(|e| e.dtype))
+                .collect::<Result<_>>()?;
+            let dtype = dtypes[0];
+            if dtypes.iter().any(|&d| d != dtype) {
+                return Err(Error::Input(format!(
+                    "{}: {} have different dtypes, so `{name}` cannot be made of them",
+                    self.path.display(),
+                    parts.join(", ")
+                )));
+            }
+            let bytes: usize = parts
+                .iter()
+                .map(|p| self.entries[p].end - self.entries[p].start)
+                .sum();
+            let want = shape.iter().product::<usize>() * dtype.size();
+            if bytes != want {
+                return Err(Error::Input(format!(
+                    "{}: {} hold {bytes} bytes, but `{name}` {shape:?} needs {want}",
+                    self.path.display(),
+                    parts.join(", ")
+                )));
+            }
+            entries.insert(
+                name.clone(),
+                Entry {
+                    dtype,
+                    shape: shape.clone(),
+                    start: total,
+                    end: total + bytes,
+                },
+            );
+            total += bytes;
+        }
+        let mut map = memmap2::MmapMut::map_anon(total.max(1)).map_err(|e| Error::io(label, e))?;
+        let mut at = 0;
+        for (_, parts, _) in layout {
+            for p in parts {
+                let e = &self.entries[p];
+                map[at..at + e.end - e.start].copy_from_slice(&self.map[e.start..e.end]);
+                at += e.end - e.start;
+            }
+        }
+        // After the copy: an error if the source changed since it was opened.
+        let source_hash = self.sha256()?;
+        Ok(SafetensorsFile {
+            path: label.to_path_buf(),
+            map: map.make_read_only().map_err(|e| Error::io(label, e))?,
+            entries,
+            metadata: BTreeMap::new(),
+            opened: None,
+            source_hash: Some(source_hash),
         })
     }
 

@@ -87,7 +87,8 @@ or embedding model, a condition it is not given is zeros.\n\n\
 Output: OUT/000000.png ..., OUT/grid.png, OUT/record.json (everything to reproduce the run).")]
 pub struct Args {
     /// A model: NAME=PATH to safetensors weights or a PyTorch .pt state_dict (config:
-    /// <stem>.json, then metadata, then inferred).
+    /// <stem>.json, then metadata, then inferred), or to a diffusers UNet2DModel folder (its
+    /// config.json, the schedule from scheduler_config.json).
     #[arg(long = "model", value_name = "NAME=PATH")]
     models: Vec<String>,
     /// An expert: NAME[,class=K][,image=PATH][,embedding=PATH][,weight=W][,text=PROMPT]
