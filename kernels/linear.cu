@@ -10,7 +10,8 @@
     F(int, out_features) F(int, silu_in)
 MCDM_ARGS(LinearArgs)
 #define TimestepArgs_FIELDS(F)                                                                      \
-    F(const float* __restrict__, t) F(float* __restrict__, y) F(int, n) F(int, dim)
+    F(const float* __restrict__, t) F(float* __restrict__, y) F(int, n) F(int, dim)                 \
+    F(int, flip_sin_to_cos) F(float, freq_shift)
 MCDM_ARGS(TimestepArgs)
 #define RowsArgs_FIELDS(F)                                                                          \
     F(float* __restrict__, y) F(const float* __restrict__, table)                                   \
@@ -87,27 +88,33 @@ MCDM_DEV void linear(const float* __restrict__ x, const float* __restrict__ w, c
 }
 
 // Sinusoidal embedding of guided-diffusion: y [n, dim] = [cos(t f_0..f_{half-1}) |
-// sin(t f_0..f_{half-1})] with half = dim / 2 and f_i = exp(log_period * i / half),
-// log_period = -(ln 10000 as f32), in the f32 order of src/ops/embedding.rs; an odd dim gets a
+// sin(t f_0..f_{half-1})] with half = dim / 2 and f_i = exp(log_period * i / (half - freq_shift)),
+// log_period = -(ln 10000 as f32), in the f32 order of src/ops/embedding.rs; [sin | cos] when
+// flip_sin_to_cos is 0 (diffusers' layouts; guided-diffusion's is 1 with shift 0); an odd dim gets a
 extern "C" __global__ void __launch_bounds__(LINEAR_THREADS) linear_f32(MCDM_PARAMS(LinearArgs)) {
     linear(x, weight, bias, y, n, in_features, out_features, silu_in);
 }
 
-// trailing 0 column. t: f32 [n] (may be fractional). TimestepArgs: t, y, n, dim.
+// trailing 0 column. t: f32 [n] (may be fractional). TimestepArgs: t, y, n, dim,
+// flip_sin_to_cos, freq_shift.
 // Launch: grid (n), block 256; row blockIdx.x, frequencies i = threadIdx.x, +256, ...
-MCDM_DEV void timestep_embedding(const float* __restrict__ t, float* __restrict__ y, int n, int dim) {
+MCDM_DEV void timestep_embedding(const float* __restrict__ t, float* __restrict__ y, int n, int dim,
+                                 int flip_sin_to_cos, float freq_shift) {
     const int row = blockIdx.x;
     if (row >= n) return;
     const int half = dim / 2;
+    const float divisor = __fsub_rn((float)half, freq_shift);
+    // cos goes first with the flip, second without.
+    const int cos_at = flip_sin_to_cos ? 0 : half, sin_at = flip_sin_to_cos ? half : 0;
     const float log_period = __uint_as_float(0xC1135D8Eu);  // -(10000f64.ln() as f32) = -9.2103405
     const float tv = t[row];
     float* yrow = y + (long long)row * dim;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        // (log_period * i as f32 / half as f32).exp(): multiply, then divide (no contraction).
-        const float freq = expf(__fdiv_rn(__fmul_rn(log_period, (float)i), (float)half));
+        // (log_period * i as f32 / divisor).exp(): multiply, then divide (no contraction).
+        const float freq = expf(__fdiv_rn(__fmul_rn(log_period, (float)i), divisor));
         const float arg = __fmul_rn(tv, freq);
-        yrow[i] = cosf(arg);
-        yrow[half + i] = sinf(arg);
+        yrow[cos_at + i] = cosf(arg);
+        yrow[sin_at + i] = sinf(arg);
     }
     if ((dim & 1) && threadIdx.x == 0) yrow[dim - 1] = 0.0f;
 }
@@ -116,7 +123,7 @@ MCDM_DEV void timestep_embedding(const float* __restrict__ t, float* __restrict_
 // outside 0..rows adds nothing: negative means no class, and one past the table is never read
 extern "C" __global__ void __launch_bounds__(EMBEDDING_THREADS)
     timestep_embedding_f32(MCDM_PARAMS(TimestepArgs)) {
-    timestep_embedding(t, y, n, dim);
+    timestep_embedding(t, y, n, dim, flip_sin_to_cos, freq_shift);
 }
 
 // (the host checks labels; the device cannot report them). RowsArgs: y, table, labels, n, dim,

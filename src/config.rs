@@ -24,7 +24,8 @@ pub const MAX_LEVELS: usize = 13;
 pub const MAX_CLASSES: usize = 1 << 24;
 
 /// UNet architecture (guided-diffusion `UNetModel`) plus mcdm's extensions
-/// (`in_channels`, `num_classes`, `embed_dim`).
+/// (`in_channels`, `num_classes`, `embed_dim`, and diffusers' time-embedding flags
+/// `flip_sin_to_cos`, `freq_shift`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct UNetConfig {
     pub image_size: usize,
@@ -50,6 +51,12 @@ pub struct UNetConfig {
     pub embed_dim: Option<usize>,
     pub dropout: f64,
     pub use_fp16: bool,
+    /// The time features as `[cos | sin]` (guided-diffusion's; diffusers' `flip_sin_to_cos`),
+    /// else `[sin | cos]`.
+    pub flip_sin_to_cos: bool,
+    /// Frequencies `10000^(-i / (half - freq_shift))` (diffusers' `freq_shift`; 0 in
+    /// guided-diffusion).
+    pub freq_shift: f64,
 }
 
 impl UNetConfig {
@@ -170,6 +177,8 @@ pub const CONFIG_KEYS: &[&str] = &[
     "class_cond",
     "num_classes",
     "embed_dim",
+    "flip_sin_to_cos",
+    "freq_shift",
     "dropout",
     "use_fp16",
     "use_checkpoint",
@@ -603,6 +612,8 @@ pub fn resolve(
         }
     };
     let dropout: f64 = field!("dropout", parse_float, None::<f64>, 0.0);
+    let flip_sin_to_cos: bool = field!("flip_sin_to_cos", parse_bool, None::<bool>, true);
+    let freq_shift: f64 = field!("freq_shift", parse_float, None::<f64>, 0.0);
     let use_fp16: bool = field!("use_fp16", parse_bool, None::<bool>, false);
     if let Some((v, _)) = given("use_checkpoint") {
         parse_bool("use_checkpoint", v)?;
@@ -655,6 +666,8 @@ pub fn resolve(
         embed_dim,
         dropout,
         use_fp16,
+        flip_sin_to_cos,
+        freq_shift,
     };
     unet.validate()?;
     Ok(ResolvedConfig {
@@ -677,6 +690,13 @@ impl UNetConfig {
                  condition)"
                     .into(),
             );
+        }
+        let half = (self.num_channels / 2) as f64;
+        if !self.freq_shift.is_finite() || self.freq_shift >= half {
+            return bad(format!(
+                "freq_shift must be below half the time features ({half}), got {}",
+                self.freq_shift
+            ));
         }
         // Dropout is inactive at inference, but a value outside [0, 1) is no model's.
         if !(0.0..1.0).contains(&self.dropout) {
@@ -834,6 +854,12 @@ impl UNetConfig {
         }
         if let Some(d) = self.embed_dim {
             map["embed_dim"] = d.into();
+        }
+        if !self.flip_sin_to_cos {
+            map["flip_sin_to_cos"] = false.into();
+        }
+        if self.freq_shift != 0.0 {
+            map["freq_shift"] = self.freq_shift.into();
         }
         map
     }

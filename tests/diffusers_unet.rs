@@ -17,6 +17,7 @@ const CASES: &[&str] = &[
     "attn_scale_shift_classes",
     "default_pipeline",
     "resnet_updown",
+    "ddpm_sin_first",
 ];
 
 /// f32 rel L2 against diffusers' forward: measured at most 1.4e-6 (2026-12-06).
@@ -166,13 +167,13 @@ fn what_guided_diffusion_cannot_express_is_named() {
     for (key, value, needle) in [
         (
             "flip_sin_to_cos",
-            serde_json::json!(false),
-            "`flip_sin_to_cos` false is not supported",
+            serde_json::json!("yes"),
+            "`flip_sin_to_cos` must be true or false",
         ),
         (
             "freq_shift",
-            serde_json::json!(1),
-            "`freq_shift` 1 is not supported",
+            serde_json::json!(16),
+            "freq_shift must be below half the time features (16), got 16",
         ),
         (
             "norm_num_groups",

@@ -455,34 +455,37 @@ fn several_gpus_make_the_one_gpu_images() {
 fn a_diffusers_folder_forward_on_the_fake_gpu_matches_diffusers() {
     let Some(driver) = fake_driver() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let model = common::fixtures("diffusers/attn_scale_shift_classes");
-    let io = model.join("io.safetensors");
-    let out = dir.path().join("out.safetensors");
-    let run = common::output(
-        driver
-            .apply(&mut Command::new(env!("CARGO_BIN_EXE_mcdm")))
-            .args(["forward", "--device", "cuda", "--dtype", "f32", "--model"])
-            .arg(&model)
-            .arg("--input")
-            .arg(&io)
-            .arg("--output")
-            .arg(&out),
-    );
-    assert!(run.status.success(), "{}", output_text(&run));
-    let got = mcdm::weights::SafetensorsFile::open(&out)
-        .unwrap()
-        .f32("out")
-        .unwrap();
-    let want = mcdm::weights::SafetensorsFile::open(&io)
-        .unwrap()
-        .f32("out")
-        .unwrap();
-    // Measured 1.3e-6, 2026-12-06.
-    common::within(
-        "diffusers folder on the fake GPU, f32, rel L2 vs diffusers",
-        rel_l2(&got, &want),
-        1e-5,
-    );
+    // guided-diffusion's time features, and diffusers' DDPM ones ([sin | cos], freq_shift 1).
+    for name in ["attn_scale_shift_classes", "ddpm_sin_first"] {
+        let model = common::fixtures(&format!("diffusers/{name}"));
+        let io = model.join("io.safetensors");
+        let out = dir.path().join(format!("{name}.safetensors"));
+        let run = common::output(
+            driver
+                .apply(&mut Command::new(env!("CARGO_BIN_EXE_mcdm")))
+                .args(["forward", "--device", "cuda", "--dtype", "f32", "--model"])
+                .arg(&model)
+                .arg("--input")
+                .arg(&io)
+                .arg("--output")
+                .arg(&out),
+        );
+        assert!(run.status.success(), "{}", output_text(&run));
+        let got = mcdm::weights::SafetensorsFile::open(&out)
+            .unwrap()
+            .f32("out")
+            .unwrap();
+        let want = mcdm::weights::SafetensorsFile::open(&io)
+            .unwrap()
+            .f32("out")
+            .unwrap();
+        // Measured 1.3e-6, 2026-12-06.
+        common::within(
+            &format!("{name} on the fake GPU, f32, rel L2 vs diffusers"),
+            rel_l2(&got, &want),
+            1e-5,
+        );
+    }
 }
 
 /// A GPU older than the kernels need (the fake set to compute capability 7.5, a T4) is named

@@ -629,7 +629,7 @@ fn peak_kernels_match_cpu() {
 /// a launch outside a buffer (on the fake driver, AddressSanitizer would abort on one).
 #[test]
 fn bad_sizes_are_errors() {
-    use mcdm::ops::embedding::timestep_embedding_gpu;
+    use mcdm::ops::embedding::{timestep_embedding_gpu, TimeFeatures};
     use mcdm::ops::layout::{pack_input_gpu, unpack_output_gpu};
     use mcdm::ops::step::{diffusion_step_gpu, fill_normals_gpu};
     let Some(g) = gpu("bad sizes") else { return };
@@ -661,7 +661,7 @@ fn bad_sizes_are_errors() {
     let t = buf(3);
     fails(
         "timestep embedding, n * dim wraps",
-        timestep_embedding_gpu(&g, &t, 3, W3, &mut y2),
+        timestep_embedding_gpu(&g, &t, 3, W3, TimeFeatures::GUIDED_DIFFUSION, &mut y2),
         "more than a kernel takes",
     );
     let conv = Conv2d::from_torch(&values(9, 1), values(3, 2), 1, 1)

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::memory::{best_fit, check_host_memory};
 use crate::ops::attention::attend;
 use crate::ops::conv::Conv2d;
-use crate::ops::embedding::timestep_embedding;
+use crate::ops::embedding::{timestep_embedding, TimeFeatures};
 use crate::ops::group_norm::GroupNorm;
 use crate::ops::layer_norm::{gelu_in_place, LayerNorm};
 use crate::ops::layout::{nchw_to_nhwc, nhwc_to_nchw, pack_input, unpack_output};
@@ -243,9 +243,10 @@ impl Backend for Cpu {
         t: &Vec<f32>,
         n: usize,
         dim: usize,
+        features: TimeFeatures,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        timestep_embedding(&t[..n], dim, &mut out[..n * dim]);
+        timestep_embedding(&t[..n], dim, features, &mut out[..n * dim]);
         Ok(())
     }
     fn linear(

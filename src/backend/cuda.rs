@@ -13,7 +13,7 @@ use crate::diffusion::StepParams;
 use crate::error::{Error, Result};
 use crate::ops::attention::attend_gpu;
 use crate::ops::conv::{Conv2d, ConvInput, GpuConv2d};
-use crate::ops::embedding::timestep_embedding_gpu;
+use crate::ops::embedding::{timestep_embedding_gpu, TimeFeatures};
 use crate::ops::group_norm::{GpuGroupNorm, GroupNorm};
 use crate::ops::layer_norm::{gelu_gpu, GpuLayerNorm, LayerNorm};
 use crate::ops::layout::{nchw_to_nhwc_gpu, nhwc_to_nchw_gpu, pack_input_gpu, unpack_output_gpu};
@@ -277,9 +277,10 @@ impl<T: GpuFloat> Backend for Cuda<T> {
         t: &GpuBuffer<f32>,
         n: usize,
         dim: usize,
+        features: TimeFeatures,
         out: &mut GpuBuffer<f32>,
     ) -> Result<()> {
-        timestep_embedding_gpu(&self.gpu, t, n, dim, out)
+        timestep_embedding_gpu(&self.gpu, t, n, dim, features, out)
     }
     fn linear(
         &mut self,

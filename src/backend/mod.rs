@@ -21,6 +21,7 @@ pub use cuda::Cuda;
 use crate::diffusion::StepParams;
 use crate::error::Result;
 use crate::ops::conv::Conv2d;
+use crate::ops::embedding::TimeFeatures;
 use crate::ops::group_norm::GroupNorm;
 use crate::ops::layer_norm::LayerNorm;
 use crate::ops::linear::Linear;
@@ -218,12 +219,14 @@ pub trait Backend: Sized {
         c: usize,
     ) -> Result<()>;
 
-    /// guided-diffusion's sinusoidal embedding `[cos | sin]` of `[n]` timesteps: `[n, dim]`.
+    /// The sinusoidal embedding of `[n]` timesteps, `[n, dim]` (guided-diffusion's `[cos | sin]`
+    /// unless `features` say otherwise).
     fn timestep_embedding(
         &mut self,
         t: &Self::Vector,
         n: usize,
         dim: usize,
+        features: TimeFeatures,
         out: &mut Self::Vector,
     ) -> Result<()>;
     /// y `[n, out]` = act(x) W^T + b for x `[n, in]`, act = SiLU when `silu_in`.

@@ -3,8 +3,9 @@
 //! A pixel-space `UNet2DModel` is guided-diffusion's network under other names: its blocks map
 //! one to one onto `input_blocks` / `middle_block` / `output_blocks`, an attention's `to_q`,
 //! `to_k`, `to_v` make one `qkv` in the new attention order, and the schedule comes from
-//! `scheduler_config.json`. What guided-diffusion's network cannot express (another time
-//! embedding, group count or activation, an attention without its norm) is refused by name.
+//! `scheduler_config.json`; diffusers' time-feature flags (`flip_sin_to_cos`, `freq_shift`) are
+//! mcdm config extensions. What guided-diffusion's network cannot express (another group count
+//! or activation, an attention without its norm) is refused by name.
 
 use std::path::{Path, PathBuf};
 
@@ -97,6 +98,8 @@ struct Unet2d {
     resnet_updown: bool,
     head_dim: Option<usize>,
     scale_shift: bool,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
     num_classes: Option<usize>,
 }
 
@@ -145,8 +148,6 @@ impl Unet2d {
                 json!("positional"),
                 "a sinusoidal time embedding",
             ),
-            ("flip_sin_to_cos", json!(true), "[cos | sin] time features"),
-            ("freq_shift", json!(0), "frequencies 10000^(-i / half)"),
             ("act_fn", json!("silu"), "SiLU"),
             ("norm_num_groups", json!(32), "32 groups"),
             ("norm_eps", json!(1e-5), "eps 1e-5"),
@@ -277,7 +278,24 @@ impl Unet2d {
             Some(g) if g != 32 => return fail(format!("`attn_norm_num_groups` {g} is not 32")),
             _ => {}
         }
+        let flip_sin_to_cos = match get("flip_sin_to_cos") {
+            None => true,
+            Some(v) => v.as_bool().ok_or_else(|| {
+                bad(
+                    path,
+                    &format!("`flip_sin_to_cos` must be true or false, got {v}"),
+                )
+            })?,
+        };
+        let freq_shift = match get("freq_shift") {
+            None => 0.0,
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| bad(path, &format!("`freq_shift` must be a number, got {v}")))?,
+        };
         Ok(Unet2d {
+            flip_sin_to_cos,
+            freq_shift,
             sample_size: uint("sample_size", None)?,
             in_channels: uint("in_channels", Some(3))?,
             out_channels: uint("out_channels", Some(3))?,
@@ -322,6 +340,8 @@ impl Unet2d {
         f.insert("use_scale_shift_norm".into(), json!(self.scale_shift));
         f.insert("resblock_updown".into(), json!(self.resnet_updown));
         f.insert("use_new_attention_order".into(), json!(true));
+        f.insert("flip_sin_to_cos".into(), json!(self.flip_sin_to_cos));
+        f.insert("freq_shift".into(), json!(self.freq_shift));
         f.insert("in_channels".into(), json!(self.in_channels));
         f.insert(
             "learn_sigma".into(),

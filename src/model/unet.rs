@@ -5,6 +5,7 @@
 use crate::backend::{Backend, Buffer, Cond, Cpu, PassSizes, Residual};
 use crate::config::{UNetConfig, MAX_IMAGE_SIZE};
 use crate::error::{Error, Result};
+use crate::ops::embedding::TimeFeatures;
 
 /// A convolution layer: its shape and its parameters on the backend.
 pub struct ConvLayer<B: Backend> {
@@ -408,7 +409,11 @@ impl<B: Backend> UNet<B> {
     fn embedding(&self, be: &mut B, n: usize, cond: Cond<'_, B>) -> Result<B::Vector> {
         let (mc, dim) = (self.config.num_channels, self.config.time_embed_dim());
         let mut t_emb = be.take_vector(n * mc)?;
-        be.timestep_embedding(cond.timesteps, n, mc, &mut t_emb)?;
+        let features = TimeFeatures {
+            flip_sin_to_cos: self.config.flip_sin_to_cos,
+            freq_shift: self.config.freq_shift as f32,
+        };
+        be.timestep_embedding(cond.timesteps, n, mc, features, &mut t_emb)?;
         let mut hidden = be.take_vector(n * dim)?;
         be.linear(&self.time_embed[0].params, &t_emb, n, &mut hidden, false)?;
         let mut emb = be.take_vector(n * dim)?;

@@ -1,4 +1,5 @@
-//! Sinusoidal timestep embedding, guided-diffusion's `timestep_embedding`: **[cos | sin]**.
+//! Sinusoidal timestep embedding, guided-diffusion's `timestep_embedding`: **[cos | sin]**, or
+//! diffusers' `get_timestep_embedding` with `flip_sin_to_cos` and `downscale_freq_shift`.
 
 use cudarc::driver::LaunchConfig;
 
@@ -7,17 +8,40 @@ use crate::cuda::interface::{TimestepArgs, EMBEDDING_THREADS};
 use crate::cuda::{Gpu, GpuBuffer};
 use crate::error::Result;
 
+/// How the time features are laid out: guided-diffusion's is `{ flip_sin_to_cos: true,
+/// freq_shift: 0.0 }`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TimeFeatures {
+    /// `[cos | sin]`, else `[sin | cos]`.
+    pub flip_sin_to_cos: bool,
+    /// Frequencies `10000^(-i / (half - freq_shift))`.
+    pub freq_shift: f32,
+}
+
+impl TimeFeatures {
+    pub const GUIDED_DIFFUSION: TimeFeatures = TimeFeatures {
+        flip_sin_to_cos: true,
+        freq_shift: 0.0,
+    };
+}
+
 /// Writes `[t.len(), dim]`; the f32 operation order follows the reference so that fractional and
 /// large timesteps give the same values.
-pub fn timestep_embedding(t: &[f32], dim: usize, out: &mut [f32]) {
+pub fn timestep_embedding(t: &[f32], dim: usize, features: TimeFeatures, out: &mut [f32]) {
     let half = dim / 2;
     let log_period = -(10000f64.ln() as f32);
+    let divisor = half as f32 - features.freq_shift;
+    let (first, second) = if features.flip_sin_to_cos {
+        (f32::cos as fn(f32) -> f32, f32::sin as fn(f32) -> f32)
+    } else {
+        (f32::sin as fn(f32) -> f32, f32::cos as fn(f32) -> f32)
+    };
     for (row, &tv) in out.chunks_exact_mut(dim).zip(t) {
         for i in 0..half {
-            let freq = (log_period * i as f32 / half as f32).exp();
+            let freq = (log_period * i as f32 / divisor).exp();
             let arg = tv * freq;
-            row[i] = arg.cos();
-            row[half + i] = arg.sin();
+            row[i] = first(arg);
+            row[half + i] = second(arg);
         }
         if dim % 2 == 1 {
             row[dim - 1] = 0.0;
@@ -31,6 +55,7 @@ pub fn timestep_embedding_gpu(
     t: &GpuBuffer<f32>,
     n: usize,
     dim: usize,
+    features: TimeFeatures,
     out: &mut GpuBuffer<f32>,
 ) -> Result<()> {
     check_len("timesteps", t.len(), n)?;
@@ -46,13 +71,15 @@ pub fn timestep_embedding_gpu(
         y: out.ptr(gpu),
         n: n as i32,
         dim: dim as i32,
+        flip_sin_to_cos: features.flip_sin_to_cos as i32,
+        freq_shift: features.freq_shift,
     };
     gpu.launch("linear", "timestep_embedding_f32", cfg, &args)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::timestep_embedding;
+    use super::{timestep_embedding, TimeFeatures};
 
     /// The reference's formula, `[cos(t f_i) | sin(t f_i)]` with `f_i = 10000^(-i / half)`, in
     /// f64; an odd width ends in a zero column (the reference pads one), whatever the buffer held.
@@ -62,7 +89,7 @@ mod tests {
         for dim in [2usize, 7, 8, 33] {
             let half = dim / 2;
             let mut out = vec![f32::NAN; t.len() * dim];
-            timestep_embedding(&t, dim, &mut out);
+            timestep_embedding(&t, dim, TimeFeatures::GUIDED_DIFFUSION, &mut out);
             for (row, &tv) in out.chunks_exact(dim).zip(&t) {
                 for i in 0..half {
                     let arg = tv as f64 * 10000f64.powf(-(i as f64) / half as f64);
@@ -76,6 +103,28 @@ mod tests {
                 if dim % 2 == 1 {
                     assert_eq!(row[dim - 1], 0.0, "dim {dim}: the padding column");
                 }
+            }
+        }
+    }
+
+    /// diffusers' DDPM layout: `[sin | cos]`, frequencies `10000^(-i / (half - 1))`.
+    #[test]
+    fn sin_first_with_a_frequency_shift() {
+        let (t, dim) = ([5.0f32, 640.0], 16usize);
+        let features = TimeFeatures {
+            flip_sin_to_cos: false,
+            freq_shift: 1.0,
+        };
+        let mut out = vec![f32::NAN; t.len() * dim];
+        timestep_embedding(&t, dim, features, &mut out);
+        for (row, &tv) in out.chunks_exact(dim).zip(&t) {
+            for i in 0..dim / 2 {
+                let arg = tv as f64 * 10000f64.powf(-(i as f64) / (dim / 2 - 1) as f64);
+                assert!((row[i] as f64 - arg.sin()).abs() < 2e-4, "t {tv} sin {i}");
+                assert!(
+                    (row[dim / 2 + i] as f64 - arg.cos()).abs() < 2e-4,
+                    "t {tv} cos {i}"
+                );
             }
         }
     }

@@ -34,22 +34,25 @@ void run_linear(int n, int in, int out, int silu, bool bias) {
 
 // The arguments follow the documented f32 order (src/ops/embedding.rs), so a double cos / sin of
 // the same f32 argument is the reference.
-void run_timestep_embedding(int dim) {
+void run_timestep_embedding(int dim, int flip = 1, float shift = 0.f) {
     const std::vector<float> t = {0.f, 37.5f, 999.f};
     const int n = (int)t.size(), half = dim / 2;
     std::vector<float> y((size_t)n * dim, NAN);
     std::vector<double> ref(y.size(), 0.0);
     const float log_period = -(float)std::log(10000.0);
+    const int cos_at = flip ? 0 : half, sin_at = flip ? half : 0;
     for (int r = 0; r < n; ++r)
         for (int i = 0; i < half; ++i) {
-            const float freq = (float)std::exp((double)(log_period * (float)i / (float)half));
+            const float freq = (float)std::exp((double)(log_period * (float)i / ((float)half - shift)));
             const float arg = t[r] * freq;
-            ref[(size_t)r * dim + i] = std::cos((double)arg);
-            ref[(size_t)r * dim + half + i] = std::sin((double)arg);
+            ref[(size_t)r * dim + cos_at + i] = std::cos((double)arg);
+            ref[(size_t)r * dim + sin_at + i] = std::sin((double)arg);
         }
-    const TimestepArgs args{t.data(), y.data(), n, dim};
+    const TimestepArgs args{t.data(), y.data(), n, dim, flip, shift};
     emu_launch_serial({(unsigned)n, 1, 1}, {EMBEDDING_THREADS, 1, 1}, [&] { MCDM_CALL(timestep_embedding_f32, TimestepArgs, args); });
-    checker.close("timestep_embedding_f32 dim" + std::to_string(dim), ref, widen(y), 1e-6, 0);
+    checker.close("timestep_embedding_f32 dim" + std::to_string(dim) + (flip ? "" : " sin first") +
+                      (shift != 0.f ? " shift" : ""),
+                  ref, widen(y), 1e-6, 0);
 }
 
 int main() {
@@ -61,6 +64,7 @@ int main() {
     run_timestep_embedding(7);
     run_timestep_embedding(128);
     run_timestep_embedding(640);  // more frequencies than threads
+    run_timestep_embedding(128, 0, 1.f);  // diffusers' DDPM layout: [sin | cos], freq_shift 1
     {
         const int n = 4, dim = 300;
         std::vector<float> y((size_t)n * dim), table(5 * dim);
