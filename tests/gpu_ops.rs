@@ -571,6 +571,37 @@ fn forward_cases<T: GpuFloat>(g: &Arc<Gpu>) -> Vec<(String, f64, f64)> {
         };
         out.push((format!("forward {name}"), rel_l2(&got, &want), tol));
     }
+    // diffusers UNet2DModel folders run through the same graph (both time-feature layouts).
+    for name in ["attn_scale_shift_classes", "ddpm_sin_first"] {
+        let dir = common::fixtures(&format!("diffusers/{name}"));
+        let model = mcdm::model::load_model(&dir, None).unwrap();
+        let io = mcdm::weights::SafetensorsFile::open(&dir.join("io.safetensors")).unwrap();
+        let shape: [usize; 4] = io.shape("x").unwrap().try_into().unwrap();
+        let (x, t) = (io.f32("x").unwrap(), io.f32("t").unwrap());
+        let labels = io.contains("y").then(|| io.i64("y").unwrap());
+        let cond = mcdm::model::Conditioning {
+            timesteps: &t,
+            labels: labels.as_deref(),
+            embedding: None,
+        };
+        let unet = model.cpu_unet().unwrap();
+        let want = unet
+            .forward_nchw(&mut Cpu::new(), &x, shape, &cond)
+            .unwrap();
+        let mut cuda = Cuda::<T>::new(g.clone());
+        let dev = unet.to_backend(&mut cuda).unwrap();
+        let got = dev.forward_nchw(&mut cuda, &x, shape, &cond).unwrap();
+        let tol = match T::SUFFIX {
+            "_f32" => 1e-5,
+            "_f16" => 1e-2,
+            _ => 3e-2,
+        };
+        out.push((
+            format!("forward diffusers/{name}"),
+            rel_l2(&got, &want),
+            tol,
+        ));
+    }
     out
 }
 
