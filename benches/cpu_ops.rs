@@ -73,6 +73,7 @@ fn group_norm_silu(c: &mut Criterion) {
             channels: ch,
             weight: fill(ch),
             bias: fill(ch),
+            eps: mcdm::ops::group_norm::EPS,
         };
         let x = fill(n * hw * ch);
         let mut out = vec![0.0; x.len()];

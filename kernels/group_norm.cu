@@ -1,4 +1,4 @@
-// GroupNorm(32 groups, eps 1e-5) over NHWC activations: statistics per (image, group) in two
+// GroupNorm(32 groups, the model's eps) over NHWC activations: statistics per (image, group) in two
 // kernels, then the elementwise affine map fused with the optional scale-shift of
 // use_scale_shift_norm and SiLU. Storage T in {float, __half, __nv_bfloat16}, f32 math.
 // CPU reference: src/ops/group_norm.rs (which accumulates in f64).
@@ -14,7 +14,7 @@
     F(const void* __restrict__, x2) F(int, c1)
 MCDM_ARGS(GroupNormStatsArgs)
 #define GroupNormMergeArgs_FIELDS(F)                                                                \
-    F(const float* __restrict__, part) F(float* __restrict__, stats) F(int, chunks)
+    F(const float* __restrict__, part) F(float* __restrict__, stats) F(int, chunks) F(float, eps)
 MCDM_ARGS(GroupNormMergeArgs)
 #define GroupNormApplyArgs_FIELDS(F)                                                                \
     F(const void*, x) F(const float* __restrict__, stats) F(const float* __restrict__, gamma)       \
@@ -23,7 +23,6 @@ MCDM_ARGS(GroupNormMergeArgs)
 MCDM_ARGS(GroupNormApplyArgs)
 
 #define GN_GROUPS 32
-#define GN_EPS 1e-5f
 
 // Statistics in two kernels, both deterministic (fixed partition, fixed merge order):
 //
@@ -35,7 +34,7 @@ MCDM_ARGS(GroupNormApplyArgs)
 //   every thread keeps several wide loads in flight. Each thread sums deviations from the first
 //   value it reads (shifted sums, no cancellation when |mean| >> std), then thread g < 32 merges
 //   the (count, mean, M2) of its group's channels with Chan's formula.
-// group_norm_merge: part -> stats f32 [n, 32, 2] (mean, rstd = 1 / sqrt(var + 1e-5), biased
+// group_norm_merge: part -> stats f32 [n, 32, 2] (mean, rstd = 1 / sqrt(var + eps), biased
 //   variance), merging the chunks of (b, g). Launch: grid (32, n), block 128.
 #define GN_THREADS 256
 #define GN_MAX_CHANNELS 2048
@@ -127,7 +126,8 @@ MCDM_DEV void group_norm_partial(const T* __restrict__ x, const T* __restrict__ 
     }
 }
 
-MCDM_DEV void group_norm_merge_chunks(const float* __restrict__ part, float* __restrict__ stats, int chunks) {
+MCDM_DEV void group_norm_merge_chunks(const float* __restrict__ part, float* __restrict__ stats, int chunks,
+                                      float eps) {
     __shared__ Moments tree[GN_MERGE_THREADS];
     const int g = blockIdx.x, b = blockIdx.y, t = threadIdx.x;
     Moments m{0.0f, 0.0f, 0.0f};
@@ -144,7 +144,7 @@ MCDM_DEV void group_norm_merge_chunks(const float* __restrict__ part, float* __r
     if (t == 0) {
         const Moments r = tree[0];
         stats[((long long)b * GN_GROUPS + g) * 2 + 0] = r.mean;
-        stats[((long long)b * GN_GROUPS + g) * 2 + 1] = 1.0f / sqrtf(r.m2 / r.n + GN_EPS);
+        stats[((long long)b * GN_GROUPS + g) * 2 + 1] = 1.0f / sqrtf(r.m2 / r.n + eps);
     }
 }
 
@@ -230,7 +230,7 @@ MCDM_DEV void group_norm_apply(const T* x, const T* x2, const float* __restrict_
     }
 
 extern "C" __global__ void __launch_bounds__(GN_MERGE_THREADS) group_norm_merge(MCDM_PARAMS(GroupNormMergeArgs)) {
-    group_norm_merge_chunks(part, stats, chunks);
+    group_norm_merge_chunks(part, stats, chunks, eps);
 }
 
 MCDM_GROUP_NORM(f32, float)

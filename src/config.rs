@@ -24,8 +24,8 @@ pub const MAX_LEVELS: usize = 13;
 pub const MAX_CLASSES: usize = 1 << 24;
 
 /// UNet architecture (guided-diffusion `UNetModel`) plus mcdm's extensions
-/// (`in_channels`, `num_classes`, `embed_dim`, and diffusers' time-embedding flags
-/// `flip_sin_to_cos`, `freq_shift`).
+/// (`in_channels`, `num_classes`, `embed_dim`, and diffusers' `flip_sin_to_cos`, `freq_shift`,
+/// `norm_eps`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct UNetConfig {
     pub image_size: usize,
@@ -57,6 +57,8 @@ pub struct UNetConfig {
     /// Frequencies `10000^(-i / (half - freq_shift))` (diffusers' `freq_shift`; 0 in
     /// guided-diffusion).
     pub freq_shift: f64,
+    /// The group norms' eps (guided-diffusion's GroupNorm32: 1e-5; diffusers' `norm_eps`).
+    pub norm_eps: f64,
 }
 
 impl UNetConfig {
@@ -179,6 +181,7 @@ pub const CONFIG_KEYS: &[&str] = &[
     "embed_dim",
     "flip_sin_to_cos",
     "freq_shift",
+    "norm_eps",
     "dropout",
     "use_fp16",
     "use_checkpoint",
@@ -614,6 +617,7 @@ pub fn resolve(
     let dropout: f64 = field!("dropout", parse_float, None::<f64>, 0.0);
     let flip_sin_to_cos: bool = field!("flip_sin_to_cos", parse_bool, None::<bool>, true);
     let freq_shift: f64 = field!("freq_shift", parse_float, None::<f64>, 0.0);
+    let norm_eps: f64 = field!("norm_eps", parse_float, None::<f64>, 1e-5);
     let use_fp16: bool = field!("use_fp16", parse_bool, None::<bool>, false);
     if let Some((v, _)) = given("use_checkpoint") {
         parse_bool("use_checkpoint", v)?;
@@ -668,6 +672,7 @@ pub fn resolve(
         use_fp16,
         flip_sin_to_cos,
         freq_shift,
+        norm_eps,
     };
     unet.validate()?;
     Ok(ResolvedConfig {
@@ -697,6 +702,9 @@ impl UNetConfig {
                 "freq_shift must be below half the time features ({half}), got {}",
                 self.freq_shift
             ));
+        }
+        if !(self.norm_eps > 0.0 && self.norm_eps < 1.0) {
+            return bad(format!("norm_eps must be in (0, 1), got {}", self.norm_eps));
         }
         // Dropout is inactive at inference, but a value outside [0, 1) is no model's.
         if !(0.0..1.0).contains(&self.dropout) {
@@ -860,6 +868,9 @@ impl UNetConfig {
         }
         if self.freq_shift != 0.0 {
             map["freq_shift"] = self.freq_shift.into();
+        }
+        if self.norm_eps != 1e-5 {
+            map["norm_eps"] = self.norm_eps.into();
         }
         map
     }

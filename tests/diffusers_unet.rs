@@ -64,6 +64,11 @@ fn schedules_come_from_the_scheduler_config() {
     let c = config("default_pipeline");
     assert_eq!(c.diffusion.noise_schedule.name(), "linear");
     assert_eq!(c.diffusion.diffusion_steps, 100);
+    // diffusers' DDPM layout: its time features and group-norm eps become config extensions.
+    let c = config("ddpm_sin_first");
+    assert!(!c.unet.flip_sin_to_cos);
+    assert_eq!((c.unet.freq_shift, c.unet.norm_eps), (1.0, 1e-6));
+    assert!(!c.diffusion.sigma_small, "variance_type fixed_large");
     // No scheduler config: the schedule is the default, and said to be.
     let c = config("resnet_updown");
     assert!(c

@@ -63,13 +63,13 @@ CASES = {
         pipeline=False,
     ),
     # The layout of diffusers' DDPM checkpoints (google/ddpm-*): [sin | cos] time features with
-    # freq_shift 1, attention at the second level, fixed_large variance.
+    # freq_shift 1, group norms with eps 1e-6, attention at the second level, fixed_large variance.
     "ddpm_sin_first": dict(
         unet=dict(
             sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64),
             layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
             up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
-            flip_sin_to_cos=False, freq_shift=1,
+            flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6,
         ),
         scheduler=dict(num_train_timesteps=1000, beta_schedule="linear", variance_type="fixed_large"),
         pipeline=False,

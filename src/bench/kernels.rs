@@ -273,6 +273,7 @@ fn kernels<T: GpuFloat>(
             channels: c,
             weight: vec![1.0; c],
             bias: vec![0.0; c],
+            eps: crate::ops::group_norm::EPS,
         }
         .upload(g)?;
         let x = g.upload::<T>(&fill(n * hw * c))?;

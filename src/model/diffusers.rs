@@ -3,9 +3,9 @@
 //! A pixel-space `UNet2DModel` is guided-diffusion's network under other names: its blocks map
 //! one to one onto `input_blocks` / `middle_block` / `output_blocks`, an attention's `to_q`,
 //! `to_k`, `to_v` make one `qkv` in the new attention order, and the schedule comes from
-//! `scheduler_config.json`; diffusers' time-feature flags (`flip_sin_to_cos`, `freq_shift`) are
-//! mcdm config extensions. What guided-diffusion's network cannot express (another group count
-//! or activation, an attention without its norm) is refused by name.
+//! `scheduler_config.json`; diffusers' `flip_sin_to_cos`, `freq_shift` and `norm_eps` are mcdm
+//! config extensions. What guided-diffusion's network cannot express (another group count or
+//! activation, an attention without its norm) is refused by name.
 
 use std::path::{Path, PathBuf};
 
@@ -100,6 +100,7 @@ struct Unet2d {
     scale_shift: bool,
     flip_sin_to_cos: bool,
     freq_shift: f64,
+    norm_eps: f64,
     num_classes: Option<usize>,
 }
 
@@ -150,7 +151,6 @@ impl Unet2d {
             ),
             ("act_fn", json!("silu"), "SiLU"),
             ("norm_num_groups", json!(32), "32 groups"),
-            ("norm_eps", json!(1e-5), "eps 1e-5"),
             ("center_input_sample", json!(false), "no input centring"),
             ("downsample_padding", json!(1), "padding 1"),
             ("mid_block_scale_factor", json!(1), "no output scaling"),
@@ -287,6 +287,12 @@ impl Unet2d {
                 )
             })?,
         };
+        let norm_eps = match get("norm_eps") {
+            None => 1e-5,
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| bad(path, &format!("`norm_eps` must be a number, got {v}")))?,
+        };
         let freq_shift = match get("freq_shift") {
             None => 0.0,
             Some(v) => v
@@ -294,6 +300,7 @@ impl Unet2d {
                 .ok_or_else(|| bad(path, &format!("`freq_shift` must be a number, got {v}")))?,
         };
         Ok(Unet2d {
+            norm_eps,
             flip_sin_to_cos,
             freq_shift,
             sample_size: uint("sample_size", None)?,
@@ -342,6 +349,7 @@ impl Unet2d {
         f.insert("use_new_attention_order".into(), json!(true));
         f.insert("flip_sin_to_cos".into(), json!(self.flip_sin_to_cos));
         f.insert("freq_shift".into(), json!(self.freq_shift));
+        f.insert("norm_eps".into(), json!(self.norm_eps));
         f.insert("in_channels".into(), json!(self.in_channels));
         f.insert(
             "learn_sigma".into(),

@@ -238,6 +238,8 @@ struct Loader<'a> {
     problems: Vec<String>,
     fatal: Option<Error>,
     parameters: usize,
+    /// The eps of the group norms it makes (the config's `norm_eps`).
+    norm_eps: f64,
 }
 
 impl<'a> Loader<'a> {
@@ -250,6 +252,7 @@ impl<'a> Loader<'a> {
             problems: Vec::new(),
             fatal: None,
             parameters: 0,
+            norm_eps: crate::ops::group_norm::EPS,
         }
     }
 
@@ -388,6 +391,7 @@ impl<'a> Loader<'a> {
             channels: c,
             weight: self.tensor(&format!("{prefix}.weight"), &[c]),
             bias: self.tensor(&format!("{prefix}.bias"), &[c]),
+            eps: self.norm_eps,
         }
     }
 
@@ -496,6 +500,7 @@ impl UNet<Cpu> {
     }
 
     fn build(config: &UNetConfig, ld: &mut Loader<'_>) -> Result<Self> {
+        ld.norm_eps = config.norm_eps;
         config.validate()?;
         let cfg = config;
         let mc = cfg.num_channels;

@@ -1,4 +1,4 @@
-//! GroupNorm(32, eps 1e-5) fused with the optional scale-shift of `use_scale_shift_norm` and
+//! GroupNorm(32, eps 1e-5 unless the model says otherwise) fused with the optional scale-shift of `use_scale_shift_norm` and
 //! SiLU, NHWC. Statistics in f64 on the CPU (the reference computes them in f32).
 
 use cudarc::driver::LaunchConfig;
@@ -14,6 +14,7 @@ use crate::cuda::{Gpu, GpuBuffer, GpuFloat};
 use crate::error::Result;
 
 pub const GROUPS: usize = k::GN_GROUPS;
+/// guided-diffusion's eps (GroupNorm32).
 pub const EPS: f64 = 1e-5;
 /// The widest group norm the GPU kernel takes.
 pub const MAX_CHANNELS: usize = k::GN_MAX_CHANNELS;
@@ -23,6 +24,8 @@ pub struct GroupNorm {
     pub channels: usize,
     pub weight: Vec<f32>,
     pub bias: Vec<f32>,
+    /// Added to the variance inside the root ([`EPS`] in guided-diffusion).
+    pub eps: f64,
 }
 
 impl GroupNorm {
@@ -62,7 +65,7 @@ impl GroupNorm {
                     let q: f64 = sq[g * cg..][..cg].iter().sum();
                     let mean = s / count;
                     let var = (q / count - mean * mean).max(0.0);
-                    let rstd = 1.0 / (var + EPS).sqrt();
+                    let rstd = 1.0 / (var + self.eps).sqrt();
                     for ch in g * cg..(g + 1) * cg {
                         // y = (x - mean) * rstd * gamma + beta, folded with (1 + scale) and shift.
                         let (scale, shift) = match scale_shift {
@@ -122,6 +125,7 @@ pub struct GpuGroupNorm {
     pub(crate) channels: usize,
     weight: GpuBuffer<f32>,
     bias: GpuBuffer<f32>,
+    eps: f32,
 }
 
 impl GroupNorm {
@@ -143,6 +147,7 @@ impl GroupNorm {
             channels: self.channels,
             weight: gpu.upload(&self.weight)?,
             bias: gpu.upload(&self.bias)?,
+            eps: self.eps as f32,
         })
     }
 }
@@ -312,6 +317,7 @@ impl GpuGroupNorm {
                 part,
                 stats,
                 chunks: i(chunks),
+                eps: self.eps,
                 ..Default::default()
             },
         )?;
@@ -374,7 +380,7 @@ mod tests {
                     / count;
                 for (p, k) in values {
                     let ch = g * cg + k;
-                    let mut v = (x[at(p, k)] as f64 - mean) / (var + EPS).sqrt()
+                    let mut v = (x[at(p, k)] as f64 - mean) / (var + gn.eps).sqrt()
                         * gn.weight[ch] as f64
                         + gn.bias[ch] as f64;
                     if let Some(ss) = ss {
@@ -399,18 +405,21 @@ mod tests {
             state ^= state << 5;
             2.0 * (state as f32 / u32::MAX as f32) - 1.0
         };
-        // (n, hw, c, input spread, scale-shift, SiLU). Spread 1e-3 is a nearly flat image: its
-        // variance (3e-7) is below eps, so eps sets the scale.
-        for (n, hw, c, spread, with_ss, silu) in [
-            (2, 5, 32, 1.0, true, true),
-            (1, 130, 64, 3.0, false, false),
-            (3, 7, 96, 1.0, true, false),
-            (2, 9, 64, 1e-3, false, true),
+        // (n, hw, c, input spread, scale-shift, SiLU, eps). Spread 1e-3 is a nearly flat image:
+        // its variance (3e-7) is below eps, so eps sets the scale (diffusers' DDPM models use
+        // 1e-6).
+        for (n, hw, c, spread, with_ss, silu, eps) in [
+            (2, 5, 32, 1.0, true, true, EPS),
+            (1, 130, 64, 3.0, false, false, EPS),
+            (3, 7, 96, 1.0, true, false, EPS),
+            (2, 9, 64, 1e-3, false, true, EPS),
+            (2, 9, 64, 1e-3, false, true, 1e-6),
         ] {
             let gn = GroupNorm {
                 channels: c,
                 weight: (0..c).map(|_| 1.0 + 0.5 * uniform()).collect(),
                 bias: (0..c).map(|_| 0.5 * uniform()).collect(),
+                eps,
             };
             let x: Vec<f32> = (0..n * hw * c).map(|_| 0.05 + spread * uniform()).collect();
             let ss: Vec<f32> = (0..n * 2 * c).map(|_| 0.5 * uniform()).collect();

@@ -50,7 +50,7 @@ void run(Partial partial, Apply apply, const GnCase& k) {
     const auto t0 = std::chrono::steady_clock::now();
     const GroupNormStatsArgs stats_args{xin, part, hw, c, rows, x2in, c1};
     emu_launch({(unsigned)chunks, (unsigned)n, 1}, {GN_THREADS, 1, 1}, [&] { MCDM_CALL(partial, GroupNormStatsArgs, stats_args); });
-    const GroupNormMergeArgs merge_args{part, stats, chunks};
+    const GroupNormMergeArgs merge_args{part, stats, chunks, 1e-5f};
     emu_launch({GN_GROUPS, (unsigned)n, 1}, {GN_MERGE_THREADS, 1, 1}, [&] { MCDM_CALL(group_norm_merge, GroupNormMergeArgs, merge_args); });
     const int per_block = GN_APPLY_THREADS * GN_VEC * GN_APPLY_ITERS;
     const GroupNormApplyArgs apply_args{
