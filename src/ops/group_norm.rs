@@ -318,7 +318,6 @@ impl GpuGroupNorm {
                 stats,
                 chunks: i(chunks),
                 eps: self.eps,
-                ..Default::default()
             },
         )?;
         gpu.launch(
