@@ -222,7 +222,7 @@ fn what_guided_diffusion_cannot_express_is_named() {
     // A folder that is not a diffusers model, and one without its weights.
     let empty = tmp.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
-    fails(&empty, "has no config.json");
+    fails(&empty, "it is a directory without config.json");
     let dir = edited(tmp.path(), name, |_| {});
     std::fs::remove_file(dir.join("diffusion_pytorch_model.safetensors")).unwrap();
     fails(&dir, "no diffusion_pytorch_model.safetensors");

@@ -36,8 +36,8 @@ pub fn open(dir: &Path) -> Result<(SafetensorsFile, PartialConfig, PathBuf)> {
     } else {
         return Err(bad(
             dir,
-            "a folder given as a model must be a diffusers UNet2DModel: it has no config.json \
-             (nor unet/config.json)",
+            "it is a directory without config.json (nor unet/config.json): a folder given as a \
+             model must be a diffusers UNet2DModel",
         ));
     };
     let config_path = unet_dir.join("config.json");
