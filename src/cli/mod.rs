@@ -134,13 +134,10 @@ fn open_devices(arg: &DevicesArg) -> Result<Vec<Device>> {
             (0..count).collect()
         }
         DevicesArg::Cuda(ordinals) => {
-            let count = mcdm::cuda::devices()
-                .with_context(|| format!("--device cuda:{}", join(ordinals)))?
-                .len();
+            let count = mcdm::cuda::devices().context("--device")?.len();
             if let Some(missing) = ordinals.iter().find(|&&o| o >= count) {
                 bail!(
-                    "--device cuda:{}: there is no GPU {missing} (this machine has {count}: 0 to {})",
-                    join(ordinals),
+                    "--device: there is no GPU {missing} (this machine has {count}: 0 to {})",
                     count.saturating_sub(1)
                 );
             }
@@ -151,14 +148,6 @@ fn open_devices(arg: &DevicesArg) -> Result<Vec<Device>> {
         .into_iter()
         .map(|o| Device::cuda(o).with_context(|| format!("--device: GPU {o}")))
         .collect()
-}
-
-fn join(ordinals: &[usize]) -> String {
-    ordinals
-        .iter()
-        .map(usize::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 /// Storage and tensor-core precision on the GPU.

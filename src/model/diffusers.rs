@@ -398,6 +398,15 @@ impl Unet2d {
             }
         };
         // An attention: norm and output projection renamed, q, k, v joined into qkv.
+        // A down- or upsampler: a resnet (resblock_updown), else a conv named `conv` under `to`
+        // in guided-diffusion (`op` for Downsample, `conv` for Upsample).
+        let resample = |map: &mut Vec<(String, String)>, to: String, conv: &str, from: String| {
+            if self.resnet_updown {
+                resnet(map, &to, &from);
+            } else {
+                pair(map, format!("{to}.{conv}"), format!("{from}.conv"));
+            }
+        };
         let attention = |map: &mut Vec<(String, String)>,
                          out: &mut Vec<Derived>,
                          to: &str,
@@ -469,15 +478,7 @@ impl Unet2d {
             }
             if i + 1 < levels {
                 let from = format!("down_blocks.{i}.downsamplers.0");
-                if self.resnet_updown {
-                    resnet(&mut map, &format!("input_blocks.{k}.0"), &from);
-                } else {
-                    pair(
-                        &mut map,
-                        format!("input_blocks.{k}.0.op"),
-                        format!("{from}.conv"),
-                    );
-                }
+                resample(&mut map, format!("input_blocks.{k}.0"), "op", from);
                 k += 1;
             }
         }
@@ -510,15 +511,12 @@ impl Unet2d {
                 }
                 if j == self.layers && level > 0 {
                     let from = format!("up_blocks.{i}.upsamplers.0");
-                    if self.resnet_updown {
-                        resnet(&mut map, &format!("output_blocks.{block}.{next}"), &from);
-                    } else {
-                        pair(
-                            &mut map,
-                            format!("output_blocks.{block}.{next}.conv"),
-                            format!("{from}.conv"),
-                        );
-                    }
+                    resample(
+                        &mut map,
+                        format!("output_blocks.{block}.{next}"),
+                        "conv",
+                        from,
+                    );
                 }
             }
         }

@@ -42,19 +42,13 @@ pub struct LoadedModel {
 /// that holds it; fields none of them gives are inferred from the weights or take their
 /// documented defaults.
 pub fn resolve_config(file: &SafetensorsFile, config: Option<&Path>) -> Result<ResolvedConfig> {
-    let read = |path: &Path| -> Result<(Source, PartialConfig)> {
-        let text = read_string_limited(path, JSON_LIMIT, "config file")?;
-        let partial = PartialConfig::from_json(&text)
-            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-        Ok((Source::File(path.display().to_string()), partial))
-    };
     let mut sources = Vec::new();
     if let Some(path) = config {
-        sources.push(read(path)?);
+        sources.push(read_config(path)?);
     }
     let beside = file.path().with_extension("json");
     if beside.is_file() && config != Some(beside.as_path()) {
-        sources.push(read(&beside)?);
+        sources.push(read_config(&beside)?);
     }
     if let Some(text) = file.metadata().get("config") {
         let partial = PartialConfig::from_json(text).map_err(|e| {
@@ -63,6 +57,14 @@ pub fn resolve_config(file: &SafetensorsFile, config: Option<&Path>) -> Result<R
         sources.push((Source::Metadata, partial));
     }
     resolve(&sources, &file.shapes())
+}
+
+/// A config JSON file as a config source.
+fn read_config(path: &Path) -> Result<(Source, PartialConfig)> {
+    let text = read_string_limited(path, JSON_LIMIT, "config file")?;
+    let partial = PartialConfig::from_json(&text)
+        .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+    Ok((Source::File(path.display().to_string()), partial))
 }
 
 impl LoadedModel {
@@ -184,16 +186,7 @@ pub fn load_model(weights: &Path, config: Option<&Path>) -> Result<LoadedModel> 
         )));
     }
     let config = resolve_config(&file, config)?;
-    let unet = UNet::load(&file, &config.unet)?;
-    let sha256 = Some(file.sha256()?);
-    Ok(LoadedModel {
-        file,
-        config,
-        sha256,
-        device: Device::Cpu,
-        dtype: DType::F32,
-        net: Placed::Cpu(unet),
-    })
+    built(file, config)
 }
 
 /// A diffusers `UNet2DModel` folder (see [`super::diffusers`]); `--config` fields come first.
@@ -201,13 +194,16 @@ fn load_diffusers(dir: &Path, config: Option<&Path>) -> Result<LoadedModel> {
     let (file, partial, config_json) = super::diffusers::open(dir)?;
     let mut sources = Vec::new();
     if let Some(path) = config {
-        let text = read_string_limited(path, JSON_LIMIT, "config file")?;
-        let explicit = PartialConfig::from_json(&text)
-            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-        sources.push((Source::File(path.display().to_string()), explicit));
+        sources.push(read_config(path)?);
     }
     sources.push((Source::File(config_json.display().to_string()), partial));
     let config = resolve(&sources, &file.shapes())?;
+    built(file, config)
+}
+
+/// The UNet of `file` under `config`, on the CPU; the file is hashed once its weights are
+/// copied out.
+fn built(file: SafetensorsFile, config: ResolvedConfig) -> Result<LoadedModel> {
     let unet = UNet::load(&file, &config.unet)?;
     let sha256 = Some(file.sha256()?);
     Ok(LoadedModel {

@@ -74,7 +74,7 @@ pub fn sample_each_across(
     let image_len = samplers[0].image_len();
     let stop = AtomicBool::new(false);
     let (reports, received) = mpsc::channel::<Report>();
-    let mut done = 0;
+    let mut next = images.start;
     let mut failure: Option<Error> = None;
     std::thread::scope(|scope| {
         for (w, sampler) in samplers.iter().enumerate() {
@@ -132,17 +132,16 @@ pub fn sample_each_across(
         drop(reports);
         // Batches arrive in any order; they are handed on in image order.
         let mut waiting: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
-        let mut next = images.start;
         let mut handing_on = true;
         for report in received {
             match report {
-                Report::Batch(first, x0) => {
+                Report::Batch(first, mut x0) => {
                     // A retried batch repeats the images its failed device handed on.
                     let skip = next.saturating_sub(first).min(x0.len() / image_len);
-                    let x0 = &x0[skip * image_len..];
+                    x0.drain(..skip * image_len);
                     let at = first + skip;
                     if !x0.is_empty() && waiting.get(&at).is_none_or(|w| w.len() < x0.len()) {
-                        waiting.insert(at, x0.to_vec());
+                        waiting.insert(at, x0);
                     }
                 }
                 Report::Failed {
@@ -167,13 +166,12 @@ pub fn sample_each_across(
                     break;
                 }
                 next += x0.len() / image_len;
-                done = next - images.start;
             }
         }
     });
     match failure {
         Some(e) => Err(e),
-        None => Ok(done),
+        None => Ok(next - images.start),
     }
 }
 
