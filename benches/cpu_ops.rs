@@ -71,6 +71,7 @@ fn group_norm_silu(c: &mut Criterion) {
         let (n, hw, ch) = (dim(&s, "n"), dim(&s, "h") * dim(&s, "w"), dim(&s, "c"));
         let gn = GroupNorm {
             channels: ch,
+            groups: mcdm::ops::group_norm::GROUPS,
             weight: fill(ch),
             bias: fill(ch),
             eps: mcdm::ops::group_norm::EPS,

@@ -1,5 +1,5 @@
-// GroupNorm(32 groups, the model's eps) over NHWC activations: statistics per (image, group) in two
-// kernels, then the elementwise affine map fused with the optional scale-shift of
+// GroupNorm(the model's groups, 32 in guided-diffusion, and eps) over NHWC activations: statistics per
+// (image, group) in two kernels, then the elementwise affine map fused with the optional scale-shift of
 // use_scale_shift_norm and SiLU. Storage T in {float, __half, __nv_bfloat16}, f32 math.
 // CPU reference: src/ops/group_norm.rs (which accumulates in f64).
 // Every kernel that reads x takes it as one tensor, or as the channel concatenation of two (the
@@ -11,31 +11,31 @@
 // The arguments of each kernel, described below with it.
 #define GroupNormStatsArgs_FIELDS(F)                                                                \
     F(const void* __restrict__, x) F(float* __restrict__, part) F(int, hw) F(int, c) F(int, rows)     \
-    F(const void* __restrict__, x2) F(int, c1)
+    F(const void* __restrict__, x2) F(int, c1) F(int, groups)
 MCDM_ARGS(GroupNormStatsArgs)
 #define GroupNormMergeArgs_FIELDS(F)                                                                \
-    F(const float* __restrict__, part) F(float* __restrict__, stats) F(int, chunks) F(float, eps)
+    F(const float* __restrict__, part) F(float* __restrict__, stats) F(int, chunks) F(float, eps)   \
+    F(int, groups)
 MCDM_ARGS(GroupNormMergeArgs)
 #define GroupNormApplyArgs_FIELDS(F)                                                                \
     F(const void*, x) F(const float* __restrict__, stats) F(const float* __restrict__, gamma)       \
     F(const float* __restrict__, beta) F(const float* __restrict__, scale_shift) F(void*, y)        \
-    F(int, hw) F(int, c) F(int, silu) F(const void*, x2) F(int, c1)
+    F(int, hw) F(int, c) F(int, silu) F(const void*, x2) F(int, c1) F(int, groups)
 MCDM_ARGS(GroupNormApplyArgs)
-
-#define GN_GROUPS 32
 
 // Statistics in two kernels, both deterministic (fixed partition, fixed merge order):
 //
-// group_norm_partial: x [n, hw, c] (c % 32 == 0, c <= 2048) -> part f32 [n, chunks, 32, 3]:
+// group_norm_partial: x [n, hw, c] (c % 8 == 0, c % groups == 0, c <= 2048) ->
+//   part f32 [n, chunks, groups, 3]:
 //   (count, mean, M2) of each group over the pixels [chunk*rows, chunk*rows + rows) of image b.
 //   Launch: grid (chunks = ceil(hw / rows), n), block 256. Thread t owns the eight channels
 //   8*(t % L) .. +7 (L = c / 8 threads span a pixel row, one 16-byte load each for 16-bit T) of
 //   rows t / L, t / L + R, ... (R = 256 / L rows in parallel), so a warp reads whole rows and
 //   every thread keeps several wide loads in flight. Each thread sums deviations from the first
-//   value it reads (shifted sums, no cancellation when |mean| >> std), then thread g < 32 merges
-//   the (count, mean, M2) of its group's channels with Chan's formula.
-// group_norm_merge: part -> stats f32 [n, 32, 2] (mean, rstd = 1 / sqrt(var + eps), biased
-//   variance), merging the chunks of (b, g). Launch: grid (32, n), block 128.
+//   value it reads (shifted sums, no cancellation when |mean| >> std), then thread t merges
+//   the (count, mean, M2) of the channels of groups t, t + 256, ... with Chan's formula.
+// group_norm_merge: part -> stats f32 [n, groups, 2] (mean, rstd = 1 / sqrt(var + eps), biased
+//   variance), merging the chunks of (b, g). Launch: grid (groups, n), block 128.
 #define GN_THREADS 256
 #define GN_MAX_CHANNELS 2048
 #define GN_MERGE_THREADS 128
@@ -75,7 +75,7 @@ MCDM_DEV Moments merge_moments(Moments a, Moments b) {
 
 template <typename T>
 MCDM_DEV void group_norm_partial(const T* __restrict__ x, const T* __restrict__ x2, float* __restrict__ part, int hw,
-                                 int c, int c1, int rows) {
+                                 int c, int c1, int rows, int groups) {
     __shared__ Moments slot[GN_MAX_CHANNELS];  // 24 KiB: one per (channel, parallel row)
     const int chunk = blockIdx.x, chunks = gridDim.x, b = blockIdx.y, t = threadIdx.x;
     const int p0 = chunk * rows, p1 = min(hw, p0 + rows);
@@ -114,12 +114,12 @@ MCDM_DEV void group_norm_partial(const T* __restrict__ x, const T* __restrict__ 
                                  : Moments{cnt, shift[e] + s1[e] / cnt, fmaxf(s2[e] - s1[e] * (s1[e] / cnt), 0.0f)};
     }
     __syncthreads();
-    if (t < GN_GROUPS) {
-        const int cg = c / GN_GROUPS;
+    const int cg = c / groups;
+    for (int g = t; g < groups; g += GN_THREADS) {
         Moments m{0.0f, 0.0f, 0.0f};
         for (int r = 0; r < R; ++r)
-            for (int j = 0; j < cg; ++j) m = merge_moments(m, slot[r * c + t * cg + j]);
-        float* out = part + (((long long)b * chunks + chunk) * GN_GROUPS + t) * 3;
+            for (int j = 0; j < cg; ++j) m = merge_moments(m, slot[r * c + g * cg + j]);
+        float* out = part + (((long long)b * chunks + chunk) * groups + g) * 3;
         out[0] = m.n;
         out[1] = m.mean;
         out[2] = m.m2;
@@ -127,12 +127,12 @@ MCDM_DEV void group_norm_partial(const T* __restrict__ x, const T* __restrict__ 
 }
 
 MCDM_DEV void group_norm_merge_chunks(const float* __restrict__ part, float* __restrict__ stats, int chunks,
-                                      float eps) {
+                                      float eps, int groups) {
     __shared__ Moments tree[GN_MERGE_THREADS];
     const int g = blockIdx.x, b = blockIdx.y, t = threadIdx.x;
     Moments m{0.0f, 0.0f, 0.0f};
     for (int k = t; k < chunks; k += GN_MERGE_THREADS) {
-        const float* p = part + (((long long)b * chunks + k) * GN_GROUPS + g) * 3;
+        const float* p = part + (((long long)b * chunks + k) * groups + g) * 3;
         m = merge_moments(m, Moments{p[0], p[1], p[2]});
     }
     tree[t] = m;
@@ -143,8 +143,8 @@ MCDM_DEV void group_norm_merge_chunks(const float* __restrict__ part, float* __r
     }
     if (t == 0) {
         const Moments r = tree[0];
-        stats[((long long)b * GN_GROUPS + g) * 2 + 0] = r.mean;
-        stats[((long long)b * GN_GROUPS + g) * 2 + 1] = 1.0f / sqrtf(r.m2 / r.n + eps);
+        stats[((long long)b * groups + g) * 2 + 0] = r.mean;
+        stats[((long long)b * groups + g) * 2 + 1] = 1.0f / sqrtf(r.m2 / r.n + eps);
     }
 }
 
@@ -164,11 +164,12 @@ MCDM_DEV void group_norm_merge_chunks(const float* __restrict__ part, float* __r
 template <typename T>
 MCDM_DEV void group_norm_apply(const T* x, const T* x2, const float* __restrict__ stats,
                                const float* __restrict__ gamma, const float* __restrict__ beta,
-                               const float* __restrict__ scale_shift, T* y, int hw, int c, int c1, int silu) {
+                               const float* __restrict__ scale_shift, T* y, int hw, int c, int c1, int silu,
+                               int groups) {
     __shared__ float ch_mean[GN_MAX_CHANNELS];  // 3 x 8 KiB
     __shared__ float ch_mul[GN_MAX_CHANNELS];
     __shared__ float ch_add[GN_MAX_CHANNELS];
-    const int b = blockIdx.y, t = threadIdx.x, cg = c / GN_GROUPS;
+    const int b = blockIdx.y, t = threadIdx.x, cg = c / groups;
     // This thread's packs first: their loads are in flight while the table is built.
     const long long per_image = (long long)hw * c;
     const long long first = (long long)blockIdx.x * GN_APPLY_ITERS * GN_APPLY_THREADS * GN_VEC + t * GN_VEC;
@@ -189,7 +190,7 @@ MCDM_DEV void group_norm_apply(const T* x, const T* x2, const float* __restrict_
         }
     }
     for (int ch = t; ch < c; ch += GN_APPLY_THREADS) {
-        const float* st = stats + ((long long)b * GN_GROUPS + ch / cg) * 2;
+        const float* st = stats + ((long long)b * groups + ch / cg) * 2;
         float mul = st[1] * (gamma != nullptr ? gamma[ch] : 1.0f);
         float add = beta != nullptr ? beta[ch] : 0.0f;
         if (scale_shift != nullptr) {
@@ -221,16 +222,16 @@ MCDM_DEV void group_norm_apply(const T* x, const T* x2, const float* __restrict_
 #define MCDM_GROUP_NORM(SUFFIX, T)                                                                  \
     extern "C" __global__ void __launch_bounds__(GN_THREADS)                                        \
         group_norm_partial_##SUFFIX(MCDM_PARAMS(GroupNormStatsArgs)) {                              \
-        group_norm_partial<T>((const T*)x, (const T*)x2, part, hw, c, c1, rows);                    \
+        group_norm_partial<T>((const T*)x, (const T*)x2, part, hw, c, c1, rows, groups);                    \
     }                                                                                               \
     extern "C" __global__ void __launch_bounds__(GN_APPLY_THREADS, 4)                               \
         group_norm_apply_##SUFFIX(MCDM_PARAMS(GroupNormApplyArgs)) {                                \
         group_norm_apply<T>((const T*)x, (const T*)x2, stats, gamma, beta, scale_shift, (T*)y, hw, c, c1,  \
-                            silu);                                                                  \
+                            silu, groups);                                                                  \
     }
 
 extern "C" __global__ void __launch_bounds__(GN_MERGE_THREADS) group_norm_merge(MCDM_PARAMS(GroupNormMergeArgs)) {
-    group_norm_merge_chunks(part, stats, chunks, eps);
+    group_norm_merge_chunks(part, stats, chunks, eps, groups);
 }
 
 MCDM_GROUP_NORM(f32, float)

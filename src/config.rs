@@ -25,7 +25,7 @@ pub const MAX_CLASSES: usize = 1 << 24;
 
 /// UNet architecture (guided-diffusion `UNetModel`) plus mcdm's extensions
 /// (`in_channels`, `num_classes`, `embed_dim`, and diffusers' `flip_sin_to_cos`, `freq_shift`,
-/// `norm_eps`).
+/// `norm_eps`, `norm_num_groups`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct UNetConfig {
     pub image_size: usize,
@@ -59,6 +59,9 @@ pub struct UNetConfig {
     pub freq_shift: f64,
     /// The group norms' eps (guided-diffusion's GroupNorm32: 1e-5; diffusers' `norm_eps`).
     pub norm_eps: f64,
+    /// The group norms' group count (guided-diffusion's GroupNorm32: 32; diffusers'
+    /// `norm_num_groups`).
+    pub norm_num_groups: usize,
 }
 
 impl UNetConfig {
@@ -182,6 +185,7 @@ pub const CONFIG_KEYS: &[&str] = &[
     "flip_sin_to_cos",
     "freq_shift",
     "norm_eps",
+    "norm_num_groups",
     "dropout",
     "use_fp16",
     "use_checkpoint",
@@ -618,6 +622,7 @@ pub fn resolve(
     let flip_sin_to_cos: bool = field!("flip_sin_to_cos", parse_bool, None::<bool>, true);
     let freq_shift: f64 = field!("freq_shift", parse_float, None::<f64>, 0.0);
     let norm_eps: f64 = field!("norm_eps", parse_float, None::<f64>, 1e-5);
+    let norm_num_groups: usize = field!("norm_num_groups", parse_usize, None::<usize>, 32);
     let use_fp16: bool = field!("use_fp16", parse_bool, None::<bool>, false);
     if let Some((v, _)) = given("use_checkpoint") {
         parse_bool("use_checkpoint", v)?;
@@ -673,6 +678,7 @@ pub fn resolve(
         flip_sin_to_cos,
         freq_shift,
         norm_eps,
+        norm_num_groups,
     };
     unet.validate()?;
     Ok(ResolvedConfig {
@@ -683,7 +689,7 @@ pub fn resolve(
 }
 
 impl UNetConfig {
-    /// Checks the config describes a buildable network (GroupNorm(32), heads dividing channels).
+    /// Checks the config describes a buildable network (groups and heads dividing channels).
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if self.num_channels == 0 || self.in_channels == 0 || self.num_res_blocks == 0 {
@@ -740,11 +746,16 @@ impl UNetConfig {
         if self.num_classes.is_some_and(|k| k > MAX_CLASSES) {
             return bad(format!("num_classes must be at most {MAX_CLASSES}"));
         }
+        // Every group norm is over a level's width or the sum of two.
+        let groups = self.norm_num_groups;
+        if groups == 0 {
+            return bad("norm_num_groups must be positive, got 0".into());
+        }
         for &ch in &levels {
-            if ch == 0 || ch % 32 != 0 {
+            if ch == 0 || ch % groups != 0 {
                 return bad(format!(
                     "level width {ch} (channel_mult {:?} x num_channels {}) is not a positive \
-                     multiple of 32, as GroupNorm(32) requires",
+                     multiple of {groups}, as GroupNorm({groups}) requires (norm_num_groups)",
                     self.channel_mult, self.num_channels
                 ));
             }
@@ -871,6 +882,9 @@ impl UNetConfig {
         }
         if self.norm_eps != 1e-5 {
             map["norm_eps"] = self.norm_eps.into();
+        }
+        if self.norm_num_groups != 32 {
+            map["norm_num_groups"] = self.norm_num_groups.into();
         }
         map
     }

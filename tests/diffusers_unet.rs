@@ -18,6 +18,7 @@ const CASES: &[&str] = &[
     "default_pipeline",
     "resnet_updown",
     "ddpm_sin_first",
+    "groups_4",
 ];
 
 /// f32 rel L2 against diffusers' forward: measured at most 1.4e-6 (2026-12-06).
@@ -69,6 +70,8 @@ fn schedules_come_from_the_scheduler_config() {
     assert!(!c.unet.flip_sin_to_cos);
     assert_eq!((c.unet.freq_shift, c.unet.norm_eps), (1.0, 1e-6));
     assert!(!c.diffusion.sigma_small, "variance_type fixed_large");
+    assert_eq!(c.unet.norm_num_groups, 32);
+    assert_eq!(config("groups_4").unet.norm_num_groups, 4);
     // No scheduler config: the schedule is the default, and said to be.
     let c = config("resnet_updown");
     assert!(c
@@ -183,7 +186,7 @@ fn what_guided_diffusion_cannot_express_is_named() {
         (
             "norm_num_groups",
             serde_json::json!(16),
-            "`norm_num_groups` 16 is not supported",
+            "`attn_norm_num_groups` 32 differs from `norm_num_groups` 16",
         ),
         (
             "act_fn",
@@ -219,6 +222,13 @@ fn what_guided_diffusion_cannot_express_is_named() {
         let dir = edited(tmp.path(), name, set(key, value));
         fails(&dir, needle);
     }
+    // A group count that does not divide a level's channels (16 and 32).
+    let dir = edited(
+        tmp.path(),
+        "groups_4",
+        set("norm_num_groups", serde_json::json!(12)),
+    );
+    fails(&dir, "level width 16 (channel_mult [1.0, 2.0] x num_channels 16) is not a positive multiple of 12");
     // A folder that is not a diffusers model, and one without its weights.
     let empty = tmp.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();

@@ -455,8 +455,9 @@ fn several_gpus_make_the_one_gpu_images() {
 fn a_diffusers_folder_forward_on_the_fake_gpu_matches_diffusers() {
     let Some(driver) = fake_driver() else { return };
     let dir = tempfile::tempdir().unwrap();
-    // guided-diffusion's time features, and diffusers' DDPM ones ([sin | cos], freq_shift 1).
-    for name in ["attn_scale_shift_classes", "ddpm_sin_first"] {
+    // guided-diffusion's time features, diffusers' DDPM ones ([sin | cos], freq_shift 1), and
+    // group norms of 4 groups.
+    for name in ["attn_scale_shift_classes", "ddpm_sin_first", "groups_4"] {
         let model = common::fixtures(&format!("diffusers/{name}"));
         let io = model.join("io.safetensors");
         let out = dir.path().join(format!("{name}.safetensors"));

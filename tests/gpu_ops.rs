@@ -13,7 +13,7 @@ use mcdm::backend::{Cpu, Cuda};
 use mcdm::cuda::{Gpu, GpuBuffer, GpuFloat};
 use mcdm::ops::attention::{attend, attend_gpu};
 use mcdm::ops::conv::{Conv2d, ConvInput, ConvKernel, Residual};
-use mcdm::ops::group_norm::{GpuGroupNorm, GroupNorm};
+use mcdm::ops::group_norm::GroupNorm;
 use mcdm::ops::layout::{
     nchw_to_nhwc, nchw_to_nhwc_gpu, pack_input, pack_input_gpu, unpack_output, unpack_output_gpu,
 };
@@ -208,6 +208,7 @@ fn folded_conv_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
         let c = ca + cb;
         let gn = GroupNorm {
             channels: c,
+            groups: mcdm::ops::group_norm::GROUPS,
             weight: values(c, 360 + i as u32)
                 .iter()
                 .map(|v| 1.0 + 0.2 * v)
@@ -227,7 +228,7 @@ fn folded_conv_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
         assert!(dev.takes_concat(g, &bd, ca), "group norm concat case {i}");
         let ssd = g.upload::<f32>(&ss).unwrap();
         let mut yd = g.upload::<T>(&vec![f32::NAN; cat.len()]).unwrap();
-        let mut stats = g.zeros::<f32>(GpuGroupNorm::scratch_len(n, hw)).unwrap();
+        let mut stats = g.zeros::<f32>(dev.scratch_len(n, hw)).unwrap();
         dev.forward_concat(
             g,
             [&ad, &bd],
@@ -260,22 +261,30 @@ fn folded_copies_match_cpu() {
 
 fn group_norm_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
     let mut out = Vec::new();
-    for (i, &(n, hw, c, scale_shift, silu)) in [
-        (1, 25, 32, false, false),
-        (2, 64, 64, true, true),
-        (3, 17, 96, false, true),
-        (1, 4096, 128, true, false),
+    const G: usize = mcdm::ops::group_norm::GROUPS;
+    for (i, &(n, hw, c, groups, scale_shift, silu)) in [
+        (1, 25, 32, G, false, false),
+        (2, 64, 64, G, true, true),
+        (3, 17, 96, G, false, true),
+        (1, 4096, 128, G, true, false),
         // Several chunks with a partial last one; channels over the block (two and six per
         // thread); a batch whose chunks are longer than 32 rows.
-        (2, 1000, 384, true, true),
-        (1, 33, 1536, false, true),
-        (8, 1024, 192, true, true),
+        (2, 1000, 384, G, true, true),
+        (1, 33, 1536, G, false, true),
+        (8, 1024, 192, G, true, true),
+        // Other group counts (diffusers' norm_num_groups): groups of 40 channels, one group,
+        // groups of one channel, more groups than the statistics kernel's threads.
+        (2, 100, 320, 8, true, true),
+        (1, 50, 24, 1, false, false),
+        (2, 30, 16, 16, true, false),
+        (1, 70, 1024, 512, false, true),
     ]
     .iter()
     .enumerate()
     {
         let gn = GroupNorm {
             channels: c,
+            groups,
             weight: values(c, 10 + i as u32)
                 .iter()
                 .map(|v| 1.0 + 0.2 * v)
@@ -302,7 +311,7 @@ fn group_norm_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
         let xd = g.upload::<T>(&x).unwrap();
         let ssd = g.upload::<f32>(&ss).unwrap();
         let mut yd = g.upload::<T>(&vec![f32::NAN; x.len()]).unwrap();
-        let mut stats = g.zeros::<f32>(GpuGroupNorm::scratch_len(n, hw)).unwrap();
+        let mut stats = g.zeros::<f32>(dev.scratch_len(n, hw)).unwrap();
         dev.forward(
             g,
             &xd,
@@ -315,7 +324,7 @@ fn group_norm_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
         )
         .unwrap();
         out.push((
-            format!("group norm n{n} hw{hw} c{c} ss{scale_shift} silu{silu}"),
+            format!("group norm n{n} hw{hw} c{c} groups {groups} ss{scale_shift} silu{silu}"),
             gpu_err(&g.download(&yd).unwrap(), &want),
             // f32 measured at most 1.2e-7 (2026-12-06).
             tolerance::<T>(1e-6),
@@ -579,8 +588,9 @@ fn forward_cases<T: GpuFloat>(g: &Arc<Gpu>) -> Vec<(String, f64, f64)> {
         };
         out.push((format!("forward {name}"), rel_l2(&got, &want), tol));
     }
-    // diffusers UNet2DModel folders run through the same graph (both time-feature layouts).
-    for name in ["attn_scale_shift_classes", "ddpm_sin_first"] {
+    // diffusers UNet2DModel folders run through the same graph (both time-feature layouts,
+    // another group count).
+    for name in ["attn_scale_shift_classes", "ddpm_sin_first", "groups_4"] {
         let dir = common::fixtures(&format!("diffusers/{name}"));
         let model = mcdm::model::load_model(&dir, None).unwrap();
         let io = mcdm::weights::SafetensorsFile::open(&dir.join("io.safetensors")).unwrap();
@@ -718,6 +728,7 @@ fn bad_sizes_are_errors() {
     );
     let norm = GroupNorm {
         channels: 32,
+        groups: 32,
         weight: vec![1.0; 32],
         bias: vec![0.0; 32],
         eps: mcdm::ops::group_norm::EPS,
@@ -820,9 +831,10 @@ fn bad_sizes_are_errors() {
         linear.upload(&g).map(|_| ()),
         "needs 4x4 weights",
     );
-    for (channels, params) in [(32, 1), (0, 0)] {
+    for (channels, groups, params) in [(32, 32, 1), (0, 32, 0), (48, 7, 48), (12, 4, 12)] {
         let norm = GroupNorm {
             channels,
+            groups,
             weight: vec![1.0; params],
             bias: vec![0.0; params],
             eps: mcdm::ops::group_norm::EPS,

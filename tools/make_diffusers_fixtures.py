@@ -74,6 +74,18 @@ CASES = {
         scheduler=dict(num_train_timesteps=1000, beta_schedule="linear", variance_type="fixed_large"),
         pipeline=False,
     ),
+    # Another group count (diffusers' norm_num_groups): groups of four channels at the first
+    # level, eight at the second, in every norm, the mid-block attention's included.
+    "groups_4": dict(
+        unet=dict(
+            sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32),
+            layers_per_block=1, down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "AttnUpBlock2D"), attention_head_dim=8,
+            norm_num_groups=4,
+        ),
+        scheduler=dict(num_train_timesteps=1000, beta_schedule="linear", variance_type="fixed_small"),
+        pipeline=False,
+    ),
 }
 
 

@@ -198,7 +198,7 @@ impl<T: GpuFloat> Backend for Cuda<T> {
             let sizes = [n, hw, ca, cb];
             return copying::concat_group_norm(self, norm, [a, b], sizes, y, scale_shift, silu);
         }
-        let mut stats = self.take_vector(GpuGroupNorm::scratch_len(n, hw))?;
+        let mut stats = self.take_vector(norm.scratch_len(n, hw))?;
         let result = norm.forward_concat(
             &self.gpu,
             [a, b],
@@ -223,7 +223,7 @@ impl<T: GpuFloat> Backend for Cuda<T> {
         scale_shift: Option<&GpuBuffer<f32>>,
         silu: bool,
     ) -> Result<()> {
-        let mut stats = self.take_vector(GpuGroupNorm::scratch_len(n, hw))?;
+        let mut stats = self.take_vector(norm.scratch_len(n, hw))?;
         let result = norm.forward(&self.gpu, x, n, hw, y, &mut stats, scale_shift, silu);
         self.give_vector(stats);
         result

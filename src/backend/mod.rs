@@ -165,7 +165,7 @@ pub trait Backend: Sized {
     ) -> Result<()> {
         copying::concat_group_norm(self, norm, ab, sizes, y, scale_shift, silu)
     }
-    /// GroupNorm(32) of x `[n, hw, c]`, then `* (1 + scale) + shift` with `scale_shift`
+    /// GroupNorm (the norm's groups) of x `[n, hw, c]`, then `* (1 + scale) + shift` with `scale_shift`
     /// `[n, 2c]` (scale first), then SiLU when `silu`.
     #[allow(clippy::too_many_arguments)]
     fn group_norm(

@@ -156,7 +156,7 @@ fn kernels<T: GpuFloat>(
 ) -> Result<()> {
     use crate::ops::attention::attend_gpu;
     use crate::ops::conv::{Conv2d, ConvInput, ConvKernel, Residual};
-    use crate::ops::group_norm::{GpuGroupNorm, GroupNorm};
+    use crate::ops::group_norm::GroupNorm;
     use crate::ops::linear::Linear;
     use crate::ops::resample::{concat_channels_gpu, upsample_nearest2x_gpu};
     let fill = |len: usize| {
@@ -271,6 +271,7 @@ fn kernels<T: GpuFloat>(
     ] {
         let gn = GroupNorm {
             channels: c,
+            groups: crate::ops::group_norm::GROUPS,
             weight: vec![1.0; c],
             bias: vec![0.0; c],
             eps: crate::ops::group_norm::EPS,
@@ -278,7 +279,7 @@ fn kernels<T: GpuFloat>(
         .upload(g)?;
         let x = g.upload::<T>(&fill(n * hw * c))?;
         let mut y = g.zeros::<T>(n * hw * c)?;
-        let mut stats = g.zeros::<f32>(GpuGroupNorm::scratch_len(n, hw))?;
+        let mut stats = g.zeros::<f32>(gn.scratch_len(n, hw))?;
         let secs = time_gpu(g, iters, || {
             gn.forward(g, &x, n, hw, &mut y, &mut stats, None, true)
         })?;

@@ -3,9 +3,10 @@
 //! A pixel-space `UNet2DModel` is guided-diffusion's network under other names: its blocks map
 //! one to one onto `input_blocks` / `middle_block` / `output_blocks`, an attention's `to_q`,
 //! `to_k`, `to_v` make one `qkv` in the new attention order, and the schedule comes from
-//! `scheduler_config.json`; diffusers' `flip_sin_to_cos`, `freq_shift` and `norm_eps` are mcdm
-//! config extensions. What guided-diffusion's network cannot express (another group count or
-//! activation, an attention without its norm) is refused by name.
+//! `scheduler_config.json`; diffusers' `flip_sin_to_cos`, `freq_shift`, `norm_eps` and
+//! `norm_num_groups` are mcdm config extensions. What guided-diffusion's network cannot express
+//! (another activation, an attention without its norm or with its own group count) is refused
+//! by name.
 
 use std::path::{Path, PathBuf};
 
@@ -101,6 +102,7 @@ struct Unet2d {
     flip_sin_to_cos: bool,
     freq_shift: f64,
     norm_eps: f64,
+    norm_groups: usize,
     num_classes: Option<usize>,
 }
 
@@ -150,7 +152,6 @@ impl Unet2d {
                 "a sinusoidal time embedding",
             ),
             ("act_fn", json!("silu"), "SiLU"),
-            ("norm_num_groups", json!(32), "32 groups"),
             ("center_input_sample", json!(false), "no input centring"),
             ("downsample_padding", json!(1), "padding 1"),
             ("mid_block_scale_factor", json!(1), "no output scaling"),
@@ -265,8 +266,10 @@ impl Unet2d {
                 ))
             }
         };
+        let norm_groups = uint("norm_num_groups", Some(32))?;
         // A scale_shift mid block's attention has no group norm unless attn_norm_num_groups says
-        // so (OpenAI's ADM conversions set it); guided-diffusion's always has one.
+        // so (OpenAI's ADM conversions set it); guided-diffusion's always has one, with the
+        // groups of every other norm.
         match get("attn_norm_num_groups").and_then(Value::as_u64) {
             None if scale_shift => {
                 return fail(
@@ -275,7 +278,12 @@ impl Unet2d {
                         .into(),
                 )
             }
-            Some(g) if g != 32 => return fail(format!("`attn_norm_num_groups` {g} is not 32")),
+            Some(g) if g as usize != norm_groups => {
+                return fail(format!(
+                    "`attn_norm_num_groups` {g} differs from `norm_num_groups` {norm_groups} \
+                     (mcdm runs guided-diffusion's network: one group count for every norm)"
+                ))
+            }
             _ => {}
         }
         let flip_sin_to_cos = match get("flip_sin_to_cos") {
@@ -301,6 +309,7 @@ impl Unet2d {
         };
         Ok(Unet2d {
             norm_eps,
+            norm_groups,
             flip_sin_to_cos,
             freq_shift,
             sample_size: uint("sample_size", None)?,
@@ -350,6 +359,7 @@ impl Unet2d {
         f.insert("flip_sin_to_cos".into(), json!(self.flip_sin_to_cos));
         f.insert("freq_shift".into(), json!(self.freq_shift));
         f.insert("norm_eps".into(), json!(self.norm_eps));
+        f.insert("norm_num_groups".into(), json!(self.norm_groups));
         f.insert("in_channels".into(), json!(self.in_channels));
         f.insert(
             "learn_sigma".into(),

@@ -234,8 +234,10 @@ struct Loader<'a> {
     problems: Vec<String>,
     fatal: Option<Error>,
     parameters: usize,
-    /// The eps of the group norms it makes (the config's `norm_eps`).
+    /// The eps and group count of the group norms it makes (the config's `norm_eps` and
+    /// `norm_num_groups`).
     norm_eps: f64,
+    norm_groups: usize,
 }
 
 impl<'a> Loader<'a> {
@@ -249,6 +251,7 @@ impl<'a> Loader<'a> {
             fatal: None,
             parameters: 0,
             norm_eps: crate::ops::group_norm::EPS,
+            norm_groups: crate::ops::group_norm::GROUPS,
         }
     }
 
@@ -385,6 +388,7 @@ impl<'a> Loader<'a> {
     fn norm(&mut self, prefix: &str, c: usize) -> GroupNorm {
         GroupNorm {
             channels: c,
+            groups: self.norm_groups,
             weight: self.tensor(&format!("{prefix}.weight"), &[c]),
             bias: self.tensor(&format!("{prefix}.bias"), &[c]),
             eps: self.norm_eps,
@@ -497,6 +501,7 @@ impl UNet<Cpu> {
 
     fn build(config: &UNetConfig, ld: &mut Loader<'_>) -> Result<Self> {
         ld.norm_eps = config.norm_eps;
+        ld.norm_groups = config.norm_num_groups;
         config.validate()?;
         let cfg = config;
         let mc = cfg.num_channels;

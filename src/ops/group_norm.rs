@@ -1,5 +1,6 @@
-//! GroupNorm(32, eps 1e-5 unless the model says otherwise) fused with the optional scale-shift of `use_scale_shift_norm` and
-//! SiLU, NHWC. Statistics in f64 on the CPU (the reference computes them in f32).
+//! GroupNorm (32 groups and eps 1e-5 unless the model says otherwise) fused with the optional
+//! scale-shift of `use_scale_shift_norm` and SiLU, NHWC. Statistics in f64 on the CPU (the
+//! reference computes them in f32).
 
 use cudarc::driver::LaunchConfig;
 use multiversion::multiversion;
@@ -13,7 +14,8 @@ use crate::cuda::interface::{
 use crate::cuda::{Gpu, GpuBuffer, GpuFloat};
 use crate::error::Result;
 
-pub const GROUPS: usize = k::GN_GROUPS;
+/// guided-diffusion's group count (GroupNorm32).
+pub const GROUPS: usize = 32;
 /// guided-diffusion's eps (GroupNorm32).
 pub const EPS: f64 = 1e-5;
 /// The widest group norm the GPU kernel takes.
@@ -22,6 +24,8 @@ pub const MAX_CHANNELS: usize = k::GN_MAX_CHANNELS;
 #[derive(Clone)]
 pub struct GroupNorm {
     pub channels: usize,
+    /// Groups of `channels / groups` channels ([`GROUPS`] in guided-diffusion).
+    pub groups: usize,
     pub weight: Vec<f32>,
     pub bias: Vec<f32>,
     /// Added to the variance inside the root ([`EPS`] in guided-diffusion).
@@ -41,7 +45,7 @@ impl GroupNorm {
         silu_after: bool,
     ) {
         let c = self.channels;
-        let cg = c / GROUPS;
+        let cg = c / self.groups;
         let rows = c * PIXELS_PER_TASK;
         x[..n * hw * c]
             .par_chunks(hw * c)
@@ -60,7 +64,7 @@ impl GroupNorm {
                 let count = (hw * cg) as f64;
                 let mut mul = vec![0f32; c];
                 let mut add = vec![0f32; c];
-                for g in 0..GROUPS {
+                for g in 0..self.groups {
                     let s: f64 = sum[g * cg..][..cg].iter().sum();
                     let q: f64 = sq[g * cg..][..cg].iter().sum();
                     let mean = s / count;
@@ -123,6 +127,7 @@ fn apply(out: &mut [f32], x: &[f32], mul: &[f32], add: &[f32], silu_after: bool)
 pub struct GpuGroupNorm {
     // Crate-visible only: it must stay that of the uploaded parameters.
     pub(crate) channels: usize,
+    groups: usize,
     weight: GpuBuffer<f32>,
     bias: GpuBuffer<f32>,
     eps: f32,
@@ -130,10 +135,16 @@ pub struct GpuGroupNorm {
 
 impl GroupNorm {
     pub fn upload(&self, gpu: &Gpu) -> Result<GpuGroupNorm> {
-        let c = self.channels;
-        if c == 0 || !c.is_multiple_of(GROUPS) || c > MAX_CHANNELS {
+        let (c, groups) = (self.channels, self.groups);
+        if c == 0 || !c.is_multiple_of(k::GN_VEC) || c > MAX_CHANNELS {
             return Err(crate::Error::Input(format!(
-                "group norm over {c} channels: the kernel takes multiples of {GROUPS} up to {MAX_CHANNELS}"
+                "group norm over {c} channels: the kernel takes multiples of {} up to {MAX_CHANNELS}",
+                k::GN_VEC
+            )));
+        }
+        if groups == 0 || !c.is_multiple_of(groups) {
+            return Err(crate::Error::Input(format!(
+                "group norm over {c} channels in {groups} groups: the groups must divide the channels"
             )));
         }
         if self.weight.len() != c || self.bias.len() != c {
@@ -145,6 +156,7 @@ impl GroupNorm {
         }
         Ok(GpuGroupNorm {
             channels: self.channels,
+            groups,
             weight: gpu.upload(&self.weight)?,
             bias: gpu.upload(&self.bias)?,
             eps: self.eps as f32,
@@ -160,14 +172,19 @@ fn stats_rows(n: usize, hw: usize) -> usize {
     (n * hw).div_ceil(1024).max(32)
 }
 
+/// See [`GpuGroupNorm::scratch_len`].
+fn scratch_len(n: usize, hw: usize, groups: usize) -> usize {
+    let chunks = hw.div_ceil(32).min(1024 / n.max(1) + 1);
+    n * groups * (2 + 3 * chunks)
+}
+
 impl GpuGroupNorm {
     /// The f32 scratch [`GpuGroupNorm::forward`] needs for `n` images of at most `hw` pixels:
-    /// the statistics `[n, 32, 2]`, then the per-chunk moments `[n, chunks, 32, 3]`, with
-    /// chunks <= min(ceil(hw / 32), 1024 / n + 1) (see `stats_rows`), so one scratch sized for
-    /// the largest level serves every level.
-    pub fn scratch_len(n: usize, hw: usize) -> usize {
-        let chunks = hw.div_ceil(32).min(1024 / n.max(1) + 1);
-        n * GROUPS * (2 + 3 * chunks)
+    /// the statistics `[n, groups, 2]`, then the per-chunk moments `[n, chunks, groups, 3]`,
+    /// with chunks <= min(ceil(hw / 32), 1024 / n + 1) (see `stats_rows`), so one scratch sized
+    /// for the largest level serves every level.
+    pub fn scratch_len(&self, n: usize, hw: usize) -> usize {
+        scratch_len(n, hw, self.groups)
     }
 
     /// `kernels/group_norm.cu`: statistics (per-chunk moments, merged) then the fused affine
@@ -262,10 +279,11 @@ impl GpuGroupNorm {
         check_len("group norm output", y.len(), len)?;
         let rows = stats_rows(n, hw);
         let chunks = hw.div_ceil(rows);
+        let groups = self.groups;
         check_len(
             "group norm scratch",
             scratch.len(),
-            n * GROUPS * (2 + 3 * chunks),
+            n * groups * (2 + 3 * chunks),
         )?;
         let ss = match scale_shift {
             Some(b) => {
@@ -283,7 +301,7 @@ impl GpuGroupNorm {
         }
         let (x2, c1) = second.map_or((0, 0), |(b, ca)| (b.ptr(gpu), ca as i32));
         let stats = scratch.ptr(gpu);
-        let part = stats + (n * GROUPS * 2 * std::mem::size_of::<f32>()) as u64;
+        let part = stats + (n * groups * 2 * std::mem::size_of::<f32>()) as u64;
         let i = |v: usize| v as i32;
         let block = |threads: usize| (threads as u32, 1, 1);
         gpu.launch(
@@ -302,6 +320,7 @@ impl GpuGroupNorm {
                 rows: i(rows),
                 x2,
                 c1,
+                groups: i(groups),
                 ..Default::default()
             },
         )?;
@@ -309,7 +328,7 @@ impl GpuGroupNorm {
             "group_norm",
             "group_norm_merge",
             LaunchConfig {
-                grid_dim: (GROUPS as u32, n as u32, 1),
+                grid_dim: (groups as u32, n as u32, 1),
                 block_dim: block(k::GN_MERGE_THREADS),
                 shared_mem_bytes: 0,
             },
@@ -318,6 +337,8 @@ impl GpuGroupNorm {
                 stats,
                 chunks: i(chunks),
                 eps: self.eps,
+                groups: i(groups),
+                ..Default::default()
             },
         )?;
         gpu.launch(
@@ -344,6 +365,7 @@ impl GpuGroupNorm {
                 silu: silu_after as i32,
                 x2,
                 c1,
+                groups: i(groups),
                 ..Default::default()
             },
         )
@@ -364,10 +386,10 @@ mod tests {
         ss: Option<&[f32]>,
         silu: bool,
     ) -> Vec<f64> {
-        let (c, cg) = (gn.channels, gn.channels / GROUPS);
+        let (c, cg) = (gn.channels, gn.channels / gn.groups);
         let mut y = vec![0f64; x.len()];
         for b in 0..n {
-            for g in 0..GROUPS {
+            for g in 0..gn.groups {
                 let at = |p: usize, k: usize| (b * hw + p) * c + g * cg + k;
                 let values = (0..hw).flat_map(|p| (0..cg).map(move |k| (p, k)));
                 let count = (hw * cg) as f64;
@@ -404,18 +426,22 @@ mod tests {
             state ^= state << 5;
             2.0 * (state as f32 / u32::MAX as f32) - 1.0
         };
-        // (n, hw, c, input spread, scale-shift, SiLU, eps). Spread 1e-3 is a nearly flat image:
-        // its variance (3e-7) is below eps, so eps sets the scale (diffusers' DDPM models use
-        // 1e-6).
-        for (n, hw, c, spread, with_ss, silu, eps) in [
-            (2, 5, 32, 1.0, true, true, EPS),
-            (1, 130, 64, 3.0, false, false, EPS),
-            (3, 7, 96, 1.0, true, false, EPS),
-            (2, 9, 64, 1e-3, false, true, EPS),
-            (2, 9, 64, 1e-3, false, true, 1e-6),
+        // (n, hw, c, groups, input spread, scale-shift, SiLU, eps). Spread 1e-3 is a nearly flat
+        // image: its variance (3e-7) is below eps, so eps sets the scale (diffusers' DDPM models
+        // use 1e-6).
+        for (n, hw, c, groups, spread, with_ss, silu, eps) in [
+            (2, 5, 32, GROUPS, 1.0, true, true, EPS),
+            (1, 130, 64, GROUPS, 3.0, false, false, EPS),
+            (3, 7, 96, GROUPS, 1.0, true, false, EPS),
+            (2, 9, 64, GROUPS, 1e-3, false, true, EPS),
+            (2, 9, 64, GROUPS, 1e-3, false, true, 1e-6),
+            (2, 11, 48, 8, 1.0, true, true, EPS),
+            (1, 70, 40, 1, 2.0, false, false, EPS),
+            (1, 6, 24, 24, 1.0, false, true, EPS),
         ] {
             let gn = GroupNorm {
                 channels: c,
+                groups,
                 weight: (0..c).map(|_| 1.0 + 0.5 * uniform()).collect(),
                 bias: (0..c).map(|_| 0.5 * uniform()).collect(),
                 eps,
@@ -435,7 +461,7 @@ mod tests {
             let rel = (err / norm).sqrt();
             assert!(
                 rel <= 1e-5,
-                "n {n} hw {hw} c {c} spread {spread}: rel L2 {rel:.2e}"
+                "n {n} hw {hw} c {c} groups {groups} spread {spread}: rel L2 {rel:.2e}"
             );
         }
     }
@@ -448,7 +474,7 @@ mod tests {
             for hw in 1usize..=70_000 {
                 let need = n * GROUPS * (2 + 3 * hw.div_ceil(stats_rows(n, hw)));
                 worst = worst.max(need);
-                assert!(worst <= GpuGroupNorm::scratch_len(n, hw), "n {n} hw {hw}");
+                assert!(worst <= scratch_len(n, hw, GROUPS), "n {n} hw {hw}");
             }
         }
     }

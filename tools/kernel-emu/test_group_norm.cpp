@@ -16,11 +16,12 @@ struct GnCase {
     int silu;
     bool in_place = false;  // y aliases x
     int c2 = 0;  // > 0: x is read as the concatenation of two tensors, the second of c2 channels
+    int groups = 32;
 };
 
 template <typename T, typename Partial, typename Apply>
 void run(Partial partial, Apply apply, const GnCase& k) {
-    const int n = k.n, hw = k.hw, c = k.c, cg = c / GN_GROUPS;
+    const int n = k.n, hw = k.hw, c = k.c, groups = k.groups, cg = c / groups;
     std::vector<double> x;
     auto xs = stored_values<T>((size_t)n * hw * c, [&](size_t i) { return k.offset + k.spread * rng.normal() + 0.3f * (i % c) / c; }, &x);
     std::vector<float> gamma(c), beta(c), ss((size_t)n * 2 * c);
@@ -29,9 +30,9 @@ void run(Partial partial, Apply apply, const GnCase& k) {
     for (auto& v : ss) v = 0.3f * rng.normal();
 
     const int rows = stats_rows(n, hw), chunks = (hw + rows - 1) / rows;
-    std::vector<float> scratch((size_t)n * GN_GROUPS * (2 + 3 * chunks), NAN);  // stats, then part
+    std::vector<float> scratch((size_t)n * groups * (2 + 3 * chunks), NAN);  // stats, then part
     float* stats = scratch.data();
-    float* part = stats + n * GN_GROUPS * 2;
+    float* part = stats + n * groups * 2;
     std::vector<T> ys = k.in_place ? xs : nan_filled<T>(xs.size());
     T* y = ys.data();
     const T* xin = k.in_place ? y : xs.data();
@@ -48,13 +49,13 @@ void run(Partial partial, Apply apply, const GnCase& k) {
     const T* x2in = k.c2 > 0 ? second.data() : nullptr;
 
     const auto t0 = std::chrono::steady_clock::now();
-    const GroupNormStatsArgs stats_args{xin, part, hw, c, rows, x2in, c1};
+    const GroupNormStatsArgs stats_args{xin, part, hw, c, rows, x2in, c1, groups};
     emu_launch({(unsigned)chunks, (unsigned)n, 1}, {GN_THREADS, 1, 1}, [&] { MCDM_CALL(partial, GroupNormStatsArgs, stats_args); });
-    const GroupNormMergeArgs merge_args{part, stats, chunks, 1e-5f};
-    emu_launch({GN_GROUPS, (unsigned)n, 1}, {GN_MERGE_THREADS, 1, 1}, [&] { MCDM_CALL(group_norm_merge, GroupNormMergeArgs, merge_args); });
+    const GroupNormMergeArgs merge_args{part, stats, chunks, 1e-5f, groups};
+    emu_launch({(unsigned)groups, (unsigned)n, 1}, {GN_MERGE_THREADS, 1, 1}, [&] { MCDM_CALL(group_norm_merge, GroupNormMergeArgs, merge_args); });
     const int per_block = GN_APPLY_THREADS * GN_VEC * GN_APPLY_ITERS;
     const GroupNormApplyArgs apply_args{
-        xin, stats, gamma.data(), beta.data(), k.scale_shift ? ss.data() : nullptr, y, hw, c, k.silu, x2in, c1};
+        xin, stats, gamma.data(), beta.data(), k.scale_shift ? ss.data() : nullptr, y, hw, c, k.silu, x2in, c1, groups};
     emu_launch({(unsigned)((hw * c + per_block - 1) / per_block), (unsigned)n, 1}, {GN_APPLY_THREADS, 1, 1},
                [&] { MCDM_CALL(apply, GroupNormApplyArgs, apply_args); });
     const double secs = seconds_since(t0);
@@ -64,7 +65,7 @@ void run(Partial partial, Apply apply, const GnCase& k) {
     // it is allowed as slack (4 half-ulps: the f32 merge adds a few roundings).
     std::vector<double> ref(x.size()), slack(x.size()), mean_err, rstd_err, zeros;
     for (int b = 0; b < n; ++b)
-        for (int g = 0; g < GN_GROUPS; ++g) {
+        for (int g = 0; g < groups; ++g) {
             double s = 0, q = 0;
             const double count = (double)hw * cg;
             for (int p = 0; p < hw; ++p)
@@ -78,8 +79,8 @@ void run(Partial partial, Apply apply, const GnCase& k) {
             // what the f32 means imply (Chan's merge subtracts them: their rounding, in units of the
             // std, reaches the variance too).
             const double storage_in_std = mean_storage * rstd;
-            mean_err.push_back(std::max(0.0, std::fabs(stats[(b * GN_GROUPS + g) * 2] - mean) * rstd - storage_in_std));
-            rstd_err.push_back(std::max(0.0, std::fabs(stats[(b * GN_GROUPS + g) * 2 + 1] / rstd - 1) - storage_in_std));
+            mean_err.push_back(std::max(0.0, std::fabs(stats[(b * groups + g) * 2] - mean) * rstd - storage_in_std));
+            rstd_err.push_back(std::max(0.0, std::fabs(stats[(b * groups + g) * 2 + 1] / rstd - 1) - storage_in_std));
             for (int p = 0; p < hw; ++p)
                 for (int j = 0; j < cg; ++j) {
                     const int ch = g * cg + j;
@@ -96,7 +97,7 @@ void run(Partial partial, Apply apply, const GnCase& k) {
                 }
         }
     char name[200];
-    snprintf(name, sizeof name, "n%d hw%d c%d offset %g spread %g rows %d chunks %d%s%s%s%s", n, hw, c, k.offset,
+    snprintf(name, sizeof name, "n%d hw%d c%d groups %d offset %g spread %g rows %d chunks %d%s%s%s%s", n, hw, c, groups, k.offset,
              k.spread, rows, chunks, k.scale_shift ? " ss" : "", k.silu ? " silu" : "", k.in_place ? " in-place" : "",
              k.c2 ? (" x2 c" + std::to_string(k.c2)).c_str() : "");
     zeros.assign(mean_err.size(), 0.0);
@@ -131,5 +132,12 @@ int main() {
     run<float>(group_norm_partial_f32, group_norm_apply_f32, {2, 37, 96, 0, 1, true, 1, false, 40});
     run<__half>(group_norm_partial_f16, group_norm_apply_f16, {1, 300, 192, 1, 1, false, 1, false, 64});
     run<__nv_bfloat16>(group_norm_partial_bf16, group_norm_apply_bf16, {2, 64, 384, 0, 1, true, 1, false, 128});
+    // Other group counts (diffusers' norm_num_groups): groups of 4 channels (two per thread's pack),
+    // one group, more groups than the statistics kernel's threads, 40-channel groups across a
+    // concatenation.
+    run<float>(group_norm_partial_f32, group_norm_apply_f32, {2, 50, 16, 0, 1, true, 1, false, 0, 4});
+    run<float>(group_norm_partial_f32, group_norm_apply_f32, {1, 300, 64, 2, 1, false, 0, false, 0, 1});
+    run<__half>(group_norm_partial_f16, group_norm_apply_f16, {1, 40, 1024, 0, 1, false, 1, false, 0, 512});
+    run<__nv_bfloat16>(group_norm_partial_bf16, group_norm_apply_bf16, {2, 30, 320, 0, 1, true, 0, false, 120, 8});
     return checker.finish();
 }
