@@ -234,7 +234,8 @@ fn sample_batch_checks_its_input() {
     assert_eq!(last.unwrap().len(), 2 * 768);
 }
 
-/// Counts of zero, more images than the noise keys reach, and initial noise of the wrong size.
+/// Counts of zero, more images than the noise keys reach, and initial noise of the wrong size
+/// or not finite.
 #[test]
 fn sample_refuses_bad_requests() {
     let models = [uncond_model()];
@@ -259,6 +260,12 @@ fn sample_refuses_bad_requests() {
             "initial noise has 768 values, expected [2, 3, 16, 16]",
         ),
         (1, 1, Some(noise(769)), "initial noise has 769 values"),
+        (
+            1,
+            1,
+            Some([noise(767), vec![f32::NAN]].concat()),
+            "initial noise holds 1 non-finite value(s)",
+        ),
     ] {
         fails(
             sampler.sample(n, batch, init.as_deref(), &mut |_| {}),
@@ -285,6 +292,13 @@ fn forward_checks_the_input_length() {
             "not 1x16x16x3",
         );
     }
+    let mut inf = x[..768].to_vec();
+    inf[5] = f32::INFINITY;
+    inf[700] = f32::NAN;
+    fails(
+        unet.forward_nhwc(&mut cpu, &inf, [1, 16, 16, 3], &cond),
+        "x holds 2 non-finite value(s)",
+    );
     // A shape whose product wraps around usize.
     fails(
         unet.forward_nchw(&mut cpu, &[], [1 << 62, 4, 1, 1], &cond),

@@ -16,6 +16,15 @@ use crate::text::TextEncoder;
 /// The steps a job gets when neither it nor its unconditional model names any.
 pub const DEFAULT_RESPACING: &str = "50";
 
+/// The images a run makes when neither the caller nor the job says.
+pub const DEFAULT_NUM_SAMPLES: usize = 4;
+
+/// The batch size for `images` images on `device` when none is given: up to 16 on the CPU,
+/// 64 on a GPU (which splits a batch that does not fit).
+pub fn default_batch_size(images: usize, device: &Device) -> usize {
+    images.clamp(1, if device.is_cpu() { 16 } else { 64 })
+}
+
 /// The terms of a composition as a job or the command line gives them.
 #[derive(Clone, Copy, Debug)]
 pub struct Terms<'a> {

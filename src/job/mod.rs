@@ -13,6 +13,7 @@
 
 pub mod compose;
 pub mod conditions;
+pub mod overrides;
 
 use std::path::{Path, PathBuf};
 
@@ -392,7 +393,11 @@ impl TermSpec {
         Ok(term)
     }
 
-    /// A term from a job file's JSON object, paths relative to `base`.
+    /// A term as a job file's JSON object gives it, its paths as they are.
+    pub fn from_object(v: &Value, allow_weight: bool) -> Result<TermSpec> {
+        TermSpec::from_json(v, &mut |p| p.as_str().map(PathBuf::from), allow_weight)
+    }
+
     /// A term of a job file; `file` resolves the path of a condition file (a string, or a
     /// record's `{"path", "sha256"}`).
     fn from_json(

@@ -779,6 +779,7 @@ fn check_shape(cfg: &UNetConfig, [n, c, h, w]: [usize; 4], cond: CondLengths) ->
 }
 
 /// An error unless `x` holds exactly the product of `shape`'s dimensions.
+/// `x` holds `shape`'s values, all finite.
 fn check_input_len(x: &[f32], shape: [usize; 4]) -> Result<()> {
     let want = shape.iter().try_fold(1usize, |p, &d| p.checked_mul(d));
     if want != Some(x.len()) {
@@ -786,6 +787,12 @@ fn check_input_len(x: &[f32], shape: [usize; 4]) -> Result<()> {
         return Err(Error::Input(format!(
             "x has {} values, not {a}x{b}x{c}x{d}",
             x.len()
+        )));
+    }
+    let bad = x.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        return Err(Error::Input(format!(
+            "x holds {bad} non-finite value(s) (NaN or inf)"
         )));
     }
     Ok(())

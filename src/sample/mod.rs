@@ -400,8 +400,8 @@ impl<'a> ComposedSampler<'a> {
         (labels, embedding)
     }
 
-    /// A request's sizes: positive counts, initial noise `[N, 3, H, W]`, conditions for every
-    /// image.
+    /// A request's sizes: positive counts, finite initial noise `[N, 3, H, W]`, conditions for
+    /// every image.
     fn check_request(
         &self,
         num_samples: usize,
@@ -426,6 +426,12 @@ impl<'a> ComposedSampler<'a> {
                     x.len(),
                     self.spec.height,
                     self.spec.width
+                )));
+            }
+            let bad = x.iter().filter(|v| !v.is_finite()).count();
+            if bad > 0 {
+                return Err(Error::Input(format!(
+                    "initial noise holds {bad} non-finite value(s) (NaN or inf)"
                 )));
             }
         }

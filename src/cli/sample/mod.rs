@@ -15,9 +15,10 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 
 use mcdm::diffusion::SolverKind;
-use mcdm::job::compose::{Composition, Settings, Terms};
+use mcdm::job::compose::{default_batch_size, Composition, Settings, Terms, DEFAULT_NUM_SAMPLES};
 use mcdm::job::conditions::init_noise_warning;
-use mcdm::job::{check_expert_count, check_model_name, Job, Sampler as JobSampler, TermSpec};
+use mcdm::job::overrides::{default_job_path, resolve, Overrides, Resolved, DEFAULT_JOB};
+use mcdm::job::{check_expert_count, check_model_name, Sampler as JobSampler, TermSpec};
 use mcdm::model::LoadedModel;
 use mcdm::sample::{sample_each_across, ComposedSampler, StepProgress};
 use mcdm::weights::SafetensorsFile;
@@ -214,16 +215,6 @@ pub(crate) struct Plan {
     out: PathBuf,
 }
 
-/// The built-in default job: the SynthFaces experts composed on held-back conditions.
-fn default_job() -> Result<PathBuf> {
-    let rel = Path::new("examples/default.json");
-    [Path::new("."), Path::new(env!("CARGO_MANIFEST_DIR"))]
-        .iter()
-        .map(|d| d.join(rel))
-        .find(|p| p.is_file())
-        .ok_or_else(|| anyhow!("no model given and the default job examples/default.json was not found: give --model and --uncond, or --job FILE"))
-}
-
 /// text= takes the rest of a term spec, commas included: a `,key=` after it is part of the
 /// prompt, which is rarely what was meant.
 fn warn_of_keys_in_prompt(flag: &str, spec: &str) {
@@ -240,28 +231,10 @@ fn warn_of_keys_in_prompt(flag: &str, spec: &str) {
     }
 }
 
-/// The job file's settings with the flags' over them.
+/// The job file's settings with the flags' over them (the library's override rules, the flags
+/// named in messages).
 fn plan(args: &Args) -> Result<Plan> {
-    let nothing_given = args.job.is_none()
-        && args.models.is_empty()
-        && args.uncond.is_none()
-        && args.experts.is_empty();
-    let job_path = if nothing_given {
-        Some(default_job()?)
-    } else {
-        args.job.clone()
-    };
-    let job = match &job_path {
-        Some(path) => Job::load(path)?,
-        None => Job::default(),
-    };
-    let mut models = job.models.clone();
-    // Without a job the shipped models answer to their names (uncond, sketch, segment, text).
-    let shipped = match (&job_path, default_job()) {
-        (None, Ok(path)) => Job::load(&path)?.models,
-        _ => Vec::new(),
-    };
-    models.extend(shipped.iter().cloned());
+    let mut over = Overrides::default();
     for (i, m) in args.models.iter().enumerate() {
         let (name, path) = m
             .split_once('=')
@@ -276,22 +249,12 @@ fn plan(args: &Args) -> Result<Plan> {
         {
             bail!("--model {name} is given twice");
         }
-        models.retain(|(n, _)| n != name);
-        models.push((name.to_string(), PathBuf::from(path)));
+        over.models.push((name.to_string(), PathBuf::from(path)));
     }
-    // Shipped models a term does not use are left out without a word.
-    let shipped: Vec<String> = models
-        .iter()
-        .filter(|m| shipped.contains(m))
-        .map(|(n, _)| n.clone())
-        .collect();
-    let mut experts = match &job.experts {
-        Some(e) if args.experts.is_empty() => e.clone(),
-        _ => Vec::new(),
-    };
     check_expert_count(args.experts.len(), "--expert")?;
     for e in &args.experts {
-        experts.push(TermSpec::parse(e, true).context("--expert")?);
+        over.experts
+            .push(TermSpec::parse(e, true).context("--expert")?);
     }
     for (flag, spec) in args
         .experts
@@ -301,28 +264,45 @@ fn plan(args: &Args) -> Result<Plan> {
     {
         warn_of_keys_in_prompt(flag, spec);
     }
-    let uncond = match (&args.uncond, &job.uncond) {
-        (Some(u), _) => TermSpec::parse(u, false).context("--uncond")?,
-        (None, Some(u)) => u.clone(),
-        (None, None) if experts.is_empty() => bail!("nothing to sample: give --uncond NAME (and any --expert)"),
-        (None, None) => bail!("give --uncond NAME: the composition eps_u + sum_i w_i (eps_i - eps_u) needs an unconditional term (a model, or a conditional model with its null condition)"),
-    };
-    let sampler = args
-        .sampler
-        .map(JobSampler::from)
-        .or(job.sampler)
-        .unwrap_or(JobSampler::Ddim);
-    let steps = args.steps.or(job.steps);
-    if steps == Some(0) {
+    over.uncond = args
+        .uncond
+        .as_ref()
+        .map(|u| TermSpec::parse(u, false).context("--uncond"))
+        .transpose()?;
+    if args.steps == Some(0) {
         bail!("--steps must be positive");
     }
-    let respacing = args
-        .timestep_respacing
-        .clone()
-        .or(steps.map(|s| s.to_string()))
+    over.sampler = args.sampler.map(JobSampler::from);
+    over.eta = args.eta;
+    over.karras = args.karras.then_some(true);
+    over.steps = args.steps;
+    over.timestep_respacing = args.timestep_respacing.clone();
+    over.clip_denoised = args.clip_denoised;
+    over.num_samples = args.num_samples;
+    over.batch_size = args.batch_size;
+    over.seed = args.seed;
+    over.init_noise = args.init_noise.clone();
+    if args.job.is_none() && over.names_no_term() && default_job_path().is_none() {
+        bail!("no model given and the default job {DEFAULT_JOB} was not found: give --model and --uncond, or --job FILE");
+    }
+    let Resolved {
+        job,
+        file: job_path,
+        shipped,
+    } = resolve(args.job.as_deref(), &over)?;
+    let experts = job.experts.clone().unwrap_or_default();
+    let uncond = match job.uncond.clone() {
+        Some(u) => u,
+        None if experts.is_empty() => bail!("nothing to sample: give --uncond NAME (and any --expert)"),
+        None => bail!("give --uncond NAME: the composition eps_u + sum_i w_i (eps_i - eps_u) needs an unconditional term (a model, or a conditional model with its null condition)"),
+    };
+    let sampler = job.sampler.unwrap_or(JobSampler::Ddim);
+    let respacing = job
+        .steps
+        .map(|s| s.to_string())
         .or(job.timestep_respacing.clone());
-    let num_samples = args.num_samples.or(job.num_samples).unwrap_or(4);
-    let batch_size = args.batch_size.or(job.batch_size);
+    let num_samples = job.num_samples.unwrap_or(DEFAULT_NUM_SAMPLES);
+    let batch_size = job.batch_size;
     if num_samples == 0 || batch_size == Some(0) {
         bail!("--num-samples and --batch-size must be positive");
     }
@@ -339,17 +319,17 @@ fn plan(args: &Args) -> Result<Plan> {
     if !(1..=MAX_PNG_SCALE).contains(&png_scale) {
         bail!("--png-scale {png_scale}: from 1 to {MAX_PNG_SCALE}");
     }
-    let (eta, eta_from) = match args.eta {
-        Some(e) => (Some(e), "--eta"),
-        None => (job.eta, "job file: `eta`"),
+    // A job's DDIM eta was dropped if --sampler overrides its sampler.
+    let eta_from = if args.eta.is_some() {
+        "--eta"
+    } else {
+        "job file: `eta`"
     };
-    if let Some(e) = eta {
+    if let Some(e) = job.eta {
         if !(0.0..=1.0).contains(&e) {
             bail!("{eta_from} must be between 0 (deterministic) and 1, got {e}");
         }
-        // A job's DDIM eta is dropped when --sampler ddpm overrides its sampler.
-        if sampler != JobSampler::Ddim && e != 0.0 && (args.eta.is_some() || args.sampler.is_none())
-        {
+        if sampler != JobSampler::Ddim && e != 0.0 {
             bail!(
                 "{eta_from} {e} is a DDIM setting: {} sampling has no eta",
                 sampler.name()
@@ -357,10 +337,10 @@ fn plan(args: &Args) -> Result<Plan> {
         }
     }
     let eta = match sampler {
-        JobSampler::Ddim => eta.unwrap_or(0.0),
+        JobSampler::Ddim => job.eta.unwrap_or(0.0),
         JobSampler::Ddpm | JobSampler::Solver(_) => 0.0,
     };
-    let karras = args.karras || job.karras.unwrap_or(false);
+    let karras = job.karras.unwrap_or(false);
     if karras && !matches!(sampler, JobSampler::Solver(_)) {
         bail!(
             "--karras chooses a solver's sigmas: use it with --sampler dpmpp-2m, dpmpp-3m or unipc, not {}",
@@ -370,19 +350,19 @@ fn plan(args: &Args) -> Result<Plan> {
     Ok(Plan {
         job: job_path,
         shipped,
-        init_noise: args.init_noise.clone().or(job.init_noise.clone()),
+        init_noise: job.init_noise.clone(),
         recorded_hashes: job.hashes.clone(),
-        models,
+        models: job.models.clone(),
         experts,
         uncond,
         sampler,
         eta,
         karras,
         respacing,
-        clip_denoised: args.clip_denoised.or(job.clip_denoised).unwrap_or(true),
+        clip_denoised: job.clip_denoised.unwrap_or(true),
         num_samples,
         batch_size,
-        seed: args.seed.or(job.seed).unwrap_or(0),
+        seed: job.seed.unwrap_or(0),
         png_scale,
         out: {
             let out = args
@@ -684,11 +664,9 @@ fn sample_plan(args: &Args, plan: &Plan, devices: &[Device], folder: RunFolder) 
     };
     let todo = images.start + kept..images.end;
     let mine = images.len();
-    let batch_size = plan.batch_size.unwrap_or(if device.is_cpu() {
-        todo.len().clamp(1, 16)
-    } else {
-        todo.len().clamp(1, 64)
-    });
+    let batch_size = plan
+        .batch_size
+        .unwrap_or_else(|| default_batch_size(todo.len(), device));
     // Counted in image-steps, so that the bar stays right when a GPU batch is split. Several
     // devices report their steps from their own threads.
     let progress = Mutex::new((
