@@ -724,3 +724,33 @@ fn bench_profile_on_the_fake_gpu() {
         "{text}"
     );
 }
+
+/// The Python package on the fake GPU: a device out of memory is Python's MemoryError
+/// (python/tests, `test_out_of_device_memory_is_a_memory_error`, run here with the driver's
+/// environment; scripts/python-test.sh builds the package).
+#[test]
+fn python_out_of_device_memory_is_a_memory_error() {
+    let Some(driver) = fake_driver() else { return };
+    let env = serde_json::json!({
+        "LD_LIBRARY_PATH": driver.dir,
+        "LD_PRELOAD": driver.asan_runtime,
+        "ASAN_OPTIONS": "detect_leaks=0",
+    });
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/python-test.sh");
+    let out = common::output(
+        Command::new(&script)
+            .args(["-k", "out_of_device_memory", "-rs"])
+            .env("MCDM_BIN", env!("CARGO_BIN_EXE_mcdm"))
+            .env("MCDM_FAKE_GPU_ENV", env.to_string()),
+    );
+    let printed = output_text(&out);
+    if out.status.code() == Some(77) {
+        common::skip(
+            "python package on the fake GPU",
+            "python3 cannot make a virtual environment",
+        );
+        return;
+    }
+    assert!(out.status.success(), "{printed}");
+    assert!(printed.contains("1 passed"), "{printed}");
+}

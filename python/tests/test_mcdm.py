@@ -239,6 +239,28 @@ def test_forward_errors():
         model.forward(np.ones((2, 3, 32, 32)), [1, np.nan])
 
 
+@pytest.mark.skipif("MCDM_FAKE_GPU_ENV" not in os.environ,
+                    reason="tests/fake_gpu.rs runs it with the fake CUDA driver")
+def test_out_of_device_memory_is_a_memory_error():
+    # In a process of its own: the fake libcuda (a CPU emulation of the GPU) must be found when
+    # the process starts, and it has 64 MiB of device memory here.
+    env = {**os.environ, **json.loads(os.environ["MCDM_FAKE_GPU_ENV"]),
+           "FAKE_CUDA_MEMORY_BYTES": str(64 << 20)}
+    code = f"""
+import mcdm, numpy as np
+model = mcdm.load_model({str(UNCOND)!r}, device="cuda", dtype="f32")
+assert model.device.startswith("cuda:0"), model.device
+try:
+    model.forward(np.ones((256, 3, 32, 32), np.float32), np.full(256, 3.0))
+except MemoryError as e:
+    print("MemoryError:", e)
+"""
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "MemoryError: CUDA: allocating" in run.stdout and "out of device memory" in run.stdout
+
+
 def test_a_progress_callback_that_raises_stops_the_run():
     def stop(first, batch, step, steps):
         if step == 2:
