@@ -81,6 +81,26 @@ impl Composition {
         dtype: DType,
         text_model: Option<&Path>,
     ) -> Result<Composition> {
+        let mut one = Self::load_across(
+            terms,
+            num_samples,
+            std::slice::from_ref(device),
+            dtype,
+            text_model,
+        )?;
+        Ok(one.pop().expect("one composition per device"))
+    }
+
+    /// [`Composition::load`] onto each of `devices` (several GPUs): every model file is read
+    /// and hashed once, every prompt encoded and every condition read once, and the models
+    /// copied to each device.
+    pub fn load_across(
+        terms: Terms,
+        num_samples: usize,
+        devices: &[Device],
+        dtype: DType,
+        text_model: Option<&Path>,
+    ) -> Result<Vec<Composition>> {
         let all = || terms.experts.iter().chain([terms.uncond]);
         let index = |name: &str| {
             terms
@@ -118,7 +138,7 @@ impl Composition {
                     path.display()
                 ));
             }
-            models.push(model.to_device(device, dtype)?);
+            models.push(model);
         }
         let slot = |name: &str| -> Result<usize> {
             let m = index(name)?;
@@ -175,7 +195,7 @@ impl Composition {
                 &mut warnings,
             )
         };
-        let experts = terms
+        let experts: Vec<Expert> = terms
             .experts
             .iter()
             .map(|t| {
@@ -190,28 +210,46 @@ impl Composition {
             model: uncond_model,
             condition: condition(terms.uncond)?,
         };
-        let unused = (0..terms.models.len())
+        let unused: Vec<String> = (0..terms.models.len())
             .filter(|m| !used.contains(m))
             .map(|m| terms.models[m].0.clone())
             .collect();
-        let names = terms
+        let names: Vec<String> = terms
             .experts
             .iter()
             .enumerate()
             .map(|(i, t)| format!("expert {i} is `{}`", t.model))
             .chain([format!("the unconditional term `{}`", terms.uncond.model)])
             .collect();
-        Ok(Composition {
-            sources: used.iter().map(|&m| terms.models[m].clone()).collect(),
-            models,
-            unused,
-            experts,
-            uncond,
-            size,
-            text_model: text_dir,
-            warnings,
-            names,
-        })
+        let sources: Vec<(String, PathBuf)> =
+            used.iter().map(|&m| terms.models[m].clone()).collect();
+        let mut compositions = Vec::with_capacity(devices.len());
+        for (i, device) in devices.iter().enumerate() {
+            // The last device takes the host copies; the others get copies of them.
+            let placed = if i + 1 == devices.len() {
+                std::mem::take(&mut models)
+                    .into_iter()
+                    .map(|m| m.to_device(device, dtype))
+                    .collect::<Result<Vec<_>>>()?
+            } else {
+                models
+                    .iter()
+                    .map(|m| m.copy_to(device, dtype))
+                    .collect::<Result<Vec<_>>>()?
+            };
+            compositions.push(Composition {
+                sources: sources.clone(),
+                models: placed,
+                unused: unused.clone(),
+                experts: experts.clone(),
+                uncond: uncond.clone(),
+                size,
+                text_model: text_dir.clone(),
+                warnings: warnings.clone(),
+                names: names.clone(),
+            });
+        }
+        Ok(compositions)
     }
 
     /// The sample spec of `settings` for these models (their image size, and their steps when

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::sync::Arc;
 
 use super::unet::{
     AttentionBlock, Conditioning, ConvLayer, Layer, LinearLayer, ResBlock, UNet, UpDown,
@@ -27,7 +28,8 @@ impl Family for UNets {
 
 /// A model file, its resolved config and the network built from it, on a device.
 pub struct LoadedModel {
-    pub file: SafetensorsFile,
+    /// Shared by the copies of one model on several devices ([`LoadedModel::copy_to`]).
+    pub file: Arc<SafetensorsFile>,
     pub config: ResolvedConfig,
     /// The SHA-256 (hex) of the file's bytes the weights were read from; None for random
     /// weights.
@@ -72,7 +74,7 @@ impl LoadedModel {
     /// messages.
     pub fn random(config: ResolvedConfig, seed: u64, label: &str) -> Result<Self> {
         Ok(LoadedModel {
-            file: SafetensorsFile::empty(label)?,
+            file: Arc::new(SafetensorsFile::empty(label)?),
             net: Placed::Cpu(UNet::random(&config.unet, seed)?),
             config,
             sha256: None,
@@ -120,6 +122,13 @@ impl LoadedModel {
         if same {
             return Ok(self);
         }
+        self.copy_to(device, dtype)
+    }
+
+    /// A copy of this model (still on the CPU) on `device`, storing `dtype` there: one model
+    /// file read and hashed once serves every device.
+    pub fn copy_to(&self, device: &Device, dtype: DType) -> Result<Self> {
+        let kind = Kind::of(device, dtype);
         let Some(unet) = self.cpu_unet() else {
             return Err(Error::Input(format!(
                 "{} is on {}; it cannot move to {}: load it again",
@@ -133,9 +142,9 @@ impl LoadedModel {
             B::wrap(unet.to_backend(&mut backend)?)
         });
         Ok(LoadedModel {
-            file: self.file,
-            config: self.config,
-            sha256: self.sha256,
+            file: Arc::clone(&self.file),
+            config: self.config.clone(),
+            sha256: self.sha256.clone(),
             device: device.clone(),
             dtype: if device.is_cpu() { DType::F32 } else { dtype },
             net,
@@ -207,7 +216,7 @@ fn built(file: SafetensorsFile, config: ResolvedConfig) -> Result<LoadedModel> {
     let unet = UNet::load(&file, &config.unet)?;
     let sha256 = Some(file.sha256()?);
     Ok(LoadedModel {
-        file,
+        file: Arc::new(file),
         config,
         sha256,
         device: Device::Cpu,

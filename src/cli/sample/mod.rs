@@ -519,11 +519,9 @@ fn sample_plan(args: &Args, plan: &Plan, devices: &[Device], folder: RunFolder) 
         uncond: &plan.uncond,
     };
     let n = plan.num_samples;
-    // Each device has its own models; the first one's warnings stand for all.
-    let compositions: Vec<Composition> = devices
-        .iter()
-        .map(|d| Composition::load(terms, n, d, dtype.into(), args.text_model.as_deref()))
-        .collect::<mcdm::Result<_>>()?;
+    // Each device has its own copy of the models, loaded from their files once.
+    let compositions =
+        Composition::load_across(terms, n, devices, dtype.into(), args.text_model.as_deref())?;
     let composition = &compositions[0];
     for name in &composition.unused {
         if !plan.shipped.contains(name) {
