@@ -11,7 +11,7 @@
 // The arguments of each kernel, described below with it.
 #define GroupNormStatsArgs_FIELDS(F)                                                                \
     F(const void* __restrict__, x) F(float* __restrict__, part) F(int, hw) F(int, c) F(int, rows)     \
-    F(const void* __restrict__, x2) F(int, c1) F(int, groups)
+    F(const void* __restrict__, x2) F(int, c1) F(int, groups) F(int, group_channels)
 MCDM_ARGS(GroupNormStatsArgs)
 #define GroupNormMergeArgs_FIELDS(F)                                                                \
     F(const float* __restrict__, part) F(float* __restrict__, stats) F(int, chunks) F(float, eps)   \
@@ -20,20 +20,21 @@ MCDM_ARGS(GroupNormMergeArgs)
 #define GroupNormApplyArgs_FIELDS(F)                                                                \
     F(const void*, x) F(const float* __restrict__, stats) F(const float* __restrict__, gamma)       \
     F(const float* __restrict__, beta) F(const float* __restrict__, scale_shift) F(void*, y)        \
-    F(int, hw) F(int, c) F(int, silu) F(const void*, x2) F(int, c1) F(int, groups)
+    F(int, hw) F(int, c) F(int, silu) F(const void*, x2) F(int, c1) F(int, groups)                  \
+    F(int, group_channels)
 MCDM_ARGS(GroupNormApplyArgs)
 
 // Statistics in two kernels, both deterministic (fixed partition, fixed merge order):
 //
-// group_norm_partial: x [n, hw, c] (c % 8 == 0, c % groups == 0, c <= 2048) ->
-//   part f32 [n, chunks, groups, 3]:
+// group_norm_partial: x [n, hw, c] (c % 8 == 0, c % groups == 0, c <= 2048, groups <= 256) ->
+//   part f32 [n, chunks, groups, 3] (group_channels = c / groups):
 //   (count, mean, M2) of each group over the pixels [chunk*rows, chunk*rows + rows) of image b.
 //   Launch: grid (chunks = ceil(hw / rows), n), block 256. Thread t owns the eight channels
 //   8*(t % L) .. +7 (L = c / 8 threads span a pixel row, one 16-byte load each for 16-bit T) of
 //   rows t / L, t / L + R, ... (R = 256 / L rows in parallel), so a warp reads whole rows and
 //   every thread keeps several wide loads in flight. Each thread sums deviations from the first
-//   value it reads (shifted sums, no cancellation when |mean| >> std), then thread t merges
-//   the (count, mean, M2) of the channels of groups t, t + 256, ... with Chan's formula.
+//   value it reads (shifted sums, no cancellation when |mean| >> std), then thread g < groups
+//   merges the (count, mean, M2) of its group's channels with Chan's formula.
 // group_norm_merge: part -> stats f32 [n, groups, 2] (mean, rstd = 1 / sqrt(var + eps), biased
 //   variance), merging the chunks of (b, g). Launch: grid (groups, n), block 128.
 #define GN_THREADS 256
@@ -75,7 +76,7 @@ MCDM_DEV Moments merge_moments(Moments a, Moments b) {
 
 template <typename T>
 MCDM_DEV void group_norm_partial(const T* __restrict__ x, const T* __restrict__ x2, float* __restrict__ part, int hw,
-                                 int c, int c1, int rows, int groups) {
+                                 int c, int c1, int rows, int groups, int cg) {
     __shared__ Moments slot[GN_MAX_CHANNELS];  // 24 KiB: one per (channel, parallel row)
     const int chunk = blockIdx.x, chunks = gridDim.x, b = blockIdx.y, t = threadIdx.x;
     const int p0 = chunk * rows, p1 = min(hw, p0 + rows);
@@ -114,12 +115,11 @@ MCDM_DEV void group_norm_partial(const T* __restrict__ x, const T* __restrict__ 
                                  : Moments{cnt, shift[e] + s1[e] / cnt, fmaxf(s2[e] - s1[e] * (s1[e] / cnt), 0.0f)};
     }
     __syncthreads();
-    const int cg = c / groups;
-    for (int g = t; g < groups; g += GN_THREADS) {
+    if (t < groups) {
         Moments m{0.0f, 0.0f, 0.0f};
         for (int r = 0; r < R; ++r)
-            for (int j = 0; j < cg; ++j) m = merge_moments(m, slot[r * c + g * cg + j]);
-        float* out = part + (((long long)b * chunks + chunk) * groups + g) * 3;
+            for (int j = 0; j < cg; ++j) m = merge_moments(m, slot[r * c + t * cg + j]);
+        float* out = part + (((long long)b * chunks + chunk) * groups + t) * 3;
         out[0] = m.n;
         out[1] = m.mean;
         out[2] = m.m2;
@@ -156,7 +156,8 @@ MCDM_DEV void group_norm_merge_chunks(const float* __restrict__ part, float* __r
 // division or parameter load per element), while each thread's GN_APPLY_ITERS packs of eight
 // channels are loading; all are loaded before any is stored: y may alias x (a thread writes
 // only what it read) when x2 is NULL.
-// x and y 16-byte aligned (pool buffers are).
+// group_channels = c / groups, given so that the kernel does not divide while its loads are in
+// flight (64 registers at most, for 4 blocks per SM). x and y 16-byte aligned (pool buffers are).
 // Launch: grid (ceil(hw*c / (256 * 8 * GN_APPLY_ITERS)), n), block 256.
 #define GN_APPLY_THREADS 256
 #define GN_APPLY_ITERS 4
@@ -165,11 +166,11 @@ template <typename T>
 MCDM_DEV void group_norm_apply(const T* x, const T* x2, const float* __restrict__ stats,
                                const float* __restrict__ gamma, const float* __restrict__ beta,
                                const float* __restrict__ scale_shift, T* y, int hw, int c, int c1, int silu,
-                               int groups) {
+                               int groups, int cg) {
     __shared__ float ch_mean[GN_MAX_CHANNELS];  // 3 x 8 KiB
     __shared__ float ch_mul[GN_MAX_CHANNELS];
     __shared__ float ch_add[GN_MAX_CHANNELS];
-    const int b = blockIdx.y, t = threadIdx.x, cg = c / groups;
+    const int b = blockIdx.y, t = threadIdx.x;
     // This thread's packs first: their loads are in flight while the table is built.
     const long long per_image = (long long)hw * c;
     const long long first = (long long)blockIdx.x * GN_APPLY_ITERS * GN_APPLY_THREADS * GN_VEC + t * GN_VEC;
@@ -219,15 +220,17 @@ MCDM_DEV void group_norm_apply(const T* x, const T* x2, const float* __restrict_
     }
 }
 
+// The statistics kernel's bounds ask for one block per SM at least: left free to pick, ptxas
+// aims for more blocks and spills the f32 variant's registers.
 #define MCDM_GROUP_NORM(SUFFIX, T)                                                                  \
-    extern "C" __global__ void __launch_bounds__(GN_THREADS)                                        \
+    extern "C" __global__ void __launch_bounds__(GN_THREADS, 1)                                     \
         group_norm_partial_##SUFFIX(MCDM_PARAMS(GroupNormStatsArgs)) {                              \
-        group_norm_partial<T>((const T*)x, (const T*)x2, part, hw, c, c1, rows, groups);                    \
+        group_norm_partial<T>((const T*)x, (const T*)x2, part, hw, c, c1, rows, groups, group_channels);                    \
     }                                                                                               \
     extern "C" __global__ void __launch_bounds__(GN_APPLY_THREADS, 4)                               \
         group_norm_apply_##SUFFIX(MCDM_PARAMS(GroupNormApplyArgs)) {                                \
         group_norm_apply<T>((const T*)x, (const T*)x2, stats, gamma, beta, scale_shift, (T*)y, hw, c, c1,  \
-                            silu, groups);                                                                  \
+                            silu, groups, group_channels);                                                                  \
     }
 
 extern "C" __global__ void __launch_bounds__(GN_MERGE_THREADS) group_norm_merge(MCDM_PARAMS(GroupNormMergeArgs)) {

@@ -142,9 +142,11 @@ impl GroupNorm {
                 k::GN_VEC
             )));
         }
-        if groups == 0 || !c.is_multiple_of(groups) {
+        if groups == 0 || !c.is_multiple_of(groups) || groups > k::GN_THREADS {
             return Err(crate::Error::Input(format!(
-                "group norm over {c} channels in {groups} groups: the groups must divide the channels"
+                "group norm over {c} channels in {groups} groups: the groups must divide the \
+                 channels, and the GPU kernels take at most {} groups",
+                k::GN_THREADS
             )));
         }
         if self.weight.len() != c || self.bias.len() != c {
@@ -321,6 +323,7 @@ impl GpuGroupNorm {
                 x2,
                 c1,
                 groups: i(groups),
+                group_channels: i(c / groups),
                 ..Default::default()
             },
         )?;
@@ -366,6 +369,7 @@ impl GpuGroupNorm {
                 x2,
                 c1,
                 groups: i(groups),
+                group_channels: i(c / groups),
                 ..Default::default()
             },
         )

@@ -49,13 +49,13 @@ void run(Partial partial, Apply apply, const GnCase& k) {
     const T* x2in = k.c2 > 0 ? second.data() : nullptr;
 
     const auto t0 = std::chrono::steady_clock::now();
-    const GroupNormStatsArgs stats_args{xin, part, hw, c, rows, x2in, c1, groups};
+    const GroupNormStatsArgs stats_args{xin, part, hw, c, rows, x2in, c1, groups, cg};
     emu_launch({(unsigned)chunks, (unsigned)n, 1}, {GN_THREADS, 1, 1}, [&] { MCDM_CALL(partial, GroupNormStatsArgs, stats_args); });
     const GroupNormMergeArgs merge_args{part, stats, chunks, 1e-5f, groups};
     emu_launch({(unsigned)groups, (unsigned)n, 1}, {GN_MERGE_THREADS, 1, 1}, [&] { MCDM_CALL(group_norm_merge, GroupNormMergeArgs, merge_args); });
     const int per_block = GN_APPLY_THREADS * GN_VEC * GN_APPLY_ITERS;
     const GroupNormApplyArgs apply_args{
-        xin, stats, gamma.data(), beta.data(), k.scale_shift ? ss.data() : nullptr, y, hw, c, k.silu, x2in, c1, groups};
+        xin, stats, gamma.data(), beta.data(), k.scale_shift ? ss.data() : nullptr, y, hw, c, k.silu, x2in, c1, groups, cg};
     emu_launch({(unsigned)((hw * c + per_block - 1) / per_block), (unsigned)n, 1}, {GN_APPLY_THREADS, 1, 1},
                [&] { MCDM_CALL(apply, GroupNormApplyArgs, apply_args); });
     const double secs = seconds_since(t0);
@@ -133,11 +133,11 @@ int main() {
     run<__half>(group_norm_partial_f16, group_norm_apply_f16, {1, 300, 192, 1, 1, false, 1, false, 64});
     run<__nv_bfloat16>(group_norm_partial_bf16, group_norm_apply_bf16, {2, 64, 384, 0, 1, true, 1, false, 128});
     // Other group counts (diffusers' norm_num_groups): groups of 4 channels (two per thread's pack),
-    // one group, more groups than the statistics kernel's threads, 40-channel groups across a
+    // one group, the most groups the kernels take (one per thread), 40-channel groups across a
     // concatenation.
     run<float>(group_norm_partial_f32, group_norm_apply_f32, {2, 50, 16, 0, 1, true, 1, false, 0, 4});
     run<float>(group_norm_partial_f32, group_norm_apply_f32, {1, 300, 64, 2, 1, false, 0, false, 0, 1});
-    run<__half>(group_norm_partial_f16, group_norm_apply_f16, {1, 40, 1024, 0, 1, false, 1, false, 0, 512});
+    run<__half>(group_norm_partial_f16, group_norm_apply_f16, {1, 40, 1024, 0, 1, false, 1, false, 0, 256});
     run<__nv_bfloat16>(group_norm_partial_bf16, group_norm_apply_bf16, {2, 30, 320, 0, 1, true, 0, false, 120, 8});
     return checker.finish();
 }
