@@ -23,6 +23,11 @@ MCDM_ARGS(GroupNormMergeArgs)
     F(int, hw) F(int, c) F(int, silu) F(const void*, x2) F(int, c1) F(int, groups)                  \
     F(int, group_channels)
 MCDM_ARGS(GroupNormApplyArgs)
+#define GroupNormApplyPoolArgs_FIELDS(F)                                                            \
+    F(const void* __restrict__, x) F(const float* __restrict__, stats)                              \
+    F(const float* __restrict__, gamma) F(const float* __restrict__, beta) F(void* __restrict__, y)  \
+    F(int, h) F(int, w) F(int, c) F(int, silu) F(int, groups) F(int, group_channels)
+MCDM_ARGS(GroupNormApplyPoolArgs)
 
 // Statistics in two kernels, both deterministic (fixed partition, fixed merge order):
 //
@@ -220,17 +225,77 @@ MCDM_DEV void group_norm_apply(const T* x, const T* x2, const float* __restrict_
     }
 }
 
+// y [n, h/2, w/2, c] = the 2x2 mean of group_norm_apply's output (without scale-shift or a
+// second source) over x [n, h, w, c], h and w even: a downsampling ResBlock's normalised branch,
+// which is pooled before its conv, so the full-size result is never stored. Thread t of block
+// (k, b) makes the eight channels of output element k*256*8 + 8t of image b from four 16-byte
+// loads, in flight while the block builds its table as group_norm_apply does; each input value
+// is normalised (and SiLU'd) in f32, then the four are averaged. x and y 16-byte aligned.
+// Launch: grid (ceil((h/2)*(w/2)*c / (256 * 8)), n), block 256.
+template <typename T>
+MCDM_DEV void group_norm_apply_pool(const T* __restrict__ x, const float* __restrict__ stats,
+                                    const float* __restrict__ gamma, const float* __restrict__ beta,
+                                    T* __restrict__ y, int h, int w, int c, int silu, int groups, int cg) {
+    __shared__ float ch_mean[GN_MAX_CHANNELS];
+    __shared__ float ch_mul[GN_MAX_CHANNELS];
+    __shared__ float ch_add[GN_MAX_CHANNELS];
+    const int b = blockIdx.y, t = threadIdx.x, wo = w >> 1;
+    const long long per_image = (long long)(h >> 1) * wo * c;
+    const long long j = (long long)blockIdx.x * GN_APPLY_THREADS * GN_VEC + t * GN_VEC;
+    const bool active = j < per_image;
+    Pack8<T> in[4];
+    int ch0 = 0;
+    if (active) {
+        // One image's index fits in 32 bits (the launcher checks).
+        const int p = (int)j / c, oy = p / wo, ox = p - oy * wo;
+        ch0 = (int)j - p * c;
+        const T* src = x + (long long)b * h * w * c + ((long long)(2 * oy) * w + 2 * ox) * c + ch0;
+        const long long down = (long long)w * c;
+        in[0] = *reinterpret_cast<const Pack8<T>*>(src);
+        in[1] = *reinterpret_cast<const Pack8<T>*>(src + c);
+        in[2] = *reinterpret_cast<const Pack8<T>*>(src + down);
+        in[3] = *reinterpret_cast<const Pack8<T>*>(src + down + c);
+    }
+    for (int ch = t; ch < c; ch += GN_APPLY_THREADS) {
+        const float* st = stats + ((long long)b * groups + ch / cg) * 2;
+        ch_mean[ch] = st[0];
+        ch_mul[ch] = st[1] * (gamma != nullptr ? gamma[ch] : 1.0f);
+        ch_add[ch] = beta != nullptr ? beta[ch] : 0.0f;
+    }
+    __syncthreads();
+    if (!active) return;
+    Pack8<T> out;
+#pragma unroll
+    for (int e = 0; e < GN_VEC; ++e) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            float v = (to_float(in[q].v[e]) - ch_mean[ch0 + e]) * ch_mul[ch0 + e] + ch_add[ch0 + e];
+            if (silu) v = silu_f(v);
+            sum += v;
+        }
+        out.v[e] = from_float<T>(0.25f * sum);
+    }
+    *reinterpret_cast<Pack8<T>*>(y + (long long)b * per_image + j) = out;
+}
+
 // The statistics kernel's bounds ask for one block per SM at least: left free to pick, ptxas
 // aims for more blocks and spills the f32 variant's registers.
 #define MCDM_GROUP_NORM(SUFFIX, T)                                                                  \
     extern "C" __global__ void __launch_bounds__(GN_THREADS, 1)                                     \
         group_norm_partial_##SUFFIX(MCDM_PARAMS(GroupNormStatsArgs)) {                              \
-        group_norm_partial<T>((const T*)x, (const T*)x2, part, hw, c, c1, rows, groups, group_channels);                    \
+        group_norm_partial<T>((const T*)x, (const T*)x2, part, hw, c, c1, rows, groups,             \
+                              group_channels);                                                      \
     }                                                                                               \
     extern "C" __global__ void __launch_bounds__(GN_APPLY_THREADS, 4)                               \
         group_norm_apply_##SUFFIX(MCDM_PARAMS(GroupNormApplyArgs)) {                                \
-        group_norm_apply<T>((const T*)x, (const T*)x2, stats, gamma, beta, scale_shift, (T*)y, hw, c, c1,  \
-                            silu, groups, group_channels);                                                                  \
+        group_norm_apply<T>((const T*)x, (const T*)x2, stats, gamma, beta, scale_shift, (T*)y, hw,  \
+                            c, c1, silu, groups, group_channels);                                   \
+    }                                                                                               \
+    extern "C" __global__ void __launch_bounds__(GN_APPLY_THREADS, 4)                               \
+        group_norm_apply_pool_##SUFFIX(MCDM_PARAMS(GroupNormApplyPoolArgs)) {                       \
+        group_norm_apply_pool<T>((const T*)x, stats, gamma, beta, (T*)y, h, w, c, silu, groups,     \
+                                 group_channels);                                                   \
     }
 
 extern "C" __global__ void __launch_bounds__(GN_MERGE_THREADS) group_norm_merge(MCDM_PARAMS(GroupNormMergeArgs)) {

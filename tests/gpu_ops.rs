@@ -330,6 +330,43 @@ fn group_norm_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
             tolerance::<T>(1e-6),
         ));
     }
+    // A downsampling block's normalised branch, pooled 2x2 as it is normalised: against the
+    // CPU's group norm then pooling.
+    for (i, &(n, h, w, c, groups, silu)) in [
+        (2, 8, 6, 64, 32, true),
+        (1, 32, 32, 128, 32, true),
+        (3, 4, 10, 48, 8, false),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let gn = GroupNorm {
+            channels: c,
+            groups,
+            weight: values(c, 50 + i as u32)
+                .iter()
+                .map(|v| 1.0 + 0.2 * v)
+                .collect(),
+            bias: values(c, 60 + i as u32),
+            eps: mcdm::ops::group_norm::EPS,
+        };
+        let x = rounded::<T>(&values(n * h * w * c, 70 + i as u32));
+        let mut normed = vec![0.0; x.len()];
+        gn.forward(&x, n, h * w, &mut normed, None, silu);
+        let mut want = vec![0.0; x.len() / 4];
+        mcdm::ops::resample::avg_pool2x(&normed, n, h, w, c, &mut want);
+        let dev = gn.upload(g).unwrap();
+        let xd = g.upload::<T>(&x).unwrap();
+        let mut yd = g.upload::<T>(&vec![f32::NAN; want.len()]).unwrap();
+        let mut stats = g.zeros::<f32>(dev.scratch_len(n, h * w)).unwrap();
+        dev.forward_pool(g, &xd, [n, h, w], &mut yd, &mut stats, silu)
+            .unwrap();
+        out.push((
+            format!("group norm + 2x2 pool n{n} {h}x{w} c{c} groups {groups} silu{silu}"),
+            gpu_err(&g.download(&yd).unwrap(), &want),
+            tolerance::<T>(1e-6),
+        ));
+    }
     out
 }
 
@@ -740,6 +777,11 @@ fn bad_sizes_are_errors() {
         "group norm, an image past the kernel's 32-bit index",
         norm.forward(&g, &x2, 1, 1 << 26, &mut y2, &mut stats, None, false),
         "more than a kernel indexes",
+    );
+    fails(
+        "group norm + pooling of an odd side",
+        norm.forward_pool(&g, &x2, [1, 3, 4], &mut y2, &mut stats, false),
+        "the sides must be even",
     );
     let (x4, mut y4) = (buf(4), buf(4));
     fails(

@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use mcdm::device::Workspace;
 use mcdm::image::{grid, to_rgb8, write_png};
 use mcdm::job::compose::{default_batch_size, DEFAULT_NUM_SAMPLES};
+use mcdm::job::conditions::init_noise_warning;
 use mcdm::job::overrides::{resolve, Overrides};
 use mcdm::job::{Job as JobFile, Sampler, TermSpec};
 use mcdm::model::{load_model as load, Conditioning, LoadedModel};
@@ -455,7 +456,13 @@ fn sample<'py>(
             }
             Some(values)
         }
-        (None, Some(path)) => Some(read_noise(path, [n, 3, h, w]).map_err(py_err)?),
+        (None, Some(path)) => {
+            let noise = read_noise(path, [n, 3, h, w]).map_err(py_err)?;
+            if let Some(w) = init_noise_warning(path, &noise) {
+                warn(py, &w)?;
+            }
+            Some(noise)
+        }
         (None, None) => None,
     };
     let spec = composition.spec(&settings);

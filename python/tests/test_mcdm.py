@@ -144,6 +144,19 @@ def test_init_noise_and_progress():
     assert not np.array_equal(a, c), "the given noise was ignored"
 
 
+def test_init_noise_from_a_file(tmp_path):
+    from safetensors.numpy import save_file
+
+    noise = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    path = tmp_path / "noise.safetensors"
+    save_file({"x_T": noise}, str(path))
+    assert np.array_equal(sample_u(init_noise=path), sample_u(init_noise=noise))
+    # Values far past standard normal noise are said to be.
+    save_file({"x_T": noise * 150}, str(path))
+    with pytest.warns(UserWarning, match="far past standard normal noise"):
+        sample_u(init_noise=path)
+
+
 def test_save_grid(tmp_path):
     images = np.linspace(-1, 1, 5 * 3 * 8 * 8, dtype=np.float32).reshape(5, 3, 8, 8)
     path = tmp_path / "grid.png"

@@ -228,6 +228,22 @@ impl<T: GpuFloat> Backend for Cuda<T> {
         self.give_vector(stats);
         result
     }
+    fn group_norm_pool2x(
+        &mut self,
+        norm: &GpuGroupNorm,
+        x: &GpuBuffer<T>,
+        [n, h, w, c]: [usize; 4],
+        y: &mut GpuBuffer<T>,
+        silu: bool,
+    ) -> Result<()> {
+        if !fold_copies() {
+            return copying::group_norm_pool2x(self, norm, x, [n, h, w, c], y, silu);
+        }
+        let mut stats = self.take_vector(norm.scratch_len(n, h * w))?;
+        let result = norm.forward_pool(&self.gpu, x, [n, h, w], y, &mut stats, silu);
+        self.give_vector(stats);
+        result
+    }
     fn attend(
         &mut self,
         qkv: &GpuBuffer<T>,

@@ -193,6 +193,19 @@ pub trait Backend: Sized {
         nhwc: [usize; 4],
         y: &mut Self::Tensor,
     ) -> Result<()>;
+    /// `group_norm` (without scale-shift) of x `[n, h, w, c]`, then 2x2 average pooling into
+    /// y `[n, h/2, w/2, c]`: a downsampling ResBlock's normalised branch. This default stores
+    /// the full-size result first.
+    fn group_norm_pool2x(
+        &mut self,
+        norm: &Self::GroupNorm,
+        x: &Self::Tensor,
+        nhwc: [usize; 4],
+        y: &mut Self::Tensor,
+        silu: bool,
+    ) -> Result<()> {
+        copying::group_norm_pool2x(self, norm, x, nhwc, y, silu)
+    }
     /// 2x2 average pooling: x `[n, h, w, c]` -> y `[n, h/2, w/2, c]`.
     fn avg_pool2x(
         &mut self,
@@ -429,6 +442,22 @@ pub mod copying {
             .concat_channels(a, b, [n, hw, ca, cb], &mut cat)
             .and_then(|()| be.group_norm(norm, &cat, n, hw, y, scale_shift, silu));
         be.give(cat);
+        result
+    }
+
+    pub fn group_norm_pool2x<B: Backend>(
+        be: &mut B,
+        norm: &B::GroupNorm,
+        x: &B::Tensor,
+        [n, h, w, c]: [usize; 4],
+        y: &mut B::Tensor,
+        silu: bool,
+    ) -> Result<()> {
+        let mut full = be.take(n * h * w * c)?;
+        let result = be
+            .group_norm(norm, x, n, h * w, &mut full, None, silu)
+            .and_then(|()| be.avg_pool2x(&full, [n, h, w, c], y));
+        be.give(full);
         result
     }
 

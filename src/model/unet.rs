@@ -587,19 +587,21 @@ impl<B: Backend> ResBlock<B> {
         let oc = self.out_conv.cout;
         let xhw = x.h * x.w;
         let cin = x.c + extra.map_or(0, |e| e.c);
-        let mut a = be.take(n * xhw * cin)?;
-        match extra {
-            Some(e) => {
-                let sizes = [n, xhw, x.c, e.c];
-                be.concat_group_norm(&self.in_norm, [x.data, e.data], sizes, &mut a, None, true)?
-            }
-            None => be.group_norm(&self.in_norm, x.data, n, xhw, &mut a, None, true)?,
-        }
         // Up/down applies to both the normalised branch and the skip input: upsampling is read
-        // by the convolutions (and the residual add) from the half-size tensors, pooling is made.
+        // by the convolutions (and the residual add) from the half-size tensors, the normalised
+        // branch is pooled as it is normalised, and the skip input is pooled.
         let mut hidden;
         let (h, w, pooled) = match self.updown {
             UpDown::None | UpDown::Up => {
+                let mut a = be.take(n * xhw * cin)?;
+                match extra {
+                    Some(e) => {
+                        let sizes = [n, xhw, x.c, e.c];
+                        let ab = [x.data, e.data];
+                        be.concat_group_norm(&self.in_norm, ab, sizes, &mut a, None, true)?
+                    }
+                    None => be.group_norm(&self.in_norm, x.data, n, xhw, &mut a, None, true)?,
+                }
                 let up = self.updown == UpDown::Up;
                 let (h, w) = if up { (2 * x.h, 2 * x.w) } else { (x.h, x.w) };
                 hidden = be.take(n * h * w * oc)?;
@@ -609,6 +611,7 @@ impl<B: Backend> ResBlock<B> {
                 } else {
                     be.conv(conv, &a, [n, h, w], &mut hidden, Residual::None)?;
                 }
+                be.give(a);
                 (h, w, None)
             }
             UpDown::Down => {
@@ -616,7 +619,7 @@ impl<B: Backend> ResBlock<B> {
                 let mut a2 = be.take(n * h * w * x.c)?;
                 let mut x2 = be.take(n * h * w * x.c)?;
                 let nhwc = [n, x.h, x.w, x.c];
-                be.avg_pool2x(&a, nhwc, &mut a2)?;
+                be.group_norm_pool2x(&self.in_norm, x.data, nhwc, &mut a2, true)?;
                 be.avg_pool2x(x.data, nhwc, &mut x2)?;
                 hidden = be.take(n * h * w * oc)?;
                 let conv = &self.in_conv.params;
@@ -625,7 +628,6 @@ impl<B: Backend> ResBlock<B> {
                 (h, w, Some(x2))
             }
         };
-        be.give(a);
         let hw = h * w;
         let mut e = be.take_vector(n * self.emb_proj.out_features)?;
         be.linear(&self.emb_proj.params, emb, n, &mut e, false)?;

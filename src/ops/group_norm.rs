@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::silu;
 use super::{check_len, elements, int_product};
 use crate::cuda::interface::{
-    self as k, GroupNormApplyArgs, GroupNormMergeArgs, GroupNormStatsArgs,
+    self as k, GroupNormApplyArgs, GroupNormApplyPoolArgs, GroupNormMergeArgs, GroupNormStatsArgs,
 };
 use crate::cuda::{Gpu, GpuBuffer, GpuFloat};
 use crate::error::Result;
@@ -251,23 +251,75 @@ impl GpuGroupNorm {
         )
     }
 
-    /// The launches; `second`: the tensor holding the channels past the first `ca`.
+    /// [`GpuGroupNorm::forward`] without scale-shift, then 2x2 average pooling, in one pass
+    /// over the output: x `[n, h, w, c]` (h and w even) -> y `[n, h/2, w/2, c]` (a
+    /// downsampling ResBlock's normalised branch; `group_norm_apply_pool` in
+    /// `kernels/group_norm.cu`). `scratch` holds [`GpuGroupNorm::scratch_len`] of `h * w`.
     #[allow(clippy::too_many_arguments)]
-    fn run<T: GpuFloat>(
+    pub fn forward_pool<T: GpuFloat>(
+        &self,
+        gpu: &Gpu,
+        x: &GpuBuffer<T>,
+        [n, h, w]: [usize; 3],
+        y: &mut GpuBuffer<T>,
+        scratch: &mut GpuBuffer<f32>,
+        silu_after: bool,
+    ) -> Result<()> {
+        let c = self.channels;
+        if !h.is_multiple_of(2) || !w.is_multiple_of(2) {
+            return Err(crate::Error::Input(format!(
+                "group norm + 2x2 pooling of {h}x{w} images: the sides must be even"
+            )));
+        }
+        int_product("group norm image", &[h, w, c])?;
+        let out = elements("group norm + pooling output", &[n, h / 2, w / 2, c])?;
+        check_len("group norm + pooling output", y.len(), out)?;
+        check_aligned(y.ptr(gpu))?;
+        let stats = self.statistics(gpu, x, None, n, h * w, scratch)?;
+        let i = |v: usize| v as i32;
+        gpu.launch(
+            "group_norm",
+            &format!("group_norm_apply_pool{}", T::SUFFIX),
+            LaunchConfig {
+                grid_dim: (
+                    (h / 2 * (w / 2) * c).div_ceil(k::GN_APPLY_THREADS * k::GN_VEC) as u32,
+                    n as u32,
+                    1,
+                ),
+                block_dim: (k::GN_APPLY_THREADS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &GroupNormApplyPoolArgs {
+                x: x.ptr(gpu),
+                stats,
+                gamma: self.weight.ptr(gpu),
+                beta: self.bias.ptr(gpu),
+                y: y.ptr(gpu),
+                h: i(h),
+                w: i(w),
+                c: i(c),
+                silu: silu_after as i32,
+                groups: i(self.groups),
+                group_channels: i(c / self.groups),
+            },
+        )
+    }
+
+    /// The statistics launches (per-chunk moments, merged) over x, or over x and `second` (the
+    /// tensor holding the channels past the first `ca`); returns the device address of the
+    /// statistics `[n, groups, 2]` in `scratch`.
+    fn statistics<T: GpuFloat>(
         &self,
         gpu: &Gpu,
         x: &GpuBuffer<T>,
         second: Option<(&GpuBuffer<T>, usize)>,
         n: usize,
         hw: usize,
-        y: &mut GpuBuffer<T>,
         scratch: &mut GpuBuffer<f32>,
-        scale_shift: Option<&GpuBuffer<f32>>,
-        silu_after: bool,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let c = self.channels;
-        let len = elements("group norm", &[n, hw, c])?;
-        // The apply kernel indexes one image in 32 bits.
+        elements("group norm", &[n, hw, c])?;
+        // The apply kernels index one image in 32 bits.
         int_product("group norm image", &[hw, c])?;
         let ca = second.map_or(c, |(_, ca)| ca);
         check_len("group norm input", x.len(), n * hw * ca)?;
@@ -278,7 +330,7 @@ impl GpuGroupNorm {
                 n * hw * (c - ca),
             )?;
         }
-        check_len("group norm output", y.len(), len)?;
+        check_aligned(x.ptr(gpu))?;
         let rows = stats_rows(n, hw);
         let chunks = hw.div_ceil(rows);
         let groups = self.groups;
@@ -287,20 +339,6 @@ impl GpuGroupNorm {
             scratch.len(),
             n * groups * (2 + 3 * chunks),
         )?;
-        let ss = match scale_shift {
-            Some(b) => {
-                check_len("scale-shift", b.len(), n * 2 * c)?;
-                b.ptr(gpu)
-            }
-            None => 0,
-        };
-        // Both kernels move eight channels at a time, in 16-byte accesses.
-        let align = 16;
-        if !x.ptr(gpu).is_multiple_of(align) || !y.ptr(gpu).is_multiple_of(align) {
-            return Err(crate::Error::Cuda(format!(
-                "group norm: x and y must be {align}-byte aligned"
-            )));
-        }
         let (x2, c1) = second.map_or((0, 0), |(b, ca)| (b.ptr(gpu), ca as i32));
         let stats = scratch.ptr(gpu);
         let part = stats + (n * groups * 2 * std::mem::size_of::<f32>()) as u64;
@@ -344,6 +382,39 @@ impl GpuGroupNorm {
                 ..Default::default()
             },
         )?;
+        Ok(stats)
+    }
+
+    /// The statistics, then the apply launch; `second`: the tensor holding the channels past
+    /// the first `ca`.
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: GpuFloat>(
+        &self,
+        gpu: &Gpu,
+        x: &GpuBuffer<T>,
+        second: Option<(&GpuBuffer<T>, usize)>,
+        n: usize,
+        hw: usize,
+        y: &mut GpuBuffer<T>,
+        scratch: &mut GpuBuffer<f32>,
+        scale_shift: Option<&GpuBuffer<f32>>,
+        silu_after: bool,
+    ) -> Result<()> {
+        let c = self.channels;
+        let len = elements("group norm", &[n, hw, c])?;
+        int_product("group norm image", &[hw, c])?;
+        check_len("group norm output", y.len(), len)?;
+        check_aligned(y.ptr(gpu))?;
+        let ss = match scale_shift {
+            Some(b) => {
+                check_len("scale-shift", b.len(), n * 2 * c)?;
+                b.ptr(gpu)
+            }
+            None => 0,
+        };
+        let stats = self.statistics(gpu, x, second, n, hw, scratch)?;
+        let (x2, c1) = second.map_or((0, 0), |(b, ca)| (b.ptr(gpu), ca as i32));
+        let i = |v: usize| v as i32;
         gpu.launch(
             "group_norm",
             &format!("group_norm_apply{}", T::SUFFIX),
@@ -353,7 +424,7 @@ impl GpuGroupNorm {
                     n as u32,
                     1,
                 ),
-                block_dim: block(k::GN_APPLY_THREADS),
+                block_dim: (k::GN_APPLY_THREADS as u32, 1, 1),
                 shared_mem_bytes: 0,
             },
             &GroupNormApplyArgs {
@@ -368,12 +439,22 @@ impl GpuGroupNorm {
                 silu: silu_after as i32,
                 x2,
                 c1,
-                groups: i(groups),
-                group_channels: i(c / groups),
+                groups: i(self.groups),
+                group_channels: i(c / self.groups),
                 ..Default::default()
             },
         )
     }
+}
+
+/// The kernels move eight channels at a time, in 16-byte accesses.
+fn check_aligned(ptr: u64) -> Result<()> {
+    if !ptr.is_multiple_of(16) {
+        return Err(crate::Error::Cuda(
+            "group norm: x and y must be 16-byte aligned".into(),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

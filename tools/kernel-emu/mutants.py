@@ -103,6 +103,12 @@ MUTANTS = {
     ),
     # Group norm's statistics kernel leaves the last group unmerged.
     "group_norm_last_group_missing": ("group_norm.cu", "    if (t < groups) {\n", "    if (t < groups - 1) {\n"),
+    # Group norm + pooling takes the window's lower-left pixel from the upper row.
+    "group_norm_pool_window_row": (
+        "group_norm.cu",
+        "in[2] = *reinterpret_cast<const Pack8<T>*>(src + down);",
+        "in[2] = *reinterpret_cast<const Pack8<T>*>(src + c);",
+    ),
     # Group norm's apply kernel uses the per-channel table before every thread has written it.
     "group_norm_apply_no_barrier": (
         "group_norm.cu",

@@ -108,6 +108,65 @@ void run(Partial partial, Apply apply, const GnCase& k) {
     checker.close(std::string("group_norm_apply_") + type_name<T>() + " " + name, ref, widen(ys), tol, 0, &slack);
 }
 
+// group_norm_partial_* -> group_norm_merge -> group_norm_apply_pool_* (a downsampling block's
+// normalised branch, pooled 2x2 as it is written) against the double reference: group norm (+ SiLU),
+// then the mean of each 2x2 window.
+template <typename T, typename Partial, typename Pool>
+void run_pool(Partial partial, Pool pool, int n, int h, int w, int c, int groups, int silu) {
+    const int hw = h * w, cg = c / groups, ho = h / 2, wo = w / 2;
+    std::vector<double> x;
+    auto xs = stored_values<T>((size_t)n * hw * c, [&](size_t i) { return 0.5f + rng.normal() + 0.3f * (i % c) / c; }, &x);
+    std::vector<float> gamma(c), beta(c);
+    for (auto& v : gamma) v = 1 + 0.2f * rng.normal();
+    for (auto& v : beta) v = 0.2f * rng.normal();
+    const int rows = stats_rows(n, hw), chunks = (hw + rows - 1) / rows;
+    std::vector<float> scratch((size_t)n * groups * (2 + 3 * chunks), NAN);
+    float* stats = scratch.data();
+    float* part = stats + n * groups * 2;
+    std::vector<T> ys = nan_filled<T>((size_t)n * ho * wo * c);
+    const auto t0 = std::chrono::steady_clock::now();
+    const GroupNormStatsArgs stats_args{xs.data(), part, hw, c, rows, nullptr, c, groups, cg};
+    emu_launch({(unsigned)chunks, (unsigned)n, 1}, {GN_THREADS, 1, 1}, [&] { MCDM_CALL(partial, GroupNormStatsArgs, stats_args); });
+    const GroupNormMergeArgs merge_args{part, stats, chunks, 1e-5f, groups};
+    emu_launch({(unsigned)groups, (unsigned)n, 1}, {GN_MERGE_THREADS, 1, 1}, [&] { MCDM_CALL(group_norm_merge, GroupNormMergeArgs, merge_args); });
+    const int per_block = GN_APPLY_THREADS * GN_VEC;
+    const GroupNormApplyPoolArgs pool_args{xs.data(), stats, gamma.data(), beta.data(), ys.data(), h, w, c, silu, groups, cg};
+    emu_launch({(unsigned)((ho * wo * c + per_block - 1) / per_block), (unsigned)n, 1}, {GN_APPLY_THREADS, 1, 1},
+               [&] { MCDM_CALL(pool, GroupNormApplyPoolArgs, pool_args); });
+    const double secs = seconds_since(t0);
+
+    std::vector<double> normed(x.size()), ref(ys.size());
+    for (int b = 0; b < n; ++b)
+        for (int g = 0; g < groups; ++g) {
+            double s = 0, q = 0;
+            for (int p = 0; p < hw; ++p)
+                for (int j = 0; j < cg; ++j) s += x[((size_t)b * hw + p) * c + g * cg + j];
+            const double mean = s / ((double)hw * cg);
+            for (int p = 0; p < hw; ++p)
+                for (int j = 0; j < cg; ++j) q += std::pow(x[((size_t)b * hw + p) * c + g * cg + j] - mean, 2);
+            const double rstd = 1 / std::sqrt(q / ((double)hw * cg) + 1e-5);
+            for (int p = 0; p < hw; ++p)
+                for (int j = 0; j < cg; ++j) {
+                    const int ch = g * cg + j;
+                    const size_t i = ((size_t)b * hw + p) * c + ch;
+                    double v = (x[i] - mean) * rstd * gamma[ch] + beta[ch];
+                    normed[i] = silu ? v / (1 + std::exp(-v)) : v;
+                }
+        }
+    for (int b = 0; b < n; ++b)
+        for (int oy = 0; oy < ho; ++oy)
+            for (int ox = 0; ox < wo; ++ox)
+                for (int ch = 0; ch < c; ++ch) {
+                    auto at = [&](int y, int xx) { return normed[(((size_t)b * h + y) * w + xx) * c + ch]; };
+                    ref[(((size_t)b * ho + oy) * wo + ox) * c + ch] =
+                        0.25 * (at(2 * oy, 2 * ox) + at(2 * oy, 2 * ox + 1) + at(2 * oy + 1, 2 * ox) + at(2 * oy + 1, 2 * ox + 1));
+                }
+    char name[120];
+    snprintf(name, sizeof name, "n%d h%d w%d c%d groups %d%s", n, h, w, c, groups, silu ? " silu" : "");
+    const double tol = std::is_same<T, float>::value ? 1e-5 : 2.5 * storage_eps<T>();
+    checker.close(std::string("group_norm_apply_pool_") + type_name<T>() + " " + name, ref, widen(ys), tol, secs);
+}
+
 int main() {
     // n, hw, c, offset, spread, scale_shift, silu, in_place
     run<float>(group_norm_partial_f32, group_norm_apply_f32, {2, 13, 64, 0, 1, true, 1});
@@ -139,5 +198,11 @@ int main() {
     run<float>(group_norm_partial_f32, group_norm_apply_f32, {1, 300, 64, 2, 1, false, 0, false, 0, 1});
     run<__half>(group_norm_partial_f16, group_norm_apply_f16, {1, 40, 1024, 0, 1, false, 1, false, 0, 256});
     run<__nv_bfloat16>(group_norm_partial_bf16, group_norm_apply_bf16, {2, 30, 320, 0, 1, true, 0, false, 120, 8});
+    // Pooled as normalised: odd output counts (a block's last threads idle), channels over the
+    // block, other group counts.
+    run_pool<float>(group_norm_partial_f32, group_norm_apply_pool_f32, 2, 6, 10, 64, 32, 1);
+    run_pool<float>(group_norm_partial_f32, group_norm_apply_pool_f32, 1, 16, 16, 384, 32, 0);
+    run_pool<__half>(group_norm_partial_f16, group_norm_apply_pool_f16, 2, 8, 4, 96, 8, 1);
+    run_pool<__nv_bfloat16>(group_norm_partial_bf16, group_norm_apply_pool_bf16, 1, 12, 6, 128, 4, 1);
     return checker.finish();
 }
