@@ -736,21 +736,15 @@ fn python_out_of_device_memory_is_a_memory_error() {
         "LD_PRELOAD": driver.asan_runtime,
         "ASAN_OPTIONS": "detect_leaks=0",
     });
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/python-test.sh");
-    let out = common::output(
-        Command::new(&script)
-            .args(["-k", "out_of_device_memory", "-rs"])
-            .env("MCDM_BIN", env!("CARGO_BIN_EXE_mcdm"))
-            .env("MCDM_FAKE_GPU_ENV", env.to_string()),
-    );
-    let printed = output_text(&out);
-    if out.status.code() == Some(77) {
-        common::skip(
-            "python package on the fake GPU",
-            "python3 cannot make a virtual environment",
-        );
+    let env = env.to_string();
+    let Some(printed) = common::run_script(
+        "python-test.sh",
+        &["-k", "out_of_device_memory", "-rs"],
+        &[("MCDM_FAKE_GPU_ENV", &env)],
+        "python package on the fake GPU",
+        "python3 cannot make a virtual environment",
+    ) else {
         return;
-    }
-    assert!(out.status.success(), "{printed}");
+    };
     assert!(printed.contains("1 passed"), "{printed}");
 }

@@ -4,30 +4,13 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
 #[test]
 fn the_python_package_passes_its_tests() {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/python-test.sh");
-    let out = common::output(Command::new(&script).env("MCDM_BIN", env!("CARGO_BIN_EXE_mcdm")));
-    let printed = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{printed}");
-    if out.status.code() == Some(77) {
-        common::skip(
-            "python package",
-            "python3 cannot make a virtual environment",
-        );
+    let why = "python3 cannot make a virtual environment";
+    let Some(printed) = common::run_script("python-test.sh", &[], &[], "python package", why)
+    else {
         return;
-    }
-    assert!(
-        out.status.success(),
-        "scripts/python-test.sh failed:\n{printed}"
-    );
+    };
     assert!(
         printed.contains(" passed"),
         "pytest ran no test:\n{printed}"

@@ -4,29 +4,11 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
 #[test]
 fn a_killed_and_resubmitted_slurm_array_equals_one_process() {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/slurm-test.sh");
-    let out = common::output(Command::new(&script).env("MCDM_BIN", env!("CARGO_BIN_EXE_mcdm")));
-    let printed = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{printed}");
-    if out.status.code() == Some(77) {
-        common::skip(
-            "slurm",
-            "Slurm is not installed and cannot be installed here",
-        );
+    let why = "Slurm is not installed and cannot be installed here";
+    let Some(printed) = common::run_script("slurm-test.sh", &[], &[], "slurm", why) else {
         return;
-    }
-    assert!(
-        out.status.success(),
-        "scripts/slurm-test.sh failed:\n{printed}"
-    );
+    };
     assert!(printed.contains("PASS: the merged shards equal the one-process run byte for byte"));
 }

@@ -37,6 +37,39 @@ pub fn skip(check: &str, why: &str) {
     eprintln!("{check}: skipped, {why}");
 }
 
+/// Runs `scripts/<script>` with `args` and `env`, this build's CLI as `MCDM_BIN`, and returns
+/// what it printed (it is shown too); None after [`skip`] when the script exits 77, its way of
+/// saying that what it needs cannot be installed here (`why`). Any other failure fails the test.
+pub fn run_script(
+    script: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    check: &str,
+    why: &str,
+) -> Option<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(script);
+    let mut cmd = std::process::Command::new(&path);
+    cmd.args(args).env("MCDM_BIN", env!("CARGO_BIN_EXE_mcdm"));
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    let out = output(&mut cmd);
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{printed}");
+    if out.status.code() == Some(77) {
+        skip(check, why);
+        return None;
+    }
+    assert!(out.status.success(), "scripts/{script} failed:\n{printed}");
+    Some(printed)
+}
+
 /// `MCDM_SKIP_TEXT_TESTS=1`: whether `check`, which needs the MiniLM model, is skipped (after
 /// saying so; a failure under `MCDM_REQUIRE_ALL_CHECKS=1`).
 pub fn text_tests_skipped(check: &str) -> bool {
