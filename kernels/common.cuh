@@ -132,6 +132,26 @@ MCDM_DEV bool aligned16(const void* p) { return (reinterpret_cast<unsigned long 
 // ---------------------------------------------------------------------------------------------
 // Reductions (fixed order: deterministic for a fixed launch configuration).
 
+// The (count, mean, sum of squared deviations) of a set of values: group norm's statistics,
+// made by kernels/group_norm.cu or by a conv's epilogue (kernels/conv.cu).
+struct Moments {
+    float n, mean, m2;
+};
+
+// Chan et al.: the moments of the union of two disjoint sets.
+MCDM_DEV Moments merge_moments(Moments a, Moments b) {
+    if (b.n == 0.0f) return a;
+    if (a.n == 0.0f) return b;
+    const float n = a.n + b.n;
+    const float delta = b.mean - a.mean;
+    const float wb = b.n / n;
+    Moments r;
+    r.n = n;
+    r.mean = a.mean + delta * wb;
+    r.m2 = a.m2 + b.m2 + delta * delta * a.n * wb;
+    return r;
+}
+
 MCDM_DEV float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

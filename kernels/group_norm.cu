@@ -61,24 +61,6 @@ MCDM_DEV const T* gn_at(const T* x, const T* x2, int hw, int c, int c1, int b, i
     return (second ? x2 + (ch - c1) : x + ch) + (long long)b * hw * stride;
 }
 
-struct Moments {
-    float n, mean, m2;
-};
-
-// Chan et al.: the moments of the union of two disjoint sets.
-MCDM_DEV Moments merge_moments(Moments a, Moments b) {
-    if (b.n == 0.0f) return a;
-    if (a.n == 0.0f) return b;
-    const float n = a.n + b.n;
-    const float delta = b.mean - a.mean;
-    const float wb = b.n / n;
-    Moments r;
-    r.n = n;
-    r.mean = a.mean + delta * wb;
-    r.m2 = a.m2 + b.m2 + delta * delta * a.n * wb;
-    return r;
-}
-
 template <typename T>
 MCDM_DEV void group_norm_partial(const T* __restrict__ x, const T* __restrict__ x2, float* __restrict__ part, int hw,
                                  int c, int c1, int rows, int groups, int cg) {

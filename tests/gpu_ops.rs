@@ -120,6 +120,133 @@ fn conv_matches_cpu() {
     });
 }
 
+/// A conv whose epilogue makes the moments of the group norm after it
+/// (`GpuConv2d::forward_moments`), merged and applied by `GpuGroupNorm::forward_from_moments`,
+/// through every kernel that can make them: the conv against the CPU conv, the norm against the
+/// CPU norm of the GPU's conv output (so the moments alone decide it).
+fn conv_moments_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
+    let mut out = Vec::new();
+    // (n, h, w, cin, cout, k, groups, upsampled input, residual): 16x16 images take every row
+    // tile (64, 128, 256 pixels); 8x8 ones the 64-row tiles only; groups of 2, 4, 16 and 64
+    // channels, the last two across whole column tiles.
+    let shapes = [
+        (2, 16, 16, 32, 64, 3, 32, false, false),
+        (1, 32, 32, 64, 128, 3, 32, false, true),
+        (3, 8, 8, 64, 128, 1, 8, false, false),
+        (1, 16, 16, 48, 256, 3, 4, false, true),
+        (2, 16, 16, 32, 64, 3, 32, true, false),
+    ];
+    for (i, &(n, h, w, cin, cout, k, groups, up, with_residual)) in shapes.iter().enumerate() {
+        let salt = 300 + 10 * i as u32;
+        let weight: Vec<f32> = values(cout * cin * k * k, salt)
+            .iter()
+            .map(|v| v / (cin * k * k) as f32)
+            .collect();
+        let conv = Conv2d::from_torch(&rounded::<T>(&weight), values(cout, salt + 1), k, 1);
+        let gn = GroupNorm {
+            channels: cout,
+            groups,
+            weight: values(cout, salt + 2)
+                .iter()
+                .map(|v| 1.0 + 0.2 * v)
+                .collect(),
+            bias: values(cout, salt + 3),
+            eps: mcdm::ops::group_norm::EPS,
+        };
+        let (sh, sw) = if up { (h / 2, w / 2) } else { (h, w) };
+        let x = rounded::<T>(&values(n * sh * sw * cin, salt + 4));
+        let residual = rounded::<T>(&values(n * h * w * cout, salt + 5));
+        let ss = values(n * 2 * cout, salt + 6);
+        let mut x_full = vec![0.0; n * h * w * cin];
+        if up {
+            mcdm::ops::resample::upsample_nearest2x(&x, n, sh, sw, cin, &mut x_full);
+        } else {
+            x_full.clone_from(&x);
+        }
+        let mut want = if with_residual {
+            residual.clone()
+        } else {
+            vec![0.0; residual.len()]
+        };
+        conv.forward(&x_full, n, h, w, &mut want, with_residual, &mut Vec::new());
+        let dev = conv.upload::<T>(g).unwrap();
+        let norm = gn.upload(g).unwrap();
+        let xd = g.upload::<T>(&x).unwrap();
+        let rd = g.upload::<T>(&residual).unwrap();
+        let ssd = g.upload::<f32>(&ss).unwrap();
+        let input = ConvInput {
+            x: &xd,
+            second: None,
+            upsampled: up,
+        };
+        let mut ran = 0;
+        for kern in ConvKernel::ALL {
+            let Some(chunks) = dev.moment_chunks(kern, h, w, groups) else {
+                continue;
+            };
+            if !dev.supports(g, kern, input) {
+                continue;
+            }
+            ran += 1;
+            let mut yd = g.upload::<T>(&vec![f32::NAN; want.len()]).unwrap();
+            let mut part = g
+                .upload::<f32>(&vec![f32::NAN; n * chunks * groups * 3])
+                .unwrap();
+            let res = if with_residual {
+                Residual::Buffer(&rd)
+            } else {
+                Residual::None
+            };
+            dev.forward_moments(g, kern, input, [n, h, w], &mut yd, res, groups, &mut part)
+                .unwrap();
+            let mut normed = g.upload::<T>(&vec![f32::NAN; want.len()]).unwrap();
+            let mut stats = g.upload::<f32>(&vec![f32::NAN; n * groups * 2]).unwrap();
+            let moments = (&part, chunks);
+            norm.forward_from_moments(
+                g,
+                &yd,
+                [n, h * w],
+                moments,
+                &mut normed,
+                &mut stats,
+                Some(&ssd),
+                true,
+            )
+            .unwrap();
+            let y = g.download(&yd).unwrap();
+            let mut normed_want = vec![0.0; y.len()];
+            gn.forward(&y, n, h * w, &mut normed_want, Some(&ss), true);
+            let name = format!(
+                "conv + moments {} n{n} {h}x{w} {cin}->{cout} k{k} groups {groups} up {up} residual {with_residual}",
+                kern.name()
+            );
+            out.push((
+                format!("{name}: conv"),
+                gpu_err(&y, &want),
+                tolerance::<T>(5e-7),
+            ));
+            let got = g.download(&normed).unwrap();
+            // f32 measured at most 1.2e-7, as the norm with its own statistics pass.
+            out.push((
+                format!("{name}: norm"),
+                gpu_err(&got, &normed_want),
+                tolerance::<T>(1e-6),
+            ));
+        }
+        assert!(ran > 0, "conv moments case {i}: no kernel makes them");
+    }
+    out
+}
+
+#[test]
+fn conv_moments_match_cpu() {
+    for_each_dtype("conv_moments", |g, name| match name {
+        "f32" => conv_moments_cases::<f32>(g),
+        "f16" => conv_moments_cases::<half::f16>(g),
+        _ => conv_moments_cases::<half::bf16>(g),
+    });
+}
+
 /// The copies folded into the conv's addressing (`ConvInput`, `Residual::Upsampled`) through
 /// every kernel that can run them, against the CPU conv of the copies made.
 fn folded_conv_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
@@ -612,9 +739,6 @@ fn forward_cases<T: GpuFloat>(g: &Arc<Gpu>) -> Vec<(String, f64, f64)> {
         let (x, shape) = (&case.x, case.shape);
         let unet = model.cpu_unet().unwrap();
         let want = unet.forward_nchw(&mut Cpu::new(), x, shape, &cond).unwrap();
-        let mut cuda = Cuda::<T>::new(g.clone());
-        let dev = unet.to_backend(&mut cuda).unwrap();
-        let got = dev.forward_nchw(&mut cuda, x, shape, &cond).unwrap();
         // Every activation is stored in T between ~40 layers, so the rounding adds up: measured
         // (kernels emulated on the CPU, 2026-12-06) f32 7.6e-7..1.1e-6, f16 0.9e-3..1.7e-3,
         // bf16 7e-3..1.45e-2, about 8x f16 as bf16 keeps 3 fewer mantissa bits.
@@ -623,7 +747,19 @@ fn forward_cases<T: GpuFloat>(g: &Arc<Gpu>) -> Vec<(String, f64, f64)> {
             "_f16" => 1e-2,
             _ => 3e-2,
         };
-        out.push((format!("forward {name}"), rel_l2(&got, &want), tol));
+        // Also with the ResBlocks' out-norm statistics made by their in-conv's epilogue.
+        for norm_stats_in_conv in [false, true] {
+            let mut cuda = Cuda::<T>::new(g.clone());
+            cuda.set_norm_stats_in_conv(norm_stats_in_conv);
+            let dev = unet.to_backend(&mut cuda).unwrap();
+            let got = dev.forward_nchw(&mut cuda, x, shape, &cond).unwrap();
+            let how = if norm_stats_in_conv {
+                " (norm stats in conv)"
+            } else {
+                ""
+            };
+            out.push((format!("forward {name}{how}"), rel_l2(&got, &want), tol));
+        }
     }
     // diffusers UNet2DModel folders run through the same graph (both time-feature layouts,
     // another group count).

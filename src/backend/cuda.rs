@@ -31,6 +31,14 @@ pub fn fold_copies() -> bool {
     *FOLD.get_or_init(|| std::env::var("MCDM_FOLD_COPIES").map_or(true, |v| v != "0"))
 }
 
+/// `MCDM_NORM_STATS_IN_CONV=1` has a ResBlock's in-conv make the statistics of the group norm
+/// after it in its epilogue ([`Backend::conv_group_norm`]), instead of a statistics pass over
+/// its output; off by default until a GPU run has timed it. Read once, when a backend is made.
+pub fn norm_stats_in_conv_setting() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MCDM_NORM_STATS_IN_CONV").is_ok_and(|v| v == "1"))
+}
+
 impl<T: GpuFloat> Buffer for GpuBuffer<T> {
     fn len(&self) -> usize {
         GpuBuffer::len(self)
@@ -51,6 +59,8 @@ pub struct Cuda<T> {
     vectors: GpuPool<f32>,
     /// Set at the end of alternate sampling steps ([`Backend::step_queued`]).
     marks: Option<[StreamMark; 2]>,
+    /// See [`norm_stats_in_conv_setting`].
+    norm_stats_in_conv: bool,
 }
 
 impl<T: GpuFloat> Cuda<T> {
@@ -60,11 +70,17 @@ impl<T: GpuFloat> Cuda<T> {
             pool: GpuPool::default(),
             vectors: GpuPool::default(),
             marks: None,
+            norm_stats_in_conv: norm_stats_in_conv_setting(),
         }
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.gpu
+    }
+
+    /// Overrides `MCDM_NORM_STATS_IN_CONV` for this backend (tests, benchmarks).
+    pub fn set_norm_stats_in_conv(&mut self, on: bool) {
+        self.norm_stats_in_conv = on;
     }
 }
 
@@ -241,6 +257,73 @@ impl<T: GpuFloat> Backend for Cuda<T> {
         }
         let mut stats = self.take_vector(norm.scratch_len(n, h * w))?;
         let result = norm.forward_pool(&self.gpu, x, [n, h, w], y, &mut stats, silu);
+        self.give_vector(stats);
+        result
+    }
+    fn conv_group_norm(
+        &mut self,
+        conv: &GpuConv2d<T>,
+        x: &GpuBuffer<T>,
+        [n, h, w, c]: [usize; 4],
+        upsampled: bool,
+        y: &mut GpuBuffer<T>,
+        norm: &GpuGroupNorm,
+        normed: &mut GpuBuffer<T>,
+        scale_shift: Option<&GpuBuffer<f32>>,
+        silu: bool,
+    ) -> Result<()> {
+        let (h2, w2) = if upsampled { (2 * h, 2 * w) } else { (h, w) };
+        let input = ConvInput {
+            x,
+            second: None,
+            upsampled,
+        };
+        let plan = (self.norm_stats_in_conv && conv.stride == 1 && (fold_copies() || !upsampled))
+            .then(|| conv.moments_plan(&self.gpu, input, [n, h2, w2], norm.groups()))
+            .flatten();
+        let Some((kernel, chunks)) = plan else {
+            let sizes = ([n, h, w, c], upsampled);
+            return copying::conv_group_norm(
+                self,
+                conv,
+                x,
+                sizes,
+                y,
+                norm,
+                normed,
+                scale_shift,
+                silu,
+            );
+        };
+        let groups = norm.groups();
+        let mut part = self.take_vector(n * chunks * groups * 3)?;
+        let mut stats = self.take_vector(n * groups * 2)?;
+        let result = conv
+            .forward_moments(
+                &self.gpu,
+                kernel,
+                input,
+                [n, h2, w2],
+                y,
+                Residual::None,
+                groups,
+                &mut part,
+            )
+            .and_then(|()| {
+                let moments = (&part, chunks);
+                let sizes = [n, h2 * w2];
+                norm.forward_from_moments(
+                    &self.gpu,
+                    y,
+                    sizes,
+                    moments,
+                    normed,
+                    &mut stats,
+                    scale_shift,
+                    silu,
+                )
+            });
+        self.give_vector(part);
         self.give_vector(stats);
         result
     }

@@ -178,6 +178,26 @@ pub trait Backend: Sized {
         scale_shift: Option<&Self::Vector>,
         silu: bool,
     ) -> Result<()>;
+    /// `conv` (stride 1) of x `[n, h, w, c]`, read nearest-2x upsampled when `upsampled`, into
+    /// y `[n, h', w', cout]` (h' = 2h when upsampled, else h), then `group_norm` of y into
+    /// `normed`: a ResBlock's in-conv and out-norm. This default runs the two; a backend may
+    /// take the norm's statistics from the conv's epilogue instead of a pass over y.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_group_norm(
+        &mut self,
+        conv: &Self::Conv,
+        x: &Self::Tensor,
+        nhwc: [usize; 4],
+        upsampled: bool,
+        y: &mut Self::Tensor,
+        norm: &Self::GroupNorm,
+        normed: &mut Self::Tensor,
+        scale_shift: Option<&Self::Vector>,
+        silu: bool,
+    ) -> Result<()> {
+        let sizes = (nhwc, upsampled);
+        copying::conv_group_norm(self, conv, x, sizes, y, norm, normed, scale_shift, silu)
+    }
     /// Softmax attention per head: qkv `[n, t, 3c]` (all q, then all k, then all v, each
     /// head-major) -> out `[n, t, c]`; `ntch` is `[n, t, c, heads]`.
     fn attend(
@@ -390,8 +410,8 @@ pub trait Backend: Sized {
 }
 
 /// The copies [`Backend::upsample_conv`], [`Backend::concat_conv`] and
-/// [`Backend::concat_group_norm`] let a backend avoid, made: their defaults, and a backend's
-/// fallback where it cannot avoid them.
+/// [`Backend::concat_group_norm`] let a backend avoid, made, and the passes the other fused
+/// operations avoid, run: their defaults, and a backend's fallback where it cannot fuse.
 pub mod copying {
     use super::{Backend, Residual};
     use crate::error::Result;
@@ -443,6 +463,29 @@ pub mod copying {
             .and_then(|()| be.group_norm(norm, &cat, n, hw, y, scale_shift, silu));
         be.give(cat);
         result
+    }
+
+    /// [`Backend::conv_group_norm`] as a conv, then a group norm with its own statistics pass.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv_group_norm<B: Backend>(
+        be: &mut B,
+        conv: &B::Conv,
+        x: &B::Tensor,
+        ([n, h, w, c], upsampled): ([usize; 4], bool),
+        y: &mut B::Tensor,
+        norm: &B::GroupNorm,
+        normed: &mut B::Tensor,
+        scale_shift: Option<&B::Vector>,
+        silu: bool,
+    ) -> Result<()> {
+        let hw = if upsampled {
+            be.upsample_conv(conv, x, [n, h, w, c], y)?;
+            4 * h * w
+        } else {
+            be.conv(conv, x, [n, h, w], y, Residual::None)?;
+            h * w
+        };
+        be.group_norm(norm, y, n, hw, normed, scale_shift, silu)
     }
 
     pub fn group_norm_pool2x<B: Backend>(

@@ -587,11 +587,13 @@ impl<B: Backend> ResBlock<B> {
         let oc = self.out_conv.cout;
         let xhw = x.h * x.w;
         let cin = x.c + extra.map_or(0, |e| e.c);
+        let mut e = be.take_vector(n * self.emb_proj.out_features)?;
+        be.linear(&self.emb_proj.params, emb, n, &mut e, false)?;
         // Up/down applies to both the normalised branch and the skip input: upsampling is read
         // by the convolutions (and the residual add) from the half-size tensors, the normalised
         // branch is pooled as it is normalised, and the skip input is pooled.
-        let mut hidden;
-        let (h, w, pooled) = match self.updown {
+        let up = self.updown == UpDown::Up;
+        let (a, a_nhwc, pooled) = match self.updown {
             UpDown::None | UpDown::Up => {
                 let mut a = be.take(n * xhw * cin)?;
                 match extra {
@@ -602,17 +604,7 @@ impl<B: Backend> ResBlock<B> {
                     }
                     None => be.group_norm(&self.in_norm, x.data, n, xhw, &mut a, None, true)?,
                 }
-                let up = self.updown == UpDown::Up;
-                let (h, w) = if up { (2 * x.h, 2 * x.w) } else { (x.h, x.w) };
-                hidden = be.take(n * h * w * oc)?;
-                let conv = &self.in_conv.params;
-                if up {
-                    be.upsample_conv(conv, &a, [n, x.h, x.w, cin], &mut hidden)?;
-                } else {
-                    be.conv(conv, &a, [n, h, w], &mut hidden, Residual::None)?;
-                }
-                be.give(a);
-                (h, w, None)
+                (a, [n, x.h, x.w, cin], None)
             }
             UpDown::Down => {
                 let (h, w) = (x.h / 2, x.w / 2);
@@ -621,29 +613,34 @@ impl<B: Backend> ResBlock<B> {
                 let nhwc = [n, x.h, x.w, x.c];
                 be.group_norm_pool2x(&self.in_norm, x.data, nhwc, &mut a2, true)?;
                 be.avg_pool2x(x.data, nhwc, &mut x2)?;
-                hidden = be.take(n * h * w * oc)?;
-                let conv = &self.in_conv.params;
-                be.conv(conv, &a2, [n, h, w], &mut hidden, Residual::None)?;
-                be.give(a2);
-                (h, w, Some(x2))
+                (a2, [n, h, w, x.c], Some(x2))
             }
         };
+        let [_, ah, aw, _] = a_nhwc;
+        let (h, w) = if up { (2 * ah, 2 * aw) } else { (ah, aw) };
         let hw = h * w;
-        let mut e = be.take_vector(n * self.emb_proj.out_features)?;
-        be.linear(&self.emb_proj.params, emb, n, &mut e, false)?;
+        let mut hidden = be.take(n * hw * oc)?;
         let mut normed = be.take(n * hw * oc)?;
+        let in_conv = &self.in_conv.params;
         if self.scale_shift {
-            be.group_norm(&self.out_norm, &hidden, n, hw, &mut normed, Some(&e), true)?;
+            let out_norm = &self.out_norm;
+            let (y, ss) = (&mut hidden, Some(&e));
+            be.conv_group_norm(in_conv, &a, a_nhwc, up, y, out_norm, &mut normed, ss, true)?;
         } else {
+            if up {
+                be.upsample_conv(in_conv, &a, a_nhwc, &mut hidden)?;
+            } else {
+                be.conv(in_conv, &a, [n, h, w], &mut hidden, Residual::None)?;
+            }
             be.add_channel_bias(&mut hidden, &e, n, hw, oc)?;
             be.group_norm(&self.out_norm, &hidden, n, hw, &mut normed, None, true)?;
         }
+        be.give(a);
         be.give_vector(e);
         // out = skip(x) + out_conv(normed), the residual added in the conv's epilogue.
         let mut out = hidden;
         let out_conv = &self.out_conv.params;
         let nhw = [n, h, w];
-        let up = self.updown == UpDown::Up;
         match (&self.skip, &pooled, extra) {
             (Some(conv), Some(x2), _) => {
                 be.conv(&conv.params, x2, nhw, &mut out, Residual::None)?

@@ -189,6 +189,43 @@ impl GpuGroupNorm {
         scratch_len(n, hw, self.groups)
     }
 
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+
+    /// [`GpuGroupNorm::forward`] with the statistics merged from moments a conv's epilogue made
+    /// (`GpuConv2d::forward_moments`: `part` `[n, chunks, groups, 3]`) instead of a pass over x.
+    /// `stats` holds `[n, groups, 2]` floats.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_from_moments<T: GpuFloat>(
+        &self,
+        gpu: &Gpu,
+        x: &GpuBuffer<T>,
+        [n, hw]: [usize; 2],
+        (part, chunks): (&GpuBuffer<f32>, usize),
+        y: &mut GpuBuffer<T>,
+        stats: &mut GpuBuffer<f32>,
+        scale_shift: Option<&GpuBuffer<f32>>,
+        silu_after: bool,
+    ) -> Result<()> {
+        let groups = self.groups;
+        check_len(
+            "group norm input",
+            x.len(),
+            elements("group norm", &[n, hw, self.channels])?,
+        )?;
+        check_len(
+            "group norm moments",
+            part.len(),
+            elements("group norm moments", &[n, chunks, groups, 3])?,
+        )?;
+        check_len("group norm statistics", stats.len(), n * groups * 2)?;
+        check_aligned(x.ptr(gpu))?;
+        let stats = stats.ptr(gpu);
+        self.merge(gpu, part.ptr(gpu), stats, n, chunks)?;
+        self.apply(gpu, x, None, n, hw, y, stats, scale_shift, silu_after)
+    }
+
     /// `kernels/group_norm.cu`: statistics (per-chunk moments, merged) then the fused affine
     /// (+ scale-shift, + SiLU). `scratch` holds [`GpuGroupNorm::scratch_len`] floats;
     /// `scale_shift` is `[n, 2c]` f32.
@@ -343,13 +380,12 @@ impl GpuGroupNorm {
         let stats = scratch.ptr(gpu);
         let part = stats + (n * groups * 2 * std::mem::size_of::<f32>()) as u64;
         let i = |v: usize| v as i32;
-        let block = |threads: usize| (threads as u32, 1, 1);
         gpu.launch(
             "group_norm",
             &format!("group_norm_partial{}", T::SUFFIX),
             LaunchConfig {
                 grid_dim: (chunks as u32, n as u32, 1),
-                block_dim: block(k::GN_THREADS),
+                block_dim: (k::GN_THREADS as u32, 1, 1),
                 shared_mem_bytes: 0,
             },
             &GroupNormStatsArgs {
@@ -365,24 +401,31 @@ impl GpuGroupNorm {
                 ..Default::default()
             },
         )?;
+        self.merge(gpu, part, stats, n, chunks)?;
+        Ok(stats)
+    }
+
+    /// The merge launch: the moments at device address `part` (`[n, chunks, groups, 3]`) into
+    /// the statistics at `stats` (`[n, groups, 2]`).
+    fn merge(&self, gpu: &Gpu, part: u64, stats: u64, n: usize, chunks: usize) -> Result<()> {
+        let groups = self.groups;
         gpu.launch(
             "group_norm",
             "group_norm_merge",
             LaunchConfig {
                 grid_dim: (groups as u32, n as u32, 1),
-                block_dim: block(k::GN_MERGE_THREADS),
+                block_dim: (k::GN_MERGE_THREADS as u32, 1, 1),
                 shared_mem_bytes: 0,
             },
             &GroupNormMergeArgs {
                 part,
                 stats,
-                chunks: i(chunks),
+                chunks: chunks as i32,
                 eps: self.eps,
-                groups: i(groups),
+                groups: groups as i32,
                 ..Default::default()
             },
-        )?;
-        Ok(stats)
+        )
     }
 
     /// The statistics, then the apply launch; `second`: the tensor holding the channels past
@@ -400,6 +443,24 @@ impl GpuGroupNorm {
         scale_shift: Option<&GpuBuffer<f32>>,
         silu_after: bool,
     ) -> Result<()> {
+        let stats = self.statistics(gpu, x, second, n, hw, scratch)?;
+        self.apply(gpu, x, second, n, hw, y, stats, scale_shift, silu_after)
+    }
+
+    /// The apply launch with the statistics at device address `stats` (`[n, groups, 2]`).
+    #[allow(clippy::too_many_arguments)]
+    fn apply<T: GpuFloat>(
+        &self,
+        gpu: &Gpu,
+        x: &GpuBuffer<T>,
+        second: Option<(&GpuBuffer<T>, usize)>,
+        n: usize,
+        hw: usize,
+        y: &mut GpuBuffer<T>,
+        stats: u64,
+        scale_shift: Option<&GpuBuffer<f32>>,
+        silu_after: bool,
+    ) -> Result<()> {
         let c = self.channels;
         let len = elements("group norm", &[n, hw, c])?;
         int_product("group norm image", &[hw, c])?;
@@ -412,7 +473,6 @@ impl GpuGroupNorm {
             }
             None => 0,
         };
-        let stats = self.statistics(gpu, x, second, n, hw, scratch)?;
         let (x2, c1) = second.map_or((0, 0), |(b, ca)| (b.ptr(gpu), ca as i32));
         let i = |v: usize| v as i32;
         gpu.launch(
