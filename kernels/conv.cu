@@ -18,13 +18,11 @@
 //            upsampling (the UNet's Upsample before a conv)
 //   res_up   1: residual holds [n, ho/2, wo/2, cout] (ho, wo even), added nearest-2x-upsampled
 //            (an upsampling ResBlock's identity skip); it does not alias y then
-// And the statistics of the group norm that follows (kernels/group_norm.cu), so that it needs no
-// pass of its own over y:
-//   gn_part  NULL, or f32 [n, chunks = ho*wo / BM, gn_groups, 3]: the (count, mean, M2) of each
-//            group of gn_groups over the BM output pixels of each row tile, as group_norm_partial
-//            writes them for group_norm_merge (see conv_group_moments). The launcher passes it
-//            only when (ho*wo) % BM == 0 (a row tile lies in one image), cout % gn_groups == 0
-//            and BN % (cout / gn_groups) == 0 (a column tile holds whole groups).
+// And what a group norm of y needs, so that it makes no statistics pass of its own over y
+// (group_norm_merge_channels in kernels/group_norm.cu merges these into its groups):
+//   moments  NULL, or f32 [n, chunks = ho*wo / BM, cout, 3]: the (count, mean, M2) of each
+//            channel over the BM output pixels of each row tile (see conv_channel_moments). The
+//            launcher passes it only when (ho*wo) % BM == 0 (a row tile lies in one image).
 //
 // GEMM view: M = n*ho*wo output pixels (row m = (b*ho + oy)*wo + ox, i.e. y's row order),
 // N = cout, K = ksize*ksize*cin with k = (ky*ksize + kx)*cin + ci, which is exactly the order of
@@ -53,7 +51,7 @@
     F(const float* __restrict__, bias) F(const void*, residual) F(void*, y) F(int, n) F(int, h)     \
     F(int, w) F(int, cin) F(int, cout) F(int, ksize) F(int, stride) F(int, ho) F(int, wo)            \
     F(const void* __restrict__, x2) F(int, cin1) F(int, up) F(int, res_up)                         \
-    F(float* __restrict__, gn_part) F(int, gn_groups)
+    F(float* __restrict__, moments)
 MCDM_ARGS(ConvArgs)
 
 #define CONV_BM 64        // tile rows (output pixels)
@@ -190,21 +188,20 @@ MCDM_DEV void conv_store(const ConvShape& s, const float* __restrict__ bias, con
     y[idx] = from_float<T>(v);
 }
 
-// The group-norm moments of the tile y[m0 .. m0+BM-1][n0 .. n0+BN-1] this block has just stored,
-// into gn_part (see the header; the launcher's conditions hold). The block reads its own tile
-// back (visible after the barrier; it was just written, so it comes from cache, not DRAM):
+// The per-channel moments of the tile y[m0 .. m0+BM-1][n0 .. n0+BN-1] this block has just
+// stored, into `moments` (see the header; the launcher's condition holds). The block reads its own
+// tile back (visible after the barrier; it was just written, so it comes from cache, not DRAM):
 // thread t sums column n0 + t % BN over rows t / BN, + THREADS / BN, ... (a warp reads whole
 // rows), deviations from the first value it reads as group_norm_partial does (no cancellation
-// when |mean| >> std); then thread j < BN / cg merges the moments of group n0 / cg + j.
+// when |mean| >> std); then thread j < BN merges the THREADS / BN sums of column n0 + j.
 // slot: THREADS Moments of shared memory the block no longer uses.
 template <typename T, int BM, int BN, int THREADS>
-MCDM_DEV void conv_group_moments(const ConvShape& s, const T* y, int m0, int n0, float* __restrict__ part,
-                                 int groups, Moments* slot) {
+MCDM_DEV void conv_channel_moments(const ConvShape& s, const T* y, int m0, int n0, float* __restrict__ moments,
+                                   Moments* slot) {
     constexpr int R = THREADS / BN;  // rows summed in parallel
     static_assert(THREADS % BN == 0, "a whole number of threads per column");
     __syncthreads();  // the tile's stores are made, and every warp is done with the shared tiles
     const int t = threadIdx.x, row0 = t / BN, col = n0 + t % BN;
-    Moments m{0.0f, 0.0f, 0.0f};
     if (col < s.cout) {
         const T* at = y + (long long)(m0 + row0) * s.cout + col;
         const long long step = (long long)R * s.cout;
@@ -217,17 +214,14 @@ MCDM_DEV void conv_group_moments(const ConvShape& s, const T* y, int m0, int n0,
             s2 += d * d;
         }
         const float cnt = (float)(BM / R);
-        m = Moments{cnt, shift + s1 / cnt, fmaxf(s2 - s1 * (s1 / cnt), 0.0f)};
+        slot[t] = Moments{cnt, shift + s1 / cnt, fmaxf(s2 - s1 * (s1 / cnt), 0.0f)};
     }
-    slot[t] = m;
     __syncthreads();
-    const int cg = s.cout / groups, g = n0 / cg + t;
-    if (t < BN / cg && g < groups) {
-        Moments r{0.0f, 0.0f, 0.0f};
-        for (int lane = 0; lane < R; ++lane)
-            for (int j = 0; j < cg; ++j) r = merge_moments(r, slot[lane * BN + t * cg + j]);
+    if (t < BN && col < s.cout) {
+        Moments r = slot[t];
+        for (int lane = 1; lane < R; ++lane) r = merge_moments(r, slot[lane * BN + t]);
         const int chunks = s.hwo / BM, b = m0 / s.hwo, chunk = (m0 - b * s.hwo) / BM;
-        float* out = part + (((long long)b * chunks + chunk) * groups + g) * 3;
+        float* out = moments + (((long long)b * chunks + chunk) * s.cout + col) * 3;
         out[0] = r.n;
         out[1] = r.mean;
         out[2] = r.m2;
@@ -252,7 +246,7 @@ MCDM_DEV void conv_group_moments(const ConvShape& s, const T* y, int m0, int n0,
 // 3- or 6-channel input conv) every element is loaded on its own.
 template <typename T>
 MCDM_DEV void conv2d_mma(const T* x_, const T* x2_, const T* w_, const float* __restrict__ bias, const T* residual,
-                         T* y, const ConvShape s, float* __restrict__ gn_part, int gn_groups) {
+                         T* y, const ConvShape s, float* __restrict__ moments) {
     __shared__ __align__(16) unsigned short As[2][CONV_BM][CONV_SK];
     __shared__ __align__(16) unsigned short Bs[2][CONV_BN][CONV_SK];
     const unsigned short* __restrict__ x = reinterpret_cast<const unsigned short*>(x_);
@@ -364,9 +358,9 @@ MCDM_DEV void conv2d_mma(const T* x_, const T* x2_, const T* w_, const float* __
                 const int col = n0 + wn * 32 + nt * 8 + 2 * q + (e & 1);
                 conv_store<T>(s, bias, residual, y, row, col, acc[mt][nt][e]);
             }
-    if (gn_part != nullptr)
-        conv_group_moments<T, CONV_BM, CONV_BN, CONV_THREADS>(s, y, m0, n0, gn_part, gn_groups,
-                                                             reinterpret_cast<Moments*>(&As[0][0][0]));
+    if (moments != nullptr)
+        conv_channel_moments<T, CONV_BM, CONV_BN, CONV_THREADS>(s, y, m0, n0, moments,
+                                                               reinterpret_cast<Moments*>(&As[0][0][0]));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -445,8 +439,7 @@ MCDM_DEV void conv_store2(const ConvShape& s, const float* __restrict__ bias, co
 
 template <typename T, int BM, int BN, int WN>
 MCDM_DEV void conv2d_mma_big(const T* x_, const T* x2_, const T* w_, const float* __restrict__ bias,
-                             const T* residual, T* y, const ConvShape s, float* __restrict__ gn_part,
-                             int gn_groups) {
+                             const T* residual, T* y, const ConvShape s, float* __restrict__ moments) {
     constexpr int BK = CONVB_BK, S = CONVB_STAGES;
     constexpr int WARPS_M = BM / 64, NT = WN / 8;  // warps along m; n8 tiles of a warp
     constexpr int THREADS = WARPS_M * (BN / WN) * 32;
@@ -565,9 +558,8 @@ MCDM_DEV void conv2d_mma_big(const T* x_, const T* x2_, const T* w_, const float
                 conv_store2<T>(s, bias, residual, y, row, col, acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1],
                                pair);
             }
-    if (gn_part != nullptr)
-        conv_group_moments<T, BM, BN, THREADS>(s, y, m0, n0, gn_part, gn_groups,
-                                               reinterpret_cast<Moments*>(conv_dyn_smem));
+    if (moments != nullptr)
+        conv_channel_moments<T, BM, BN, THREADS>(s, y, m0, n0, moments, reinterpret_cast<Moments*>(conv_dyn_smem));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -578,7 +570,7 @@ MCDM_DEV void conv2d_mma_big(const T* x_, const T* x2_, const T* w_, const float
 // consecutive channels).
 MCDM_DEV void conv2d_simt(const float* __restrict__ x, const float* __restrict__ x2, const float* __restrict__ w,
                           const float* __restrict__ bias, const float* residual, float* y, const ConvShape s,
-                          float* __restrict__ gn_part, int gn_groups) {
+                          float* __restrict__ moments) {
     __shared__ __align__(16) float As[CONVF_BK][CONVF_SM];
     __shared__ __align__(16) float Bs[CONVF_BK][CONVF_SM];
     const int tid = threadIdx.x;
@@ -620,9 +612,9 @@ MCDM_DEV void conv2d_simt(const float* __restrict__ x, const float* __restrict__
 #pragma unroll
         for (int j = 0; j < 4; ++j)
             conv_store<float>(s, bias, residual, y, m0 + 8 * tr + i, n0 + 4 * tc + j, acc[i][j]);
-    if (gn_part != nullptr)
-        conv_group_moments<float, CONV_BM, CONV_BN, CONV_THREADS>(s, y, m0, n0, gn_part, gn_groups,
-                                                                 reinterpret_cast<Moments*>(&As[0][0]));
+    if (moments != nullptr)
+        conv_channel_moments<float, CONV_BM, CONV_BN, CONV_THREADS>(s, y, m0, n0, moments,
+                                                                   reinterpret_cast<Moments*>(&As[0][0]));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -631,13 +623,13 @@ MCDM_DEV void conv2d_simt(const float* __restrict__ x, const float* __restrict__
 
 extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv2d_f32(MCDM_PARAMS(ConvArgs)) {
     conv2d_simt((const float*)x, (const float*)x2, (const float*)weight, bias, (const float*)residual, (float*)y,
-                CONV_SHAPE, gn_part, gn_groups);
+                CONV_SHAPE, moments);
 }
 
 #define CONV_SMALL_ENTRY(NAME, T)                                                                   \
     extern "C" __global__ void __launch_bounds__(CONV_THREADS) NAME(MCDM_PARAMS(ConvArgs)) {        \
         conv2d_mma<T>((const T*)x, (const T*)x2, (const T*)weight, bias, (const T*)residual, (T*)y,   \
-                      CONV_SHAPE, gn_part, gn_groups);                                              \
+                      CONV_SHAPE, moments);                                              \
     }
 CONV_SMALL_ENTRY(conv2d_f16, __half)
 CONV_SMALL_ENTRY(conv2d_bf16, __nv_bfloat16)
@@ -647,8 +639,7 @@ CONV_SMALL_ENTRY(conv2d_bf16, __nv_bfloat16)
     extern "C" __global__ void __launch_bounds__(V##_THREADS, V##_MIN_BLOCKS)                       \
         NAME(MCDM_PARAMS(ConvArgs)) {                                                               \
         conv2d_mma_big<T, V##_BM, V##_BN, V##_WN>((const T*)x, (const T*)x2, (const T*)weight, bias, \
-                                                  (const T*)residual, (T*)y, CONV_SHAPE, gn_part,   \
-                                                  gn_groups);                                       \
+                                                  (const T*)residual, (T*)y, CONV_SHAPE, moments);  \
     }
 CONV_BIG_ENTRY(conv2d_m128n128_f16, __half, CONV_M128N128)
 CONV_BIG_ENTRY(conv2d_m128n128_bf16, __nv_bfloat16, CONV_M128N128)

@@ -17,6 +17,11 @@ MCDM_ARGS(GroupNormStatsArgs)
     F(const float* __restrict__, part) F(float* __restrict__, stats) F(int, chunks) F(float, eps)   \
     F(int, groups)
 MCDM_ARGS(GroupNormMergeArgs)
+#define GroupNormMergeChannelsArgs_FIELDS(F)                                                        \
+    F(const float* __restrict__, part) F(int, chunks) F(int, c1) F(const float* __restrict__, part2) \
+    F(int, chunks2) F(int, c) F(float* __restrict__, stats) F(float, eps) F(int, groups)             \
+    F(int, group_channels)
+MCDM_ARGS(GroupNormMergeChannelsArgs)
 #define GroupNormApplyArgs_FIELDS(F)                                                                \
     F(const void*, x) F(const float* __restrict__, stats) F(const float* __restrict__, gamma)       \
     F(const float* __restrict__, beta) F(const float* __restrict__, scale_shift) F(void*, y)        \
@@ -120,6 +125,45 @@ MCDM_DEV void group_norm_merge_chunks(const float* __restrict__ part, float* __r
     Moments m{0.0f, 0.0f, 0.0f};
     for (int k = t; k < chunks; k += GN_MERGE_THREADS) {
         const float* p = part + (((long long)b * chunks + k) * groups + g) * 3;
+        m = merge_moments(m, Moments{p[0], p[1], p[2]});
+    }
+    tree[t] = m;
+    __syncthreads();
+    for (int half = GN_MERGE_THREADS / 2; half > 0; half >>= 1) {
+        if (t < half) tree[t] = merge_moments(tree[t], tree[t + half]);
+        __syncthreads();
+    }
+    if (t == 0) {
+        const Moments r = tree[0];
+        stats[((long long)b * groups + g) * 2 + 0] = r.mean;
+        stats[((long long)b * groups + g) * 2 + 1] = 1.0f / sqrtf(r.m2 / r.n + eps);
+    }
+}
+
+// group_norm_merge_channels: the statistics (as group_norm_merge's) from per-channel moments
+//   that the convs producing x made in their epilogues (kernels/conv.cu's `moments`): part f32
+//   [n, chunks, c1, 3] for channels 0 .. c1-1, and, when x is a concatenation, part2 f32
+//   [n, chunks2, c - c1, 3] for the others (part2 NULL: c1 == c). Group g of image b merges the
+//   (chunk, channel) items of its channels, those of part first, in a fixed order.
+//   Launch: grid (groups, n), block 128.
+MCDM_DEV void group_norm_merge_channel_moments(const float* __restrict__ part, int chunks, int c1,
+                                               const float* __restrict__ part2, int chunks2, int c,
+                                               float* __restrict__ stats, float eps, int groups, int cg) {
+    __shared__ Moments tree[GN_MERGE_THREADS];
+    const int g = blockIdx.x, b = blockIdx.y, t = threadIdx.x;
+    // The group's channels [lo, hi): [lo, mid) from part, [mid, hi) from part2.
+    const int lo = g * cg, hi = lo + cg, mid = max(lo, min(hi, c1));
+    const int na = mid - lo, nb = hi - mid, items_a = chunks * na, items = items_a + chunks2 * nb;
+    Moments m{0.0f, 0.0f, 0.0f};
+    for (int k = t; k < items; k += GN_MERGE_THREADS) {
+        const float* p;
+        if (k < items_a) {
+            const int chunk = k / na, ch = lo + (k - chunk * na);
+            p = part + (((long long)b * chunks + chunk) * c1 + ch) * 3;
+        } else {
+            const int k2 = k - items_a, chunk = k2 / nb, ch = mid + (k2 - chunk * nb);
+            p = part2 + (((long long)b * chunks2 + chunk) * (c - c1) + (ch - c1)) * 3;
+        }
         m = merge_moments(m, Moments{p[0], p[1], p[2]});
     }
     tree[t] = m;
@@ -282,6 +326,11 @@ MCDM_DEV void group_norm_apply_pool(const T* __restrict__ x, const float* __rest
 
 extern "C" __global__ void __launch_bounds__(GN_MERGE_THREADS) group_norm_merge(MCDM_PARAMS(GroupNormMergeArgs)) {
     group_norm_merge_chunks(part, stats, chunks, eps, groups);
+}
+
+extern "C" __global__ void __launch_bounds__(GN_MERGE_THREADS)
+    group_norm_merge_channels(MCDM_PARAMS(GroupNormMergeChannelsArgs)) {
+    group_norm_merge_channel_moments(part, chunks, c1, part2, chunks2, c, stats, eps, groups, group_channels);
 }
 
 MCDM_GROUP_NORM(f32, float)

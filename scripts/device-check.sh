@@ -197,7 +197,7 @@ if step "mcdm bf16 imagenet64-adm b64 copies" 90 bench-mcdm-copies.log env MCDM_
     --iters 3 --output "$LOG/mcdm-imagenet64-adm-copies.json"; then
     record "mcdm bf16 imagenet64-adm b64 copies" "$(tail -1 "$LOG/bench-mcdm-copies.log")"
 elif [ $? -ne 125 ]; then record "mcdm bf16 imagenet64-adm b64 copies" "FAILED or stopped"; fi
-# What the out-norm statistics made by each ResBlock's in-conv epilogue save (off by default until
+# What group norms taking their statistics from the convs' epilogues save (off by default until
 # this run shows a gain): the ADM run again with MCDM_NORM_STATS_IN_CONV=1.
 if step "mcdm bf16 imagenet64-adm b64 norm stats in conv" 90 bench-mcdm-norm-stats.log env MCDM_NORM_STATS_IN_CONV=1 \
     "$BIN" bench --device cuda --dtype bf16 --config tools/configs/imagenet64-adm.json --compose 3 --steps 10 \

@@ -707,6 +707,43 @@ fn bench_profile_on_the_fake_gpu() {
     assert_eq!(conv_launches, 33, "conv launches:\n{stdout}");
     let total: f64 = kernels.iter().map(|k| k["ms"].as_f64().unwrap()).sum();
     assert!(total > 0.0, "no kernel time:\n{stdout}");
+    // With MCDM_NORM_STATS_IN_CONV=1 every group norm of this UNet reads a conv's output (or a
+    // concatenation of two), so each takes its statistics from the convs' moments: no
+    // statistics pass at all, and one channel-moment merge per norm.
+    let launches = |json: &serde_json::Value, kernel: &str| -> u64 {
+        json["results"][0]["profile"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|k| k["kernel"].as_str().is_some_and(|n| n.starts_with(kernel)))
+            .map(|k| k["launches"].as_u64().unwrap())
+            .sum()
+    };
+    let norms = launches(&json, "group_norm_merge");
+    assert_eq!(launches(&json, "group_norm_partial"), norms, "{stdout}");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcdm"));
+    let run = common::output(
+        driver
+            .apply(&mut cmd)
+            .env("MCDM_NORM_STATS_IN_CONV", "1")
+            .args([
+                "bench", "--device", "cuda", "--dtype", "bf16", "--batch", "2",
+            ])
+            .args(["--iters", "1", "--profile", "--config"])
+            .arg(&config)
+            .arg("--output")
+            .arg(&record),
+    );
+    let stdout = output_text(&run);
+    assert!(run.status.success(), "{stdout}");
+    let fused: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    assert_eq!(launches(&fused, "group_norm_partial"), 0, "{stdout}");
+    assert_eq!(
+        launches(&fused, "group_norm_merge_channels"),
+        norms,
+        "{stdout}"
+    );
     // A profile is of one forward pass, not of composed sampling (small enough to end quickly
     // should the check fail: `--kernels` is not tried, its full-size kernels take minutes here).
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcdm"));

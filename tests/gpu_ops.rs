@@ -13,7 +13,7 @@ use mcdm::backend::{Cpu, Cuda};
 use mcdm::cuda::{Gpu, GpuBuffer, GpuFloat};
 use mcdm::ops::attention::{attend, attend_gpu};
 use mcdm::ops::conv::{Conv2d, ConvInput, ConvKernel, Residual};
-use mcdm::ops::group_norm::GroupNorm;
+use mcdm::ops::group_norm::{GpuMoments, GroupNorm};
 use mcdm::ops::layout::{
     nchw_to_nhwc, nchw_to_nhwc_gpu, pack_input, pack_input_gpu, unpack_output, unpack_output_gpu,
 };
@@ -120,39 +120,41 @@ fn conv_matches_cpu() {
     });
 }
 
-/// A conv whose epilogue makes the moments of the group norm after it
-/// (`GpuConv2d::forward_moments`), merged and applied by `GpuGroupNorm::forward_from_moments`,
-/// through every kernel that can make them: the conv against the CPU conv, the norm against the
-/// CPU norm of the GPU's conv output (so the moments alone decide it).
+/// A conv whose epilogue makes its output channels' moments (`GpuConv2d::forward_moments`),
+/// from which `GpuGroupNorm::forward_from_moments` takes a norm's statistics, through every
+/// kernel that can make them: the conv against the CPU conv, the norm against the CPU norm of
+/// the GPU's conv output (so the moments alone decide it); then a norm over the concatenation
+/// of two such outputs (the decoder's skip), a group across the two.
 fn conv_moments_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
     let mut out = Vec::new();
-    // (n, h, w, cin, cout, k, groups, upsampled input, residual): 16x16 images take every row
-    // tile (64, 128, 256 pixels); 8x8 ones the 64-row tiles only; groups of 2, 4, 16 and 64
-    // channels, the last two across whole column tiles.
-    let shapes = [
-        (2, 16, 16, 32, 64, 3, 32, false, false),
-        (1, 32, 32, 64, 128, 3, 32, false, true),
-        (3, 8, 8, 64, 128, 1, 8, false, false),
-        (1, 16, 16, 48, 256, 3, 4, false, true),
-        (2, 16, 16, 32, 64, 3, 32, true, false),
-    ];
-    for (i, &(n, h, w, cin, cout, k, groups, up, with_residual)) in shapes.iter().enumerate() {
-        let salt = 300 + 10 * i as u32;
+    let make_conv = |cin: usize, cout: usize, k: usize, salt: u32| {
         let weight: Vec<f32> = values(cout * cin * k * k, salt)
             .iter()
             .map(|v| v / (cin * k * k) as f32)
             .collect();
-        let conv = Conv2d::from_torch(&rounded::<T>(&weight), values(cout, salt + 1), k, 1);
-        let gn = GroupNorm {
-            channels: cout,
-            groups,
-            weight: values(cout, salt + 2)
-                .iter()
-                .map(|v| 1.0 + 0.2 * v)
-                .collect(),
-            bias: values(cout, salt + 3),
-            eps: mcdm::ops::group_norm::EPS,
-        };
+        Conv2d::from_torch(&rounded::<T>(&weight), values(cout, salt + 1), k, 1)
+    };
+    let make_norm = |c: usize, groups: usize, salt: u32| GroupNorm {
+        channels: c,
+        groups,
+        weight: values(c, salt).iter().map(|v| 1.0 + 0.2 * v).collect(),
+        bias: values(c, salt + 1),
+        eps: mcdm::ops::group_norm::EPS,
+    };
+    // (n, h, w, cin, cout, k, groups, upsampled input, residual): 16x16 images take every row
+    // tile (64, 128, 256 pixels), 8x8 ones the 64-row tiles only; cout 72 leaves the last
+    // column tile partly outside.
+    let shapes = [
+        (2, 16, 16, 32, 64, 3, 32, false, false),
+        (1, 32, 32, 64, 128, 3, 32, false, true),
+        (3, 8, 8, 64, 128, 1, 8, false, false),
+        (1, 16, 16, 48, 72, 3, 4, false, true),
+        (2, 16, 16, 32, 64, 3, 32, true, false),
+    ];
+    for (i, &(n, h, w, cin, cout, k, groups, up, with_residual)) in shapes.iter().enumerate() {
+        let salt = 300 + 10 * i as u32;
+        let conv = make_conv(cin, cout, k, salt);
+        let gn = make_norm(cout, groups, salt + 2);
         let (sh, sw) = if up { (h / 2, w / 2) } else { (h, w) };
         let x = rounded::<T>(&values(n * sh * sw * cin, salt + 4));
         let residual = rounded::<T>(&values(n * h * w * cout, salt + 5));
@@ -181,7 +183,7 @@ fn conv_moments_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
         };
         let mut ran = 0;
         for kern in ConvKernel::ALL {
-            let Some(chunks) = dev.moment_chunks(kern, h, w, groups) else {
+            let Some(chunks) = dev.moment_chunks(kern, h, w) else {
                 continue;
             };
             if !dev.supports(g, kern, input) {
@@ -190,23 +192,26 @@ fn conv_moments_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
             ran += 1;
             let mut yd = g.upload::<T>(&vec![f32::NAN; want.len()]).unwrap();
             let mut part = g
-                .upload::<f32>(&vec![f32::NAN; n * chunks * groups * 3])
+                .upload::<f32>(&vec![f32::NAN; n * chunks * cout * 3])
                 .unwrap();
             let res = if with_residual {
                 Residual::Buffer(&rd)
             } else {
                 Residual::None
             };
-            dev.forward_moments(g, kern, input, [n, h, w], &mut yd, res, groups, &mut part)
+            dev.forward_moments(g, kern, input, [n, h, w], &mut yd, res, &mut part)
                 .unwrap();
             let mut normed = g.upload::<T>(&vec![f32::NAN; want.len()]).unwrap();
             let mut stats = g.upload::<f32>(&vec![f32::NAN; n * groups * 2]).unwrap();
-            let moments = (&part, chunks);
+            let moments = GpuMoments {
+                part: &part,
+                chunks,
+            };
             norm.forward_from_moments(
                 g,
-                &yd,
+                (&yd, moments),
+                None,
                 [n, h * w],
-                moments,
                 &mut normed,
                 &mut stats,
                 Some(&ssd),
@@ -226,7 +231,7 @@ fn conv_moments_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
                 tolerance::<T>(5e-7),
             ));
             let got = g.download(&normed).unwrap();
-            // f32 measured at most 1.2e-7, as the norm with its own statistics pass.
+            // f32 measured at most 5.9e-7.
             out.push((
                 format!("{name}: norm"),
                 gpu_err(&got, &normed_want),
@@ -235,6 +240,67 @@ fn conv_moments_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
         }
         assert!(ran > 0, "conv moments case {i}: no kernel makes them");
     }
+    // The norm of cat([a, b]), a and b two convs' outputs with their moments from different
+    // kernels: 40 + 56 channels in 32 groups of 3 (group 13 across the two).
+    let (n, h, w, cin, ca, cb, groups) = (2, 16, 16, 32, 40, 56, 32);
+    let gn = make_norm(ca + cb, groups, 400);
+    let norm = gn.upload(g).unwrap();
+    let x = g
+        .upload::<T>(&rounded::<T>(&values(n * h * w * cin, 402)))
+        .unwrap();
+    let kernels = [ConvKernel::Tile64, ConvKernel::Tile128];
+    let mut ys = Vec::new();
+    let mut moments = Vec::new();
+    for (j, (cout, kern)) in [ca, cb].into_iter().zip(kernels).enumerate() {
+        let dev = make_conv(cin, cout, 3, 410 + j as u32)
+            .upload::<T>(g)
+            .unwrap();
+        // f32 has the 64x64 tiles only.
+        let kern = if dev.supports(g, kern, &x) {
+            kern
+        } else {
+            ConvKernel::Tile64
+        };
+        let chunks = dev.moment_chunks(kern, h, w).unwrap();
+        let mut yd = g.upload::<T>(&vec![f32::NAN; n * h * w * cout]).unwrap();
+        let mut part = g
+            .upload::<f32>(&vec![f32::NAN; n * chunks * cout * 3])
+            .unwrap();
+        dev.forward_moments(g, kern, &x, [n, h, w], &mut yd, Residual::None, &mut part)
+            .unwrap();
+        ys.push(yd);
+        moments.push((part, chunks));
+    }
+    let mut normed = g
+        .upload::<T>(&vec![f32::NAN; n * h * w * (ca + cb)])
+        .unwrap();
+    let mut stats = g.upload::<f32>(&vec![f32::NAN; n * groups * 2]).unwrap();
+    let m = |k: usize| GpuMoments {
+        part: &moments[k].0,
+        chunks: moments[k].1,
+    };
+    let second = Some((&ys[1], ca, m(1)));
+    norm.forward_from_moments(
+        g,
+        (&ys[0], m(0)),
+        second,
+        [n, h * w],
+        &mut normed,
+        &mut stats,
+        None,
+        true,
+    )
+    .unwrap();
+    let (a, b) = (g.download(&ys[0]).unwrap(), g.download(&ys[1]).unwrap());
+    let mut cat = vec![0.0; normed.len()];
+    concat_channels(&a, &b, n, h * w, ca, cb, &mut cat);
+    let mut want = vec![0.0; cat.len()];
+    gn.forward(&cat, n, h * w, &mut want, None, true);
+    out.push((
+        format!("norm of cat({ca} + {cb}) from two convs' moments, groups {groups}"),
+        gpu_err(&g.download(&normed).unwrap(), &want),
+        tolerance::<T>(1e-6),
+    ));
     out
 }
 
@@ -747,8 +813,14 @@ fn forward_cases<T: GpuFloat>(g: &Arc<Gpu>) -> Vec<(String, f64, f64)> {
             "_f16" => 1e-2,
             _ => 3e-2,
         };
-        // Also with the ResBlocks' out-norm statistics made by their in-conv's epilogue.
-        for norm_stats_in_conv in [false, true] {
+        // In bf16 (the GPU default) also with every norm's statistics from the moments of the
+        // convs that made its input.
+        let fused: &[bool] = if T::SUFFIX == "_bf16" {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for &norm_stats_in_conv in fused {
             let mut cuda = Cuda::<T>::new(g.clone());
             cuda.set_norm_stats_in_conv(norm_stats_in_conv);
             let dev = unet.to_backend(&mut cuda).unwrap();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 
-use super::{copying, Backend, Buffer, Residual};
+use super::{copying, Backend, Buffer, Moments, Residual};
 use crate::cuda::buffer::GpuPool;
 use crate::cuda::{Gpu, GpuBuffer, GpuFloat, GpuGraph, StreamMark};
 use crate::diffusion::StepParams;
@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::ops::attention::attend_gpu;
 use crate::ops::conv::{Conv2d, ConvInput, GpuConv2d};
 use crate::ops::embedding::{timestep_embedding_gpu, TimeFeatures};
-use crate::ops::group_norm::{GpuGroupNorm, GroupNorm};
+use crate::ops::group_norm::{GpuGroupNorm, GpuMoments, GroupNorm};
 use crate::ops::layer_norm::{gelu_gpu, GpuLayerNorm, LayerNorm};
 use crate::ops::layout::{nchw_to_nhwc_gpu, nhwc_to_nchw_gpu, pack_input_gpu, unpack_output_gpu};
 use crate::ops::linear::{add_rows_gpu, silu_gpu, GpuLinear, Linear};
@@ -31,12 +31,20 @@ pub fn fold_copies() -> bool {
     *FOLD.get_or_init(|| std::env::var("MCDM_FOLD_COPIES").map_or(true, |v| v != "0"))
 }
 
-/// `MCDM_NORM_STATS_IN_CONV=1` has a ResBlock's in-conv make the statistics of the group norm
-/// after it in its epilogue ([`Backend::conv_group_norm`]), instead of a statistics pass over
-/// its output; off by default until a GPU run has timed it. Read once, when a backend is made.
+/// `MCDM_NORM_STATS_IN_CONV=1` has the convs whose output a group norm reads make its channels'
+/// moments in their epilogues ([`Backend::conv_moments`]), so that the norm makes no statistics
+/// pass over it; off by default until a GPU run has timed it. Read once, when a backend is made.
 pub fn norm_stats_in_conv_setting() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("MCDM_NORM_STATS_IN_CONV").is_ok_and(|v| v == "1"))
+}
+
+/// The device view of moments the backend made.
+fn gpu_moments(m: &Moments<GpuBuffer<f32>>) -> GpuMoments<'_> {
+    GpuMoments {
+        part: &m.part,
+        chunks: m.chunks,
+    }
 }
 
 impl<T: GpuFloat> Buffer for GpuBuffer<T> {
@@ -260,70 +268,106 @@ impl<T: GpuFloat> Backend for Cuda<T> {
         self.give_vector(stats);
         result
     }
-    fn conv_group_norm(
+    fn conv_moments(
         &mut self,
         conv: &GpuConv2d<T>,
         x: &GpuBuffer<T>,
         [n, h, w, c]: [usize; 4],
         upsampled: bool,
         y: &mut GpuBuffer<T>,
-        norm: &GpuGroupNorm,
-        normed: &mut GpuBuffer<T>,
-        scale_shift: Option<&GpuBuffer<f32>>,
-        silu: bool,
-    ) -> Result<()> {
+        residual: Residual<'_, GpuBuffer<T>>,
+    ) -> Result<Option<Moments<GpuBuffer<f32>>>> {
         let (h2, w2) = if upsampled { (2 * h, 2 * w) } else { (h, w) };
         let input = ConvInput {
             x,
             second: None,
             upsampled,
         };
-        let plan = (self.norm_stats_in_conv && conv.stride == 1 && (fold_copies() || !upsampled))
-            .then(|| conv.moments_plan(&self.gpu, input, [n, h2, w2], norm.groups()))
+        // Not where the conv would copy first (an upsampled input or residual unfolded).
+        let folded = fold_copies() || !(upsampled || matches!(residual, Residual::Upsampled(_)));
+        let plan = (self.norm_stats_in_conv && folded)
+            .then(|| conv.moments_plan(&self.gpu, input, [n, h2, w2]))
             .flatten();
         let Some((kernel, chunks)) = plan else {
-            let sizes = ([n, h, w, c], upsampled);
-            return copying::conv_group_norm(
+            return copying::conv_without_moments(
                 self,
                 conv,
                 x,
-                sizes,
+                [n, h, w, c],
+                upsampled,
                 y,
-                norm,
-                normed,
-                scale_shift,
-                silu,
+                residual,
             );
         };
-        let groups = norm.groups();
-        let mut part = self.take_vector(n * chunks * groups * 3)?;
-        let mut stats = self.take_vector(n * groups * 2)?;
-        let result = conv
-            .forward_moments(
-                &self.gpu,
-                kernel,
-                input,
-                [n, h2, w2],
-                y,
-                Residual::None,
-                groups,
-                &mut part,
-            )
-            .and_then(|()| {
-                let moments = (&part, chunks);
-                let sizes = [n, h2 * w2];
-                norm.forward_from_moments(
-                    &self.gpu,
-                    y,
-                    sizes,
-                    moments,
-                    normed,
-                    &mut stats,
-                    scale_shift,
-                    silu,
-                )
-            });
-        self.give_vector(part);
+        let mut part = self.take_vector(n * chunks * conv.cout * 3)?;
+        match conv.forward_moments(
+            &self.gpu,
+            kernel,
+            input,
+            [n, h2, w2],
+            y,
+            residual,
+            &mut part,
+        ) {
+            Ok(()) => Ok(Some(Moments { part, chunks })),
+            Err(e) => {
+                self.give_vector(part);
+                Err(e)
+            }
+        }
+    }
+    fn group_norm_from(
+        &mut self,
+        norm: &GpuGroupNorm,
+        (x, moments): (&GpuBuffer<T>, &Moments<GpuBuffer<f32>>),
+        n: usize,
+        hw: usize,
+        y: &mut GpuBuffer<T>,
+        scale_shift: Option<&GpuBuffer<f32>>,
+        silu: bool,
+    ) -> Result<()> {
+        let mut stats = self.take_vector(n * norm.groups() * 2)?;
+        let m = gpu_moments(moments);
+        let result = norm.forward_from_moments(
+            &self.gpu,
+            (x, m),
+            None,
+            [n, hw],
+            y,
+            &mut stats,
+            scale_shift,
+            silu,
+        );
+        self.give_vector(stats);
+        result
+    }
+    fn concat_group_norm_from(
+        &mut self,
+        norm: &GpuGroupNorm,
+        [a, b]: [&GpuBuffer<T>; 2],
+        [ma, mb]: [&Moments<GpuBuffer<f32>>; 2],
+        [n, hw, ca, cb]: [usize; 4],
+        y: &mut GpuBuffer<T>,
+        scale_shift: Option<&GpuBuffer<f32>>,
+        silu: bool,
+    ) -> Result<()> {
+        if !fold_copies() || !norm.takes_concat(&self.gpu, b, ca) {
+            let sizes = [n, hw, ca, cb];
+            return copying::concat_group_norm(self, norm, [a, b], sizes, y, scale_shift, silu);
+        }
+        let mut stats = self.take_vector(n * norm.groups() * 2)?;
+        let first = (a, gpu_moments(ma));
+        let second = Some((b, ca, gpu_moments(mb)));
+        let result = norm.forward_from_moments(
+            &self.gpu,
+            first,
+            second,
+            [n, hw],
+            y,
+            &mut stats,
+            scale_shift,
+            silu,
+        );
         self.give_vector(stats);
         result
     }

@@ -68,6 +68,14 @@ pub struct PassSizes {
     pub image: [usize; 2],
 }
 
+/// The per-channel moments of a tensor `[n, hw, c]`, made by the conv that wrote it
+/// ([`Backend::conv_moments`]): `part` f32 `[n, chunks, c, 3]`, the count, mean and sum of
+/// squared deviations of each channel over each of `chunks` runs of `hw / chunks` pixels.
+pub struct Moments<V> {
+    pub part: V,
+    pub chunks: usize,
+}
+
 /// One forward pass over a batch: `pass(backend, x, n, cond)` returns the output of `n` images.
 pub type Pass<'p, B> = dyn FnMut(&mut B, &<B as Backend>::Tensor, usize, Cond<'_, B>) -> Result<<B as Backend>::Tensor>
     + 'p;
@@ -178,25 +186,52 @@ pub trait Backend: Sized {
         scale_shift: Option<&Self::Vector>,
         silu: bool,
     ) -> Result<()>;
-    /// `conv` (stride 1) of x `[n, h, w, c]`, read nearest-2x upsampled when `upsampled`, into
-    /// y `[n, h', w', cout]` (h' = 2h when upsampled, else h), then `group_norm` of y into
-    /// `normed`: a ResBlock's in-conv and out-norm. This default runs the two; a backend may
-    /// take the norm's statistics from the conv's epilogue instead of a pass over y.
-    #[allow(clippy::too_many_arguments)]
-    fn conv_group_norm(
+    /// `conv` of x `[n, h, w, c]` (or `upsample_conv`, when `upsampled`; then without a
+    /// residual), and where the backend can, the per-channel moments of its output, from which
+    /// [`Backend::group_norm_from`] and [`Backend::concat_group_norm_from`] take a later
+    /// norm's statistics instead of a pass over it. This default makes none.
+    fn conv_moments(
         &mut self,
         conv: &Self::Conv,
         x: &Self::Tensor,
         nhwc: [usize; 4],
         upsampled: bool,
         y: &mut Self::Tensor,
+        residual: Residual<'_, Self::Tensor>,
+    ) -> Result<Option<Moments<Self::Vector>>> {
+        copying::conv_without_moments(self, conv, x, nhwc, upsampled, y, residual)
+    }
+    /// `group_norm` of x, whose per-channel moments [`Backend::conv_moments`] made. This
+    /// default makes its own statistics.
+    #[allow(clippy::too_many_arguments)]
+    fn group_norm_from(
+        &mut self,
         norm: &Self::GroupNorm,
-        normed: &mut Self::Tensor,
+        (x, moments): (&Self::Tensor, &Moments<Self::Vector>),
+        n: usize,
+        hw: usize,
+        y: &mut Self::Tensor,
         scale_shift: Option<&Self::Vector>,
         silu: bool,
     ) -> Result<()> {
-        let sizes = (nhwc, upsampled);
-        copying::conv_group_norm(self, conv, x, sizes, y, norm, normed, scale_shift, silu)
+        let _ = moments;
+        self.group_norm(norm, x, n, hw, y, scale_shift, silu)
+    }
+    /// `concat_group_norm` of a and b, whose per-channel moments [`Backend::conv_moments`] made.
+    /// This default makes its own statistics.
+    #[allow(clippy::too_many_arguments)]
+    fn concat_group_norm_from(
+        &mut self,
+        norm: &Self::GroupNorm,
+        ab: [&Self::Tensor; 2],
+        moments: [&Moments<Self::Vector>; 2],
+        sizes: [usize; 4],
+        y: &mut Self::Tensor,
+        scale_shift: Option<&Self::Vector>,
+        silu: bool,
+    ) -> Result<()> {
+        let _ = moments;
+        self.concat_group_norm(norm, ab, sizes, y, scale_shift, silu)
     }
     /// Softmax attention per head: qkv `[n, t, 3c]` (all q, then all k, then all v, each
     /// head-major) -> out `[n, t, c]`; `ntch` is `[n, t, c, heads]`.
@@ -410,8 +445,8 @@ pub trait Backend: Sized {
 }
 
 /// The copies [`Backend::upsample_conv`], [`Backend::concat_conv`] and
-/// [`Backend::concat_group_norm`] let a backend avoid, made, and the passes the other fused
-/// operations avoid, run: their defaults, and a backend's fallback where it cannot fuse.
+/// [`Backend::concat_group_norm`] let a backend avoid, made, and the other fused operations as
+/// their plain sequences: their defaults, and a backend's fallback where it cannot fuse.
 pub mod copying {
     use super::{Backend, Residual};
     use crate::error::Result;
@@ -465,27 +500,26 @@ pub mod copying {
         result
     }
 
-    /// [`Backend::conv_group_norm`] as a conv, then a group norm with its own statistics pass.
-    #[allow(clippy::too_many_arguments)]
-    pub fn conv_group_norm<B: Backend>(
+    /// [`Backend::conv_moments`] without the moments: `conv`, or `upsample_conv`.
+    pub fn conv_without_moments<B: Backend>(
         be: &mut B,
         conv: &B::Conv,
         x: &B::Tensor,
-        ([n, h, w, c], upsampled): ([usize; 4], bool),
+        [n, h, w, c]: [usize; 4],
+        upsampled: bool,
         y: &mut B::Tensor,
-        norm: &B::GroupNorm,
-        normed: &mut B::Tensor,
-        scale_shift: Option<&B::Vector>,
-        silu: bool,
-    ) -> Result<()> {
-        let hw = if upsampled {
-            be.upsample_conv(conv, x, [n, h, w, c], y)?;
-            4 * h * w
-        } else {
-            be.conv(conv, x, [n, h, w], y, Residual::None)?;
-            h * w
-        };
-        be.group_norm(norm, y, n, hw, normed, scale_shift, silu)
+        residual: Residual<'_, B::Tensor>,
+    ) -> Result<Option<super::Moments<B::Vector>>> {
+        match (upsampled, residual) {
+            (false, residual) => be.conv(conv, x, [n, h, w], y, residual)?,
+            (true, Residual::None) => be.upsample_conv(conv, x, [n, h, w, c], y)?,
+            (true, _) => {
+                return Err(crate::Error::Input(
+                    "an upsampled conv takes no residual".into(),
+                ))
+            }
+        }
+        Ok(None)
     }
 
     pub fn group_norm_pool2x<B: Backend>(

@@ -2,7 +2,7 @@
 //! CPU and on a GPU. Networks are built on the CPU from a weights file ([`super::load`]) and
 //! moved to another backend with [`UNet::to_backend`].
 
-use crate::backend::{Backend, Buffer, Cond, Cpu, PassSizes, Residual};
+use crate::backend::{Backend, Buffer, Cond, Cpu, Moments, PassSizes, Residual};
 use crate::config::{UNetConfig, MAX_IMAGE_SIZE};
 use crate::error::{Error, Result};
 use crate::ops::embedding::TimeFeatures;
@@ -78,12 +78,14 @@ pub enum Layer<B: Backend> {
     Attn(AttentionBlock<B>),
 }
 
-/// An activation: NHWC data plus its spatial size and channels.
+/// An activation: NHWC data plus its spatial size and channels, and the per-channel moments
+/// of the conv that made it, where the backend made them (for the group norm that reads it).
 struct Act<B: Backend> {
     data: B::Tensor,
     h: usize,
     w: usize,
     c: usize,
+    moments: Option<Moments<B::Vector>>,
 }
 
 /// A borrowed activation, the input of a block: each input block's output is both a skip and
@@ -93,6 +95,7 @@ struct ActRef<'a, B: Backend> {
     h: usize,
     w: usize,
     c: usize,
+    moments: Option<&'a Moments<B::Vector>>,
 }
 
 impl<B: Backend> Clone for ActRef<'_, B> {
@@ -110,7 +113,34 @@ impl<B: Backend> Act<B> {
             h: self.h,
             w: self.w,
             c: self.c,
+            moments: self.moments.as_ref(),
         }
+    }
+
+    /// Returns the data and the moments to the backend's pools.
+    fn give(self, be: &mut B) {
+        be.give(self.data);
+        if let Some(m) = self.moments {
+            be.give_vector(m.part);
+        }
+    }
+}
+
+/// group_norm of x, from the moments its conv made where there are some.
+#[allow(clippy::too_many_arguments)]
+fn norm_of<B: Backend>(
+    be: &mut B,
+    norm: &B::GroupNorm,
+    x: ActRef<'_, B>,
+    n: usize,
+    y: &mut B::Tensor,
+    scale_shift: Option<&B::Vector>,
+    silu: bool,
+) -> Result<()> {
+    let hw = x.h * x.w;
+    match x.moments {
+        Some(m) => be.group_norm_from(norm, (x.data, m), n, hw, y, scale_shift, silu),
+        None => be.group_norm(norm, x.data, n, hw, y, scale_shift, silu),
     }
 }
 
@@ -373,7 +403,13 @@ impl<B: Backend> UNet<B> {
         cond: Cond<'_, B>,
     ) -> Result<B::Tensor> {
         let emb = self.embedding(be, n, cond)?;
-        let input = ActRef { data: x, h, w, c };
+        let input = ActRef {
+            data: x,
+            h,
+            w,
+            c,
+            moments: None,
+        };
         let mut skips: Vec<Act<B>> = Vec::with_capacity(self.input_blocks.len());
         for block in &self.input_blocks {
             let from = skips.last().map_or(input, Act::view);
@@ -388,14 +424,14 @@ impl<B: Backend> UNet<B> {
                 .ok_or_else(|| Error::Input("a decoder block without its skip".into()))?;
             // The block's input is cat([act, skip], channels), which it reads from the two.
             let out = self.run_block(be, block, act.view(), Some(skip.view()), n, &emb)?;
-            be.give(act.data);
-            be.give(skip.data);
+            act.give(be);
+            skip.give(be);
             act = out;
         }
         let hw = act.h * act.w;
         let mut normed = be.take(n * hw * act.c)?;
-        be.group_norm(&self.out_norm, &act.data, n, hw, &mut normed, None, true)?;
-        be.give(act.data);
+        norm_of(be, &self.out_norm, act.view(), n, &mut normed, None, true)?;
+        act.give(be);
         let mut out = be.take(n * hw * self.config.out_channels())?;
         let conv = &self.out_conv;
         be.conv(&conv.params, &normed, [n, h, w], &mut out, Residual::None)?;
@@ -446,7 +482,7 @@ impl<B: Backend> UNet<B> {
         if let (Some(skip), false) = (skip, reads_concat) {
             let cat = concat(be, input, skip, n)?;
             let out = self.run_block(be, layers, cat.view(), None, n, emb);
-            be.give(cat.data);
+            cat.give(be);
             return out;
         }
         // The block's input is borrowed (it may be a skip); each layer's output is owned and
@@ -460,32 +496,48 @@ impl<B: Backend> UNet<B> {
                 Layer::Conv(conv) => {
                     let (ho, wo) = conv.out_size(act.h, act.w);
                     let mut out = be.take(n * ho * wo * conv.cout)?;
-                    let nhw = [n, act.h, act.w];
-                    be.conv(&conv.params, act.data, nhw, &mut out, Residual::None)?;
+                    let nhwc = [n, act.h, act.w, act.c];
+                    let moments = be.conv_moments(
+                        &conv.params,
+                        act.data,
+                        nhwc,
+                        false,
+                        &mut out,
+                        Residual::None,
+                    )?;
                     Act {
                         data: out,
                         h: ho,
                         w: wo,
                         c: conv.cout,
+                        moments,
                     }
                 }
                 Layer::UpConv(conv) => {
                     let (h2, w2) = (2 * act.h, 2 * act.w);
                     let mut out = be.take(n * h2 * w2 * conv.cout)?;
                     let nhwc = [n, act.h, act.w, act.c];
-                    be.upsample_conv(&conv.params, act.data, nhwc, &mut out)?;
+                    let moments = be.conv_moments(
+                        &conv.params,
+                        act.data,
+                        nhwc,
+                        true,
+                        &mut out,
+                        Residual::None,
+                    )?;
                     Act {
                         data: out,
                         h: h2,
                         w: w2,
                         c: conv.cout,
+                        moments,
                     }
                 }
                 Layer::Res(block) => block.forward(be, act, skip, n, emb)?,
                 Layer::Attn(attn) => attn.forward(be, act, n)?,
             };
             if let Some(prev) = owned.replace(next) {
-                be.give(prev.data);
+                prev.give(be);
             }
         }
         owned.ok_or_else(|| Error::Input("a block without layers".into()))
@@ -564,6 +616,7 @@ fn concat<B: Backend>(be: &mut B, a: ActRef<'_, B>, b: ActRef<'_, B>, n: usize) 
         h: a.h,
         w: a.w,
         c: a.c + b.c,
+        moments: None,
     })
 }
 
@@ -596,13 +649,20 @@ impl<B: Backend> ResBlock<B> {
         let (a, a_nhwc, pooled) = match self.updown {
             UpDown::None | UpDown::Up => {
                 let mut a = be.take(n * xhw * cin)?;
+                let norm = &self.in_norm;
                 match extra {
                     Some(e) => {
                         let sizes = [n, xhw, x.c, e.c];
                         let ab = [x.data, e.data];
-                        be.concat_group_norm(&self.in_norm, ab, sizes, &mut a, None, true)?
+                        match (x.moments, e.moments) {
+                            (Some(mx), Some(me)) => {
+                                let m = [mx, me];
+                                be.concat_group_norm_from(norm, ab, m, sizes, &mut a, None, true)?
+                            }
+                            _ => be.concat_group_norm(norm, ab, sizes, &mut a, None, true)?,
+                        }
                     }
-                    None => be.group_norm(&self.in_norm, x.data, n, xhw, &mut a, None, true)?,
+                    None => norm_of(be, norm, x, n, &mut a, None, true)?,
                 }
                 (a, [n, x.h, x.w, cin], None)
             }
@@ -623,9 +683,19 @@ impl<B: Backend> ResBlock<B> {
         let mut normed = be.take(n * hw * oc)?;
         let in_conv = &self.in_conv.params;
         if self.scale_shift {
-            let out_norm = &self.out_norm;
-            let (y, ss) = (&mut hidden, Some(&e));
-            be.conv_group_norm(in_conv, &a, a_nhwc, up, y, out_norm, &mut normed, ss, true)?;
+            let moments = be.conv_moments(in_conv, &a, a_nhwc, up, &mut hidden, Residual::None)?;
+            let hidden = ActRef {
+                data: &hidden,
+                h,
+                w,
+                c: oc,
+                moments: moments.as_ref(),
+            };
+            let result = norm_of(be, &self.out_norm, hidden, n, &mut normed, Some(&e), true);
+            if let Some(m) = moments {
+                be.give_vector(m.part);
+            }
+            result?;
         } else {
             if up {
                 be.upsample_conv(in_conv, &a, a_nhwc, &mut hidden)?;
@@ -669,7 +739,8 @@ impl<B: Backend> ResBlock<B> {
             (None, None) if up => Residual::Upsampled(x.data),
             (None, None) => Residual::Buffer(x.data),
         };
-        be.conv(out_conv, &normed, nhw, &mut out, residual)?;
+        let moments =
+            be.conv_moments(out_conv, &normed, [n, h, w, oc], false, &mut out, residual)?;
         be.give(normed);
         if let Some(x2) = pooled {
             be.give(x2);
@@ -679,6 +750,7 @@ impl<B: Backend> ResBlock<B> {
             h,
             w,
             c: oc,
+            moments,
         })
     }
 }
@@ -689,7 +761,7 @@ impl<B: Backend> AttentionBlock<B> {
         let (t, c) = (x.h * x.w, self.channels);
         let len = n * t * c;
         let mut normed = be.take(len)?;
-        be.group_norm(&self.norm, x.data, n, t, &mut normed, None, false)?;
+        norm_of(be, &self.norm, x, n, &mut normed, None, false)?;
         let mut qkv = be.take(3 * len)?;
         be.conv(
             &self.qkv.params,
@@ -702,13 +774,8 @@ impl<B: Backend> AttentionBlock<B> {
         be.attend(&qkv, [n, t, c, self.heads], &mut normed)?;
         let mut out = be.take(len)?;
         let residual = Residual::Buffer(x.data);
-        be.conv(
-            &self.proj_out.params,
-            &normed,
-            [n, t, 1],
-            &mut out,
-            residual,
-        )?;
+        let proj = &self.proj_out.params;
+        let moments = be.conv_moments(proj, &normed, [n, t, 1, c], false, &mut out, residual)?;
         be.give(normed);
         be.give(qkv);
         Ok(Act {
@@ -716,6 +783,7 @@ impl<B: Backend> AttentionBlock<B> {
             h: x.h,
             w: x.w,
             c: x.c,
+            moments,
         })
     }
 }

@@ -731,50 +731,38 @@ impl<T: GpuFloat> GpuConv2d<T> {
     where
         T: 'a,
     {
-        self.launch(gpu, kernel, x.into(), [n, h, w], y, residual, None)
+        self.launch(gpu, kernel, x.into(), [n, h, w], y, residual, 0)
     }
 
-    /// How many row tiles per image the group-norm moments of `kernel`'s epilogue come in, for
-    /// a norm of `groups` groups over this conv's `ho x wo` output; None where the kernel cannot
-    /// make them: a row tile must lie in one image and a column tile hold whole groups
-    /// (`kernels/conv.cu`'s header).
-    pub fn moment_chunks(
-        &self,
-        kernel: ConvKernel,
-        ho: usize,
-        wo: usize,
-        groups: usize,
-    ) -> Option<usize> {
-        let (bm, bn, _, _) = kernel.geometry();
-        let fits = groups > 0
-            && self.cout.is_multiple_of(groups)
-            && bn.is_multiple_of(self.cout / groups)
-            && (ho * wo).is_multiple_of(bm);
-        fits.then(|| ho * wo / bm)
+    /// How many row tiles per image the per-channel moments of `kernel`'s epilogue come in,
+    /// for this conv's `ho x wo` output; None where the kernel cannot make them (a row tile
+    /// must lie in one image: `kernels/conv.cu`'s header).
+    pub fn moment_chunks(&self, kernel: ConvKernel, ho: usize, wo: usize) -> Option<usize> {
+        let (bm, _, _, _) = kernel.geometry();
+        (ho * wo > 0 && (ho * wo).is_multiple_of(bm)).then(|| ho * wo / bm)
     }
 
     /// The kernel `forward` would launch for an `n x h x w` input and its moment chunks
-    /// ([`GpuConv2d::moment_chunks`]), where it can make a `groups`-group norm's moments.
+    /// ([`GpuConv2d::moment_chunks`]), where it can make the moments.
     pub fn moments_plan<'a>(
         &self,
         gpu: &Gpu,
         x: impl Into<ConvInput<'a, T>>,
         [n, h, w]: [usize; 3],
-        groups: usize,
     ) -> Option<(ConvKernel, usize)>
     where
         T: 'a,
     {
         let kernel = self.choose_kernel(gpu, x, n, h, w);
         let (ho, wo) = self.out_size(h, w);
-        self.moment_chunks(kernel, ho, wo, groups)
+        self.moment_chunks(kernel, ho, wo)
             .map(|chunks| (kernel, chunks))
     }
 
-    /// `forward_with`, and from the kernel's epilogue the group-norm moments of y for a norm of
-    /// `groups` groups: `part` f32 `[n, chunks, groups, 3]` (count, mean, M2 of each row tile
-    /// of each group; chunks from [`GpuConv2d::moment_chunks`], an error where there are none),
-    /// which `GpuGroupNorm::forward_from_moments` merges instead of a statistics pass over y.
+    /// `forward_with`, and from the kernel's epilogue the moments of y's channels: `part` f32
+    /// `[n, chunks, cout, 3]`, the count, mean and M2 of each channel over each row tile
+    /// (chunks from [`GpuConv2d::moment_chunks`], an error where there are none), from which
+    /// `GpuGroupNorm::forward_from_moments` takes a norm's statistics instead of a pass over y.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_moments<'a>(
         &self,
@@ -784,7 +772,6 @@ impl<T: GpuFloat> GpuConv2d<T> {
         nhw: [usize; 3],
         y: &mut GpuBuffer<T>,
         residual: Residual<'_, GpuBuffer<T>>,
-        groups: usize,
         part: &mut GpuBuffer<f32>,
     ) -> Result<()>
     where
@@ -792,24 +779,23 @@ impl<T: GpuFloat> GpuConv2d<T> {
     {
         let [n, h, w] = nhw;
         let (ho, wo) = self.out_size(h, w);
-        let chunks = self.moment_chunks(kernel, ho, wo, groups).ok_or_else(|| {
+        let chunks = self.moment_chunks(kernel, ho, wo).ok_or_else(|| {
             Error::Cuda(format!(
-                "conv kernel {} cannot make the moments of a {groups}-group norm over {ho}x{wo}                  images of {} channels",
-                kernel.name(),
-                self.cout
+                "conv kernel {} cannot make the channel moments of {ho}x{wo} images",
+                kernel.name()
             ))
         })?;
         check_len(
-            "conv group-norm moments",
+            "conv channel moments",
             part.len(),
-            elements("conv group-norm moments", &[n, chunks, groups, 3])?,
+            elements("conv channel moments", &[n, chunks, self.cout, 3])?,
         )?;
-        let moments = Some((part.ptr(gpu), groups));
+        let moments = part.ptr(gpu);
         self.launch(gpu, kernel, x.into(), nhw, y, residual, moments)
     }
 
-    /// The launch of `forward_with`, with the epilogue's group-norm moments when `moments`
-    /// gives their buffer's address and the group count (checked by the caller).
+    /// The launch of `forward_with`, with the epilogue's channel moments when `moments` is
+    /// their buffer's address (not 0; checked by the caller).
     #[allow(clippy::too_many_arguments)]
     fn launch(
         &self,
@@ -819,7 +805,7 @@ impl<T: GpuFloat> GpuConv2d<T> {
         [n, h, w]: [usize; 3],
         y: &mut GpuBuffer<T>,
         residual: Residual<'_, GpuBuffer<T>>,
-        moments: Option<(u64, usize)>,
+        moments: u64,
     ) -> Result<()> {
         let (ho, wo) = self.out_size(h, w);
         let out_len = elements("conv output", &[n, ho, wo, self.cout])?;
@@ -919,8 +905,7 @@ impl<T: GpuFloat> GpuConv2d<T> {
             cin1: i(self.cin - c2),
             up: input.upsampled as i32,
             res_up: res_up as i32,
-            gn_part: moments.map_or(0, |(part, _)| part),
-            gn_groups: moments.map_or(0, |(_, groups)| i(groups)),
+            moments,
             ..Default::default()
         };
         gpu.launch("conv", &name, cfg, &args)

@@ -9,7 +9,8 @@ use rayon::prelude::*;
 use super::silu;
 use super::{check_len, elements, int_product};
 use crate::cuda::interface::{
-    self as k, GroupNormApplyArgs, GroupNormApplyPoolArgs, GroupNormMergeArgs, GroupNormStatsArgs,
+    self as k, GroupNormApplyArgs, GroupNormApplyPoolArgs, GroupNormMergeArgs,
+    GroupNormMergeChannelsArgs, GroupNormStatsArgs,
 };
 use crate::cuda::{Gpu, GpuBuffer, GpuFloat};
 use crate::error::Result;
@@ -133,6 +134,14 @@ pub struct GpuGroupNorm {
     eps: f32,
 }
 
+/// Per-channel moments on the device, as a conv's epilogue makes them
+/// (`GpuConv2d::forward_moments`): `part` f32 `[n, chunks, c, 3]`.
+#[derive(Clone, Copy)]
+pub struct GpuMoments<'a> {
+    pub part: &'a GpuBuffer<f32>,
+    pub chunks: usize,
+}
+
 impl GroupNorm {
     pub fn upload(&self, gpu: &Gpu) -> Result<GpuGroupNorm> {
         let (c, groups) = (self.channels, self.groups);
@@ -193,37 +202,79 @@ impl GpuGroupNorm {
         self.groups
     }
 
-    /// [`GpuGroupNorm::forward`] with the statistics merged from moments a conv's epilogue made
-    /// (`GpuConv2d::forward_moments`: `part` `[n, chunks, groups, 3]`) instead of a pass over x.
-    /// `stats` holds `[n, groups, 2]` floats.
+    /// [`GpuGroupNorm::forward`] (or [`GpuGroupNorm::forward_concat`] with `second`: the
+    /// tensor of the channels past the first `ca`, and its moments) with the statistics merged
+    /// from the per-channel moments the convs that made x made (`GpuConv2d::forward_moments`)
+    /// instead of a pass over x. `stats` holds `[n, groups, 2]` floats.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_from_moments<T: GpuFloat>(
         &self,
         gpu: &Gpu,
-        x: &GpuBuffer<T>,
+        (x, moments): (&GpuBuffer<T>, GpuMoments<'_>),
+        second: Option<(&GpuBuffer<T>, usize, GpuMoments<'_>)>,
         [n, hw]: [usize; 2],
-        (part, chunks): (&GpuBuffer<f32>, usize),
         y: &mut GpuBuffer<T>,
         stats: &mut GpuBuffer<f32>,
         scale_shift: Option<&GpuBuffer<f32>>,
         silu_after: bool,
     ) -> Result<()> {
-        let groups = self.groups;
+        let (c, groups) = (self.channels, self.groups);
+        let ca = second.map_or(c, |(_, ca, _)| ca);
+        if let Some((b, _, _)) = second {
+            if !self.takes_concat(gpu, b, ca) {
+                return Err(crate::Error::Cuda(format!(
+                    "group norm over {c} channels cannot read them as {ca} + {} from two tensors",
+                    c.saturating_sub(ca)
+                )));
+            }
+            check_len(
+                "group norm input (second tensor)",
+                b.len(),
+                elements("group norm", &[n, hw, c - ca])?,
+            )?;
+        }
         check_len(
             "group norm input",
             x.len(),
-            elements("group norm", &[n, hw, self.channels])?,
+            elements("group norm", &[n, hw, ca])?,
         )?;
-        check_len(
-            "group norm moments",
-            part.len(),
-            elements("group norm moments", &[n, chunks, groups, 3])?,
-        )?;
+        let part_len = |m: GpuMoments<'_>, channels: usize| -> Result<()> {
+            let len = elements("group norm moments", &[n, m.chunks, channels, 3])?;
+            check_len("group norm moments", m.part.len(), len)
+        };
+        part_len(moments, ca)?;
+        if let Some((_, _, m2)) = second {
+            part_len(m2, c - ca)?;
+        }
         check_len("group norm statistics", stats.len(), n * groups * 2)?;
         check_aligned(x.ptr(gpu))?;
         let stats = stats.ptr(gpu);
-        self.merge(gpu, part.ptr(gpu), stats, n, chunks)?;
-        self.apply(gpu, x, None, n, hw, y, stats, scale_shift, silu_after)
+        let (part2, chunks2) = second.map_or((0, 0), |(_, _, m)| (m.part.ptr(gpu), m.chunks));
+        let i = |v: usize| v as i32;
+        gpu.launch(
+            "group_norm",
+            "group_norm_merge_channels",
+            LaunchConfig {
+                grid_dim: (groups as u32, n as u32, 1),
+                block_dim: (k::GN_MERGE_THREADS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &GroupNormMergeChannelsArgs {
+                part: moments.part.ptr(gpu),
+                chunks: i(moments.chunks),
+                c1: i(ca),
+                part2,
+                chunks2: i(chunks2),
+                c: i(c),
+                stats,
+                eps: self.eps,
+                groups: i(groups),
+                group_channels: i(c / groups),
+                ..Default::default()
+            },
+        )?;
+        let second = second.map(|(b, ca, _)| (b, ca));
+        self.apply(gpu, x, second, n, hw, y, stats, scale_shift, silu_after)
     }
 
     /// `kernels/group_norm.cu`: statistics (per-chunk moments, merged) then the fused affine

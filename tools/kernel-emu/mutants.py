@@ -96,8 +96,9 @@ MUTANTS = {
     # A solver step that does not shift its history: h2 keeps the x_0 of two steps back.
     "solver_history_not_shifted": ("step.cu", "        *h2 = *h1;\n", ""),
     # Group norm reads the concatenation's second tensor with the whole concatenation's stride.
-    # The group-norm moments of the conv's epilogue: read back before the other threads' stores
-    # (the barrier gone), or over all but the last rows of the tile.
+    # The moments of the conv's epilogue: read back before the other threads' stores (the
+    # barrier gone), or over all but the last rows of the tile; their merge into groups reading
+    # a concatenation's second part at the channel index of the whole.
     "conv_moments_before_stores": (
         "conv.cu",
         "    __syncthreads();  // the tile's stores are made, and every warp is done with the shared tiles\n",
@@ -105,6 +106,7 @@ MUTANTS = {
     ),
     "conv_moments_rows_short": ("conv.cu", "for (int i = row0; i < BM; i += R, at += step)",
                                 "for (int i = row0; i < BM - R; i += R, at += step)"),
+    "group_norm_merge_channels_second_offset": ("group_norm.cu", "(ch - c1)) * 3;", "ch) * 3;"),
     "group_norm_second_source_stride": (
         "group_norm.cu",
         "return x2 == nullptr ? c : (ch < c1 ? c1 : c - c1);",

@@ -167,6 +167,59 @@ void run_pool(Partial partial, Pool pool, int n, int h, int w, int c, int groups
     checker.close(std::string("group_norm_apply_pool_") + type_name<T>() + " " + name, ref, widen(ys), tol, secs);
 }
 
+// group_norm_merge_channels: per-channel moments as convs' epilogues make them (per row tile of
+// hw / chunks pixels; a concatenation's two parts with their own tiles) against the group
+// statistics of the same values in double: the mean's error in units of the std, rstd's relative
+// error.
+void run_merge_channels(int n, int hw, int c, int c1, int chunks, int chunks2, int groups, float offset) {
+    const int cg = c / groups;
+    std::vector<double> x((size_t)n * hw * c);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = (float)(offset + rng.normal() + 0.3f * (i % c) / c);
+    // Channels [lo, hi) of x in `ch_chunks` row tiles -> [n, ch_chunks, hi - lo, 3].
+    auto moments = [&](int lo, int hi, int ch_chunks) {
+        std::vector<float> part;
+        const int rows = hw / ch_chunks;
+        for (int b = 0; b < n; ++b)
+            for (int k = 0; k < ch_chunks; ++k)
+                for (int ch = lo; ch < hi; ++ch) {
+                    double s = 0, q = 0;
+                    for (int p = k * rows; p < (k + 1) * rows; ++p) s += x[((size_t)b * hw + p) * c + ch];
+                    const double mean = s / rows;
+                    for (int p = k * rows; p < (k + 1) * rows; ++p) q += std::pow(x[((size_t)b * hw + p) * c + ch] - mean, 2);
+                    part.insert(part.end(), {(float)rows, (float)mean, (float)q});
+                }
+        return part;
+    };
+    const std::vector<float> part = moments(0, c1, chunks), part2 = c1 < c ? moments(c1, c, chunks2) : std::vector<float>();
+    std::vector<float> stats((size_t)n * groups * 2, NAN);
+    const auto t0 = std::chrono::steady_clock::now();
+    const GroupNormMergeChannelsArgs args{part.data(), chunks, c1, part2.empty() ? nullptr : part2.data(), chunks2, c,
+                                          stats.data(), 1e-5f, groups, cg};
+    emu_launch({(unsigned)groups, (unsigned)n, 1}, {GN_MERGE_THREADS, 1, 1},
+               [&] { MCDM_CALL(group_norm_merge_channels, GroupNormMergeChannelsArgs, args); });
+    const double secs = seconds_since(t0);
+    std::vector<double> mean_err, rstd_err;
+    for (int b = 0; b < n; ++b)
+        for (int g = 0; g < groups; ++g) {
+            double s = 0, q = 0;
+            const double count = (double)hw * cg;
+            for (int p = 0; p < hw; ++p)
+                for (int j = 0; j < cg; ++j) s += x[((size_t)b * hw + p) * c + g * cg + j];
+            const double mean = s / count;
+            for (int p = 0; p < hw; ++p)
+                for (int j = 0; j < cg; ++j) q += std::pow(x[((size_t)b * hw + p) * c + g * cg + j] - mean, 2);
+            const double std = std::sqrt(q / count), rstd = 1 / std::sqrt(q / count + 1e-5);
+            mean_err.push_back((stats[((size_t)b * groups + g) * 2] - mean) / std);
+            rstd_err.push_back(stats[((size_t)b * groups + g) * 2 + 1] / rstd - 1);
+        }
+    char name[120];
+    snprintf(name, sizeof name, "n%d hw%d c%d (%d + %d) chunks %d + %d groups %d offset %g", n, hw, c, c1, c - c1, chunks,
+             chunks2, groups, offset);
+    const std::vector<double> zeros(mean_err.size(), 0.0);
+    checker.close(std::string("group_norm_merge_channels (mean) ") + name, zeros, mean_err, 1e-5, secs);
+    checker.close(std::string("group_norm_merge_channels (rstd) ") + name, zeros, rstd_err, 1e-5, 0);
+}
+
 int main() {
     // n, hw, c, offset, spread, scale_shift, silu, in_place
     run<float>(group_norm_partial_f32, group_norm_apply_f32, {2, 13, 64, 0, 1, true, 1});
@@ -204,5 +257,13 @@ int main() {
     run_pool<float>(group_norm_partial_f32, group_norm_apply_pool_f32, 1, 16, 16, 384, 32, 0);
     run_pool<__half>(group_norm_partial_f16, group_norm_apply_pool_f16, 2, 8, 4, 96, 8, 1);
     run_pool<__nv_bfloat16>(group_norm_partial_bf16, group_norm_apply_pool_bf16, 1, 12, 6, 128, 4, 1);
+    // Per-channel moments from conv epilogues: one tensor (more items than threads: 32 chunks of
+    // 12-channel groups); concatenations whose parts have their own tile counts, with groups in
+    // the first part, across both, and wholly in the second; one group; |mean| >> std.
+    run_merge_channels(2, 4096, 384, 384, 32, 0, 32, 0);
+    run_merge_channels(1, 256, 96, 40, 4, 2, 32, 0.5f);
+    run_merge_channels(2, 64, 64, 32, 1, 1, 4, 0);
+    run_merge_channels(1, 512, 48, 16, 8, 2, 1, 0);
+    run_merge_channels(1, 1024, 64, 64, 16, 0, 32, 20);
     return checker.finish();
 }
