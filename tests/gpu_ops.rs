@@ -237,6 +237,26 @@ fn conv_moments_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
                 gpu_err(&got, &normed_want),
                 tolerance::<T>(1e-6),
             ));
+            // A downsampling ResBlock's norm, pooled 2x2 as it is applied (no scale-shift).
+            let mut pooled = g.upload::<T>(&vec![f32::NAN; want.len() / 4]).unwrap();
+            norm.forward_pool_from_moments(
+                g,
+                (&yd, moments),
+                [n, h, w],
+                &mut pooled,
+                &mut stats,
+                true,
+            )
+            .unwrap();
+            gn.forward(&y, n, h * w, &mut normed_want, None, true);
+            let mut pooled_want = vec![0.0; y.len() / 4];
+            mcdm::ops::resample::avg_pool2x(&normed_want, n, h, w, cout, &mut pooled_want);
+            let got = g.download(&pooled).unwrap();
+            out.push((
+                format!("{name}: norm + pool"),
+                gpu_err(&got, &pooled_want),
+                tolerance::<T>(1e-6),
+            ));
         }
         assert!(ran > 0, "conv moments case {i}: no kernel makes them");
     }

@@ -371,6 +371,24 @@ impl<T: GpuFloat> Backend for Cuda<T> {
         self.give_vector(stats);
         result
     }
+    fn group_norm_pool2x_from(
+        &mut self,
+        norm: &GpuGroupNorm,
+        (x, moments): (&GpuBuffer<T>, &Moments<GpuBuffer<f32>>),
+        [n, h, w, c]: [usize; 4],
+        y: &mut GpuBuffer<T>,
+        silu: bool,
+    ) -> Result<()> {
+        if !fold_copies() {
+            return copying::group_norm_pool2x(self, norm, x, [n, h, w, c], y, silu);
+        }
+        let mut stats = self.take_vector(n * norm.groups() * 2)?;
+        let first = (x, gpu_moments(moments));
+        let result =
+            norm.forward_pool_from_moments(&self.gpu, first, [n, h, w], y, &mut stats, silu);
+        self.give_vector(stats);
+        result
+    }
     fn attend(
         &mut self,
         qkv: &GpuBuffer<T>,

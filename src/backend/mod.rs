@@ -261,6 +261,19 @@ pub trait Backend: Sized {
     ) -> Result<()> {
         copying::group_norm_pool2x(self, norm, x, nhwc, y, silu)
     }
+    /// `group_norm_pool2x` of x, whose per-channel moments [`Backend::conv_moments`] made.
+    /// This default makes its own statistics.
+    fn group_norm_pool2x_from(
+        &mut self,
+        norm: &Self::GroupNorm,
+        (x, moments): (&Self::Tensor, &Moments<Self::Vector>),
+        nhwc: [usize; 4],
+        y: &mut Self::Tensor,
+        silu: bool,
+    ) -> Result<()> {
+        let _ = moments;
+        self.group_norm_pool2x(norm, x, nhwc, y, silu)
+    }
     /// 2x2 average pooling: x `[n, h, w, c]` -> y `[n, h/2, w/2, c]`.
     fn avg_pool2x(
         &mut self,

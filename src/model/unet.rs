@@ -671,7 +671,12 @@ impl<B: Backend> ResBlock<B> {
                 let mut a2 = be.take(n * h * w * x.c)?;
                 let mut x2 = be.take(n * h * w * x.c)?;
                 let nhwc = [n, x.h, x.w, x.c];
-                be.group_norm_pool2x(&self.in_norm, x.data, nhwc, &mut a2, true)?;
+                match x.moments {
+                    Some(m) => {
+                        be.group_norm_pool2x_from(&self.in_norm, (x.data, m), nhwc, &mut a2, true)?
+                    }
+                    None => be.group_norm_pool2x(&self.in_norm, x.data, nhwc, &mut a2, true)?,
+                }
                 be.avg_pool2x(x.data, nhwc, &mut x2)?;
                 (a2, [n, h, w, x.c], Some(x2))
             }

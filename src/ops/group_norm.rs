@@ -218,7 +218,7 @@ impl GpuGroupNorm {
         scale_shift: Option<&GpuBuffer<f32>>,
         silu_after: bool,
     ) -> Result<()> {
-        let (c, groups) = (self.channels, self.groups);
+        let c = self.channels;
         let ca = second.map_or(c, |(_, ca, _)| ca);
         if let Some((b, _, _)) = second {
             if !self.takes_concat(gpu, b, ca) {
@@ -238,41 +238,9 @@ impl GpuGroupNorm {
             x.len(),
             elements("group norm", &[n, hw, ca])?,
         )?;
-        let part_len = |m: GpuMoments<'_>, channels: usize| -> Result<()> {
-            let len = elements("group norm moments", &[n, m.chunks, channels, 3])?;
-            check_len("group norm moments", m.part.len(), len)
-        };
-        part_len(moments, ca)?;
-        if let Some((_, _, m2)) = second {
-            part_len(m2, c - ca)?;
-        }
-        check_len("group norm statistics", stats.len(), n * groups * 2)?;
         check_aligned(x.ptr(gpu))?;
-        let stats = stats.ptr(gpu);
-        let (part2, chunks2) = second.map_or((0, 0), |(_, _, m)| (m.part.ptr(gpu), m.chunks));
-        let i = |v: usize| v as i32;
-        gpu.launch(
-            "group_norm",
-            "group_norm_merge_channels",
-            LaunchConfig {
-                grid_dim: (groups as u32, n as u32, 1),
-                block_dim: (k::GN_MERGE_THREADS as u32, 1, 1),
-                shared_mem_bytes: 0,
-            },
-            &GroupNormMergeChannelsArgs {
-                part: moments.part.ptr(gpu),
-                chunks: i(moments.chunks),
-                c1: i(ca),
-                part2,
-                chunks2: i(chunks2),
-                c: i(c),
-                stats,
-                eps: self.eps,
-                groups: i(groups),
-                group_channels: i(c / groups),
-                ..Default::default()
-            },
-        )?;
+        let second_moments = second.map(|(_, _, m)| m);
+        let stats = self.merge_channel_moments(gpu, (moments, ca), second_moments, n, stats)?;
         let second = second.map(|(b, ca, _)| (b, ca));
         self.apply(gpu, x, second, n, hw, y, stats, scale_shift, silu_after)
     }
@@ -353,6 +321,44 @@ impl GpuGroupNorm {
         scratch: &mut GpuBuffer<f32>,
         silu_after: bool,
     ) -> Result<()> {
+        int_product("group norm image", &[h, w, self.channels])?;
+        let stats = self.statistics(gpu, x, None, n, h * w, scratch)?;
+        self.apply_pool(gpu, x, [n, h, w], y, stats, silu_after)
+    }
+
+    /// [`GpuGroupNorm::forward_pool`] with the statistics from the per-channel moments of the
+    /// conv that made x (see [`GpuGroupNorm::forward_from_moments`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_pool_from_moments<T: GpuFloat>(
+        &self,
+        gpu: &Gpu,
+        (x, moments): (&GpuBuffer<T>, GpuMoments<'_>),
+        [n, h, w]: [usize; 3],
+        y: &mut GpuBuffer<T>,
+        stats: &mut GpuBuffer<f32>,
+        silu_after: bool,
+    ) -> Result<()> {
+        let c = self.channels;
+        check_len(
+            "group norm input",
+            x.len(),
+            elements("group norm", &[n, h, w, c])?,
+        )?;
+        check_aligned(x.ptr(gpu))?;
+        let stats = self.merge_channel_moments(gpu, (moments, c), None, n, stats)?;
+        self.apply_pool(gpu, x, [n, h, w], y, stats, silu_after)
+    }
+
+    /// The apply-and-pool launch with the statistics at device address `stats`.
+    fn apply_pool<T: GpuFloat>(
+        &self,
+        gpu: &Gpu,
+        x: &GpuBuffer<T>,
+        [n, h, w]: [usize; 3],
+        y: &mut GpuBuffer<T>,
+        stats: u64,
+        silu_after: bool,
+    ) -> Result<()> {
         let c = self.channels;
         if !h.is_multiple_of(2) || !w.is_multiple_of(2) {
             return Err(crate::Error::Input(format!(
@@ -363,7 +369,6 @@ impl GpuGroupNorm {
         let out = elements("group norm + pooling output", &[n, h / 2, w / 2, c])?;
         check_len("group norm + pooling output", y.len(), out)?;
         check_aligned(y.ptr(gpu))?;
-        let stats = self.statistics(gpu, x, None, n, h * w, scratch)?;
         let i = |v: usize| v as i32;
         gpu.launch(
             "group_norm",
@@ -454,6 +459,54 @@ impl GpuGroupNorm {
         )?;
         self.merge(gpu, part, stats, n, chunks)?;
         Ok(stats)
+    }
+
+    /// The launch of `group_norm_merge_channels`: the statistics, into `stats` (`[n, groups,
+    /// 2]`; its device address is returned), from the per-channel moments of channels 0 .. ca
+    /// and of the others in `second`.
+    fn merge_channel_moments(
+        &self,
+        gpu: &Gpu,
+        (first, ca): (GpuMoments<'_>, usize),
+        second: Option<GpuMoments<'_>>,
+        n: usize,
+        stats: &mut GpuBuffer<f32>,
+    ) -> Result<u64> {
+        let (c, groups) = (self.channels, self.groups);
+        let part_len = |m: GpuMoments<'_>, channels: usize| -> Result<()> {
+            let len = elements("group norm moments", &[n, m.chunks, channels, 3])?;
+            check_len("group norm moments", m.part.len(), len)
+        };
+        part_len(first, ca)?;
+        if let Some(m) = second {
+            part_len(m, c - ca)?;
+        }
+        check_len("group norm statistics", stats.len(), n * groups * 2)?;
+        let (part2, chunks2) = second.map_or((0, 0), |m| (m.part.ptr(gpu), m.chunks));
+        let i = |v: usize| v as i32;
+        gpu.launch(
+            "group_norm",
+            "group_norm_merge_channels",
+            LaunchConfig {
+                grid_dim: (groups as u32, n as u32, 1),
+                block_dim: (k::GN_MERGE_THREADS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &GroupNormMergeChannelsArgs {
+                part: first.part.ptr(gpu),
+                chunks: i(first.chunks),
+                c1: i(ca),
+                part2,
+                chunks2: i(chunks2),
+                c: i(c),
+                stats: stats.ptr(gpu),
+                eps: self.eps,
+                groups: i(groups),
+                group_channels: i(c / groups),
+                ..Default::default()
+            },
+        )?;
+        Ok(stats.ptr(gpu))
     }
 
     /// The merge launch: the moments at device address `part` (`[n, chunks, groups, 3]`) into
