@@ -18,6 +18,8 @@
 //            upsampling (the UNet's Upsample before a conv)
 //   res_up   1: residual holds [n, ho/2, wo/2, cout] (ho, wo even), added nearest-2x-upsampled
 //            (an upsampling ResBlock's identity skip); it does not alias y then
+//   res_down 1: residual holds [n, 2*ho, 2*wo, cout], added 2x2-average-pooled (a downsampling
+//            ResBlock's identity skip); it does not alias y then (res_up and res_down not both)
 // And what a group norm of y needs, so that it makes no statistics pass of its own over y
 // (group_norm_merge_channels in kernels/group_norm.cu merges these into its groups):
 //   moments  NULL, or f32 [n, chunks = ho*wo / BM, cout, 3]: the (count, mean, M2) of each
@@ -51,7 +53,7 @@
     F(const float* __restrict__, bias) F(const void*, residual) F(void*, y) F(int, n) F(int, h)     \
     F(int, w) F(int, cin) F(int, cout) F(int, ksize) F(int, stride) F(int, ho) F(int, wo)            \
     F(const void* __restrict__, x2) F(int, cin1) F(int, up) F(int, res_up)                         \
-    F(float* __restrict__, moments)
+    F(float* __restrict__, moments) F(int, res_down)
 MCDM_ARGS(ConvArgs)
 
 #define CONV_BM 64        // tile rows (output pixels)
@@ -76,10 +78,11 @@ struct ConvShape {
     int up;          // x holds [n, sh, sw, ..] = [n, h/2, w/2, ..], upsampled on read
     int sh, sw;      // the stored input's height and width
     int res_up;      // the residual holds [n, ho/2, wo/2, cout]
+    int res_down;    // the residual holds [n, 2ho, 2wo, cout]
 };
 
 MCDM_DEV ConvShape conv_shape(int n, int h, int w, int cin, int cout, int ks, int stride, int ho, int wo,
-                              bool two_sources, int cin1, int up, int res_up) {
+                              bool two_sources, int cin1, int up, int res_up, int res_down) {
     ConvShape s;
     s.n = n; s.h = h; s.w = w; s.cin = cin; s.cout = cout; s.ks = ks; s.stride = stride;
     s.ho = ho; s.wo = wo;
@@ -93,6 +96,7 @@ MCDM_DEV ConvShape conv_shape(int n, int h, int w, int cin, int cout, int ks, in
     s.sh = up ? h >> 1 : h;
     s.sw = up ? w >> 1 : w;
     s.res_up = res_up;
+    s.res_down = res_down;
     return s;
 }
 
@@ -167,14 +171,35 @@ MCDM_DEV E load_b(const E* __restrict__ w, const ConvShape& s, int co, int k) {
     return w[(long long)co * s.K + k];
 }
 
-// The residual's element for output row (pixel) `row`, channel `col`: the same index as y's, or
-// that of pixel (oy/2, ox/2) of the half-size residual when it is upsampled.
+// The residual's element for output row (pixel) `row`, channel `col`: the same index as y's,
+// that of pixel (oy/2, ox/2) of the half-size residual when it is upsampled, or that of the
+// top-left pixel (2oy, 2ox) of the window of the full-size residual when it is pooled (the
+// others are conv_residual_down_steps past it).
 MCDM_DEV long long conv_residual_index(const ConvShape& s, int row, int col) {
-    if (!s.res_up) return (long long)row * s.cout + col;
+    if (!s.res_up && !s.res_down) return (long long)row * s.cout + col;
     const int b = row / s.hwo;
     const int r = row - b * s.hwo;
     const int oy = r / s.wo, ox = r - oy * s.wo;
+    if (s.res_down) return (((long long)b * 2 * s.ho + 2 * oy) * 2 * s.wo + 2 * ox) * s.cout + col;
     return (((long long)b * (s.ho >> 1) + (oy >> 1)) * (s.wo >> 1) + (ox >> 1)) * s.cout + col;
+}
+
+// The offsets of a pooled residual's window from its top-left element: right, down, down-right.
+MCDM_DEV void conv_residual_down_steps(const ConvShape& s, long long steps[3]) {
+    steps[0] = s.cout;
+    steps[1] = 2LL * s.wo * s.cout;
+    steps[2] = steps[0] + steps[1];
+}
+
+// The residual's value for (row, col): see conv_residual_index; the mean of the window when
+// pooled.
+template <typename T>
+MCDM_DEV float conv_residual(const ConvShape& s, const T* residual, int row, int col) {
+    const T* at = residual + conv_residual_index(s, row, col);
+    if (!s.res_down) return to_float(*at);
+    long long step[3];
+    conv_residual_down_steps(s, step);
+    return 0.25f * (to_float(at[0]) + to_float(at[step[0]]) + to_float(at[step[1]]) + to_float(at[step[2]]));
 }
 
 // Epilogue for one output element: y = acc + bias (+ residual).
@@ -184,7 +209,7 @@ MCDM_DEV void conv_store(const ConvShape& s, const float* __restrict__ bias, con
     if (row >= s.M || col >= s.cout) return;
     const long long idx = (long long)row * s.cout + col;
     float v = acc + (bias != nullptr ? bias[col] : 0.0f);
-    if (residual != nullptr) v += to_float(residual[conv_residual_index(s, row, col)]);
+    if (residual != nullptr) v += conv_residual(s, residual, row, col);
     y[idx] = from_float<T>(v);
 }
 
@@ -430,9 +455,24 @@ MCDM_DEV void conv_store2(const ConvShape& s, const float* __restrict__ bias, co
         v1 += bias[col + 1];
     }
     if (residual != nullptr) {
-        const unsigned r = *reinterpret_cast<const unsigned*>(residual + conv_residual_index(s, row, col));
-        v0 += bits_to_float<T>((unsigned short)(r & 0xffffu));
-        v1 += bits_to_float<T>((unsigned short)(r >> 16));
+        const T* at = residual + conv_residual_index(s, row, col);
+        const unsigned r = *reinterpret_cast<const unsigned*>(at);
+        float r0 = bits_to_float<T>((unsigned short)(r & 0xffffu));
+        float r1 = bits_to_float<T>((unsigned short)(r >> 16));
+        if (s.res_down) {
+            long long step[3];
+            conv_residual_down_steps(s, step);
+#pragma unroll
+            for (int q = 0; q < 3; ++q) {
+                const unsigned rq = *reinterpret_cast<const unsigned*>(at + step[q]);
+                r0 += bits_to_float<T>((unsigned short)(rq & 0xffffu));
+                r1 += bits_to_float<T>((unsigned short)(rq >> 16));
+            }
+            r0 *= 0.25f;
+            r1 *= 0.25f;
+        }
+        v0 += r0;
+        v1 += r1;
     }
     *reinterpret_cast<unsigned*>(y + idx) = pack2<T>(v0, v1);
 }
@@ -619,7 +659,8 @@ MCDM_DEV void conv2d_simt(const float* __restrict__ x, const float* __restrict__
 
 // ---------------------------------------------------------------------------------------------
 
-#define CONV_SHAPE conv_shape(n, h, w, cin, cout, ksize, stride, ho, wo, x2 != nullptr, cin1, up, res_up)
+#define CONV_SHAPE \
+    conv_shape(n, h, w, cin, cout, ksize, stride, ho, wo, x2 != nullptr, cin1, up, res_up, res_down)
 
 extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv2d_f32(MCDM_PARAMS(ConvArgs)) {
     conv2d_simt((const float*)x, (const float*)x2, (const float*)weight, bias, (const float*)residual, (float*)y,

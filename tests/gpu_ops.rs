@@ -337,15 +337,18 @@ fn conv_moments_match_cpu() {
 /// every kernel that can run them, against the CPU conv of the copies made.
 fn folded_conv_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
     let mut out = Vec::new();
-    // (n, h, w, ca, cb, cout, k, upsampled input, upsampled residual): h, w as the conv sees
-    // them; cb > 0 reads the last cb input channels from a second tensor.
-    for (i, &(n, h, w, ca, cb, cout, k, up, res_up)) in [
-        (2, 8, 8, 32, 64, 64, 3, false, false),
-        (1, 6, 10, 24, 40, 48, 1, false, false),
-        (2, 5, 7, 3, 5, 16, 3, false, false), // ca 3: element by element, the 64x64 tile only
-        (1, 16, 12, 64, 0, 64, 3, true, false),
-        (2, 8, 8, 32, 0, 32, 3, false, true),
-        (1, 8, 8, 16, 8, 32, 3, true, true),
+    // (n, h, w, ca, cb, cout, k, upsampled input, residual: at y's size, upsampled from half
+    // size or pooled from twice the size): h, w as the conv sees them; cb > 0 reads the last cb
+    // input channels from a second tensor.
+    for (i, &(n, h, w, ca, cb, cout, k, up, res_mode)) in [
+        (2, 8, 8, 32, 64, 64, 3, false, "same"),
+        (1, 6, 10, 24, 40, 48, 1, false, "same"),
+        (2, 5, 7, 3, 5, 16, 3, false, "same"), // ca 3: element by element, the 64x64 tile only
+        (1, 16, 12, 64, 0, 64, 3, true, "same"),
+        (2, 8, 8, 32, 0, 32, 3, false, "up"),
+        (1, 8, 8, 16, 8, 32, 3, true, "up"),
+        (2, 5, 7, 32, 0, 32, 3, false, "down"),
+        (1, 8, 6, 3, 5, 16, 3, false, "down"),
     ]
     .iter()
     .enumerate()
@@ -359,7 +362,11 @@ fn folded_conv_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
         let (sh, sw) = if up { (h / 2, w / 2) } else { (h, w) };
         let a = rounded::<T>(&values(n * sh * sw * ca, 320 + i as u32));
         let b = rounded::<T>(&values(n * sh * sw * cb, 330 + i as u32));
-        let (rh, rw) = if res_up { (h / 2, w / 2) } else { (h, w) };
+        let (rh, rw) = match res_mode {
+            "up" => (h / 2, w / 2),
+            "down" => (2 * h, 2 * w),
+            _ => (h, w),
+        };
         let r = rounded::<T>(&values(n * rh * rw * cout, 340 + i as u32));
         // The reference: the copies made, then the CPU conv accumulating into the residual.
         let mut stored = a.clone();
@@ -374,10 +381,10 @@ fn folded_conv_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
             x = stored;
         }
         let mut want = vec![0.0; n * h * w * cout];
-        if res_up {
-            upsample_nearest2x(&r, n, rh, rw, cout, &mut want);
-        } else {
-            want.copy_from_slice(&r);
+        match res_mode {
+            "up" => upsample_nearest2x(&r, n, rh, rw, cout, &mut want),
+            "down" => avg_pool2x(&r, n, rh, rw, cout, &mut want),
+            _ => want.copy_from_slice(&r),
         }
         conv.forward(&x, n, h, w, &mut want, true, &mut Vec::new());
 
@@ -397,15 +404,15 @@ fn folded_conv_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
                 continue;
             }
             let mut yd = g.upload::<T>(&vec![f32::NAN; want.len()]).unwrap();
-            let res = if res_up {
-                Residual::Upsampled(&rd)
-            } else {
-                Residual::Buffer(&rd)
+            let res = match res_mode {
+                "up" => Residual::Upsampled(&rd),
+                "down" => Residual::Pooled(&rd),
+                _ => Residual::Buffer(&rd),
             };
             dev.forward_with(g, kern, input, n, h, w, &mut yd, res)
                 .unwrap();
             let name = format!(
-                "folded conv {} n{n} {h}x{w} {ca}+{cb}->{cout} k{k} up {up} res_up {res_up}",
+                "folded conv {} n{n} {h}x{w} {ca}+{cb}->{cout} k{k} up {up} residual {res_mode}",
                 kern.name()
             );
             out.push((

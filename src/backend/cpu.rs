@@ -172,6 +172,11 @@ impl Backend for Cpu {
                 upsample_nearest2x(r, n, ho / 2, wo / 2, conv.cout, y);
                 true
             }
+            Residual::Pooled(r) => {
+                let (ho, wo) = conv.out_size(h, w);
+                avg_pool2x(r, n, 2 * ho, 2 * wo, conv.cout, y);
+                true
+            }
         };
         conv.forward(x, n, h, w, y, accumulate, &mut self.scratch);
         Ok(())

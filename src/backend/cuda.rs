@@ -167,10 +167,18 @@ impl<T: GpuFloat> Backend for Cuda<T> {
         y: &mut GpuBuffer<T>,
         residual: Residual<'_, GpuBuffer<T>>,
     ) -> Result<()> {
-        if let (Residual::Upsampled(r), false) = (&residual, fold_copies()) {
+        if !fold_copies() {
             let (ho, wo) = conv.out_size(h, w);
             let out = [ho, wo, conv.cout];
-            return copying::conv_upsampled_residual(self, conv, x, [n, h, w], y, r, out);
+            match residual {
+                Residual::Upsampled(r) => {
+                    return copying::conv_upsampled_residual(self, conv, x, [n, h, w], y, r, out)
+                }
+                Residual::Pooled(r) => {
+                    return copying::conv_pooled_residual(self, conv, x, [n, h, w], y, r, out)
+                }
+                _ => {}
+            }
         }
         conv.forward(&self.gpu, x, n, h, w, y, residual)
     }
@@ -284,7 +292,8 @@ impl<T: GpuFloat> Backend for Cuda<T> {
             upsampled,
         };
         // Not where the conv would copy first (an upsampled input or residual unfolded).
-        let folded = fold_copies() || !(upsampled || matches!(residual, Residual::Upsampled(_)));
+        let resampled = matches!(residual, Residual::Upsampled(_) | Residual::Pooled(_));
+        let folded = fold_copies() || !(upsampled || resampled);
         let plan = (self.norm_stats_in_conv && folded)
             .then(|| conv.moments_plan(&self.gpu, input, [n, h2, w2]))
             .flatten();

@@ -571,4 +571,25 @@ pub mod copying {
         be.give(up);
         result
     }
+
+    /// `conv` with `y = conv(x) + bias + avg_pool2x(r)` (y `[n, ho, wo, cout]`), the pooled
+    /// residual made first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv_pooled_residual<B: Backend>(
+        be: &mut B,
+        conv: &B::Conv,
+        x: &B::Tensor,
+        nhw: [usize; 3],
+        y: &mut B::Tensor,
+        r: &B::Tensor,
+        [ho, wo, cout]: [usize; 3],
+    ) -> Result<()> {
+        let n = nhw[0];
+        let mut pooled = be.take(n * ho * wo * cout)?;
+        let result = be
+            .avg_pool2x(r, [n, 2 * ho, 2 * wo, cout], &mut pooled)
+            .and_then(|()| be.conv(conv, x, nhw, y, Residual::Buffer(&pooled)));
+        be.give(pooled);
+        result
+    }
 }

@@ -644,7 +644,8 @@ impl<B: Backend> ResBlock<B> {
         be.linear(&self.emb_proj.params, emb, n, &mut e, false)?;
         // Up/down applies to both the normalised branch and the skip input: upsampling is read
         // by the convolutions (and the residual add) from the half-size tensors, the normalised
-        // branch is pooled as it is normalised, and the skip input is pooled.
+        // branch is pooled as it is normalised, and the skip input is pooled (an identity skip by
+        // the out-conv's epilogue).
         let up = self.updown == UpDown::Up;
         let (a, a_nhwc, pooled) = match self.updown {
             UpDown::None | UpDown::Up => {
@@ -669,7 +670,6 @@ impl<B: Backend> ResBlock<B> {
             UpDown::Down => {
                 let (h, w) = (x.h / 2, x.w / 2);
                 let mut a2 = be.take(n * h * w * x.c)?;
-                let mut x2 = be.take(n * h * w * x.c)?;
                 let nhwc = [n, x.h, x.w, x.c];
                 match x.moments {
                     Some(m) => {
@@ -677,8 +677,17 @@ impl<B: Backend> ResBlock<B> {
                     }
                     None => be.group_norm_pool2x(&self.in_norm, x.data, nhwc, &mut a2, true)?,
                 }
-                be.avg_pool2x(x.data, nhwc, &mut x2)?;
-                (a2, [n, h, w, x.c], Some(x2))
+                // The skip conv reads x pooled; an identity skip is pooled by the out-conv's
+                // epilogue as it adds it.
+                let pooled = match self.skip {
+                    Some(_) => {
+                        let mut x2 = be.take(n * h * w * x.c)?;
+                        be.avg_pool2x(x.data, nhwc, &mut x2)?;
+                        Some(x2)
+                    }
+                    None => None,
+                };
+                (a2, [n, h, w, x.c], pooled)
             }
         };
         let [_, ah, aw, _] = a_nhwc;
@@ -742,6 +751,7 @@ impl<B: Backend> ResBlock<B> {
             (Some(_), _) => Residual::Output,
             (None, Some(x2)) => Residual::Buffer(x2),
             (None, None) if up => Residual::Upsampled(x.data),
+            (None, None) if self.updown == UpDown::Down => Residual::Pooled(x.data),
             (None, None) => Residual::Buffer(x.data),
         };
         let moments =

@@ -435,6 +435,9 @@ pub enum Residual<'a, B> {
     /// `y = conv(x) + bias + upsample2x(r)`: r `[n, ho/2, wo/2, cout]` (ho, wo even), nearest
     /// 2x (an upsampling ResBlock's identity skip).
     Upsampled(&'a B),
+    /// `y = conv(x) + bias + avg_pool2x(r)`: r `[n, 2ho, 2wo, cout]`, 2x2 means (a
+    /// downsampling ResBlock's identity skip).
+    Pooled(&'a B),
 }
 
 /// Where a GPU convolution reads its input from: one tensor, or the channel concatenation of
@@ -846,6 +849,7 @@ impl<T: GpuFloat> GpuConv2d<T> {
             )));
         }
         let res_up = matches!(residual, Residual::Upsampled(_));
+        let res_down = matches!(residual, Residual::Pooled(_));
         let res = match residual {
             Residual::None => 0,
             Residual::Output => y.ptr(gpu),
@@ -861,6 +865,11 @@ impl<T: GpuFloat> GpuConv2d<T> {
                 }
                 let len = elements("conv residual", &[n, ho / 2, wo / 2, self.cout])?;
                 check_len("conv residual (half size)", r.len(), len)?;
+                r.ptr(gpu)
+            }
+            Residual::Pooled(r) => {
+                let len = elements("conv residual", &[n, 2 * ho, 2 * wo, self.cout])?;
+                check_len("conv residual (double size)", r.len(), len)?;
                 r.ptr(gpu)
             }
         };
@@ -906,6 +915,7 @@ impl<T: GpuFloat> GpuConv2d<T> {
             up: input.upsampled as i32,
             res_up: res_up as i32,
             moments,
+            res_down: res_down as i32,
             ..Default::default()
         };
         gpu.launch("conv", &name, cfg, &args)

@@ -96,6 +96,8 @@ MUTANTS = {
     # A solver step that does not shift its history: h2 keeps the x_0 of two steps back.
     "solver_history_not_shifted": ("step.cu", "        *h2 = *h1;\n", ""),
     # Group norm reads the concatenation's second tensor with the whole concatenation's stride.
+    # A pooled residual's window read a row too high (y's row stride for the residual's).
+    "res_down_window_row": ("conv.cu", "steps[1] = 2LL * s.wo * s.cout;", "steps[1] = (long long)s.wo * s.cout;"),
     # The moments of the conv's epilogue: read back before the other threads' stores (the
     # barrier gone), or over all but the last rows of the tile; their merge into groups reading
     # a concatenation's second part at the channel index of the whole.

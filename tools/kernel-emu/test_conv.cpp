@@ -16,6 +16,8 @@ struct ConvCase {
     bool up = false;   // the input is stored at half size and upsampled on read
     bool res_up = false;  // the residual is stored at half size (then in its own buffer)
     bool moments = false;  // the epilogue's per-channel moments are made and checked too
+    bool res_down = false;  // the residual is stored at twice the size, pooled 2x2 (own buffer)
+    bool own_residual() const { return res_up || res_down; }
     int cin1() const { return cin - cin2; }
     int ho() const { return (h + 2 * (ks / 2) - ks) / stride + 1; }
     int wo() const { return (w + 2 * (ks / 2) - ks) / stride + 1; }
@@ -24,7 +26,7 @@ struct ConvCase {
     std::string describe() const {
         char s[160];
         snprintf(s, sizeof s, "n%d %dx%d cin%d cout%d k%d s%d M%d%s%s%s%s%s%s", n, h, w, cin, cout, ks, stride, M(),
-                 residual ? (res_up ? " +res_up" : " +res=y") : "", bias ? "" : " nobias", x_offset ? " x+1" : "",
+                 residual ? (res_up ? " +res_up" : res_down ? " +res_down" : " +res=y") : "", bias ? "" : " nobias", x_offset ? " x+1" : "",
                  y_offset ? " y+1" : "", cin2 ? (" x2 cin" + std::to_string(cin2)).c_str() : "", up ? " up" : "");
         return moments ? s + std::string(" moments") : s;
     }
@@ -97,11 +99,24 @@ void run(const Variant& v, ConvKernelFn kernel, const ConvCase& c) {
     std::vector<float> bias(c.cout);
     for (auto& b : bias) b = rng.uniform();
     const size_t out = (size_t)M * c.cout;
-    // The residual is y itself (the UNet's aliasing), or with res_up its own half-size buffer.
-    const size_t res_len = c.res_up ? (size_t)c.n * (ho / 2) * (wo / 2) * c.cout : out;
-    std::vector<T> ys = c.residual && !c.res_up ? uniform_values<T>(out + c.y_offset, rng, -1, 1, &res)
-                                                 : nan_filled<T>(out + c.y_offset);
-    std::vector<T> rs = c.res_up ? uniform_values<T>(res_len, rng, -1, 1, &res) : std::vector<T>();
+    // The residual is y itself (the UNet's aliasing), or with res_up / res_down its own half-size
+    // / double-size buffer.
+    const size_t res_len = c.res_up     ? (size_t)c.n * (ho / 2) * (wo / 2) * c.cout
+                           : c.res_down ? (size_t)c.n * (2 * ho) * (2 * wo) * c.cout
+                                        : out;
+    std::vector<T> ys = c.residual && !c.own_residual() ? uniform_values<T>(out + c.y_offset, rng, -1, 1, &res)
+                                                         : nan_filled<T>(out + c.y_offset);
+    std::vector<T> rs = c.own_residual() ? uniform_values<T>(res_len, rng, -1, 1, &res) : std::vector<T>();
+    // The residual's value at output pixel (b, oy, ox), channel co (o: y's index).
+    auto residual_at = [&](int b, int oy, int ox, int co, size_t o) {
+        if (c.res_up) return res[((size_t)(b * (ho / 2) + oy / 2) * (wo / 2) + ox / 2) * c.cout + co];
+        if (!c.res_down) return res[c.y_offset + o];
+        double sum = 0;
+        for (int dy = 0; dy < 2; ++dy)
+            for (int dx = 0; dx < 2; ++dx)
+                sum += res[((size_t)(b * 2 * ho + 2 * oy + dy) * (2 * wo) + 2 * ox + dx) * c.cout + co];
+        return sum / 4;
+    };
 
     std::vector<double> ref(out);
     for (int b = 0; b < c.n; ++b)
@@ -117,9 +132,7 @@ void run(const Variant& v, ConvKernelFn kernel, const ConvCase& c) {
                             for (int ci = 0; ci < c.cin; ++ci) s += input(b, iy, ix, ci) * wp[ci];
                         }
                     const size_t o = ((size_t)(b * ho + oy) * wo + ox) * c.cout + co;
-                    const size_t ro = c.res_up ? ((size_t)(b * (ho / 2) + oy / 2) * (wo / 2) + ox / 2) * c.cout + co
-                                               : c.y_offset + o;
-                    ref[o] = s + (c.residual ? res[ro] : 0.0);
+                    ref[o] = s + (c.residual ? residual_at(b, oy, ox, co, o) : 0.0);
                 }
 
     const T* xp = xs.data() + c.x_offset;
@@ -127,12 +140,12 @@ void run(const Variant& v, ConvKernelFn kernel, const ConvCase& c) {
     const unsigned row_tiles = (M + v.bm - 1) / v.bm, col_tiles = (c.cout + v.bn - 1) / v.bn;
     const dim3 grid = v.large ? dim3{row_tiles * col_tiles, 1, 1} : dim3{row_tiles, col_tiles, 1};
     const auto t0 = std::chrono::steady_clock::now();
-    const T* rp = !c.residual ? nullptr : c.res_up ? rs.data() : yp;
+    const T* rp = !c.residual ? nullptr : c.own_residual() ? rs.data() : yp;
     const bool moments = moments_apply(v, c);
     std::vector<float> part(moments ? (size_t)c.n * (ho * wo / v.bm) * c.cout * 3 : 0, NAN);
     const ConvArgs args{xp,   ws.data(), c.bias ? bias.data() : nullptr, rp, yp, c.n, c.h, c.w, c.cin, c.cout, c.ks,
                         c.stride, ho, wo, c.cin2 ? x2s.data() : nullptr, cin1, c.up, c.res_up,
-                        moments ? part.data() : nullptr};
+                        moments ? part.data() : nullptr, c.res_down};
     emu_launch(grid, {(unsigned)v.threads, 1, 1}, [&] { MCDM_CALL(kernel, ConvArgs, args); }, v.dynamic_shared);
     const double secs = seconds_since(t0);
     std::vector<double> got = widen(ys);
@@ -161,6 +174,7 @@ int main(int argc, char** argv) {
     const ConvCase m198{2, 9, 11, 16, 72, 3, 1, true, true};  // M tail (198), cout 72, 5 K steps
     const ConvCase stride2{2, 9, 10, 40, 136, 3, 2, true, true};  // K steps straddle taps (cin 40)
     const ConvCase folded{1, 12, 12, 40, 16, 3, 2, true, true, 0, 0, 24, true, true};  // x2, up, res_up
+    const ConvCase pooled_residual{2, 4, 5, 16, 24, 3, 1, true, true, 0, 0, 0, false, false, false, true};
     // Shapes every kernel supports (cin, cout multiples of 8).
     std::vector<ConvCase> common = {
         {1, 5, 7, 8, 8, 3, 1, true, true},      // tiny: M 35, cout 8, cin 8 (K 72: 3 K steps)
@@ -179,16 +193,21 @@ int main(int argc, char** argv) {
         {2, 8, 8, 64, 72, 1, 1, true, true, 0, 0, 40},
         {1, 10, 12, 16, 64, 3, 1, false, true, 0, 0, 0, true},
         {2, 8, 6, 16, 24, 3, 1, true, true, 0, 0, 0, false, true},
+        // A pooled residual (a downsampling ResBlock's identity skip), paired and (y misaligned)
+        // element by element.
+        pooled_residual,
+        {1, 4, 6, 24, 48, 3, 1, true, true, 0, 1, 0, false, false, false, true},
         folded,
     };
     // With the per-channel moments of the output: row tiles of 64, 128 and 256 pixels in
     // 16x16 images (the last column tile partly outside cout 72), 64-pixel images after a
-    // stride-2 conv (the 64-row tiles only), and the folded copies.
+    // stride-2 conv (the 64-row tiles only), the folded copies, and a pooled residual.
     const std::vector<ConvCase> with_moments = {
         {1, 16, 16, 16, 72, 3, 1, true, true, 0, 0, 0, false, false, true},
         {1, 16, 16, 24, 64, 1, 1, false, true, 0, 0, 0, false, false, true},
         {2, 16, 16, 16, 128, 3, 2, true, true, 0, 0, 0, false, false, true},
         {1, 16, 16, 24, 64, 3, 1, true, true, 0, 0, 8, true, true, true},
+        {1, 8, 8, 16, 64, 3, 1, true, true, 0, 0, 0, false, false, true, true},
     };
     // cin 8 but cin1 3: the concatenation element by element (64x64 only).
     const ConvCase concat_scalar{1, 5, 6, 8, 16, 3, 1, true, true, 0, 0, 5};
@@ -202,7 +221,7 @@ int main(int argc, char** argv) {
     };
 
     if (quick) {
-        for (const ConvCase& c : {m198, stride2, folded, with_moments[0]}) {
+        for (const ConvCase& c : {m198, stride2, folded, with_moments[0], pooled_residual}) {
             run<__half>(TILE128, conv2d_m128n128_f16, c);
             run<__half>(TILE128X64, conv2d_m128n64_f16, c);
             run<__half>(TILE256X128, conv2d_m256n128_f16, c);
