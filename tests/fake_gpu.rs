@@ -346,6 +346,15 @@ fn cli_samples_on_the_fake_gpu_as_on_the_cpu() {
             .all(|(a, b)| a.to_bits() == b.to_bits()),
         "--no-cuda-graph changed the samples"
     );
+    // Every group norm's statistics from the moments of the convs that made its input, in the
+    // captured steps (a failed capture would warn, which sample_with refuses).
+    let env = [("MCDM_NORM_STATS_IN_CONV", "1")];
+    let fused = sample_with(driver, "cuda", &[], &env, &dir.path().join("fused")).unwrap();
+    common::within(
+        "mcdm sample on the fake GPU with MCDM_NORM_STATS_IN_CONV=1, f32, rel L2 vs the CPU",
+        rel_l2(&fused, &cpu),
+        5e-5,
+    );
     let mut split = 0;
     for quarter_mib in 8..=24 {
         let out = dir.path().join(format!("mem{quarter_mib}"));
