@@ -94,6 +94,16 @@ fn forward_benchmark_on_the_cpu() {
     );
     assert_eq!(record["compose_experts"], 0, "{record}");
     assert_eq!(record["config"]["in_channels"], 4, "{record}");
+    // The kernel and fusion switches as the run saw them (it inherits this process's).
+    for switch in [
+        "MCDM_CONV_KERNEL",
+        "MCDM_FOLD_COPIES",
+        "MCDM_NORM_STATS_IN_CONV",
+    ] {
+        let seen = record["environment"][switch].as_str().map(str::to_owned);
+        assert_eq!(seen, std::env::var(switch).ok(), "{record}");
+        assert!(record["environment"].get(switch).is_some(), "{record}");
+    }
     let gflop = record["gflop_per_image"].as_f64().unwrap();
     assert!(
         stderr.contains(&format!("{gflop:.2} GFLOP per image at 8x8), cpu, ")),

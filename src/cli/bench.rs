@@ -245,6 +245,15 @@ fn write_record(
     rows: Vec<serde_json::Value>,
 ) -> Result<()> {
     if let Some(path) = &args.output {
+        // The switches that choose kernels and fusions, as this run saw them.
+        let switches: std::collections::BTreeMap<_, _> = [
+            "MCDM_CONV_KERNEL",
+            "MCDM_FOLD_COPIES",
+            "MCDM_NORM_STATS_IN_CONV",
+        ]
+        .map(|k| (k, std::env::var(k).ok()))
+        .into_iter()
+        .collect();
         let record = serde_json::json!({
             "tool": format!("mcdm {}", env!("CARGO_PKG_VERSION")),
             "device": device,
@@ -252,6 +261,7 @@ fn write_record(
             "gflop_per_image": gflop,
             "compose_experts": args.compose,
             "steps": args.steps,
+            "environment": switches,
             "results": rows,
         });
         mcdm::files::write_atomic(path, serde_json::to_string_pretty(&record)?.as_bytes())
