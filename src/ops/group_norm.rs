@@ -321,6 +321,7 @@ impl GpuGroupNorm {
         scratch: &mut GpuBuffer<f32>,
         silu_after: bool,
     ) -> Result<()> {
+        check_pool_sides(h, w)?;
         int_product("group norm image", &[h, w, self.channels])?;
         let stats = self.statistics(gpu, x, None, n, h * w, scratch)?;
         self.apply_pool(gpu, x, [n, h, w], y, stats, silu_after)
@@ -339,6 +340,7 @@ impl GpuGroupNorm {
         silu_after: bool,
     ) -> Result<()> {
         let c = self.channels;
+        check_pool_sides(h, w)?;
         check_len(
             "group norm input",
             x.len(),
@@ -349,7 +351,8 @@ impl GpuGroupNorm {
         self.apply_pool(gpu, x, [n, h, w], y, stats, silu_after)
     }
 
-    /// The apply-and-pool launch with the statistics at device address `stats`.
+    /// The apply-and-pool launch with the statistics at device address `stats` (the sides
+    /// checked even by the caller).
     fn apply_pool<T: GpuFloat>(
         &self,
         gpu: &Gpu,
@@ -360,11 +363,6 @@ impl GpuGroupNorm {
         silu_after: bool,
     ) -> Result<()> {
         let c = self.channels;
-        if !h.is_multiple_of(2) || !w.is_multiple_of(2) {
-            return Err(crate::Error::Input(format!(
-                "group norm + 2x2 pooling of {h}x{w} images: the sides must be even"
-            )));
-        }
         int_product("group norm image", &[h, w, c])?;
         let out = elements("group norm + pooling output", &[n, h / 2, w / 2, c])?;
         check_len("group norm + pooling output", y.len(), out)?;
@@ -609,6 +607,16 @@ impl GpuGroupNorm {
             },
         )
     }
+}
+
+/// Group norm + 2x2 pooling takes whole windows.
+fn check_pool_sides(h: usize, w: usize) -> Result<()> {
+    if !h.is_multiple_of(2) || !w.is_multiple_of(2) {
+        return Err(crate::Error::Input(format!(
+            "group norm + 2x2 pooling of {h}x{w} images: the sides must be even"
+        )));
+    }
+    Ok(())
 }
 
 /// The kernels move eight channels at a time, in 16-byte accesses.
