@@ -61,8 +61,8 @@ MUTANTS = {
     "upsample_rows_not_halved": ("conv.cu", "        iy >>= 1;\n", ""),
     "residual_not_upsampled": (
         "conv.cu",
-        "if (!s.res_up) return (long long)row * s.cout + col;",
-        "if (s.res_up >= 0) return (long long)row * s.cout + col;",
+        "if (!s.res_up && !s.res_down) return (long long)row * s.cout + col;",
+        "if (!s.res_down) return (long long)row * s.cout + col;",
     ),
     "vector_copies_across_sources": ("conv.cu", " && s.cin1 % 8 == 0 && aligned16(x_)", " && aligned16(x_)"),
     # Reads weight rows past the last output channel, whose products are never stored: the values
