@@ -25,6 +25,12 @@
 //   moments  NULL, or f32 [n, chunks = ho*wo / BM, cout, 3]: the (count, mean, M2) of each
 //            channel over the BM output pixels of each row tile (see conv_channel_moments). The
 //            launcher passes it only when (ho*wo) % BM == 0 (a row tile lies in one image).
+// And the group norm of x itself, applied as the input is read, so that the normalised tensor is
+// never stored (group_norm_channel_affine in kernels/group_norm.cu makes the table):
+//   norm      NULL, or f32 [n, cin, 2]: (mul, add) of each image and input channel (of the
+//             concatenation, with x2); the conv then reads x[.., ci] * mul + add of image b
+//             (and its SiLU when norm_silu != 0), rounded to T as a stored normalised tensor would
+//             be. Padding stays zero: it is the normalised tensor that is padded.
 //
 // GEMM view: M = n*ho*wo output pixels (row m = (b*ho + oy)*wo + ox, i.e. y's row order),
 // N = cout, K = ksize*ksize*cin with k = (ky*ksize + kx)*cin + ci, which is exactly the order of
@@ -53,7 +59,7 @@
     F(const float* __restrict__, bias) F(const void*, residual) F(void*, y) F(int, n) F(int, h)     \
     F(int, w) F(int, cin) F(int, cout) F(int, ksize) F(int, stride) F(int, ho) F(int, wo)            \
     F(const void* __restrict__, x2) F(int, cin1) F(int, up) F(int, res_up)                         \
-    F(float* __restrict__, moments) F(int, res_down)
+    F(float* __restrict__, moments) F(int, res_down) F(const float* __restrict__, norm) F(int, norm_silu)
 MCDM_ARGS(ConvArgs)
 
 #define CONV_BM 64        // tile rows (output pixels)
@@ -79,10 +85,13 @@ struct ConvShape {
     int sh, sw;      // the stored input's height and width
     int res_up;      // the residual holds [n, ho/2, wo/2, cout]
     int res_down;    // the residual holds [n, 2ho, 2wo, cout]
+    const float* norm;  // NULL, or the input's (mul, add) per image and channel
+    int norm_silu;      // SiLU after the norm
 };
 
 MCDM_DEV ConvShape conv_shape(int n, int h, int w, int cin, int cout, int ks, int stride, int ho, int wo,
-                              bool two_sources, int cin1, int up, int res_up, int res_down) {
+                              bool two_sources, int cin1, int up, int res_up, int res_down, const float* norm,
+                              int norm_silu) {
     ConvShape s;
     s.n = n; s.h = h; s.w = w; s.cin = cin; s.cout = cout; s.ks = ks; s.stride = stride;
     s.ho = ho; s.wo = wo;
@@ -97,6 +106,8 @@ MCDM_DEV ConvShape conv_shape(int n, int h, int w, int cin, int cout, int ks, in
     s.sw = up ? w >> 1 : w;
     s.res_up = res_up;
     s.res_down = res_down;
+    s.norm = norm;
+    s.norm_silu = norm_silu;
     return s;
 }
 
@@ -124,8 +135,51 @@ MCDM_DEV long long conv_pixel(const ConvShape& s, int b, int iy, int ix) {
     return ((long long)b * s.sh + iy) * s.sw + ix;
 }
 
-// A[m][k] (see the header), or 0 outside the GEMM or the image. E: the raw element type.
-template <typename E>
+// Whether the (logical) input pixel (iy, ix) is inside the image, not padding.
+MCDM_DEV bool conv_inside(const ConvShape& s, int iy, int ix) { return iy >= 0 && iy < s.h && ix >= 0 && ix < s.w; }
+
+// Input channel ci of image b as the conv reads it when the input is normalised (s.norm): the
+// stored value v, times mul, plus add, SiLU'd when s.norm_silu (see the header).
+MCDM_DEV float conv_norm(const ConvShape& s, int b, int ci, float v) {
+    const float* ma = s.norm + ((long long)b * s.cin + ci) * 2;
+    v = fmaf(v, ma[0], ma[1]);
+    return s.norm_silu ? silu_f(v) : v;
+}
+
+// conv_norm on a raw element: an f32 value, or the bits of a 16-bit T (rounded back to T).
+template <typename T>
+MCDM_DEV float conv_norm_raw(const ConvShape& s, int b, int ci, float v) {
+    return conv_norm(s, b, ci, v);
+}
+template <typename T>
+MCDM_DEV unsigned short conv_norm_raw(const ConvShape& s, int b, int ci, unsigned short v) {
+    return (unsigned short)(pack2<T>(conv_norm(s, b, ci, bits_to_float<T>(v)), 0.0f) & 0xffffu);
+}
+
+// Normalises in place the 16-byte chunk of shared memory at `chunk` that one cp.async brought
+// (landed, for the thread that issued it): the eight channels ci .. ci+7 of one input pixel of
+// image b (ci % 8 == 0, so their four float4 of (mul, add) pairs are 16-byte aligned).
+template <typename T>
+MCDM_DEV void conv_norm_chunk(const ConvShape& s, int b, int ci, void* chunk) {
+    // Word by word: 16-byte accesses keep the whole chunk live, which spills the 128x64 tile's
+    // registers on sm_80-89.
+    unsigned* words = reinterpret_cast<unsigned*>(chunk);
+    const float4* table = reinterpret_cast<const float4*>(s.norm + ((long long)b * s.cin + ci) * 2);
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+        const float4 ma = table[p];  // (mul, add) of channels ci + 2p and ci + 2p + 1
+        float lo = fmaf(bits_to_float<T>((unsigned short)(words[p] & 0xffffu)), ma.x, ma.y);
+        float hi = fmaf(bits_to_float<T>((unsigned short)(words[p] >> 16)), ma.z, ma.w);
+        if (s.norm_silu) {
+            lo = silu_f(lo);
+            hi = silu_f(hi);
+        }
+        words[p] = pack2<T>(lo, hi);
+    }
+}
+
+// A[m][k] (see the header), or 0 outside the GEMM or the image. E: the raw element type of T.
+template <typename T, typename E>
 MCDM_DEV E load_a(const E* __restrict__ x, const E* __restrict__ x2, const ConvShape& s, int m, int k) {
     if (m >= s.M || k >= s.K) return E(0);
     const int b = m / s.hwo;
@@ -136,9 +190,10 @@ MCDM_DEV E load_a(const E* __restrict__ x, const E* __restrict__ x2, const ConvS
     const int ky = tap / s.ks, kx = tap - ky * s.ks;
     const int iy = oy * s.stride + ky - s.pad;
     const int ix = ox * s.stride + kx - s.pad;
-    if (iy < 0 || iy >= s.h || ix < 0 || ix >= s.w) return E(0);
+    if (!conv_inside(s, iy, ix)) return E(0);
     const ConvChannel<E> ch = conv_channel(x, x2, s, ci);
-    return ch.base[conv_pixel(s, b, iy, ix) * ch.stride + ch.c];
+    const E v = ch.base[conv_pixel(s, b, iy, ix) * ch.stride + ch.c];
+    return s.norm != nullptr ? conv_norm_raw<T>(s, b, ci, v) : v;
 }
 
 // GEMM row m (an output pixel): its image b and the input coordinates (iy0, ix0) of its top-left
@@ -305,7 +360,7 @@ MCDM_DEV void conv2d_mma(const T* x_, const T* x2_, const T* w_, const float* __
                 const int row = (tid >> 2) + 32 * c;
                 // A chunk: 8 channels ci..ci+7 of input pixel (a_b, a_iy0 + ky, a_ix0 + kx).
                 const int iy = a_iy0[c] + ky, ix = a_ix0[c] + kx;
-                const bool ok = k_ok && iy >= 0 && iy < s.h && ix >= 0 && ix < s.w;
+                const bool ok = k_ok && conv_inside(s, iy, ix);
                 const unsigned short* src = ok ? ch.base + conv_pixel(s, a_b[c], iy, ix) * ch.stride + ch.c : x;
                 cp_async16(&As[st][row][kc], src, ok);
                 // B chunk: w[n0 + row][k .. k+7].
@@ -320,10 +375,22 @@ MCDM_DEV void conv2d_mma(const T* x_, const T* x2_, const T* w_, const float* __
             for (int e = 0; e < (CONV_BM * CONV_BK) / CONV_THREADS; ++e) {
                 const int id = tid + CONV_THREADS * e;
                 const int row = id >> 5, kk = id & 31;
-                As[st][row][kk] = load_a<unsigned short>(x, x2, s, m0 + row, k0 + kk);
+                As[st][row][kk] = load_a<T>(x, x2, s, m0 + row, k0 + kk);
                 Bs[st][row][kk] = load_b<unsigned short>(w, s, n0 + row, k0 + kk);
             }
         }
+    };
+
+    // Fast path with s.norm: normalises this thread's A chunks of stage `st` (K step kt) once
+    // they have landed, before the barrier that shows the stage to the other warps; padding
+    // chunks stay zero.
+    auto normalize_stage = [&](int st, int kt) {
+        int ci, ky, kx;
+        if (!conv_k_tap(s, kt * CONV_BK + kc, ci, ky, kx)) return;
+#pragma unroll
+        for (int c = 0; c < 2; ++c)
+            if (conv_inside(s, a_iy0[c] + ky, a_ix0[c] + kx))
+                conv_norm_chunk<T>(s, a_b[c], ci, &As[st][(tid >> 2) + 32 * c][kc]);
     };
 
     float acc[2][4][4];
@@ -347,6 +414,7 @@ MCDM_DEV void conv2d_mma(const T* x_, const T* x2_, const T* w_, const float* __
         } else {
             cp_async_wait<0>();
         }
+        if (vec && s.norm != nullptr) normalize_stage(cur, kt);
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < CONV_BK; kk += 16) {
@@ -519,7 +587,7 @@ MCDM_DEV void conv2d_mma_big(const T* x_, const T* x2_, const T* w_, const float
 #pragma unroll
         for (int c = 0; c < A_PASSES; ++c) {
             const int iy = a_iy0[c] + ky, ix = a_ix0[c] + kx;
-            const bool ok = k_ok && iy >= 0 && iy < s.h && ix >= 0 && ix < s.w;
+            const bool ok = k_ok && conv_inside(s, iy, ix);
             const unsigned short* src = ok ? ch.base + conv_pixel(s, a_b[c], iy, ix) * ch.stride + ch.c : x;
             cp_async16(As + st_off + RPP * CONVB_ROW_BYTES * c, src, ok);
         }
@@ -530,6 +598,18 @@ MCDM_DEV void conv2d_mma_big(const T* x_, const T* x2_, const T* w_, const float
             const unsigned short* src = ok ? w + (long long)co * s.K + k : w;
             cp_async16(Bs + st_off + RPP * CONVB_ROW_BYTES * c, src, ok);
         }
+    };
+
+    // With s.norm: normalises this thread's A chunks of stage st (K step kt) once they have
+    // landed, before the barrier that shows the stage to the other warps; padding stays zero.
+    auto normalize_stage = [&](int st, int kt) {
+        unsigned char* As = conv_dyn_smem + st * STAGE_BYTES;
+        int ci, ky, kx;
+        if (!conv_k_tap(s, kt * BK + kc * 8, ci, ky, kx)) return;
+#pragma unroll
+        for (int c = 0; c < A_PASSES; ++c)
+            if (conv_inside(s, a_iy0[c] + ky, a_ix0[c] + kx))
+                conv_norm_chunk<T>(s, a_b[c], ci, As + st_off + RPP * CONVB_ROW_BYTES * c);
     };
 
     float acc[4][NT][4];
@@ -556,6 +636,7 @@ MCDM_DEV void conv2d_mma_big(const T* x_, const T* x2_, const T* w_, const float
 
     for (int kt = 0; kt < KT; ++kt) {
         cp_async_wait<S - 2>();
+        if (s.norm != nullptr) normalize_stage(kt % S, kt);
         __syncthreads();
         if (kt + S - 1 < KT) load_stage((kt + S - 1) % S, kt + S - 1);
         cp_async_commit();
@@ -659,8 +740,9 @@ MCDM_DEV void conv2d_simt(const float* __restrict__ x, const float* __restrict__
 
 // ---------------------------------------------------------------------------------------------
 
-#define CONV_SHAPE \
-    conv_shape(n, h, w, cin, cout, ksize, stride, ho, wo, x2 != nullptr, cin1, up, res_up, res_down)
+#define CONV_SHAPE                                                                                 \
+    conv_shape(n, h, w, cin, cout, ksize, stride, ho, wo, x2 != nullptr, cin1, up, res_up, res_down, norm, \
+               norm_silu)
 
 extern "C" __global__ void __launch_bounds__(CONV_THREADS) conv2d_f32(MCDM_PARAMS(ConvArgs)) {
     conv2d_simt((const float*)x, (const float*)x2, (const float*)weight, bias, (const float*)residual, (float*)y,

@@ -33,6 +33,11 @@ MCDM_ARGS(GroupNormApplyArgs)
     F(const float* __restrict__, gamma) F(const float* __restrict__, beta) F(void* __restrict__, y)  \
     F(int, h) F(int, w) F(int, c) F(int, silu) F(int, groups) F(int, group_channels)
 MCDM_ARGS(GroupNormApplyPoolArgs)
+#define GroupNormChannelAffineArgs_FIELDS(F)                                                       \
+    F(const float* __restrict__, stats) F(const float* __restrict__, gamma)                          \
+    F(const float* __restrict__, beta) F(const float* __restrict__, scale_shift)                     \
+    F(float* __restrict__, table) F(int, c) F(int, groups) F(int, group_channels)
+MCDM_ARGS(GroupNormChannelAffineArgs)
 
 // Statistics in two kernels, both deterministic (fixed partition, fixed merge order):
 //
@@ -118,15 +123,11 @@ MCDM_DEV void group_norm_partial(const T* __restrict__ x, const T* __restrict__ 
     }
 }
 
-MCDM_DEV void group_norm_merge_chunks(const float* __restrict__ part, float* __restrict__ stats, int chunks,
-                                      float eps, int groups) {
+// The end of both merge kernels: block (g, b) reduces its threads' moments m in a fixed tree,
+// then stores group g's (mean, rstd) of image b.
+MCDM_DEV void gn_store_group_stats(Moments m, float* __restrict__ stats, float eps, int groups) {
     __shared__ Moments tree[GN_MERGE_THREADS];
     const int g = blockIdx.x, b = blockIdx.y, t = threadIdx.x;
-    Moments m{0.0f, 0.0f, 0.0f};
-    for (int k = t; k < chunks; k += GN_MERGE_THREADS) {
-        const float* p = part + (((long long)b * chunks + k) * groups + g) * 3;
-        m = merge_moments(m, Moments{p[0], p[1], p[2]});
-    }
     tree[t] = m;
     __syncthreads();
     for (int half = GN_MERGE_THREADS / 2; half > 0; half >>= 1) {
@@ -140,6 +141,17 @@ MCDM_DEV void group_norm_merge_chunks(const float* __restrict__ part, float* __r
     }
 }
 
+MCDM_DEV void group_norm_merge_chunks(const float* __restrict__ part, float* __restrict__ stats, int chunks,
+                                      float eps, int groups) {
+    const int g = blockIdx.x, b = blockIdx.y, t = threadIdx.x;
+    Moments m{0.0f, 0.0f, 0.0f};
+    for (int k = t; k < chunks; k += GN_MERGE_THREADS) {
+        const float* p = part + (((long long)b * chunks + k) * groups + g) * 3;
+        m = merge_moments(m, Moments{p[0], p[1], p[2]});
+    }
+    gn_store_group_stats(m, stats, eps, groups);
+}
+
 // group_norm_merge_channels: the statistics (as group_norm_merge's) from per-channel moments
 //   that the convs producing x made in their epilogues (kernels/conv.cu's `moments`): part f32
 //   [n, chunks, c1, 3] for channels 0 .. c1-1, and, when x is a concatenation, part2 f32
@@ -149,7 +161,6 @@ MCDM_DEV void group_norm_merge_chunks(const float* __restrict__ part, float* __r
 MCDM_DEV void group_norm_merge_channel_moments(const float* __restrict__ part, int chunks, int c1,
                                                const float* __restrict__ part2, int chunks2, int c,
                                                float* __restrict__ stats, float eps, int groups, int cg) {
-    __shared__ Moments tree[GN_MERGE_THREADS];
     const int g = blockIdx.x, b = blockIdx.y, t = threadIdx.x;
     // The group's channels [lo, hi): [lo, mid) from part, [mid, hi) from part2.
     const int lo = g * cg, hi = lo + cg, mid = max(lo, min(hi, c1));
@@ -166,17 +177,7 @@ MCDM_DEV void group_norm_merge_channel_moments(const float* __restrict__ part, i
         }
         m = merge_moments(m, Moments{p[0], p[1], p[2]});
     }
-    tree[t] = m;
-    __syncthreads();
-    for (int half = GN_MERGE_THREADS / 2; half > 0; half >>= 1) {
-        if (t < half) tree[t] = merge_moments(tree[t], tree[t + half]);
-        __syncthreads();
-    }
-    if (t == 0) {
-        const Moments r = tree[0];
-        stats[((long long)b * groups + g) * 2 + 0] = r.mean;
-        stats[((long long)b * groups + g) * 2 + 1] = 1.0f / sqrtf(r.m2 / r.n + eps);
-    }
+    gn_store_group_stats(m, stats, eps, groups);
 }
 
 // y [n, hw, c] = (x - mean) * rstd * gamma + beta with the group statistics of
@@ -249,6 +250,31 @@ MCDM_DEV void group_norm_apply(const T* x, const T* x2, const float* __restrict_
         }
         *reinterpret_cast<Pack8<T>*>(y + base + j) = out;
     }
+}
+
+// group_norm_channel_affine: the norm as one affine map per image and channel, for a conv that
+//   applies it as it reads its input (kernels/conv.cu's `norm`): table f32 [n, c, 2] = (mul, add)
+//   with group_norm_apply's y = x * mul + add before the SiLU, i.e. mul = rstd * gamma *
+//   (1 + scale), add = (beta - mean * rstd * gamma) * (1 + scale) + shift (stats, gamma, beta and
+//   scale_shift as group_norm_apply takes them). Launch: grid (ceil(c / 128), n), block 128.
+#define GN_AFFINE_THREADS 128
+
+MCDM_DEV void group_norm_channel_affine_table(const float* __restrict__ stats, const float* __restrict__ gamma,
+                                              const float* __restrict__ beta, const float* __restrict__ scale_shift,
+                                              float* __restrict__ table, int c, int groups, int cg) {
+    const int b = blockIdx.y, ch = blockIdx.x * GN_AFFINE_THREADS + threadIdx.x;
+    if (ch >= c) return;
+    const float* st = stats + ((long long)b * groups + ch / cg) * 2;
+    float mul = st[1] * (gamma != nullptr ? gamma[ch] : 1.0f);
+    float add = (beta != nullptr ? beta[ch] : 0.0f) - st[0] * mul;
+    if (scale_shift != nullptr) {
+        const float* ss = scale_shift + (long long)b * 2 * c;
+        mul *= 1.0f + ss[ch];
+        add = add * (1.0f + ss[ch]) + ss[c + ch];
+    }
+    float* out = table + ((long long)b * c + ch) * 2;
+    out[0] = mul;
+    out[1] = add;
 }
 
 // y [n, h/2, w/2, c] = the 2x2 mean of group_norm_apply's output (without scale-shift or a
@@ -331,6 +357,11 @@ extern "C" __global__ void __launch_bounds__(GN_MERGE_THREADS) group_norm_merge(
 extern "C" __global__ void __launch_bounds__(GN_MERGE_THREADS)
     group_norm_merge_channels(MCDM_PARAMS(GroupNormMergeChannelsArgs)) {
     group_norm_merge_channel_moments(part, chunks, c1, part2, chunks2, c, stats, eps, groups, group_channels);
+}
+
+extern "C" __global__ void __launch_bounds__(GN_AFFINE_THREADS)
+    group_norm_channel_affine(MCDM_PARAMS(GroupNormChannelAffineArgs)) {
+    group_norm_channel_affine_table(stats, gamma, beta, scale_shift, table, c, groups, group_channels);
 }
 
 MCDM_GROUP_NORM(f32, float)

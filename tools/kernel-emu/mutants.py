@@ -109,6 +109,22 @@ MUTANTS = {
     "conv_moments_rows_short": ("conv.cu", "for (int i = row0; i < BM; i += R, at += step)",
                                 "for (int i = row0; i < BM - R; i += R, at += step)"),
     "group_norm_merge_channels_second_offset": ("group_norm.cu", "(ch - c1)) * 3;", "ch) * 3;"),
+    # The input's norm applied as the conv reads it: to padding chunks too, after the barrier
+    # that shows the stage to the other warps, with image 0's table for every image; and its
+    # table's shift made without gamma.
+    "norm_pads_too": (
+        "conv.cu",
+        "            if (conv_inside(s, a_iy0[c] + ky, a_ix0[c] + kx))\n"
+        "                conv_norm_chunk<T>(s, a_b[c], ci, As + st_off",
+        "                conv_norm_chunk<T>(s, a_b[c], ci, As + st_off",
+    ),
+    "norm_after_barrier": (
+        "conv.cu",
+        "        if (s.norm != nullptr) normalize_stage(kt % S, kt);\n        __syncthreads();\n",
+        "        __syncthreads();\n        if (s.norm != nullptr) normalize_stage(kt % S, kt);\n",
+    ),
+    "norm_first_image_table": ("conv.cu", "float4*>(s.norm + ((long long)b * s.cin + ci) * 2)", "float4*>(s.norm + ci * 2)"),
+    "group_norm_affine_shift_without_gamma": ("group_norm.cu", "- st[0] * mul;", "- st[0] * st[1];"),
     "group_norm_second_source_stride": (
         "group_norm.cu",
         "return x2 == nullptr ? c : (ch < c1 ? c1 : c - c1);",

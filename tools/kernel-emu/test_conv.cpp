@@ -17,6 +17,7 @@ struct ConvCase {
     bool res_up = false;  // the residual is stored at half size (then in its own buffer)
     bool moments = false;  // the epilogue's per-channel moments are made and checked too
     bool res_down = false;  // the residual is stored at twice the size, pooled 2x2 (own buffer)
+    int norm = 0;  // 1: the input is normalised as it is read (a random (mul, add) table); 2: and SiLU'd
     bool own_residual() const { return res_up || res_down; }
     int cin1() const { return cin - cin2; }
     int ho() const { return (h + 2 * (ks / 2) - ks) / stride + 1; }
@@ -28,7 +29,7 @@ struct ConvCase {
         snprintf(s, sizeof s, "n%d %dx%d cin%d cout%d k%d s%d M%d%s%s%s%s%s%s", n, h, w, cin, cout, ks, stride, M(),
                  residual ? (res_up ? " +res_up" : res_down ? " +res_down" : " +res=y") : "", bias ? "" : " nobias", x_offset ? " x+1" : "",
                  y_offset ? " y+1" : "", cin2 ? (" x2 cin" + std::to_string(cin2)).c_str() : "", up ? " up" : "");
-        return moments ? s + std::string(" moments") : s;
+        return s + std::string(moments ? " moments" : "") + (norm == 1 ? " norm" : norm == 2 ? " norm+silu" : "");
     }
 };
 
@@ -88,11 +89,23 @@ void run(const Variant& v, ConvKernelFn kernel, const ConvCase& c) {
     std::vector<double> x, x2, w, res;
     auto xs = uniform_values<T>((size_t)c.n * sh * sw * cin1 + c.x_offset, rng, -1, 1, &x);
     auto x2s = uniform_values<T>((size_t)c.n * sh * sw * c.cin2, rng, -1, 1, &x2);
-    // Channel ci of the logical input pixel (b, iy, ix): cat([x, x2]), upsampled when c.up.
+    // The input's normalisation: (mul, add) per image and channel.
+    std::vector<float> table(c.norm ? (size_t)c.n * c.cin * 2 : 0);
+    for (size_t i = 0; i < table.size(); i += 2) {
+        table[i] = rng.uniform(0.5f, 1.5f);
+        table[i + 1] = rng.uniform(-0.5f, 0.5f);
+    }
+    // Channel ci of the logical input pixel (b, iy, ix): cat([x, x2]), upsampled when c.up;
+    // normalised (and rounded to T, as a stored normalised tensor is) when c.norm.
     auto input = [&](int b, int iy, int ix, int ci) {
         if (c.up) iy /= 2, ix /= 2;
         const size_t pixel = (size_t)(b * sh + iy) * sw + ix;
-        return ci < cin1 ? x[c.x_offset + pixel * cin1 + ci] : x2[pixel * c.cin2 + ci - cin1];
+        const double v = ci < cin1 ? x[c.x_offset + pixel * cin1 + ci] : x2[pixel * c.cin2 + ci - cin1];
+        if (!c.norm) return v;
+        const float* ma = &table[((size_t)b * c.cin + ci) * 2];
+        double normed = v * ma[0] + ma[1];
+        if (c.norm == 2) normed /= 1 + std::exp(-normed);
+        return (double)to_float(from_float<T>((float)normed));
     };
     const float wscale = 2.0f / std::sqrt((float)K);
     auto ws = uniform_values<T>((size_t)c.cout * K, rng, -wscale, wscale, &w);
@@ -145,7 +158,7 @@ void run(const Variant& v, ConvKernelFn kernel, const ConvCase& c) {
     std::vector<float> part(moments ? (size_t)c.n * (ho * wo / v.bm) * c.cout * 3 : 0, NAN);
     const ConvArgs args{xp,   ws.data(), c.bias ? bias.data() : nullptr, rp, yp, c.n, c.h, c.w, c.cin, c.cout, c.ks,
                         c.stride, ho, wo, c.cin2 ? x2s.data() : nullptr, cin1, c.up, c.res_up,
-                        moments ? part.data() : nullptr, c.res_down};
+                        moments ? part.data() : nullptr, c.res_down, c.norm ? table.data() : nullptr, c.norm == 2};
     emu_launch(grid, {(unsigned)v.threads, 1, 1}, [&] { MCDM_CALL(kernel, ConvArgs, args); }, v.dynamic_shared);
     const double secs = seconds_since(t0);
     std::vector<double> got = widen(ys);
@@ -175,6 +188,8 @@ int main(int argc, char** argv) {
     const ConvCase stride2{2, 9, 10, 40, 136, 3, 2, true, true};  // K steps straddle taps (cin 40)
     const ConvCase folded{1, 12, 12, 40, 16, 3, 2, true, true, 0, 0, 24, true, true};  // x2, up, res_up
     const ConvCase pooled_residual{2, 4, 5, 16, 24, 3, 1, true, true, 0, 0, 0, false, false, false, true};
+    // The input normalised as it is read (+ SiLU): two images (their own tables), 5 K steps.
+    const ConvCase normed{2, 9, 11, 16, 72, 3, 1, true, true, 0, 0, 0, false, false, false, false, 2};
     // Shapes every kernel supports (cin, cout multiples of 8).
     std::vector<ConvCase> common = {
         {1, 5, 7, 8, 8, 3, 1, true, true},      // tiny: M 35, cout 8, cin 8 (K 72: 3 K steps)
@@ -198,6 +213,15 @@ int main(int argc, char** argv) {
         pooled_residual,
         {1, 4, 6, 24, 48, 3, 1, true, true, 0, 1, 0, false, false, false, true},
         folded,
+        // The input's group norm applied as it is read: with SiLU over two images; without, K
+        // steps straddling taps at stride 2; a 1x1 conv (the attention's qkv); the decoder's
+        // concatenation upsampled; with the output's moments and residual (a ResBlock's
+        // out-conv).
+        normed,
+        {2, 9, 10, 40, 136, 3, 2, true, true, 0, 0, 0, false, false, false, false, 1},
+        {3, 6, 7, 40, 64, 1, 1, false, true, 0, 0, 0, false, false, false, false, 1},
+        {2, 6, 8, 40, 16, 3, 1, true, true, 0, 0, 24, true, false, false, false, 2},
+        {1, 16, 16, 16, 72, 3, 1, true, true, 0, 0, 0, false, false, true, false, 2},
     };
     // With the per-channel moments of the output: row tiles of 64, 128 and 256 pixels in
     // 16x16 images (the last column tile partly outside cout 72), 64-pixel images after a
@@ -211,6 +235,8 @@ int main(int argc, char** argv) {
     };
     // cin 8 but cin1 3: the concatenation element by element (64x64 only).
     const ConvCase concat_scalar{1, 5, 6, 8, 16, 3, 1, true, true, 0, 0, 5};
+    // The 3-channel input conv over two images, normalised element by element.
+    const ConvCase normed_scalar{2, 9, 6, 3, 8, 3, 2, false, true, 0, 0, 0, false, false, false, false, 2};
     const ConvCase cin264{1, 4, 5, 264, 24, 3, 1, false, true};  // K 2376: 75 K steps
     // 64x64 only: cin not a multiple of 8, cout not a multiple of 8, misaligned x.
     const std::vector<ConvCase> scalar_loads = {
@@ -218,16 +244,19 @@ int main(int argc, char** argv) {
         {1, 3, 3, 6, 64, 3, 1, false, true},
         {1, 6, 5, 16, 33, 3, 1, false, true, 1},
         concat_scalar,
+        normed_scalar,
+        {1, 6, 5, 16, 33, 3, 1, false, true, 1, 0, 0, false, false, false, false, 1},  // misaligned x
     };
 
     if (quick) {
-        for (const ConvCase& c : {m198, stride2, folded, with_moments[0], pooled_residual}) {
+        for (const ConvCase& c : {m198, stride2, folded, with_moments[0], pooled_residual, normed}) {
             run<__half>(TILE128, conv2d_m128n128_f16, c);
             run<__half>(TILE128X64, conv2d_m128n64_f16, c);
             run<__half>(TILE256X128, conv2d_m256n128_f16, c);
             run<__half>(TILE64, conv2d_f16, c);
         }
         run<__half>(TILE64, conv2d_f16, concat_scalar);
+        run<__half>(TILE64, conv2d_f16, normed_scalar);
         return checker.finish();
     }
     if (!g_cp_async_delayed) common = {m198, stride2};  // the pipeline's ordering is what differs

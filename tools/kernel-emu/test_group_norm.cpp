@@ -58,12 +58,18 @@ void run(Partial partial, Apply apply, const GnCase& k) {
         xin, stats, gamma.data(), beta.data(), k.scale_shift ? ss.data() : nullptr, y, hw, c, k.silu, x2in, c1, groups, cg};
     emu_launch({(unsigned)((hw * c + per_block - 1) / per_block), (unsigned)n, 1}, {GN_APPLY_THREADS, 1, 1},
                [&] { MCDM_CALL(apply, GroupNormApplyArgs, apply_args); });
+    // The same norm as the per-channel table a conv applies as it reads its input.
+    std::vector<float> table((size_t)n * c * 2, NAN);
+    const GroupNormChannelAffineArgs affine_args{
+        stats, gamma.data(), beta.data(), k.scale_shift ? ss.data() : nullptr, table.data(), c, groups, cg};
+    emu_launch({(unsigned)((c + GN_AFFINE_THREADS - 1) / GN_AFFINE_THREADS), (unsigned)n, 1}, {GN_AFFINE_THREADS, 1, 1},
+               [&] { MCDM_CALL(group_norm_channel_affine, GroupNormChannelAffineArgs, affine_args); });
     const double secs = seconds_since(t0);
 
     // Reference statistics in double. The kernels store the mean in f32: y inherits that
     // rounding, |mean| 2^-24 (times rstd, gamma, 1 + scale), which large offsets make visible;
     // it is allowed as slack (4 half-ulps: the f32 merge adds a few roundings).
-    std::vector<double> ref(x.size()), slack(x.size()), mean_err, rstd_err, zeros;
+    std::vector<double> ref(x.size()), slack(x.size()), via_table(x.size()), mean_err, rstd_err, zeros;
     for (int b = 0; b < n; ++b)
         for (int g = 0; g < groups; ++g) {
             double s = 0, q = 0;
@@ -93,6 +99,9 @@ void run(Partial partial, Apply apply, const GnCase& k) {
                     }
                     if (k.silu) v = v / (1 + std::exp(-v));  // slope <= 1.1
                     ref[i] = v;
+                    const float* ma = &table[((size_t)b * c + ch) * 2];
+                    double t = x[i] * ma[0] + ma[1];
+                    via_table[i] = k.silu ? t / (1 + std::exp(-t)) : t;
                     slack[i] = 1.1 * gain * mean_storage;
                 }
         }
@@ -106,6 +115,9 @@ void run(Partial partial, Apply apply, const GnCase& k) {
     // 16-bit: the output's rounding to T, with room for the roundings of f32 math before it.
     const double tol = std::is_same<T, float>::value ? 1e-5 : 2.5 * storage_eps<T>();
     checker.close(std::string("group_norm_apply_") + type_name<T>() + " " + name, ref, widen(ys), tol, 0, &slack);
+    // x * mul + add in f32 loses |mean| * rstd * gamma * 2^-24 a rounding (mul, add and the
+    // sum: within the slack); otherwise only the statistics' error.
+    checker.close(std::string("group_norm_channel_affine ") + type_name<T>() + " " + name, ref, via_table, 1e-5, 0, &slack);
 }
 
 // group_norm_partial_* -> group_norm_merge -> group_norm_apply_pool_* (a downsampling block's
