@@ -204,6 +204,13 @@ if step "mcdm bf16 imagenet64-adm b64 norm stats in conv" 90 bench-mcdm-norm-sta
     --batch 64 --iters 3 --output "$LOG/mcdm-imagenet64-adm-norm-stats.json"; then
     record "mcdm bf16 imagenet64-adm b64 norm stats in conv" "$(tail -1 "$LOG/bench-mcdm-norm-stats.log")"
 elif [ $? -ne 125 ]; then record "mcdm bf16 imagenet64-adm b64 norm stats in conv" "FAILED or stopped"; fi
+# And with the norms applied by the convs that read them too (MCDM_NORM_APPLY_IN_CONV=1): no
+# normalised tensor stored but the pooled ones.
+if step "mcdm bf16 imagenet64-adm b64 norms in conv" 90 bench-mcdm-norms-in-conv.log env MCDM_NORM_STATS_IN_CONV=1 \
+    MCDM_NORM_APPLY_IN_CONV=1 "$BIN" bench --device cuda --dtype bf16 --config tools/configs/imagenet64-adm.json \
+    --compose 3 --steps 10 --batch 64 --iters 3 --output "$LOG/mcdm-imagenet64-adm-norms-in-conv.json"; then
+    record "mcdm bf16 imagenet64-adm b64 norms in conv" "$(tail -1 "$LOG/bench-mcdm-norms-in-conv.log")"
+elif [ $? -ne 125 ]; then record "mcdm bf16 imagenet64-adm b64 norms in conv" "FAILED or stopped"; fi
 # What replaying each step as a CUDA graph saves where launches dominate: the SynthFaces models'
 # size (32x32, 32 channels), the default composition's 3 experts, batch 8, 50 steps.
 [ "$QUICK" = 1 ] && graph_modes="" || graph_modes="graph nograph"

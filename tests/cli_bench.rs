@@ -99,6 +99,7 @@ fn forward_benchmark_on_the_cpu() {
         "MCDM_CONV_KERNEL",
         "MCDM_FOLD_COPIES",
         "MCDM_NORM_STATS_IN_CONV",
+        "MCDM_NORM_APPLY_IN_CONV",
     ] {
         let seen = record["environment"][switch].as_str().map(str::to_owned);
         assert_eq!(seen, std::env::var(switch).ok(), "{record}");

@@ -346,12 +346,16 @@ fn cli_samples_on_the_fake_gpu_as_on_the_cpu() {
             .all(|(a, b)| a.to_bits() == b.to_bits()),
         "--no-cuda-graph changed the samples"
     );
-    // Every group norm's statistics from the moments of the convs that made its input, in the
-    // captured steps (a failed capture would warn, which sample_with refuses).
-    let env = [("MCDM_NORM_STATS_IN_CONV", "1")];
+    // Every group norm's statistics from the moments of the convs that made its input, and
+    // the norm applied by the conv that reads it, in the captured steps (a failed capture would
+    // warn, which sample_with refuses).
+    let env = [
+        ("MCDM_NORM_STATS_IN_CONV", "1"),
+        ("MCDM_NORM_APPLY_IN_CONV", "1"),
+    ];
     let fused = sample_with(driver, "cuda", &[], &env, &dir.path().join("fused")).unwrap();
     common::within(
-        "mcdm sample on the fake GPU with MCDM_NORM_STATS_IN_CONV=1, f32, rel L2 vs the CPU",
+        "mcdm sample on the fake GPU with the norms fused into the convs, f32, rel L2 vs the CPU",
         rel_l2(&fused, &cpu),
         5e-5,
     );
@@ -718,7 +722,9 @@ fn bench_profile_on_the_fake_gpu() {
     assert!(total > 0.0, "no kernel time:\n{stdout}");
     // With MCDM_NORM_STATS_IN_CONV=1 every group norm of this UNet reads a conv's output (or a
     // concatenation of two), so each takes its statistics from the convs' moments: no
-    // statistics pass at all, and one channel-moment merge per norm.
+    // statistics pass at all, and one channel-moment merge per norm. With
+    // MCDM_NORM_APPLY_IN_CONV=1 too, every norm a conv reads is applied by that conv (from a
+    // per-channel table): only the pooled norms of downsampling blocks are stored.
     let launches = |json: &serde_json::Value, kernel: &str| -> u64 {
         json["results"][0]["profile"]
             .as_array()
@@ -735,6 +741,7 @@ fn bench_profile_on_the_fake_gpu() {
         driver
             .apply(&mut cmd)
             .env("MCDM_NORM_STATS_IN_CONV", "1")
+            .env("MCDM_NORM_APPLY_IN_CONV", "1")
             .args([
                 "bench", "--device", "cuda", "--dtype", "bf16", "--batch", "2",
             ])
@@ -751,6 +758,13 @@ fn bench_profile_on_the_fake_gpu() {
     assert_eq!(
         launches(&fused, "group_norm_merge_channels"),
         norms,
+        "{stdout}"
+    );
+    let pooled = launches(&fused, "group_norm_apply_pool");
+    assert_eq!(launches(&fused, "group_norm_apply_bf16"), 0, "{stdout}");
+    assert_eq!(
+        launches(&fused, "group_norm_channel_affine"),
+        norms - pooled,
         "{stdout}"
     );
     // A profile is of one forward pass, not of composed sampling (small enough to end quickly

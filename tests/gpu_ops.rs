@@ -180,6 +180,7 @@ fn conv_moments_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
             x: &xd,
             second: None,
             upsampled: up,
+            norm: None,
         };
         let mut ran = 0;
         for kern in ConvKernel::ALL {
@@ -398,6 +399,7 @@ fn folded_conv_cases<T: GpuFloat>(g: &Gpu) -> Vec<(String, f64, f64)> {
             x: &ad,
             second: (cb > 0).then_some((&bd, cb)),
             upsampled: up,
+            norm: None,
         };
         for kern in ConvKernel::ALL {
             if !dev.supports(g, kern, input) {
@@ -840,22 +842,24 @@ fn forward_cases<T: GpuFloat>(g: &Arc<Gpu>) -> Vec<(String, f64, f64)> {
             "_f16" => 1e-2,
             _ => 3e-2,
         };
-        // In bf16 (the GPU default) also with every norm's statistics from the moments of the
-        // convs that made its input.
-        let fused: &[bool] = if T::SUFFIX == "_bf16" {
-            &[false, true]
-        } else {
-            &[false]
+        // With the norm fusions (statistics from the moments of the convs that made a norm's
+        // input; the norm applied as the next conv reads it): in bf16 (the GPU default) each
+        // alone and both; in f32 (the SIMT conv's element-by-element loads) and f16, both.
+        let fusions: &[(bool, bool)] = match T::SUFFIX {
+            "_bf16" => &[(false, false), (true, false), (false, true), (true, true)],
+            _ => &[(false, false), (true, true)],
         };
-        for &norm_stats_in_conv in fused {
+        for &(stats, apply) in fusions {
             let mut cuda = Cuda::<T>::new(g.clone());
-            cuda.set_norm_stats_in_conv(norm_stats_in_conv);
+            cuda.set_norm_stats_in_conv(stats);
+            cuda.set_norm_apply_in_conv(apply);
             let dev = unet.to_backend(&mut cuda).unwrap();
             let got = dev.forward_nchw(&mut cuda, x, shape, &cond).unwrap();
-            let how = if norm_stats_in_conv {
-                " (norm stats in conv)"
-            } else {
-                ""
+            let how = match (stats, apply) {
+                (false, false) => "",
+                (true, false) => " (norm stats in conv)",
+                (false, true) => " (norm applied in conv)",
+                (true, true) => " (norm stats and apply in conv)",
             };
             out.push((format!("forward {name}{how}"), rel_l2(&got, &want), tol));
         }

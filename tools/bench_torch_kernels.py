@@ -1,6 +1,6 @@
 """PyTorch's kernels on the shapes of `mcdm bench --kernels`, beside mcdm's: cuDNN's conv2d
-(channels_last, torch.backends.cudnn.benchmark) on every conv shape of the table, the concatenation
-or nearest upsampling a folded mcdm conv replaces followed by that conv, and
+(channels_last, torch.backends.cudnn.benchmark) on every conv shape of the table, the concatenation,
+nearest upsampling or group norm + SiLU a folded mcdm conv replaces followed by that conv, and
 scaled_dot_product_attention on the attention shapes, in the table's storage type.
 
 Usage (scripts/device-check.sh runs it after the kernel table):
@@ -25,7 +25,7 @@ import time
 import torch as th
 import torch.nn.functional as F
 
-CONV = re.compile(r"^conv(\d)x\d (?:(concat-read|upsample-read) )?(\S+)( \(auto\))?$")
+CONV = re.compile(r"^conv(\d)x\d (?:(concat-read|upsample-read|norm\+SiLU-read) )?(\S+)( \(auto\))?$")
 CONV_SHAPE = re.compile(r"^n(\d+) (\d+)x(\d+)(?:->(\d+)x(\d+))? (\d+)(?:\+(\d+))?->(\d+)$")
 ATTN_SHAPE = re.compile(r"^n(\d+) t(\d+) c(\d+) heads(\d+)$")
 DTYPES = {"bf16": th.bfloat16, "f16": th.float16, "f32": th.float32}
@@ -93,7 +93,12 @@ def conv_case(kind, shape, dtype, device):
     weight = th.randn(cout, ca + cb, k, k, device=device, dtype=dtype).to(memory_format=cl)
     a = th.randn(n, ca, h, w, device=device, dtype=dtype).to(memory_format=cl)
     b = th.randn(n, cb, h, w, device=device, dtype=dtype).to(memory_format=cl) if cb else None
-    if up:
+    if "norm+SiLU-read" in kind:
+        norm = th.nn.GroupNorm(32, ca, device=device, dtype=dtype)
+
+        def run():
+            return F.conv2d(F.silu(norm(a)), weight, padding=k // 2)
+    elif up:
         def run():
             return F.conv2d(F.interpolate(a, scale_factor=2, mode="nearest"), weight, padding=k // 2)
     elif cb:
@@ -142,7 +147,8 @@ def main():
             else:
                 run, flop = conv_case(kind, shape, dtype, device)
                 op = {"conv3x3 concat-read": "cat + cudnn conv", "conv3x3 upsample-read":
-                      "interpolate + cudnn conv"}.get(kind, f"cudnn {kind}")
+                      "interpolate + cudnn conv", "conv3x3 norm+SiLU-read":
+                      "group_norm + silu + cudnn conv"}.get(kind, f"cudnn {kind}")
             ms = time_ms(run, args.iters, device)
             auto = r["auto"] if r["auto"] is not None else r["best"]
             print(f"| {op} | {shape} | {r['best']:.3f} | {auto:.3f} | {ms:.3f} | {flop / ms / 1e9:.1f} | "

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 
-use super::{copying, Backend, Buffer, Moments, Residual};
+use super::{copying, Backend, Buffer, InputNorm, Moments, Residual, Source};
 use crate::cuda::buffer::GpuPool;
 use crate::cuda::{Gpu, GpuBuffer, GpuFloat, GpuGraph, StreamMark};
 use crate::diffusion::StepParams;
@@ -39,6 +39,15 @@ pub fn norm_stats_in_conv_setting() -> bool {
     *ON.get_or_init(|| std::env::var("MCDM_NORM_STATS_IN_CONV").is_ok_and(|v| v == "1"))
 }
 
+/// `MCDM_NORM_APPLY_IN_CONV=1` has each conv that reads a group norm's output apply the norm
+/// (and its scale-shift and SiLU) as it loads its input ([`Backend::normed_conv`]), so that
+/// the normalised tensor is never stored; off by default until a GPU run has timed it. Read
+/// once, when a backend is made.
+pub fn norm_apply_in_conv_setting() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MCDM_NORM_APPLY_IN_CONV").is_ok_and(|v| v == "1"))
+}
+
 /// The device view of moments the backend made.
 fn gpu_moments(m: &Moments<GpuBuffer<f32>>) -> GpuMoments<'_> {
     GpuMoments {
@@ -69,6 +78,8 @@ pub struct Cuda<T> {
     marks: Option<[StreamMark; 2]>,
     /// See [`norm_stats_in_conv_setting`].
     norm_stats_in_conv: bool,
+    /// See [`norm_apply_in_conv_setting`].
+    norm_apply_in_conv: bool,
 }
 
 impl<T: GpuFloat> Cuda<T> {
@@ -79,6 +90,7 @@ impl<T: GpuFloat> Cuda<T> {
             vectors: GpuPool::default(),
             marks: None,
             norm_stats_in_conv: norm_stats_in_conv_setting(),
+            norm_apply_in_conv: norm_apply_in_conv_setting(),
         }
     }
 
@@ -89,6 +101,53 @@ impl<T: GpuFloat> Cuda<T> {
     /// Overrides `MCDM_NORM_STATS_IN_CONV` for this backend (tests, benchmarks).
     pub fn set_norm_stats_in_conv(&mut self, on: bool) {
         self.norm_stats_in_conv = on;
+    }
+
+    /// Overrides `MCDM_NORM_APPLY_IN_CONV` for this backend (tests, benchmarks).
+    pub fn set_norm_apply_in_conv(&mut self, on: bool) {
+        self.norm_apply_in_conv = on;
+    }
+
+    /// `f` with a vector of `len` floats from the pool (contents unspecified), given back after
+    /// whatever `f` returns.
+    fn with_vector<R>(
+        &mut self,
+        len: usize,
+        f: impl FnOnce(&mut Self, &mut GpuBuffer<f32>) -> Result<R>,
+    ) -> Result<R> {
+        let mut vector = self.take_vector(len)?;
+        let result = f(self, &mut vector);
+        self.give_vector(vector);
+        result
+    }
+
+    /// The conv of `input` (`nhw`: the size the conv sees), with its output's moments where
+    /// `moments` asks for them, the backend makes them and the kernel can.
+    fn conv_input(
+        &mut self,
+        conv: &GpuConv2d<T>,
+        input: ConvInput<'_, T>,
+        nhw: [usize; 3],
+        y: &mut GpuBuffer<T>,
+        residual: Residual<'_, GpuBuffer<T>>,
+        moments: bool,
+    ) -> Result<Option<Moments<GpuBuffer<f32>>>> {
+        let plan = (moments && self.norm_stats_in_conv)
+            .then(|| conv.moments_plan(&self.gpu, input, nhw))
+            .flatten();
+        let Some((kernel, chunks)) = plan else {
+            let [n, h, w] = nhw;
+            conv.forward(&self.gpu, input, n, h, w, y, residual)?;
+            return Ok(None);
+        };
+        let mut part = self.take_vector(nhw[0] * chunks * conv.cout * 3)?;
+        match conv.forward_moments(&self.gpu, kernel, input, nhw, y, residual, &mut part) {
+            Ok(()) => Ok(Some(Moments { part, chunks })),
+            Err(e) => {
+                self.give_vector(part);
+                Err(e)
+            }
+        }
     }
 }
 
@@ -167,18 +226,15 @@ impl<T: GpuFloat> Backend for Cuda<T> {
         y: &mut GpuBuffer<T>,
         residual: Residual<'_, GpuBuffer<T>>,
     ) -> Result<()> {
-        if !fold_copies() {
+        let resampled = match residual {
+            Residual::Upsampled(r) => Some((r, false)),
+            Residual::Pooled(r) => Some((r, true)),
+            _ => None,
+        };
+        if let Some(r) = resampled.filter(|_| !fold_copies()) {
             let (ho, wo) = conv.out_size(h, w);
             let out = [ho, wo, conv.cout];
-            match residual {
-                Residual::Upsampled(r) => {
-                    return copying::conv_upsampled_residual(self, conv, x, [n, h, w], y, r, out)
-                }
-                Residual::Pooled(r) => {
-                    return copying::conv_pooled_residual(self, conv, x, [n, h, w], y, r, out)
-                }
-                _ => {}
-            }
+            return copying::conv_resampled_residual(self, conv, x, [n, h, w], y, r, out);
         }
         conv.forward(&self.gpu, x, n, h, w, y, residual)
     }
@@ -196,6 +252,7 @@ impl<T: GpuFloat> Backend for Cuda<T> {
             x,
             second: None,
             upsampled: true,
+            norm: None,
         };
         conv.forward(&self.gpu, input, n, 2 * h, 2 * w, y, Residual::None)
     }
@@ -214,6 +271,7 @@ impl<T: GpuFloat> Backend for Cuda<T> {
             x: a,
             second: Some((b, cb)),
             upsampled: false,
+            norm: None,
         };
         conv.forward(&self.gpu, input, n, h, w, y, residual)
     }
@@ -230,20 +288,10 @@ impl<T: GpuFloat> Backend for Cuda<T> {
             let sizes = [n, hw, ca, cb];
             return copying::concat_group_norm(self, norm, [a, b], sizes, y, scale_shift, silu);
         }
-        let mut stats = self.take_vector(norm.scratch_len(n, hw))?;
-        let result = norm.forward_concat(
-            &self.gpu,
-            [a, b],
-            ca,
-            n,
-            hw,
-            y,
-            &mut stats,
-            scale_shift,
-            silu,
-        );
-        self.give_vector(stats);
-        result
+        self.with_vector(norm.scratch_len(n, hw), |be, scratch| {
+            let ss = scale_shift;
+            norm.forward_concat(&be.gpu, [a, b], ca, n, hw, y, scratch, ss, silu)
+        })
     }
     fn group_norm(
         &mut self,
@@ -255,10 +303,9 @@ impl<T: GpuFloat> Backend for Cuda<T> {
         scale_shift: Option<&GpuBuffer<f32>>,
         silu: bool,
     ) -> Result<()> {
-        let mut stats = self.take_vector(norm.scratch_len(n, hw))?;
-        let result = norm.forward(&self.gpu, x, n, hw, y, &mut stats, scale_shift, silu);
-        self.give_vector(stats);
-        result
+        self.with_vector(norm.scratch_len(n, hw), |be, scratch| {
+            norm.forward(&be.gpu, x, n, hw, y, scratch, scale_shift, silu)
+        })
     }
     fn group_norm_pool2x(
         &mut self,
@@ -271,10 +318,9 @@ impl<T: GpuFloat> Backend for Cuda<T> {
         if !fold_copies() {
             return copying::group_norm_pool2x(self, norm, x, [n, h, w, c], y, silu);
         }
-        let mut stats = self.take_vector(norm.scratch_len(n, h * w))?;
-        let result = norm.forward_pool(&self.gpu, x, [n, h, w], y, &mut stats, silu);
-        self.give_vector(stats);
-        result
+        self.with_vector(norm.scratch_len(n, h * w), |be, scratch| {
+            norm.forward_pool(&be.gpu, x, [n, h, w], y, scratch, silu)
+        })
     }
     fn conv_moments(
         &mut self,
@@ -285,45 +331,80 @@ impl<T: GpuFloat> Backend for Cuda<T> {
         y: &mut GpuBuffer<T>,
         residual: Residual<'_, GpuBuffer<T>>,
     ) -> Result<Option<Moments<GpuBuffer<f32>>>> {
-        let (h2, w2) = if upsampled { (2 * h, 2 * w) } else { (h, w) };
+        // Not where the conv would copy first (an upsampled input or residual unfolded).
+        let resampled = matches!(residual, Residual::Upsampled(_) | Residual::Pooled(_));
+        if !fold_copies() && (upsampled || resampled) {
+            let nhwc = [n, h, w, c];
+            return copying::conv_without_moments(self, conv, x, nhwc, upsampled, y, residual);
+        }
         let input = ConvInput {
             x,
             second: None,
             upsampled,
+            norm: None,
         };
-        // Not where the conv would copy first (an upsampled input or residual unfolded).
-        let resampled = matches!(residual, Residual::Upsampled(_) | Residual::Pooled(_));
-        let folded = fold_copies() || !(upsampled || resampled);
-        let plan = (self.norm_stats_in_conv && folded)
-            .then(|| conv.moments_plan(&self.gpu, input, [n, h2, w2]))
-            .flatten();
-        let Some((kernel, chunks)) = plan else {
-            return copying::conv_without_moments(
-                self,
-                conv,
-                x,
-                [n, h, w, c],
-                upsampled,
-                y,
-                residual,
+        let nhw = if upsampled {
+            [n, 2 * h, 2 * w]
+        } else {
+            [n, h, w]
+        };
+        self.conv_input(conv, input, nhw, y, residual, true)
+    }
+    fn normed_conv(
+        &mut self,
+        norm: InputNorm<'_, Self>,
+        conv: &GpuConv2d<T>,
+        parts: &[Source<'_, Self>],
+        [n, h, w]: [usize; 3],
+        upsampled: bool,
+        y: &mut GpuBuffer<T>,
+        residual: Residual<'_, GpuBuffer<T>>,
+        moments: bool,
+    ) -> Result<Option<Moments<GpuBuffer<f32>>>> {
+        let gn = norm.norm;
+        // One tensor, or a concatenation whose statistics the kernels can read from its two.
+        let split = match parts {
+            [a] => Some((a, None)),
+            [a, b] if gn.takes_concat(&self.gpu, b.data, a.c) => Some((a, Some(b))),
+            _ => None,
+        };
+        let Some((first, second)) = split.filter(|_| self.norm_apply_in_conv && fold_copies())
+        else {
+            let nhw = [n, h, w];
+            return copying::normed_conv(
+                self, norm, conv, parts, nhw, upsampled, y, residual, moments,
             );
         };
-        let mut part = self.take_vector(n * chunks * conv.cout * 3)?;
-        match conv.forward_moments(
-            &self.gpu,
-            kernel,
-            input,
-            [n, h2, w2],
-            y,
-            residual,
-            &mut part,
-        ) {
-            Ok(()) => Ok(Some(Moments { part, chunks })),
-            Err(e) => {
-                self.give_vector(part);
-                Err(e)
+        let c = first.c + second.map_or(0, |b| b.c);
+        let nhw_seen = if upsampled {
+            [n, 2 * h, 2 * w]
+        } else {
+            [n, h, w]
+        };
+        let ss = norm.scale_shift;
+        self.with_vector(n * c * 2, |be, table| {
+            let second_moments = second.map(|b| b.moments);
+            match (first.moments, second_moments) {
+                (Some(ma), None | Some(Some(_))) => {
+                    let ma = (gpu_moments(ma), first.c);
+                    let mb = second_moments.flatten().map(gpu_moments);
+                    be.with_vector(n * gn.groups() * 2, |be, stats| {
+                        gn.channel_table_from_moments(&be.gpu, ma, mb, n, stats, ss, table)
+                    })?
+                }
+                _ => be.with_vector(gn.scratch_len(n, h * w), |be, scratch| {
+                    let b = second.map(|b| (b.data, first.c));
+                    gn.channel_table(&be.gpu, first.data, b, [n, h * w], scratch, ss, table)
+                })?,
             }
-        }
+            let input = ConvInput {
+                x: first.data,
+                second: second.map(|b| (b.data, b.c)),
+                upsampled,
+                norm: Some((&*table, norm.silu)),
+            };
+            be.conv_input(conv, input, nhw_seen, y, residual, moments)
+        })
     }
     fn group_norm_from(
         &mut self,
@@ -335,20 +416,10 @@ impl<T: GpuFloat> Backend for Cuda<T> {
         scale_shift: Option<&GpuBuffer<f32>>,
         silu: bool,
     ) -> Result<()> {
-        let mut stats = self.take_vector(n * norm.groups() * 2)?;
-        let m = gpu_moments(moments);
-        let result = norm.forward_from_moments(
-            &self.gpu,
-            (x, m),
-            None,
-            [n, hw],
-            y,
-            &mut stats,
-            scale_shift,
-            silu,
-        );
-        self.give_vector(stats);
-        result
+        self.with_vector(n * norm.groups() * 2, |be, stats| {
+            let first = (x, gpu_moments(moments));
+            norm.forward_from_moments(&be.gpu, first, None, [n, hw], y, stats, scale_shift, silu)
+        })
     }
     fn concat_group_norm_from(
         &mut self,
@@ -364,21 +435,11 @@ impl<T: GpuFloat> Backend for Cuda<T> {
             let sizes = [n, hw, ca, cb];
             return copying::concat_group_norm(self, norm, [a, b], sizes, y, scale_shift, silu);
         }
-        let mut stats = self.take_vector(n * norm.groups() * 2)?;
-        let first = (a, gpu_moments(ma));
-        let second = Some((b, ca, gpu_moments(mb)));
-        let result = norm.forward_from_moments(
-            &self.gpu,
-            first,
-            second,
-            [n, hw],
-            y,
-            &mut stats,
-            scale_shift,
-            silu,
-        );
-        self.give_vector(stats);
-        result
+        self.with_vector(n * norm.groups() * 2, |be, stats| {
+            let (first, second) = ((a, gpu_moments(ma)), Some((b, ca, gpu_moments(mb))));
+            let ss = scale_shift;
+            norm.forward_from_moments(&be.gpu, first, second, [n, hw], y, stats, ss, silu)
+        })
     }
     fn group_norm_pool2x_from(
         &mut self,
@@ -391,12 +452,10 @@ impl<T: GpuFloat> Backend for Cuda<T> {
         if !fold_copies() {
             return copying::group_norm_pool2x(self, norm, x, [n, h, w, c], y, silu);
         }
-        let mut stats = self.take_vector(n * norm.groups() * 2)?;
-        let first = (x, gpu_moments(moments));
-        let result =
-            norm.forward_pool_from_moments(&self.gpu, first, [n, h, w], y, &mut stats, silu);
-        self.give_vector(stats);
-        result
+        self.with_vector(n * norm.groups() * 2, |be, stats| {
+            let first = (x, gpu_moments(moments));
+            norm.forward_pool_from_moments(&be.gpu, first, [n, h, w], y, stats, silu)
+        })
     }
     fn attend(
         &mut self,

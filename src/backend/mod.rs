@@ -76,6 +76,38 @@ pub struct Moments<V> {
     pub chunks: usize,
 }
 
+/// One of a conv's input tensors, `[n, h, w, c]`, with the per-channel moments of the conv
+/// that made it, where there are some ([`Backend::conv_moments`]).
+pub struct Source<'a, B: Backend> {
+    pub data: &'a B::Tensor,
+    pub c: usize,
+    pub moments: Option<&'a Moments<B::Vector>>,
+}
+
+impl<B: Backend> Clone for Source<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend> Copy for Source<'_, B> {}
+
+/// The group norm of a conv's input, then `* (1 + scale) + shift` with `scale_shift` `[n, 2c]`
+/// (scale first), then SiLU when `silu`: [`Backend::normed_conv`].
+pub struct InputNorm<'a, B: Backend> {
+    pub norm: &'a B::GroupNorm,
+    pub scale_shift: Option<&'a B::Vector>,
+    pub silu: bool,
+}
+
+impl<B: Backend> Clone for InputNorm<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend> Copy for InputNorm<'_, B> {}
+
 /// One forward pass over a batch: `pass(backend, x, n, cond)` returns the output of `n` images.
 pub type Pass<'p, B> = dyn FnMut(&mut B, &<B as Backend>::Tensor, usize, Cond<'_, B>) -> Result<<B as Backend>::Tensor>
     + 'p;
@@ -200,6 +232,28 @@ pub trait Backend: Sized {
         residual: Residual<'_, Self::Tensor>,
     ) -> Result<Option<Moments<Self::Vector>>> {
         copying::conv_without_moments(self, conv, x, nhwc, upsampled, y, residual)
+    }
+    /// `conv` of the group norm of x (`norm`), x being one tensor or the channel concatenation
+    /// of two (`parts`, each `[n, h, w, c_i]`; `nhw` is their stored size, which an `upsampled`
+    /// conv reads at twice the size, then without a residual); with the moments of its output
+    /// as [`Backend::conv_moments`] makes them when `moments` asks for them. The norm takes its
+    /// statistics from the parts' moments where they all have some. This default stores the
+    /// normalised tensor first; a backend may normalise as the conv reads.
+    #[allow(clippy::too_many_arguments)]
+    fn normed_conv(
+        &mut self,
+        norm: InputNorm<'_, Self>,
+        conv: &Self::Conv,
+        parts: &[Source<'_, Self>],
+        nhw: [usize; 3],
+        upsampled: bool,
+        y: &mut Self::Tensor,
+        residual: Residual<'_, Self::Tensor>,
+        moments: bool,
+    ) -> Result<Option<Moments<Self::Vector>>> {
+        copying::normed_conv(
+            self, norm, conv, parts, nhw, upsampled, y, residual, moments,
+        )
     }
     /// `group_norm` of x, whose per-channel moments [`Backend::conv_moments`] made. This
     /// default makes its own statistics.
@@ -461,8 +515,69 @@ pub trait Backend: Sized {
 /// [`Backend::concat_group_norm`] let a backend avoid, made, and the other fused operations as
 /// their plain sequences: their defaults, and a backend's fallback where it cannot fuse.
 pub mod copying {
-    use super::{Backend, Residual};
+    use super::{Backend, InputNorm, Moments, Residual, Source};
     use crate::error::Result;
+
+    /// [`Backend::normed_conv`] with the normalised input stored first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn normed_conv<B: Backend>(
+        be: &mut B,
+        norm: InputNorm<'_, B>,
+        conv: &B::Conv,
+        parts: &[Source<'_, B>],
+        [n, h, w]: [usize; 3],
+        upsampled: bool,
+        y: &mut B::Tensor,
+        residual: Residual<'_, B::Tensor>,
+        moments: bool,
+    ) -> Result<Option<Moments<B::Vector>>> {
+        let c = parts.iter().map(|p| p.c).sum::<usize>();
+        let mut normed = be.take(n * h * w * c)?;
+        let nhwc = [n, h, w, c];
+        let result = group_norm_parts(be, norm, parts, [n, h * w], &mut normed).and_then(|()| {
+            if moments {
+                be.conv_moments(conv, &normed, nhwc, upsampled, y, residual)
+            } else {
+                conv_without_moments(be, conv, &normed, nhwc, upsampled, y, residual)
+            }
+        });
+        be.give(normed);
+        result
+    }
+
+    /// The group norm of one tensor or of the channel concatenation of two, its statistics from
+    /// their moments where they all have some.
+    fn group_norm_parts<B: Backend>(
+        be: &mut B,
+        InputNorm {
+            norm,
+            scale_shift,
+            silu,
+        }: InputNorm<'_, B>,
+        parts: &[Source<'_, B>],
+        [n, hw]: [usize; 2],
+        y: &mut B::Tensor,
+    ) -> Result<()> {
+        match parts {
+            [x] => match x.moments {
+                Some(m) => be.group_norm_from(norm, (x.data, m), n, hw, y, scale_shift, silu),
+                None => be.group_norm(norm, x.data, n, hw, y, scale_shift, silu),
+            },
+            [a, b] => {
+                let (ab, sizes) = ([a.data, b.data], [n, hw, a.c, b.c]);
+                match (a.moments, b.moments) {
+                    (Some(ma), Some(mb)) => {
+                        be.concat_group_norm_from(norm, ab, [ma, mb], sizes, y, scale_shift, silu)
+                    }
+                    _ => be.concat_group_norm(norm, ab, sizes, y, scale_shift, silu),
+                }
+            }
+            _ => Err(crate::Error::Input(format!(
+                "a conv reads one tensor or the concatenation of two, not {}",
+                parts.len()
+            ))),
+        }
+    }
 
     pub fn upsample_conv<B: Backend>(
         be: &mut B,
@@ -551,45 +666,28 @@ pub mod copying {
         result
     }
 
-    /// `conv` with `y = conv(x) + bias + upsample2x(r)` (y `[n, ho, wo, cout]`), the
-    /// upsampled residual copied first.
+    /// `conv` with `y = conv(x) + bias + upsample2x(r)` (r `[n, ho/2, wo/2, cout]`) or, when
+    /// `pooled`, `+ avg_pool2x(r)` (r `[n, 2ho, 2wo, cout]`), the resampled residual made
+    /// first (y `[n, ho, wo, cout]`).
     #[allow(clippy::too_many_arguments)]
-    pub fn conv_upsampled_residual<B: Backend>(
+    pub fn conv_resampled_residual<B: Backend>(
         be: &mut B,
         conv: &B::Conv,
         x: &B::Tensor,
         nhw: [usize; 3],
         y: &mut B::Tensor,
-        r: &B::Tensor,
+        (r, pooled): (&B::Tensor, bool),
         [ho, wo, cout]: [usize; 3],
     ) -> Result<()> {
         let n = nhw[0];
-        let mut up = be.take(n * ho * wo * cout)?;
-        let result = be
-            .upsample2x(r, [n, ho / 2, wo / 2, cout], &mut up)
-            .and_then(|()| be.conv(conv, x, nhw, y, Residual::Buffer(&up)));
-        be.give(up);
-        result
-    }
-
-    /// `conv` with `y = conv(x) + bias + avg_pool2x(r)` (y `[n, ho, wo, cout]`), the pooled
-    /// residual made first.
-    #[allow(clippy::too_many_arguments)]
-    pub fn conv_pooled_residual<B: Backend>(
-        be: &mut B,
-        conv: &B::Conv,
-        x: &B::Tensor,
-        nhw: [usize; 3],
-        y: &mut B::Tensor,
-        r: &B::Tensor,
-        [ho, wo, cout]: [usize; 3],
-    ) -> Result<()> {
-        let n = nhw[0];
-        let mut pooled = be.take(n * ho * wo * cout)?;
-        let result = be
-            .avg_pool2x(r, [n, 2 * ho, 2 * wo, cout], &mut pooled)
-            .and_then(|()| be.conv(conv, x, nhw, y, Residual::Buffer(&pooled)));
-        be.give(pooled);
+        let mut resampled = be.take(n * ho * wo * cout)?;
+        let made = if pooled {
+            be.avg_pool2x(r, [n, 2 * ho, 2 * wo, cout], &mut resampled)
+        } else {
+            be.upsample2x(r, [n, ho / 2, wo / 2, cout], &mut resampled)
+        };
+        let result = made.and_then(|()| be.conv(conv, x, nhw, y, Residual::Buffer(&resampled)));
+        be.give(resampled);
         result
     }
 }

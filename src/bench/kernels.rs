@@ -222,20 +222,25 @@ fn kernels<T: GpuFloat>(
     }
     // The copies folded into a conv's addressing, beside the copy kernels below: the decoder's
     // 3x3 conv reading its concatenation from two tensors (ImageNet-64 ADM, 64 images x 4
-    // experts, 32x32 at 384 + 384), and one reading a 2x upsampling of a 16x16 input.
-    for &(n, h, w, ca, cb, cout, up) in &[
-        (256, 32, 32, 384, 384, 384, false),
-        (256, 32, 32, 384, 0, 384, true),
+    // experts, 32x32 at 384 + 384), and one reading a 2x upsampling of a 16x16 input; and the
+    // group norm + SiLU applied as the conv reads (64x64 at 192, beside the plain conv above
+    // and the norm below).
+    for &(n, h, w, ca, cb, cout, up, normed) in &[
+        (256, 32, 32, 384, 384, 384, false, false),
+        (256, 32, 32, 384, 0, 384, true, false),
+        (256, 64, 64, 192, 0, 192, false, true),
     ] {
         let conv = Conv2d::from_torch(&fill(cout * (ca + cb) * 9), vec![0.0; cout], 3, 1)
             .upload::<T>(g)?;
         let (sh, sw) = if up { (h / 2, w / 2) } else { (h, w) };
         let a = g.upload::<T>(&fill(n * sh * sw * ca))?;
         let b = g.upload::<T>(&fill(n * sh * sw * cb.max(1)))?;
+        let table = g.upload::<f32>(&fill(n * (ca + cb) * 2))?;
         let input = ConvInput {
             x: &a,
             second: (cb > 0).then_some((&b, cb)),
             upsampled: up,
+            norm: normed.then_some((&table, true)),
         };
         let mut y = g.zeros::<T>(n * h * w * cout)?;
         let kern = conv.choose_kernel(g, input, n, h, w);
@@ -247,6 +252,8 @@ fn kernels<T: GpuFloat>(
                 "upsample-read",
                 format!("n{n} {sh}x{sw}->{h}x{w} {ca}->{cout}"),
             )
+        } else if normed {
+            ("norm+SiLU-read", format!("n{n} {h}x{w} {ca}->{cout}"))
         } else {
             ("concat-read", format!("n{n} {h}x{w} {ca}+{cb}->{cout}"))
         };

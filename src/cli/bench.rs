@@ -250,6 +250,7 @@ fn write_record(
             "MCDM_CONV_KERNEL",
             "MCDM_FOLD_COPIES",
             "MCDM_NORM_STATS_IN_CONV",
+            "MCDM_NORM_APPLY_IN_CONV",
         ]
         .map(|k| (k, std::env::var(k).ok()))
         .into_iter()

@@ -2,7 +2,7 @@
 //! CPU and on a GPU. Networks are built on the CPU from a weights file ([`super::load`]) and
 //! moved to another backend with [`UNet::to_backend`].
 
-use crate::backend::{Backend, Buffer, Cond, Cpu, Moments, PassSizes, Residual};
+use crate::backend::{Backend, Buffer, Cond, Cpu, InputNorm, Moments, PassSizes, Residual, Source};
 use crate::config::{UNetConfig, MAX_IMAGE_SIZE};
 use crate::error::{Error, Result};
 use crate::ops::embedding::TimeFeatures;
@@ -126,21 +126,23 @@ impl<B: Backend> Act<B> {
     }
 }
 
-/// group_norm of x, from the moments its conv made where there are some.
-#[allow(clippy::too_many_arguments)]
-fn norm_of<B: Backend>(
-    be: &mut B,
-    norm: &B::GroupNorm,
-    x: ActRef<'_, B>,
-    n: usize,
-    y: &mut B::Tensor,
-    scale_shift: Option<&B::Vector>,
-    silu: bool,
-) -> Result<()> {
-    let hw = x.h * x.w;
-    match x.moments {
-        Some(m) => be.group_norm_from(norm, (x.data, m), n, hw, y, scale_shift, silu),
-        None => be.group_norm(norm, x.data, n, hw, y, scale_shift, silu),
+impl<'a, B: Backend> ActRef<'a, B> {
+    /// The activation as a conv's input.
+    fn source(self) -> Source<'a, B> {
+        Source {
+            data: self.data,
+            c: self.c,
+            moments: self.moments,
+        }
+    }
+}
+
+/// A group norm without scale-shift.
+fn plain_norm<B: Backend>(norm: &B::GroupNorm, silu: bool) -> InputNorm<'_, B> {
+    InputNorm {
+        norm,
+        scale_shift: None,
+        silu,
     }
 }
 
@@ -428,14 +430,21 @@ impl<B: Backend> UNet<B> {
             skip.give(be);
             act = out;
         }
-        let hw = act.h * act.w;
-        let mut normed = be.take(n * hw * act.c)?;
-        norm_of(be, &self.out_norm, act.view(), n, &mut normed, None, true)?;
+        let mut out = be.take(n * act.h * act.w * self.config.out_channels())?;
+        let norm = plain_norm(&self.out_norm, true);
+        let conv = &self.out_conv.params;
+        let input = [act.view().source()];
+        be.normed_conv(
+            norm,
+            conv,
+            &input,
+            [n, h, w],
+            false,
+            &mut out,
+            Residual::None,
+            false,
+        )?;
         act.give(be);
-        let mut out = be.take(n * hw * self.config.out_channels())?;
-        let conv = &self.out_conv;
-        be.conv(&conv.params, &normed, [n, h, w], &mut out, Residual::None)?;
-        be.give(normed);
         be.give_vector(emb);
         Ok(out)
     }
@@ -493,42 +502,22 @@ impl<B: Backend> UNet<B> {
             // Only the first layer sees the skip.
             let skip = if owned.is_none() { skip } else { None };
             let next = match layer {
-                Layer::Conv(conv) => {
-                    let (ho, wo) = conv.out_size(act.h, act.w);
+                Layer::Conv(conv) | Layer::UpConv(conv) => {
+                    let up = matches!(layer, Layer::UpConv(_));
+                    let (ho, wo) = if up {
+                        (2 * act.h, 2 * act.w)
+                    } else {
+                        conv.out_size(act.h, act.w)
+                    };
                     let mut out = be.take(n * ho * wo * conv.cout)?;
                     let nhwc = [n, act.h, act.w, act.c];
-                    let moments = be.conv_moments(
-                        &conv.params,
-                        act.data,
-                        nhwc,
-                        false,
-                        &mut out,
-                        Residual::None,
-                    )?;
+                    let none = Residual::None;
+                    let moments =
+                        be.conv_moments(&conv.params, act.data, nhwc, up, &mut out, none)?;
                     Act {
                         data: out,
                         h: ho,
                         w: wo,
-                        c: conv.cout,
-                        moments,
-                    }
-                }
-                Layer::UpConv(conv) => {
-                    let (h2, w2) = (2 * act.h, 2 * act.w);
-                    let mut out = be.take(n * h2 * w2 * conv.cout)?;
-                    let nhwc = [n, act.h, act.w, act.c];
-                    let moments = be.conv_moments(
-                        &conv.params,
-                        act.data,
-                        nhwc,
-                        true,
-                        &mut out,
-                        Residual::None,
-                    )?;
-                    Act {
-                        data: out,
-                        h: h2,
-                        w: w2,
                         c: conv.cout,
                         moments,
                     }
@@ -638,8 +627,6 @@ impl<B: Backend> ResBlock<B> {
         emb: &B::Vector,
     ) -> Result<Act<B>> {
         let oc = self.out_conv.cout;
-        let xhw = x.h * x.w;
-        let cin = x.c + extra.map_or(0, |e| e.c);
         let mut e = be.take_vector(n * self.emb_proj.out_features)?;
         be.linear(&self.emb_proj.params, emb, n, &mut e, false)?;
         // Up/down applies to both the normalised branch and the skip input: upsampling is read
@@ -647,83 +634,63 @@ impl<B: Backend> ResBlock<B> {
         // branch is pooled as it is normalised, and the skip input is pooled (an identity skip by
         // the out-conv's epilogue).
         let up = self.updown == UpDown::Up;
-        let (a, a_nhwc, pooled) = match self.updown {
+        let (h, w) = match self.updown {
+            UpDown::None => (x.h, x.w),
+            UpDown::Up => (2 * x.h, 2 * x.w),
+            UpDown::Down => (x.h / 2, x.w / 2),
+        };
+        let hw = h * w;
+        let mut hidden = be.take(n * hw * oc)?;
+        let in_conv = &self.in_conv.params;
+        let (hidden_moments, pooled) = match self.updown {
             UpDown::None | UpDown::Up => {
-                let mut a = be.take(n * xhw * cin)?;
-                let norm = &self.in_norm;
-                match extra {
-                    Some(e) => {
-                        let sizes = [n, xhw, x.c, e.c];
-                        let ab = [x.data, e.data];
-                        match (x.moments, e.moments) {
-                            (Some(mx), Some(me)) => {
-                                let m = [mx, me];
-                                be.concat_group_norm_from(norm, ab, m, sizes, &mut a, None, true)?
-                            }
-                            _ => be.concat_group_norm(norm, ab, sizes, &mut a, None, true)?,
-                        }
-                    }
-                    None => norm_of(be, norm, x, n, &mut a, None, true)?,
-                }
-                (a, [n, x.h, x.w, cin], None)
+                let norm = plain_norm(&self.in_norm, true);
+                let mut parts = vec![x.source()];
+                parts.extend(extra.map(ActRef::source));
+                let (nhw, none) = ([n, x.h, x.w], Residual::None);
+                // Without scale-shift the embedding is added to the hidden layer first, so its
+                // moments would not be those of what the out-norm reads.
+                let moments = self.scale_shift;
+                let hid = &mut hidden;
+                let m = be.normed_conv(norm, in_conv, &parts, nhw, up, hid, none, moments)?;
+                (m, None)
             }
             UpDown::Down => {
-                let (h, w) = (x.h / 2, x.w / 2);
-                let mut a2 = be.take(n * h * w * x.c)?;
+                let mut a = be.take(n * hw * x.c)?;
                 let nhwc = [n, x.h, x.w, x.c];
                 match x.moments {
                     Some(m) => {
-                        be.group_norm_pool2x_from(&self.in_norm, (x.data, m), nhwc, &mut a2, true)?
+                        be.group_norm_pool2x_from(&self.in_norm, (x.data, m), nhwc, &mut a, true)?
                     }
-                    None => be.group_norm_pool2x(&self.in_norm, x.data, nhwc, &mut a2, true)?,
+                    None => be.group_norm_pool2x(&self.in_norm, x.data, nhwc, &mut a, true)?,
                 }
+                let a_nhwc = [n, h, w, x.c];
+                let m = be.conv_moments(in_conv, &a, a_nhwc, false, &mut hidden, Residual::None)?;
+                be.give(a);
                 // The skip conv reads x pooled; an identity skip is pooled by the out-conv's
                 // epilogue as it adds it.
                 let pooled = match self.skip {
                     Some(_) => {
-                        let mut x2 = be.take(n * h * w * x.c)?;
+                        let mut x2 = be.take(n * hw * x.c)?;
                         be.avg_pool2x(x.data, nhwc, &mut x2)?;
                         Some(x2)
                     }
                     None => None,
                 };
-                (a2, [n, h, w, x.c], pooled)
+                (m, pooled)
             }
         };
-        let [_, ah, aw, _] = a_nhwc;
-        let (h, w) = if up { (2 * ah, 2 * aw) } else { (ah, aw) };
-        let hw = h * w;
-        let mut hidden = be.take(n * hw * oc)?;
-        let mut normed = be.take(n * hw * oc)?;
-        let in_conv = &self.in_conv.params;
-        if self.scale_shift {
-            let moments = be.conv_moments(in_conv, &a, a_nhwc, up, &mut hidden, Residual::None)?;
-            let hidden = ActRef {
-                data: &hidden,
-                h,
-                w,
-                c: oc,
-                moments: moments.as_ref(),
-            };
-            let result = norm_of(be, &self.out_norm, hidden, n, &mut normed, Some(&e), true);
-            if let Some(m) = moments {
+        let hidden_moments = if self.scale_shift {
+            hidden_moments
+        } else {
+            if let Some(m) = hidden_moments {
                 be.give_vector(m.part);
             }
-            result?;
-        } else {
-            if up {
-                be.upsample_conv(in_conv, &a, a_nhwc, &mut hidden)?;
-            } else {
-                be.conv(in_conv, &a, [n, h, w], &mut hidden, Residual::None)?;
-            }
             be.add_channel_bias(&mut hidden, &e, n, hw, oc)?;
-            be.group_norm(&self.out_norm, &hidden, n, hw, &mut normed, None, true)?;
-        }
-        be.give(a);
-        be.give_vector(e);
+            None
+        };
         // out = skip(x) + out_conv(normed), the residual added in the conv's epilogue.
-        let mut out = hidden;
-        let out_conv = &self.out_conv.params;
+        let mut out = be.take(n * hw * oc)?;
         let nhw = [n, h, w];
         match (&self.skip, &pooled, extra) {
             (Some(conv), Some(x2), _) => {
@@ -754,9 +721,25 @@ impl<B: Backend> ResBlock<B> {
             (None, None) if self.updown == UpDown::Down => Residual::Pooled(x.data),
             (None, None) => Residual::Buffer(x.data),
         };
-        let moments =
-            be.conv_moments(out_conv, &normed, [n, h, w, oc], false, &mut out, residual)?;
-        be.give(normed);
+        let norm = InputNorm {
+            norm: &self.out_norm,
+            scale_shift: self.scale_shift.then_some(&e),
+            silu: true,
+        };
+        let normed = [Source {
+            data: &hidden,
+            c: oc,
+            moments: hidden_moments.as_ref(),
+        }];
+        let out_conv = &self.out_conv.params;
+        let moments = be.normed_conv(
+            norm, out_conv, &normed, nhw, false, &mut out, residual, true,
+        )?;
+        be.give(hidden);
+        if let Some(m) = hidden_moments {
+            be.give_vector(m.part);
+        }
+        be.give_vector(e);
         if let Some(x2) = pooled {
             be.give(x2);
         }
@@ -775,23 +758,27 @@ impl<B: Backend> AttentionBlock<B> {
     fn forward(&self, be: &mut B, x: ActRef<'_, B>, n: usize) -> Result<Act<B>> {
         let (t, c) = (x.h * x.w, self.channels);
         let len = n * t * c;
-        let mut normed = be.take(len)?;
-        norm_of(be, &self.norm, x, n, &mut normed, None, false)?;
         let mut qkv = be.take(3 * len)?;
-        be.conv(
+        let norm = plain_norm(&self.norm, false);
+        let input = [x.source()];
+        let none = Residual::None;
+        be.normed_conv(
+            norm,
             &self.qkv.params,
-            &normed,
+            &input,
             [n, t, 1],
+            false,
             &mut qkv,
-            Residual::None,
+            none,
+            false,
         )?;
-        // The heads' output reuses the normed buffer, which the attention no longer reads.
-        be.attend(&qkv, [n, t, c, self.heads], &mut normed)?;
+        let mut heads = be.take(len)?;
+        be.attend(&qkv, [n, t, c, self.heads], &mut heads)?;
         let mut out = be.take(len)?;
         let residual = Residual::Buffer(x.data);
         let proj = &self.proj_out.params;
-        let moments = be.conv_moments(proj, &normed, [n, t, 1, c], false, &mut out, residual)?;
-        be.give(normed);
+        let moments = be.conv_moments(proj, &heads, [n, t, 1, c], false, &mut out, residual)?;
+        be.give(heads);
         be.give(qkv);
         Ok(Act {
             data: out,

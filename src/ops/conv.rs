@@ -441,14 +441,18 @@ pub enum Residual<'a, B> {
 }
 
 /// Where a GPU convolution reads its input from: one tensor, or the channel concatenation of
-/// two (the decoder's skip), either stored at half size and upsampled (nearest 2x) on read. The
-/// kernels fold these copies into their addressing (`kernels/conv.cu`'s header).
+/// two (the decoder's skip), either stored at half size and upsampled (nearest 2x) on read, and
+/// normalised as it is read. The kernels fold these passes into their loads (`kernels/conv.cu`'s
+/// header).
 pub struct ConvInput<'a, T> {
     /// The first channels: `[n, h, w, cin - c2]`, or `[n, h/2, w/2, ..]` when `upsampled`.
     pub x: &'a GpuBuffer<T>,
     /// The last `c2` channels, laid out as `x`.
     pub second: Option<(&'a GpuBuffer<T>, usize)>,
     pub upsampled: bool,
+    /// The input's group norm: f32 `[n, cin, 2]`, each image's and channel's `(mul, add)`
+    /// (`GpuGroupNorm::channel_table`), then SiLU when the flag says so. Padding stays zero.
+    pub norm: Option<(&'a GpuBuffer<f32>, bool)>,
 }
 
 impl<T> Clone for ConvInput<'_, T> {
@@ -465,6 +469,7 @@ impl<'a, T> From<&'a GpuBuffer<T>> for ConvInput<'a, T> {
             x,
             second: None,
             upsampled: false,
+            norm: None,
         }
     }
 }
@@ -837,6 +842,23 @@ impl<T: GpuFloat> GpuConv2d<T> {
             check_len("conv input (second tensor)", x2.len(), stored(c2)?)?;
         }
         check_len("conv output", y.len(), out_len)?;
+        let (norm, norm_silu) = match input.norm {
+            Some((table, silu)) => {
+                check_len(
+                    "conv input norm table",
+                    table.len(),
+                    elements("conv input norm table", &[n, self.cin, 2])?,
+                )?;
+                // The kernels read a chunk's (mul, add) pairs as float4.
+                if !table.ptr(gpu).is_multiple_of(16) {
+                    return Err(Error::Cuda(
+                        "conv input norm table: not 16-byte aligned".into(),
+                    ));
+                }
+                (table.ptr(gpu), silu)
+            }
+            None => (0, false),
+        };
         if !self.supports(gpu, kernel, input) {
             return Err(crate::Error::Cuda(format!(
                 "conv kernel {} cannot run {}x{} cin {} cout {} in {}",
@@ -916,6 +938,8 @@ impl<T: GpuFloat> GpuConv2d<T> {
             res_up: res_up as i32,
             moments,
             res_down: res_down as i32,
+            norm,
+            norm_silu: norm_silu as i32,
             ..Default::default()
         };
         gpu.launch("conv", &name, cfg, &args)

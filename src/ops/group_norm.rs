@@ -9,8 +9,8 @@ use rayon::prelude::*;
 use super::silu;
 use super::{check_len, elements, int_product};
 use crate::cuda::interface::{
-    self as k, GroupNormApplyArgs, GroupNormApplyPoolArgs, GroupNormMergeArgs,
-    GroupNormMergeChannelsArgs, GroupNormStatsArgs,
+    self as k, GroupNormApplyArgs, GroupNormApplyPoolArgs, GroupNormChannelAffineArgs,
+    GroupNormMergeArgs, GroupNormMergeChannelsArgs, GroupNormStatsArgs,
 };
 use crate::cuda::{Gpu, GpuBuffer, GpuFloat};
 use crate::error::Result;
@@ -351,6 +351,92 @@ impl GpuGroupNorm {
         self.apply_pool(gpu, x, [n, h, w], y, stats, silu_after)
     }
 
+    /// The norm, then `* (1 + scale) + shift`, as one affine map per image and channel, for a
+    /// conv that applies it (and the SiLU) as it reads x (`ConvInput::norm`): `table` f32
+    /// `[n, c, 2]` of `(mul, add)`, from the statistics of x `[n, hw, ca]` (and of `second`, the
+    /// tensor of the channels past the first `ca`, see [`GpuGroupNorm::takes_concat`]).
+    /// `scratch` holds [`GpuGroupNorm::scratch_len`] floats.
+    #[allow(clippy::too_many_arguments)]
+    pub fn channel_table<T: GpuFloat>(
+        &self,
+        gpu: &Gpu,
+        x: &GpuBuffer<T>,
+        second: Option<(&GpuBuffer<T>, usize)>,
+        [n, hw]: [usize; 2],
+        scratch: &mut GpuBuffer<f32>,
+        scale_shift: Option<&GpuBuffer<f32>>,
+        table: &mut GpuBuffer<f32>,
+    ) -> Result<()> {
+        if let Some((b, ca)) = second {
+            if !self.takes_concat(gpu, b, ca) {
+                return Err(crate::Error::Cuda(format!(
+                    "group norm over {} channels cannot read them as {ca} + {} from two tensors",
+                    self.channels,
+                    self.channels.saturating_sub(ca)
+                )));
+            }
+        }
+        let stats = self.statistics(gpu, x, second, n, hw, scratch)?;
+        self.affine_table(gpu, stats, n, scale_shift, table)
+    }
+
+    /// [`GpuGroupNorm::channel_table`] with the statistics merged from the per-channel moments
+    /// of channels 0 .. ca and of the others in `second` (as
+    /// [`GpuGroupNorm::forward_from_moments`]); `stats` holds `[n, groups, 2]` floats.
+    #[allow(clippy::too_many_arguments)]
+    pub fn channel_table_from_moments(
+        &self,
+        gpu: &Gpu,
+        first: (GpuMoments<'_>, usize),
+        second: Option<GpuMoments<'_>>,
+        n: usize,
+        stats: &mut GpuBuffer<f32>,
+        scale_shift: Option<&GpuBuffer<f32>>,
+        table: &mut GpuBuffer<f32>,
+    ) -> Result<()> {
+        let stats = self.merge_channel_moments(gpu, first, second, n, stats)?;
+        self.affine_table(gpu, stats, n, scale_shift, table)
+    }
+
+    /// The launch of `group_norm_channel_affine` with the statistics at device address
+    /// `stats`.
+    fn affine_table(
+        &self,
+        gpu: &Gpu,
+        stats: u64,
+        n: usize,
+        scale_shift: Option<&GpuBuffer<f32>>,
+        table: &mut GpuBuffer<f32>,
+    ) -> Result<()> {
+        let c = self.channels;
+        check_len(
+            "group norm table",
+            table.len(),
+            elements("group norm table", &[n, c, 2])?,
+        )?;
+        let i = |v: usize| v as i32;
+        gpu.launch(
+            "group_norm",
+            "group_norm_channel_affine",
+            LaunchConfig {
+                grid_dim: (c.div_ceil(k::GN_AFFINE_THREADS) as u32, n as u32, 1),
+                block_dim: (k::GN_AFFINE_THREADS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            &GroupNormChannelAffineArgs {
+                stats,
+                gamma: self.weight.ptr(gpu),
+                beta: self.bias.ptr(gpu),
+                scale_shift: scale_shift_ptr(gpu, scale_shift, n, c)?,
+                table: table.ptr(gpu),
+                c: i(c),
+                groups: i(self.groups),
+                group_channels: i(c / self.groups),
+                ..Default::default()
+            },
+        )
+    }
+
     /// The apply-and-pool launch with the statistics at device address `stats` (the sides
     /// checked even by the caller).
     fn apply_pool<T: GpuFloat>(
@@ -568,13 +654,7 @@ impl GpuGroupNorm {
         int_product("group norm image", &[hw, c])?;
         check_len("group norm output", y.len(), len)?;
         check_aligned(y.ptr(gpu))?;
-        let ss = match scale_shift {
-            Some(b) => {
-                check_len("scale-shift", b.len(), n * 2 * c)?;
-                b.ptr(gpu)
-            }
-            None => 0,
-        };
+        let ss = scale_shift_ptr(gpu, scale_shift, n, c)?;
         let (x2, c1) = second.map_or((0, 0), |(b, ca)| (b.ptr(gpu), ca as i32));
         let i = |v: usize| v as i32;
         gpu.launch(
@@ -606,6 +686,22 @@ impl GpuGroupNorm {
                 ..Default::default()
             },
         )
+    }
+}
+
+/// The device address of a scale-shift `[n, 2c]` (scale first), or 0 without one.
+fn scale_shift_ptr(
+    gpu: &Gpu,
+    scale_shift: Option<&GpuBuffer<f32>>,
+    n: usize,
+    c: usize,
+) -> Result<u64> {
+    match scale_shift {
+        Some(b) => {
+            check_len("scale-shift", b.len(), n * 2 * c)?;
+            Ok(b.ptr(gpu))
+        }
+        None => Ok(0),
     }
 }
 
