@@ -159,6 +159,12 @@ sanitize() {
 }
 sanitize memcheck forward 120 "$BIN" forward --device cuda --model $F/unet/classcond_sigma_headsup_bf16.safetensors \
     --input $F/unet/classcond_sigma_headsup_bf16.io.safetensors --output /tmp/out.safetensors
+# The same forward with the group norms fused into the convs (statistics and apply; off by default
+# until this check times them).
+(export MCDM_NORM_STATS_IN_CONV=1 MCDM_NORM_APPLY_IN_CONV=1
+    sanitize memcheck forward-fused-norms 120 "$BIN" forward --device cuda \
+        --model $F/unet/classcond_sigma_headsup_bf16.safetensors \
+        --input $F/unet/classcond_sigma_headsup_bf16.io.safetensors --output /tmp/out-fused.safetensors)
 # Every conv variant at its edge shapes (the forward above is small enough for 64x64 tiles).
 sanitize memcheck conv-variants 120 "$ROOT/tests/gpu_ops" --nocapture --test-threads 1 conv_matches_cpu
 sanitize memcheck sample 120 "$BIN" sample --device cuda --model u=$F/sample/models/uncond.safetensors \

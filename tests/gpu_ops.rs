@@ -843,11 +843,14 @@ fn forward_cases<T: GpuFloat>(g: &Arc<Gpu>) -> Vec<(String, f64, f64)> {
             _ => 3e-2,
         };
         // With the norm fusions (statistics from the moments of the convs that made a norm's
-        // input; the norm applied as the next conv reads it): in bf16 (the GPU default) each
-        // alone and both; in f32 (the SIMT conv's element-by-element loads) and f16, both.
+        // input; the norm applied as the next conv reads it, its table from those moments or,
+        // where there are none, from a statistics pass): in bf16 (the GPU default) the first
+        // alone and both; in f32 (the SIMT conv's element-by-element loads) both. Measured
+        // (2026-12-07) as unfused: bf16 1.05e-2 vs 1.05e-2, f32 1.16e-6 vs 1.13e-6.
         let fusions: &[(bool, bool)] = match T::SUFFIX {
-            "_bf16" => &[(false, false), (true, false), (false, true), (true, true)],
-            _ => &[(false, false), (true, true)],
+            "_bf16" => &[(false, false), (true, false), (true, true)],
+            "_f32" => &[(false, false), (true, true)],
+            _ => &[(false, false)],
         };
         for &(stats, apply) in fusions {
             let mut cuda = Cuda::<T>::new(g.clone());
@@ -858,8 +861,7 @@ fn forward_cases<T: GpuFloat>(g: &Arc<Gpu>) -> Vec<(String, f64, f64)> {
             let how = match (stats, apply) {
                 (false, false) => "",
                 (true, false) => " (norm stats in conv)",
-                (false, true) => " (norm applied in conv)",
-                (true, true) => " (norm stats and apply in conv)",
+                _ => " (norm stats and apply in conv)",
             };
             out.push((format!("forward {name}{how}"), rel_l2(&got, &want), tol));
         }

@@ -22,8 +22,8 @@ MUTANTS = {
     "wait_one_group_short": ("conv.cu", "cp_async_wait<S - 2>();", "cp_async_wait<S - 1>();"),
     "no_barrier_after_wait": (
         "conv.cu",
-        "        cp_async_wait<S - 2>();\n        __syncthreads();\n",
-        "        cp_async_wait<S - 2>();\n",
+        "        if (s.norm != nullptr) normalize_stage(kt % S, kt);\n        __syncthreads();\n",
+        "        if (s.norm != nullptr) normalize_stage(kt % S, kt);\n",
     ),
     "prefetch_before_barrier": (
         "conv.cu",
